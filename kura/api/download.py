@@ -1,0 +1,185 @@
+"""Artifact responses: one head for both serving paths, and the fallback body producer.
+
+:func:`artifact_head` decides status and headers for an artifact GET; the
+accelerator serializes exactly those headers and twisted.web sets them on its
+``Request``, so the two paths answer identically.
+
+:class:`FileBodyProducer` moves a body through twisted.web (TLS, HTTP/2, and
+everything the accelerator declines): it reads fixed chunks with ``pread`` on
+a storage thread and writes them to the request, pausing when the transport's
+buffer is full. It aborts a transfer that makes no write progress for the
+send timeout (twisted.web disables its own timeout once a request is in).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from kura.artifacts import Manifest, safe_content_type
+from kura.storage.runner import BlockingRunner
+
+from .ranges import BodySlice, resolve_range
+
+#: Bytes per read on the fallback path.
+CHUNK_BYTES = 512 * 1024
+
+
+@attrs.frozen
+class ArtifactHead:
+    """Status, headers and byte range of an artifact response."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: BodySlice
+
+
+def artifact_head(
+    manifest: Manifest, range_header: str | None, if_range: str | None
+) -> ArtifactHead:
+    """The response head for a GET of ``manifest``.
+
+    Raises:
+        RangeNotSatisfiable: a single range starts past the end.
+    """
+    body = resolve_range(range_header, if_range, manifest.size, manifest.etag)
+    headers = [
+        (b"Content-Type", safe_content_type(manifest.content_type).encode("ascii")),
+        (b"Content-Length", b"%d" % body.length),
+        (b"Accept-Ranges", b"bytes"),
+        (b"ETag", manifest.etag.encode("ascii")),
+    ]
+    if body.content_range is not None:
+        headers.append((b"Content-Range", body.content_range.encode("ascii")))
+    return ArtifactHead(body.status, headers, body)
+
+
+class TransferFailed(Exception):
+    """A body transfer ended early.
+
+    Attributes:
+        result: the egress metric label: ``client_aborted``,
+            ``write_timeout``, ``incomplete`` or ``error``.
+        sent: bytes delivered before the failure.
+    """
+
+    def __init__(self, result: str, sent: int) -> None:
+        super().__init__(result)
+        self.result = result
+        self.sent = sent
+
+
+@implementer(IPushProducer)
+class FileBodyProducer:
+    """Streams ``length`` bytes of ``fd`` from ``offset`` into a request.
+
+    The producer owns ``fd`` and closes it when the transfer ends.
+    :meth:`start` returns a Deferred that fires with the byte count once the
+    last byte was written, or fails with :class:`TransferFailed`.
+    """
+
+    def __init__(
+        self,
+        *,
+        request: Any,
+        fd: int,
+        offset: int,
+        length: int,
+        runner: BlockingRunner,
+        clock: IReactorTime,
+        send_timeout: float,
+    ) -> None:
+        self._request = request
+        self._fd: int | None = fd
+        self._offset = offset
+        self._remaining = length
+        self._runner = runner
+        self._clock = clock
+        self._send_timeout = send_timeout
+        self._paused = False
+        self._reading = False
+        self._done: Deferred[int] = Deferred()
+        self._watchdog: IDelayedCall | None = None
+        self.sent = 0
+
+    def start(self) -> Deferred[int]:
+        self._request.registerProducer(self, True)
+        self._read_next()
+        return self._done
+
+    def _read_next(self) -> None:
+        if self._paused or self._reading or self._fd is None:
+            return
+        if self._remaining == 0:
+            self._finish(None)
+            return
+        self._reading = True
+        size = min(CHUNK_BYTES, self._remaining)
+        d = self._runner.run(os.pread, self._fd, size, self._offset)
+        d.addCallbacks(self._got, self._read_failed)
+
+    def _got(self, data: bytes) -> None:
+        self._reading = False
+        if self._fd is None:
+            return
+        if not data:
+            # The file is shorter than its manifest: never pretend success.
+            self._finish(TransferFailed("incomplete", self.sent))
+            return
+        self._offset += len(data)
+        self._remaining -= len(data)
+        self.sent += len(data)
+        self._request.write(data)
+        self._read_next()
+
+    def _read_failed(self, failure: Failure) -> None:
+        self._reading = False
+        if self._fd is not None:
+            self._finish(TransferFailed("error", self.sent))
+
+    def _finish(self, error: TransferFailed | None) -> None:
+        self._close()
+        self._request.unregisterProducer()
+        if error is None:
+            self._done.callback(self.sent)
+        else:
+            self._done.errback(error)
+
+    def _close(self) -> None:
+        self._cancel_watchdog()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _cancel_watchdog(self) -> None:
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+        self._watchdog = None
+
+    def _stalled(self) -> None:
+        self._watchdog = None
+        if self._fd is not None:
+            self._finish(TransferFailed("write_timeout", self.sent))
+
+    # IPushProducer
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self._watchdog is None:
+            self._watchdog = self._clock.callLater(self._send_timeout, self._stalled)
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._cancel_watchdog()
+        self._read_next()
+
+    def stopProducing(self) -> None:
+        if self._fd is not None:
+            self._close()
+            self._done.errback(TransferFailed("client_aborted", self.sent))

@@ -1,0 +1,96 @@
+"""The one place domain errors become HTTP responses.
+
+Every error body is JSON ``{"message": ...}`` with ``Content-Type:
+application/json``, except the 401/403 answers of routes whose clients insist
+on ``text/plain`` (Nx). Unknown exceptions become a 500 and are logged with
+their traceback; a client that went away (``CancelledError``) is not a
+server fault and is not logged as one.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
+
+from kura.errors import KuraError, RangeNotSatisfiable
+
+from .routes import RouteSpec
+
+log = Logger(namespace="kura.api")
+
+REASONS = {
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    409: b"Conflict",
+    413: b"Payload Too Large",
+    415: b"Unsupported Media Type",
+    416: b"Range Not Satisfiable",
+    422: b"Unprocessable Entity",
+    429: b"Too Many Requests",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
+    507: b"Insufficient Storage",
+}
+
+
+def error_body(message: str) -> bytes:
+    """The JSON error body (control characters escaped by the encoder)."""
+    return json.dumps({"message": message}).encode("utf-8")
+
+
+def error_headers(error: KuraError, spec: RouteSpec) -> list[tuple[bytes, bytes]]:
+    """Headers an error response carries besides Content-Length."""
+    plain = spec.plain_auth_errors and error.status in (401, 403)
+    headers = [(b"Content-Type", b"text/plain" if plain else b"application/json")]
+    if error.retry_after is not None:
+        headers.append((b"Retry-After", b"%d" % error.retry_after))
+    if isinstance(error, RangeNotSatisfiable):
+        headers.append((b"Accept-Ranges", b"bytes"))
+        headers.append((b"Content-Range", b"bytes */%d" % error.size))
+    return headers
+
+
+def render_error_body(error: KuraError, spec: RouteSpec) -> bytes:
+    if spec.plain_auth_errors and error.status in (401, 403):
+        return error.message.encode("utf-8", "replace")
+    return error_body(error.message)
+
+
+def respond_with_error(request: IRequest, error: KuraError, spec: RouteSpec) -> bytes:
+    """Set status and headers of ``request`` for ``error``; return the body."""
+    body = render_error_body(error, spec)
+    request.setResponseCode(error.status, REASONS.get(error.status))
+    for name, value in error_headers(error, spec):
+        request.setHeader(name, value)
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    if error.close:
+        request.setHeader(b"Connection", b"close")
+        channel = getattr(request, "channel", None)
+        if channel is not None and hasattr(channel, "persistent"):
+            channel.persistent = False
+    return b"" if request.method == b"HEAD" else body
+
+
+def classify_failure(failure: Failure) -> KuraError | None:
+    """The client-facing error for ``failure``, or ``None`` when there is none to send."""
+    error = failure.value
+    if isinstance(error, KuraError):
+        return error
+    if isinstance(error, HTTPException):
+        code = error.code or 500
+        converted = KuraError(error.description or error.name)
+        converted.status = code if code in (404, 405) else 404
+        converted.message = "Not found" if converted.status == 404 else "Method not allowed"
+        return converted
+    if failure.check(CancelledError):
+        return None
+    return KuraError("Internal server error")

@@ -1,0 +1,195 @@
+"""Admission: everything decided from a request head, before any body byte.
+
+For every public request, on both serving paths, :meth:`Gate.admit` matches
+the route in the Klein ``url_map``, applies draining and write shedding,
+checks tenancy, resolves the artifact address, enforces the declared body
+size, and (for write-once uploads) looks the artifact up so an existing one
+is answered at once, leaving its body unread. It runs exactly once per
+request; handlers use its :class:`Admission` instead of re-deriving anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Map, MapAdapter
+
+from kura.artifacts import ArtifactAddress, Manifest
+from kura.errors import KuraError, NotFound, PayloadTooLarge, ServiceUnavailable
+from kura.lifecycle import NodeState
+from kura.storage.store import ArtifactStore
+
+from .routes import BodyKind, Operation, Query, RouteSpec, check_tenant
+
+#: Methods that write (and are shed when replication falls behind).
+WRITE_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
+
+UNMATCHED = RouteSpec(endpoint="_unmatched", template="/_unmatched")
+
+
+@attrs.frozen
+class RequestHead:
+    """The parts of a request head admission looks at.
+
+    Attributes:
+        method: the request method as sent.
+        path: the raw (still percent-encoded) path, without the query.
+        query: decoded query parameters (each may repeat).
+        headers: lower-cased header names to their values, in order.
+        declared_length: ``Content-Length``, or ``None`` for chunked/unknown.
+        transport: ``http``, ``https`` or ``h2``.
+    """
+
+    method: str
+    path: bytes
+    query: Mapping[str, list[str]]
+    headers: Mapping[str, list[str]]
+    declared_length: int | None
+    transport: str = "http"
+
+
+@attrs.frozen
+class Admission:
+    """The head-time verdict for an admitted request.
+
+    Attributes:
+        spec: the route.
+        path_args: values of the URL rule's variables.
+        query: the request's query parameters.
+        address: the addressed artifact, when the route names one.
+        existing: for write-once uploads, the artifact already stored (the
+            request is answered without reading its body).
+        context: route-specific values resolved at admission (e.g. the
+            multipart upload record).
+    """
+
+    spec: RouteSpec
+    path_args: Mapping[str, str]
+    query: Query
+    address: ArtifactAddress | None = None
+    existing: Manifest | None = None
+    context: Mapping[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def skips_body(self) -> bool:
+        return self.existing is not None
+
+
+class RouteMatch:
+    """Matches paths against the Klein ``url_map`` (the one route table)."""
+
+    def __init__(self, url_map: Map, specs: Mapping[str, RouteSpec]) -> None:
+        self._adapter: MapAdapter = url_map.bind("kura")
+        self.specs = specs
+
+    def match(self, method: str, path: bytes) -> tuple[RouteSpec, dict[str, str]] | None:
+        """The spec and path arguments for ``method path``, or ``None``.
+
+        ``path`` is percent-decoded exactly as Klein decodes it before its own
+        match, so both agree on which endpoint a request reaches.
+        """
+        try:
+            path_info = unquote_to_bytes(path).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        try:
+            endpoint, args = self._adapter.match(path_info, method=method)
+        except HTTPException:
+            return None
+        spec = self.specs.get(endpoint)
+        if spec is None:
+            return None
+        return spec, {k: str(v) for k, v in args.items()}
+
+
+class Gate:
+    """Admits public requests (see the module docstring).
+
+    Args:
+        routes: the route matcher.
+        store: for existence checks and outbox depth.
+        state: draining flag.
+        node_tenant: the tenant every tenant-carrying request must name.
+        outbox_max_depth: at this many queued replication messages writes
+            are shed with 503.
+    """
+
+    def __init__(
+        self,
+        *,
+        routes: RouteMatch,
+        store: ArtifactStore,
+        state: NodeState,
+        node_tenant: str,
+        outbox_max_depth: int,
+    ) -> None:
+        self.routes = routes
+        self._store = store
+        self._state = state
+        self._node_tenant = node_tenant
+        self._outbox_max_depth = outbox_max_depth
+
+    def classify(self, head: RequestHead) -> tuple[RouteSpec, dict[str, str]]:
+        """The route a head addresses (``UNMATCHED`` when none)."""
+        return self.routes.match(head.method, head.path) or (UNMATCHED, {})
+
+    def admit(self, head: RequestHead) -> Deferred[Admission]:
+        """Decide whether the request may proceed; errback with a ``KuraError`` if not.
+
+        Fires synchronously unless a store lookup is needed.
+        """
+        try:
+            admission = self._admit_sync(head)
+        except KuraError as error:
+            return fail(error)
+        if admission.spec.needs_upload or (
+            admission.spec.body is BodyKind.STAGED and admission.address is not None
+        ):
+            return Deferred.fromCoroutine(self._lookup(admission))
+        return succeed(admission)
+
+    def _admit_sync(self, head: RequestHead) -> Admission:
+        spec, path_args = self.classify(head)
+        if spec.probe:
+            return Admission(spec, path_args, Query(head.query))
+        if self._state.draining:
+            raise ServiceUnavailable("server is draining", retry_after=None, close=True)
+        if spec is UNMATCHED:
+            if head.declared_length != 0:
+                raise NotFound("Not found", close=True)
+            return Admission(spec, path_args, Query(head.query))
+        if head.method.upper() in WRITE_METHODS and (
+            self._store.outbox_depth >= self._outbox_max_depth
+        ):
+            raise ServiceUnavailable("server is shedding writes while replication catches up")
+        limit = spec.body_limit
+        if head.declared_length is not None and head.declared_length > limit:
+            raise PayloadTooLarge(spec.too_large_message)
+        query = Query(head.query)
+        address = None
+        if spec.address is not None:
+            address = spec.address(path_args, query, self._node_tenant)
+        elif spec.tenant_required:
+            check_tenant(query, self._node_tenant)
+        if spec.head_check is not None:
+            spec.head_check(query)
+        return Admission(spec, path_args, query, address)
+
+    async def _lookup(self, admission: Admission) -> Admission:
+        """Head-time store lookups: the multipart upload, or an existing artifact."""
+        if admission.spec.needs_upload:
+            upload_id = admission.query.single("upload_id")
+            upload = None if upload_id is None else await self._store.upload(upload_id)
+            if upload is None:
+                raise NotFound("Upload not found", close=True)
+            return attrs.evolve(admission, context={"upload": upload})
+        assert admission.address is not None
+        existing = await self._store.manifest(self._store.artifact_id(admission.address))
+        if existing is None or admission.spec.operation is not Operation.WRITE:
+            return admission
+        return attrs.evolve(admission, existing=existing)

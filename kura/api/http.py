@@ -1,0 +1,497 @@
+"""twisted.web with kura's admission step between a request's head and body.
+
+Stock twisted.web reads the whole request body (into memory or a temp file
+in the system temp dir) and auto-sends ``100 Continue`` before the
+application sees anything. kura instead:
+
+* admits every request from its head (:mod:`.gate`) before reading a body
+  byte or sending ``100 Continue``; a refused upload is answered at once and
+  its connection closed after a short lingering drain;
+* streams accepted artifact bodies into its own staging directory, counted
+  against the route limit and the staging budget as they arrive, pausing the
+  transport when the disk falls behind;
+* bounds the whole request head by a deadline (twisted's own timeout is an
+  idle timer that every trickled byte resets);
+* holds a public in-flight slot until the last response byte is written,
+  samples time to first byte when the head goes out, and counts every
+  request (499 for clients that leave before their request completes).
+
+The same request class serves HTTP/1.1 (plain and TLS) and HTTP/2.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import uuid
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qs
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.resource import IResource
+
+from kura.errors import BadFraming, KuraError, PayloadTooLarge
+from kura.metrics import KuraMetrics
+from kura.storage.staging import StagingFile
+from kura.telemetry import InflightSlot, PublicTraffic
+
+from .errors import error_body
+from .gate import UNMATCHED, Admission, Gate, RequestHead
+from .routes import BodyKind, RouteSpec
+
+log = Logger(namespace="kura.http")
+
+SERVER_NAME = b"kura"
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+#: How long a refused upload's connection keeps draining unread body bytes,
+#: so the client reads our answer instead of a reset.
+LINGER_SECONDS = 2.0
+
+
+class KuraRequest(server.Request):
+    """A twisted.web request with head-time admission and staged bodies."""
+
+    # Form bodies are never parsed: artifact uploads are opaque bytes.
+    _parsePOSTFormSubmission = False
+
+    def __init__(self, channel: Any, queued: Any = http._QUEUED_SENTINEL) -> None:
+        super().__init__(channel, queued)
+        site = getattr(channel, "site", None)
+        assert isinstance(site, KuraSite), "KuraRequest needs a KuraSite channel"
+        self._site = site
+        self.body_bytes = io.BytesIO()
+        self.admission: Deferred[Admission] | None = None
+        self.admitted: Admission | None = None
+        self.rejection: KuraError | None = None
+        self.staging: StagingFile | None = None
+        self.spec: RouteSpec = UNMATCHED
+        self.request_id = ""
+        self._declared_length: int | None = 0
+        self._early_chunks: list[bytes] | None = None
+        self._discarding = False
+        self._pause_reasons: set[str] = set()
+        self._received_at: float | None = None
+        self._first_byte_at: float | None = None
+        self._slot: InflightSlot | None = None
+        self._counted = False
+
+    # -- site services ---------------------------------------------------------
+
+    @property
+    def kura_site(self) -> KuraSite:
+        return self._site
+
+    @property
+    def _transport(self) -> Any:
+        """The connection's transport (twisted types it as optional and narrow)."""
+        return getattr(self.channel, "transport", None)
+
+    # -- head time ---------------------------------------------------------------
+
+    def gotLength(self, length: int | None) -> None:
+        """Remember the declared length; bodies never go to twisted's temp files."""
+        self._declared_length = length
+        self.content = self.body_bytes = io.BytesIO()
+
+    def head_complete(self, command: bytes, path: bytes, expect_continue: bool) -> None:
+        """The whole head is in (called by the channel before any body byte)."""
+        site = self.kura_site
+        raw_path, _, raw_query = path.partition(b"?")
+        head = RequestHead(
+            method=command.decode("ascii", "replace"),
+            path=raw_path,
+            query=_decode_query(raw_query),
+            headers=_header_map(self),
+            declared_length=self._declared_length,
+            transport="https" if self.isSecure() else "http",
+        )
+        self.spec = site.gate.classify(head)[0]
+        self.admission = site.gate.admit(head)
+        if self.admission.called:
+            self.admission.addCallbacks(
+                lambda a: self._admitted(a, expect_continue, synchronous=True),
+                lambda f: self._refused(f, synchronous=True),
+            )
+        else:
+            self._early_chunks = []
+            self._pause("admission")
+            self.admission.addCallbacks(
+                lambda a: self._admitted(a, expect_continue, synchronous=False),
+                lambda f: self._refused(f, synchronous=False),
+            )
+
+    def _has_body(self) -> bool:
+        return self._declared_length != 0
+
+    def _admitted(
+        self, admission: Admission, expect_continue: bool, synchronous: bool
+    ) -> Admission:
+        self.admitted = admission
+        early, self._early_chunks = self._early_chunks, None
+        self._resume("admission")
+        if admission.skips_body:
+            if self._has_body():
+                self._skip_body(synchronous)
+            return admission
+        try:
+            if admission.spec.body is BodyKind.STAGED:
+                self.staging = self.kura_site.store.stage(
+                    limit=admission.spec.body_limit,
+                    expected_length=self._declared_length,
+                    hashed=admission.spec.verify_digest,
+                    on_pressure=lambda paused: (
+                        self._pause("disk") if paused else self._resume("disk")
+                    ),
+                )
+        except KuraError as error:
+            self.rejection = error
+            if self._has_body():
+                self._skip_body(synchronous)
+            return admission
+        if expect_continue and self._has_body() and not self.startedWriting:
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        for chunk in early or ():
+            self.handleContentChunk(chunk)
+        return admission
+
+    def _refused(self, failure: Failure, synchronous: bool) -> Failure:
+        self._early_chunks = None
+        self._resume("admission")
+        error = failure.value
+        if isinstance(error, KuraError):
+            self.rejection = error
+        if self._has_body():
+            self._skip_body(synchronous)
+        return failure
+
+    def _skip_body(self, synchronous: bool) -> None:
+        """Answer without reading the body; the connection closes afterwards."""
+        self._discarding = True
+        channel = self.channel
+        if not isinstance(channel, KuraHTTPChannel):
+            return
+        if synchronous:
+            channel.skip_body()
+        else:
+            self._pause("discard")
+            channel.reactor.callLater(0, channel.abandon_body, self)
+
+    def _pause(self, reason: str) -> None:
+        if not self._pause_reasons and self._transport is not None:
+            self._transport.pauseProducing()
+        self._pause_reasons.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        if reason in self._pause_reasons:
+            self._pause_reasons.discard(reason)
+            if not self._pause_reasons and self._transport is not None:
+                self._transport.resumeProducing()
+
+    # -- body ---------------------------------------------------------------------
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.admission is None:
+            self._admit_late()
+        if self._discarding or self.rejection is not None:
+            return
+        if self._early_chunks is not None:
+            self._early_chunks.append(data)
+            return
+        try:
+            if self.staging is not None:
+                self.staging.write(data)
+            else:
+                spec = self.admitted.spec if self.admitted is not None else self.spec
+                content = self.body_bytes
+                if content.tell() + len(data) > spec.body_limit:
+                    raise PayloadTooLarge(spec.too_large_message)
+                content.write(data)
+        except KuraError as error:
+            self.rejection = error
+            self._skip_body(synchronous=False)
+
+    def _admit_late(self) -> None:
+        """Admit a request whose channel has no head step (an HTTP/2 stream).
+
+        Twisted's HTTP/2 stream has already sent ``100 Continue``; the body is
+        still held back by flow control until admission decides.
+        """
+        command = getattr(self.channel, "command", None) or b"GET"
+        path = getattr(self.channel, "path", None) or b"/"
+        self.head_complete(command, path, expect_continue=False)
+
+    # -- processing -----------------------------------------------------------------
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        site = self.kura_site
+        self._received_at = site.clock.seconds()
+        if self.admission is None:
+            self._admit_late()
+        self._resume("discard")
+        super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        site = self.kura_site
+        supplied = self.getHeader(b"x-request-id")
+        if supplied is not None and _REQUEST_ID.fullmatch(supplied):
+            self.request_id = supplied.decode("ascii")
+        else:
+            self.request_id = uuid.uuid4().hex
+        if not self.spec.probe and self.spec is not UNMATCHED:
+            self._slot = site.traffic.begin()
+        site.metrics.http_inflight.inc()
+        self.notifyFinish().addBoth(self._finished)
+        super().process()
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            self._before_head()
+        super().write(data)
+
+    def _before_head(self) -> None:
+        site = self.kura_site
+        self.setHeader(b"Server", SERVER_NAME)
+        self.setHeader(b"X-Request-Id", self.request_id.encode("ascii"))
+        channel = self.channel
+        close = site.state.draining or self._discarding or self.rejection_closes()
+        if self.clientproto == b"HTTP/1.1" and isinstance(channel, http.HTTPChannel):
+            if close:
+                channel.persistent = False
+            self.setHeader(b"Connection", b"keep-alive" if channel.persistent else b"close")
+        if self._received_at is not None and self._slot is not None:
+            self._first_byte_at = site.clock.seconds()
+            site.traffic.record_first_byte(
+                self._first_byte_at - self._received_at,
+                transport="http",
+                route=self.spec.template,
+            )
+
+    def rejection_closes(self) -> bool:
+        return self.rejection is not None and self.rejection.close
+
+    def _finished(self, result: object) -> None:
+        site = self.kura_site
+        site.metrics.http_inflight.dec()
+        status = 499 if isinstance(result, Failure) else self.code
+        self._count(status)
+        if self._slot is not None:
+            self._slot.release()
+
+    def _count(self, status: int) -> None:
+        if self._counted:
+            return
+        self._counted = True
+        site = self.kura_site
+        site.metrics.http_requests.labels(self.spec.template, str(status)).inc()
+        if self._received_at is not None and not self.spec.probe:
+            site.metrics.http_request_duration.observe(site.clock.seconds() - self._received_at)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._received_at is None:
+            # The client left before its request was complete.
+            if self.staging is not None:
+                self.staging.abort()
+            self._count(499)
+            spec = self.admitted.spec if self.admitted is not None else None
+            if spec is not None and spec.producer is not None and spec.body is BodyKind.STAGED:
+                self._site.metrics.artifact_writes.labels(
+                    spec.producer.value, "client_aborted"
+                ).inc()
+        super().connectionLost(reason)
+
+    def fail_body(self, error: BadFraming) -> None:
+        """The channel found the body malformed (bad chunking)."""
+        if self.staging is not None:
+            self.staging.abort()
+        site = self.kura_site
+        self._count(400)
+        if self.admitted is not None and self.admitted.spec.producer is not None:
+            site.metrics.artifact_writes.labels(self.admitted.spec.producer.value, "error").inc()
+
+
+def _decode_query(raw: bytes) -> dict[str, list[str]]:
+    parsed = parse_qs(raw, keep_blank_values=True)
+    return {
+        k.decode("utf-8", "replace"): [v.decode("utf-8", "replace") for v in values]
+        for k, values in parsed.items()
+    }
+
+
+def _header_map(request: http.Request) -> dict[str, list[str]]:
+    return {
+        name.decode("latin-1").lower(): [v.decode("latin-1") for v in values]
+        for name, values in request.requestHeaders.getAllRawHeaders()
+    }
+
+
+class KuraHTTPChannel(http.HTTPChannel):
+    """An ``HTTPChannel`` that admits each request between its head and body.
+
+    Attributes:
+        header_timeout: seconds a request head may take from its first byte.
+    """
+
+    header_timeout = 30.0
+    reactor: IReactorTime
+    _head_deadline: IDelayedCall | None = None
+    _lingering: IDelayedCall | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._head_deadline is None and not self._handlingRequest and self.line_mode:
+            self._head_deadline = self.reactor.callLater(self.header_timeout, self._head_timeout)
+        super().dataReceived(data)
+
+    def _head_timeout(self) -> None:
+        self._head_deadline = None
+        transport: Any = self.transport
+        log.info("request head deadline passed; closing {peer}", peer=str(transport.getPeer()))
+        body = error_body("Request head not received in time")
+        transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.loseConnection()
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            if self._head_deadline.active():
+                self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def allHeadersReceived(self) -> None:
+        # Replaces HTTPChannel.allHeadersReceived: same steps, except that the
+        # request is admitted and 100 Continue is left to the admission.
+        self._cancel_head_deadline()
+        request = self.requests[-1]
+        request.parseCookies()
+        self.persistent = self.checkPersistence(request, self._version)
+        request.gotLength(self.length)
+        expect = request.requestHeaders.getRawHeaders(b"expect")
+        expect_continue = bool(expect) and expect[0].lower() == b"100-continue"
+        request.head_complete(
+            self._command, self._path, expect_continue and self._version == b"HTTP/1.1"
+        )
+
+    def skip_body(self) -> None:
+        """Called during head processing: treat the request as bodiless and close after."""
+        self.length = 0
+        self._transferDecoder = None
+        self.persistent = False
+
+    def abandon_body(self, request: KuraRequest) -> None:
+        """Stop receiving ``request``'s body mid-stream and let it be answered.
+
+        Scheduled (not called from inside the body decoder, which may still
+        be running); a body that completed meanwhile needs nothing.
+        """
+        if not self.requests or self.requests[-1] is not request:
+            return
+        if request._received_at is not None:
+            return
+        self.persistent = False
+        self._transferDecoder = None
+        self.allContentReceived()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if self.requests:
+            request = self.requests[-1]
+            if isinstance(request, KuraRequest) and request._received_at is None:
+                request.fail_body(BadFraming("Malformed request"))
+        super()._respondToBadRequestAndDisconnect()
+
+    def requestDone(self, request: http.Request) -> None:
+        if not self.persistent and isinstance(request, KuraRequest) and request._discarding:
+            self._linger()
+            del self.requests[0]
+            return
+        super().requestDone(request)
+
+    def _linger(self) -> None:
+        """Half-close and drain unread body bytes briefly, then close.
+
+        Closing a socket with unread input makes the kernel send a reset,
+        which can destroy the response before the client reads it.
+        """
+        self.dataReceived = lambda data: None  # type: ignore[method-assign]
+        transport: Any = self.transport
+        transport.loseWriteConnection()
+        transport.resumeProducing()
+        self._lingering = self.reactor.callLater(LINGER_SECONDS, transport.loseConnection)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_head_deadline()
+        if self._lingering is not None and self._lingering.active():
+            self._lingering.cancel()
+        super().connectionLost(reason)
+
+
+class KuraSite(server.Site):
+    """The public Site: holds the services kura's requests and channels use."""
+
+    requestFactory = KuraRequest  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        resource: IResource,
+        *,
+        gate: Gate,
+        store: Any,
+        state: Any,
+        metrics: KuraMetrics,
+        traffic: PublicTraffic,
+        reactor: Any,
+        header_timeout: float,
+        idle_timeout: float,
+        send_timeout: float,
+    ) -> None:
+        super().__init__(resource, timeout=idle_timeout, reactor=reactor)
+        self.gate = gate
+        self.store = store
+        self.state = state
+        self.metrics = metrics
+        self.traffic = traffic
+        self.clock: IReactorTime = reactor
+        self.header_timeout = header_timeout
+        self.send_timeout = send_timeout
+        self.on_channel: Callable[[KuraHTTPChannel], None] = lambda channel: None
+
+    def make_channel(self) -> KuraHTTPChannel:
+        """A bare HTTP/1.1 channel for this site (the accelerator's fallback)."""
+        channel: Any = KuraHTTPChannel()
+        channel.factory = self
+        channel.site = self
+        channel.requestFactory = self.requestFactory
+        channel.timeOut = self.timeOut
+        channel.callLater = self.reactor.callLater
+        channel.reactor = self.reactor
+        channel.header_timeout = self.header_timeout
+        self.on_channel(channel)
+        return channel  # type: ignore[no-any-return]
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """A protocol for TLS listeners: HTTP/1.1, or HTTP/2 when ALPN picks h2."""
+        protocol = http._GenericHTTPChannelProtocol(self.make_channel())
+        protocol.factory = self
+        protocol.site = self
+        protocol.requestFactory = self.requestFactory
+        protocol.timeOut = self.timeOut
+        protocol.callLater = self.reactor.callLater
+        return protocol
+
+    def log(self, request: http.Request) -> None:
+        """Access logging is structured (see kura.logs), not the common log format."""
+        if isinstance(request, KuraRequest):
+            log.info(
+                "{method} {path} {status} {request_id}",
+                method=request.method.decode("ascii", "replace"),
+                path=request.path.decode("ascii", "replace"),
+                status=request.code,
+                request_id=request.request_id,
+                route=request.spec.template,
+            )

@@ -1,0 +1,217 @@
+"""What each public route means, beyond its URL rule.
+
+The Klein app's ``url_map`` is the only route table. Each endpoint in it has
+a :class:`RouteSpec` (keyed by endpoint name) that says which artifact the
+request addresses, how its body is received, and what it may do. The
+twisted.web path and the accelerator both resolve requests through these
+specs, so they cannot disagree about tenants, namespaces or keys.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable, Mapping
+
+import attrs
+
+from kura.artifacts import ArtifactAddress, Producer, is_valid_key, is_valid_namespace
+from kura.errors import BadRequest, Forbidden
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+class Operation(enum.StrEnum):
+    """What a request does, as the extension hooks see it."""
+
+    READ = "artifact.read"
+    WRITE = "artifact.write"
+    DELETE_NAMESPACE = "namespace.delete"
+    REQUEST = "request"
+
+
+class BodyKind(enum.Enum):
+    """How a route receives its request body."""
+
+    #: No body is expected; a small one is read and ignored (as twisted.web would).
+    NONE = "none"
+    #: A small body kept in memory (JSON payloads).
+    MEMORY = "memory"
+    #: An artifact body streamed into a staging file.
+    STAGED = "staged"
+
+
+#: A route without a body policy reads at most this much of a stray body.
+STRAY_BODY_LIMIT = 64 * 1024
+
+
+class Query:
+    """A request's query parameters, with kura's strictness rules.
+
+    A parameter given twice, or given under both its name and its alias with
+    different values, is ambiguous (two parsers could each pick a different
+    one: a tenant confusion) and is a 400 on every serving path.
+    """
+
+    def __init__(self, params: Mapping[str, list[str]]) -> None:
+        self._params = params
+
+    def single(self, name: str, alias: str | None = None) -> str | None:
+        """The one value of ``name`` (or ``alias``); empty counts as missing.
+
+        Raises:
+            BadRequest: the parameter is repeated or conflicts with its alias.
+        """
+        primary = self._params.get(name, [])
+        secondary = self._params.get(alias, []) if alias is not None else []
+        distinct = {v for v in (*primary, *secondary) if v != ""}
+        if len(primary) > 1 or len(secondary) > 1 or len(distinct) > 1:
+            shown = f"{name}/{alias}" if alias else name
+            raise BadRequest(f"Ambiguous query parameter {shown}: give it once")
+        return distinct.pop() if distinct else None
+
+
+AddressResolver = Callable[[Mapping[str, str], Query, str], ArtifactAddress]
+
+
+@attrs.frozen
+class RouteSpec:
+    """The meaning of one endpoint.
+
+    Attributes:
+        endpoint: the Klein endpoint name (the key of this spec).
+        template: the route template used as the metric label.
+        operation: what the request does (for authorization).
+        producer: the cache protocol, when the route addresses artifacts.
+        address: resolves ``(path args, query, node tenant)`` to the
+            artifact; raises :class:`BadRequest`/:class:`Forbidden` on bad
+            ids or tenants. ``None`` when the route has no single artifact.
+        tenant_required: the route carries ``tenant_id`` (checked even when
+            ``address`` is ``None``).
+        body: how the request body is received.
+        body_limit: the largest accepted body, in bytes.
+        too_large_message: the 413 message for this route.
+        accelerable: GETs may be served by the accelerator.
+        probe: liveness/readiness/metrics (no auth, no draining, no
+            public accounting).
+        misses_on_fault: reads answer 404 instead of 5xx on storage
+            trouble (clients that fail a whole build on any other status).
+        plain_auth_errors: 401/403 bodies are ``text/plain`` (Nx).
+        needs_upload: admission loads the multipart upload named by
+            ``upload_id`` (404 before the body when it is unknown).
+        verify_digest: the key is the SHA-256 of the body (Bazel CAS); the
+            staged body is hashed and a mismatch is a 400.
+        head_check: extra validation of the query at admission (raises
+            :class:`BadRequest`).
+        not_found_message: the 404 message of reads.
+    """
+
+    endpoint: str
+    template: str
+    operation: Operation = Operation.REQUEST
+    producer: Producer | None = None
+    address: AddressResolver | None = None
+    tenant_required: bool = False
+    body: BodyKind = BodyKind.NONE
+    body_limit: int = STRAY_BODY_LIMIT
+    too_large_message: str = "Request body exceeded allowed size"
+    accelerable: bool = False
+    probe: bool = False
+    misses_on_fault: bool = False
+    plain_auth_errors: bool = False
+    needs_upload: bool = False
+    verify_digest: bool = False
+    head_check: Callable[[Query], None] | None = None
+    not_found_message: str = "Artifact not found"
+
+
+_WERKZEUG_ARG = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
+
+
+def template_of(rule: str) -> str:
+    """``/api/cache/cas/<id>`` → ``/api/cache/cas/{id}`` (the metric label)."""
+    return _WERKZEUG_ARG.sub(r"{\1}", rule)
+
+
+# -- tenancy and addressing ----------------------------------------------------------
+
+
+def check_tenant(query: Query, node_tenant: str) -> str:
+    """The request's tenant, which must be this node's (case-insensitively).
+
+    Raises:
+        BadRequest: ``Missing tenant_id`` (or an ambiguous one).
+        Forbidden: the tenant is served by another node.
+    """
+    tenant = query.single("tenant_id", alias="account_handle")
+    if tenant is None:
+        raise BadRequest("Missing tenant_id")
+    if tenant.lower() != node_tenant.lower():
+        raise Forbidden(f"Forbidden: tenant '{tenant}' is routed to server for '{node_tenant}'")
+    return tenant
+
+
+def namespace_of(query: Query) -> str:
+    """The request's namespace (``""`` when tenant-scoped)."""
+    namespace = query.single("namespace_id", alias="project_handle") or ""
+    if not is_valid_namespace(namespace):
+        raise BadRequest("Invalid namespace_id")
+    return namespace
+
+
+def _key(value: str | None, what: str) -> str:
+    if value is None:
+        raise BadRequest(f"Missing {what}")
+    if not is_valid_key(value):
+        raise BadRequest(f"Invalid {what}")
+    return value
+
+
+def tenant_scoped(producer: Producer, arg: str) -> AddressResolver:
+    """Routes whose key is a path segment and whose namespace is in the query."""
+
+    def resolve(path: Mapping[str, str], query: Query, node_tenant: str) -> ArtifactAddress:
+        check_tenant(query, node_tenant)
+        return ArtifactAddress(producer, namespace_of(query), _key(path.get(arg), arg))
+
+    return resolve
+
+
+def fixed_namespace(producer: Producer, namespace: str, arg: str) -> AddressResolver:
+    """Routes with no tenant and a fixed namespace (Nx, Metro)."""
+
+    def resolve(path: Mapping[str, str], query: Query, node_tenant: str) -> ArtifactAddress:
+        return ArtifactAddress(producer, namespace, _key(path.get(arg), arg))
+
+    return resolve
+
+
+def keyvalue_address(cas_id: str, namespace: str) -> ArtifactAddress:
+    """Key-value entries live under ``action_cache/{cas_id}`` (producer xcode)."""
+    return ArtifactAddress(Producer.XCODE, namespace, f"action_cache/{_key(cas_id, 'cas_id')}")
+
+
+def keyvalue_get(path: Mapping[str, str], query: Query, node_tenant: str) -> ArtifactAddress:
+    check_tenant(query, node_tenant)
+    return keyvalue_address(path.get("cas_id") or "", namespace_of(query))
+
+
+def xcode_cas(path: Mapping[str, str], query: Query, node_tenant: str) -> ArtifactAddress:
+    check_tenant(query, node_tenant)
+    return ArtifactAddress(
+        Producer.XCODE, namespace_of(query), f"blob/{_key(path.get('id'), 'id')}"
+    )
+
+
+def module_key(category: str, hash: str, name: str) -> str:
+    return f"{category}/{hash}/{name}"
+
+
+def module_artifact(path: Mapping[str, str], query: Query, node_tenant: str) -> ArtifactAddress:
+    """Module routes: the key comes from the query (the ``{id}`` segment is ignored)."""
+    check_tenant(query, node_tenant)
+    category = _key(query.single("cache_category") or "builds", "cache_category")
+    hash_ = _key(query.single("hash"), "hash")
+    name = _key(query.single("name"), "name")
+    return ArtifactAddress(Producer.MODULE, namespace_of(query), module_key(category, hash_, name))

@@ -1,0 +1,120 @@
+"""Artifact identity and manifests: the domain vocabulary shared by every layer.
+
+An artifact is addressed by ``(producer, namespace, key)``. Its id is the
+lowercase hex SHA-256 of ``producer NUL node_tenant NUL namespace NUL key``
+(the *node's* tenant, as upstream), and every on-disk name derives from that
+id, so no request can ever name a path.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+
+import attrs
+
+
+class Producer(enum.StrEnum):
+    """Which cache protocol wrote an artifact (also the metric label)."""
+
+    XCODE = "xcode"
+    GRADLE = "gradle"
+    MODULE = "module"
+    NX = "nx"
+    METRO = "metro"
+    BAZEL = "bazel"
+    CCACHE = "ccache"
+    SCCACHE = "sccache"
+    TURBO = "turbo"
+
+
+OCTET_STREAM = "application/octet-stream"
+JSON = "application/json"
+
+#: Keys are opaque to kura, but callers get a clear 400 for anything that
+#: is not a plain token: no separators, no control bytes, bounded length.
+MAX_KEY_LENGTH = 1024
+_KEY_PATTERN = re.compile(r"[A-Za-z0-9._~:@+=-]+")
+_TOKEN_SEGMENT = re.compile(r"[A-Za-z0-9._~:@+=-]+")
+_CONTENT_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+( *;[ -~]*)?")
+
+
+def is_valid_key(key: str) -> bool:
+    """Whether ``key`` is acceptable as one artifact key segment."""
+    return (
+        0 < len(key) <= MAX_KEY_LENGTH
+        and key not in (".", "..")
+        and _KEY_PATTERN.fullmatch(key) is not None
+    )
+
+
+def is_valid_namespace(namespace: str) -> bool:
+    """Whether ``namespace`` is acceptable (the empty, tenant-scoped one included)."""
+    return namespace == "" or (
+        len(namespace) <= 255 and _TOKEN_SEGMENT.fullmatch(namespace) is not None
+    )
+
+
+def safe_content_type(value: str | None) -> str:
+    """Return ``value`` if it is a legal, harmless media type, else octet-stream.
+
+    Stored content types are echoed into response heads, so anything with
+    CR, LF, NUL or other control bytes must never reach the wire.
+    """
+    if value and len(value) <= 255 and _CONTENT_TYPE.fullmatch(value):
+        return value
+    return OCTET_STREAM
+
+
+def artifact_id(producer: str, node_tenant: str, namespace: str, key: str) -> str:
+    """The storage id of an artifact (see the module docstring)."""
+    material = "\0".join((producer, node_tenant, namespace, key)).encode("utf-8")
+    return hashlib.sha256(material).hexdigest()
+
+
+@attrs.frozen
+class ArtifactAddress:
+    """What a request names: producer, namespace and key (tenant excluded)."""
+
+    producer: Producer
+    namespace: str
+    key: str
+
+    def artifact_id(self, node_tenant: str) -> str:
+        return artifact_id(self.producer.value, node_tenant, self.namespace, self.key)
+
+
+@attrs.frozen
+class Manifest:
+    """What the metadata store knows about one stored artifact.
+
+    Attributes:
+        artifact_id: see :func:`artifact_id`.
+        inline: the body lives in the metadata store (key-value entries);
+            otherwise ``blob_path`` (relative to the data dir) holds it.
+        version_ms: last-writer-wins version; replicas keep the sender's.
+    """
+
+    artifact_id: str
+    producer: str
+    namespace_id: str
+    key: str
+    content_type: str
+    inline: bool
+    blob_path: str | None
+    size: int
+    version_ms: int
+    created_at_ms: int
+
+    @property
+    def etag(self) -> str:
+        """The strong validator ``"VERSIONMS-SIZE"`` used by Range/If-Range."""
+        return f'"{self.version_ms}-{self.size}"'
+
+    def to_json(self) -> dict[str, object]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Manifest:
+        return cls(**data)  # type: ignore[arg-type]

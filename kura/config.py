@@ -1,0 +1,613 @@
+"""Node configuration: one frozen object built from ``KURA_*`` variables.
+
+The environment is the contract. Every variable kura reads is declared once in
+this module as a :class:`Variable` (name, documented default, meaning); the
+parser, ``docs/configuration.md`` (``python -m kura.config``) and the test
+that keeps the two in step all read the same registry. No other module reads
+``os.environ``.
+
+:meth:`KuraConfig.from_environ` gathers every missing or invalid variable and
+raises one :class:`ConfigError` naming all of them, joined with ``"; "``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from urllib.parse import urlsplit
+
+import attrs
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+
+class ConfigError(ValueError):
+    """One or more ``KURA_*`` variables are missing or invalid.
+
+    The message names every offending variable, separated by ``"; "``.
+    """
+
+
+@attrs.frozen
+class Variable:
+    """A documented ``KURA_*`` environment variable."""
+
+    name: str
+    default: str
+    meaning: str
+    section: str
+
+
+VARIABLES: list[Variable] = []
+
+
+def _var(section: str, name: str, default: str, meaning: str) -> Variable:
+    variable = Variable(name=name, default=default, meaning=meaning, section=section)
+    VARIABLES.append(variable)
+    return variable
+
+
+# --- node identity and listeners -------------------------------------------------
+_NODE = "Node and listeners"
+PORT = _var(_NODE, "KURA_PORT", "4000", "Public HTTP port (accelerator and twisted.web share it).")
+INTERNAL_PORT = _var(
+    _NODE, "KURA_INTERNAL_PORT", "7443", "Peer (internal) plane port; must differ from KURA_PORT."
+)
+HTTPS_PORT = _var(
+    _NODE,
+    "KURA_HTTPS_PORT",
+    "4443",
+    "Public HTTPS port, opened only when KURA_PUBLIC_TLS_CERT_PATH and _KEY_PATH are set.",
+)
+BIND_HOST = _var(_NODE, "KURA_BIND_HOST", "0.0.0.0", "Interface every listener binds to.")
+TENANT_ID = _var(
+    _NODE, "KURA_TENANT_ID", "default", "The one tenant this node (and its mesh) serves."
+)
+REGION = _var(_NODE, "KURA_REGION", "local", "Region label reported by probes and metrics.")
+NODE_URL = _var(
+    _NODE,
+    "KURA_NODE_URL",
+    "http://127.0.0.1:<KURA_INTERNAL_PORT>",
+    "This node's own internal base URL; scheme and port are validated like peer URLs.",
+)
+PUBLIC_TLS_CERT_PATH = _var(
+    _NODE, "KURA_PUBLIC_TLS_CERT_PATH", "(unset)", "PEM certificate chain for public HTTPS."
+)
+PUBLIC_TLS_KEY_PATH = _var(
+    _NODE, "KURA_PUBLIC_TLS_KEY_PATH", "(unset)", "PEM private key for public HTTPS."
+)
+LOG_FORMAT = _var(
+    _NODE, "KURA_LOG_FORMAT", "json", "`json` (one JSON event per line) or `text` on stdout."
+)
+
+# --- storage ---------------------------------------------------------------------
+_STORAGE = "Storage"
+DATA_DIR = _var(
+    _STORAGE, "KURA_DATA_DIR", "./kura-data", "Metadata (SQLite) and artifact bodies live here."
+)
+TMP_DIR = _var(
+    _STORAGE,
+    "KURA_TMP_DIR",
+    "<KURA_DATA_DIR>/tmp",
+    "Upload staging; `uploads/` is wiped at start-up. Keep it on the data filesystem.",
+)
+TMP_DIR_MAX_BYTES = _var(
+    _STORAGE,
+    "KURA_TMP_DIR_MAX_BYTES",
+    str(8 * GiB),
+    "Staging budget; an upload that would exceed it gets 503 with Retry-After.",
+)
+CAS_CAPACITY_BYTES = _var(
+    _STORAGE,
+    "KURA_CAS_CAPACITY_BYTES",
+    "50% of the data filesystem, at most 80%",
+    "Artifact byte budget; least-recently-used artifacts are evicted beyond it.",
+)
+MAX_KEYVALUE_BYTES = _var(
+    _STORAGE,
+    "KURA_MAX_KEYVALUE_BYTES",
+    str(1 * MiB),
+    "Largest key-value PUT body (and inline replication body).",
+)
+MANIFEST_CACHE_MAX_BYTES = _var(
+    _STORAGE,
+    "KURA_MANIFEST_CACHE_MAX_BYTES",
+    str(32 * MiB),
+    "Approximate memory for the in-process manifest cache in front of SQLite.",
+)
+STORAGE_THREADS = _var(
+    _STORAGE,
+    "KURA_STORAGE_THREADS",
+    "8",
+    "Threads for blocking disk work (staging writes, fsync, SQLite reads).",
+)
+MULTIPART_UPLOAD_TTL_MS = _var(
+    _STORAGE,
+    "KURA_MULTIPART_UPLOAD_TTL_MS",
+    "86400000",
+    "Unfinished module multipart uploads expire after this long.",
+)
+MULTIPART_JANITOR_INTERVAL_MS = _var(
+    _STORAGE,
+    "KURA_MULTIPART_JANITOR_INTERVAL_MS",
+    "600000",
+    "How often expired multipart uploads are removed.",
+)
+FAILPOINTS = _var(
+    _STORAGE,
+    "KURA_FAILPOINTS",
+    "(unset)",
+    "Testing only: comma list of `name:action` (action `exit` or `error`) crash points.",
+)
+
+# --- HTTP connection limits ----------------------------------------------------
+_HTTP = "Public HTTP connections"
+HEADER_TIMEOUT_MS = _var(
+    _HTTP, "KURA_HEADER_TIMEOUT_MS", "30000", "Whole-request-head deadline, from its first byte."
+)
+KEEPALIVE_IDLE_TIMEOUT_MS = _var(
+    _HTTP,
+    "KURA_KEEPALIVE_IDLE_TIMEOUT_MS",
+    "60000",
+    "An idle connection (no request under way) is closed after this long.",
+)
+SEND_TIMEOUT_MS = _var(
+    _HTTP,
+    "KURA_SEND_TIMEOUT_MS",
+    "120000",
+    "A download that makes no write progress for this long is aborted.",
+)
+BODY_TIMEOUT_MS = _var(
+    _HTTP,
+    "KURA_BODY_TIMEOUT_MS",
+    "60000",
+    "An upload whose body makes no progress for this long is aborted.",
+)
+DRAIN_COMPLETION_TIMEOUT_MS = _var(
+    _HTTP,
+    "KURA_DRAIN_COMPLETION_TIMEOUT_MS",
+    "240000",
+    "On SIGTERM, how long in-flight public transfers may run before the node stops.",
+)
+
+# --- accelerator ---------------------------------------------------------------
+_ACCEL = "Same-port accelerator"
+ACCEL_ENABLED = _var(
+    _ACCEL,
+    "KURA_ACCELERATED_FILE_SERVING_ENABLED",
+    "true",
+    "`true` or `false`; false serves every request through twisted.web on the same port.",
+)
+ACCEL_MODE = _var(
+    _ACCEL,
+    "KURA_ACCELERATED_FILE_SERVING_MODE",
+    "splice",
+    "Kernel primitive for accelerated bodies: `splice` or `sendfile`.",
+)
+ACCEL_MAX_CONCURRENT = _var(
+    _ACCEL,
+    "KURA_ACCELERATED_FILE_SERVING_MAX_CONCURRENT",
+    "32",
+    "Concurrent accelerated transfers; beyond it requests fall back to twisted.web.",
+)
+ACCEL_CHUNK_BYTES = _var(
+    _ACCEL,
+    "KURA_ACCELERATED_FILE_SERVING_CHUNK_BYTES",
+    str(1 * MiB),
+    "Bytes moved per sendfile/splice call.",
+)
+
+# --- replication ---------------------------------------------------------------
+_REPL = "Replication"
+PEERS = _var(_REPL, "KURA_PEERS", "(empty)", "Comma-separated internal base URLs of seed peers.")
+DISCOVERY_DNS_NAME = _var(
+    _REPL,
+    "KURA_DISCOVERY_DNS_NAME",
+    "(unset)",
+    "DNS name whose A/AAAA records are peers (e.g. a headless Service); polled every 2 s.",
+)
+OUTBOX_MAX_DEPTH = _var(
+    _REPL,
+    "KURA_OUTBOX_MAX_DEPTH",
+    "100000",
+    "Replication outbox cap; at the cap writes get 503 with Retry-After.",
+)
+REPLICATION_BANDWIDTH = _var(
+    _REPL,
+    "KURA_REPLICATION_BANDWIDTH_LIMIT_BYTES_PER_SECOND",
+    "536870912",
+    "Ceiling for peer artifact body traffic; 0 disables the limiter.",
+)
+REPLICATION_LATENCY_TARGET_MS = _var(
+    _REPL,
+    "KURA_REPLICATION_PUBLIC_LATENCY_TARGET_MS",
+    "100",
+    "Public time-to-first-byte target; above it replication backs off. 0 disables the term.",
+)
+REPLICATION_UPLOAD_STALL_MS = _var(
+    _REPL,
+    "KURA_REPLICATION_UPLOAD_STALL_MS",
+    "60000",
+    "A replication upload making no byte progress for this long is aborted and retried.",
+)
+BOOTSTRAP_TIMEOUT_MS = _var(
+    _REPL,
+    "KURA_BOOTSTRAP_TIMEOUT_MS",
+    "1800000",
+    "Catch-up from one peer fails after this long without progress.",
+)
+BOOTSTRAP_MAX_CONCURRENT_PEERS = _var(
+    _REPL, "KURA_BOOTSTRAP_MAX_CONCURRENT_PEERS", "8", "Peers caught up from at once."
+)
+INTERNAL_TLS_CA_CERT_PATH = _var(
+    _REPL,
+    "KURA_INTERNAL_TLS_CA_CERT_PATH",
+    "(unset)",
+    "Peer mTLS CA bundle; set all three INTERNAL_TLS paths or none.",
+)
+INTERNAL_TLS_CERT_PATH = _var(
+    _REPL, "KURA_INTERNAL_TLS_CERT_PATH", "(unset)", "Peer mTLS certificate (PEM)."
+)
+INTERNAL_TLS_KEY_PATH = _var(
+    _REPL, "KURA_INTERNAL_TLS_KEY_PATH", "(unset)", "Peer mTLS private key (PEM)."
+)
+
+
+def _plain_default_capacity(filesystem_bytes: int) -> int:
+    """Upstream's capacity default: half the filesystem, never over 80 %."""
+    return min(filesystem_bytes // 2, filesystem_bytes * 8 // 10)
+
+
+def derive_capacity(requested: int | None, filesystem_bytes: int) -> int:
+    """Return the artifact byte budget.
+
+    Args:
+        requested: ``KURA_CAS_CAPACITY_BYTES`` when set.
+        filesystem_bytes: total size of the filesystem holding the data dir.
+
+    Returns:
+        The requested value capped at 80 % of the filesystem, or half the
+        filesystem when nothing was requested.
+    """
+    ceiling = filesystem_bytes * 8 // 10
+    if requested is None:
+        return _plain_default_capacity(filesystem_bytes)
+    return min(requested, ceiling)
+
+
+def filesystem_size(path: str) -> int:
+    """Total bytes of the filesystem that holds ``path`` (or its nearest parent)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    return shutil.disk_usage(probe).total
+
+
+@attrs.frozen
+class AcceleratorConfig:
+    """Same-port sendfile/splice accelerator settings."""
+
+    enabled: bool = True
+    mode: str = "splice"
+    max_concurrent: int = 32
+    chunk_bytes: int = 1 * MiB
+
+
+@attrs.frozen
+class TlsFiles:
+    """Paths of a PEM certificate, key and optional CA bundle."""
+
+    cert_path: str
+    key_path: str
+    ca_path: str | None = None
+
+
+@attrs.frozen
+class ReplicationConfig:
+    """Peer mesh settings."""
+
+    peers: tuple[str, ...] = ()
+    discovery_dns_name: str | None = None
+    outbox_max_depth: int = 100_000
+    bandwidth_limit_bytes_per_second: int = 536_870_912
+    public_latency_target_ms: int = 100
+    upload_stall_ms: int = 60_000
+    bootstrap_timeout_ms: int = 1_800_000
+    bootstrap_max_concurrent_peers: int = 8
+    internal_tls: TlsFiles | None = None
+
+
+@attrs.frozen
+class KuraConfig:
+    """Everything a node needs to start, validated.
+
+    Build it with :meth:`from_environ`; the defaults below are the embedded
+    defaults a node uses with no environment at all.
+    """
+
+    port: int = 4000
+    internal_port: int = 7443
+    https_port: int = 4443
+    bind_host: str = "0.0.0.0"
+    tenant_id: str = "default"
+    region: str = "local"
+    node_url: str = "http://127.0.0.1:7443"
+    public_tls: TlsFiles | None = None
+    log_format: str = "json"
+    data_dir: str = "kura-data"
+    tmp_dir: str = "kura-data/tmp"
+    tmp_dir_max_bytes: int = 8 * GiB
+    cas_capacity_bytes: int = 0
+    max_keyvalue_bytes: int = 1 * MiB
+    manifest_cache_max_bytes: int = 32 * MiB
+    storage_threads: int = 8
+    multipart_upload_ttl_ms: int = 86_400_000
+    multipart_janitor_interval_ms: int = 600_000
+    failpoints: tuple[tuple[str, str], ...] = ()
+    header_timeout_ms: int = 30_000
+    keepalive_idle_timeout_ms: int = 60_000
+    send_timeout_ms: int = 120_000
+    body_timeout_ms: int = 60_000
+    drain_completion_timeout_ms: int = 240_000
+    accelerator: AcceleratorConfig = AcceleratorConfig()
+    replication: ReplicationConfig = ReplicationConfig()
+
+    @classmethod
+    def from_environ(
+        cls,
+        environ: Mapping[str, str],
+        *,
+        measure_filesystem: Callable[[str], int] = filesystem_size,
+    ) -> KuraConfig:
+        """Parse and validate the ``KURA_*`` variables in ``environ``.
+
+        Args:
+            environ: the process environment (or a test mapping).
+            measure_filesystem: returns the size of the filesystem holding a
+                path; injected so tests can derive capacity from fake disks.
+
+        Raises:
+            ConfigError: naming every missing or invalid variable.
+        """
+        read = _Reader(environ)
+        port = read.port(PORT, 4000)
+        internal_port = read.port(INTERNAL_PORT, 7443)
+        if port == internal_port and port != 0:
+            read.fail(INTERNAL_PORT, "must differ from KURA_PORT")
+        https_port = read.port(HTTPS_PORT, 4443)
+        data_dir = read.text(DATA_DIR, "kura-data")
+        tmp_dir = read.text(TMP_DIR, os.path.join(data_dir, "tmp"))
+        public_tls = read.tls_group((PUBLIC_TLS_CERT_PATH, PUBLIC_TLS_KEY_PATH), None)
+        internal_tls = read.tls_group(
+            (INTERNAL_TLS_CERT_PATH, INTERNAL_TLS_KEY_PATH), INTERNAL_TLS_CA_CERT_PATH
+        )
+        scheme = "https" if internal_tls else "http"
+        node_url = read.peer_url(
+            NODE_URL, f"{scheme}://127.0.0.1:{internal_port}", scheme, internal_port
+        )
+        peers = tuple(
+            read.peer_url(PEERS, peer, scheme, internal_port)
+            for peer in read.text(PEERS, "").split(",")
+            if peer.strip()
+        )
+        requested_capacity = read.optional_integer(CAS_CAPACITY_BYTES, minimum=1)
+        accelerator = AcceleratorConfig(
+            enabled=read.strict_boolean(ACCEL_ENABLED, True),
+            mode=read.choice(ACCEL_MODE, "splice", ("splice", "sendfile")),
+            max_concurrent=read.integer(ACCEL_MAX_CONCURRENT, 32, minimum=1),
+            chunk_bytes=read.integer(ACCEL_CHUNK_BYTES, 1 * MiB, minimum=1),
+        )
+        replication = ReplicationConfig(
+            peers=peers,
+            discovery_dns_name=read.text(DISCOVERY_DNS_NAME, "") or None,
+            outbox_max_depth=read.integer(OUTBOX_MAX_DEPTH, 100_000, minimum=1),
+            bandwidth_limit_bytes_per_second=read.integer(REPLICATION_BANDWIDTH, 536_870_912),
+            public_latency_target_ms=read.integer(REPLICATION_LATENCY_TARGET_MS, 100),
+            upload_stall_ms=read.integer(REPLICATION_UPLOAD_STALL_MS, 60_000, minimum=1),
+            bootstrap_timeout_ms=read.integer(BOOTSTRAP_TIMEOUT_MS, 1_800_000, minimum=1),
+            bootstrap_max_concurrent_peers=read.integer(
+                BOOTSTRAP_MAX_CONCURRENT_PEERS, 8, minimum=1
+            ),
+            internal_tls=internal_tls,
+        )
+        config = cls(
+            port=port,
+            internal_port=internal_port,
+            https_port=https_port,
+            bind_host=read.text(BIND_HOST, "0.0.0.0"),
+            tenant_id=read.tenant(TENANT_ID, "default"),
+            region=read.text(REGION, "local"),
+            node_url=node_url,
+            public_tls=public_tls,
+            log_format=read.choice(LOG_FORMAT, "json", ("json", "text")),
+            data_dir=data_dir,
+            tmp_dir=tmp_dir,
+            tmp_dir_max_bytes=read.integer(TMP_DIR_MAX_BYTES, 8 * GiB, minimum=1),
+            cas_capacity_bytes=0,
+            max_keyvalue_bytes=read.integer(MAX_KEYVALUE_BYTES, 1 * MiB, minimum=1),
+            manifest_cache_max_bytes=read.integer(MANIFEST_CACHE_MAX_BYTES, 32 * MiB),
+            storage_threads=read.integer(STORAGE_THREADS, 8, minimum=1, maximum=256),
+            multipart_upload_ttl_ms=read.integer(MULTIPART_UPLOAD_TTL_MS, 86_400_000, minimum=1),
+            multipart_janitor_interval_ms=read.integer(
+                MULTIPART_JANITOR_INTERVAL_MS, 600_000, minimum=1
+            ),
+            failpoints=read.failpoints(FAILPOINTS),
+            header_timeout_ms=read.integer(HEADER_TIMEOUT_MS, 30_000, minimum=1),
+            keepalive_idle_timeout_ms=read.integer(KEEPALIVE_IDLE_TIMEOUT_MS, 60_000, minimum=1),
+            send_timeout_ms=read.integer(SEND_TIMEOUT_MS, 120_000, minimum=1),
+            body_timeout_ms=read.integer(BODY_TIMEOUT_MS, 60_000, minimum=1),
+            drain_completion_timeout_ms=read.integer(DRAIN_COMPLETION_TIMEOUT_MS, 240_000),
+            accelerator=accelerator,
+            replication=replication,
+        )
+        read.raise_if_failed()
+        capacity = derive_capacity(requested_capacity, measure_filesystem(data_dir))
+        return attrs.evolve(config, cas_capacity_bytes=capacity)
+
+
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("0", "false", "no", "off")
+
+
+class _Reader:
+    """Reads variables from a mapping and collects every problem it finds."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        self._errors: list[str] = []
+
+    def fail(self, variable: Variable, problem: str) -> None:
+        self._errors.append(f"{variable.name} {problem}")
+
+    def raise_if_failed(self) -> None:
+        if self._errors:
+            raise ConfigError("; ".join(self._errors))
+
+    def _raw(self, variable: Variable) -> str | None:
+        value = self._environ.get(variable.name)
+        if value is None:
+            return None
+        value = value.strip()
+        return value or None
+
+    def text(self, variable: Variable, default: str) -> str:
+        value = self._raw(variable)
+        return default if value is None else value
+
+    def tenant(self, variable: Variable, default: str) -> str:
+        value = self.text(variable, default)
+        if not value.isascii() or not all(c.isalnum() or c in "-_." for c in value):
+            self.fail(variable, "must be ASCII letters, digits, '-', '_' or '.'")
+        return value
+
+    def optional_integer(
+        self, variable: Variable, *, minimum: int = 0, maximum: int | None = None
+    ) -> int | None:
+        value = self._raw(variable)
+        if value is None:
+            return None
+        try:
+            number = int(value, 10)
+        except ValueError:
+            self.fail(variable, f"must be an integer, got {value!r}")
+            return None
+        if number < minimum:
+            self.fail(variable, f"must be at least {minimum}, got {number}")
+        if maximum is not None and number > maximum:
+            self.fail(variable, f"must be at most {maximum}, got {number}")
+        return number
+
+    def integer(
+        self, variable: Variable, default: int, *, minimum: int = 0, maximum: int | None = None
+    ) -> int:
+        number = self.optional_integer(variable, minimum=minimum, maximum=maximum)
+        return default if number is None else number
+
+    def port(self, variable: Variable, default: int) -> int:
+        return self.integer(variable, default, minimum=0, maximum=65535)
+
+    def strict_boolean(self, variable: Variable, default: bool) -> bool:
+        value = self._raw(variable)
+        if value is None:
+            return default
+        if value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        self.fail(variable, f"must be 'true' or 'false', got {value!r}")
+        return default
+
+    def boolean(self, variable: Variable, default: bool) -> bool:
+        value = self._raw(variable)
+        if value is None:
+            return default
+        if value.lower() in _TRUE_WORDS:
+            return True
+        if value.lower() in _FALSE_WORDS:
+            return False
+        self.fail(variable, f"must be one of {'/'.join(_TRUE_WORDS + _FALSE_WORDS)}")
+        return default
+
+    def choice(self, variable: Variable, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.text(variable, default)
+        if value not in allowed:
+            self.fail(variable, f"must be one of {', '.join(allowed)}, got {value!r}")
+            return default
+        return value
+
+    def peer_url(self, variable: Variable, value: str, scheme: str, port: int) -> str:
+        url = value.strip().rstrip("/")
+        parts = urlsplit(url)
+        try:
+            url_port = parts.port
+        except ValueError:
+            url_port = None
+        if parts.scheme != scheme or not parts.hostname:
+            self.fail(variable, f"URL {url!r} must use {scheme}:// with a host")
+        elif url_port != port:
+            self.fail(variable, f"URL {url!r} must target port KURA_INTERNAL_PORT ({port})")
+        elif parts.path or parts.query:
+            self.fail(variable, f"URL {url!r} must be a bare base URL")
+        return url
+
+    def tls_group(self, pair: tuple[Variable, Variable], ca: Variable | None) -> TlsFiles | None:
+        members = [*pair, *([ca] if ca else [])]
+        values = [self._raw(m) for m in members]
+        if all(v is None for v in values):
+            return None
+        if any(v is None for v in values):
+            names = ", ".join(m.name for m in members)
+            for member, value in zip(members, values, strict=True):
+                if value is None:
+                    self.fail(member, f"must be set together with {names} (all or none)")
+            return None
+        for member, value in zip(members, values, strict=True):
+            if value is not None and not os.path.isfile(value):
+                self.fail(member, f"file {value!r} does not exist")
+        cert, key = values[0], values[1]
+        assert cert is not None and key is not None
+        return TlsFiles(cert_path=cert, key_path=key, ca_path=values[2] if ca else None)
+
+    def failpoints(self, variable: Variable) -> tuple[tuple[str, str], ...]:
+        value = self._raw(variable)
+        if value is None:
+            return ()
+        points: list[tuple[str, str]] = []
+        for item in value.split(","):
+            name, _, action = item.strip().partition(":")
+            if not name or action not in ("exit", "error"):
+                self.fail(variable, f"entry {item!r} must be name:exit or name:error")
+                continue
+            points.append((name, action))
+        return tuple(points)
+
+
+def render_markdown() -> str:
+    """Return ``docs/configuration.md`` as generated from :data:`VARIABLES`."""
+    lines = [
+        "# Configuration",
+        "",
+        "Every `KURA_*` variable kura reads. Generated by `python -m kura.config`;",
+        "a test fails when this page and `kura/config.py` disagree.",
+        "",
+        "A node needs none of them: `twistd -n kura` starts on the defaults below.",
+        "`twistd kura` options (`--port`, `--internal-port`, `--data-dir`, `--tmp-dir`,",
+        "`--tenant-id`) override the environment. A bad value stops the node with one",
+        "message naming every offending variable.",
+    ]
+    section = None
+    for variable in VARIABLES:
+        if variable.section != section:
+            section = variable.section
+            lines += ["", f"## {section}", "", "| Variable | Default | Meaning |", "|---|---|---|"]
+        lines.append(f"| `{variable.name}` | `{variable.default}` | {variable.meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_markdown())

@@ -1,0 +1,180 @@
+"""Node state as the probes report it: joining, serving or draining.
+
+``/ready`` is 200 only when the writer lock is held, the node is not
+draining, and membership says it is caught up with every known peer.
+``/up`` is always 200; ``/status/rollout`` always 200, draining included.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Protocol
+
+from twisted.internet.interfaces import IReactorTime
+
+from kura.config import KuraConfig
+from kura.metrics import KuraMetrics
+from kura.telemetry import PublicTraffic
+
+
+class TrafficState(enum.IntEnum):
+    JOINING = 0
+    SERVING = 1
+    DRAINING = 2
+
+
+class MembershipView(Protocol):
+    """What readiness needs to know about the peer mesh."""
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def initial_discovery_completed(self) -> bool: ...
+
+    @property
+    def known_peers(self) -> list[str]: ...
+
+    @property
+    def bootstrapped_peers(self) -> list[str]: ...
+
+    @property
+    def bootstrap_inflight_peers(self) -> list[str]: ...
+
+    def settling(self) -> bool:
+        """Whether the topology changed too recently to call the node caught up."""
+
+
+class SingleNode:
+    """Membership of a node with no peers: always settled and caught up."""
+
+    generation = 1
+    initial_discovery_completed = True
+    known_peers: list[str] = []
+    bootstrapped_peers: list[str] = []
+    bootstrap_inflight_peers: list[str] = []
+
+    def settling(self) -> bool:
+        return False
+
+
+class NodeState:
+    """Lifecycle flags plus the reports the probes render."""
+
+    def __init__(
+        self,
+        *,
+        config: KuraConfig,
+        clock: IReactorTime,
+        metrics: KuraMetrics,
+        traffic: PublicTraffic,
+        outbox_depth: OutboxDepth,
+        membership: MembershipView | None = None,
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._metrics = metrics
+        self._traffic = traffic
+        self._outbox_depth = outbox_depth
+        self.membership: MembershipView = membership or SingleNode()
+        self.draining = False
+        self.writer_lock_owned = False
+        self.fd_timeout_count = 0
+        metrics.ready_state.set_function(lambda: float(self.readiness()[0]))
+        metrics.drain_state.set_function(lambda: float(self.draining))
+        metrics.traffic_state.set_function(lambda: float(self.state))
+        metrics.writer_lock_owned.set_function(lambda: float(self.writer_lock_owned))
+
+    def start_draining(self) -> None:
+        self.draining = True
+
+    @property
+    def state(self) -> TrafficState:
+        if self.draining:
+            return TrafficState.DRAINING
+        if self._caught_up_reasons():
+            return TrafficState.JOINING
+        return TrafficState.SERVING
+
+    def _caught_up_reasons(self) -> list[str]:
+        view = self.membership
+        reasons = []
+        if not view.initial_discovery_completed:
+            reasons.append("initial discovery incomplete")
+        if view.settling():
+            reasons.append("discovery settling")
+        if view.bootstrap_inflight_peers:
+            reasons.append("bootstrap in progress")
+        missing = sorted(set(view.known_peers) - set(view.bootstrapped_peers))
+        if missing:
+            reasons.append(f"bootstrap incomplete for {', '.join(missing)}")
+        return reasons
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        reasons = []
+        if not self.writer_lock_owned:
+            reasons.append("writer lock not held")
+        if self.draining:
+            reasons.append("draining")
+        reasons += self._caught_up_reasons()
+        return not reasons, reasons
+
+    def up_report(self) -> dict[str, object]:
+        view = self.membership
+        members = [self._config.node_url, *view.known_peers]
+        return {
+            "status": "ok",
+            "generation": view.generation,
+            "tenant_id": self._config.tenant_id,
+            "region": self._config.region,
+            "node": self._config.region,
+            "node_url": self._config.node_url,
+            "connected_nodes": len(view.known_peers),
+            "ring_members": len(view.known_peers) + 1,
+            "members": members,
+            "regions": [self._config.region],
+            "nodes": members,
+        }
+
+    def ready_report(self) -> dict[str, object]:
+        ready, reasons = self.readiness()
+        view = self.membership
+        return {
+            "status": "ok" if ready else "not_ready",
+            "generation": view.generation,
+            "state": self.state.name.lower(),
+            "ready": ready,
+            "draining": self.draining,
+            "writer_lock_owned": self.writer_lock_owned,
+            "initial_discovery_completed": view.initial_discovery_completed,
+            "known_peers": len(view.known_peers),
+            "bootstrapped_peers": len(view.bootstrapped_peers),
+            "bootstrap_inflight_peers": len(view.bootstrap_inflight_peers),
+            "http_inflight_requests": self._traffic.inflight,
+            "grpc_inflight_requests": 0,
+            "reasons": reasons,
+        }
+
+    def rollout_report(self) -> dict[str, object]:
+        ready, _ = self.readiness()
+        view = self.membership
+        return {
+            "generation": view.generation,
+            "ready": ready,
+            "state": self.state.name.lower(),
+            "ring_members": len(view.known_peers) + 1,
+            "initial_discovery_completed": view.initial_discovery_completed,
+            "writer_lock_owned": self.writer_lock_owned,
+            "bootstrap_known_peers": len(view.known_peers),
+            "bootstrap_completed_peers": len(view.bootstrapped_peers),
+            "bootstrap_inflight_peers": len(view.bootstrap_inflight_peers),
+            "http_inflight_requests": self._traffic.inflight,
+            "grpc_inflight_requests": 0,
+            "outbox_messages": self._outbox_depth(),
+            "memory_pressure_state": 0,
+            "fd_timeout_count": self.fd_timeout_count,
+        }
+
+
+class OutboxDepth(Protocol):
+    def __call__(self) -> int: ...

@@ -1,0 +1,201 @@
+"""The node: every component wired together under one ``MultiService``.
+
+Construction only builds objects. :meth:`KuraNode.startService` takes the
+writer lock, opens storage (wiping staging, sweeping orphans) and only then
+opens the listeners, so nothing is served from a half-open store.
+:meth:`KuraNode.stopService` stops accepting, lets in-flight work finish,
+flushes storage and releases the lock.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from kura import __version__
+from kura.api.app import PublicAPI
+from kura.api.gate import Gate, RouteMatch
+from kura.api.http import KuraSite
+from kura.config import KuraConfig
+from kura.failpoints import Failpoints
+from kura.lifecycle import NodeState
+from kura.metrics import KuraMetrics
+from kura.storage.layout import Layout
+from kura.storage.lock import WriterLock, WriterLockHeld
+from kura.storage.runner import BlockingRunner, ThreadPoolRunner
+from kura.storage.staging import TmpBudget
+from kura.storage.store import ArtifactStore
+from kura.telemetry import PublicTraffic
+
+log = Logger(namespace="kura.node")
+
+NODE_STARTED = "kura {version} serving tenant {tenant_id} on public port {port}"
+WRITER_LOCK_FAILED = "{message}"
+
+
+class KuraNode(MultiService):
+    """One kura node (see the module docstring).
+
+    Args:
+        config: the validated configuration.
+        reactor: the reactor everything runs on (injected for tests).
+        registry: the Prometheus registry (a fresh one by default).
+        runner: where blocking disk work runs (a bounded thread pool by
+            default; tests pass an inline runner).
+    """
+
+    def __init__(
+        self,
+        config: KuraConfig,
+        reactor: Any,
+        registry: CollectorRegistry | None = None,
+        runner: BlockingRunner | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.metrics = KuraMetrics(registry or CollectorRegistry())
+        self.pool: ThreadPool | None = None
+        if runner is None:
+            self.pool = ThreadPool(
+                minthreads=1, maxthreads=config.storage_threads, name="kura-storage"
+            )
+            runner = ThreadPoolRunner(reactor, self.pool)
+        self.runner: BlockingRunner = runner
+        self.lock = WriterLock(config.data_dir)
+        self.store = ArtifactStore(
+            layout=Layout(config.data_dir, config.tmp_dir),
+            runner=self.runner,
+            clock=reactor,
+            node_tenant=config.tenant_id,
+            capacity_bytes=config.cas_capacity_bytes,
+            tmp_budget=TmpBudget(config.tmp_dir_max_bytes),
+            manifest_cache_bytes=config.manifest_cache_max_bytes,
+            failpoints=Failpoints(config.failpoints),
+        )
+        self.traffic = PublicTraffic(reactor, self.metrics)
+        self.state = NodeState(
+            config=config,
+            clock=reactor,
+            metrics=self.metrics,
+            traffic=self.traffic,
+            outbox_depth=lambda: self.store.outbox_depth,
+        )
+        self.api = PublicAPI(
+            config=config,
+            store=self.store,
+            state=self.state,
+            metrics=self.metrics,
+            runner=self.runner,
+        )
+        self.gate = Gate(
+            routes=RouteMatch(self.api.app.url_map, self.api.specs),
+            store=self.store,
+            state=self.state,
+            node_tenant=config.tenant_id,
+            outbox_max_depth=config.replication.outbox_max_depth,
+        )
+        self.site = KuraSite(
+            self.api.resource(),
+            gate=self.gate,
+            store=self.store,
+            state=self.state,
+            metrics=self.metrics,
+            traffic=self.traffic,
+            reactor=reactor,
+            header_timeout=config.header_timeout_ms / 1000,
+            idle_timeout=config.keepalive_idle_timeout_ms / 1000,
+            send_timeout=config.send_timeout_ms / 1000,
+        )
+        self.ports: dict[str, IListeningPort] = {}
+        self.started: Deferred[None] = Deferred()
+        self._janitor = LoopingCall(lambda: Deferred.fromCoroutine(self._expire_uploads()))
+        self._janitor.clock = reactor
+        self._init_metrics()
+
+    def _init_metrics(self) -> None:
+        m = self.metrics
+        m.node_info.labels(self.config.region, self.config.tenant_id).set(1)
+        m.process_start_time.set(time.time())
+        m.cas_capacity_bytes.set(self.config.cas_capacity_bytes)
+        m.tmp_dir_max_bytes.set(self.config.tmp_dir_max_bytes)
+        m.cas_used_bytes.set_function(lambda: float(self.store.metadata.used_bytes))
+        m.tmp_dir_bytes.set_function(lambda: float(self.store.tmp_budget.used))
+        m.outbox_messages.set_function(lambda: float(self.store.outbox_depth))
+        self.store.on_evicted = self._count_eviction
+
+    def _count_eviction(self, producer: str, size: int) -> None:
+        self.metrics.evicted_artifacts.labels(producer).inc()
+        self.metrics.evicted_bytes.inc(size)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def startService(self) -> None:
+        try:
+            self.lock.acquire()
+        except WriterLockHeld as error:
+            log.critical(WRITER_LOCK_FAILED, message=str(error))
+            raise SystemExit(f"kura: {error}") from None
+        self.state.writer_lock_owned = True
+        super().startService()
+        if self.pool is not None:
+            self.pool.start()
+        d = Deferred.fromCoroutine(self._start())
+        d.addErrback(self._start_failed)
+
+    async def _start(self) -> None:
+        await self.store.start()
+        self._listen()
+        self._janitor.start(self.config.multipart_janitor_interval_ms / 1000, now=True)
+        log.info(
+            NODE_STARTED,
+            version=__version__,
+            tenant_id=self.config.tenant_id,
+            port=self.public_port,
+        )
+        self.started.callback(None)
+
+    def _start_failed(self, failure: Any) -> None:
+        log.failure("kura failed to start", failure)
+        self.started.errback(failure)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def _listen(self) -> None:
+        host = self.config.bind_host
+        self.ports["public"] = self.reactor.listenTCP(self.config.port, self.site, interface=host)
+
+    @property
+    def public_port(self) -> int:
+        address: Any = self.ports["public"].getHost()
+        return int(address.port)
+
+    async def _expire_uploads(self) -> None:
+        expired = await self.store.expire_uploads(self.config.multipart_upload_ttl_ms)
+        if expired:
+            self.metrics.multipart_uploads.dec(expired)
+            log.info("expired {count} unfinished multipart uploads", count=expired)
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._janitor.running:
+            self._janitor.stop()
+        await DeferredList([maybeDeferred(p.stopListening) for p in self.ports.values()])
+        self.ports.clear()
+        await super().stopService()
+        if self.state.writer_lock_owned:
+            await self.store.stop()
+            if self.pool is not None:
+                self.pool.stop()
+            self.lock.release()
+            self.state.writer_lock_owned = False

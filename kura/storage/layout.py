@@ -1,0 +1,83 @@
+"""Where things live under ``KURA_DATA_DIR`` and ``KURA_TMP_DIR``.
+
+::
+
+    <data>/kura.sqlite3           metadata (WAL mode)
+    <data>/.kura.writer.lock      single-writer lock
+    <data>/blobs/ab/<id>-<rand>   artifact bodies, named from the artifact id
+    <tmp>/uploads/<uuid>          bodies being received (wiped at start-up)
+    <tmp>/parts/<upload>/<n>      acknowledged multipart parts (kept)
+
+A blob's name is its artifact id plus a random suffix, so two versions of one
+key never share a file: a new version is placed beside the old one and the
+old file is unlinked only after the metadata commit, which keeps every
+in-flight download of the old version intact.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import uuid
+
+import attrs
+
+
+def fsync_directory(path: str) -> None:
+    """Make a rename or unlink inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@attrs.frozen
+class Layout:
+    """Paths of one node's data and staging directories."""
+
+    data_dir: str
+    tmp_dir: str
+
+    @property
+    def database(self) -> str:
+        return os.path.join(self.data_dir, "kura.sqlite3")
+
+    @property
+    def blobs(self) -> str:
+        return os.path.join(self.data_dir, "blobs")
+
+    @property
+    def uploads(self) -> str:
+        return os.path.join(self.tmp_dir, "uploads")
+
+    @property
+    def parts(self) -> str:
+        return os.path.join(self.tmp_dir, "parts")
+
+    def prepare(self) -> None:
+        """Create the directories and wipe the upload staging area.
+
+        Anything in ``uploads/`` belongs to a request that never completed, so
+        it is never published and can go (upstream learned this the hard way:
+        leftover staging once filled a disk).
+        """
+        os.makedirs(self.data_dir, exist_ok=True)
+        os.makedirs(self.blobs, exist_ok=True)
+        shutil.rmtree(self.uploads, ignore_errors=True)
+        os.makedirs(self.uploads, exist_ok=True)
+        os.makedirs(self.parts, exist_ok=True)
+
+    def new_upload_path(self) -> str:
+        return os.path.join(self.uploads, uuid.uuid4().hex)
+
+    def new_blob_path(self, artifact_id: str) -> str:
+        """A fresh relative blob path for ``artifact_id`` (see module docstring)."""
+        return os.path.join("blobs", artifact_id[:2], f"{artifact_id}-{secrets.token_hex(6)}")
+
+    def absolute(self, relative: str) -> str:
+        return os.path.join(self.data_dir, relative)
+
+    def part_path(self, upload_id: str, part_number: int) -> str:
+        return os.path.join(self.parts, upload_id, f"{part_number}.part")

@@ -1,0 +1,620 @@
+"""The SQLite metadata store (WAL mode, ``synchronous=FULL``).
+
+Tables:
+
+``manifests``
+    one row per artifact; indexed by namespace (the namespace index) and by
+    last access (the LRU order for eviction).
+``key_values``
+    inline bodies of key-value entries (never files).
+``namespace_tombstones``
+    the version at which each namespace was cleaned; older writes lose.
+``multipart_uploads`` / ``multipart_parts``
+    module uploads in progress and their acknowledged parts.
+``outbox``
+    replication messages, written in the same transaction as the data they
+    describe.
+
+Everything here is synchronous and runs on a storage thread. Reads use one
+connection per thread; writes are *operations* (callables taking the writer
+connection) that :meth:`MetadataStore.commit` runs together in one transaction,
+each inside its own savepoint so one failing operation never takes the
+others down (group commit: one WAL fsync for the whole batch).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import attrs
+
+from kura.artifacts import Manifest
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS manifests (
+    artifact_id    TEXT PRIMARY KEY,
+    producer       TEXT NOT NULL,
+    namespace_id   TEXT NOT NULL,
+    key            TEXT NOT NULL,
+    content_type   TEXT NOT NULL,
+    inline         INTEGER NOT NULL,
+    blob_path      TEXT,
+    size           INTEGER NOT NULL,
+    version_ms     INTEGER NOT NULL,
+    created_at_ms  INTEGER NOT NULL,
+    last_access_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS manifests_by_namespace ON manifests (namespace_id, artifact_id);
+CREATE INDEX IF NOT EXISTS manifests_by_access ON manifests (last_access_ms) WHERE inline = 0;
+CREATE TABLE IF NOT EXISTS key_values (
+    artifact_id TEXT PRIMARY KEY,
+    value       BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS namespace_tombstones (
+    namespace_id TEXT PRIMARY KEY,
+    version_ms   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS multipart_uploads (
+    upload_id     TEXT PRIMARY KEY,
+    tenant_id     TEXT NOT NULL,
+    namespace_id  TEXT NOT NULL,
+    category      TEXT NOT NULL,
+    hash          TEXT NOT NULL,
+    name          TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    total_bytes   INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS multipart_parts (
+    upload_id   TEXT NOT NULL,
+    part_number INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    PRIMARY KEY (upload_id, part_number)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    target        TEXT NOT NULL,
+    operation     TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
+"""
+
+_MANIFEST_COLUMNS = (
+    "artifact_id, producer, namespace_id, key, content_type, inline, blob_path, size, "
+    "version_ms, created_at_ms"
+)
+
+
+class Outcome(enum.StrEnum):
+    """What applying a write did (also the apply-result metric label)."""
+
+    APPLIED = "applied"
+    EXISTING = "existing"
+    IGNORED_STALE = "ignored_stale"
+    IGNORED_EQUAL = "ignored_equal"
+    IGNORED_TOMBSTONE = "ignored_tombstone"
+    IGNORED_OLDER = "ignored_older"
+
+
+class WritePolicy(enum.Enum):
+    """How a write treats an artifact that is already stored."""
+
+    #: Client blob uploads: an existing artifact wins; the write stores nothing.
+    WRITE_ONCE = "write_once"
+    #: Key-value PUTs and replicated writes: the higher ``version_ms`` wins.
+    LAST_WRITER_WINS = "last_writer_wins"
+
+
+@attrs.frozen
+class ApplyResult:
+    """The result of :func:`apply_artifact`.
+
+    Attributes:
+        outcome: what happened.
+        unlink: blob paths (relative) that are garbage after the commit: the
+            replaced version when applied, the new file when not.
+    """
+
+    outcome: Outcome
+    unlink: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class Upload:
+    """A module multipart upload in progress."""
+
+    upload_id: str
+    tenant_id: str
+    namespace_id: str
+    category: str
+    hash: str
+    name: str
+    created_at_ms: int
+    total_bytes: int
+    parts: dict[int, int]
+
+
+@attrs.frozen
+class OutboxMessage:
+    """One queued replication message for one target peer."""
+
+    seq: int
+    target: str
+    operation: dict[str, Any]
+
+
+def _manifest(row: Sequence[Any]) -> Manifest:
+    return Manifest(
+        artifact_id=row[0],
+        producer=row[1],
+        namespace_id=row[2],
+        key=row[3],
+        content_type=row[4],
+        inline=bool(row[5]),
+        blob_path=row[6],
+        size=row[7],
+        version_ms=row[8],
+        created_at_ms=row[9],
+    )
+
+
+class MetadataStore:
+    """Synchronous access to the metadata database (call from storage threads).
+
+    Attributes:
+        used_bytes: bytes of file-backed artifacts; changed only by committed
+            operations, read by the reactor for capacity decisions and gauges.
+    """
+
+    def __init__(self, path: str, data_dir: str) -> None:
+        self._path = path
+        self._data_dir = data_dir
+        self._local = threading.local()
+        self._writer: sqlite3.Connection | None = None
+        self.used_bytes = 0
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    def open(self) -> None:
+        """Open (creating if needed) the database and set its durability mode."""
+        writer = self._connect()
+        writer.execute("PRAGMA journal_mode = WAL")
+        # FULL: every commit fsyncs the WAL, so an acknowledged write survives
+        # power loss, not only a process kill.
+        writer.execute("PRAGMA synchronous = FULL")
+        writer.executescript(_SCHEMA)
+        writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._writer = writer
+        self.used_bytes = (
+            self._reader()
+            .execute("SELECT COALESCE(SUM(size), 0) FROM manifests WHERE inline = 0")
+            .fetchone()[0]
+        )
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    # -- reads ---------------------------------------------------------------------
+
+    def get_manifest(self, artifact_id: str) -> Manifest | None:
+        row = (
+            self._reader()
+            .execute(
+                f"SELECT {_MANIFEST_COLUMNS} FROM manifests WHERE artifact_id = ?", (artifact_id,)
+            )
+            .fetchone()
+        )
+        return None if row is None else _manifest(row)
+
+    def get_inline(self, artifact_id: str) -> bytes | None:
+        row = (
+            self._reader()
+            .execute("SELECT value FROM key_values WHERE artifact_id = ?", (artifact_id,))
+            .fetchone()
+        )
+        return None if row is None else bytes(row[0])
+
+    def tombstone_version(self, namespace_id: str) -> int | None:
+        row = (
+            self._reader()
+            .execute(
+                "SELECT version_ms FROM namespace_tombstones WHERE namespace_id = ?",
+                (namespace_id,),
+            )
+            .fetchone()
+        )
+        return None if row is None else int(row[0])
+
+    def blob_paths(self) -> set[str]:
+        rows = self._reader().execute("SELECT blob_path FROM manifests WHERE inline = 0")
+        return {row[0] for row in rows}
+
+    def manifests_page(self, after: str | None, limit: int) -> list[Manifest]:
+        rows = self._reader().execute(
+            f"SELECT {_MANIFEST_COLUMNS} FROM manifests WHERE artifact_id > ? "
+            "ORDER BY artifact_id LIMIT ?",
+            (after or "", limit),
+        )
+        return [_manifest(row) for row in rows]
+
+    def tombstones_page(self, after: str | None, limit: int) -> list[tuple[str, int]]:
+        """Tombstones in namespace order, strictly after the cursor ``after``."""
+        reader = self._reader()
+        if after is None:
+            rows = reader.execute(
+                "SELECT namespace_id, version_ms FROM namespace_tombstones "
+                "ORDER BY namespace_id LIMIT ?",
+                (limit,),
+            )
+        else:
+            rows = reader.execute(
+                "SELECT namespace_id, version_ms FROM namespace_tombstones "
+                "WHERE namespace_id > ? ORDER BY namespace_id LIMIT ?",
+                (after, limit),
+            )
+        return [(row[0], int(row[1])) for row in rows]
+
+    def outbox_depth(self) -> int:
+        return int(self._reader().execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def outbox_batch(self, after_seq: int, limit: int) -> list[OutboxMessage]:
+        rows = self._reader().execute(
+            "SELECT seq, target, operation FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        )
+        return [OutboxMessage(row[0], row[1], json.loads(row[2])) for row in rows]
+
+    def get_upload(self, upload_id: str) -> Upload | None:
+        reader = self._reader()
+        row = reader.execute(
+            "SELECT upload_id, tenant_id, namespace_id, category, hash, name, created_at_ms, "
+            "total_bytes FROM multipart_uploads WHERE upload_id = ?",
+            (upload_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        parts = dict(
+            reader.execute(
+                "SELECT part_number, size FROM multipart_parts WHERE upload_id = ?", (upload_id,)
+            ).fetchall()
+        )
+        return Upload(
+            upload_id=row[0],
+            tenant_id=row[1],
+            namespace_id=row[2],
+            category=row[3],
+            hash=row[4],
+            name=row[5],
+            created_at_ms=row[6],
+            total_bytes=row[7],
+            parts=parts,
+        )
+
+    def expired_uploads(self, older_than_ms: int) -> list[str]:
+        rows = self._reader().execute(
+            "SELECT upload_id FROM multipart_uploads WHERE created_at_ms < ?", (older_than_ms,)
+        )
+        return [row[0] for row in rows]
+
+    def live_parts(self) -> dict[str, set[int]]:
+        live: dict[str, set[int]] = {}
+        for upload_id, part_number in self._reader().execute(
+            "SELECT upload_id, part_number FROM multipart_uploads "
+            "LEFT JOIN multipart_parts USING (upload_id)"
+        ):
+            numbers = live.setdefault(upload_id, set())
+            if part_number is not None:
+                numbers.add(part_number)
+        return live
+
+    def staged_part_bytes(self) -> int:
+        return int(
+            self._reader()
+            .execute("SELECT COALESCE(SUM(size), 0) FROM multipart_parts")
+            .fetchone()[0]
+        )
+
+    # -- writes --------------------------------------------------------------------
+
+    def commit(
+        self, operations: Sequence[Callable[[sqlite3.Connection], T]]
+    ) -> list[T | Exception]:
+        """Run ``operations`` in one durable transaction, each in a savepoint.
+
+        Returns:
+            One entry per operation: its return value, or the exception it
+            raised (that operation's changes were rolled back; the others
+            were committed).
+
+        Raises:
+            sqlite3.Error: the transaction itself failed; nothing committed.
+        """
+        conn = self._writer
+        assert conn is not None, "MetadataStore.open() was not called"
+        used_before = self.used_bytes
+        results: list[T | Exception] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for operation in operations:
+                conn.execute("SAVEPOINT op")
+                used_at_savepoint = self.used_bytes
+                try:
+                    results.append(operation(conn))
+                except Exception as error:  # one bad operation must not sink the batch
+                    conn.execute("ROLLBACK TO op")
+                    self.used_bytes = used_at_savepoint
+                    results.append(error)
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+        except BaseException:
+            self.used_bytes = used_before
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return results
+
+    # Operations: each takes the writer connection and runs inside commit().
+
+    def apply_artifact(
+        self,
+        conn: sqlite3.Connection,
+        manifest: Manifest,
+        inline_value: bytes | None,
+        policy: WritePolicy,
+        targets: Iterable[str],
+        now_ms: int,
+    ) -> ApplyResult:
+        """Store ``manifest`` (and its inline body) unless something newer wins.
+
+        The new blob file, when there is one, is already durable in place;
+        when the write does not apply, it is returned for unlinking.
+        """
+        own_file = () if manifest.inline or manifest.blob_path is None else (manifest.blob_path,)
+        tombstone = conn.execute(
+            "SELECT version_ms FROM namespace_tombstones WHERE namespace_id = ?",
+            (manifest.namespace_id,),
+        ).fetchone()
+        if tombstone is not None and tombstone[0] >= manifest.version_ms:
+            return ApplyResult(Outcome.IGNORED_TOMBSTONE, own_file)
+        row = conn.execute(
+            "SELECT version_ms, inline, blob_path, size FROM manifests WHERE artifact_id = ?",
+            (manifest.artifact_id,),
+        ).fetchone()
+        replaced: tuple[str, ...] = ()
+        if row is not None:
+            version, inline, blob_path, size = row
+            intact = bool(inline) or os.path.exists(os.path.join(self._data_dir, blob_path))
+            if intact:
+                if policy is WritePolicy.WRITE_ONCE:
+                    return ApplyResult(Outcome.EXISTING, own_file)
+                if version > manifest.version_ms:
+                    return ApplyResult(Outcome.IGNORED_STALE, own_file)
+                if version == manifest.version_ms:
+                    return ApplyResult(Outcome.IGNORED_EQUAL, own_file)
+            if not inline:
+                replaced = (blob_path,)
+                self.used_bytes -= size
+        conn.execute(
+            "INSERT OR REPLACE INTO manifests (artifact_id, producer, namespace_id, key, "
+            "content_type, inline, blob_path, size, version_ms, created_at_ms, last_access_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                manifest.artifact_id,
+                manifest.producer,
+                manifest.namespace_id,
+                manifest.key,
+                manifest.content_type,
+                int(manifest.inline),
+                manifest.blob_path,
+                manifest.size,
+                manifest.version_ms,
+                manifest.created_at_ms,
+                now_ms,
+            ),
+        )
+        if manifest.inline:
+            assert inline_value is not None
+            conn.execute(
+                "INSERT OR REPLACE INTO key_values (artifact_id, value) VALUES (?, ?)",
+                (manifest.artifact_id, inline_value),
+            )
+        else:
+            conn.execute("DELETE FROM key_values WHERE artifact_id = ?", (manifest.artifact_id,))
+            self.used_bytes += manifest.size
+        operation = {
+            "type": "upsert_artifact",
+            "artifact_id": manifest.artifact_id,
+            "producer": manifest.producer,
+            "namespace_id": manifest.namespace_id,
+            "key": manifest.key,
+            "content_type": manifest.content_type,
+            "inline": manifest.inline,
+            "version_ms": manifest.version_ms,
+        }
+        _enqueue(conn, targets, operation, now_ms)
+        return ApplyResult(Outcome.APPLIED, replaced)
+
+    def delete_namespace(
+        self,
+        conn: sqlite3.Connection,
+        namespace_id: str,
+        version_ms: int,
+        targets: Iterable[str],
+        now_ms: int,
+    ) -> ApplyResult:
+        """Tombstone ``namespace_id`` at ``version_ms`` and drop what it covers.
+
+        Artifacts written after the tombstone's version survive; a tombstone
+        never moves backwards.
+        """
+        current = conn.execute(
+            "SELECT version_ms FROM namespace_tombstones WHERE namespace_id = ?", (namespace_id,)
+        ).fetchone()
+        if current is not None and current[0] >= version_ms:
+            return ApplyResult(Outcome.IGNORED_OLDER)
+        conn.execute(
+            "INSERT OR REPLACE INTO namespace_tombstones (namespace_id, version_ms) VALUES (?, ?)",
+            (namespace_id, version_ms),
+        )
+        doomed = conn.execute(
+            "SELECT artifact_id, inline, blob_path, size FROM manifests "
+            "WHERE namespace_id = ? AND version_ms <= ?",
+            (namespace_id, version_ms),
+        ).fetchall()
+        unlink = []
+        for artifact_id, inline, blob_path, size in doomed:
+            conn.execute("DELETE FROM manifests WHERE artifact_id = ?", (artifact_id,))
+            conn.execute("DELETE FROM key_values WHERE artifact_id = ?", (artifact_id,))
+            if not inline:
+                unlink.append(blob_path)
+                self.used_bytes -= size
+        operation = {
+            "type": "delete_namespace",
+            "namespace_id": namespace_id,
+            "version_ms": version_ms,
+        }
+        _enqueue(conn, targets, operation, now_ms)
+        return ApplyResult(Outcome.APPLIED, tuple(unlink))
+
+    def evict(
+        self, conn: sqlite3.Connection, capacity: int, incoming: int, keep: str
+    ) -> list[tuple[str, str, str, int]]:
+        """Drop least-recently-used blobs until ``incoming`` more bytes fit.
+
+        ``keep`` (the artifact being written) is never chosen. Eviction is
+        local: it writes no tombstone and no outbox message.
+
+        Returns:
+            ``(artifact_id, producer, blob_path, size)`` of every evicted artifact.
+        """
+        evicted: list[tuple[str, str, str, int]] = []
+        while self.used_bytes + incoming > capacity:
+            victims = conn.execute(
+                "SELECT artifact_id, producer, blob_path, size FROM manifests "
+                "WHERE inline = 0 AND artifact_id != ? ORDER BY last_access_ms LIMIT 64",
+                (keep,),
+            ).fetchall()
+            if not victims:
+                break
+            for artifact_id, producer, blob_path, size in victims:
+                conn.execute("DELETE FROM manifests WHERE artifact_id = ?", (artifact_id,))
+                self.used_bytes -= size
+                evicted.append((artifact_id, producer, blob_path, size))
+                if self.used_bytes + incoming <= capacity:
+                    break
+        return evicted
+
+    def drop_manifest(
+        self, conn: sqlite3.Connection, artifact_id: str, version_ms: int
+    ) -> Manifest | None:
+        """Forget one artifact version (its body turned out damaged or missing).
+
+        A newer version written meanwhile is left alone.
+        """
+        row = conn.execute(
+            f"SELECT {_MANIFEST_COLUMNS} FROM manifests WHERE artifact_id = ? AND version_ms = ?",
+            (artifact_id, version_ms),
+        ).fetchone()
+        if row is None:
+            return None
+        manifest = _manifest(row)
+        conn.execute("DELETE FROM manifests WHERE artifact_id = ?", (artifact_id,))
+        conn.execute("DELETE FROM key_values WHERE artifact_id = ?", (artifact_id,))
+        if not manifest.inline:
+            self.used_bytes -= manifest.size
+        return manifest
+
+    def record_access(self, conn: sqlite3.Connection, accessed: dict[str, int]) -> None:
+        conn.executemany(
+            "UPDATE manifests SET last_access_ms = MAX(last_access_ms, ?) WHERE artifact_id = ?",
+            [(when, artifact_id) for artifact_id, when in accessed.items()],
+        )
+
+    def create_upload(self, conn: sqlite3.Connection, upload: Upload) -> None:
+        conn.execute(
+            "INSERT INTO multipart_uploads (upload_id, tenant_id, namespace_id, category, hash, "
+            "name, created_at_ms, total_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+            (
+                upload.upload_id,
+                upload.tenant_id,
+                upload.namespace_id,
+                upload.category,
+                upload.hash,
+                upload.name,
+                upload.created_at_ms,
+            ),
+        )
+
+    def record_part(
+        self, conn: sqlite3.Connection, upload_id: str, part_number: int, size: int, limit: int
+    ) -> int | None:
+        """Record an acknowledged part; return the replaced part's size, if any.
+
+        Raises:
+            KeyError: the upload is unknown (expired or completed).
+            OverflowError: the upload's running total would exceed ``limit``.
+        """
+        row = conn.execute(
+            "SELECT total_bytes FROM multipart_uploads WHERE upload_id = ?", (upload_id,)
+        ).fetchone()
+        if row is None:
+            raise KeyError(upload_id)
+        previous = conn.execute(
+            "SELECT size FROM multipart_parts WHERE upload_id = ? AND part_number = ?",
+            (upload_id, part_number),
+        ).fetchone()
+        replaced = None if previous is None else int(previous[0])
+        total = row[0] - (replaced or 0) + size
+        if total > limit:
+            raise OverflowError(total)
+        conn.execute(
+            "INSERT OR REPLACE INTO multipart_parts (upload_id, part_number, size) "
+            "VALUES (?, ?, ?)",
+            (upload_id, part_number, size),
+        )
+        conn.execute(
+            "UPDATE multipart_uploads SET total_bytes = ? WHERE upload_id = ?", (total, upload_id)
+        )
+        return replaced
+
+    def forget_upload(self, conn: sqlite3.Connection, upload_id: str) -> bool:
+        conn.execute("DELETE FROM multipart_parts WHERE upload_id = ?", (upload_id,))
+        return (
+            conn.execute("DELETE FROM multipart_uploads WHERE upload_id = ?", (upload_id,)).rowcount
+            > 0
+        )
+
+    def delete_outbox(self, conn: sqlite3.Connection, seqs: Sequence[int]) -> int:
+        return conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs]).rowcount
+
+
+def _enqueue(
+    conn: sqlite3.Connection, targets: Iterable[str], operation: dict[str, Any], now_ms: int
+) -> None:
+    payload = json.dumps(operation, separators=(",", ":"), sort_keys=True)
+    conn.executemany(
+        "INSERT INTO outbox (target, operation, created_at_ms) VALUES (?, ?, ?)",
+        [(target, payload, now_ms) for target in targets],
+    )

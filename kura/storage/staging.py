@@ -1,0 +1,271 @@
+"""Receiving request bodies into staging files, off the reactor thread.
+
+A :class:`StagingFile` takes body chunks on the reactor thread, counts them
+against the route limit and the staging budget *as they arrive*, and writes
+them to ``<tmp>/uploads/<uuid>`` on a storage thread, one write in flight at a
+time. When more than :data:`HIGH_WATER` bytes wait in memory it asks its
+owner to pause the transport, so a fast client never balloons the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+from collections.abc import Callable
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
+
+from kura.errors import (
+    InsufficientStorage,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    StorageFault,
+    TmpBudgetExhausted,
+)
+from kura.failpoints import BEFORE_FSYNC, Failpoints
+from kura.storage.runner import BlockingRunner
+
+#: Buffered bytes that trigger a write to disk.
+FLUSH_AT = 256 * 1024
+#: Buffered bytes at which the producer (transport) is paused, and resumed below.
+HIGH_WATER = 4 * 1024 * 1024
+LOW_WATER = 1024 * 1024
+#: Unknown-length bodies reserve staging budget in steps of this size.
+RESERVATION_STEP = 1024 * 1024
+
+
+class TmpBudget:
+    """The ``KURA_TMP_DIR_MAX_BYTES`` ledger of staged bytes.
+
+    Reservations are made on the reactor thread before bytes are written, so
+    the staging directory can never outgrow the budget.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self, amount: int) -> None:
+        """Reserve ``amount`` bytes or raise :class:`TmpBudgetExhausted`."""
+        if self.used + amount > self.limit:
+            raise TmpBudgetExhausted(
+                "Temporary storage budget exhausted: "
+                f"{self.used} of {self.limit} bytes staged, {amount} more requested"
+            )
+        self.used += amount
+
+    def release(self, amount: int) -> None:
+        self.used = max(0, self.used - amount)
+
+
+def translate_os_error(error: OSError) -> Exception:
+    """Map a storage ``OSError`` to the domain error a client should see."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage("server has insufficient free disk space")
+    if error.errno in (errno.EMFILE, errno.ENFILE):
+        return ServiceUnavailable("server is at file descriptor capacity")
+    return StorageFault(f"storage I/O error: {error.strerror or error}")
+
+
+@attrs.frozen
+class StagedBody:
+    """A complete, durable (fsynced and closed) staged body."""
+
+    path: str
+    size: int
+    sha256: str | None
+    reserved: int
+
+
+class _Writer:
+    """The blocking half: owns the file descriptor, lives on storage threads."""
+
+    def __init__(self, path: str, hashed: bool) -> None:
+        self.path = path
+        self.fd: int | None = None
+        self.hasher = hashlib.sha256() if hashed else None
+
+    def append(self, chunk: bytes) -> None:
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        view = memoryview(chunk)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+        if self.hasher is not None:
+            self.hasher.update(chunk)
+
+    def seal(self, tail: bytes, failpoints: Failpoints) -> str | None:
+        """Write ``tail``, fsync and close; return the hex digest if hashing."""
+        self.append(tail)
+        assert self.fd is not None
+        try:
+            failpoints.hit(BEFORE_FSYNC)
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+        return None if self.hasher is None else self.hasher.hexdigest()
+
+    def discard(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class StagingFile:
+    """A request body on its way into staging.
+
+    Args:
+        path: where to stage (a fresh name under ``<tmp>/uploads``).
+        runner: where blocking writes run.
+        budget: the staging ledger to reserve against.
+        limit: the route's maximum body size; more is :class:`PayloadTooLarge`.
+        expected_length: the declared length, if any; reserved up front so an
+            over-budget upload is refused before its first byte.
+        hashed: compute the SHA-256 of the body while writing.
+        on_pressure: called with ``True`` to ask the body's producer to pause
+            and ``False`` to resume.
+
+    Raises:
+        PayloadTooLarge: ``expected_length`` exceeds ``limit``.
+        TmpBudgetExhausted: the reservation does not fit the budget.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        runner: BlockingRunner,
+        budget: TmpBudget,
+        failpoints: Failpoints,
+        limit: int,
+        expected_length: int | None = None,
+        hashed: bool = False,
+        on_pressure: Callable[[bool], None] | None = None,
+    ) -> None:
+        if expected_length is not None and expected_length > limit:
+            raise PayloadTooLarge("Request body exceeded allowed size")
+        self._runner = runner
+        self._budget = budget
+        self._failpoints = failpoints
+        self._limit = limit
+        self._expected = expected_length
+        self._writer = _Writer(path, hashed)
+        self._on_pressure = on_pressure
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._paused = False
+        self._inflight: Deferred[None] | None = None
+        self._error: Failure | None = None
+        self._closed = False
+        self.received = 0
+        self.reserved = 0
+        self._reserve(expected_length if expected_length is not None else 0)
+
+    @property
+    def path(self) -> str:
+        return self._writer.path
+
+    def _reserve(self, amount: int) -> None:
+        if amount:
+            self._budget.reserve(amount)
+            self.reserved += amount
+
+    def write(self, data: bytes) -> None:
+        """Accept the next body chunk (reactor thread).
+
+        Raises:
+            PayloadTooLarge: the body grew past the route limit (or past its
+                declared length).
+            TmpBudgetExhausted: an unknown-length body outgrew the budget.
+            Exception: an earlier background write failed.
+        """
+        if self._error is not None:
+            self._error.raiseException()
+        self.received += len(data)
+        if self.received > self._limit:
+            raise PayloadTooLarge("Request body exceeded allowed size")
+        while self.received > self.reserved:
+            self._reserve(RESERVATION_STEP)
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._buffered >= FLUSH_AT:
+            self._flush()
+        if self._buffered > HIGH_WATER and not self._paused:
+            self._set_pressure(True)
+
+    def _set_pressure(self, paused: bool) -> None:
+        self._paused = paused
+        if self._on_pressure is not None:
+            self._on_pressure(paused)
+
+    def _take(self) -> bytes:
+        chunk = b"".join(self._buffer)
+        self._buffer.clear()
+        self._buffered = 0
+        return chunk
+
+    def _flush(self) -> None:
+        if self._inflight is not None or not self._buffered:
+            return
+        chunk = self._take()
+        self._inflight = self._runner.run(self._writer.append, chunk)
+        self._inflight.addCallbacks(self._flushed, self._flush_failed)
+
+    def _flushed(self, _: None) -> None:
+        self._inflight = None
+        if self._paused and self._buffered < LOW_WATER:
+            self._set_pressure(False)
+        if self._buffered >= FLUSH_AT:
+            self._flush()
+
+    def _flush_failed(self, failure: Failure) -> None:
+        self._inflight = None
+        self._error = _translate(failure)
+        if self._paused:
+            self._set_pressure(False)
+
+    async def finish(self) -> StagedBody:
+        """Make the complete body durable and return it.
+
+        The caller owns the returned file and its reservation from here on.
+        """
+        while self._inflight is not None:
+            await self._inflight
+        if self._error is not None:
+            self._error.raiseException()
+        try:
+            digest = await self._runner.run(self._writer.seal, self._take(), self._failpoints)
+        except OSError as error:
+            raise translate_os_error(error) from error
+        self._closed = True
+        return StagedBody(self.path, self.received, digest, self.reserved)
+
+    def abort(self) -> Deferred[None]:
+        """Throw the body away: remove the file and release the reservation."""
+        if self._closed:
+            return succeed(None)
+        self._closed = True
+        self._buffer.clear()
+        self._buffered = 0
+        pending = self._inflight if self._inflight is not None else succeed(None)
+
+        def discard(_: object) -> Deferred[None]:
+            self._budget.release(self.reserved)
+            self.reserved = 0
+            return self._runner.run(self._writer.discard)
+
+        return pending.addBoth(discard)
+
+
+def _translate(failure: Failure) -> Failure:
+    if isinstance(failure.value, OSError):
+        return Failure(translate_os_error(failure.value))
+    return failure

@@ -1,0 +1,648 @@
+"""The artifact store: durable publish, reads, capacity, multipart, outbox.
+
+Publishing a file-backed artifact follows one order, and a crash at any
+point leaves either nothing or the whole artifact:
+
+1. the body is streamed into a staging file and fsynced (:mod:`.staging`);
+2. it is renamed into ``blobs/`` under a fresh name derived from the id,
+   and the directory is fsynced;
+3. one metadata transaction records the manifest, evicts what capacity
+   demands and queues one outbox row per replication target (group
+   commit: concurrent publishes share one WAL fsync);
+4. only then does the caller acknowledge.
+
+A file renamed in step 2 whose transaction never committed is an orphan;
+start-up removes orphans and the whole upload staging area.
+
+All methods run on the reactor thread and return Deferreds or coroutines;
+blocking work goes through the injected runner.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import shutil
+import sqlite3
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from kura.artifacts import ArtifactAddress, Manifest
+from kura.errors import InsufficientStorage, KuraError, StorageFault
+from kura.failpoints import (
+    AFTER_BYTES_DURABLE_BEFORE_METADATA,
+    AFTER_METADATA_COMMIT_BEFORE_ACK,
+    Failpoints,
+)
+from kura.storage.layout import Layout, fsync_directory
+from kura.storage.metadata import (
+    ApplyResult,
+    MetadataStore,
+    OutboxMessage,
+    Outcome,
+    Upload,
+    WritePolicy,
+)
+from kura.storage.runner import BlockingRunner
+from kura.storage.staging import StagedBody, StagingFile, TmpBudget, translate_os_error
+
+T = TypeVar("T")
+
+log = Logger(namespace="kura.storage")
+
+#: Event formats (kept as constants so operators can grep and tests can match).
+ORPHANS_REMOVED = "removed {count} orphaned blob files at start-up"
+EVICTED = "evicted {count} artifacts ({bytes} bytes) to make room"
+DAMAGED = "artifact {artifact_id} is damaged ({reason}); forgotten"
+
+#: Approximate per-entry overhead of a cached manifest (object + dict slot).
+_CACHE_ENTRY_OVERHEAD = 400
+
+
+@attrs.frozen
+class PublishResult:
+    """What a write did: its outcome and the manifest that is now current."""
+
+    outcome: Outcome
+    manifest: Manifest
+
+
+class ManifestCache:
+    """A byte-bounded LRU of manifests in front of SQLite (reactor thread only)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._entries: collections.OrderedDict[str, Manifest] = collections.OrderedDict()
+        self._bytes = 0
+
+    @staticmethod
+    def _cost(manifest: Manifest) -> int:
+        return _CACHE_ENTRY_OVERHEAD + len(manifest.key) + len(manifest.namespace_id)
+
+    def get(self, artifact_id: str) -> Manifest | None:
+        manifest = self._entries.get(artifact_id)
+        if manifest is not None:
+            self._entries.move_to_end(artifact_id)
+        return manifest
+
+    def put(self, manifest: Manifest) -> None:
+        self.discard(manifest.artifact_id)
+        self._entries[manifest.artifact_id] = manifest
+        self._bytes += self._cost(manifest)
+        while self._bytes > self._max_bytes and self._entries:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= self._cost(evicted)
+
+    def discard(self, artifact_id: str) -> None:
+        manifest = self._entries.pop(artifact_id, None)
+        if manifest is not None:
+            self._bytes -= self._cost(manifest)
+
+    def discard_namespace(self, namespace_id: str) -> None:
+        for artifact_id in [
+            key for key, m in self._entries.items() if m.namespace_id == namespace_id
+        ]:
+            self.discard(artifact_id)
+
+
+@attrs.define
+class _Pending:
+    operation: Callable[[sqlite3.Connection], Any]
+    done: Deferred[Any]
+
+
+class ArtifactStore:
+    """Durable storage for one node (see the module docstring for the contract).
+
+    Args:
+        layout: the data and staging directories.
+        runner: where blocking disk work runs.
+        clock: time source for versions and access times.
+        node_tenant: the node's tenant, part of every artifact id.
+        capacity_bytes: budget for file-backed artifacts; LRU eviction keeps
+            the store under it.
+        tmp_budget: the staging ledger.
+        manifest_cache_bytes: memory for the manifest cache.
+        failpoints: crash points for consistency tests.
+        replication_targets: returns the peers a write must reach, read at
+            write time (one outbox row each).
+    """
+
+    def __init__(
+        self,
+        *,
+        layout: Layout,
+        runner: BlockingRunner,
+        clock: IReactorTime,
+        node_tenant: str,
+        capacity_bytes: int,
+        tmp_budget: TmpBudget,
+        manifest_cache_bytes: int = 32 * 1024 * 1024,
+        failpoints: Failpoints | None = None,
+        replication_targets: Callable[[], Sequence[str]] = tuple,
+    ) -> None:
+        self.layout = layout
+        self.node_tenant = node_tenant
+        self.capacity_bytes = capacity_bytes
+        self.tmp_budget = tmp_budget
+        self.metadata = MetadataStore(layout.database, layout.data_dir)
+        self.replication_targets = replication_targets
+        self.outbox_depth = 0
+        self.on_evicted: Callable[[str, int], None] = lambda producer, size: None
+        self.on_committed: Callable[[], None] = lambda: None
+        self._runner = runner
+        self._clock = clock
+        self._failpoints = failpoints or Failpoints()
+        self._cache = ManifestCache(manifest_cache_bytes)
+        self._queue: list[_Pending] = []
+        self._committing = False
+        self._write_epoch = 0
+        self._last_version = 0
+        self._accessed: dict[str, int] = {}
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the metadata store, wipe staging and remove orphans."""
+        orphans = await self._runner.run(self._open_and_sweep)
+        if orphans:
+            log.info(ORPHANS_REMOVED, count=orphans)
+        self.tmp_budget.used = await self._runner.run(self.metadata.staged_part_bytes)
+        self.outbox_depth = await self._runner.run(self.metadata.outbox_depth)
+
+    def _open_and_sweep(self) -> int:
+        self.layout.prepare()
+        self.metadata.open()
+        known = self.metadata.blob_paths()
+        orphans = 0
+        for shard in os.listdir(self.layout.blobs):
+            shard_dir = os.path.join(self.layout.blobs, shard)
+            for name in os.listdir(shard_dir):
+                relative = os.path.join("blobs", shard, name)
+                if relative not in known:
+                    os.unlink(os.path.join(shard_dir, name))
+                    orphans += 1
+        live = self.metadata.live_parts()
+        for upload_id in os.listdir(self.layout.parts):
+            upload_dir = os.path.join(self.layout.parts, upload_id)
+            if upload_id not in live:
+                shutil.rmtree(upload_dir, ignore_errors=True)
+                continue
+            for name in os.listdir(upload_dir):
+                number = name.removesuffix(".part")
+                if not number.isdigit() or int(number) not in live[upload_id]:
+                    os.unlink(os.path.join(upload_dir, name))
+        return orphans
+
+    async def stop(self) -> None:
+        """Flush recorded access times and close the database."""
+        if self._accessed:
+            await self._commit(self._access_operation())
+        await self._runner.run(self.metadata.close)
+
+    # -- versions and identity -----------------------------------------------------
+
+    def now_ms(self) -> int:
+        return int(self._clock.seconds() * 1000)
+
+    def next_version(self) -> int:
+        """A version for a client write: wall-clock ms, strictly increasing."""
+        self._last_version = max(self.now_ms(), self._last_version + 1)
+        return self._last_version
+
+    def artifact_id(self, address: ArtifactAddress) -> str:
+        return address.artifact_id(self.node_tenant)
+
+    # -- group commit --------------------------------------------------------------
+
+    def _commit(self, operation: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
+        """Queue ``operation`` for the next metadata transaction."""
+        done: Deferred[T] = Deferred()
+        self._queue.append(_Pending(operation, done))
+        self._pump()
+        return done
+
+    def _access_operation(self) -> Callable[[sqlite3.Connection], None]:
+        accessed, self._accessed = self._accessed, {}
+        return lambda conn: self.metadata.record_access(conn, accessed)
+
+    def _pump(self) -> None:
+        if self._committing or not self._queue:
+            return
+        batch, self._queue = self._queue, []
+        operations = [pending.operation for pending in batch]
+        if self._accessed:
+            operations.append(self._access_operation())
+        self._committing = True
+        self._write_epoch += 1
+        d = self._runner.run(self.metadata.commit, operations)
+
+        def committed(results: list[Any]) -> None:
+            self._committing = False
+            self._write_epoch += 1
+            for pending, result in zip(batch, results, strict=False):
+                if isinstance(result, Exception):
+                    pending.done.errback(_as_domain_error(result))
+                else:
+                    pending.done.callback(result)
+            self.on_committed()
+            self._pump()
+
+        def failed(failure: Any) -> None:
+            self._committing = False
+            self._write_epoch += 1
+            for pending in batch:
+                pending.done.errback(_as_domain_error(failure.value))
+            self._pump()
+
+        d.addCallbacks(committed, failed)
+
+    # -- reads ------------------------------------------------------------------
+
+    def cached_manifest(self, artifact_id: str) -> Manifest | None:
+        """The manifest if it is in memory; ``None`` means *unknown*, not absent."""
+        return self._cache.get(artifact_id)
+
+    async def manifest(self, artifact_id: str) -> Manifest | None:
+        """The current manifest of ``artifact_id``, or ``None`` when not stored."""
+        cached = self._cache.get(artifact_id)
+        if cached is not None:
+            return cached
+        epoch = self._write_epoch
+        try:
+            found = await self._runner.run(self.metadata.get_manifest, artifact_id)
+        except sqlite3.Error as error:
+            raise StorageFault(f"metadata read failed: {error}") from error
+        # A write that committed while we read may have made our answer stale.
+        if found is not None and epoch == self._write_epoch and not self._committing:
+            self._cache.put(found)
+        return found
+
+    async def read_inline(self, manifest: Manifest) -> bytes | None:
+        try:
+            return await self._runner.run(self.metadata.get_inline, manifest.artifact_id)
+        except sqlite3.Error as error:
+            raise StorageFault(f"metadata read failed: {error}") from error
+
+    def open_body(self, manifest: Manifest) -> int:
+        """Open a file-backed artifact for reading; the caller closes the fd.
+
+        Opening is one metadata syscall and is done on the caller's thread;
+        the body itself is moved by sendfile/splice or a reader thread.
+
+        Raises:
+            OSError: the file is missing or cannot be opened.
+        """
+        assert manifest.blob_path is not None
+        return os.open(self.layout.absolute(manifest.blob_path), os.O_RDONLY | os.O_CLOEXEC)
+
+    def record_access(self, artifact_id: str) -> None:
+        """Note a read for the LRU order (persisted with the next commit)."""
+        self._accessed[artifact_id] = self.now_ms()
+
+    async def forget_damaged(self, manifest: Manifest, reason: str) -> None:
+        """Drop an artifact whose body is missing or shorter than its manifest."""
+        log.warn(DAMAGED, artifact_id=manifest.artifact_id, reason=reason)
+        self._cache.discard(manifest.artifact_id)
+
+        dropped = await self._commit(
+            lambda conn: self.metadata.drop_manifest(
+                conn, manifest.artifact_id, manifest.version_ms
+            )
+        )
+        if dropped is not None and dropped.blob_path:
+            await self._unlink([dropped.blob_path])
+
+    # -- writes -----------------------------------------------------------------
+
+    def stage(
+        self,
+        *,
+        limit: int,
+        expected_length: int | None = None,
+        hashed: bool = False,
+        on_pressure: Callable[[bool], None] | None = None,
+    ) -> StagingFile:
+        """Start receiving a body into staging (see :class:`StagingFile`)."""
+        return StagingFile(
+            path=self.layout.new_upload_path(),
+            runner=self._runner,
+            budget=self.tmp_budget,
+            failpoints=self._failpoints,
+            limit=limit,
+            expected_length=expected_length,
+            hashed=hashed,
+            on_pressure=on_pressure,
+        )
+
+    async def discard(self, staged: StagedBody) -> None:
+        """Throw away a finished staged body that will not be published."""
+        self.tmp_budget.release(staged.reserved)
+        await self._runner.run(_unlink_quietly, staged.path)
+
+    async def publish_blob(
+        self,
+        address: ArtifactAddress,
+        staged: StagedBody,
+        *,
+        content_type: str,
+        policy: WritePolicy,
+        version_ms: int | None = None,
+    ) -> PublishResult:
+        """Publish a durable staged body as the artifact at ``address``.
+
+        The staged file is consumed whatever happens, and its budget
+        reservation released.
+
+        Raises:
+            InsufficientStorage: the artifact alone exceeds the capacity, or
+                the disk is full.
+            StorageFault: an I/O or metadata failure; nothing was published.
+        """
+        artifact_id = self.artifact_id(address)
+        try:
+            if staged.size > self.capacity_bytes:
+                raise InsufficientStorage(
+                    f"artifact of {staged.size} bytes exceeds the cache capacity"
+                )
+            relative = self.layout.new_blob_path(artifact_id)
+            try:
+                await self._runner.run(self._place, staged.path, relative)
+            except OSError as error:
+                raise translate_os_error(error) from error
+        except BaseException:
+            await self.discard(staged)
+            raise
+        self.tmp_budget.release(staged.reserved)
+        now = self.now_ms()
+        manifest = Manifest(
+            artifact_id=artifact_id,
+            producer=address.producer.value,
+            namespace_id=address.namespace,
+            key=address.key,
+            content_type=content_type,
+            inline=False,
+            blob_path=relative,
+            size=staged.size,
+            version_ms=version_ms if version_ms is not None else self.next_version(),
+            created_at_ms=now,
+        )
+        return await self._apply(manifest, None, policy)
+
+    def _place(self, staged_path: str, relative: str) -> None:
+        """Move a durable staged file into ``blobs/`` and make the rename durable."""
+        target = self.layout.absolute(relative)
+        directory = os.path.dirname(target)
+        os.makedirs(directory, exist_ok=True)
+        try:
+            os.rename(staged_path, target)
+        except OSError as error:
+            if error.errno != 18:  # EXDEV: staging lives on another filesystem
+                raise
+            _copy_durably(staged_path, target)
+            os.unlink(staged_path)
+        fsync_directory(directory)
+        self._failpoints.hit(AFTER_BYTES_DURABLE_BEFORE_METADATA)
+
+    async def put_inline(
+        self,
+        address: ArtifactAddress,
+        value: bytes,
+        *,
+        content_type: str,
+        policy: WritePolicy,
+        version_ms: int | None = None,
+    ) -> PublishResult:
+        """Store a small body inline in the metadata store (key-value entries)."""
+        manifest = Manifest(
+            artifact_id=self.artifact_id(address),
+            producer=address.producer.value,
+            namespace_id=address.namespace,
+            key=address.key,
+            content_type=content_type,
+            inline=True,
+            blob_path=None,
+            size=len(value),
+            version_ms=version_ms if version_ms is not None else self.next_version(),
+            created_at_ms=self.now_ms(),
+        )
+        return await self._apply(manifest, value, policy)
+
+    async def _apply(
+        self, manifest: Manifest, inline_value: bytes | None, policy: WritePolicy
+    ) -> PublishResult:
+        targets = tuple(self.replication_targets())
+        now = self.now_ms()
+        capacity = self.capacity_bytes
+
+        def operation(conn: sqlite3.Connection) -> tuple[ApplyResult, list[Any]]:
+            evicted: list[Any] = []
+            if not manifest.inline:
+                evicted = self.metadata.evict(
+                    conn, capacity, manifest.size, keep=manifest.artifact_id
+                )
+            result = self.metadata.apply_artifact(
+                conn, manifest, inline_value, policy, targets, now
+            )
+            return result, evicted
+
+        try:
+            result, evicted = await self._commit(operation)
+        except BaseException:
+            if manifest.blob_path is not None:
+                await self._unlink([manifest.blob_path])
+            raise
+        self._failpoints.hit(AFTER_METADATA_COMMIT_BEFORE_ACK)
+        garbage = list(result.unlink)
+        for artifact_id, producer, blob_path, size in evicted:
+            self._cache.discard(artifact_id)
+            garbage.append(blob_path)
+            self.on_evicted(producer, size)
+        if evicted:
+            log.info(EVICTED, count=len(evicted), bytes=sum(e[3] for e in evicted))
+        if result.outcome is Outcome.APPLIED:
+            self._cache.put(manifest)
+            self.outbox_depth += len(targets)
+            current = manifest
+        else:
+            current = self._cache.get(manifest.artifact_id) or manifest
+        if garbage:
+            await self._unlink(garbage)
+        return PublishResult(result.outcome, current)
+
+    async def delete_namespace(self, namespace_id: str, version_ms: int | None = None) -> Outcome:
+        """Tombstone a namespace: every artifact in it older than the version goes."""
+        version = version_ms if version_ms is not None else self.next_version()
+        targets = tuple(self.replication_targets())
+        now = self.now_ms()
+        result = await self._commit(
+            lambda conn: self.metadata.delete_namespace(conn, namespace_id, version, targets, now)
+        )
+        self._cache.discard_namespace(namespace_id)
+        if result.outcome is Outcome.APPLIED:
+            self.outbox_depth += len(targets)
+        if result.unlink:
+            await self._unlink(result.unlink)
+        return result.outcome
+
+    async def _unlink(self, relative_paths: Sequence[str]) -> None:
+        paths = [self.layout.absolute(p) for p in relative_paths]
+        await self._runner.run(_unlink_all, paths)
+
+    # -- multipart -------------------------------------------------------------
+
+    async def start_upload(
+        self, *, tenant_id: str, namespace_id: str, category: str, hash: str, name: str
+    ) -> str:
+        upload = Upload(
+            upload_id=uuid.uuid4().hex,
+            tenant_id=tenant_id,
+            namespace_id=namespace_id,
+            category=category,
+            hash=hash,
+            name=name,
+            created_at_ms=self.now_ms(),
+            total_bytes=0,
+            parts={},
+        )
+        await self._commit(lambda conn: self.metadata.create_upload(conn, upload))
+        return upload.upload_id
+
+    async def upload(self, upload_id: str) -> Upload | None:
+        return await self._runner.run(self.metadata.get_upload, upload_id)
+
+    async def put_part(
+        self, upload_id: str, part_number: int, staged: StagedBody, total_limit: int
+    ) -> None:
+        """Keep a durable part of a multipart upload.
+
+        The part stays in the staging budget until the upload completes or
+        expires.
+
+        Raises:
+            KeyError: unknown upload.
+            OverflowError: the upload would exceed ``total_limit`` bytes.
+        """
+        target = self.layout.part_path(upload_id, part_number)
+        try:
+            await self._runner.run(_place_part, staged.path, target)
+            replaced = await self._commit(
+                lambda conn: self.metadata.record_part(
+                    conn, upload_id, part_number, staged.size, total_limit
+                )
+            )
+        except BaseException:
+            await self.discard(staged)
+            raise
+        # The part keeps its bytes reserved; a replaced part gives its share back.
+        self.tmp_budget.release(staged.reserved - staged.size)
+        if replaced is not None:
+            self.tmp_budget.release(replaced)
+
+    async def complete_upload(
+        self, upload: Upload, parts: Sequence[int], address: ArtifactAddress, content_type: str
+    ) -> PublishResult:
+        """Assemble the listed parts, in order, into one artifact and publish it."""
+        staging = self.layout.new_upload_path()
+        sources = [self.layout.part_path(upload.upload_id, n) for n in parts]
+        size = sum(upload.parts[n] for n in parts)
+        try:
+            await self._runner.run(_assemble, sources, staging)
+        except OSError as error:
+            await self._runner.run(_unlink_quietly, staging)
+            raise translate_os_error(error) from error
+        result = await self.publish_blob(
+            address,
+            StagedBody(staging, size, None, 0),
+            content_type=content_type,
+            policy=WritePolicy.WRITE_ONCE,
+        )
+        await self.abandon_upload(upload)
+        return result
+
+    async def abandon_upload(self, upload: Upload) -> None:
+        """Forget an upload and delete its parts (completion or expiry)."""
+        await self._commit(lambda conn: self.metadata.forget_upload(conn, upload.upload_id))
+        self.tmp_budget.release(sum(upload.parts.values()))
+        await self._runner.run(
+            shutil.rmtree, os.path.join(self.layout.parts, upload.upload_id), True
+        )
+
+    async def expire_uploads(self, ttl_ms: int) -> int:
+        """Abandon uploads older than ``ttl_ms``; return how many."""
+        expired = await self._runner.run(self.metadata.expired_uploads, self.now_ms() - ttl_ms)
+        for upload_id in expired:
+            upload = await self.upload(upload_id)
+            if upload is not None:
+                await self.abandon_upload(upload)
+        return len(expired)
+
+    # -- outbox -------------------------------------------------------------------
+
+    async def outbox_batch(self, after_seq: int, limit: int) -> list[OutboxMessage]:
+        return await self._runner.run(self.metadata.outbox_batch, after_seq, limit)
+
+    async def outbox_delete(self, seqs: Sequence[int]) -> None:
+        deleted = await self._commit(lambda conn: self.metadata.delete_outbox(conn, seqs))
+        self.outbox_depth = max(0, self.outbox_depth - deleted)
+
+
+def _as_domain_error(error: BaseException) -> BaseException:
+    if isinstance(error, KuraError):
+        return error
+    if isinstance(error, OSError):
+        return translate_os_error(error)
+    if isinstance(error, sqlite3.Error):
+        return StorageFault(f"metadata commit failed: {error}")
+    return error
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _unlink_all(paths: Sequence[str]) -> None:
+    for path in paths:
+        _unlink_quietly(path)
+
+
+def _copy_durably(source: str, target: str) -> None:
+    with open(source, "rb") as src, open(target, "xb") as dst:
+        shutil.copyfileobj(src, dst, 1024 * 1024)
+        dst.flush()
+        os.fsync(dst.fileno())
+
+
+def _place_part(staged_path: str, target: str) -> None:
+    directory = os.path.dirname(target)
+    os.makedirs(directory, exist_ok=True)
+    os.replace(staged_path, target)
+    fsync_directory(directory)
+
+
+def _assemble(sources: Sequence[str], target: str) -> None:
+    """Concatenate ``sources`` into ``target`` in the kernel, then fsync it."""
+    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        for source in sources:
+            src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                remaining = os.fstat(src).st_size
+                while remaining:
+                    copied = os.copy_file_range(src, out, remaining)
+                    if copied == 0:
+                        raise OSError(5, f"part {source} ended early")
+                    remaining -= copied
+            finally:
+                os.close(src)
+        os.fsync(out)
+    finally:
+        os.close(out)

@@ -1,0 +1,80 @@
+"""``twistd kura``: options, and the service for twistd to run.
+
+Options override the environment: each one is written over the matching
+``KURA_*`` variable before the configuration is parsed, so there is exactly
+one parser and one set of rules.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.logger import ILogObserver
+from twisted.python import usage
+from twisted.python.components import Componentized
+
+from kura.config import ConfigError, KuraConfig
+from kura.logs import observer_for
+from kura.service import KuraNode
+
+#: Option name → the variable it overrides.
+OVERRIDES = {
+    "port": "KURA_PORT",
+    "internal-port": "KURA_INTERNAL_PORT",
+    "data-dir": "KURA_DATA_DIR",
+    "tmp-dir": "KURA_TMP_DIR",
+    "tenant-id": "KURA_TENANT_ID",
+}
+
+
+class Options(usage.Options):
+    """Command-line options of ``twistd kura`` (see docs/configuration.md)."""
+
+    optParameters = [
+        ["port", None, None, "Public HTTP port (KURA_PORT)."],
+        ["internal-port", None, None, "Peer plane port (KURA_INTERNAL_PORT)."],
+        ["data-dir", "d", None, "Data directory (KURA_DATA_DIR)."],
+        ["tmp-dir", None, None, "Staging directory (KURA_TMP_DIR)."],
+        ["tenant-id", None, None, "The tenant this node serves (KURA_TENANT_ID)."],
+    ]
+
+
+def environment_with(options: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` with every given option written over its variable."""
+    merged = dict(environ)
+    for option, variable in OVERRIDES.items():
+        value = options.get(option)
+        if value is not None:
+            merged[variable] = str(value)
+    return merged
+
+
+class TwistdNode(KuraNode):
+    """A node run by twistd: it installs kura's log observer on the application."""
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd asks the application for an ILogObserver before it starts
+        # logging; this is the one hook a plugin has to choose the format.
+        if isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, observer_for(self.config.log_format))
+        super().setServiceParent(parent)
+
+
+def makeService(options: Mapping[str, Any]) -> IService:
+    """Build the node from the environment and ``options``.
+
+    Exits with a message naming every bad variable when the configuration
+    is invalid.
+    """
+    # Imported here: importing the reactor installs it, and twistd picks
+    # the reactor before it imports plugins' makeService.
+    from twisted.internet import reactor  # noqa: PLC0415
+
+    try:
+        config = KuraConfig.from_environ(environment_with(options, os.environ))
+    except ConfigError as error:
+        raise SystemExit(f"kura: invalid configuration: {error}") from None
+    return TwistdNode(config, reactor)

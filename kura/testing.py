@@ -1,0 +1,195 @@
+"""Helpers for kura's tests: deterministic nodes and raw HTTP exchanges.
+
+:func:`memory_node` builds a complete node on an in-memory reactor with
+storage work run inline, so a request fed to :class:`Exchange` is answered
+synchronously and every test is deterministic. The node still uses real
+SQLite, real files and the real twisted.web channel, request and Klein app.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import attrs
+from prometheus_client import CollectorRegistry
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from kura.config import KuraConfig
+from kura.service import KuraNode
+from kura.storage.runner import ImmediateRunner
+
+T = TypeVar("T")
+
+
+def succeeded(d: Deferred[T]) -> T:
+    """The result of an already-fired Deferred (fails the test otherwise)."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]  # type: ignore[no-any-return]
+
+
+def failed(d: Deferred[Any]) -> BaseException:
+    """The exception of an already-failed Deferred."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "Deferred has not fired"
+    assert isinstance(results[0], Failure), f"Deferred succeeded with {results[0]!r}"
+    error = results[0].value
+    assert isinstance(error, BaseException)
+    return error
+
+
+def test_config(data_dir: str, **environ: str) -> KuraConfig:
+    """A configuration rooted at ``data_dir`` with ``environ`` overrides."""
+    base = {
+        "KURA_DATA_DIR": data_dir,
+        "KURA_PORT": "0",
+        "KURA_INTERNAL_PORT": "0",
+        "KURA_NODE_URL": "http://127.0.0.1:0",
+        "KURA_CAS_CAPACITY_BYTES": str(1 << 30),
+        "KURA_LOG_FORMAT": "text",
+    }
+    base.update(environ)
+    return KuraConfig.from_environ(base, measure_filesystem=lambda path: 1 << 40)
+
+
+def memory_node(data_dir: str, **environ: str) -> KuraNode:
+    """A started node on a :class:`MemoryReactorClock`, storage run inline."""
+    os.makedirs(data_dir, exist_ok=True)
+    reactor = MemoryReactorClock()
+    node = KuraNode(
+        test_config(data_dir, **environ),
+        reactor,
+        registry=CollectorRegistry(),
+        runner=ImmediateRunner(),
+    )
+    node.startService()
+    succeeded(node.started)
+    return node
+
+
+@attrs.frozen
+class Response:
+    """A parsed HTTP response."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def parse_responses(data: bytes, head_methods: list[bool]) -> tuple[list[Response], bytes]:
+    """Parse complete HTTP/1.1 responses from ``data``; return them and the rest.
+
+    ``head_methods`` says, per expected response in order, whether it answers
+    a HEAD (which carries no body); it is consumed as responses are parsed.
+    Interim (1xx) responses are skipped.
+    """
+    found: list[Response] = []
+    while True:
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return found, data
+        lines = data[:end].decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        rest = data[end + 4 :]
+        if 100 <= status < 200:
+            data = rest
+            continue
+        is_head = head_methods[0] if head_methods else False
+        if is_head or status in (204, 304):
+            body, after = b"", rest
+        elif "content-length" in headers:
+            length = int(headers["content-length"])
+            if len(rest) < length:
+                return found, data
+            body, after = rest[:length], rest[length:]
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            body, after_or_none = _dechunk(rest)
+            if after_or_none is None:
+                return found, data
+            after = after_or_none
+        else:
+            body, after = rest, b""
+        if head_methods:
+            head_methods.pop(0)
+        found.append(Response(status, headers, body))
+        data = after
+
+
+def _dechunk(data: bytes) -> tuple[bytes, bytes | None]:
+    body = b""
+    while True:
+        end = data.find(b"\r\n")
+        if end < 0:
+            return body, None
+        size = int(data[:end].split(b";")[0], 16)
+        if len(data) < end + 2 + size + 2:
+            return body, None
+        body += data[end + 2 : end + 2 + size]
+        data = data[end + 2 + size + 2 :]
+        if size == 0:
+            return body, data
+
+
+class Exchange:
+    """One client connection to a node's public channel, bytes in, responses out."""
+
+    def __init__(self, node: KuraNode) -> None:
+        self.node = node
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
+        self.channel = node.site.make_channel()
+        self.channel.makeConnection(self.transport)
+        self._pending = b""
+        self._heads: list[bool] = []
+
+    def send(self, data: bytes, *, heads: list[bool] | None = None) -> None:
+        """Feed raw bytes; ``heads`` flags which expected responses answer HEADs."""
+        self._heads.extend(heads or [])
+        self.channel.dataReceived(data)
+
+    def responses(self) -> list[Response]:
+        """Everything the server completed so far (interim responses skipped)."""
+        self._pending += self.transport.value()
+        self.transport.clear()
+        found, self._pending = parse_responses(self._pending, self._heads)
+        return found
+
+    @property
+    def closed(self) -> bool:
+        """Whether the server closed (or is closing) the connection."""
+        return bool(self.transport.disconnecting or self.transport.disconnected)
+
+    def request(
+        self,
+        method: str,
+        target: str,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
+        """Send one request with a Content-Length body and return its response."""
+        lines = [f"{method} {target} HTTP/1.1", "Host: kura"]
+        for name, value in (headers or {}).items():
+            lines.append(f"{name}: {value}")
+        if body or method in ("PUT", "POST"):
+            lines.append(f"Content-Length: {len(body)}")
+        raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        self.send(raw, heads=[method == "HEAD"])
+        responses = self.responses()
+        assert len(responses) == 1, f"expected one response, got {responses!r}"
+        return responses[0]

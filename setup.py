@@ -1,0 +1,45 @@
+"""Packaging for kura, a build-artifact cache node on Twisted."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="kura",
+    version="0.1.0",
+    description="Build-artifact cache node with a same-port sendfile/splice accelerator",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=[*find_packages(include=["kura", "kura.*"]), "twisted.plugins"],
+    package_data={"kura": ["py.typed"], "twisted": ["plugins/kura_plugin.py"]},
+    include_package_data=True,
+    install_requires=[
+        # 26.10 rejects a bare LF inside a header value; older releases let
+        # "Foo: x\nContent-Length: N" smuggle a second request (#12754).
+        "twisted[tls]>=26.10.0",
+        "klein>=24.8.0",
+        "treq>=24.9.1",
+        "zope.interface>=6.0",
+        "prometheus-client>=0.20.0",
+        "attrs>=23.1.0",
+    ],
+    extras_require={
+        # Twisted's HTTP/2 support (ALPN h2 on TLS, prior-knowledge h2c).
+        "h2": ["twisted[http2]>=26.10.0"],
+        "test": [
+            "twisted[http2]>=26.10.0",
+            "pytest>=8.0",
+            "pytest-twisted>=1.14",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6.100",
+            "h11>=0.14",
+            "httptools>=0.6",
+            "psutil>=5.9",
+            "mypy>=1.10",
+            "mypy-zope>=1.0.5",
+            "ruff>=0.6",
+        ],
+    },
+    zip_safe=False,
+)
