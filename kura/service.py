@@ -14,6 +14,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
@@ -39,6 +40,7 @@ log = Logger(namespace="kura.node")
 
 NODE_STARTED = "kura {version} serving tenant {tenant_id} on public port {port}"
 WRITER_LOCK_FAILED = "{message}"
+DRAIN_DEADLINE = "drain deadline passed with {count} public transfers in flight; cutting them off"
 
 
 class KuraNode(MultiService):
@@ -183,6 +185,26 @@ class KuraNode(MultiService):
         if expired:
             self.metrics.multipart_uploads.dec(expired)
             log.info("expired {count} unfinished multipart uploads", count=expired)
+
+    def drain(self) -> None:
+        """Stop taking new public work (SIGUSR1); ``/ready`` turns 503 at once."""
+        if not self.state.draining:
+            log.info("draining: new public requests get 503")
+            self.state.start_draining()
+
+    def shutdown(self) -> Deferred[None]:
+        """Drain, wait for in-flight public transfers (bounded), then stop the reactor."""
+        return Deferred.fromCoroutine(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        self.drain()
+        idle = self.traffic.when_idle()
+        idle.addTimeout(self.config.drain_completion_timeout_ms / 1000, self.reactor)
+        try:
+            await idle
+        except defer.TimeoutError:
+            log.warn(DRAIN_DEADLINE, count=self.traffic.inflight)
+        self.reactor.stop()
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())

@@ -8,6 +8,7 @@ one parser and one set of rules.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,7 +54,27 @@ def environment_with(options: Mapping[str, Any], environ: Mapping[str, str]) -> 
 
 
 class TwistdNode(KuraNode):
-    """A node run by twistd: it installs kura's log observer on the application."""
+    """A node run by twistd: kura's log observer and signal handling.
+
+    ``SIGUSR1`` starts draining; ``SIGTERM``/``SIGINT`` drain, wait for
+    in-flight transfers (bounded by ``KURA_DRAIN_COMPLETION_TIMEOUT_MS``) and
+    stop the reactor, so the process exits 0 instead of dying by the signal.
+    """
+
+    def startService(self) -> None:
+        super().startService()
+        self.reactor.callWhenRunning(self._install_signal_handlers)
+
+    def _install_signal_handlers(self) -> None:
+        def on_drain(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.drain)
+
+        def on_stop(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.shutdown)
+
+        signal.signal(signal.SIGUSR1, on_drain)
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd asks the application for an ILogObserver before it starts

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from kura.metrics import KuraMetrics
@@ -46,6 +47,7 @@ class PublicTraffic:
         self._clock = clock
         self._metrics = metrics
         self.inflight = 0
+        self._idle_waiters: list[Deferred[None]] = []
         self._ewma_us: float | None = None
         self._last_sample_at: float | None = None
 
@@ -58,6 +60,18 @@ class PublicTraffic:
     def _release(self) -> None:
         self.inflight -= 1
         self._metrics.public_http_inflight.set(self.inflight)
+        if self.inflight == 0:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires once no public request is in flight (at once if none is)."""
+        if self.inflight == 0:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
 
     def record_first_byte(self, seconds: float, *, transport: str, route: str) -> None:
         """Sample a time to first byte (the response head was just written)."""
