@@ -173,7 +173,13 @@ class KuraNode(MultiService):
 
     def _listen(self) -> None:
         host = self.config.bind_host
-        self.ports["public"] = self.reactor.listenTCP(self.config.port, self.site, interface=host)
+        self.ports["public"] = self.reactor.listenTCP(
+            self.config.port, self.public_factory(), interface=host
+        )
+
+    def public_factory(self) -> Any:
+        """The protocol factory of the plain public port."""
+        return self.site
 
     @property
     def public_port(self) -> int:

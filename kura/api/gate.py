@@ -11,7 +11,7 @@ request; handlers use its :class:`Admission` instead of re-deriving anything.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
 import attrs
@@ -53,6 +53,13 @@ class RequestHead:
     transport: str = "http"
 
 
+class Pacer(Protocol):
+    """A bandwidth reservation clock (see kura.replication)."""
+
+    def reserve(self, size: int) -> float:
+        """Reserve ``size`` bytes; return the seconds to wait before going on."""
+
+
 @attrs.frozen
 class Admission:
     """The head-time verdict for an admitted request.
@@ -66,6 +73,8 @@ class Admission:
             request is answered without reading its body).
         context: route-specific values resolved at admission (e.g. the
             multipart upload record).
+        pacer: paces the body's arrival (replication ingest): the request
+            pauses its transport for the delay each chunk reserves.
     """
 
     spec: RouteSpec
@@ -74,6 +83,7 @@ class Admission:
     address: ArtifactAddress | None = None
     existing: Manifest | None = None
     context: Mapping[str, Any] = attrs.field(factory=dict)
+    pacer: Pacer | None = None
 
     @property
     def skips_body(self) -> bool:

@@ -206,6 +206,7 @@ class KuraRequest(server.Request):
         try:
             if self.staging is not None:
                 self.staging.write(data)
+                self._pace(len(data))
             else:
                 spec = self.admitted.spec if self.admitted is not None else self.spec
                 content = self.body_bytes
@@ -215,6 +216,16 @@ class KuraRequest(server.Request):
         except KuraError as error:
             self.rejection = error
             self._skip_body(synchronous=False)
+
+    def _pace(self, size: int) -> None:
+        """Hold the transport back while the admission's pacer says so."""
+        pacer = self.admitted.pacer if self.admitted is not None else None
+        if pacer is None:
+            return
+        delay = pacer.reserve(size)
+        if delay > 0 and "pacing" not in self._pause_reasons:
+            self._pause("pacing")
+            self._site.clock.callLater(delay, self._resume, "pacing")
 
     def _admit_late(self) -> None:
         """Admit a request whose channel has no head step (an HTTP/2 stream).
