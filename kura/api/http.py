@@ -254,7 +254,7 @@ class KuraRequest(server.Request):
             self.request_id = supplied.decode("ascii")
         else:
             self.request_id = uuid.uuid4().hex
-        if not self.spec.probe and self.spec is not UNMATCHED:
+        if self.spec.public and not self.spec.probe and self.spec is not UNMATCHED:
             self._slot = site.traffic.begin()
         site.metrics.http_inflight.inc()
         self.notifyFinish().addBoth(self._finished)

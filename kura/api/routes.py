@@ -98,6 +98,8 @@ class RouteSpec:
         misses_on_fault: reads answer 404 instead of 5xx on storage
             trouble (clients that fail a whole build on any other status).
         plain_auth_errors: 401/403 bodies are ``text/plain`` (Nx).
+        public: counts as public traffic (in-flight slot, time to first
+            byte) that replication backs off against; false for the peer plane.
         needs_upload: admission loads the multipart upload named by
             ``upload_id`` (404 before the body when it is unknown).
         verify_digest: the key is the SHA-256 of the body (Bazel CAS); the
@@ -120,6 +122,7 @@ class RouteSpec:
     probe: bool = False
     misses_on_fault: bool = False
     plain_auth_errors: bool = False
+    public: bool = True
     needs_upload: bool = False
     verify_digest: bool = False
     head_check: Callable[[Query], None] | None = None
