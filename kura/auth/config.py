@@ -1,0 +1,401 @@
+"""``KURA_EXTENSION_*``: the extension's configuration.
+
+:data:`EXTENSION_VARIABLES` documents every variable (registered with
+``kura.environ.VARIABLES`` by :mod:`kura.config`). Besides the fixed
+variables there are three families keyed by a resource id, which hooks name
+when they call the host (ids are case-insensitive: upper-cased here and in
+every host lookup, as upstream does):
+
+* ``KURA_EXTENSION_JWT_VERIFIER_<ID>_{ALGORITHM,SECRET,ISSUER,AUDIENCES}``
+* ``KURA_EXTENSION_HTTP_CLIENT_<ID>_{BASE_URL,CONNECT_TIMEOUT_MS,REQUEST_TIMEOUT_MS}``
+* ``KURA_EXTENSION_SIGNER_<ID>_{ALGORITHM,SECRET}``
+
+:meth:`ExtensionConfig.from_environ` reports every bad variable in one
+:class:`~kura.config.ConfigError`; :meth:`ExtensionConfig.read` adds them to
+a reader shared with the rest of the node's configuration instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import types
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+import attrs
+
+from kura.environ import ConfigError, Reader, Variable
+
+_SECTION = "Authorization extension"
+
+
+def _variable(name: str, default: str, meaning: str) -> Variable:
+    return Variable(name=name, default=default, meaning=meaning, section=_SECTION)
+
+
+ENABLED = _variable(
+    "KURA_EXTENSION_ENABLED",
+    "false",
+    "Run the authorization extension (1/true/yes/on). Setting KURA_EXTENSION_SCRIPT_PATH "
+    "or KURA_EXTENSION_MODULE enables it too, whatever this says.",
+)
+SCRIPT_PATH = _variable(
+    "KURA_EXTENSION_SCRIPT_PATH",
+    "(unset)",
+    "A Python file defining the hooks (see docs/extensions.md). A file that fails to "
+    "import stops the node at start-up.",
+)
+MODULE = _variable(
+    "KURA_EXTENSION_MODULE",
+    "(unset)",
+    "The extension as an importable `package.module` or `package.module:attribute`; "
+    "an alternative to KURA_EXTENSION_SCRIPT_PATH (set one, not both).",
+)
+HOOK_TIMEOUT_MS = _variable(
+    "KURA_EXTENSION_HOOK_TIMEOUT_MS",
+    "1000",
+    "Deadline of one hook call. Past it authenticate is a 401 and authorize a 403 "
+    "(when fail-closed). Upstream's 25 ms suits in-process Lua; Python hooks that call "
+    "an HTTP backend need room for one request.",
+)
+ALLOW_TTL_SECONDS = _variable(
+    "KURA_EXTENSION_AUTH_CACHE_ALLOW_TTL_SECONDS",
+    "600",
+    "How long principal, anonymous and allow results are cached when the hook gives "
+    "no ttl_seconds; 0 disables caching them.",
+)
+DENY_TTL_SECONDS = _variable(
+    "KURA_EXTENSION_AUTH_CACHE_DENY_TTL_SECONDS",
+    "3",
+    "How long deny results are cached when the hook gives no ttl_seconds; 0 disables caching them.",
+)
+CACHE_MAX_ENTRIES = _variable(
+    "KURA_EXTENSION_CACHE_MAX_ENTRIES",
+    "100000",
+    "Entries per hook-result cache (authenticate, authorize). When full, expired entries "
+    "are dropped first; if still full the new result is not cached.",
+)
+AUTH_FAIL_CLOSED = _variable(
+    "KURA_EXTENSION_AUTH_FAIL_CLOSED",
+    "true",
+    "When authenticate fails or times out answer 401 `Authentication failed`, and when "
+    "authorize does answer 403 `Forbidden`. `false`: treat the caller as anonymous / "
+    "allow the request instead.",
+)
+RESPONSE_HEADERS_FAIL_OPEN = _variable(
+    "KURA_EXTENSION_RESPONSE_HEADERS_FAIL_OPEN",
+    "true",
+    "When response_headers fails, send the response without the hook's headers and "
+    "with `x-kura-extension-error: response_headers`. `false`: answer 503 instead.",
+)
+JWT_VERIFIER_ALGORITHM = _variable(
+    "KURA_EXTENSION_JWT_VERIFIER_<ID>_ALGORITHM",
+    "HS256",
+    "Algorithm of JWT verifier <ID>: HS256, HS384 or HS512.",
+)
+JWT_VERIFIER_SECRET = _variable(
+    "KURA_EXTENSION_JWT_VERIFIER_<ID>_SECRET",
+    "(required)",
+    "Shared HMAC secret of JWT verifier <ID> (its UTF-8 bytes are the key).",
+)
+JWT_VERIFIER_ISSUER = _variable(
+    "KURA_EXTENSION_JWT_VERIFIER_<ID>_ISSUER",
+    "(unset)",
+    "When set, tokens must carry this `iss`.",
+)
+JWT_VERIFIER_AUDIENCES = _variable(
+    "KURA_EXTENSION_JWT_VERIFIER_<ID>_AUDIENCES",
+    "(unset)",
+    "Comma-separated; when set, a token's `aud` must name one of them.",
+)
+HTTP_CLIENT_BASE_URL = _variable(
+    "KURA_EXTENSION_HTTP_CLIENT_<ID>_BASE_URL",
+    "(required)",
+    "http(s) base URL of JSON HTTP client <ID>; hook request paths are appended to it.",
+)
+HTTP_CLIENT_CONNECT_TIMEOUT_MS = _variable(
+    "KURA_EXTENSION_HTTP_CLIENT_<ID>_CONNECT_TIMEOUT_MS",
+    "500",
+    "TCP (and TLS) connect deadline of HTTP client <ID>.",
+)
+HTTP_CLIENT_REQUEST_TIMEOUT_MS = _variable(
+    "KURA_EXTENSION_HTTP_CLIENT_<ID>_REQUEST_TIMEOUT_MS",
+    "1500",
+    "Deadline of one request attempt of HTTP client <ID>, body included. Network errors "
+    "are retried once after 100 ms.",
+)
+SIGNER_ALGORITHM = _variable(
+    "KURA_EXTENSION_SIGNER_<ID>_ALGORITHM",
+    "hmac-sha256",
+    "Algorithm of response signer <ID>; only hmac-sha256.",
+)
+SIGNER_SECRET = _variable(
+    "KURA_EXTENSION_SIGNER_<ID>_SECRET",
+    "(required)",
+    "Base64 of the raw HMAC key of signer <ID>.",
+)
+
+#: Every extension variable, in documentation order.
+EXTENSION_VARIABLES: tuple[Variable, ...] = (
+    ENABLED,
+    SCRIPT_PATH,
+    MODULE,
+    HOOK_TIMEOUT_MS,
+    ALLOW_TTL_SECONDS,
+    DENY_TTL_SECONDS,
+    CACHE_MAX_ENTRIES,
+    AUTH_FAIL_CLOSED,
+    RESPONSE_HEADERS_FAIL_OPEN,
+    JWT_VERIFIER_ALGORITHM,
+    JWT_VERIFIER_SECRET,
+    JWT_VERIFIER_ISSUER,
+    JWT_VERIFIER_AUDIENCES,
+    HTTP_CLIENT_BASE_URL,
+    HTTP_CLIENT_CONNECT_TIMEOUT_MS,
+    HTTP_CLIENT_REQUEST_TIMEOUT_MS,
+    SIGNER_ALGORITHM,
+    SIGNER_SECRET,
+)
+
+JWT_ALGORITHMS = ("HS256", "HS384", "HS512")
+SIGNER_ALGORITHMS = ("hmac-sha256",)
+
+_JWT_PREFIX = "KURA_EXTENSION_JWT_VERIFIER_"
+_HTTP_PREFIX = "KURA_EXTENSION_HTTP_CLIENT_"
+_SIGNER_PREFIX = "KURA_EXTENSION_SIGNER_"
+_ID = re.compile(r"[A-Z0-9][A-Z0-9_]*")
+_MODULE_PATH = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)?"
+)
+
+
+def normalize_id(resource_id: str) -> str:
+    """Resource ids are case-insensitive: ``tuist`` names ``..._TUIST_...``."""
+    return resource_id.strip().upper()
+
+
+@attrs.frozen
+class JwtVerifierConfig:
+    """One ``KURA_EXTENSION_JWT_VERIFIER_<ID>_*`` group."""
+
+    algorithm: str
+    secret: bytes = attrs.field(repr=False)
+    issuer: str | None = None
+    audiences: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class HttpClientConfig:
+    """One ``KURA_EXTENSION_HTTP_CLIENT_<ID>_*`` group."""
+
+    base_url: str
+    connect_timeout_ms: int = 500
+    request_timeout_ms: int = 1500
+
+
+@attrs.frozen
+class SignerConfig:
+    """One ``KURA_EXTENSION_SIGNER_<ID>_*`` group (``key`` is the raw key)."""
+
+    key: bytes = attrs.field(repr=False)
+    algorithm: str = "hmac-sha256"
+
+
+def _read_only(value: Mapping[str, object]) -> Mapping[str, object]:
+    return types.MappingProxyType(dict(value))
+
+
+@attrs.frozen
+class ExtensionConfig:
+    """The extension settings, validated (see the module docstring).
+
+    Attributes:
+        environ: the environment the node started with, for the host's
+            ``env(name)`` (hooks read their own settings through it).
+    """
+
+    enabled: bool = False
+    script_path: str | None = None
+    module: str | None = None
+    hook_timeout_ms: int = 1000
+    allow_ttl_seconds: int = 600
+    deny_ttl_seconds: int = 3
+    cache_max_entries: int = 100_000
+    auth_fail_closed: bool = True
+    response_headers_fail_open: bool = True
+    jwt_verifiers: Mapping[str, JwtVerifierConfig] = attrs.field(factory=dict, converter=_read_only)
+    http_clients: Mapping[str, HttpClientConfig] = attrs.field(factory=dict, converter=_read_only)
+    signers: Mapping[str, SignerConfig] = attrs.field(factory=dict, converter=_read_only)
+    environ: Mapping[str, str] = attrs.field(
+        factory=dict, converter=_read_only, repr=False, eq=False
+    )
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> ExtensionConfig:
+        """Parse the ``KURA_EXTENSION_*`` variables of ``environ``.
+
+        Raises:
+            ConfigError: naming every bad variable, joined with ``"; "``.
+        """
+        reader = Reader(environ)
+        config = cls.read(reader, environ)
+        reader.raise_if_failed()
+        return config
+
+    @classmethod
+    def read(cls, read: Reader, environ: Mapping[str, str]) -> ExtensionConfig:
+        """Parse with ``read``, which collects problems instead of raising."""
+        script_path = read.text(SCRIPT_PATH, "") or None
+        module = read.text(MODULE, "") or None
+        enabled = read.boolean(ENABLED, False) or script_path is not None or module is not None
+        if script_path is not None and module is not None:
+            read.fail(MODULE, "cannot be set together with KURA_EXTENSION_SCRIPT_PATH")
+        if enabled and script_path is None and module is None:
+            read.fail(ENABLED, "needs KURA_EXTENSION_SCRIPT_PATH or KURA_EXTENSION_MODULE")
+        if script_path is not None and not os.path.isfile(script_path):
+            read.fail(SCRIPT_PATH, f"file {script_path!r} does not exist")
+        if module is not None and not _MODULE_PATH.fullmatch(module):
+            read.fail(
+                MODULE, f"must look like package.module or package.module:attr, got {module!r}"
+            )
+        return cls(
+            enabled=enabled,
+            script_path=script_path,
+            module=module,
+            hook_timeout_ms=read.integer(HOOK_TIMEOUT_MS, 1000, minimum=1),
+            allow_ttl_seconds=read.integer(ALLOW_TTL_SECONDS, 600),
+            deny_ttl_seconds=read.integer(DENY_TTL_SECONDS, 3),
+            cache_max_entries=read.integer(CACHE_MAX_ENTRIES, 100_000, minimum=1),
+            auth_fail_closed=read.boolean(AUTH_FAIL_CLOSED, True),
+            response_headers_fail_open=read.boolean(RESPONSE_HEADERS_FAIL_OPEN, True),
+            jwt_verifiers=_jwt_verifiers(read, environ),
+            http_clients=_http_clients(read, environ),
+            signers=_signers(read, environ),
+            environ=environ,
+        )
+
+
+def _groups(
+    read: Reader, environ: Mapping[str, str], prefix: str, fields: tuple[str, ...]
+) -> dict[str, dict[str, tuple[Variable, str]]]:
+    """``{ID: {FIELD: (variable, value)}}`` for one family; bad names are reported."""
+    groups: dict[str, dict[str, tuple[Variable, str]]] = {}
+    # Longest field first, so a field that ends with another one wins.
+    by_length = sorted(fields, key=len, reverse=True)
+    for name in sorted(environ):
+        if not name.startswith(prefix):
+            continue
+        variable = _variable(name, "", "")
+        rest = name[len(prefix) :]
+        field = next((f for f in by_length if rest.endswith("_" + f)), None)
+        resource = rest[: -len(field) - 1] if field else ""
+        if field is None or not _ID.fullmatch(normalize_id(resource)):
+            read.fail(variable, f"is not <ID>_{{{','.join(fields)}}} with an ID of A-Z, 0-9, _")
+            continue
+        groups.setdefault(normalize_id(resource), {})[field] = (variable, environ[name].strip())
+    return groups
+
+
+def _family_variable(prefix: str, resource: str, field: str) -> Variable:
+    return _variable(f"{prefix}{resource}_{field}", "", "")
+
+
+def _jwt_verifiers(read: Reader, environ: Mapping[str, str]) -> dict[str, JwtVerifierConfig]:
+    verifiers = {}
+    fields = ("ALGORITHM", "SECRET", "ISSUER", "AUDIENCES")
+    for resource, values in _groups(read, environ, _JWT_PREFIX, fields).items():
+        algorithm = "HS256"
+        if "ALGORITHM" in values:
+            variable, text = values["ALGORITHM"]
+            algorithm = text.upper()
+            if algorithm not in JWT_ALGORITHMS:
+                read.fail(variable, f"must be one of {', '.join(JWT_ALGORITHMS)}, got {text!r}")
+                continue
+        secret = values.get("SECRET", (None, ""))[1]
+        if not secret:
+            read.fail(_family_variable(_JWT_PREFIX, resource, "SECRET"), "must be set")
+            continue
+        issuer = values.get("ISSUER", (None, ""))[1] or None
+        audiences = tuple(
+            a.strip() for a in values.get("AUDIENCES", (None, ""))[1].split(",") if a.strip()
+        )
+        verifiers[resource] = JwtVerifierConfig(
+            algorithm=algorithm, secret=secret.encode("utf-8"), issuer=issuer, audiences=audiences
+        )
+    return verifiers
+
+
+def _milliseconds(
+    read: Reader, values: dict[str, tuple[Variable, str]], field: str, default: int
+) -> int:
+    if field not in values:
+        return default
+    variable, text = values[field]
+    if not text.isdigit() or int(text) < 1:
+        read.fail(variable, f"must be a positive integer, got {text!r}")
+        return default
+    return int(text)
+
+
+def _http_clients(read: Reader, environ: Mapping[str, str]) -> dict[str, HttpClientConfig]:
+    clients = {}
+    fields = ("BASE_URL", "CONNECT_TIMEOUT_MS", "REQUEST_TIMEOUT_MS")
+    for resource, values in _groups(read, environ, _HTTP_PREFIX, fields).items():
+        connect = _milliseconds(read, values, "CONNECT_TIMEOUT_MS", 500)
+        request = _milliseconds(read, values, "REQUEST_TIMEOUT_MS", 1500)
+        if "BASE_URL" not in values or not values["BASE_URL"][1]:
+            read.fail(_family_variable(_HTTP_PREFIX, resource, "BASE_URL"), "must be set")
+            continue
+        variable, url = values["BASE_URL"]
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            read.fail(variable, f"must be an http:// or https:// URL with a host, got {url!r}")
+            continue
+        if parts.query or parts.fragment:
+            read.fail(variable, f"must not have a query or fragment, got {url!r}")
+            continue
+        clients[resource] = HttpClientConfig(
+            base_url=url.rstrip("/"), connect_timeout_ms=connect, request_timeout_ms=request
+        )
+    return clients
+
+
+def _signers(read: Reader, environ: Mapping[str, str]) -> dict[str, SignerConfig]:
+    signers = {}
+    for resource, values in _groups(read, environ, _SIGNER_PREFIX, ("ALGORITHM", "SECRET")).items():
+        algorithm = "hmac-sha256"
+        if "ALGORITHM" in values:
+            variable, text = values["ALGORITHM"]
+            algorithm = text.lower().replace("_", "-")
+            if algorithm not in SIGNER_ALGORITHMS:
+                read.fail(variable, f"must be hmac-sha256, got {text!r}")
+                continue
+        secret_variable = _family_variable(_SIGNER_PREFIX, resource, "SECRET")
+        secret = values.get("SECRET", (None, ""))[1]
+        if not secret:
+            read.fail(secret_variable, "must be set")
+            continue
+        try:
+            key = base64.b64decode(secret, validate=True)
+        except (binascii.Error, ValueError):
+            read.fail(secret_variable, "must be base64 of the raw key")
+            continue
+        if not key:
+            read.fail(secret_variable, "must not decode to an empty key")
+            continue
+        signers[resource] = SignerConfig(key=key, algorithm=algorithm)
+    return signers
+
+
+__all__ = [
+    "EXTENSION_VARIABLES",
+    "ConfigError",
+    "ExtensionConfig",
+    "HttpClientConfig",
+    "JwtVerifierConfig",
+    "SignerConfig",
+    "normalize_id",
+]

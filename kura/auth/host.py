@@ -1,0 +1,157 @@
+"""The ``kura`` host object: what kura offers an extension's code.
+
+An extension receives it through ``setup(host)`` (see
+:mod:`kura.auth.loader`). It mirrors upstream's Lua ``kura`` table:
+
+* :meth:`ExtensionHost.jwt_verify` — HS256/384/512 JWTs with issuer and
+  audience checks (``KURA_EXTENSION_JWT_VERIFIER_<ID>_*``);
+* :meth:`ExtensionHost.http_json` — JSON over HTTP with deadlines and one
+  retry (``KURA_EXTENSION_HTTP_CLIENT_<ID>_*``);
+* :meth:`ExtensionHost.sign_hmac_base64` — HMAC-SHA256, base64
+  (``KURA_EXTENSION_SIGNER_<ID>_*``);
+* :meth:`ExtensionHost.env` — the node's environment;
+
+plus :meth:`ExtensionHost.constant_time_equals` for comparing secrets, a
+``log`` and the ``clock``. Ids are case-insensitive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent
+
+from kura.metrics import KuraMetrics
+
+from .config import ExtensionConfig, HttpClientConfig, normalize_id
+from .errors import UnknownResource
+from .http_client import JsonHttpClient, JsonResponse
+from .signing import constant_time_equals, hmac_sha256_base64
+from .tokens import JwtVerifier
+
+AgentFactory = Callable[[HttpClientConfig], IAgent]
+
+
+class ExtensionHost:
+    """See the module docstring.
+
+    Args:
+        config: the extension configuration (resources and environment).
+        reactor: the reactor (time, and TCP/TLS for the HTTP clients).
+        metrics: the node's metrics.
+        agent_for: builds the ``IAgent`` of one HTTP client; by default a
+            treq-compatible ``Agent`` on ``reactor`` with the client's
+            connect timeout and a shared persistent connection pool.
+    """
+
+    #: For extensions' own log events (namespace ``kura.extension``).
+    log = Logger(namespace="kura.extension")
+
+    def __init__(
+        self,
+        config: ExtensionConfig,
+        *,
+        reactor: Any,
+        metrics: KuraMetrics,
+        agent_for: AgentFactory | None = None,
+    ) -> None:
+        self.clock: IReactorTime = reactor
+        self._environ = config.environ
+        self._pool: HTTPConnectionPool | None = None
+        if agent_for is None:
+            pool = self._pool = HTTPConnectionPool(reactor, persistent=True)
+
+            def agent_for(client: HttpClientConfig) -> IAgent:
+                return Agent(reactor, connectTimeout=client.connect_timeout_ms / 1000, pool=pool)
+
+        self._verifiers = {
+            rid: JwtVerifier(verifier, reactor) for rid, verifier in config.jwt_verifiers.items()
+        }
+        self._clients = {
+            rid: JsonHttpClient(
+                rid, client, agent=agent_for(client), clock=reactor, metrics=metrics
+            )
+            for rid, client in config.http_clients.items()
+        }
+        self._signers = dict(config.signers)
+
+    def jwt_verify(self, verifier_id: str, token: str | bytes) -> dict[str, Any]:
+        """The claims of ``token``, checked by verifier ``verifier_id``.
+
+        Raises:
+            UnknownResource: no such verifier is configured.
+            TokenInvalid: bad signature, algorithm, issuer, audience, expiry,
+                or malformed/non-ASCII input.
+        """
+        verifier = self._verifiers.get(normalize_id(verifier_id))
+        if verifier is None:
+            raise UnknownResource(f"unknown JWT verifier {verifier_id!r}")
+        return verifier.verify(token)
+
+    async def http_json(
+        self,
+        client_id: str,
+        path: str,
+        *,
+        method: str = "GET",
+        headers: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None,
+        body: Any = None,
+    ) -> JsonResponse:
+        """Send a request through HTTP client ``client_id`` (a coroutine).
+
+        Args:
+            path: appended to the client's base URL.
+            method: the HTTP method.
+            headers: request headers.
+            query: query parameters.
+            body: sent as JSON unless ``None``.
+
+        Returns:
+            The status, headers and parsed JSON body (``None`` if not JSON).
+            Every status is returned; only transport failures raise.
+
+        Raises:
+            UnknownResource: no such client is configured.
+            HttpClientError: network failure after one retry, or a deadline.
+        """
+        client = self._clients.get(normalize_id(client_id))
+        if client is None:
+            raise UnknownResource(f"unknown HTTP client {client_id!r}")
+        return await client.request(path, method=method, headers=headers, query=query, body=body)
+
+    def has_http_client(self, client_id: str) -> bool:
+        """Whether HTTP client ``client_id`` is configured."""
+        return normalize_id(client_id) in self._clients
+
+    def sign_hmac_base64(self, signer_id: str, payload: str | bytes) -> str:
+        """The base64 HMAC-SHA256 of ``payload`` with signer ``signer_id``'s key.
+
+        Raises:
+            UnknownResource: no such signer is configured.
+        """
+        signer = self._signers.get(normalize_id(signer_id))
+        if signer is None:
+            raise UnknownResource(f"unknown signer {signer_id!r}")
+        return hmac_sha256_base64(signer, payload)
+
+    def env(self, name: str) -> str | None:
+        """The node's environment variable ``name``, or ``None``."""
+        return self._environ.get(name)
+
+    @staticmethod
+    def constant_time_equals(given: str | bytes, expected: str | bytes) -> bool:
+        """Compare secrets without leaking where they differ (see :mod:`.signing`)."""
+        return constant_time_equals(given, expected)
+
+    def close(self) -> Deferred[None]:
+        """Close pooled HTTP connections (at node shutdown)."""
+        if self._pool is None:
+            return succeed(None)
+        closing: Deferred[None] = self._pool.closeCachedConnections()
+        return closing

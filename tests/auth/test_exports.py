@@ -1,0 +1,31 @@
+"""The public surface of kura.auth."""
+
+from __future__ import annotations
+
+import importlib
+
+import kura.auth
+
+
+def test_every_export_is_the_defining_modules_object() -> None:
+    """Each name in kura.auth.__all__ is the very object its home module defines."""
+    homes = {
+        "authorizer",
+        "config",
+        "context",
+        "errors",
+        "factory",
+        "host",
+        "http_client",
+        "interfaces",
+        "loader",
+        "results",
+        "signing",
+        "tokens",
+    }
+    defined = {}
+    for home in homes:
+        module = importlib.import_module(f"kura.auth.{home}")
+        defined.update({name: getattr(module, name) for name in vars(module)})
+    for name in kura.auth.__all__:
+        assert getattr(kura.auth, name) is defined[name], name
