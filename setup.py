@@ -23,6 +23,9 @@ setup(
         "zope.interface>=6.0",
         "prometheus-client>=0.20.0",
         "attrs>=23.1.0",
+        # Extension host JWT verification: explicit algorithm allow-lists,
+        # constant-time signature checks, issuer/audience validation.
+        "PyJWT>=2.8",
     ],
     extras_require={
         # Twisted's HTTP/2 support (ALPN h2 on TLS, prior-knowledge h2c).
@@ -39,6 +42,9 @@ setup(
             "mypy>=1.10",
             "mypy-zope>=1.0.5",
             "ruff>=0.6",
+            # Helm's own template engine as a wheel, to render helm/kura in
+            # tests (pinned: an alpha release).
+            "helm-python-sdk==0.2.2",
         ],
     },
     zip_safe=False,

@@ -20,35 +20,19 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from kura.auth.config import EXTENSION_VARIABLES, ExtensionConfig
+from kura.environ import VARIABLES, ConfigError, Reader, Variable, declare
+from kura.failpoints import KNOWN as KNOWN_FAILPOINTS
+
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 
 
-class ConfigError(ValueError):
-    """One or more ``KURA_*`` variables are missing or invalid.
+_var = declare
 
-    The message names every offending variable, separated by ``"; "``.
-    """
-
-
-@attrs.frozen
-class Variable:
-    """A documented ``KURA_*`` environment variable."""
-
-    name: str
-    default: str
-    meaning: str
-    section: str
-
-
-VARIABLES: list[Variable] = []
-
-
-def _var(section: str, name: str, default: str, meaning: str) -> Variable:
-    variable = Variable(name=name, default=default, meaning=meaning, section=section)
-    VARIABLES.append(variable)
-    return variable
+# Re-exported: the configuration's public vocabulary.
+__all__ = ["VARIABLES", "ConfigError", "KuraConfig", "Variable"]
 
 
 # --- node identity and listeners -------------------------------------------------
@@ -82,6 +66,12 @@ PUBLIC_TLS_KEY_PATH = _var(
 )
 LOG_FORMAT = _var(
     _NODE, "KURA_LOG_FORMAT", "json", "`json` (one JSON event per line) or `text` on stdout."
+)
+ACCESS_LOG = _var(
+    _NODE,
+    "KURA_ACCESS_LOG",
+    "true",
+    "`true` or `false`: log one event per public request (both serving paths).",
 )
 
 # --- storage ---------------------------------------------------------------------
@@ -257,6 +247,10 @@ INTERNAL_TLS_KEY_PATH = _var(
 )
 
 
+# The extension's own settings, documented after the node's.
+VARIABLES.extend(EXTENSION_VARIABLES)
+
+
 def _plain_default_capacity(filesystem_bytes: int) -> int:
     """Upstream's capacity default: half the filesystem, never over 80 %."""
     return min(filesystem_bytes // 2, filesystem_bytes * 8 // 10)
@@ -341,6 +335,7 @@ class KuraConfig:
     node_url: str = "http://127.0.0.1:7443"
     public_tls: TlsFiles | None = None
     log_format: str = "json"
+    access_log: bool = True
     data_dir: str = "kura-data"
     tmp_dir: str = "kura-data/tmp"
     tmp_dir_max_bytes: int = 8 * GiB
@@ -356,8 +351,9 @@ class KuraConfig:
     send_timeout_ms: int = 120_000
     body_timeout_ms: int = 60_000
     drain_completion_timeout_ms: int = 240_000
-    accelerator: AcceleratorConfig = AcceleratorConfig()
-    replication: ReplicationConfig = ReplicationConfig()
+    accelerator: AcceleratorConfig = attrs.field(factory=AcceleratorConfig)
+    replication: ReplicationConfig = attrs.field(factory=ReplicationConfig)
+    extension: ExtensionConfig = attrs.field(factory=ExtensionConfig)
 
     @classmethod
     def from_environ(
@@ -376,7 +372,7 @@ class KuraConfig:
         Raises:
             ConfigError: naming every missing or invalid variable.
         """
-        read = _Reader(environ)
+        read = _NodeReader(environ)
         port = read.port(PORT, 4000)
         internal_port = read.port(INTERNAL_PORT, 7443)
         if port == internal_port and port != 0:
@@ -390,7 +386,10 @@ class KuraConfig:
         )
         scheme = "https" if internal_tls else "http"
         node_url = read.peer_url(
-            NODE_URL, f"{scheme}://127.0.0.1:{internal_port}", scheme, internal_port
+            NODE_URL,
+            read.text(NODE_URL, f"{scheme}://127.0.0.1:{internal_port}"),
+            scheme,
+            internal_port,
         )
         peers = tuple(
             read.peer_url(PEERS, peer, scheme, internal_port)
@@ -427,6 +426,7 @@ class KuraConfig:
             node_url=node_url,
             public_tls=public_tls,
             log_format=read.choice(LOG_FORMAT, "json", ("json", "text")),
+            access_log=read.strict_boolean(ACCESS_LOG, True),
             data_dir=data_dir,
             tmp_dir=tmp_dir,
             tmp_dir_max_bytes=read.integer(TMP_DIR_MAX_BYTES, 8 * GiB, minimum=1),
@@ -446,98 +446,20 @@ class KuraConfig:
             drain_completion_timeout_ms=read.integer(DRAIN_COMPLETION_TIMEOUT_MS, 240_000),
             accelerator=accelerator,
             replication=replication,
+            extension=ExtensionConfig.read(read, environ),
         )
         read.raise_if_failed()
         capacity = derive_capacity(requested_capacity, measure_filesystem(data_dir))
         return attrs.evolve(config, cas_capacity_bytes=capacity)
 
 
-_TRUE_WORDS = ("1", "true", "yes", "on")
-_FALSE_WORDS = ("0", "false", "no", "off")
-
-
-class _Reader:
-    """Reads variables from a mapping and collects every problem it finds."""
-
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
-        self._errors: list[str] = []
-
-    def fail(self, variable: Variable, problem: str) -> None:
-        self._errors.append(f"{variable.name} {problem}")
-
-    def raise_if_failed(self) -> None:
-        if self._errors:
-            raise ConfigError("; ".join(self._errors))
-
-    def _raw(self, variable: Variable) -> str | None:
-        value = self._environ.get(variable.name)
-        if value is None:
-            return None
-        value = value.strip()
-        return value or None
-
-    def text(self, variable: Variable, default: str) -> str:
-        value = self._raw(variable)
-        return default if value is None else value
+class _NodeReader(Reader):
+    """:class:`Reader` plus the node-specific value kinds (URLs, TLS files)."""
 
     def tenant(self, variable: Variable, default: str) -> str:
         value = self.text(variable, default)
         if not value.isascii() or not all(c.isalnum() or c in "-_." for c in value):
             self.fail(variable, "must be ASCII letters, digits, '-', '_' or '.'")
-        return value
-
-    def optional_integer(
-        self, variable: Variable, *, minimum: int = 0, maximum: int | None = None
-    ) -> int | None:
-        value = self._raw(variable)
-        if value is None:
-            return None
-        try:
-            number = int(value, 10)
-        except ValueError:
-            self.fail(variable, f"must be an integer, got {value!r}")
-            return None
-        if number < minimum:
-            self.fail(variable, f"must be at least {minimum}, got {number}")
-        if maximum is not None and number > maximum:
-            self.fail(variable, f"must be at most {maximum}, got {number}")
-        return number
-
-    def integer(
-        self, variable: Variable, default: int, *, minimum: int = 0, maximum: int | None = None
-    ) -> int:
-        number = self.optional_integer(variable, minimum=minimum, maximum=maximum)
-        return default if number is None else number
-
-    def port(self, variable: Variable, default: int) -> int:
-        return self.integer(variable, default, minimum=0, maximum=65535)
-
-    def strict_boolean(self, variable: Variable, default: bool) -> bool:
-        value = self._raw(variable)
-        if value is None:
-            return default
-        if value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        self.fail(variable, f"must be 'true' or 'false', got {value!r}")
-        return default
-
-    def boolean(self, variable: Variable, default: bool) -> bool:
-        value = self._raw(variable)
-        if value is None:
-            return default
-        if value.lower() in _TRUE_WORDS:
-            return True
-        if value.lower() in _FALSE_WORDS:
-            return False
-        self.fail(variable, f"must be one of {'/'.join(_TRUE_WORDS + _FALSE_WORDS)}")
-        return default
-
-    def choice(self, variable: Variable, default: str, allowed: tuple[str, ...]) -> str:
-        value = self.text(variable, default)
-        if value not in allowed:
-            self.fail(variable, f"must be one of {', '.join(allowed)}, got {value!r}")
-            return default
         return value
 
     def peer_url(self, variable: Variable, value: str, scheme: str, port: int) -> str:
@@ -582,6 +504,10 @@ class _Reader:
             name, _, action = item.strip().partition(":")
             if not name or action not in ("exit", "error"):
                 self.fail(variable, f"entry {item!r} must be name:exit or name:error")
+                continue
+            if name not in KNOWN_FAILPOINTS:
+                known = ", ".join(sorted(KNOWN_FAILPOINTS))
+                self.fail(variable, f"names unknown failpoint {name!r} (known: {known})")
                 continue
             points.append((name, action))
         return tuple(points)

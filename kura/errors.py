@@ -74,7 +74,9 @@ class ServiceUnavailable(KuraError):
 
     status = 503
 
-    def __init__(self, message: str, *, retry_after: int | None = 1, close: bool = False) -> None:
+    def __init__(
+        self, message: str, *, retry_after: int | None = 1, close: bool | None = None
+    ) -> None:
         super().__init__(message, close=close)
         self.retry_after = retry_after
 

@@ -11,12 +11,33 @@ Nothing here uses the global default registry: tests pass a fresh
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 #: 1 ms doubling, 16 buckets (upstream's request-duration buckets).
 DURATION_BUCKETS = tuple(0.001 * 2**i for i in range(16))
 #: 1 KiB times 4, 12 buckets.
 THROUGHPUT_BUCKETS = tuple(1024.0 * 4**i for i in range(12))
+
+
+class Children:
+    """Memoized labelled children of one metric.
+
+    ``metric.labels(...)`` validates and looks up its arguments on every
+    call; hot paths (the accelerator serves tens of thousands of small
+    responses a second) keep the child instead.
+    """
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *labels: str) -> Any:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
 
 
 class KuraMetrics:
@@ -174,4 +195,123 @@ class KuraMetrics:
         self.drain_state = Gauge("kura_drain_state", "1 while draining.", registry=r)
         self.traffic_state = Gauge(
             "kura_traffic_state", "0 joining, 1 serving, 2 draining.", registry=r
+        )
+
+        # Extension hooks ----------------------------------------------------------
+        # (kura.auth) Results: ok, deny, error, timeout, invalid (wrong return type).
+        self.extension_hook_calls = Counter(
+            "kura_extension_hook_calls",
+            "Extension hook calls by hook and result.",
+            ["hook", "result"],
+            registry=r,
+        )
+        self.extension_hook_duration = Histogram(
+            "kura_extension_hook_duration_seconds",
+            "Extension hook call duration, by hook.",
+            ["hook"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.extension_cache_lookups = Counter(
+            "kura_extension_cache_lookups",
+            "Hook-result cache outcomes (hit, miss, coalesced, rejected) by cache.",
+            ["cache", "result"],
+            registry=r,
+        )
+        self.extension_http_client_requests = Counter(
+            "kura_extension_http_client_requests",
+            "Extension host HTTP client attempts by client id and result "
+            "(status class, or timeout/connect/network).",
+            ["client", "result"],
+            registry=r,
+        )
+
+        # Replication --- (issue 5: outbox, receiver, catch-up, membership, limiter)
+        self.replication_requests = Counter(
+            "kura_replication_requests",
+            "Outbox deliveries by target host, operation and result "
+            "(ok, error, dropped_stale_target).",
+            ["target", "operation", "result"],
+            registry=r,
+        )
+        self.replication_request_duration = Histogram(
+            "kura_replication_request_duration_seconds",
+            "Outbox delivery duration by operation.",
+            ["operation"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.replication_apply_results = Counter(
+            "kura_replication_apply_results",
+            "Replicated items applied or ignored, by source (replication, bootstrap), "
+            "item type (artifact, namespace_delete) and outcome.",
+            ["source", "item_type", "outcome"],
+            registry=r,
+        )
+        self.replication_body_bytes = Counter(
+            "kura_replication_body_bytes",
+            "Peer artifact body bytes by direction (sent, received, served, fetched).",
+            ["direction"],
+            registry=r,
+        )
+        self.replication_bandwidth_configured = Gauge(
+            "kura_replication_bandwidth_configured_limit_bytes_per_second",
+            "Configured replication bandwidth ceiling (0: unlimited).",
+            registry=r,
+        )
+        self.replication_bandwidth_effective = Gauge(
+            "kura_replication_bandwidth_effective_limit_bytes_per_second",
+            "Replication bandwidth after dividing by public load (0: unlimited).",
+            registry=r,
+        )
+        self.replication_latency_target_ms = Gauge(
+            "kura_replication_bandwidth_public_latency_target_ms",
+            "Public time-to-first-byte target the limiter backs off against.",
+            registry=r,
+        )
+        self.bootstrap_runs = Counter(
+            "kura_bootstrap_runs", "Catch-up runs from one peer by result.", ["result"], registry=r
+        )
+        self.bootstrap_duration = Histogram(
+            "kura_bootstrap_duration_seconds",
+            "Duration of successful catch-up runs.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.bootstrap_applied_items = Counter(
+            "kura_bootstrap_applied_items",
+            "Items catch-up applied, by type (artifact, namespace_delete).",
+            ["item_type"],
+            registry=r,
+        )
+        self.bootstrap_known_peers = Gauge(
+            "kura_bootstrap_known_peers", "Peers in the current membership view.", registry=r
+        )
+        self.bootstrap_completed_peers = Gauge(
+            "kura_bootstrap_completed_peers", "Known peers this node caught up with.", registry=r
+        )
+        self.bootstrap_inflight_peers = Gauge(
+            "kura_bootstrap_inflight_peers", "Peers a catch-up is running against.", registry=r
+        )
+        self.bootstrap_completions_discarded = Counter(
+            "kura_bootstrap_completions_discarded",
+            "Catch-ups that finished after their peer left or rejoined (not counted).",
+            registry=r,
+        )
+        self.discovered_peer_nodes = Gauge(
+            "kura_discovered_peer_nodes",
+            "Candidate peer URLs from KURA_PEERS and DNS discovery.",
+            registry=r,
+        )
+        self.initial_discovery_completed = Gauge(
+            "kura_initial_discovery_completed", "1 once the first discovery round ran.", registry=r
+        )
+        self.membership_generation = Gauge(
+            "kura_membership_generation", "Bumped on every peer-view change.", registry=r
+        )
+        self.membership_peer_changes = Counter(
+            "kura_membership_peer_changes",
+            "Peers joining or leaving the view.",
+            ["change"],
+            registry=r,
         )

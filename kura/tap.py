@@ -96,6 +96,7 @@ def makeService(options: Mapping[str, Any]) -> IService:
 
     try:
         config = KuraConfig.from_environ(environment_with(options, os.environ))
+        # Building the node loads the extension: a broken one stops start-up here.
+        return TwistdNode(config, reactor)
     except ConfigError as error:
         raise SystemExit(f"kura: invalid configuration: {error}") from None
-    return TwistdNode(config, reactor)

@@ -17,7 +17,7 @@ import math
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from kura.metrics import KuraMetrics
+from kura.metrics import Children, KuraMetrics
 
 #: Samples older than this no longer say anything about current latency.
 SAMPLE_MAX_AGE_SECONDS = 30.0
@@ -46,6 +46,7 @@ class PublicTraffic:
     def __init__(self, clock: IReactorTime, metrics: KuraMetrics) -> None:
         self._clock = clock
         self._metrics = metrics
+        self._latency = Children(metrics.public_request_latency)
         self.inflight = 0
         self._idle_waiters: list[Deferred[None]] = []
         self._ewma_us: float | None = None
@@ -75,7 +76,7 @@ class PublicTraffic:
 
     def record_first_byte(self, seconds: float, *, transport: str, route: str) -> None:
         """Sample a time to first byte (the response head was just written)."""
-        self._metrics.public_request_latency.labels(transport, route).observe(seconds)
+        self._latency(transport, route).observe(seconds)
         sample_us = seconds * 1_000_000
         if self._ewma_us is None:
             self._ewma_us = sample_us

@@ -23,13 +23,14 @@ from typing import Any, TypeVar
 import attrs
 from prometheus_client import CollectorRegistry
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from kura.config import KuraConfig
 from kura.service import KuraNode
-from kura.storage.runner import ImmediateRunner
+from kura.storage.runner import BlockingRunner, ImmediateRunner
 
 T = TypeVar("T")
 
@@ -69,15 +70,19 @@ def test_config(data_dir: str, **environ: str) -> KuraConfig:
     return KuraConfig.from_environ(base, measure_filesystem=lambda path: 1 << 40)
 
 
-def memory_node(data_dir: str, **environ: str) -> KuraNode:
-    """A started node on a :class:`MemoryReactorClock`, storage run inline."""
+def memory_node(data_dir: str, *, runner: BlockingRunner | None = None, **environ: str) -> KuraNode:
+    """A started node on a :class:`MemoryReactorClock`, storage run inline.
+
+    ``runner`` replaces the default :class:`ImmediateRunner` (e.g. a
+    :class:`ControlledRunner` that holds chosen calls back).
+    """
     os.makedirs(data_dir, exist_ok=True)
     reactor = MemoryReactorClock()
     node = KuraNode(
         test_config(data_dir, **environ),
         reactor,
         registry=CollectorRegistry(),
-        runner=ImmediateRunner(),
+        runner=runner or ImmediateRunner(),
     )
     node.startService()
     succeeded(node.started)
@@ -154,12 +159,79 @@ def _dechunk(data: bytes) -> tuple[bytes, bytes | None]:
             return body, data
 
 
+def files_under(path: str) -> list[str]:
+    """Every regular file below ``path``, relative to it and sorted."""
+    found = []
+    for directory, _, names in os.walk(path):
+        found += [os.path.relpath(os.path.join(directory, name), path) for name in names]
+    return sorted(found)
+
+
+def sample(node: KuraNode, name: str, **labels: str) -> float:
+    """The value of one metric sample of ``node`` (0.0 when it was never set)."""
+    value = node.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+class ControlledRunner:
+    """An inline runner that records every call and can hold chosen calls back.
+
+    A call runs at once on the calling thread (as :class:`ImmediateRunner`),
+    with :attr:`inside` above zero while it runs, unless :attr:`hold` says
+    otherwise for its function: then it waits in :attr:`held` until
+    :meth:`release` runs it.
+
+    Attributes:
+        calls: the qualified name of every function run, in order.
+        hold: ``hold(f)`` is true for functions to hold back.
+        inside: how many runner calls are executing right now.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.hold: Any = lambda f: False
+        self.held: list[tuple[Any, tuple[Any, ...], dict[str, Any], Deferred[Any]]] = []
+        self.inside = 0
+
+    def run(self, f: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        if self.hold(f):
+            waiting: Deferred[Any] = Deferred()
+            self.held.append((f, args, kwargs, waiting))
+            return waiting
+        return self._call(f, args, kwargs)
+
+    def _call(self, f: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Deferred[Any]:
+        self.calls.append(getattr(f, "__qualname__", repr(f)))
+        self.inside += 1
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            return fail(Failure())
+        finally:
+            self.inside -= 1
+        return succeed(result)
+
+    def release(self) -> None:
+        """Run the oldest held call and fire its Deferred."""
+        f, args, kwargs, waiting = self.held.pop(0)
+        self._call(f, args, kwargs).chainDeferred(waiting)
+
+
+class ClientTransport(StringTransport):
+    """A :class:`StringTransport` that can be half-closed, as a TCP socket can."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
 class Exchange:
     """One client connection to a node's public channel, bytes in, responses out."""
 
     def __init__(self, node: KuraNode) -> None:
         self.node = node
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
+        self.transport = ClientTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
         self.channel = node.site.make_channel()
         self.channel.makeConnection(self.transport)
         self._pending = b""
@@ -179,8 +251,25 @@ class Exchange:
 
     @property
     def closed(self) -> bool:
-        """Whether the server closed (or is closing) the connection."""
-        return bool(self.transport.disconnecting or self.transport.disconnected)
+        """Whether the server closed (or is closing, or half-closed) the connection."""
+        return bool(
+            self.transport.disconnecting
+            or self.transport.disconnected
+            or self.transport.write_closed
+        )
+
+    def disconnect(self) -> None:
+        """The client goes away, in the order a TCP transport reports it.
+
+        As ``FileDescriptor.connectionLost`` does, the transport's producer
+        (the channel, which forwards to a response body producer) is stopped
+        first, then the protocol loses its connection.
+        """
+        producer = self.transport.producer
+        if producer is not None:
+            producer.stopProducing()
+        self.transport.disconnected = True
+        self.channel.connectionLost(Failure(ConnectionDone("client went away")))
 
     def request(
         self,
@@ -200,6 +289,17 @@ class Exchange:
         responses = self.responses()
         assert len(responses) == 1, f"expected one response, got {responses!r}"
         return responses[0]
+
+
+def request(
+    node: KuraNode,
+    method: str,
+    target: str,
+    body: bytes = b"",
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """One request on a fresh connection to ``node`` (see :meth:`Exchange.request`)."""
+    return Exchange(node).request(method, target, body, headers)
 
 
 def free_port() -> int:
@@ -304,3 +404,87 @@ class RealNode:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+class RawClient:
+    """A blocking HTTP/1.1 client on a raw socket (run it off the reactor thread).
+
+    It sends exactly the bytes it is given and parses responses with
+    :func:`parse_responses`, so tests control framing and pipelining.
+    """
+
+    def __init__(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        timeout: float = 10.0,
+        receive_buffer: int | None = None,
+    ) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if receive_buffer is not None:
+            # Set before connecting so the advertised window stays small: a
+            # slow reader that really pushes back on the server.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(timeout)
+        self.sock.connect((host, port))
+        self._pending = b""
+        self._heads: list[bool] = []
+        self.eof = False
+
+    def send(self, data: bytes, *, heads: list[bool] | None = None) -> None:
+        self._heads.extend(heads or [])
+        self.sock.sendall(data)
+
+    def get(self, target: str, **headers: str) -> None:
+        """Send one GET (header names use ``_`` for ``-``)."""
+        lines = [f"GET {target} HTTP/1.1", "Host: kura"]
+        lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+        self.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), heads=[False])
+
+    def read_responses(self, count: int) -> list[Response]:
+        """Read until ``count`` complete responses arrived (or the server closed)."""
+        found: list[Response] = []
+        while len(found) < count:
+            parsed, self._pending = parse_responses(self._pending, self._heads)
+            found += parsed
+            if len(found) >= count or self.eof:
+                break
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                self.eof = True
+                parsed, self._pending = parse_responses(self._pending, self._heads)
+                found += parsed
+                break
+            self._pending += chunk
+        return found
+
+    def read_raw(self, size: int) -> bytes:
+        """Read up to ``size`` raw bytes (whatever arrives first)."""
+        if self._pending:
+            data, self._pending = self._pending[:size], self._pending[size:]
+            return data
+        return self.sock.recv(size)
+
+    def server_closed(self, timeout: float = 5.0) -> bool:
+        """Whether the server closes the connection within ``timeout`` seconds."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return True
+                self._pending += chunk
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+
+    def reset(self) -> None:
+        """Close abruptly (RST), as a client that gives up mid-download."""
+        self.sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+        )
+        self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,21 +1,61 @@
-"""Shared fixtures."""
+"""Shared fixtures: in-memory nodes (fresh or re-opened on the same data dir)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kura.service import KuraNode
-from kura.testing import Exchange, memory_node
+from kura.testing import Exchange, memory_node, succeeded
+
+
+class Nodes:
+    """Starts in-memory nodes and re-opens them on their data directory.
+
+    Every node still running at the end of the test is stopped.
+    """
+
+    def __init__(self, base: Path) -> None:
+        self._base = base
+        self._running: list[KuraNode] = []
+
+    def start(self, name: str = "data", *, runner: Any = None, **environ: str) -> KuraNode:
+        """A started node on ``<tmp>/<name>`` with ``environ`` overrides."""
+        node = memory_node(str(self._base / name), runner=runner, **environ)
+        self._running.append(node)
+        return node
+
+    def stop(self, node: KuraNode) -> None:
+        """Stop ``node`` (flushes storage and releases the writer lock)."""
+        succeeded(node.stopService())
+        self._running.remove(node)
+
+    def restart(self, node: KuraNode, **environ: str) -> KuraNode:
+        """Stop ``node`` and open a new one on the same data dir, as after a crash."""
+        self.stop(node)
+        return self.start(os.path.basename(node.config.data_dir), **environ)
+
+    def stop_all(self) -> None:
+        for node in list(self._running):
+            self.stop(node)
 
 
 @pytest.fixture
-def node(tmp_path: object) -> Iterator[KuraNode]:
+def nodes(tmp_path: Path) -> Iterator[Nodes]:
+    """A factory of in-memory nodes under the test's temporary directory."""
+    factory = Nodes(tmp_path)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture
+def node(nodes: Nodes) -> KuraNode:
     """A started in-memory node with a fresh data directory."""
-    started = memory_node(str(tmp_path) + "/data")
-    yield started
-    started.stopService()
+    return nodes.start()
 
 
 @pytest.fixture

@@ -1,25 +1,189 @@
-"""``twistd kura`` as a real process on loopback (marker ``realnode``)."""
+"""``twistd kura`` as a real process on loopback: protocols, writer lock, crashes."""
 
 from __future__ import annotations
 
-import urllib.request
+import http.client
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from kura.testing import RealNode
+from kura.failpoints import EXIT_STATUS
+from kura.storage.lock import LOCK_FILE_NAME
+from kura.testing import RealNode, files_under
 
 pytestmark = pytest.mark.realnode
 
 
-def test_twistd_round_trip(tmp_path: object) -> None:
-    """A real node stores a CAS blob and serves it back over a real socket."""
-    node = RealNode(f"{tmp_path}/data").start()
+class Http:
+    """A tiny http.client wrapper: one new connection per call, as urllib would."""
+
+    def __init__(self, node: RealNode) -> None:
+        self.port = node.port
+
+    def __call__(
+        self,
+        method: str,
+        path: str,
+        body: bytes | Iterator[bytes] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            chunked = body is not None and not isinstance(body, bytes)
+            conn.request(method, path, body=body, headers=headers or {}, encode_chunked=chunked)
+            response = conn.getresponse()
+            data = response.read()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> str:
+    return str(tmp_path / "data")
+
+
+@pytest.fixture
+def node(data_dir: str) -> Iterator[RealNode]:
+    started = RealNode(data_dir).start()
+    yield started
+    started.kill()
+
+
+def test_one_round_trip_per_protocol(node: RealNode) -> None:
+    """A real node serves CAS, key-value, Gradle, module multipart, Nx and chunked Metro."""
+    call = Http(node)
+    tenant = "tenant_id=default"
+
+    assert call("POST", f"/api/cache/cas/c1?{tenant}", b"cas-bytes")[0] == 204
+    status, headers, body = call("GET", f"/api/cache/cas/c1?{tenant}")
+    assert (status, body) == (200, b"cas-bytes")
+    assert headers["content-type"] == "application/octet-stream"
+
+    kv = json.dumps({"cas_id": "k1", "entries": [{"value": "x"}]}).encode()
+    assert call("PUT", f"/api/cache/keyvalue?{tenant}", kv)[0] == 204
+    status, _, body = call("GET", f"/api/cache/keyvalue/k1?{tenant}")
+    assert (status, body) == (200, b'{"entries":[{"value":"x"}]}')
+
+    assert call("PUT", f"/api/cache/gradle/g1?{tenant}", b"gradle")[0] == 201
+    assert call("PUT", f"/api/cache/gradle/g1?{tenant}", b"gradle")[0] == 200
+    assert call("GET", f"/api/cache/gradle/g1?{tenant}")[2] == b"gradle"
+
+    query = f"{tenant}&hash=h1&name=App.framework"
+    status, _, body = call("POST", f"/api/cache/module/start?{query}")
+    assert status == 200
+    upload_id = json.loads(body)["upload_id"]
+    part = f"/api/cache/module/part?upload_id={upload_id}&part_number={{}}"
+    assert call("POST", part.format(2), b"-part-two")[0] == 204
+    assert call("POST", part.format(1), b"part-one")[0] == 204
+    done = call(
+        "POST",
+        f"/api/cache/module/complete?upload_id={upload_id}",
+        b'{"parts":[1,2]}',
+        {"Content-Type": "application/json"},
+    )
+    assert done[0] == 204
+    assert call("HEAD", f"/api/cache/module/module-1?{query}")[0] == 204
+    status, headers, body = call("GET", f"/api/cache/module/module-1?{query}")
+    assert (status, headers["content-length"], body) == (200, "17", b"part-one-part-two")
+
+    assert call("PUT", "/v1/cache/nx1", b"nx")[0] == 200
+    assert call("PUT", "/v1/cache/nx1", b"nx")[0] == 200
+    assert call("GET", "/v1/cache/nx1")[2] == b"nx"
+
+    chunks = iter([b"metro-", b"bundle"])
+    assert call("PUT", "/api/metro/cache/m1", chunks, {"Transfer-Encoding": "chunked"})[0] == 200
+    status, headers, body = call("GET", "/api/metro/cache/m1")
+    assert (status, headers["content-length"], body) == (200, "12", b"metro-bundle")
+
+    status, headers, body = call("GET", "/metrics")
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert b'kura_http_requests_total{route="/api/cache/cas/{id}",status="204"} 1.0' in body
+    assert call("GET", "/ready")[0] == 200
+
+
+def test_second_process_on_the_same_data_dir_exits_naming_the_lock(
+    node: RealNode, data_dir: str
+) -> None:
+    """A second node on a locked data dir exits non-zero naming the lock; the first serves on."""
+    second = RealNode(data_dir)
+    second.log_path = data_dir + ".second.log"
+    with pytest.raises(RuntimeError):
+        second.start(timeout=15)
+    assert second.process.returncode != 0
+    assert os.path.join(data_dir, LOCK_FILE_NAME) in second.log()
+    call = Http(node)
+    assert call("POST", "/api/cache/cas/after?tenant_id=default", b"still")[0] == 204
+    assert call("GET", "/ready")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("point", "survives"),
+    [
+        ("before_fsync", False),
+        ("after_bytes_durable_before_metadata", False),
+        ("after_metadata_commit_before_ack", True),
+    ],
+)
+def test_crash_at_each_publish_step(data_dir: str, point: str, survives: bool) -> None:
+    """Killed at a publish step, a restarted node has the whole artifact or none of it."""
+    body = os.urandom(64 * 1024)
+    crashing = RealNode(data_dir, KURA_FAILPOINTS=f"{point}:exit").start()
     try:
-        url = f"{node.url}/api/cache/cas/abc?tenant_id=default"
-        put = urllib.request.Request(url, data=b"payload", method="POST")
-        with urllib.request.urlopen(put) as response:
-            assert response.status == 204
-        with urllib.request.urlopen(url) as response:
-            assert response.read() == b"payload"
+        call = Http(crashing)
+        assert call("POST", "/api/cache/cas/kept?tenant_id=default", b"k")[0] != 204
+    except (http.client.HTTPException, ConnectionError):
+        pass  # the process died under the request
     finally:
-        assert node.stop() == 0
+        assert crashing.process.wait(15) == EXIT_STATUS
+    restarted = RealNode(data_dir).start()
+    try:
+        call = Http(restarted)
+        status, _, got = call("GET", "/api/cache/cas/kept?tenant_id=default")
+        if survives:
+            assert (status, got) == (200, b"k")
+            assert len(files_under(os.path.join(data_dir, "blobs"))) == 1
+        else:
+            assert status == 404
+            assert files_under(os.path.join(data_dir, "blobs")) == []
+        assert files_under(os.path.join(data_dir, "tmp", "uploads")) == []
+        assert call("POST", "/api/cache/cas/other?tenant_id=default", body)[0] == 204
+        assert call("GET", "/api/cache/cas/other?tenant_id=default")[2] == body
+    finally:
+        assert restarted.stop() == 0
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds (bounded); fail the test if it never does."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.01)
+
+
+def test_kill_mid_upload_publishes_nothing(data_dir: str) -> None:
+    """SIGKILL with half a body staged: after restart, 404, staging wiped, a retry works."""
+    first = RealNode(data_dir).start()
+    uploads = os.path.join(data_dir, "tmp", "uploads")
+    with socket.create_connection(("127.0.0.1", first.port), timeout=10) as sock:
+        sock.sendall(
+            b"PUT /api/cache/gradle/g1?tenant_id=default HTTP/1.1\r\nHost: kura\r\n"
+            b"Content-Length: 1048576\r\n\r\n" + b"x" * 600_000
+        )
+        wait_for(lambda: files_under(uploads) != [])
+        first.kill()
+    restarted = RealNode(data_dir).start()
+    try:
+        call = Http(restarted)
+        assert call("GET", "/api/cache/gradle/g1?tenant_id=default")[0] == 404
+        assert files_under(uploads) == []
+        assert call("PUT", "/api/cache/gradle/g1?tenant_id=default", b"y" * 1000)[0] == 201
+        assert call("GET", "/api/cache/gradle/g1?tenant_id=default")[2] == b"y" * 1000
+    finally:
+        assert restarted.stop() == 0

@@ -9,6 +9,7 @@ the work and choose the status.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -16,7 +17,7 @@ from typing import Any, TypeVar, cast
 
 import attrs
 from klein import Klein, KleinRenderable
-from prometheus_client.twisted import MetricsResource
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -42,6 +43,7 @@ from kura.storage.metadata import Outcome, Upload, WritePolicy
 from kura.storage.runner import BlockingRunner
 from kura.storage.store import ArtifactStore
 
+from .authorization import RequestAuthorization
 from .download import FileBodyProducer, TransferFailed, artifact_head
 from .errors import classify_failure, respond_with_error
 from .gate import Admission
@@ -82,8 +84,19 @@ def route(rule: str, *, methods: list[str], **fields: Any) -> Callable[[Handler]
 
     def register(handler: Handler) -> Handler:
         endpoint = handler.__name__
-        _SPECS[endpoint] = RouteSpec(endpoint=endpoint, template=template_of(rule), **fields)
-        _app.route(rule, methods=methods, endpoint=endpoint)(handler)
+        spec = RouteSpec(endpoint=endpoint, template=template_of(rule), **fields)
+        _SPECS[endpoint] = spec
+        if spec.probe:
+            _app.route(rule, methods=methods, endpoint=endpoint)(handler)
+            return handler
+
+        @functools.wraps(handler)
+        async def respond(self: PublicAPI, request: KuraRequest, **kwargs: Any) -> Any:
+            body = await handler(self, request, **kwargs)
+            await self._extension_headers(request)
+            return body
+
+        _app.route(rule, methods=methods, endpoint=endpoint)(respond)
         return handler
 
     return register
@@ -124,8 +137,10 @@ class PublicAPI:
         state: NodeState,
         metrics: KuraMetrics,
         runner: BlockingRunner,
+        authorization: RequestAuthorization,
     ) -> None:
         self._config = config
+        self._authorization = authorization
         self._store = store
         self._state = state
         self._metrics = metrics
@@ -136,7 +151,6 @@ class PublicAPI:
                 _SPECS["keyvalue_put"], body_limit=config.max_keyvalue_bytes
             ),
         }
-        self._metrics_resource = MetricsResource(metrics.registry)
 
     def resource(self) -> IResource:
         return self.app.resource()
@@ -150,6 +164,17 @@ class PublicAPI:
         if request.rejection is not None:
             raise request.rejection
         return admission
+
+    async def _extension_headers(self, request: KuraRequest) -> None:
+        """Add the extension's ``response_headers`` before the head goes out."""
+        admission = request.admitted
+        if request.startedWriting or admission is None or admission.caller is None:
+            return
+        extra = await self._authorization.response_headers(
+            admission.hook_context, admission.caller, request.code
+        )
+        for name, value in extra:
+            request.setHeader(name, value)
 
     def _empty(self, request: KuraRequest, status: int) -> bytes:
         request.setResponseCode(status)
@@ -250,6 +275,11 @@ class PublicAPI:
             self._count_read(spec.producer, "ok")
             return b""
         self._metrics.serving_paths.labels("fallback").inc()
+        try:
+            await self._extension_headers(request)
+        except BaseException:
+            os.close(fd)
+            raise
         return await self._stream(request, spec, fd, head.body.offset, head.body.length)
 
     async def _stream(
@@ -375,6 +405,7 @@ class PublicAPI:
         tenant_required=True,
         body=BodyKind.MEMORY,
         too_large_message="Failed to read key-value request body: length limit exceeded",
+        key_in_body=True,
     )
     async def keyvalue_put(self, request: KuraRequest) -> bytes:
         admission = await self._admission(request)
@@ -400,6 +431,10 @@ class PublicAPI:
             self._count_write(Producer.XCODE, "error")
             raise BadRequest(f"Invalid key-value payload: {error}") from None
         address = keyvalue_address(cas_id, namespace_of(admission.query))
+        if admission.authorize_after_body and admission.hook_context is not None:
+            ctx = attrs.evolve(admission.hook_context, artifact_key=address.key)
+            caller = await self._authorization.check(ctx)
+            request.admitted = attrs.evolve(admission, caller=caller, hook_context=ctx)
         value = json.dumps(
             {"entries": [{"value": e["value"]} for e in entries]}, separators=(",", ":")
         ).encode("utf-8")
@@ -620,6 +655,7 @@ class PublicAPI:
         operation=Operation.READ,
         producer=Producer.NX,
         address=fixed_namespace(Producer.NX, "nx", "hash"),
+        tenantless=True,
         accelerable=True,
         misses_on_fault=True,
         plain_auth_errors=True,
@@ -633,6 +669,7 @@ class PublicAPI:
         operation=Operation.WRITE,
         producer=Producer.NX,
         address=fixed_namespace(Producer.NX, "nx", "hash"),
+        tenantless=True,
         body=BodyKind.STAGED,
         body_limit=2 * GiB,
         plain_auth_errors=True,
@@ -647,6 +684,7 @@ class PublicAPI:
         operation=Operation.READ,
         producer=Producer.METRO,
         address=fixed_namespace(Producer.METRO, "metro", "cache_key"),
+        tenantless=True,
         accelerable=True,
         misses_on_fault=True,
     )
@@ -659,6 +697,7 @@ class PublicAPI:
         operation=Operation.WRITE,
         producer=Producer.METRO,
         address=fixed_namespace(Producer.METRO, "metro", "cache_key"),
+        tenantless=True,
         body=BodyKind.STAGED,
         body_limit=2 * GiB,
     )
@@ -681,21 +720,34 @@ class PublicAPI:
         return self._json(request, 200, self._state.rollout_report())
 
     @route("/metrics", methods=["GET"], probe=True)
-    def metrics(self, request: KuraRequest) -> IResource:
+    def metrics(self, request: KuraRequest) -> bytes:
+        # Rendered inline from the injected registry: it is CPU-only and small,
+        # and prometheus_client's Twisted resource would run it on the global
+        # reactor's thread pool (never answering on an injected reactor).
         self._metrics.cas_used_bytes.set(self._store.metadata.used_bytes)
         self._metrics.tmp_dir_bytes.set(self._store.tmp_budget.used)
         self._metrics.outbox_messages.set(self._store.outbox_depth)
-        return self._metrics_resource
+        body = generate_latest(self._metrics.registry)
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", CONTENT_TYPE_PLAIN_0_0_4.encode("ascii"))
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return body
 
     # -- errors ---------------------------------------------------------------------------
 
     @_app.handle_errors(Exception)
     def errors(self, request: IRequest, failure: Failure) -> KleinRenderable:
+        return Deferred.fromCoroutine(self._render_error(cast(KuraRequest, request), failure))
+
+    async def _render_error(self, request: KuraRequest, failure: Failure) -> bytes | None:
+        """The one place an exception becomes a response (see kura.api.errors)."""
         error = classify_failure(failure)
         if error is None:
             return None
-        spec = cast(KuraRequest, request).spec
+        spec = request.spec
         if error.status >= 500 and not isinstance(failure.value, KuraError):
             log.failure("unexpected error on {route}", failure, route=spec.template)
             self._metrics.http_exceptions.labels(spec.template, type(failure.value).__name__).inc()
-        return respond_with_error(request, error, spec)
+        body = respond_with_error(request, error, spec)
+        await self._extension_headers(request)
+        return body

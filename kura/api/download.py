@@ -180,6 +180,20 @@ class FileBodyProducer:
         self._read_next()
 
     def stopProducing(self) -> None:
-        if self._fd is not None:
-            self._close()
-            self._done.errback(TransferFailed("client_aborted", self.sent))
+        """The consumer went away: close the file and fail the transfer.
+
+        A transport stops its producer *before* the protocol hears that the
+        connection was lost. Failing the transfer at once would let the
+        handler return and the request be finished as if it had been
+        answered (counted as a success, and finished with this producer
+        still registered). So the failure waits for the request to see the
+        loss, unless it already has.
+        """
+        if self._fd is None:
+            return
+        self._close()
+        failure = TransferFailed("client_aborted", self.sent)
+        if getattr(self._request, "_disconnected", False):
+            self._done.errback(failure)
+        else:
+            self._request.notifyFinish().addBoth(lambda _: self._done.errback(failure))

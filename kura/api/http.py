@@ -109,7 +109,8 @@ class KuraRequest(server.Request):
             query=_decode_query(raw_query),
             headers=_header_map(self),
             declared_length=self._declared_length,
-            transport="https" if self.isSecure() else "http",
+            transport=self._transport_name(),
+            raw_query=raw_query,
         )
         self.spec = site.gate.classify(head)[0]
         self.admission = site.gate.admit(head)
@@ -125,6 +126,12 @@ class KuraRequest(server.Request):
                 lambda a: self._admitted(a, expect_continue, synchronous=False),
                 lambda f: self._refused(f, synchronous=False),
             )
+
+    def _transport_name(self) -> str:
+        channel: Any = self.channel
+        if not isinstance(channel, http.HTTPChannel):
+            return "h2"
+        return "https" if self.isSecure() else "http"
 
     def _has_body(self) -> bool:
         return self._declared_length != 0
@@ -160,7 +167,13 @@ class KuraRequest(server.Request):
             self.handleContentChunk(chunk)
         return admission
 
-    def _refused(self, failure: Failure, synchronous: bool) -> Failure:
+    def _refused(self, failure: Failure, synchronous: bool) -> Failure | None:
+        """Record a refusal; handlers raise it from :attr:`rejection`.
+
+        A recorded refusal is consumed here: requests that no handler
+        awaits (an unknown route with a body) must not leave an unhandled
+        failure behind to be logged as an error when collected.
+        """
         self._early_chunks = None
         self._resume("admission")
         error = failure.value
@@ -168,7 +181,7 @@ class KuraRequest(server.Request):
             self.rejection = error
         if self._has_body():
             self._skip_body(synchronous)
-        return failure
+        return None if isinstance(error, KuraError) else failure
 
     def _skip_body(self, synchronous: bool) -> None:
         """Answer without reading the body; the connection closes afterwards."""
@@ -203,18 +216,27 @@ class KuraRequest(server.Request):
         if self._early_chunks is not None:
             self._early_chunks.append(data)
             return
+        spec = self.admitted.spec if self.admitted is not None else self.spec
         try:
             if self.staging is not None:
-                self.staging.write(data)
+                try:
+                    self.staging.write(data)
+                except PayloadTooLarge:
+                    # The route's own wording (e.g. "Part exceeds 10MB limit"),
+                    # as when the declared length is over the limit.
+                    raise PayloadTooLarge(spec.too_large_message) from None
                 self._pace(len(data))
             else:
-                spec = self.admitted.spec if self.admitted is not None else self.spec
                 content = self.body_bytes
                 if content.tell() + len(data) > spec.body_limit:
                     raise PayloadTooLarge(spec.too_large_message)
                 content.write(data)
         except KuraError as error:
             self.rejection = error
+            if self.staging is not None:
+                # The body will never be published: give back its file and
+                # its staging reservation now, not at the next restart.
+                self.staging.abort()
             self._skip_body(synchronous=False)
 
     def _pace(self, size: int) -> None:
@@ -308,9 +330,17 @@ class KuraRequest(server.Request):
             # The client left before its request was complete.
             if self.staging is not None:
                 self.staging.abort()
+            # A body already failed as bad framing was counted (400, write
+            # error) when it failed; its connection closing is not an abort.
+            already_counted = self._counted
             self._count(499)
             spec = self.admitted.spec if self.admitted is not None else None
-            if spec is not None and spec.producer is not None and spec.body is BodyKind.STAGED:
+            if (
+                not already_counted
+                and spec is not None
+                and spec.producer is not None
+                and spec.body is BodyKind.STAGED
+            ):
                 self._site.metrics.artifact_writes.labels(
                     spec.producer.value, "client_aborted"
                 ).inc()
@@ -431,7 +461,10 @@ class KuraHTTPChannel(http.HTTPChannel):
         """
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
         transport: Any = self.transport
-        transport.loseWriteConnection()
+        # TLS transports cannot half-close; they still drain, then close.
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is not None:
+            half_close()
         transport.resumeProducing()
         self._lingering = self.reactor.callLater(LINGER_SECONDS, transport.loseConnection)
 
@@ -440,6 +473,23 @@ class KuraHTTPChannel(http.HTTPChannel):
         if self._lingering is not None and self._lingering.active():
             self._lingering.cancel()
         super().connectionLost(reason)
+
+
+ACCESS = "{method} {path} {status} {request_id}"
+
+
+def log_access(
+    method: bytes, path: bytes, status: int, request_id: str | bytes, spec: RouteSpec
+) -> None:
+    """One structured access event; both serving paths log through here."""
+    log.info(
+        ACCESS,
+        method=method.decode("ascii", "replace"),
+        path=path.decode("ascii", "replace"),
+        status=status,
+        request_id=request_id if isinstance(request_id, str) else request_id.decode("ascii"),
+        route=spec.template,
+    )
 
 
 class KuraSite(server.Site):
@@ -471,6 +521,7 @@ class KuraSite(server.Site):
         self.header_timeout = header_timeout
         self.send_timeout = send_timeout
         self.on_channel: Callable[[KuraHTTPChannel], None] = lambda channel: None
+        self.access_log = True
 
     def make_channel(self) -> KuraHTTPChannel:
         """A bare HTTP/1.1 channel for this site (the accelerator's fallback)."""
@@ -497,12 +548,5 @@ class KuraSite(server.Site):
 
     def log(self, request: http.Request) -> None:
         """Access logging is structured (see kura.logs), not the common log format."""
-        if isinstance(request, KuraRequest):
-            log.info(
-                "{method} {path} {status} {request_id}",
-                method=request.method.decode("ascii", "replace"),
-                path=request.path.decode("ascii", "replace"),
-                status=request.code,
-                request_id=request.request_id,
-                route=request.spec.template,
-            )
+        if self.access_log and isinstance(request, KuraRequest):
+            log_access(request.method, request.path, request.code, request.request_id, request.spec)

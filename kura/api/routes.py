@@ -107,6 +107,10 @@ class RouteSpec:
         head_check: extra validation of the query at admission (raises
             :class:`BadRequest`).
         not_found_message: the 404 message of reads.
+        tenantless: the protocol carries no tenant (Nx, Metro); hooks see
+            tenant ``default``.
+        key_in_body: the artifact key may come only in the (small) body
+            (key-value PUT's ``cas_id``), so hooks run once it is read.
     """
 
     endpoint: str
@@ -126,6 +130,8 @@ class RouteSpec:
     needs_upload: bool = False
     verify_digest: bool = False
     head_check: Callable[[Query], None] | None = None
+    tenantless: bool = False
+    key_in_body: bool = False
     not_found_message: str = "Artifact not found"
 
 

@@ -236,15 +236,21 @@ class StagingFile:
         """Make the complete body durable and return it.
 
         The caller owns the returned file and its reservation from here on.
+        When this fails, the staged file is removed and its reservation
+        released (nobody else would: the caller never got the file).
         """
-        while self._inflight is not None:
-            await self._inflight
-        if self._error is not None:
-            self._error.raiseException()
         try:
-            digest = await self._runner.run(self._writer.seal, self._take(), self._failpoints)
-        except OSError as error:
-            raise translate_os_error(error) from error
+            while self._inflight is not None:
+                await self._inflight
+            if self._error is not None:
+                self._error.raiseException()
+            try:
+                digest = await self._runner.run(self._writer.seal, self._take(), self._failpoints)
+            except OSError as error:
+                raise translate_os_error(error) from error
+        except BaseException:
+            await self.abort()
+            raise
         self._closed = True
         return StagedBody(self.path, self.received, digest, self.reserved)
 

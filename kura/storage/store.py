@@ -237,9 +237,10 @@ class ArtifactStore:
         if self._committing or not self._queue:
             return
         batch, self._queue = self._queue, []
-        operations = [pending.operation for pending in batch]
-        if self._accessed:
-            operations.append(self._access_operation())
+        # Recorded reads go first, so that eviction in this very batch sees
+        # them (the LRU order is what the reads made it).
+        recency = [self._access_operation()] if self._accessed else []
+        operations = [*recency, *(pending.operation for pending in batch)]
         self._committing = True
         self._write_epoch += 1
         d = self._runner.run(self.metadata.commit, operations)
@@ -247,7 +248,7 @@ class ArtifactStore:
         def committed(results: list[Any]) -> None:
             self._committing = False
             self._write_epoch += 1
-            for pending, result in zip(batch, results, strict=False):
+            for pending, result in zip(batch, results[len(recency) :], strict=True):
                 if isinstance(result, Exception):
                     pending.done.errback(_as_domain_error(result))
                 else:
@@ -355,11 +356,13 @@ class ArtifactStore:
         content_type: str,
         policy: WritePolicy,
         version_ms: int | None = None,
+        targets: Sequence[str] | None = None,
     ) -> PublishResult:
         """Publish a durable staged body as the artifact at ``address``.
 
         The staged file is consumed whatever happens, and its budget
-        reservation released.
+        reservation released. ``targets`` overrides the replication targets
+        (replicated applies pass ``()`` so they queue no outbox rows).
 
         Raises:
             InsufficientStorage: the artifact alone exceeds the capacity, or
@@ -394,7 +397,7 @@ class ArtifactStore:
             version_ms=version_ms if version_ms is not None else self.next_version(),
             created_at_ms=now,
         )
-        return await self._apply(manifest, None, policy)
+        return await self._apply(manifest, None, policy, targets)
 
     def _place(self, staged_path: str, relative: str) -> None:
         """Move a durable staged file into ``blobs/`` and make the rename durable."""
@@ -408,8 +411,13 @@ class ArtifactStore:
                 raise
             _copy_durably(staged_path, target)
             os.unlink(staged_path)
-        fsync_directory(directory)
-        self._failpoints.hit(AFTER_BYTES_DURABLE_BEFORE_METADATA)
+        try:
+            fsync_directory(directory)
+            self._failpoints.hit(AFTER_BYTES_DURABLE_BEFORE_METADATA)
+        except BaseException:
+            # Never committed: remove it now rather than at the next start-up.
+            _unlink_quietly(target)
+            raise
 
     async def put_inline(
         self,
@@ -419,8 +427,12 @@ class ArtifactStore:
         content_type: str,
         policy: WritePolicy,
         version_ms: int | None = None,
+        targets: Sequence[str] | None = None,
     ) -> PublishResult:
-        """Store a small body inline in the metadata store (key-value entries)."""
+        """Store a small body inline in the metadata store (key-value entries).
+
+        ``targets`` as for :meth:`publish_blob`.
+        """
         manifest = Manifest(
             artifact_id=self.artifact_id(address),
             producer=address.producer.value,
@@ -433,12 +445,18 @@ class ArtifactStore:
             version_ms=version_ms if version_ms is not None else self.next_version(),
             created_at_ms=self.now_ms(),
         )
-        return await self._apply(manifest, value, policy)
+        return await self._apply(manifest, value, policy, targets)
 
     async def _apply(
-        self, manifest: Manifest, inline_value: bytes | None, policy: WritePolicy
+        self,
+        manifest: Manifest,
+        inline_value: bytes | None,
+        policy: WritePolicy,
+        targets: Sequence[str] | None = None,
     ) -> PublishResult:
-        targets = tuple(self.replication_targets())
+        # Replicated applies pass their own (empty) targets: a write that
+        # arrived from a peer must not be queued to the peers again.
+        targets = tuple(self.replication_targets()) if targets is None else tuple(targets)
         now = self.now_ms()
         capacity = self.capacity_bytes
 
@@ -477,10 +495,19 @@ class ArtifactStore:
             await self._unlink(garbage)
         return PublishResult(result.outcome, current)
 
-    async def delete_namespace(self, namespace_id: str, version_ms: int | None = None) -> Outcome:
-        """Tombstone a namespace: every artifact in it older than the version goes."""
+    async def delete_namespace(
+        self,
+        namespace_id: str,
+        version_ms: int | None = None,
+        *,
+        targets: Sequence[str] | None = None,
+    ) -> Outcome:
+        """Tombstone a namespace: every artifact in it older than the version goes.
+
+        ``targets`` as for :meth:`publish_blob`.
+        """
         version = version_ms if version_ms is not None else self.next_version()
-        targets = tuple(self.replication_targets())
+        targets = tuple(self.replication_targets()) if targets is None else tuple(targets)
         now = self.now_ms()
         result = await self._commit(
             lambda conn: self.metadata.delete_namespace(conn, namespace_id, version, targets, now)
@@ -592,6 +619,51 @@ class ArtifactStore:
     async def outbox_delete(self, seqs: Sequence[int]) -> None:
         deleted = await self._commit(lambda conn: self.metadata.delete_outbox(conn, seqs))
         self.outbox_depth = max(0, self.outbox_depth - deleted)
+
+    # -- replication reads (issue 5: receiver and catch-up) ----------------------------
+
+    async def apply_preview(
+        self, artifact_id: str, namespace_id: str, version_ms: int
+    ) -> Outcome | None:
+        """What a last-writer-wins apply of ``version_ms`` would do, decided without a body.
+
+        Read-only and advisory: the commit decides again under its
+        transaction. Returns ``None`` when the write would apply, otherwise
+        ``IGNORED_TOMBSTONE``, ``IGNORED_STALE`` or ``IGNORED_EQUAL`` (an
+        existing version whose body is missing never wins).
+
+        Raises:
+            StorageFault: the metadata read failed.
+        """
+        try:
+            return await self._runner.run(self._preview, artifact_id, namespace_id, version_ms)
+        except sqlite3.Error as error:
+            raise StorageFault(f"metadata read failed: {error}") from error
+
+    def _preview(self, artifact_id: str, namespace_id: str, version_ms: int) -> Outcome | None:
+        tombstone = self.metadata.tombstone_version(namespace_id)
+        if tombstone is not None and tombstone >= version_ms:
+            return Outcome.IGNORED_TOMBSTONE
+        current = self.metadata.get_manifest(artifact_id)
+        if current is None:
+            return None
+        if not current.inline and not (
+            current.blob_path and os.path.exists(self.layout.absolute(current.blob_path))
+        ):
+            return None
+        if current.version_ms > version_ms:
+            return Outcome.IGNORED_STALE
+        if current.version_ms == version_ms:
+            return Outcome.IGNORED_EQUAL
+        return None
+
+    async def manifests_page(self, after: str | None, limit: int) -> list[Manifest]:
+        """Manifests in artifact-id order, strictly after ``after`` (catch-up paging)."""
+        return await self._runner.run(self.metadata.manifests_page, after, limit)
+
+    async def tombstones_page(self, after: str | None, limit: int) -> list[tuple[str, int]]:
+        """Namespace tombstones in namespace order, strictly after ``after``."""
+        return await self._runner.run(self.metadata.tombstones_page, after, limit)
 
 
 def _as_domain_error(error: BaseException) -> BaseException:

@@ -1,0 +1,1 @@
+"""The public HTTP API: Klein routes, head-time admission, twisted.web glue."""

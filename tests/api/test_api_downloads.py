@@ -1,0 +1,96 @@
+"""Artifact downloads on the twisted.web path: HEAD, aborted transfers, descriptors."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from kura.service import KuraNode
+from kura.testing import ControlledRunner, Exchange, request, sample
+
+GRADLE = "/api/cache/gradle/{key}?tenant_id=default"
+
+
+def open_blob_descriptors(node: KuraNode) -> int:
+    """How many descriptors of this process point at ``node``'s artifact files."""
+    blobs = node.store.layout.blobs
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        count += target.startswith(blobs)
+    return count
+
+
+def test_head_on_download_routes_has_get_headers_and_no_body(nodes: Any) -> None:
+    """HEAD on a GET route answers the GET's status and headers with an empty body."""
+    node = nodes.start()
+    request(node, "PUT", GRADLE.format(key="g1"), b"12345")
+    kv = b'{"cas_id":"k","entries":[{"value":"v"}]}'
+    request(node, "PUT", "/api/cache/keyvalue?tenant_id=default", kv)
+    hit = request(node, "HEAD", GRADLE.format(key="g1"))
+    assert hit.status == 200
+    assert hit.headers["content-length"] == "5"
+    assert hit.headers["etag"]
+    assert hit.body == b""
+    miss = request(node, "HEAD", GRADLE.format(key="nope"))
+    assert miss.status == 404
+    assert miss.body == b""
+    assert request(node, "HEAD", "/api/cache/keyvalue/k?tenant_id=default").status == 200
+
+
+def test_client_leaving_mid_download_is_499_and_frees_the_file(nodes: Any) -> None:
+    """A download abandoned by its client is counted (499, client_aborted) and its fd closed."""
+    runner = ControlledRunner()
+    node = nodes.start(runner=runner)
+    size = 1024 * 1024 + 1
+    request(node, "PUT", GRADLE.format(key="g1"), b"d" * size)
+    runner.hold = lambda f: f is os.pread
+    client = Exchange(node)
+    client.send(f"GET {GRADLE.format(key='g1')} HTTP/1.1\r\nHost: kura\r\n\r\n".encode())
+    runner.release()  # the first chunk is written
+    assert open_blob_descriptors(node) == 1
+    client.disconnect()
+    while runner.held:
+        runner.release()
+    assert open_blob_descriptors(node) == 0
+    route = "/api/cache/gradle/{cache_key}"
+    assert sample(node, "kura_http_requests_total", route=route, status="499") == 1
+    assert (
+        sample(
+            node,
+            "kura_artifact_egress_completions_total",
+            producer="gradle",
+            result="client_aborted",
+        )
+        == 1
+    )
+    assert sample(node, "kura_public_http_inflight_requests") == 0
+    assert sample(node, "kura_http_inflight_requests") == 0
+
+
+def test_completed_downloads_release_their_descriptors(nodes: Any) -> None:
+    """Many full, ranged and HEAD downloads leave no descriptor open."""
+    node = nodes.start()
+    request(node, "PUT", GRADLE.format(key="g1"), b"x" * 1000)
+    for headers in ({}, {"Range": "bytes=10-19"}, {"Range": "bytes=5000-"}):
+        for _ in range(5):
+            request(node, "GET", GRADLE.format(key="g1"), headers=headers)
+            request(node, "HEAD", GRADLE.format(key="g1"), headers=headers)
+    assert open_blob_descriptors(node) == 0
+
+
+def test_head_deadline_answers_408_and_closes(nodes: Any) -> None:
+    """A request head not complete within KURA_HEADER_TIMEOUT_MS gets 408 and a close."""
+    node = nodes.start(KURA_HEADER_TIMEOUT_MS="5000")
+    client = Exchange(node)
+    client.send(b"GET /up HTTP/1.1\r\nHost: ku")
+    node.reactor.advance(4)
+    client.send(b"r")  # trickling bytes does not extend the deadline
+    assert client.responses() == []
+    node.reactor.advance(1.5)
+    (response,) = client.responses()
+    assert response.status == 408
+    assert client.closed

@@ -1,0 +1,290 @@
+"""Limits decided from the request head, staging budget and write shedding."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from kura.service import KuraNode
+from kura.testing import ControlledRunner, Exchange, files_under, request, sample
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+CAS = "/api/cache/cas/{id}?tenant_id=default"
+
+
+def head(method: str, target: str, *lines: str) -> bytes:
+    return (
+        "\r\n".join([f"{method} {target} HTTP/1.1", "Host: kura", *lines]) + "\r\n\r\n"
+    ).encode()
+
+
+def message(body: bytes) -> str:
+    return str(json.loads(body)["message"])
+
+
+def part_target(node: KuraNode) -> str:
+    start = request(node, "POST", "/api/cache/module/start?tenant_id=default&hash=h&name=n")
+    return f"/api/cache/module/part?upload_id={start.json()['upload_id']}&part_number=1"
+
+
+def assert_nothing_staged(node: KuraNode) -> None:
+    assert files_under(node.store.layout.uploads) == []
+    assert node.store.tmp_budget.used == 0
+
+
+# -- over-limit Content-Length -------------------------------------------------------------
+
+
+OVER_LIMIT = [
+    ("POST", CAS.format(id="c1"), 256 * MiB + 1, "Request body exceeded allowed size"),
+    ("PUT", "/api/cache/gradle/g1?tenant_id=default", 100 * MiB + 1, None),
+    ("PUT", "/v1/cache/n1", 2 * GiB + 1, None),
+    ("PUT", "/api/metro/cache/m1", 2 * GiB + 1, None),
+    (
+        "PUT",
+        "/api/cache/keyvalue?tenant_id=default",
+        MiB + 1,
+        "Failed to read key-value request body: length limit exceeded",
+    ),
+    ("POST", CAS.format(id="c1"), 99999999999999999999999, None),
+    ("POST", CAS.format(id="c1"), 2**63, None),
+    ("GET", CAS.format(id="c1"), 64 * 1024 + 1, None),  # a stray body on a bodiless route
+]
+
+
+@pytest.mark.parametrize(("method", "target", "length", "text"), OVER_LIMIT)
+def test_over_limit_content_length_is_413_from_the_head(
+    node: KuraNode, method: str, target: str, length: int, text: str | None
+) -> None:
+    """413 arrives for the head alone: no 100 Continue, no body byte read, nothing staged."""
+    client = Exchange(node)
+    client.send(head(method, target, f"Content-Length: {length}", "Expect: 100-continue"))
+    written = client.transport.value()
+    assert written.startswith(b"HTTP/1.1 413 ")
+    assert b"100 Continue" not in written
+    (response,) = client.responses()
+    assert response.headers["connection"] == "close"
+    if text is not None:
+        assert message(response.body) == text
+    assert client.closed
+    assert_nothing_staged(node)
+    # Body bytes that arrive anyway are never read as a body or as a request.
+    client.send(b"x" * 4096 + head("GET", "/up"))
+    assert client.responses() == []
+    assert_nothing_staged(node)
+
+
+def test_module_part_over_limit_is_413_from_the_head(node: KuraNode) -> None:
+    """A module part declared above 10 MiB is refused before its body, with upstream's text."""
+    client = Exchange(node)
+    client.send(head("POST", part_target(node), f"Content-Length: {10 * MiB + 1}"))
+    (response,) = client.responses()
+    assert response.status == 413
+    assert message(response.body) == "Part exceeds 10MB limit"
+    assert_nothing_staged(node)
+
+
+def test_accepted_upload_gets_100_continue_after_admission(node: KuraNode) -> None:
+    """An admissible upload asking for 100 Continue gets it, then its final status."""
+    client = Exchange(node)
+    client.send(head("POST", CAS.format(id="c1"), "Content-Length: 5", "Expect: 100-continue"))
+    assert client.transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    client.send(b"hello")
+    (response,) = client.responses()
+    assert response.status == 204
+    assert request(node, "GET", CAS.format(id="c1")).body == b"hello"
+
+
+def test_existing_key_is_answered_before_its_body(node: KuraNode) -> None:
+    """Re-uploading a stored key is answered at once; the body is never read or staged."""
+    request(node, "PUT", "/api/cache/gradle/g1?tenant_id=default", b"first")
+    client = Exchange(node)
+    client.send(
+        head(
+            "PUT",
+            "/api/cache/gradle/g1?tenant_id=default",
+            f"Content-Length: {50 * MiB}",
+            "Expect: 100-continue",
+        )
+    )
+    written = client.transport.value()
+    assert b"100 Continue" not in written
+    (response,) = client.responses()
+    assert response.status == 200
+    assert client.closed
+    assert_nothing_staged(node)
+
+
+# -- chunked bodies past the limit --------------------------------------------------------
+
+
+def test_chunked_part_growing_past_the_limit_is_cut_with_413(node: KuraNode) -> None:
+    """A chunked module part is counted as it arrives and cut with 413 past 10 MiB."""
+    client = Exchange(node)
+    client.send(head("POST", part_target(node), "Transfer-Encoding: chunked"))
+    chunk = b"%x\r\n%s\r\n" % (MiB, b"p" * MiB)
+    for _ in range(10):
+        client.send(chunk)
+    assert client.responses() == []
+    client.send(b"1\r\nX\r\n")
+    node.reactor.advance(0)  # the cut is answered once the body decoder has returned
+    (response,) = client.responses()
+    assert response.status == 413
+    assert message(response.body) == "Part exceeds 10MB limit"
+    assert client.closed
+    client.send(chunk + b"0\r\n\r\n")
+    assert client.responses() == []
+    assert_nothing_staged(node)
+    assert files_under(node.store.layout.parts) == []
+
+
+def test_chunked_keyvalue_past_its_limit_is_413(nodes: Any) -> None:
+    """A chunked key-value body past KURA_MAX_KEYVALUE_BYTES is cut with 413."""
+    node = nodes.start(KURA_MAX_KEYVALUE_BYTES="64")
+    client = Exchange(node)
+    client.send(head("PUT", "/api/cache/keyvalue?tenant_id=default", "Transfer-Encoding: chunked"))
+    client.send(b"40\r\n" + b"{" * 64 + b"\r\n")
+    assert client.responses() == []
+    client.send(b"1\r\n}\r\n0\r\n\r\n")
+    node.reactor.advance(0)
+    (response,) = client.responses()
+    assert response.status == 413
+    assert message(response.body).startswith("Failed to read key-value request body: ")
+    assert client.closed
+
+
+def test_declared_length_at_the_limit_is_accepted(nodes: Any) -> None:
+    """The limit is inclusive: exactly KURA_MAX_KEYVALUE_BYTES is read and parsed."""
+    node = nodes.start(KURA_MAX_KEYVALUE_BYTES="64")
+    body = json.dumps({"cas_id": "k", "entries": [{"value": ""}]}).encode()
+    body += b" " * (64 - len(body))
+    assert len(body) == 64
+    assert request(node, "PUT", "/api/cache/keyvalue?tenant_id=default", body).status == 204
+
+
+# -- staging budget -----------------------------------------------------------------------
+
+
+def test_upload_over_the_tmp_budget_is_503(nodes: Any) -> None:
+    """An upload that cannot fit KURA_TMP_DIR_MAX_BYTES is 503 + Retry-After, from its head."""
+    node = nodes.start(KURA_TMP_DIR_MAX_BYTES="1000")
+    client = Exchange(node)
+    client.send(head("POST", CAS.format(id="c1"), "Content-Length: 2000", "Expect: 100-continue"))
+    written = client.transport.value()
+    assert b"100 Continue" not in written
+    (response,) = client.responses()
+    assert response.status == 503
+    assert response.headers["retry-after"] == "1"
+    assert message(response.body).startswith("Temporary storage budget exhausted: ")
+    assert client.closed
+    assert_nothing_staged(node)
+
+
+def test_tmp_budget_is_shared_by_uploads_in_flight(nodes: Any) -> None:
+    """Bytes reserved by an upload in flight count against the budget until it finishes."""
+    node = nodes.start(KURA_TMP_DIR_MAX_BYTES="1000")
+    first = Exchange(node)
+    first.send(head("POST", CAS.format(id="c1"), "Content-Length: 800") + b"x" * 100)
+    assert node.store.tmp_budget.used == 800
+    assert sample(node, "kura_tmp_dir_bytes") == 800
+    refused = request(node, "POST", CAS.format(id="c2"), b"y" * 300)
+    assert refused.status == 503
+    assert refused.headers["retry-after"] == "1"
+    first.send(b"x" * 700)
+    (done,) = first.responses()
+    assert done.status == 204
+    assert_nothing_staged(node)
+    assert sample(node, "kura_tmp_dir_bytes") == 0
+    assert request(node, "POST", CAS.format(id="c2"), b"y" * 300).status == 204
+
+
+def test_budget_is_released_when_an_upload_is_refused_midway(nodes: Any) -> None:
+    """A chunked upload cut by the budget gives every reserved byte back."""
+    node = nodes.start(KURA_TMP_DIR_MAX_BYTES=str(2 * MiB))
+    client = Exchange(node)
+    client.send(head("PUT", "/api/metro/cache/m1", "Transfer-Encoding: chunked"))
+    client.send(b"%x\r\n%s\r\n" % (MiB, b"m" * MiB))
+    client.send(b"%x\r\n%s\r\n" % (MiB, b"m" * MiB))
+    client.send(b"1\r\nm\r\n")
+    node.reactor.advance(0)
+    (response,) = client.responses()
+    assert response.status == 503
+    assert message(response.body).startswith("Temporary storage budget exhausted: ")
+    assert_nothing_staged(node)
+    assert request(node, "GET", "/api/metro/cache/m1").status == 404
+
+
+# -- write shedding -------------------------------------------------------------------------
+
+
+def test_writes_are_shed_at_outbox_max_depth(nodes: Any) -> None:
+    """At KURA_OUTBOX_MAX_DEPTH every write is 503 + Retry-After; reads and probes still work."""
+    node = nodes.start(KURA_OUTBOX_MAX_DEPTH="10")
+    request(node, "POST", CAS.format(id="c1"), b"kept")
+    node.store.outbox_depth = 10
+    for method, target in [
+        ("POST", CAS.format(id="c2")),
+        ("PUT", "/api/cache/gradle/g?tenant_id=default"),
+        ("PUT", "/v1/cache/n"),
+        ("PUT", "/api/cache/keyvalue?tenant_id=default"),
+        ("DELETE", "/api/cache/clean?tenant_id=default"),
+        ("POST", "/api/cache/module/start?tenant_id=default&hash=h&name=n"),
+    ]:
+        client = Exchange(node)
+        client.send(head(method, target, "Content-Length: 4", "Expect: 100-continue"))
+        assert b"100 Continue" not in client.transport.value()
+        (response,) = client.responses()
+        assert response.status == 503, target
+        assert response.headers["retry-after"] == "1"
+        assert message(response.body) == "server is shedding writes while replication catches up"
+    assert request(node, "GET", CAS.format(id="c1")).body == b"kept"
+    assert request(node, "GET", "/ready").status == 200
+    node.store.outbox_depth = 9
+    assert request(node, "POST", CAS.format(id="c2"), b"new").status == 204
+
+
+# -- admission that waits for a store lookup -------------------------------------------------
+
+
+def test_body_waits_for_a_pending_admission(nodes: Any) -> None:
+    """While the existence lookup runs, body bytes are held back and 100 Continue waits."""
+    runner = ControlledRunner()
+    node = nodes.start(runner=runner)
+    runner.hold = lambda f: getattr(f, "__qualname__", "") == "MetadataStore.get_manifest"
+    client = Exchange(node)
+    client.send(head("POST", CAS.format(id="c1"), "Content-Length: 10", "Expect: 100-continue"))
+    assert len(runner.held) == 1
+    assert client.transport.value() == b""  # no 100 Continue before the verdict
+    client.send(b"early")  # a client that does not wait for 100 Continue
+    assert client.transport.producerState == "paused"
+    assert files_under(node.store.layout.uploads) == []
+    runner.hold = lambda f: False
+    runner.release()
+    assert client.transport.producerState == "producing"
+    client.send(b"-late")
+    (response,) = client.responses()
+    assert response.status == 204
+    assert request(node, "GET", CAS.format(id="c1")).body == b"early-late"
+
+
+def test_existing_key_found_by_a_pending_lookup_skips_the_body(nodes: Any) -> None:
+    """An upload found to exist only after an asynchronous lookup still leaves its body unread."""
+    node = nodes.start()
+    request(node, "POST", CAS.format(id="c1"), b"original")
+    nodes.stop(node)
+    runner = ControlledRunner()
+    node = nodes.start(runner=runner)  # a cold manifest cache: the lookup goes to SQLite
+    runner.hold = lambda f: getattr(f, "__qualname__", "") == "MetadataStore.get_manifest"
+    client = Exchange(node)
+    client.send(head("POST", CAS.format(id="c1"), "Content-Length: 9") + b"replaced!")
+    runner.hold = lambda f: False
+    runner.release()
+    node.reactor.advance(0)
+    (response,) = client.responses()
+    assert response.status == 204
+    assert client.closed
+    assert_nothing_staged(node)
+    assert request(node, "GET", CAS.format(id="c1")).body == b"original"

@@ -1,0 +1,449 @@
+"""Configuration: the environment contract, its validation, its docs and twistd options."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kura.auth.config import EXTENSION_VARIABLES
+from kura.config import (
+    VARIABLES,
+    ConfigError,
+    KuraConfig,
+    TlsFiles,
+    derive_capacity,
+    render_markdown,
+)
+from kura.tap import OVERRIDES, Options, environment_with
+from kura.testing import REPO_ROOT
+
+TiB = 1 << 40
+
+
+def parse(environ: dict[str, str], filesystem: int = TiB) -> KuraConfig:
+    return KuraConfig.from_environ(environ, measure_filesystem=lambda path: filesystem)
+
+
+def problems(environ: dict[str, str]) -> list[str]:
+    """The ``"; "``-separated problems of the ConfigError ``environ`` raises."""
+    with pytest.raises(ConfigError) as raised:
+        parse(environ)
+    return str(raised.value).split("; ")
+
+
+@pytest.fixture
+def pem_files(tmp_path: Path) -> dict[str, str]:
+    """Three existing (dummy) PEM paths: cert, key and CA."""
+    paths = {}
+    for name in ("cert", "key", "ca"):
+        path = tmp_path / f"{name}.pem"
+        path.write_text("-----BEGIN DUMMY-----\n")
+        paths[name] = str(path)
+    return paths
+
+
+def test_empty_environment_gives_the_embedded_defaults() -> None:
+    """With no variable at all the node gets upstream's defaults and half the filesystem."""
+    config = parse({}, filesystem=1000)
+    assert (config.port, config.internal_port, config.https_port) == (4000, 7443, 4443)
+    assert config.bind_host == "0.0.0.0"
+    assert config.tenant_id == "default"
+    assert config.region == "local"
+    assert config.node_url == "http://127.0.0.1:7443"
+    assert config.public_tls is None
+    assert config.log_format == "json"
+    assert config.data_dir == "kura-data"
+    assert config.tmp_dir == os.path.join("kura-data", "tmp")
+    assert config.tmp_dir_max_bytes == 8 << 30
+    assert config.cas_capacity_bytes == 500
+    assert config.max_keyvalue_bytes == 1 << 20
+    assert config.manifest_cache_max_bytes == 32 << 20
+    assert config.storage_threads == 8
+    assert config.multipart_upload_ttl_ms == 86_400_000
+    assert config.multipart_janitor_interval_ms == 600_000
+    assert config.failpoints == ()
+    assert config.header_timeout_ms == 30_000
+    assert config.keepalive_idle_timeout_ms == 60_000
+    assert config.send_timeout_ms == 120_000
+    assert config.body_timeout_ms == 60_000
+    assert config.drain_completion_timeout_ms == 240_000
+    assert config.accelerator.enabled is True
+    assert config.accelerator.mode == "splice"
+    assert config.accelerator.max_concurrent == 32
+    assert config.accelerator.chunk_bytes == 1 << 20
+    replication = config.replication
+    assert replication.peers == ()
+    assert replication.discovery_dns_name is None
+    assert replication.outbox_max_depth == 100_000
+    assert replication.bandwidth_limit_bytes_per_second == 536_870_912
+    assert replication.public_latency_target_ms == 100
+    assert replication.upload_stall_ms == 60_000
+    assert replication.bootstrap_timeout_ms == 1_800_000
+    assert replication.bootstrap_max_concurrent_peers == 8
+    assert replication.internal_tls is None
+
+
+def _every_variable(pem: dict[str, str]) -> dict[str, tuple[str, Callable[[KuraConfig], Any], Any]]:
+    """Variable → (a non-default value, how to read it back, what it must parse to)."""
+    return {
+        "KURA_PORT": ("5001", lambda c: c.port, 5001),
+        "KURA_INTERNAL_PORT": ("9443", lambda c: c.internal_port, 9443),
+        "KURA_HTTPS_PORT": ("5443", lambda c: c.https_port, 5443),
+        "KURA_BIND_HOST": ("127.0.0.1", lambda c: c.bind_host, "127.0.0.1"),
+        "KURA_TENANT_ID": ("acme-1", lambda c: c.tenant_id, "acme-1"),
+        "KURA_REGION": ("eu-west", lambda c: c.region, "eu-west"),
+        "KURA_NODE_URL": (
+            "https://node-a.internal:9443/",
+            lambda c: c.node_url,
+            "https://node-a.internal:9443",
+        ),
+        "KURA_PUBLIC_TLS_CERT_PATH": (pem["cert"], lambda c: c.public_tls.cert_path, pem["cert"]),
+        "KURA_PUBLIC_TLS_KEY_PATH": (pem["key"], lambda c: c.public_tls.key_path, pem["key"]),
+        "KURA_LOG_FORMAT": ("text", lambda c: c.log_format, "text"),
+        "KURA_ACCESS_LOG": ("false", lambda c: c.access_log, False),
+        "KURA_DATA_DIR": ("/srv/kura", lambda c: c.data_dir, "/srv/kura"),
+        "KURA_TMP_DIR": ("/srv/tmp", lambda c: c.tmp_dir, "/srv/tmp"),
+        "KURA_TMP_DIR_MAX_BYTES": ("4096", lambda c: c.tmp_dir_max_bytes, 4096),
+        "KURA_CAS_CAPACITY_BYTES": ("12345", lambda c: c.cas_capacity_bytes, 12345),
+        "KURA_MAX_KEYVALUE_BYTES": ("2048", lambda c: c.max_keyvalue_bytes, 2048),
+        "KURA_MANIFEST_CACHE_MAX_BYTES": ("777", lambda c: c.manifest_cache_max_bytes, 777),
+        "KURA_STORAGE_THREADS": ("3", lambda c: c.storage_threads, 3),
+        "KURA_MULTIPART_UPLOAD_TTL_MS": ("1000", lambda c: c.multipart_upload_ttl_ms, 1000),
+        "KURA_MULTIPART_JANITOR_INTERVAL_MS": (
+            "2000",
+            lambda c: c.multipart_janitor_interval_ms,
+            2000,
+        ),
+        "KURA_FAILPOINTS": (
+            "before_fsync:exit, after_metadata_commit_before_ack:error",
+            lambda c: c.failpoints,
+            (("before_fsync", "exit"), ("after_metadata_commit_before_ack", "error")),
+        ),
+        "KURA_HEADER_TIMEOUT_MS": ("1500", lambda c: c.header_timeout_ms, 1500),
+        "KURA_KEEPALIVE_IDLE_TIMEOUT_MS": ("2500", lambda c: c.keepalive_idle_timeout_ms, 2500),
+        "KURA_SEND_TIMEOUT_MS": ("3500", lambda c: c.send_timeout_ms, 3500),
+        "KURA_BODY_TIMEOUT_MS": ("4500", lambda c: c.body_timeout_ms, 4500),
+        "KURA_DRAIN_COMPLETION_TIMEOUT_MS": ("5500", lambda c: c.drain_completion_timeout_ms, 5500),
+        "KURA_ACCELERATED_FILE_SERVING_ENABLED": (
+            "false",
+            lambda c: c.accelerator.enabled,
+            False,
+        ),
+        "KURA_ACCELERATED_FILE_SERVING_MODE": (
+            "sendfile",
+            lambda c: c.accelerator.mode,
+            "sendfile",
+        ),
+        "KURA_ACCELERATED_FILE_SERVING_MAX_CONCURRENT": (
+            "4",
+            lambda c: c.accelerator.max_concurrent,
+            4,
+        ),
+        "KURA_ACCELERATED_FILE_SERVING_CHUNK_BYTES": (
+            "65536",
+            lambda c: c.accelerator.chunk_bytes,
+            65536,
+        ),
+        "KURA_PEERS": (
+            "https://b.internal:9443, https://c.internal:9443/",
+            lambda c: c.replication.peers,
+            ("https://b.internal:9443", "https://c.internal:9443"),
+        ),
+        "KURA_DISCOVERY_DNS_NAME": (
+            "kura-headless.ns.svc",
+            lambda c: c.replication.discovery_dns_name,
+            "kura-headless.ns.svc",
+        ),
+        "KURA_OUTBOX_MAX_DEPTH": ("10", lambda c: c.replication.outbox_max_depth, 10),
+        "KURA_REPLICATION_BANDWIDTH_LIMIT_BYTES_PER_SECOND": (
+            "0",
+            lambda c: c.replication.bandwidth_limit_bytes_per_second,
+            0,
+        ),
+        "KURA_REPLICATION_PUBLIC_LATENCY_TARGET_MS": (
+            "250",
+            lambda c: c.replication.public_latency_target_ms,
+            250,
+        ),
+        "KURA_REPLICATION_UPLOAD_STALL_MS": (
+            "7000",
+            lambda c: c.replication.upload_stall_ms,
+            7000,
+        ),
+        "KURA_BOOTSTRAP_TIMEOUT_MS": ("8000", lambda c: c.replication.bootstrap_timeout_ms, 8000),
+        "KURA_BOOTSTRAP_MAX_CONCURRENT_PEERS": (
+            "2",
+            lambda c: c.replication.bootstrap_max_concurrent_peers,
+            2,
+        ),
+        "KURA_INTERNAL_TLS_CA_CERT_PATH": (
+            pem["ca"],
+            lambda c: c.replication.internal_tls.ca_path,
+            pem["ca"],
+        ),
+        "KURA_INTERNAL_TLS_CERT_PATH": (
+            pem["cert"],
+            lambda c: c.replication.internal_tls.cert_path,
+            pem["cert"],
+        ),
+        "KURA_INTERNAL_TLS_KEY_PATH": (
+            pem["key"],
+            lambda c: c.replication.internal_tls.key_path,
+            pem["key"],
+        ),
+    }
+
+
+def test_every_documented_variable_is_parsed(pem_files: dict[str, str]) -> None:
+    """Each variable in the registry reaches its field (and this test names them all)."""
+    table = _every_variable(pem_files)
+    # The extension's variables are parsed and tested in tests/auth.
+    node_variables = {v.name for v in VARIABLES if v not in EXTENSION_VARIABLES}
+    assert set(table) == node_variables, "a KURA_* variable was added or removed: extend this table"
+    config = parse({name: value for name, (value, _, _) in table.items()})
+    for name, (_, read, expected) in table.items():
+        assert read(config) == expected, name
+
+
+def test_config_error_names_every_bad_variable_at_once() -> None:
+    """Several bad variables produce one ConfigError listing each of them, "; "-joined."""
+    found = problems(
+        {
+            "KURA_PORT": "http",
+            "KURA_STORAGE_THREADS": "0",
+            "KURA_LOG_FORMAT": "xml",
+            "KURA_ACCELERATED_FILE_SERVING_ENABLED": "maybe",
+            "KURA_TENANT_ID": "acme corp",
+            "KURA_FAILPOINTS": "before_fsync:explode",
+        }
+    )
+    assert len(found) == 6
+    for name in (
+        "KURA_PORT",
+        "KURA_STORAGE_THREADS",
+        "KURA_LOG_FORMAT",
+        "KURA_ACCELERATED_FILE_SERVING_ENABLED",
+        "KURA_TENANT_ID",
+        "KURA_FAILPOINTS",
+    ):
+        assert sum(problem.startswith(name + " ") for problem in found) == 1, (name, found)
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"KURA_PORT": "70000"}, "KURA_PORT"),
+        ({"KURA_PORT": "-1"}, "KURA_PORT"),
+        ({"KURA_PORT": "7443"}, "KURA_INTERNAL_PORT"),
+        ({"KURA_TMP_DIR_MAX_BYTES": "0"}, "KURA_TMP_DIR_MAX_BYTES"),
+        ({"KURA_CAS_CAPACITY_BYTES": "lots"}, "KURA_CAS_CAPACITY_BYTES"),
+        ({"KURA_STORAGE_THREADS": "1000"}, "KURA_STORAGE_THREADS"),
+        ({"KURA_ACCELERATED_FILE_SERVING_MODE": "mmap"}, "KURA_ACCELERATED_FILE_SERVING_MODE"),
+        ({"KURA_ACCELERATED_FILE_SERVING_ENABLED": "yes"}, "KURA_ACCELERATED_FILE_SERVING_ENABLED"),
+        ({"KURA_FAILPOINTS": "before_fsync"}, "KURA_FAILPOINTS"),
+        ({"KURA_FAILPOINTS": "no_such_point:exit"}, "KURA_FAILPOINTS"),
+        ({"KURA_TENANT_ID": "tenant/with/slashes"}, "KURA_TENANT_ID"),
+    ],
+)
+def test_invalid_value_is_named(environ: dict[str, str], variable: str) -> None:
+    """An out-of-range, unparsable or unknown value is a ConfigError naming its variable."""
+    found = problems(environ)
+    assert len(found) == 1
+    assert found[0].startswith(variable + " ")
+
+
+def test_blank_values_count_as_unset() -> None:
+    """A variable set to whitespace takes its default, as if it were absent."""
+    config = parse({"KURA_PORT": "  ", "KURA_TENANT_ID": ""})
+    assert config.port == 4000
+    assert config.tenant_id == "default"
+
+
+def test_tmp_dir_follows_the_data_dir() -> None:
+    """Without KURA_TMP_DIR, staging lives in ``<KURA_DATA_DIR>/tmp``."""
+    config = parse({"KURA_DATA_DIR": "/srv/data"})
+    assert config.tmp_dir == "/srv/data/tmp"
+
+
+def test_public_tls_is_all_or_none(pem_files: dict[str, str]) -> None:
+    """A public TLS certificate without its key names the missing key variable."""
+    found = problems({"KURA_PUBLIC_TLS_CERT_PATH": pem_files["cert"]})
+    assert len(found) == 1
+    assert found[0].startswith("KURA_PUBLIC_TLS_KEY_PATH ")
+    assert "all or none" in found[0]
+    both = parse(
+        {
+            "KURA_PUBLIC_TLS_CERT_PATH": pem_files["cert"],
+            "KURA_PUBLIC_TLS_KEY_PATH": pem_files["key"],
+        }
+    )
+    assert both.public_tls == TlsFiles(pem_files["cert"], pem_files["key"])
+
+
+def test_internal_tls_needs_all_three_paths(pem_files: dict[str, str]) -> None:
+    """Peer mTLS with a certificate only names both missing variables (key and CA)."""
+    found = problems({"KURA_INTERNAL_TLS_CERT_PATH": pem_files["cert"]})
+    assert sorted(problem.split(" ", 1)[0] for problem in found) == [
+        "KURA_INTERNAL_TLS_CA_CERT_PATH",
+        "KURA_INTERNAL_TLS_KEY_PATH",
+    ]
+
+
+def test_tls_paths_must_exist(tmp_path: Path, pem_files: dict[str, str]) -> None:
+    """A TLS path that is not an existing file is named."""
+    missing = str(tmp_path / "absent.pem")
+    found = problems(
+        {"KURA_PUBLIC_TLS_CERT_PATH": missing, "KURA_PUBLIC_TLS_KEY_PATH": pem_files["key"]}
+    )
+    assert len(found) == 1
+    assert found[0].startswith("KURA_PUBLIC_TLS_CERT_PATH ")
+    assert "does not exist" in found[0]
+
+
+@pytest.mark.parametrize(
+    "peer",
+    [
+        "https://b.internal:7443",  # TLS scheme without internal TLS
+        "http://b.internal:7000",  # not the internal port
+        "http://b.internal",  # no port at all
+        "http://b.internal:7443/api",  # not a bare base URL
+        "b.internal:7443",  # no scheme
+        "http://:7443",  # no host
+    ],
+)
+def test_peer_urls_must_use_the_internal_scheme_and_port(peer: str) -> None:
+    """Peer URLs must be bare ``http://host:KURA_INTERNAL_PORT`` without internal TLS."""
+    found = problems({"KURA_PEERS": f"http://a.internal:7443,{peer}"})
+    assert len(found) == 1
+    assert found[0].startswith("KURA_PEERS ")
+
+
+def test_peer_urls_use_https_with_internal_tls(pem_files: dict[str, str]) -> None:
+    """With peer mTLS configured, plain-http peers and node URL are refused."""
+    tls = {
+        "KURA_INTERNAL_TLS_CA_CERT_PATH": pem_files["ca"],
+        "KURA_INTERNAL_TLS_CERT_PATH": pem_files["cert"],
+        "KURA_INTERNAL_TLS_KEY_PATH": pem_files["key"],
+    }
+    assert parse(tls).node_url == "https://127.0.0.1:7443"
+    found = problems(
+        {**tls, "KURA_PEERS": "http://b.internal:7443", "KURA_NODE_URL": "http://a:7443"}
+    )
+    assert sorted(problem.split(" ", 1)[0] for problem in found) == [
+        "KURA_NODE_URL",
+        "KURA_PEERS",
+    ]
+
+
+def test_node_url_must_target_the_internal_port() -> None:
+    """KURA_NODE_URL is validated like a peer URL, against KURA_INTERNAL_PORT."""
+    found = problems({"KURA_INTERNAL_PORT": "9000", "KURA_NODE_URL": "http://a:7443"})
+    assert len(found) == 1
+    assert found[0].startswith("KURA_NODE_URL ")
+    assert parse({"KURA_INTERNAL_PORT": "9000"}).node_url == "http://127.0.0.1:9000"
+
+
+@pytest.mark.parametrize(
+    ("requested", "filesystem", "expected"),
+    [
+        (None, 1000, 500),  # default: half the filesystem
+        (None, 1001, 500),
+        (100, 1000, 100),  # requested and under the ceiling
+        (800, 1000, 800),
+        (900, 1000, 800),  # never more than 80 %
+        (10**15, 1000, 800),
+    ],
+)
+def test_capacity_derivation(requested: int | None, filesystem: int, expected: int) -> None:
+    """The budget is the requested value capped at 80 %, or half the filesystem."""
+    assert derive_capacity(requested, filesystem) == expected
+
+
+def test_capacity_is_measured_on_the_data_dir_filesystem() -> None:
+    """The node measures the filesystem of KURA_DATA_DIR and derives capacity from it."""
+    measured: list[str] = []
+
+    def fake_filesystem(path: str) -> int:
+        measured.append(path)
+        return 10_000
+
+    default = KuraConfig.from_environ(
+        {"KURA_DATA_DIR": "/srv/data"}, measure_filesystem=fake_filesystem
+    )
+    capped = KuraConfig.from_environ(
+        {"KURA_DATA_DIR": "/srv/data", "KURA_CAS_CAPACITY_BYTES": "9000"},
+        measure_filesystem=fake_filesystem,
+    )
+    assert measured == ["/srv/data", "/srv/data"]
+    assert default.cas_capacity_bytes == 5000
+    assert capped.cas_capacity_bytes == 8000
+
+
+def test_docs_configuration_matches_the_registry() -> None:
+    """docs/configuration.md is exactly what ``python -m kura.config`` prints."""
+    generated = subprocess.run(
+        [sys.executable, "-m", "kura.config"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": REPO_ROOT},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert generated == render_markdown()
+    documented = Path(REPO_ROOT, "docs", "configuration.md").read_text(encoding="utf-8")
+    assert documented == generated, "regenerate: python -m kura.config > docs/configuration.md"
+
+
+def test_docs_list_every_variable() -> None:
+    """Every registered variable has a row in the generated page."""
+    page = render_markdown()
+    for variable in VARIABLES:
+        assert f"| `{variable.name}` | `{variable.default}` |" in page
+
+
+def test_twistd_options_override_the_environment() -> None:
+    """``twistd kura --port ... --data-dir ...`` wins over the matching variables."""
+    options = Options()
+    options.parseOptions(
+        [
+            "--port",
+            "5005",
+            "--internal-port",
+            "5006",
+            "--data-dir",
+            "/from/options",
+            "--tmp-dir",
+            "/from/options/tmp",
+            "--tenant-id",
+            "acme",
+        ]
+    )
+    environ = {
+        "KURA_PORT": "4000",
+        "KURA_DATA_DIR": "/from/env",
+        "KURA_TENANT_ID": "default",
+        "KURA_REGION": "eu",
+    }
+    merged = environment_with(options, environ)
+    config = parse(merged)
+    assert config.port == 5005
+    assert config.internal_port == 5006
+    assert config.data_dir == "/from/options"
+    assert config.tmp_dir == "/from/options/tmp"
+    assert config.tenant_id == "acme"
+    assert config.region == "eu"  # untouched by options
+    assert environ["KURA_PORT"] == "4000"  # the environment itself is not modified
+
+
+def test_absent_options_leave_the_environment_alone() -> None:
+    """Options not given on the command line do not override anything."""
+    options = Options()
+    options.parseOptions([])
+    environ = dict.fromkeys(OVERRIDES.values(), "x")
+    assert environment_with(options, environ) == environ
