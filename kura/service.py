@@ -22,19 +22,25 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from kura import __version__
+from kura.accel.classify import Classifier
+from kura.accel.protocol import Accelerator, SamePortFactory
 from kura.api.app import PublicAPI
+from kura.api.authorization import RequestAuthorization
 from kura.api.gate import Gate, RouteMatch
 from kura.api.http import KuraSite
+from kura.auth import build_authorizer
 from kura.config import KuraConfig
 from kura.failpoints import Failpoints
 from kura.lifecycle import NodeState
 from kura.metrics import KuraMetrics
+from kura.replication.service import ReplicationService  # replication mesh (issue 5)
 from kura.storage.layout import Layout
 from kura.storage.lock import WriterLock, WriterLockHeld
 from kura.storage.runner import BlockingRunner, ThreadPoolRunner
 from kura.storage.staging import TmpBudget
 from kura.storage.store import ArtifactStore
 from kura.telemetry import PublicTraffic
+from kura.tls import public_server_options
 
 log = Logger(namespace="kura.node")
 
@@ -91,12 +97,29 @@ class KuraNode(MultiService):
             traffic=self.traffic,
             outbox_depth=lambda: self.store.outbox_depth,
         )
+        # --- replication mesh (issue 5): peers, internal plane, outbox, catch-up ---
+        self.replication = ReplicationService(
+            config=config,
+            reactor=reactor,
+            store=self.store,
+            state=self.state,
+            metrics=self.metrics,
+            traffic=self.traffic,
+            runner=self.runner,
+        )
+        self.store.replication_targets = self.replication.replication_targets
+        self.state.membership = self.replication.membership
+        self.replication.setServiceParent(self)
+        # --- end replication mesh ---
+        self.authorizer = build_authorizer(config.extension, reactor=reactor, metrics=self.metrics)
+        self.authorization = RequestAuthorization(self.authorizer, config.tenant_id)
         self.api = PublicAPI(
             config=config,
             store=self.store,
             state=self.state,
             metrics=self.metrics,
             runner=self.runner,
+            authorization=self.authorization,
         )
         self.gate = Gate(
             routes=RouteMatch(self.api.app.url_map, self.api.specs),
@@ -104,6 +127,7 @@ class KuraNode(MultiService):
             state=self.state,
             node_tenant=config.tenant_id,
             outbox_max_depth=config.replication.outbox_max_depth,
+            authorization=self.authorization,
         )
         self.site = KuraSite(
             self.api.resource(),
@@ -113,6 +137,25 @@ class KuraNode(MultiService):
             metrics=self.metrics,
             traffic=self.traffic,
             reactor=reactor,
+            header_timeout=config.header_timeout_ms / 1000,
+            idle_timeout=config.keepalive_idle_timeout_ms / 1000,
+            send_timeout=config.send_timeout_ms / 1000,
+        )
+        self.site.access_log = config.access_log
+        self.accel_pool = ThreadPool(
+            minthreads=0, maxthreads=config.accelerator.max_concurrent, name="kura-accel"
+        )
+        self.accelerator = Accelerator(
+            config=config.accelerator,
+            site=self.site,
+            authorization=self.authorization,
+            classifier=Classifier(self.gate.routes, config.tenant_id),
+            store=self.store,
+            state=self.state,
+            traffic=self.traffic,
+            metrics=self.metrics,
+            reactor=reactor,
+            pool=self.accel_pool,
             header_timeout=config.header_timeout_ms / 1000,
             idle_timeout=config.keepalive_idle_timeout_ms / 1000,
             send_timeout=config.send_timeout_ms / 1000,
@@ -150,12 +193,14 @@ class KuraNode(MultiService):
         super().startService()
         if self.pool is not None:
             self.pool.start()
+        self.accel_pool.start()
         d = Deferred.fromCoroutine(self._start())
         d.addErrback(self._start_failed)
 
     async def _start(self) -> None:
         await self.store.start()
         self._listen()
+        self.accelerator.log_settings()
         self._janitor.start(self.config.multipart_janitor_interval_ms / 1000, now=True)
         log.info(
             NODE_STARTED,
@@ -176,10 +221,19 @@ class KuraNode(MultiService):
         self.ports["public"] = self.reactor.listenTCP(
             self.config.port, self.public_factory(), interface=host
         )
+        if self.config.public_tls is not None:
+            self.ports["https"] = self.reactor.listenSSL(
+                self.config.https_port,
+                self.site,
+                public_server_options(self.config.public_tls),
+                interface=host,
+            )
+        # --- replication mesh (issue 5): internal plane; workers start now storage is open ---
+        self.ports["internal"] = self.replication.start_serving(host)
 
     def public_factory(self) -> Any:
-        """The protocol factory of the plain public port."""
-        return self.site
+        """The protocol factory of the plain public port: the same-port accelerator."""
+        return SamePortFactory(self.accelerator)
 
     @property
     def public_port(self) -> int:
@@ -197,6 +251,7 @@ class KuraNode(MultiService):
         if not self.state.draining:
             log.info("draining: new public requests get 503")
             self.state.start_draining()
+            self.accelerator.close_idle()
 
     def shutdown(self) -> Deferred[None]:
         """Drain, wait for in-flight public transfers (bounded), then stop the reactor."""
@@ -225,5 +280,6 @@ class KuraNode(MultiService):
             await self.store.stop()
             if self.pool is not None:
                 self.pool.stop()
+            self.accel_pool.stop()
             self.lock.release()
             self.state.writer_lock_owned = False

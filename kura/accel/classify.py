@@ -1,0 +1,61 @@
+"""Which parsed request heads the accelerator may serve itself.
+
+A head is a *candidate* only if it is a strictly parsed HTTP/1.1 ``GET`` of an
+accelerable route in the Klein app's own ``url_map`` (through
+:class:`kura.api.gate.RouteMatch`, never a copy of the routes), its query
+needs no decoding and is unambiguous, and the route's own address resolver
+accepts it (right tenant, valid ids). Everything else falls back to
+twisted.web, which then answers with the full rules (400, 403, 404, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+
+from kura.api.gate import RouteMatch
+from kura.api.routes import Query, RouteSpec
+from kura.artifacts import ArtifactAddress
+from kura.errors import KuraError
+
+from .head import RequestHead, parse_query
+
+
+@attrs.frozen
+class Candidate:
+    """A request the accelerator may serve, if the artifact turns out servable."""
+
+    head: RequestHead
+    spec: RouteSpec
+    path_args: Mapping[str, str]
+    address: ArtifactAddress
+    query: Query
+
+
+class Classifier:
+    """Turns parsed heads into candidates or fallback reasons."""
+
+    def __init__(self, routes: RouteMatch, node_tenant: str) -> None:
+        self._routes = routes
+        self._node_tenant = node_tenant
+
+    def classify(self, head: RequestHead) -> Candidate | str:
+        """A :class:`Candidate`, or the reason (a metric label) to fall back."""
+        if head.method != b"GET" or head.version != b"HTTP/1.1":
+            return "method"
+        match = self._routes.match("GET", head.path)
+        if match is None:
+            return "route"
+        spec, path_args = match
+        if not spec.accelerable or spec.address is None:
+            return "route"
+        params = parse_query(head.query)
+        if params is None:
+            return "query"
+        query = Query(params)
+        try:
+            address = spec.address(path_args, query, self._node_tenant)
+        except KuraError:
+            return "request"
+        return Candidate(head, spec, path_args, address, query)

@@ -1,0 +1,678 @@
+"""The same-port listener: accelerate what is safe, hand everything else to twisted.web.
+
+Per connection, :class:`SamePortProtocol` buffers bytes until a request head
+is complete (at most 16 KiB, within the head deadline), parses it strictly
+(:mod:`.head`), classifies it with the Klein route table (:mod:`.classify`),
+and then either
+
+* serves it: looks the artifact up, opens its file, takes a permit, writes
+  the response head and moves the body with splice/sendfile — inline on the
+  reactor while the socket accepts it, then on a worker thread
+  (:mod:`.transfer`); afterwards the connection is kept alive when safe and
+  the next request is classified again; or
+* hands off: a twisted.web ``HTTPChannel`` for the Klein ``Site`` (or an
+  HTTP/2 connection for a prior-knowledge preface) is attached to the
+  connection and receives every buffered byte, untouched. From then on the
+  connection belongs to twisted.web.
+
+Any doubt means hand-off, and every hand-off happens before a single byte of
+the request has been consumed, so twisted.web sees exactly what the client
+sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from kura.api.authorization import RequestAuthorization
+from kura.api.download import ArtifactHead, artifact_head
+from kura.api.errors import REASONS, error_headers, render_error_body
+from kura.api.http import SERVER_NAME, KuraSite, log_access
+from kura.artifacts import Manifest
+from kura.config import AcceleratorConfig
+from kura.errors import KuraError
+from kura.lifecycle import NodeState
+from kura.metrics import Children, KuraMetrics
+from kura.storage.store import ArtifactStore
+from kura.telemetry import InflightSlot, PublicTraffic
+
+from . import transfer as tx
+from .classify import Candidate, Classifier
+from .head import MAX_HEAD_BYTES, RequestHead, find_head_end, parse_head
+from .response import DateCache, RequestIds, build_head
+
+log = Logger(namespace="kura.accel")
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+ACCELERATOR_READY = (
+    "accelerated file serving {state}: mode={mode} max_concurrent={max_concurrent} "
+    "chunk_bytes={chunk_bytes}"
+)
+
+
+class Accelerator:
+    """What every accelerated connection shares.
+
+    Attributes:
+        permits: at most ``max_concurrent`` accelerated transfers at once;
+            with none free a request falls back instead of waiting.
+        connections: live connections still owned by the accelerator.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: AcceleratorConfig,
+        site: KuraSite,
+        authorization: RequestAuthorization,
+        classifier: Classifier,
+        store: ArtifactStore,
+        state: NodeState,
+        traffic: PublicTraffic,
+        metrics: KuraMetrics,
+        reactor: Any,
+        pool: ThreadPool,
+        header_timeout: float,
+        idle_timeout: float,
+        send_timeout: float,
+    ) -> None:
+        self.config = config
+        self.site = site
+        self.authorization = authorization
+        self.classifier = classifier
+        self.store = store
+        self.state = state
+        self.traffic = traffic
+        self.metrics = metrics
+        self.reactor = reactor
+        self.pool = pool
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.send_timeout = send_timeout
+        self.permits = DeferredSemaphore(config.max_concurrent)
+        self.connections: set[SamePortProtocol] = set()
+        # One sweep enforces every connection's idle and head deadlines, so a
+        # request costs a float assignment instead of scheduling a timer.
+        self.sweep_interval = min(1.0, min(header_timeout, idle_timeout) / 4)
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = reactor
+        self.dates = DateCache()
+        self.request_ids = RequestIds()
+        self.fallbacks = Children(metrics.accelerator_fallbacks)
+        self.serving_paths = Children(metrics.serving_paths)(config.mode)
+        self.requests = Children(metrics.http_requests)
+        self.reads = Children(metrics.artifact_reads)
+        self.read_bytes = Children(metrics.artifact_read_bytes)
+        self.egress_completions = Children(metrics.egress_completions)
+        self.egress_bytes = Children(metrics.egress_bytes)
+        self.egress_duration = Children(metrics.egress_duration)
+        self.egress_throughput = Children(metrics.egress_throughput)
+        metrics.accelerator_permits_in_use.set_function(
+            lambda: float(config.max_concurrent - self.permits.tokens)
+        )
+
+    def count_fallback(self, reason: str) -> None:
+        self.fallbacks(reason).inc()
+
+    def log_settings(self) -> None:
+        log.info(
+            ACCELERATOR_READY,
+            state="enabled" if self.config.enabled else "disabled",
+            mode=self.config.mode,
+            max_concurrent=self.config.max_concurrent,
+            chunk_bytes=self.config.chunk_bytes,
+        )
+
+    def start(self) -> None:
+        if not self._sweeper.running:
+            self._sweeper.start(self.sweep_interval, now=False)
+
+    def stop(self) -> None:
+        if self._sweeper.running:
+            self._sweeper.stop()
+
+    def sweep(self) -> None:
+        """Act on every connection whose idle or head deadline has passed."""
+        now = self.reactor.seconds()
+        for connection in list(self.connections):
+            connection.check_deadline(now)
+
+    def close_idle(self) -> None:
+        """Close every accelerator-owned connection that is between requests."""
+        for connection in list(self.connections):
+            connection.close_if_idle()
+
+
+class SamePortFactory(ServerFactory):
+    """The protocol factory listening on ``KURA_PORT``."""
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+
+    def startFactory(self) -> None:
+        self.accelerator.start()
+
+    def stopFactory(self) -> None:
+        self.accelerator.stop()
+
+    def buildProtocol(self, addr: Any) -> SamePortProtocol:
+        return SamePortProtocol(self.accelerator)
+
+
+@implementer(IPushProducer)
+class SamePortProtocol(Protocol):
+    """One client connection (see the module docstring)."""
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self._accel = accelerator
+        self._buffer = b""
+        self._scanned = 0
+        self._busy = False
+        self._closed = False
+        # Set once the connection must end after what was already answered.
+        self._closing = False
+        self._reading_paused = False
+        self._deadline: float | None = None
+        self._on_deadline: Any = None
+        self._head_started_at: float | None = None
+        self._channel: Any = None
+        self._pipe: tuple[int, int] | None = None
+        self._transfer: tx.BodyTransfer | None = None
+
+    # -- connection events -----------------------------------------------------
+
+    def connectionMade(self) -> None:
+        accel = self._accel
+        accel.connections.add(self)
+        transport: Any = self.transport
+        transport.setTcpNoDelay(True)
+        self._arm(accel.idle_timeout, self._idle_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._channel is not None:
+            self._channel.dataReceived(data)
+            return
+        if self._closing:
+            return
+        self._buffer += data
+        if not self._busy:
+            self._advance()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._closed = True
+        self._disarm()
+        self._accel.connections.discard(self)
+        self._stop_transfer()
+        self._close_pipe()
+        if self._channel is not None:
+            self._channel.connectionLost(reason)
+
+    # IPushProducer: registered with the transport while a worker thread
+    # writes to the socket, so a lost connection stops the worker.
+
+    def pauseProducing(self) -> None:
+        """Nothing to do: bodies bypass the transport's write buffer."""
+
+    def resumeProducing(self) -> None:
+        """Nothing to do: bodies bypass the transport's write buffer."""
+
+    def stopProducing(self) -> None:
+        self._stop_transfer()
+
+    # -- deadlines (enforced by Accelerator.sweep) ---------------------------------
+
+    def _arm(self, seconds: float, action: Any) -> None:
+        self._deadline = self._accel.reactor.seconds() + seconds
+        self._on_deadline = action
+
+    def _disarm(self) -> None:
+        self._deadline = None
+
+    def check_deadline(self, now: float) -> None:
+        if self._deadline is not None and now >= self._deadline:
+            self._deadline = None
+            self._on_deadline()
+
+    def _idle_timeout(self) -> None:
+        self._transport().loseConnection()
+
+    def _head_timeout(self) -> None:
+        # Twisted would only close when the client went silent; a head that
+        # trickles in forever is cut off here, as a whole.
+        self._hand_off("head_timeout")
+        if self._channel is not None:
+            self._channel._head_timeout()
+
+    def close_if_idle(self) -> None:
+        if not self._busy and not self._buffer and self._channel is None and not self._closed:
+            self._transport().loseConnection()
+
+    # -- the request loop -----------------------------------------------------------
+
+    def _transport(self) -> Any:
+        return self.transport
+
+    def _advance(self) -> None:
+        """Classify and serve buffered requests until one is pending or handed off."""
+        accel = self._accel
+        while self._channel is None and not (self._busy or self._closed or self._closing):
+            buffer = self._buffer
+            if not buffer:
+                self._head_started_at = None
+                self._arm(accel.idle_timeout, self._idle_timeout)
+                return
+            if self._head_started_at is None:
+                self._head_started_at = accel.reactor.seconds()
+                self._arm(accel.header_timeout, self._head_timeout)
+            if buffer[:1] == b"P" and (
+                buffer.startswith(H2_PREFACE) or H2_PREFACE.startswith(buffer)
+            ):
+                if len(buffer) >= len(H2_PREFACE):
+                    self._hand_off_h2()
+                return
+            if not accel.config.enabled:
+                # The kill switch: twisted.web serves everything on this port.
+                self._hand_off("disabled")
+                return
+            end = find_head_end(buffer, self._scanned)
+            if end < 0:
+                self._scanned = len(buffer)
+                if len(buffer) > MAX_HEAD_BYTES:
+                    self._hand_off("head_too_large")
+                return
+            self._scanned = 0
+            head = parse_head(buffer)
+            if head is None:
+                self._hand_off("ambiguous")
+                return
+            decision = accel.classifier.classify(head)
+            if isinstance(decision, str):
+                self._hand_off(decision)
+                return
+            if accel.state.draining:
+                self._hand_off("draining")
+                return
+            if accel.permits.tokens == 0:
+                self._hand_off("saturated")
+                return
+            self._serve(decision)
+
+    def _hand_off(self, reason: str) -> None:
+        """Give the connection, and every byte buffered so far, to twisted.web."""
+        self._accel.count_fallback(reason)
+        self._attach(self._accel.site.make_channel())
+
+    def _hand_off_h2(self) -> None:
+        from twisted.web._http2 import H2Connection  # noqa: PLC0415 - optional extra
+
+        site = self._accel.site
+        connection: Any = H2Connection(self._accel.reactor)
+        connection.requestFactory = site.requestFactory
+        connection.site = site
+        connection.factory = site
+        connection.timeOut = site.timeOut
+        connection.callLater = self._accel.reactor.callLater
+        self._accel.count_fallback("h2c")
+        self._attach(connection, register_producer=True)
+
+    def _attach(self, channel: Any, register_producer: bool = False) -> None:
+        self._disarm()
+        self._accel.connections.discard(self)
+        self._close_pipe()
+        self._channel = channel
+        transport = self._transport()
+        channel.makeConnection(transport)
+        if register_producer:
+            transport.registerProducer(channel, True)
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resumeProducing()
+        buffered, self._buffer = self._buffer, b""
+        if buffered:
+            channel.dataReceived(buffered)
+
+    # -- serving ---------------------------------------------------------------------
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused:
+            self._reading_paused = True
+            self._transport().pauseProducing()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and not self._closed:
+            self._reading_paused = False
+            self._transport().resumeProducing()
+
+    def _serve(self, candidate: Candidate) -> None:
+        accel = self._accel
+        self._busy = True
+        self._disarm()
+        accel.permits.acquire()  # a token is free: this fires synchronously
+        artifact_id = accel.store.artifact_id(candidate.address)
+        manifest = accel.store.cached_manifest(artifact_id)
+        if manifest is not None:
+            self._serve_manifest(candidate, manifest)
+            return
+        self._pause_reading()
+        lookup = Deferred.fromCoroutine(accel.store.manifest(artifact_id))
+        lookup.addCallbacks(
+            lambda found: self._serve_manifest(candidate, found),
+            lambda failure: self._decline("lookup_error"),
+        )
+
+    def _decline(self, reason: str) -> None:
+        """Fall back after a look at the artifact; nothing has been consumed yet."""
+        self._accel.permits.release()
+        self._busy = False
+        if not self._closed:
+            self._hand_off(reason)
+
+    def _serve_manifest(self, candidate: Candidate, manifest: Manifest | None) -> None:
+        if self._closed:
+            self._accel.permits.release()
+            return
+        if manifest is None:
+            self._decline("miss")
+            return
+        if manifest.inline or manifest.blob_path is None:
+            self._decline("inline")
+            return
+        try:
+            fd = self._accel.store.open_body(manifest)
+        except OSError:
+            self._decline("open")
+            return
+        head = candidate.head
+        try:
+            if os.fstat(fd).st_size < manifest.size:
+                raise OSError("short file")
+            response = artifact_head(
+                manifest, _text(head.get(b"range")), _text(head.get(b"if-range"))
+            )
+        except (OSError, KuraError):
+            # A damaged file or an unsatisfiable range: twisted.web answers it
+            # (after authorization, so a 416 never leaks a size).
+            os.close(fd)
+            self._decline("range_or_damage")
+            return
+        authorization = self._accel.authorization
+        if not authorization.enabled:
+            self._start(candidate, manifest, fd, response, [])
+            return
+        # The artifact is servable: now (and only now, exactly once) the hooks.
+        ctx = authorization.context(
+            spec=candidate.spec,
+            method=head.method.decode("ascii"),
+            path_args=candidate.path_args,
+            query=candidate.query,
+            address=candidate.address,
+            headers=head.headers,
+            query_bytes=head.query,
+            transport="http",
+        )
+
+        async def authorize() -> list[tuple[bytes, bytes]]:
+            caller = await authorization.check(ctx)
+            return await authorization.response_headers(ctx, caller, response.status)
+
+        decided = Deferred.fromCoroutine(authorize())
+        if not decided.called:
+            self._pause_reading()
+        decided.addCallbacks(
+            lambda extra: self._start(candidate, manifest, fd, response, extra),
+            lambda failure: self._deny(candidate, fd, failure),
+        )
+
+    def _deny(self, candidate: Candidate, fd: int, failure: Failure) -> None:
+        """Answer a refused request with its error and close, as twisted.web would."""
+        os.close(fd)
+        accel = self._accel
+        accel.permits.release()
+        self._busy = False
+        if self._closed:
+            return
+        error = failure.value
+        if not isinstance(error, KuraError):
+            log.failure("authorization failed unexpectedly", failure)
+            error = KuraError("Internal server error")
+        spec = candidate.spec
+        body = render_error_body(error, spec)
+        head = candidate.head
+        self._buffer = self._buffer[head.length :]
+        parts = [
+            b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\n"
+            % (
+                error.status,
+                REASONS.get(error.status, b"Error"),
+                SERVER_NAME,
+                accel.dates.value(accel.reactor.seconds()),
+            )
+        ]
+        parts += [b"%s: %s\r\n" % pair for pair in error_headers(error, spec)]
+        parts.append(
+            b"Content-Length: %d\r\nConnection: close\r\nX-Request-Id: %s\r\n\r\n"
+            % (len(body), self._request_id(head))
+        )
+        transport = self._transport()
+        transport.write(b"".join(parts) + body)
+        accel.requests(spec.template, str(error.status)).inc()
+        if accel.site.access_log:
+            log_access(head.method, head.path, error.status, self._request_id(head), spec)
+        self._closing = True
+        transport.loseConnection()
+
+    def _request_id(self, head: RequestHead) -> bytes:
+        supplied = head.get(b"x-request-id")
+        if supplied is not None and _REQUEST_ID.fullmatch(supplied):
+            return supplied
+        return self._accel.request_ids.next()
+
+    def _start(
+        self,
+        candidate: Candidate,
+        manifest: Manifest,
+        fd: int,
+        response: ArtifactHead,
+        extra_headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        accel = self._accel
+        head = candidate.head
+        self._buffer = self._buffer[head.length :]
+        accel.store.record_access(manifest.artifact_id)
+        keep_alive = head.keep_alive and not accel.state.draining
+        request_id = self._request_id(head)
+        head_bytes = build_head(
+            response.status,
+            response.headers,
+            date=accel.dates.value(accel.reactor.seconds()),
+            request_id=request_id,
+            keep_alive=keep_alive,
+            extra=extra_headers,
+        )
+        transport = self._transport()
+        sock: socket.socket = transport.socket
+        chunk = accel.config.chunk_bytes
+        transfer = tx.BodyTransfer(
+            sock=sock,
+            file_fd=fd,
+            offset=response.body.offset,
+            remaining=response.body.length,
+            head=head_bytes,
+            chunk_bytes=chunk,
+            pipe=self._splice_pipe(),
+        )
+        exchange = _Exchange(
+            candidate=candidate,
+            request_id=request_id,
+            status=response.status,
+            keep_alive=keep_alive,
+            slot=accel.traffic.begin(),
+            started_at=self._head_started_at or accel.reactor.seconds(),
+            first_byte_recorded=False,
+        )
+        self._head_started_at = None
+        accel.serving_paths.inc()
+        result = tx.pump(transfer, budget=chunk)
+        self._note_first_byte(transfer, exchange)
+        if result in (tx.BLOCKED, tx.YIELDED):
+            self._continue_in_thread(transfer, exchange)
+        else:
+            self._finish(transfer, exchange, result)
+
+    def _splice_pipe(self) -> tuple[int, int] | None:
+        if self._accel.config.mode != "splice":
+            return None
+        if self._pipe is None:
+            self._pipe = tx.make_pipe(self._accel.config.chunk_bytes)
+        return self._pipe
+
+    def _close_pipe(self) -> None:
+        if self._pipe is not None and self._transfer is None:
+            for end in self._pipe:
+                os.close(end)
+            self._pipe = None
+
+    def _note_first_byte(self, transfer: tx.BodyTransfer, exchange: _Exchange) -> None:
+        if exchange.first_byte_recorded or transfer.head:
+            return
+        exchange.first_byte_recorded = True
+        accel = self._accel
+        accel.traffic.record_first_byte(
+            accel.reactor.seconds() - exchange.started_at,
+            transport="http",
+            route=exchange.candidate.spec.template,
+        )
+
+    def _continue_in_thread(self, transfer: tx.BodyTransfer, exchange: _Exchange) -> None:
+        """Hand the rest of the body to a worker thread (see transfer.py)."""
+        accel = self._accel
+        self._pause_reading()
+        transport = self._transport()
+        transport.registerProducer(self, True)
+        transfer.sock = socket.socket(fileno=os.dup(transfer.sock.fileno()))
+        self._transfer = transfer
+        work: Deferred[str] = deferToThreadPool(
+            accel.reactor, accel.pool, tx.run_blocking, transfer, accel.send_timeout
+        )
+
+        def done(result: str | Failure) -> None:
+            self._transfer = None
+            transfer.sock.close()
+            if not self._closed:
+                transport.unregisterProducer()
+            outcome = result if isinstance(result, str) else tx.ERROR
+            self._note_first_byte(transfer, exchange)
+            self._finish(transfer, exchange, outcome)
+
+        work.addBoth(done)
+
+    def _stop_transfer(self) -> None:
+        transfer = self._transfer
+        if transfer is not None and not transfer.stopped:
+            transfer.stopped = True
+            with contextlib.suppress(OSError):
+                transfer.sock.shutdown(socket.SHUT_RDWR)
+
+    def _finish(self, transfer: tx.BodyTransfer, exchange: _Exchange, result: str) -> None:
+        accel = self._accel
+        os.close(transfer.file_fd)
+        accel.permits.release()
+        exchange.slot.release()
+        if result != tx.OK and self._pipe is not None:
+            # Bytes may be left in the pipe: never reuse it.
+            for end in self._pipe:
+                os.close(end)
+            self._pipe = None
+        self._account(transfer, exchange, result)
+        self._busy = False
+        if self._closed:
+            self._close_pipe()
+            return
+        transport = self._transport()
+        if result == tx.OK and exchange.keep_alive:
+            self._resume_reading()
+            self._advance()
+        elif result in (tx.OK, tx.INCOMPLETE):
+            # A short body must end the connection: the client would
+            # otherwise read the next response as the rest of this one.
+            transport.loseConnection()
+        else:
+            transport.abortConnection()
+
+    def _account(self, transfer: tx.BodyTransfer, exchange: _Exchange, result: str) -> None:
+        accel = self._accel
+        spec = exchange.candidate.spec
+        producer = spec.producer.value if spec.producer is not None else "unknown"
+        elapsed = max(accel.reactor.seconds() - exchange.started_at, 1e-9)
+        status = exchange.status if result in (tx.OK, tx.INCOMPLETE) else 499
+        accel.requests(spec.template, str(status)).inc()
+        accel.metrics.http_request_duration.observe(elapsed)
+        accel.reads(producer, result).inc()
+        accel.read_bytes(producer, result).inc(transfer.sent)
+        accel.egress_completions(producer, result).inc()
+        accel.egress_bytes(producer, result).inc(transfer.sent)
+        accel.egress_duration(producer).observe(elapsed)
+        if result == tx.OK:
+            accel.egress_throughput(producer).observe(transfer.sent / elapsed)
+        if accel.site.access_log:
+            head = exchange.candidate.head
+            log_access(head.method, head.path, status, exchange.request_id, spec)
+        if result == tx.INCOMPLETE:
+            log.error(
+                "artifact body ended early; connection closed",
+                route=spec.template,
+                sent=transfer.sent,
+            )
+
+
+class _Exchange:
+    """Bookkeeping for one accelerated response."""
+
+    __slots__ = (
+        "candidate",
+        "first_byte_recorded",
+        "keep_alive",
+        "request_id",
+        "slot",
+        "started_at",
+        "status",
+    )
+
+    def __init__(
+        self,
+        *,
+        candidate: Candidate,
+        request_id: bytes,
+        status: int,
+        keep_alive: bool,
+        slot: InflightSlot,
+        started_at: float,
+        first_byte_recorded: bool,
+    ) -> None:
+        self.candidate = candidate
+        self.request_id = request_id
+        self.status = status
+        self.keep_alive = keep_alive
+        self.slot = slot
+        self.started_at = started_at
+        self.first_byte_recorded = first_byte_recorded
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")

@@ -1,0 +1,193 @@
+"""Moving an artifact body from a file to a socket inside the kernel.
+
+One :class:`BodyTransfer` describes a response in flight: the unsent part of
+its head, the file range still to send and, in splice mode, the bytes parked
+in its pipe. :func:`pump` advances it without ever blocking; the reactor calls
+it first, so a small body leaves in two or three syscalls on the reactor
+thread with no thread hop. When the socket pushes back (EAGAIN) or the body is
+large, :func:`run_blocking` finishes the transfer on a worker thread, waiting
+for writability with ``poll`` (the shared socket stays non-blocking).
+
+Descriptors: the worker only uses descriptors the transfer owns (a ``dup`` of
+the connection's socket, the artifact file, its own pipe), which the reactor
+closes after the worker returns, so the worker can never touch a descriptor
+number the reactor closed and reused. To stop a worker early, the reactor
+sets :attr:`BodyTransfer.stopped` and shuts the duplicated socket down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import select
+import socket
+import time
+
+import attrs
+
+#: Linux ``F_SETPIPE_SZ``: make one pipe hold a whole chunk.
+F_SETPIPE_SZ = 1031
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+# Terminal results; also the egress metric labels.
+OK = "ok"
+CLIENT_ABORTED = "client_aborted"
+WRITE_TIMEOUT = "write_timeout"
+INCOMPLETE = "incomplete"
+ERROR = "error"
+#: pump() stopped without finishing: the socket would block.
+BLOCKED = "blocked"
+#: pump() stopped without finishing: it used its byte budget.
+YIELDED = "yielded"
+
+_CLIENT_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN})
+
+
+def make_pipe(chunk_bytes: int) -> tuple[int, int]:
+    """A non-blocking pipe sized for one chunk (as far as the system allows)."""
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    # Without the resize the default capacity stands; splice moves smaller pieces.
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(write_end, F_SETPIPE_SZ, chunk_bytes)
+    return read_end, write_end
+
+
+@attrs.define
+class BodyTransfer:
+    """The state of one response being sent (see the module docstring).
+
+    Attributes:
+        sock: the socket to write to (the transport's, then a ``dup`` once a
+            worker takes over).
+        file_fd: the artifact, owned by the transfer.
+        offset: next file offset to send.
+        remaining: body bytes still to send from the file.
+        head: response head bytes not yet sent.
+        pipe: ``(read, write)`` in splice mode, else ``None``.
+        in_pipe: bytes read from the file into the pipe but not yet sent.
+        sent: body bytes delivered to the socket so far.
+        stopped: set by the reactor thread to make a worker give up; a plain
+            attribute (reads and writes of it are atomic under the GIL).
+    """
+
+    sock: socket.socket
+    file_fd: int
+    offset: int
+    remaining: int
+    head: bytes
+    chunk_bytes: int
+    pipe: tuple[int, int] | None = None
+    in_pipe: int = 0
+    sent: int = 0
+    stopped: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return not self.head and self.remaining == 0 and self.in_pipe == 0
+
+
+def _send_head(t: BodyTransfer) -> str | None:
+    more = socket.MSG_MORE if t.remaining else 0
+    try:
+        written = t.sock.send(t.head, more)
+    except BlockingIOError:
+        return BLOCKED
+    t.head = t.head[written:]
+    return BLOCKED if t.head else None
+
+
+def _sendfile_step(t: BodyTransfer) -> str | None:
+    try:
+        written = os.sendfile(t.sock.fileno(), t.file_fd, t.offset, min(t.chunk_bytes, t.remaining))
+    except BlockingIOError:
+        return BLOCKED
+    if written == 0:
+        return INCOMPLETE  # the file is shorter than its manifest
+    t.offset += written
+    t.remaining -= written
+    t.sent += written
+    return None
+
+
+def _splice_step(t: BodyTransfer) -> str | None:
+    assert t.pipe is not None
+    read_end, write_end = t.pipe
+    if t.in_pipe == 0:
+        moved = os.splice(
+            t.file_fd,
+            write_end,
+            min(t.chunk_bytes, t.remaining),
+            offset_src=t.offset,
+            flags=SPLICE_FLAGS,
+        )
+        if moved == 0:
+            return INCOMPLETE
+        t.offset += moved
+        t.remaining -= moved
+        t.in_pipe = moved
+    try:
+        written = os.splice(read_end, t.sock.fileno(), t.in_pipe, flags=SPLICE_FLAGS)
+    except BlockingIOError:
+        return BLOCKED
+    t.in_pipe -= written
+    t.sent += written
+    return None
+
+
+def pump(t: BodyTransfer, budget: int) -> str:
+    """Send without blocking until done, blocked, or ``budget`` body bytes went out.
+
+    Returns:
+        ``OK`` when the whole response was sent; ``BLOCKED`` or ``YIELDED``
+        when it should continue later; or a failure result.
+    """
+    step = _splice_step if t.pipe is not None else _sendfile_step
+    start = t.sent
+    try:
+        if t.head and _send_head(t) == BLOCKED:
+            return BLOCKED
+        while t.remaining or t.in_pipe:
+            if t.stopped:
+                return CLIENT_ABORTED
+            if t.sent - start >= budget:
+                return YIELDED
+            result = step(t)
+            if result is not None:
+                return result
+    except OSError as error:
+        return CLIENT_ABORTED if error.errno in _CLIENT_GONE else ERROR
+    return OK
+
+
+def run_blocking(t: BodyTransfer, no_progress_timeout: float) -> str:
+    """Finish ``t`` on a worker thread; returns a terminal result.
+
+    Waits for writability with ``poll`` in slices so a stop request is seen
+    within a second; gives up with ``WRITE_TIMEOUT`` when no byte could be
+    written for ``no_progress_timeout`` seconds.
+    """
+    poller = select.poll()
+    poller.register(t.sock.fileno(), select.POLLOUT)
+    last_progress = time.monotonic()
+    while True:
+        before = (t.sent, len(t.head))
+        result = pump(t, budget=t.chunk_bytes * 64)
+        if result not in (BLOCKED, YIELDED):
+            return result
+        if (t.sent, len(t.head)) != before:
+            last_progress = time.monotonic()
+        if result == YIELDED:
+            continue
+        while True:
+            if t.stopped:
+                return CLIENT_ABORTED
+            waited = time.monotonic() - last_progress
+            if waited >= no_progress_timeout:
+                return WRITE_TIMEOUT
+            events = poller.poll(min(1000, int((no_progress_timeout - waited) * 1000) + 1))
+            if events:
+                if events[0][1] & (select.POLLERR | select.POLLHUP):
+                    return CLIENT_ABORTED
+                break

@@ -1,0 +1,440 @@
+"""Catch-up (bootstrap): pull what this node lacks from every known peer.
+
+For each known peer that is neither caught up nor being caught up, a run
+(at most ``KURA_BOOTSTRAP_MAX_CONCURRENT_PEERS`` at once):
+
+1. pages through the peer's **namespace tombstones** and applies them first,
+   so nothing the mesh deleted can be resurrected by step 3;
+2. pages through its **manifests** (artifact-id order);
+3. for every manifest whose version would apply here (decided without the
+   body, as the receiver does), fetches ``/_internal/bootstrap/artifacts/{id}``
+   into staging, paced by the bandwidth limiter, checks its length and
+   version, and publishes it durably without outbox rows.
+
+A per-artifact gate makes each body download once even when several peers
+offer it: the second waiter re-decides after the first finished and finds
+the version present. A page's cursor advances only once the whole page was
+resolved; a failed run is retried on the next membership round and resumes
+from its cursor while the peer has not left and rejoined. A run fails after
+``KURA_BOOTSTRAP_TIMEOUT_MS`` *without progress* (pages, items or body
+bytes), never for merely taking long.
+
+A run that ends after its peer left (or left and rejoined) is discarded:
+readiness only counts catch-ups of the peer's current membership epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    DeferredLock,
+    DeferredSemaphore,
+)
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kura.artifacts import ArtifactAddress, Producer
+from kura.errors import BadFraming
+from kura.metrics import KuraMetrics
+from kura.storage.metadata import Outcome
+from kura.storage.store import ArtifactStore
+
+from . import wire
+from .bodies import StagingSink, Stalled, StallWatchdog
+from .client import PeerClient, PeerError, drain
+from .limiter import BandwidthLimiter
+from .membership import Membership
+from .receiver import ITEM_ARTIFACT, ITEM_NAMESPACE, SOURCE_BOOTSTRAP, Receiver
+
+log = Logger(namespace="kura.replication.bootstrap")
+
+CAUGHT_UP = "caught up with {peer}: {items} items applied in {seconds:.1f}s"
+CATCH_UP_FAILED = "catch-up from {peer} failed ({error}); retrying on the next round"
+SKIPPED = "catch-up from {peer} skipped artifact {artifact_id}: {reason}"
+
+#: Bodies fetched at once within one page of one peer.
+FETCH_CONCURRENCY = 4
+
+
+@attrs.define
+class Cursor:
+    """Where a peer's catch-up resumes."""
+
+    epoch: int
+    phase: str = "tombstones"
+    after: str | None = None
+    applied: int = 0
+
+
+class KeyedLock:
+    """One :class:`DeferredLock` per key, dropped when nobody holds or awaits it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[DeferredLock, int]] = {}
+
+    async def acquire(self, key: str) -> None:
+        lock, users = self._locks.get(key, (DeferredLock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._leave(key)
+            raise
+
+    def release(self, key: str) -> None:
+        lock, _ = self._locks[key]
+        lock.release()
+        self._leave(key)
+
+    def _leave(self, key: str) -> None:
+        lock, users = self._locks[key]
+        if users <= 1:
+            del self._locks[key]
+        else:
+            self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+class Bootstrapper:
+    """Runs catch-ups against known peers (see the module docstring).
+
+    Args:
+        store: the local store.
+        client: the peer client.
+        membership: known peers, epochs and catch-up bookkeeping.
+        receiver: applies fetched items (same rules as replication).
+        limiter: paces fetched bodies.
+        clock: time source.
+        metrics: bootstrap counters.
+        max_concurrent_peers: ``KURA_BOOTSTRAP_MAX_CONCURRENT_PEERS``.
+        timeout_seconds: ``KURA_BOOTSTRAP_TIMEOUT_MS`` in seconds (no progress).
+        stall_seconds: a body fetch with no byte progress this long fails.
+        page_limit: manifests and tombstones per page.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: ArtifactStore,
+        client: PeerClient,
+        membership: Membership,
+        receiver: Receiver,
+        limiter: BandwidthLimiter,
+        clock: IReactorTime,
+        metrics: KuraMetrics,
+        max_concurrent_peers: int,
+        timeout_seconds: float,
+        stall_seconds: float,
+        max_inline_bytes: int,
+        page_limit: int = wire.DEFAULT_PAGE_LIMIT,
+    ) -> None:
+        self._store = store
+        self._client = client
+        self._membership = membership
+        self._receiver = receiver
+        self._limiter = limiter
+        self._clock = clock
+        self._metrics = metrics
+        self._timeout = timeout_seconds
+        self._stall = stall_seconds
+        self._max_inline = max_inline_bytes
+        self._page_limit = page_limit
+        self._slots = DeferredSemaphore(max_concurrent_peers)
+        self._fetch_gate = KeyedLock()
+        self._tasks: dict[str, Deferred[None]] = {}
+        self._cursors: dict[str, Cursor] = {}
+        self._progress: dict[str, float] = {}
+        self._stopping = False
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Start a catch-up for every known peer not caught up and not in progress."""
+        if self._stopping:
+            return
+        caught_up = set(self._membership.bootstrapped_peers)
+        for peer in self._membership.known_peers:
+            if peer in caught_up or peer in self._tasks:
+                continue
+            placeholder: Deferred[None] = Deferred()
+            self._tasks[peer] = placeholder
+            d = Deferred.fromCoroutine(self._run(peer))
+            if not d.called:
+                self._tasks[peer] = d
+
+    async def stop(self) -> None:
+        """Abort every catch-up in progress (resumable after a restart: idempotent)."""
+        self._stopping = True
+        pending = list(self._tasks.values())
+        for d in pending:
+            d.cancel()
+        await DeferredList(pending, consumeErrors=True)
+
+    @property
+    def running(self) -> list[str]:
+        return sorted(self._tasks)
+
+    # -- one run ---------------------------------------------------------------------------
+
+    async def _run(self, peer: str) -> None:
+        epoch = self._membership.epoch(peer)
+        try:
+            await self._slots.acquire()
+        except CancelledError:
+            self._tasks.pop(peer, None)
+            return
+        try:
+            if not self._membership.is_known(peer) or self._membership.epoch(peer) != epoch:
+                return
+            await self._attempt(peer, epoch)
+        finally:
+            self._slots.release()
+            self._tasks.pop(peer, None)
+
+    async def _attempt(self, peer: str, epoch: int) -> None:
+        self._membership.bootstrap_started(peer)
+        started = self._clock.seconds()
+        self._progress[peer] = started
+        work = Deferred.fromCoroutine(self._catch_up(peer, epoch))
+        watchdog = StallWatchdog(
+            self._clock, self._timeout, lambda: self._progress.get(peer, started), work.cancel
+        ).start()
+        result = "error"
+        try:
+            applied = await work
+            result = "ok"
+        except Exception as error:
+            # A cancelled request surfaces as the client's own error type
+            # (ResponseNeverReceived, ...), so ask the watchdog what happened.
+            if watchdog.stalled:
+                result = "timeout"
+                log.warn(CATCH_UP_FAILED, peer=peer, error="no progress within the timeout")
+            elif self._stopping:
+                result = "aborted"
+                raise
+            else:
+                log.warn(CATCH_UP_FAILED, peer=peer, error=f"{type(error).__name__}: {error}")
+        finally:
+            watchdog.stop()
+            self._progress.pop(peer, None)
+            counted = self._membership.bootstrap_finished(peer, epoch, result == "ok")
+            if result == "ok" and not counted:
+                result = "discarded"
+            self._metrics.bootstrap_runs.labels(result).inc()
+        if result == "ok":
+            seconds = self._clock.seconds() - started
+            self._metrics.bootstrap_duration.observe(seconds)
+            log.info(CAUGHT_UP, peer=peer, items=applied, seconds=seconds)
+
+    def _touch(self, peer: str) -> None:
+        if peer in self._progress:
+            self._progress[peer] = self._clock.seconds()
+
+    async def _catch_up(self, peer: str, epoch: int) -> int:
+        cursor = self._cursors.get(peer)
+        if cursor is None or cursor.epoch != epoch:
+            cursor = self._cursors[peer] = Cursor(epoch)
+        if cursor.phase == "tombstones":
+            while True:
+                page = await self._page(peer, wire.TOMBSTONES_PATH, cursor.after)
+                for item in _items(page, "tombstones"):
+                    message = _tombstone(item)
+                    outcome = await self._receiver.apply_delete(message, source=SOURCE_BOOTSTRAP)
+                    if outcome is Outcome.APPLIED:
+                        cursor.applied += 1
+                        self._metrics.bootstrap_applied_items.labels(ITEM_NAMESPACE).inc()
+                    self._touch(peer)
+                cursor.after = _next_after(page)
+                if cursor.after is None:
+                    break
+            cursor.phase = "manifests"
+        while True:
+            page = await self._page(peer, wire.MANIFESTS_PATH, cursor.after)
+            manifests = []
+            for item in _items(page, "manifests"):
+                try:
+                    manifests.append(wire.PeerManifest.from_json(item))
+                except ValueError as error:
+                    raise PeerError(f"invalid manifest page: {error}") from None
+            cursor.applied += await self._sync_page(peer, manifests)
+            cursor.after = _next_after(page)
+            if cursor.after is None:
+                break
+        del self._cursors[peer]
+        return cursor.applied
+
+    async def _page(self, peer: str, path: str, after: str | None) -> Any:
+        page = wire.PageRequest(self._page_limit, after)
+        data = await self._client.get_json(peer, path, page.params())
+        self._touch(peer)
+        if not isinstance(data, dict):
+            raise PeerError(f"{path} answered something other than an object")
+        return data
+
+    async def _sync_page(self, peer: str, manifests: list[wire.PeerManifest]) -> int:
+        """Resolve every manifest of a page; raise the first failure after all ended."""
+        slots = DeferredSemaphore(FETCH_CONCURRENCY)
+        results = await DeferredList(
+            [slots.run(self._sync_one_deferred, peer, m) for m in manifests],
+            consumeErrors=True,
+        )
+        applied = 0
+        for ok, result in results:
+            outcome: Any = result  # a Failure when not ok (DeferredList's typing says bool)
+            if not ok:
+                assert isinstance(outcome, Failure)
+                outcome.raiseException()
+            applied += int(bool(outcome))
+        return applied
+
+    def _sync_one_deferred(self, peer: str, manifest: wire.PeerManifest) -> Deferred[bool]:
+        return Deferred.fromCoroutine(self._sync_one(peer, manifest))
+
+    async def _sync_one(self, peer: str, manifest: wire.PeerManifest) -> bool:
+        """Bring one manifest's version here if it would apply; return whether it did."""
+        try:
+            producer = Producer(manifest.producer)
+        except ValueError:
+            log.warn(
+                SKIPPED, peer=peer, artifact_id=manifest.artifact_id, reason="unknown producer"
+            )
+            return False
+        address = ArtifactAddress(producer, manifest.namespace_id, manifest.key)
+        if self._store.artifact_id(address) != manifest.artifact_id:
+            log.warn(SKIPPED, peer=peer, artifact_id=manifest.artifact_id, reason="id mismatch")
+            return False
+        await self._fetch_gate.acquire(manifest.artifact_id)
+        try:
+            decided = await self._store.apply_preview(
+                manifest.artifact_id, manifest.namespace_id, manifest.version_ms
+            )
+            if decided is not None:
+                self._receiver.count(SOURCE_BOOTSTRAP, ITEM_ARTIFACT, decided)
+                return False
+            outcome = await self._fetch(peer, manifest, address)
+        finally:
+            self._fetch_gate.release(manifest.artifact_id)
+        self._touch(peer)
+        if outcome is Outcome.APPLIED:
+            self._metrics.bootstrap_applied_items.labels(ITEM_ARTIFACT).inc()
+            return True
+        return False
+
+    async def _fetch(
+        self, peer: str, manifest: wire.PeerManifest, address: ArtifactAddress
+    ) -> Outcome:
+        if manifest.inline and manifest.size > self._max_inline:
+            raise PeerError(f"inline artifact {manifest.artifact_id} exceeds the inline limit")
+        request = self._client.request("GET", peer, f"{wire.ARTIFACTS_PATH}/{manifest.artifact_id}")
+        started = self._clock.seconds()
+        sink = StagingSink(
+            limiter=self._limiter,
+            clock=self._clock,
+            expected=manifest.size,
+            on_bytes=lambda size: self._fetched(peer, size),
+        )
+        progress = lambda: max(started, sink.last_progress)  # noqa: E731
+        watchdog = StallWatchdog(
+            self._clock, self._stall, progress, lambda: _stop(request, sink)
+        ).start()
+        try:
+            return await self._receive(peer, manifest, address, request, sink)
+        finally:
+            watchdog.stop()
+
+    def _fetched(self, peer: str, size: int) -> None:
+        self._metrics.replication_body_bytes.labels("fetched").inc(size)
+        self._touch(peer)
+
+    async def _receive(
+        self,
+        peer: str,
+        manifest: wire.PeerManifest,
+        address: ArtifactAddress,
+        request: Deferred[Any],
+        sink: StagingSink,
+    ) -> Outcome:
+        response = await request
+        if response.code == 404:
+            await drain(response)
+            self._receiver.count(SOURCE_BOOTSTRAP, ITEM_ARTIFACT, Outcome.IGNORED_STALE)
+            return Outcome.IGNORED_STALE
+        if response.code != 200:
+            await drain(response)
+            raise PeerError(f"artifact fetch answered {response.code}", response.code)
+        version = response.headers.getRawHeaders(wire.VERSION_HEADER, [b""])[0]
+        if version != b"%d" % manifest.version_ms or response.length != manifest.size:
+            # Replaced since the page was read: the newer version arrives on its
+            # own (outbox or a later catch-up); do not store it under this one.
+            response.deliverBody(_Discard())
+            self._receiver.count(SOURCE_BOOTSTRAP, ITEM_ARTIFACT, Outcome.IGNORED_STALE)
+            return Outcome.IGNORED_STALE
+        staging = self._store.stage(
+            limit=manifest.size, expected_length=manifest.size, on_pressure=sink.pressure
+        )
+        sink.staging = staging
+        response.deliverBody(sink)
+        try:
+            received = await sink.done
+            if received != manifest.size:
+                raise BadFraming(f"artifact body ended after {received} of {manifest.size} bytes")
+        except BaseException:
+            await staging.abort()
+            raise
+        staged = await staging.finish()
+        message = wire.UpsertMessage(
+            producer=address.producer,
+            namespace_id=manifest.namespace_id,
+            key=manifest.key,
+            content_type=manifest.content_type,
+            inline=manifest.inline,
+            version_ms=manifest.version_ms,
+        )
+        return await self._receiver.publish(address, message, staged, source=SOURCE_BOOTSTRAP)
+
+
+class _Discard(Protocol):
+    """Drops a response body by closing its connection."""
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.stopProducing()
+
+
+def _stop(request: Deferred[Any], sink: StagingSink) -> None:
+    if not request.called:
+        request.cancel()
+    else:
+        sink.fail(Stalled("catch-up body made no progress"))
+
+
+def _items(page: Any, name: str) -> list[Any]:
+    items = page.get(name)
+    if not isinstance(items, list):
+        raise PeerError(f"page lacks a {name} list")
+    return items
+
+
+def _next_after(page: Any) -> str | None:
+    value = page.get("next_after")
+    if value is not None and not isinstance(value, str):
+        raise PeerError("page has an invalid next_after")
+    return value
+
+
+def _tombstone(item: Any) -> wire.DeleteMessage:
+    if not isinstance(item, dict):
+        raise PeerError("tombstone must be an object")
+    namespace, version = item.get("namespace_id"), item.get("version_ms")
+    if not isinstance(namespace, str) or not isinstance(version, int) or version < 1:
+        raise PeerError("tombstone lacks namespace_id or version_ms")
+    return wire.DeleteMessage(namespace, version)

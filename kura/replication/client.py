@@ -1,0 +1,155 @@
+"""The peer client: treq over one pooled Agent (mTLS when configured).
+
+Every request carries the tenant header (see :mod:`.wire`). Small JSON
+exchanges (status, catch-up pages) have a total timeout; body transfers
+(uploads, catch-up bodies) have none and are watched for byte progress by
+their callers instead, so a large healthy transfer is never cut off.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
+
+from . import wire
+
+#: Seconds a status check or a catch-up page may take in total.
+JSON_TIMEOUT = 30.0
+#: Seconds to establish a TCP connection to a peer.
+CONNECT_TIMEOUT = 10.0
+#: Largest JSON body accepted from a peer (a page of 2048 manifests fits).
+MAX_JSON_BYTES = 16 * 1024 * 1024
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    # The pool's factory logs "Starting factory" for every new peer
+    # connection; with several uploads in flight that drowns the real events.
+    noisy = False
+
+
+class PeerError(Exception):
+    """A peer answered, but not with what the protocol promises.
+
+    Attributes:
+        status: the HTTP status (0 when the body was unusable).
+    """
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class PeerClient:
+    """HTTP requests to peers' internal planes.
+
+    Args:
+        reactor: the reactor the Agent and its pool use.
+        tenant_id: sent with every request.
+        tls_policy: the client side of peer mTLS (``None``: plain HTTP or
+            the default browser-like policy for https URLs).
+        max_connections_per_peer: persistent connections kept per peer.
+    """
+
+    def __init__(
+        self,
+        *,
+        reactor: Any,
+        tenant_id: str,
+        tls_policy: IPolicyForHTTPS | None = None,
+        max_connections_per_peer: int = 8,
+    ) -> None:
+        self._reactor = reactor
+        self._tenant = tenant_id.encode("ascii")
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = max_connections_per_peer
+        self.pool._factory = _QuietClientFactory
+        agent = Agent(
+            reactor,
+            contextFactory=tls_policy or BrowserLikePolicyForHTTPS(),
+            connectTimeout=CONNECT_TIMEOUT,
+            pool=self.pool,
+        )
+        self._http = HTTPClient(agent)
+
+    def request(
+        self,
+        method: str,
+        target: str,
+        path: str,
+        params: list[tuple[str, str]] | None = None,
+        body: IBodyProducer | None = None,
+        timeout: float | None = None,
+    ) -> Deferred[IResponse]:
+        """Send one request; the Deferred is cancellable (the connection is aborted)."""
+        headers = Headers({wire.TENANT_HEADER: [self._tenant]})
+        if body is not None:
+            headers.setRawHeaders(b"Content-Type", [b"application/octet-stream"])
+        d: Deferred[Any] = self._http.request(
+            method,
+            wire.url(target, path, params or ()),
+            headers=headers,
+            data=body,
+            timeout=timeout,
+        )
+        return d
+
+    async def get_json(
+        self,
+        target: str,
+        path: str,
+        params: list[tuple[str, str]] | None = None,
+        timeout: float = JSON_TIMEOUT,
+    ) -> Any:
+        """GET a JSON document (bounded in size and time).
+
+        Raises:
+            PeerError: a non-200 answer or an unusable body.
+            Exception: connection failures, timeouts (``CancelledError``).
+        """
+        response = await self.request("GET", target, path, params, timeout=timeout)
+        if response.code != 200:
+            await drain(response)
+            raise PeerError(f"{path} answered {response.code}", response.code)
+        length = response.length
+        if isinstance(length, int) and length > MAX_JSON_BYTES:
+            await drain(response)
+            raise PeerError(f"{path} answered {length} bytes", response.code)
+        raw: bytes = await treq.content(response)
+        try:
+            return json.loads(raw)
+        except ValueError as error:
+            raise PeerError(f"{path} answered invalid JSON: {error}", response.code) from None
+
+    async def status(self, target: str, timeout: float = JSON_TIMEOUT) -> wire.PeerStatus:
+        """``GET /_internal/status`` of ``target``.
+
+        Raises:
+            PeerError: the answer is not a status document.
+        """
+        data = await self.get_json(target, wire.STATUS_PATH, timeout=timeout)
+        try:
+            return wire.PeerStatus.from_json(data)
+        except ValueError as error:
+            raise PeerError(str(error)) from None
+
+    async def close(self) -> None:
+        """Close idle pooled connections (at stop)."""
+        await self.pool.closeCachedConnections()
+
+
+async def drain(response: IResponse) -> bytes:
+    """Read (and return) a response body so its connection can be reused."""
+    data: bytes = await treq.content(response)
+    return data

@@ -1,0 +1,314 @@
+"""The internal plane: a separate Klein app on ``KURA_INTERNAL_PORT``.
+
+Routes (formats in ``docs/replication.md``):
+
+* ``GET /_internal/status``: ``{"region", "tenant_id", "node_url", ...}``;
+* ``PUT /_internal/replicate/artifact?producer=&inline=&namespace_id=&key=``
+  ``&content_type=&version_ms=`` (:mod:`.receiver`);
+* ``DELETE /_internal/replicate/namespace?namespace_id=&version_ms=``;
+* ``GET /_internal/bootstrap/namespace_tombstones?limit=&after=``;
+* ``GET /_internal/bootstrap/manifests?limit=&after=``;
+* ``GET /_internal/bootstrap/artifacts/{artifact_id}``: the raw body, paced
+  by the bandwidth limiter, or 404.
+
+It is served by the same :class:`~kura.api.http.KuraSite` machinery as the
+public API (head-time admission through :class:`InternalGate`, bodies
+streamed into staging), but every route is ``public=False``: peer traffic
+never counts as public load and is never throttled as such. Every route but
+status requires the tenant header (403 otherwise). The public port has none
+of these routes (404).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, cast
+
+from klein import Klein, KleinRenderable
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+
+from kura.api.errors import classify_failure, respond_with_error
+from kura.api.gate import UNMATCHED, Admission, RequestHead, RouteMatch
+from kura.api.http import KuraRequest
+from kura.api.routes import BodyKind, Query, RouteSpec, template_of
+from kura.config import KuraConfig
+from kura.errors import Forbidden, KuraError, NotFound, ServiceUnavailable
+from kura.lifecycle import NodeState
+from kura.metrics import KuraMetrics
+from kura.storage.runner import BlockingRunner
+from kura.storage.store import ArtifactStore
+
+from . import wire
+from .bodies import PacedFileBody, StallWatchdog
+from .limiter import BandwidthLimiter
+from .receiver import MAX_REPLICATION_BODY_BYTES, SOURCE_REPLICATION, Receiver
+
+log = Logger(namespace="kura.replication.internal")
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+_app = Klein()
+_SPECS: dict[str, RouteSpec] = {}
+
+
+def route(rule: str, *, methods: list[str], **fields: Any) -> Callable[[Handler], Handler]:
+    """Register an internal route and its (non-public) :class:`RouteSpec`."""
+
+    def register(handler: Handler) -> Handler:
+        endpoint = handler.__name__
+        _SPECS[endpoint] = RouteSpec(
+            endpoint=endpoint, template=template_of(rule), public=False, **fields
+        )
+        _app.route(rule, methods=methods, endpoint=endpoint)(handler)
+        return handler
+
+    return register
+
+
+def _header(request: IRequest, name: bytes, value: bytes) -> None:
+    request.setHeader(name, value)
+
+
+class InternalGate:
+    """Head-time admission for the internal plane (duck-typed like ``kura.api.gate.Gate``).
+
+    Args:
+        routes: matches paths against the internal app's ``url_map``.
+        receiver: decides replicated upserts before their bodies.
+        node_tenant: the tenant every peer request must name.
+    """
+
+    def __init__(self, *, routes: RouteMatch, receiver: Receiver, node_tenant: str) -> None:
+        self.routes = routes
+        self._receiver = receiver
+        self._tenant = node_tenant
+
+    def classify(self, head: RequestHead) -> tuple[RouteSpec, Mapping[str, str]]:
+        matched = self.routes.match(head.method, head.path)
+        if matched is None:
+            return UNMATCHED, {}
+        return matched
+
+    def admit(self, head: RequestHead) -> Deferred[Admission]:
+        """Admit or refuse a peer request from its head (see the module docstring)."""
+        try:
+            spec, path_args = self.classify(head)
+            if spec is UNMATCHED:
+                raise NotFound("Not found", close=head.declared_length != 0)
+            if spec.endpoint != "status":
+                self._check_tenant(head)
+            if spec.endpoint == "replicate_artifact":
+                return Deferred.fromCoroutine(self._receiver.admit_upsert(spec, path_args, head))
+            context: dict[str, Any] = {}
+            if spec.endpoint == "replicate_namespace":
+                context["message"] = wire.DeleteMessage.parse(head.query)
+            elif spec.endpoint in ("bootstrap_tombstones", "bootstrap_manifests"):
+                context["page"] = wire.PageRequest.parse(head.query)
+            elif spec.endpoint == "bootstrap_artifact" and not wire.is_artifact_id(
+                path_args.get("artifact_id", "")
+            ):
+                raise NotFound("Artifact not found")
+        except KuraError as error:
+            return fail(error)
+        return succeed(Admission(spec, path_args, Query(head.query), context=context))
+
+    def _check_tenant(self, head: RequestHead) -> None:
+        values = head.headers.get(wire.TENANT_HEADER.decode("ascii").lower(), [])
+        if values != [self._tenant]:
+            raise Forbidden(
+                f"Forbidden: this node serves tenant '{self._tenant}'",
+                close=head.declared_length != 0,
+            )
+
+
+class InternalAPI:
+    """The internal Klein application of one node.
+
+    Args:
+        config: node identity.
+        store: the node's store.
+        state: for the status report.
+        receiver: applies replicated writes.
+        limiter: paces catch-up bodies served.
+        metrics: byte counters.
+        runner: blocking reads.
+        clock: time source (stall watchdog).
+    """
+
+    app = _app
+    specs: Mapping[str, RouteSpec] = _SPECS
+
+    def __init__(
+        self,
+        *,
+        config: KuraConfig,
+        store: ArtifactStore,
+        state: NodeState,
+        receiver: Receiver,
+        limiter: BandwidthLimiter,
+        metrics: KuraMetrics,
+        runner: BlockingRunner,
+        clock: IReactorTime,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._state = state
+        self._receiver = receiver
+        self._limiter = limiter
+        self._metrics = metrics
+        self._runner = runner
+        self._clock = clock
+
+    def resource(self) -> IResource:
+        return self.app.resource()
+
+    async def _admission(self, request: KuraRequest) -> Admission:
+        assert request.admission is not None
+        admission = await request.admission
+        if request.rejection is not None:
+            raise request.rejection
+        return admission
+
+    def _json(self, request: KuraRequest, payload: object) -> bytes:
+        body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        request.setResponseCode(200)
+        _header(request, b"Content-Type", b"application/json")
+        _header(request, b"Content-Length", b"%d" % len(body))
+        return body
+
+    def _no_content(self, request: KuraRequest) -> bytes:
+        request.setResponseCode(204)
+        return b""
+
+    # -- status ---------------------------------------------------------------------------
+
+    @route(wire.STATUS_PATH, methods=["GET"])
+    def status(self, request: KuraRequest) -> bytes:
+        ready, _ = self._state.readiness()
+        return self._json(
+            request,
+            {
+                "region": self._config.region,
+                "tenant_id": self._config.tenant_id,
+                "node_url": self._config.node_url,
+                "generation": self._state.membership.generation,
+                "ready": ready,
+            },
+        )
+
+    # -- replication receiver ----------------------------------------------------------------
+
+    @route(
+        wire.REPLICATE_ARTIFACT_PATH,
+        methods=["PUT"],
+        body=BodyKind.STAGED,
+        body_limit=MAX_REPLICATION_BODY_BYTES,
+    )
+    async def replicate_artifact(self, request: KuraRequest) -> bytes:
+        admission = await self._admission(request)
+        await self._receiver.apply_upsert(admission, request.staging)
+        return self._no_content(request)
+
+    @route(wire.REPLICATE_NAMESPACE_PATH, methods=["DELETE"])
+    async def replicate_namespace(self, request: KuraRequest) -> bytes:
+        admission = await self._admission(request)
+        await self._receiver.apply_delete(admission.context["message"], source=SOURCE_REPLICATION)
+        return self._no_content(request)
+
+    # -- catch-up -----------------------------------------------------------------------------
+
+    @route(wire.TOMBSTONES_PATH, methods=["GET"])
+    async def bootstrap_tombstones(self, request: KuraRequest) -> bytes:
+        admission = await self._admission(request)
+        page: wire.PageRequest = admission.context["page"]
+        rows = await self._store.tombstones_page(page.after, page.limit)
+        items = [{"namespace_id": ns, "version_ms": version} for ns, version in rows]
+        cursor = rows[-1][0] if rows else None
+        return self._json(request, wire.page_json("tombstones", items, page.limit, cursor))
+
+    @route(wire.MANIFESTS_PATH, methods=["GET"])
+    async def bootstrap_manifests(self, request: KuraRequest) -> bytes:
+        admission = await self._admission(request)
+        page: wire.PageRequest = admission.context["page"]
+        manifests = await self._store.manifests_page(page.after, page.limit)
+        items = [wire.PeerManifest.of(m).to_json() for m in manifests]
+        cursor = manifests[-1].artifact_id if manifests else None
+        return self._json(request, wire.page_json("manifests", items, page.limit, cursor))
+
+    @route(wire.ARTIFACTS_PATH + "/<artifact_id>", methods=["GET"])
+    async def bootstrap_artifact(self, request: KuraRequest, artifact_id: str) -> bytes:
+        await self._admission(request)
+        manifest = await self._store.manifest(artifact_id)
+        if manifest is None:
+            raise NotFound("Artifact not found")
+        _header(request, wire.VERSION_HEADER, b"%d" % manifest.version_ms)
+        _header(request, b"Content-Type", b"application/octet-stream")
+        if manifest.inline:
+            value = await self._store.read_inline(manifest)
+            if value is None:
+                raise NotFound("Artifact not found")
+            await self._limiter.wait(len(value))
+            self._metrics.replication_body_bytes.labels("served").inc(len(value))
+            _header(request, b"Content-Length", b"%d" % len(value))
+            return value
+        try:
+            fd = self._store.open_body(manifest)
+        except FileNotFoundError:
+            raise NotFound("Artifact not found") from None
+        except OSError as error:
+            raise ServiceUnavailable(f"cannot open artifact: {error.strerror}") from error
+        if os.fstat(fd).st_size < manifest.size:
+            os.close(fd)
+            raise NotFound("Artifact not found")
+        _header(request, b"Content-Length", b"%d" % manifest.size)
+        return await self._send(request, fd, manifest.size)
+
+    async def _send(self, request: KuraRequest, fd: int, size: int) -> bytes:
+        served = self._metrics.replication_body_bytes.labels("served")
+        body = PacedFileBody(
+            fd=fd,
+            length=size,
+            runner=self._runner,
+            clock=self._clock,
+            limiter=self._limiter,
+            on_bytes=served.inc,
+        )
+        channel: Any = request.channel
+
+        def stalled() -> None:
+            log.warn("catch-up body stalled; aborting the connection")
+            if channel is not None and channel.transport is not None:
+                channel.transport.abortConnection()
+
+        watchdog = StallWatchdog(
+            self._clock, request.kura_site.send_timeout, lambda: body.last_progress, stalled
+        ).start()
+        consumer: IConsumer = request
+        consumer.registerProducer(body, True)
+        try:
+            await body.startProducing(request)
+        finally:
+            watchdog.stop()
+            body.close()
+            consumer.unregisterProducer()
+        return b""
+
+    # -- errors ---------------------------------------------------------------------------
+
+    @_app.handle_errors(Exception)
+    def errors(self, request: IRequest, failure: Failure) -> KleinRenderable:
+        error = classify_failure(failure)
+        if error is None:
+            return None
+        spec = cast(KuraRequest, request).spec
+        if error.status >= 500 and not isinstance(failure.value, KuraError):
+            log.failure("unexpected error on {route}", failure, route=spec.template)
+            self._metrics.http_exceptions.labels(spec.template, type(failure.value).__name__).inc()
+        return respond_with_error(request, error, spec)

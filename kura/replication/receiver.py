@@ -1,0 +1,216 @@
+"""The receiving end of replication: decide before the body, then apply durably.
+
+``PUT /_internal/replicate/artifact`` is admitted from its head: the query
+names the artifact version (:class:`~kura.replication.wire.UpsertMessage`),
+and :meth:`Receiver.admit_upsert` asks the store whether that version would
+apply. A stale, equal or tombstoned version is answered ``204`` at once with
+its body left unread (the connection closes after the answer). Otherwise the
+body is staged, paced by the bandwidth limiter (the request's transport is
+paused, nothing is buffered), its length is checked against the declared
+``Content-Length``, and it is published with the same durable order as a
+public write, under last-writer-wins and with *no* outbox rows (peers are
+not re-sent each other's writes). Applying the same message twice stores it
+once: the second is ``ignored_equal``.
+
+``DELETE /_internal/replicate/namespace`` applies a tombstone (``applied`` or
+``ignored_older``); a tombstone never moves backwards and is never undone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+from twisted.internet.defer import Deferred
+
+from kura.api.gate import Admission, RequestHead
+from kura.api.routes import GiB, Query, RouteSpec
+from kura.artifacts import ArtifactAddress, safe_content_type
+from kura.defer import shielded
+from kura.errors import BadFraming, KuraError, PayloadTooLarge
+from kura.metrics import KuraMetrics
+from kura.storage.metadata import Outcome, WritePolicy
+from kura.storage.runner import BlockingRunner
+from kura.storage.staging import StagedBody, StagingFile
+from kura.storage.store import ArtifactStore
+
+from .limiter import BandwidthLimiter
+from .wire import DeleteMessage, UpsertMessage
+
+#: Largest replicated file-backed body (upstream's 4 x 512 MiB).
+MAX_REPLICATION_BODY_BYTES = 2 * GiB
+
+SOURCE_REPLICATION = "replication"
+SOURCE_BOOTSTRAP = "bootstrap"
+ITEM_ARTIFACT = "artifact"
+ITEM_NAMESPACE = "namespace_delete"
+
+
+class LengthRequired(KuraError):
+    """A replicated body must declare its length."""
+
+    status = 411
+    close = True
+
+
+@attrs.frozen
+class ReplicaAdmission(Admission):
+    """An admission that may have decided the write without its body.
+
+    Attributes:
+        decided: the outcome when the version does not apply (the body is
+            skipped and the request answered 204); ``None`` to apply.
+    """
+
+    decided: Outcome | None = None
+
+    @property
+    def skips_body(self) -> bool:
+        return self.decided is not None or self.existing is not None
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+class Receiver:
+    """Applies replicated writes to the local store (see the module docstring).
+
+    Args:
+        store: the node's store.
+        metrics: apply-outcome counters.
+        limiter: paces ingest.
+        runner: blocking reads of staged inline bodies.
+        max_inline_bytes: ``KURA_MAX_KEYVALUE_BYTES``, the inline body limit.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: ArtifactStore,
+        metrics: KuraMetrics,
+        limiter: BandwidthLimiter,
+        runner: BlockingRunner,
+        max_inline_bytes: int,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._limiter = limiter
+        self._runner = runner
+        self._max_inline = max_inline_bytes
+
+    def count(self, source: str, item_type: str, outcome: Outcome) -> None:
+        self._metrics.replication_apply_results.labels(source, item_type, outcome.value).inc()
+
+    def body_limit(self, inline: bool) -> int:
+        return self._max_inline if inline else MAX_REPLICATION_BODY_BYTES
+
+    # -- artifact upserts ---------------------------------------------------------------
+
+    async def admit_upsert(
+        self, spec: RouteSpec, path_args: Mapping[str, str], head: RequestHead
+    ) -> Admission:
+        """Decide an upsert from its head.
+
+        Raises:
+            BadRequest: the query is invalid.
+            LengthRequired: no ``Content-Length``.
+            PayloadTooLarge: the declared body exceeds the limit.
+        """
+        message = UpsertMessage.parse(head.query)
+        if head.declared_length is None:
+            raise LengthRequired("Replicated bodies need a Content-Length")
+        limit = self.body_limit(message.inline)
+        if head.declared_length > limit:
+            raise PayloadTooLarge(f"Replicated body exceeds {limit} bytes")
+        address = ArtifactAddress(message.producer, message.namespace_id, message.key)
+        decided = await self._store.apply_preview(
+            self._store.artifact_id(address), message.namespace_id, message.version_ms
+        )
+        return ReplicaAdmission(
+            spec=attrs.evolve(spec, body_limit=limit),
+            path_args=path_args,
+            query=Query(head.query),
+            address=address,
+            context={"message": message, "length": head.declared_length},
+            pacer=None if decided is not None else self._limiter,
+            decided=decided,
+        )
+
+    async def apply_upsert(self, admission: Admission, staging: StagingFile | None) -> Outcome:
+        """Apply an admitted upsert whose body (if any) is complete in ``staging``.
+
+        Raises:
+            BadFraming: the body length differs from the declared one.
+            KuraError: staging or publishing failed; nothing was stored.
+        """
+        assert isinstance(admission, ReplicaAdmission) and admission.address is not None
+        message: UpsertMessage = admission.context["message"]
+        if admission.decided is not None:
+            self.count(SOURCE_REPLICATION, ITEM_ARTIFACT, admission.decided)
+            return admission.decided
+        assert staging is not None
+        staged = await staging.finish()
+        if staged.size != admission.context["length"]:
+            await self._store.discard(staged)
+            raise BadFraming("Replicated body length differs from its Content-Length")
+        self._metrics.replication_body_bytes.labels("received").inc(staged.size)
+        return await self.publish(admission.address, message, staged, source=SOURCE_REPLICATION)
+
+    async def publish(
+        self,
+        address: ArtifactAddress,
+        message: UpsertMessage,
+        staged: StagedBody,
+        *,
+        source: str,
+    ) -> Outcome:
+        """Publish a complete staged body as ``message``'s version (no outbox rows).
+
+        The staged body is consumed whatever happens. The publish itself is
+        shielded from cancellation (a client that leaves must not interrupt a
+        commit that may already be under way).
+        """
+        content_type = safe_content_type(message.content_type)
+        if message.inline:
+            try:
+                value = await self._runner.run(_read_file, staged.path)
+            finally:
+                await self._store.discard(staged)
+            work = Deferred.fromCoroutine(
+                self._store.put_inline(
+                    address,
+                    value,
+                    content_type=content_type,
+                    policy=WritePolicy.LAST_WRITER_WINS,
+                    version_ms=message.version_ms,
+                    targets=(),
+                )
+            )
+        else:
+            work = Deferred.fromCoroutine(
+                self._store.publish_blob(
+                    address,
+                    staged,
+                    content_type=content_type,
+                    policy=WritePolicy.LAST_WRITER_WINS,
+                    version_ms=message.version_ms,
+                    targets=(),
+                )
+            )
+        result = await shielded(work)
+        self.count(source, ITEM_ARTIFACT, result.outcome)
+        return result.outcome
+
+    # -- namespace deletes ----------------------------------------------------------------
+
+    async def apply_delete(self, message: DeleteMessage, *, source: str) -> Outcome:
+        """Apply a namespace tombstone (no outbox rows)."""
+        outcome = await shielded(
+            Deferred.fromCoroutine(
+                self._store.delete_namespace(message.namespace_id, message.version_ms, targets=())
+            )
+        )
+        self.count(source, ITEM_NAMESPACE, outcome)
+        return outcome

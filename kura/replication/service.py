@@ -1,0 +1,254 @@
+"""``ReplicationService``: the MultiService that owns the replication mesh.
+
+Construction only builds objects (the node wires :meth:`replication_targets`
+into the store and :attr:`membership` into the node state). Work starts in
+:meth:`start_serving`, which the node calls once storage is open: it opens
+the internal listener (TLS when peer mTLS is configured) and starts the
+membership rounds (every 2 s), the outbox worker (on every commit and every
+2 s) and the bandwidth gauges (every second). Catch-ups start whenever a
+round finds a known peer that is not caught up. :meth:`stopService` stops
+all of it; outbox rows and catch-up progress are safe to abandon.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from kura.api.gate import RouteMatch
+from kura.api.http import KuraSite
+from kura.config import KuraConfig
+from kura.failpoints import Failpoints
+from kura.lifecycle import NodeState
+from kura.metrics import KuraMetrics
+from kura.storage.runner import BlockingRunner
+from kura.storage.store import ArtifactStore
+from kura.telemetry import PublicTraffic
+
+from .bootstrap import Bootstrapper
+from .client import PeerClient
+from .internal import InternalAPI, InternalGate
+from .limiter import BandwidthLimiter
+from .membership import POLL_SECONDS, DnsDiscovery, Membership
+from .outbox import OutboxWorker
+from .receiver import Receiver
+from .tls import PeerTLSPolicy, server_options
+
+log = Logger(namespace="kura.replication")
+
+INTERNAL_LISTENING = "internal plane on {host}:{port} ({scheme}); peers: {peers}"
+#: How often the bandwidth gauges are refreshed.
+GAUGE_SECONDS = 1.0
+
+
+class ReplicationService(MultiService):
+    """Owns membership, the internal plane, outbox delivery, catch-up and the limiter.
+
+    Args:
+        config: the node configuration (``config.replication`` above all).
+        reactor: the reactor (listeners, timers, the peer client's Agent).
+        store: the node's store.
+        state: the node's state (status report; readiness reads membership).
+        metrics: the node's metrics.
+        traffic: public load, which the limiter backs off against.
+        runner: blocking disk work.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: KuraConfig,
+        reactor: Any,
+        store: ArtifactStore,
+        state: NodeState,
+        metrics: KuraMetrics,
+        traffic: PublicTraffic,
+        runner: BlockingRunner,
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # twisted.application is unannotated
+        settings = config.replication
+        self.config = config
+        self.reactor = reactor
+        self.store = store
+        self.metrics = metrics
+        self.limiter = BandwidthLimiter(
+            clock=reactor,
+            traffic=traffic,
+            configured_bytes_per_second=settings.bandwidth_limit_bytes_per_second,
+            latency_target_ms=settings.public_latency_target_ms,
+        )
+        tls = settings.internal_tls
+        self.client = PeerClient(
+            reactor=reactor,
+            tenant_id=config.tenant_id,
+            tls_policy=PeerTLSPolicy(tls) if tls is not None else None,
+        )
+        discovery = None
+        if settings.discovery_dns_name:
+            node = urlsplit(config.node_url)
+            discovery = DnsDiscovery(
+                reactor.nameResolver,
+                settings.discovery_dns_name,
+                node.scheme,
+                node.port or config.internal_port,
+            )
+        self.membership = Membership(
+            clock=reactor,
+            client=self.client,
+            node_url=config.node_url,
+            tenant_id=config.tenant_id,
+            seeds=settings.peers,
+            discovery=discovery,
+            metrics=metrics,
+        )
+        self.receiver = Receiver(
+            store=store,
+            metrics=metrics,
+            limiter=self.limiter,
+            runner=runner,
+            max_inline_bytes=config.max_keyvalue_bytes,
+        )
+        self.api = InternalAPI(
+            config=config,
+            store=store,
+            state=state,
+            receiver=self.receiver,
+            limiter=self.limiter,
+            metrics=metrics,
+            runner=runner,
+            clock=reactor,
+        )
+        self.gate = InternalGate(
+            routes=RouteMatch(self.api.app.url_map, self.api.specs),
+            receiver=self.receiver,
+            node_tenant=config.tenant_id,
+        )
+        self.site = KuraSite(
+            self.api.resource(),
+            gate=self.gate,  # type: ignore[arg-type]  # duck-typed like kura.api.gate.Gate
+            store=store,
+            state=state,
+            metrics=metrics,
+            traffic=traffic,
+            reactor=reactor,
+            header_timeout=config.header_timeout_ms / 1000,
+            idle_timeout=config.keepalive_idle_timeout_ms / 1000,
+            send_timeout=settings.upload_stall_ms / 1000,
+        )
+        stall_seconds = settings.upload_stall_ms / 1000
+        self.outbox = OutboxWorker(
+            store=store,
+            client=self.client,
+            membership=self.membership,
+            limiter=self.limiter,
+            clock=reactor,
+            metrics=metrics,
+            runner=runner,
+            failpoints=Failpoints(config.failpoints),
+            stall_seconds=stall_seconds,
+        )
+        self.bootstrap = Bootstrapper(
+            store=store,
+            client=self.client,
+            membership=self.membership,
+            receiver=self.receiver,
+            limiter=self.limiter,
+            clock=reactor,
+            metrics=metrics,
+            max_concurrent_peers=settings.bootstrap_max_concurrent_peers,
+            timeout_seconds=settings.bootstrap_timeout_ms / 1000,
+            stall_seconds=stall_seconds,
+            max_inline_bytes=config.max_keyvalue_bytes,
+        )
+        self.membership.listeners.append(self._topology_changed)
+        self._rounds = LoopingCall(self._round)
+        self._rounds.clock = reactor
+        self._round_d: Deferred[None] | None = None
+        self._gauges = LoopingCall(self.limiter.publish, metrics)
+        self._gauges.clock = reactor
+        self._serving = False
+        view = self.membership
+        metrics.bootstrap_known_peers.set_function(lambda: float(len(view.known_peers)))
+        metrics.bootstrap_completed_peers.set_function(lambda: float(len(view.bootstrapped_peers)))
+        metrics.bootstrap_inflight_peers.set_function(
+            lambda: float(len(view.bootstrap_inflight_peers))
+        )
+        self.limiter.publish(metrics)
+
+    def replication_targets(self) -> list[str]:
+        """The store's write-time targets: one outbox row per target per write."""
+        return self.membership.targets()
+
+    # -- start and stop --------------------------------------------------------------------
+
+    def start_serving(self, host: str) -> IListeningPort:
+        """Open the internal listener and start the workers (storage must be open)."""
+        tls = self.config.replication.internal_tls
+        if tls is not None:
+            port: IListeningPort = self.reactor.listenSSL(
+                self.config.internal_port, self.site, server_options(tls), interface=host
+            )
+        else:
+            port = self.reactor.listenTCP(self.config.internal_port, self.site, interface=host)
+        address: Any = port.getHost()
+        log.info(
+            INTERNAL_LISTENING,
+            host=host,
+            port=getattr(address, "port", self.config.internal_port),
+            scheme="https, client certificates required" if tls else "http",
+            peers=", ".join(self.config.replication.peers) or "none",
+        )
+        self._serving = True
+        committed = self.store.on_committed
+
+        def on_committed() -> None:
+            committed()
+            self.outbox.wake()
+
+        self.store.on_committed = on_committed
+        self.outbox.start()
+        self._rounds.start(POLL_SECONDS, now=True)
+        self._gauges.start(1.0, now=True)
+        return port
+
+    def _round(self) -> Deferred[None]:
+        d = Deferred.fromCoroutine(self._poll())
+        self._round_d = None if d.called else d
+        return d
+
+    async def _poll(self) -> None:
+        try:
+            await self.membership.poll()
+        except CancelledError:
+            return
+        except Exception:
+            log.failure("membership round failed")
+        finally:
+            self._round_d = None
+        self.bootstrap.kick()
+
+    def _topology_changed(self) -> None:
+        self.bootstrap.kick()
+        self.outbox.wake()
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._serving:
+            self._serving = False
+            for loop in (self._rounds, self._gauges):
+                if loop.running:
+                    loop.stop()
+            if self._round_d is not None:
+                self._round_d.cancel()
+            await self.outbox.stop()
+            await self.bootstrap.stop()
+            await self.client.close()
+        await super().stopService()  # type: ignore[no-untyped-call]

@@ -1,0 +1,199 @@
+"""Peer mTLS on a real loopback socket: the internal plane requires client certificates."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from typing import Any
+
+import pytest
+import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from prometheus_client import CollectorRegistry
+from twisted.internet import ssl
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from kura.config import TlsFiles
+from kura.replication import wire
+from kura.replication.client import PeerClient
+from kura.replication.tls import PeerTLSPolicy
+from kura.service import KuraNode
+from kura.testing import test_config as config_for
+
+Key = ec.EllipticCurvePrivateKey
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _authority(common: str) -> tuple[x509.Certificate, Key]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common))
+        .issuer_name(_name(common))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _leaf(ca: tuple[x509.Certificate, Key], common: str) -> tuple[x509.Certificate, Key]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common))
+        .issuer_name(ca[0].subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .sign(ca[1], hashes.SHA256())
+    )
+    return cert, key
+
+
+def _files(directory: str, ca: x509.Certificate, leaf: tuple[x509.Certificate, Key]) -> TlsFiles:
+    os.makedirs(directory, exist_ok=True)
+    paths = {name: os.path.join(directory, name) for name in ("ca.pem", "cert.pem", "key.pem")}
+    with open(paths["ca.pem"], "wb") as handle:
+        handle.write(ca.public_bytes(serialization.Encoding.PEM))
+    with open(paths["cert.pem"], "wb") as handle:
+        handle.write(leaf[0].public_bytes(serialization.Encoding.PEM))
+    with open(paths["key.pem"], "wb") as handle:
+        handle.write(
+            leaf[1].private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return TlsFiles(cert_path=paths["cert.pem"], key_path=paths["key.pem"], ca_path=paths["ca.pem"])
+
+
+@pytest.fixture
+def pki(tmp_path: Any) -> dict[str, TlsFiles]:
+    """A mesh CA with a node identity, and a stranger with its own CA."""
+    ca = _authority("kura mesh CA")
+    stranger_ca = _authority("someone else")
+    return {
+        "node": _files(f"{tmp_path}/node", ca[0], _leaf(ca, "node")),
+        "peer": _files(f"{tmp_path}/peer", ca[0], _leaf(ca, "peer")),
+        "stranger": _files(f"{tmp_path}/stranger", ca[0], _leaf(stranger_ca, "stranger")),
+    }
+
+
+@pytest.fixture
+def tls_node(tmp_path: Any, pki: dict[str, TlsFiles]) -> Any:
+    """An in-process node on the real reactor whose internal plane requires mTLS."""
+    from twisted.internet import reactor
+
+    files = pki["node"]
+    assert files.ca_path is not None
+    config = config_for(
+        f"{tmp_path}/data",
+        KURA_BIND_HOST="127.0.0.1",
+        KURA_NODE_URL="https://127.0.0.1:0",
+        KURA_INTERNAL_TLS_CA_CERT_PATH=files.ca_path,
+        KURA_INTERNAL_TLS_CERT_PATH=files.cert_path,
+        KURA_INTERNAL_TLS_KEY_PATH=files.key_path,
+    )
+    node = KuraNode(config, reactor, registry=CollectorRegistry())
+    node.startService()
+    pytest_twisted.blockon(node.started)
+    yield node
+    pytest_twisted.blockon(node.stopService())
+
+
+def _base(node: KuraNode) -> str:
+    address: Any = node.ports["internal"].getHost()
+    return f"https://127.0.0.1:{address.port}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_with_a_mesh_certificate_is_served(
+    tls_node: KuraNode, pki: dict[str, TlsFiles]
+) -> None:
+    """A client presenting a certificate from the mesh CA gets the status report."""
+    from twisted.internet import reactor
+
+    client = PeerClient(reactor=reactor, tenant_id="default", tls_policy=PeerTLSPolicy(pki["peer"]))
+    try:
+        status = await client.status(_base(tls_node))
+        assert status.tenant_id == "default"
+    finally:
+        await client.close()
+
+
+@implementer(IPolicyForHTTPS)
+class TrustOnly:
+    """Verifies the server against the mesh CA but presents no client certificate."""
+
+    def __init__(self, ca_path: str) -> None:
+        with open(ca_path, "rb") as handle:
+            self._trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(handle.read())])
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return ssl.optionsForClientTLS(hostname.decode(), trustRoot=self._trust)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_without_a_certificate_fails_the_handshake(
+    tls_node: KuraNode, pki: dict[str, TlsFiles]
+) -> None:
+    """No client certificate: the TLS handshake fails before any HTTP byte is served."""
+    from twisted.internet import reactor
+
+    ca_path = pki["peer"].ca_path
+    assert ca_path is not None
+    client = PeerClient(reactor=reactor, tenant_id="default", tls_policy=TrustOnly(ca_path))
+    try:
+        with pytest.raises(Exception) as caught:
+            await client.status(_base(tls_node))
+        assert "SSL" in repr(caught.value) or "TLS" in repr(caught.value)
+        served = tls_node.metrics.registry.get_sample_value(
+            "kura_http_requests_total", {"route": wire.STATUS_PATH, "status": "200"}
+        )
+        assert not served
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_certificate_from_another_authority_is_refused(
+    tls_node: KuraNode, pki: dict[str, TlsFiles]
+) -> None:
+    """A client certificate not signed by the mesh CA fails the handshake."""
+    from twisted.internet import reactor
+
+    client = PeerClient(
+        reactor=reactor, tenant_id="default", tls_policy=PeerTLSPolicy(pki["stranger"])
+    )
+    try:
+        with pytest.raises(Exception) as caught:
+            await client.status(_base(tls_node))
+        assert "SSL" in repr(caught.value) or "TLS" in repr(caught.value)
+    finally:
+        await client.close()
