@@ -496,7 +496,7 @@ class PublicAPI:
     async def module_start(self, request: KuraRequest) -> bytes:
         admission = await self._admission(request)
         assert admission.address is not None
-        existing = await self._store.manifest(self._store.artifact_id(admission.address))
+        existing = await self._store.stored(self._store.artifact_id(admission.address))
         if existing is not None:
             version = _cli_version(header(request, b"x-tuist-cli-version"))
             if version is not None and version >= MODULE_START_204_VERSION:
@@ -610,7 +610,7 @@ class PublicAPI:
         admission = await self._admission(request)
         assert admission.address is not None
         try:
-            manifest = await self._store.manifest(self._store.artifact_id(admission.address))
+            manifest = await self._store.stored(self._store.artifact_id(admission.address))
         except KuraError:
             raise ServiceUnavailable("Artifact storage unavailable") from None
         if manifest is None:

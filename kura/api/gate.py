@@ -251,7 +251,7 @@ class Gate:
                 caller = await self.authorization.check(ctx)
                 admission = attrs.evolve(admission, caller=caller, hook_context=ctx)
         if spec.body is BodyKind.STAGED and admission.address is not None:
-            existing = await self._store.manifest(self._store.artifact_id(admission.address))
+            existing = await self._store.stored(self._store.artifact_id(admission.address))
             if existing is not None and spec.operation is Operation.WRITE:
                 admission = attrs.evolve(admission, existing=existing)
         return admission

@@ -308,6 +308,22 @@ class ArtifactStore:
         """Note a read for the LRU order (persisted with the next commit)."""
         self._accessed[artifact_id] = self.now_ms()
 
+    async def stored(self, artifact_id: str) -> Manifest | None:
+        """The manifest of an artifact whose body is really there, else ``None``.
+
+        Existence answers (write-once uploads, module HEAD/start) use this, so
+        an artifact whose file vanished behind our back is forgotten and can
+        be uploaded again instead of being reported as present forever.
+        """
+        manifest = await self.manifest(artifact_id)
+        if manifest is None or manifest.inline or manifest.blob_path is None:
+            return manifest
+        path = self.layout.absolute(manifest.blob_path)
+        if await self._runner.run(os.path.exists, path):
+            return manifest
+        await self.forget_damaged(manifest, "body file missing")
+        return None
+
     async def forget_damaged(self, manifest: Manifest, reason: str) -> None:
         """Drop an artifact whose body is missing or shorter than its manifest."""
         log.warn(DAMAGED, artifact_id=manifest.artifact_id, reason=reason)

@@ -87,3 +87,13 @@ def test_file_truncated_during_a_download_never_looks_complete(nodes: Any) -> No
     )
     runner.hold = lambda f: False
     assert request(node, "GET", GRADLE.format(key="g1")).status == 404
+
+
+def test_missing_file_does_not_block_a_fresh_upload(node: KuraNode) -> None:
+    """With the blob gone and no GET in between, the next upload stores afresh."""
+    request(node, "PUT", GRADLE.format(key="g1"), b"x" * 100)
+    os.unlink(blob_path(node))
+    assert request(node, "PUT", GRADLE.format(key="g1"), b"fresh").status == 201
+    assert request(node, "GET", GRADLE.format(key="g1")).body == b"fresh"
+    module = "/api/cache/module/m?tenant_id=default&hash=h1&name=n1"
+    assert request(node, "HEAD", module).status == 404
