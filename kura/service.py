@@ -252,6 +252,7 @@ class KuraNode(MultiService):
             log.info("draining: new public requests get 503")
             self.state.start_draining()
             self.accelerator.close_idle()
+            self.site.drain()
 
     def shutdown(self) -> Deferred[None]:
         """Drain, wait for in-flight public transfers (bounded), then stop the reactor."""
@@ -265,6 +266,8 @@ class KuraNode(MultiService):
             await idle
         except defer.TimeoutError:
             log.warn(DRAIN_DEADLINE, count=self.traffic.inflight)
+            self.accelerator.cut_off()
+            self.site.cut_off()
         self.reactor.stop()
 
     def stopService(self) -> Deferred[None]:

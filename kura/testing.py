@@ -458,6 +458,15 @@ class RawClient:
             self._pending += chunk
         return found
 
+    def wait_for(self, size: int) -> None:
+        """Block until at least ``size`` bytes arrived, keeping them for parsing."""
+        while len(self._pending) < size:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                self.eof = True
+                return
+            self._pending += chunk
+
     def read_raw(self, size: int) -> bytes:
         """Read up to ``size`` raw bytes (whatever arrives first)."""
         if self._pending:

@@ -158,6 +158,11 @@ class Accelerator:
         for connection in list(self.connections):
             connection.close_if_idle()
 
+    def cut_off(self) -> None:
+        """Abort every accelerator-owned connection, transfers included."""
+        for connection in list(self.connections):
+            connection.abort()
+
 
 class SamePortFactory(ServerFactory):
     """The protocol factory listening on ``KURA_PORT``."""
@@ -258,6 +263,10 @@ class SamePortProtocol(Protocol):
         self._hand_off("head_timeout")
         if self._channel is not None:
             self._channel._head_timeout()
+
+    def abort(self) -> None:
+        self._stop_transfer()
+        self._transport().abortConnection()
 
     def close_if_idle(self) -> None:
         if not self._busy and not self._buffer and self._channel is None and not self._closed:
@@ -605,7 +614,7 @@ class SamePortProtocol(Protocol):
             self._close_pipe()
             return
         transport = self._transport()
-        if result == tx.OK and exchange.keep_alive:
+        if result == tx.OK and exchange.keep_alive and not accel.state.draining:
             self._resume_reading()
             self._advance()
         elif result in (tx.OK, tx.INCOMPLETE):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import re
 import uuid
-from collections.abc import Callable
+import weakref
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -113,6 +113,10 @@ class KuraRequest(server.Request):
             raw_query=raw_query,
         )
         self.spec = site.gate.classify(head)[0]
+        if self.spec.public and not self.spec.probe and self.spec is not UNMATCHED:
+            # In flight from the head on: an upload streaming its body is
+            # public work (a drain waits for it; replication backs off).
+            self._slot = site.traffic.begin()
         self.admission = site.gate.admit(head)
         if self.admission.called:
             self.admission.addCallbacks(
@@ -276,8 +280,6 @@ class KuraRequest(server.Request):
             self.request_id = supplied.decode("ascii")
         else:
             self.request_id = uuid.uuid4().hex
-        if self.spec.public and not self.spec.probe and self.spec is not UNMATCHED:
-            self._slot = site.traffic.begin()
         site.metrics.http_inflight.inc()
         self.notifyFinish().addBoth(self._finished)
         super().process()
@@ -328,6 +330,8 @@ class KuraRequest(server.Request):
     def connectionLost(self, reason: Failure) -> None:
         if self._received_at is None:
             # The client left before its request was complete.
+            if self._slot is not None:
+                self._slot.release()
             if self.staging is not None:
                 self.staging.abort()
             # A body already failed as bad framing was counted (400, write
@@ -468,10 +472,25 @@ class KuraHTTPChannel(http.HTTPChannel):
         transport.resumeProducing()
         self._lingering = self.reactor.callLater(LINGER_SECONDS, transport.loseConnection)
 
+    @property
+    def idle(self) -> bool:
+        """No request is being received or answered on this connection."""
+        return not self.requests and not self._handlingRequest
+
+    def drain(self) -> None:
+        """Close now if idle; otherwise close once the current response is done."""
+        self.persistent = False
+        if self.idle:
+            transport: Any = self.transport
+            transport.loseConnection()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_head_deadline()
         if self._lingering is not None and self._lingering.active():
             self._lingering.cancel()
+        site: Any = getattr(self, "site", None)
+        if isinstance(site, KuraSite):
+            site.channels.discard(self)
         super().connectionLost(reason)
 
 
@@ -520,12 +539,26 @@ class KuraSite(server.Site):
         self.clock: IReactorTime = reactor
         self.header_timeout = header_timeout
         self.send_timeout = send_timeout
-        self.on_channel: Callable[[KuraHTTPChannel], None] = lambda channel: None
         self.access_log = True
+        # Weak: a channel replaced by HTTP/2 after ALPN never reports its loss.
+        self.channels: weakref.WeakSet[KuraHTTPChannel] = weakref.WeakSet()
+
+    def drain(self) -> None:
+        """Close idle connections; the others close after their current response."""
+        for channel in list(self.channels):
+            channel.drain()
+
+    def cut_off(self) -> None:
+        """Abort every connection still open (the drain deadline passed)."""
+        for channel in list(self.channels):
+            transport: Any = channel.transport
+            if transport is not None:
+                transport.abortConnection()
 
     def make_channel(self) -> KuraHTTPChannel:
         """A bare HTTP/1.1 channel for this site (the accelerator's fallback)."""
         channel: Any = KuraHTTPChannel()
+        self.channels.add(channel)
         channel.factory = self
         channel.site = self
         channel.requestFactory = self.requestFactory
@@ -533,7 +566,6 @@ class KuraSite(server.Site):
         channel.callLater = self.reactor.callLater
         channel.reactor = self.reactor
         channel.header_timeout = self.header_timeout
-        self.on_channel(channel)
         return channel  # type: ignore[no-any-return]
 
     def buildProtocol(self, addr: Any) -> Any:
