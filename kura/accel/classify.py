@@ -10,6 +10,7 @@ twisted.web, which then answers with the full rules (400, 403, 404, ...).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import attrs
@@ -33,24 +34,46 @@ class Candidate:
     query: Query
 
 
+@attrs.frozen
+class _Target:
+    """What a request target resolves to, independent of the rest of the head."""
+
+    spec: RouteSpec
+    path_args: Mapping[str, str]
+    address: ArtifactAddress
+    query: Query
+
+
 class Classifier:
-    """Turns parsed heads into candidates or fallback reasons."""
+    """Turns parsed heads into candidates or fallback reasons.
+
+    Only the method, version and target decide, so the resolution of a
+    target is memoized: a popular artifact is classified once, not on every
+    download.
+    """
 
     def __init__(self, routes: RouteMatch, node_tenant: str) -> None:
         self._routes = routes
         self._node_tenant = node_tenant
+        self._resolve = functools.lru_cache(maxsize=8192)(self._resolve_target)
 
     def classify(self, head: RequestHead) -> Candidate | str:
         """A :class:`Candidate`, or the reason (a metric label) to fall back."""
         if head.method != b"GET" or head.version != b"HTTP/1.1":
             return "method"
-        match = self._routes.match("GET", head.path)
+        target = self._resolve(head.path, head.query)
+        if isinstance(target, str):
+            return target
+        return Candidate(head, target.spec, target.path_args, target.address, target.query)
+
+    def _resolve_target(self, path: bytes, raw_query: bytes) -> _Target | str:
+        match = self._routes.match("GET", path)
         if match is None:
             return "route"
         spec, path_args = match
         if not spec.accelerable or spec.address is None:
             return "route"
-        params = parse_query(head.query)
+        params = parse_query(raw_query)
         if params is None:
             return "query"
         query = Query(params)
@@ -58,4 +81,4 @@ class Classifier:
             address = spec.address(path_args, query, self._node_tenant)
         except KuraError:
             return "request"
-        return Candidate(head, spec, path_args, address, query)
+        return _Target(spec, path_args, address, query)

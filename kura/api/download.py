@@ -13,6 +13,7 @@ send timeout (twisted.web disables its own timeout once a request is in).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -36,7 +37,7 @@ class ArtifactHead:
     """Status, headers and byte range of an artifact response."""
 
     status: int
-    headers: list[tuple[bytes, bytes]]
+    headers: tuple[tuple[bytes, bytes], ...]
     body: BodySlice
 
 
@@ -48,6 +49,20 @@ def artifact_head(
     Raises:
         RangeNotSatisfiable: a single range starts past the end.
     """
+    if range_header is None:
+        return _whole(manifest)
+    return _artifact_head(manifest, range_header, if_range)
+
+
+@functools.lru_cache(maxsize=4096)
+def _whole(manifest: Manifest) -> ArtifactHead:
+    # The common case, a whole artifact, depends on the manifest alone.
+    return _artifact_head(manifest, None, None)
+
+
+def _artifact_head(
+    manifest: Manifest, range_header: str | None, if_range: str | None
+) -> ArtifactHead:
     body = resolve_range(range_header, if_range, manifest.size, manifest.etag)
     headers = [
         (b"Content-Type", safe_content_type(manifest.content_type).encode("ascii")),
@@ -57,7 +72,7 @@ def artifact_head(
     ]
     if body.content_range is not None:
         headers.append((b"Content-Range", body.content_range.encode("ascii")))
-    return ArtifactHead(body.status, headers, body)
+    return ArtifactHead(body.status, tuple(headers), body)
 
 
 class TransferFailed(Exception):
