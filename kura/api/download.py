@@ -112,6 +112,7 @@ class FileBodyProducer:
     ) -> None:
         self._request = request
         self._fd: int | None = fd
+        self._descriptor: int | None = fd
         self._offset = offset
         self._remaining = length
         self._runner = runner
@@ -142,6 +143,7 @@ class FileBodyProducer:
     def _got(self, data: bytes) -> None:
         self._reading = False
         if self._fd is None:
+            self._close_descriptor()
             return
         if not data:
             # The file is shorter than its manifest: never pretend success.
@@ -155,7 +157,9 @@ class FileBodyProducer:
 
     def _read_failed(self, failure: Failure) -> None:
         self._reading = False
-        if self._fd is not None:
+        if self._fd is None:
+            self._close_descriptor()
+        else:
             self._finish(TransferFailed("error", self.sent))
 
     def _finish(self, error: TransferFailed | None) -> None:
@@ -168,9 +172,19 @@ class FileBodyProducer:
 
     def _close(self) -> None:
         self._cancel_watchdog()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._fd = None
+        if not self._reading:
+            self._close_descriptor()
+
+    def _close_descriptor(self) -> None:
+        """Close the file once no read on a storage thread can still be using it.
+
+        Closing under a running ``pread`` would let the descriptor number be
+        reused while that thread still reads through it.
+        """
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
 
     def _cancel_watchdog(self) -> None:
         if self._watchdog is not None and self._watchdog.active():

@@ -89,8 +89,12 @@ class KuraRequest(server.Request):
 
     @property
     def _transport(self) -> Any:
-        """The connection's transport (twisted types it as optional and narrow)."""
-        return getattr(self.channel, "transport", None)
+        """The connection's transport, or ``None`` once the request is done.
+
+        twisted deletes ``request.channel`` when a request finishes, and a
+        paced ingest may schedule a resume that fires after that.
+        """
+        return getattr(getattr(self, "channel", None), "transport", None)
 
     # -- head time ---------------------------------------------------------------
 
@@ -380,9 +384,13 @@ class KuraHTTPChannel(http.HTTPChannel):
 
     Attributes:
         header_timeout: seconds a request head may take from its first byte.
+        body_timeout: seconds a request body may go without a byte arriving
+            (``None``: the idle timeout applies, as in stock twisted.web).
     """
 
     header_timeout = 30.0
+    body_timeout: float | None = None
+    _idle_period: float | None = None
     reactor: IReactorTime
     _head_deadline: IDelayedCall | None = None
     _lingering: IDelayedCall | None = None
@@ -417,11 +425,22 @@ class KuraHTTPChannel(http.HTTPChannel):
         request.parseCookies()
         self.persistent = self.checkPersistence(request, self._version)
         request.gotLength(self.length)
+        if self.body_timeout is not None and self.length != 0 and self._idle_period is None:
+            # Between two body reads the body timeout applies, not the idle one.
+            self._idle_period = self.setTimeout(self.body_timeout)
         expect = request.requestHeaders.getRawHeaders(b"expect")
         expect_continue = bool(expect) and expect[0].lower() == b"100-continue"
         request.head_complete(
             self._command, self._path, expect_continue and self._version == b"HTTP/1.1"
         )
+
+    def allContentReceived(self) -> None:
+        if self._idle_period is not None:
+            # Back to the idle period first: it is what twisted saves (and
+            # restores once the response is done).
+            self.setTimeout(self._idle_period)
+            self._idle_period = None
+        super().allContentReceived()
 
     def skip_body(self) -> None:
         """Called during head processing: treat the request as bodiless and close after."""
@@ -529,6 +548,7 @@ class KuraSite(server.Site):
         header_timeout: float,
         idle_timeout: float,
         send_timeout: float,
+        body_timeout: float | None = None,
     ) -> None:
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
         self.gate = gate
@@ -539,6 +559,7 @@ class KuraSite(server.Site):
         self.clock: IReactorTime = reactor
         self.header_timeout = header_timeout
         self.send_timeout = send_timeout
+        self.body_timeout = body_timeout
         self.access_log = True
         # Weak: a channel replaced by HTTP/2 after ALPN never reports its loss.
         self.channels: weakref.WeakSet[KuraHTTPChannel] = weakref.WeakSet()
@@ -566,6 +587,7 @@ class KuraSite(server.Site):
         channel.callLater = self.reactor.callLater
         channel.reactor = self.reactor
         channel.header_timeout = self.header_timeout
+        channel.body_timeout = self.body_timeout
         return channel  # type: ignore[no-any-return]
 
     def buildProtocol(self, addr: Any) -> Any:

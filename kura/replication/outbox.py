@@ -2,10 +2,12 @@
 
 A row is written in the same transaction as the data it describes (see
 :mod:`kura.storage.metadata`), so the intent survives crashes and restarts.
-The worker wakes on every commit and every :data:`RETRY_SECONDS`, walks the
-rows in order, and delivers the ones whose target and message are not backing
-off, at most :data:`MAX_INFLIGHT` at once (:data:`PER_TARGET_INFLIGHT` per
-target):
+The worker wakes on every commit and every :data:`RETRY_SECONDS`, reads the
+rows committed since it last looked into per-target queues (only the worker
+deletes rows, so a backlog for an unreachable peer is read once, not on every
+wake), and delivers, in order, the rows whose target and message are not
+backing off, at most :data:`MAX_INFLIGHT` at once (:data:`PER_TARGET_INFLIGHT`
+per target, the starting target rotating between scans):
 
 * ``upsert_artifact``: the *current* manifest is loaded (gone means done: a
   later delete or eviction made the row moot) and ``PUT
@@ -38,7 +40,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -144,10 +146,15 @@ class OutboxWorker:
         self._target_inflight: dict[str, int] = {}
         self._targets: dict[str, Backoff] = {}
         self._messages: dict[int, Backoff] = {}
+        #: Undelivered rows by target, in sequence order (a mirror of the table).
+        self._queues: dict[str, dict[int, OutboxMessage]] = {}
+        self._max_seq = 0
+        self._turn = 0
         self._scanning = False
         self._again = False
         self._stopping = False
         self._scan_d: Deferred[None] | None = None
+        self._poked: IDelayedCall | None = None
         self._loop = LoopingCall(self.wake)
         self._loop.clock = clock
 
@@ -162,6 +169,8 @@ class OutboxWorker:
         self._stopping = True
         if self._loop.running:
             self._loop.stop()
+        if self._poked is not None and self._poked.active():
+            self._poked.cancel()
         pending = list(self._inflight.values())
         for d in pending:
             d.cancel()
@@ -174,6 +183,15 @@ class OutboxWorker:
         return len(self._inflight)
 
     # -- scanning -------------------------------------------------------------------------
+
+    def poke(self) -> None:
+        """Wake on the next reactor turn (the store calls this inside its commit).
+
+        Scanning from inside the store's commit callback would run deliveries
+        (and their own commits) before the committing writer has resumed.
+        """
+        if self._poked is None or not self._poked.active():
+            self._poked = self._clock.callLater(0, self.wake)
 
     def wake(self) -> None:
         """Look for deliverable rows now (coalesced with a scan under way)."""
@@ -200,45 +218,79 @@ class OutboxWorker:
             self._scanning = False
             self._scan_d = None
 
-    async def _scan(self) -> None:
-        now = self._clock.seconds()
-        stale: dict[str, list[int]] = {}
-        after = 0
-        while len(self._inflight) < self._max_inflight and not self._stopping:
-            rows = await self._store.outbox_batch(after, self._batch)
-            for row in rows:
-                after = row.seq
-                if row.seq in self._inflight:
-                    continue
-                if self._membership.is_stale_target(row.target):
-                    stale.setdefault(row.target, []).append(row.seq)
-                elif self._eligible(row, now):
-                    self._start(row)
-                    if len(self._inflight) >= self._max_inflight:
-                        break
-            if len(rows) < self._batch:
-                break
-        for target, seqs in stale.items():
-            await self._store.outbox_delete(seqs)
-            for seq in seqs:
-                self._messages.pop(seq, None)
-            self._metrics.replication_requests.labels(
-                wire.target_label(target), "any", "dropped_stale_target"
-            ).inc(len(seqs))
-            log.info(DROPPED_STALE, count=len(seqs), target=target)
+    async def _load_new_rows(self) -> None:
+        """Add rows committed since the last look to the per-target queues.
 
-    def _eligible(self, row: OutboxMessage, now: float) -> bool:
-        if self._target_inflight.get(row.target, 0) >= self._per_target:
-            return False
-        target = self._targets.get(row.target)
-        if (
-            target is not None
-            and target.retry_at > now
-            and target.epoch == self._membership.epoch(row.target)
-        ):
-            return False
-        message = self._messages.get(row.seq)
-        return message is None or message.retry_at <= now
+        Only the worker deletes rows, and sequence numbers only grow, so after
+        the first full read each scan reads just the new tail: a long backlog
+        for an unreachable peer costs nothing while it waits.
+        """
+        while True:
+            rows = await self._store.outbox_batch(self._max_seq, self._batch)
+            for row in rows:
+                self._queues.setdefault(row.target, {})[row.seq] = row
+                self._max_seq = row.seq
+            if len(rows) < self._batch:
+                return
+
+    async def _scan(self) -> None:
+        await self._load_new_rows()
+        for target in [t for t in self._queues if self._membership.is_stale_target(t)]:
+            await self._drop_stale(target)
+        now = self._clock.seconds()
+        targets = sorted(self._queues)
+        # Rotate the starting target so no target always goes first.
+        self._turn = (self._turn + 1) % max(1, len(targets))
+        for target in targets[self._turn :] + targets[: self._turn]:
+            if not self._target_waiting(target, now):
+                for row in self._pick(target, now):
+                    self._start(row)
+
+    def _pick(self, target: str, now: float) -> list[OutboxMessage]:
+        """The next rows of ``target`` to deliver, within the in-flight limits.
+
+        Walks the queue only as far as it must (a delivery may finish, and
+        change the queue, as soon as it starts, so rows are picked first).
+        """
+        room = min(
+            self._max_inflight - len(self._inflight),
+            self._per_target - self._target_inflight.get(target, 0),
+        )
+        picked: list[OutboxMessage] = []
+        for seq, row in self._queues.get(target, {}).items():
+            if len(picked) >= room:
+                break
+            if seq in self._inflight:
+                continue
+            message = self._messages.get(seq)
+            if message is None or message.retry_at <= now:
+                picked.append(row)
+        return picked
+
+    async def _drop_stale(self, target: str) -> None:
+        queue = self._queues.get(target, {})
+        rows = [row for seq, row in queue.items() if seq not in self._inflight]
+        if not rows:
+            return
+        await self._store.outbox_delete([row.seq for row in rows])
+        for row in rows:
+            queue.pop(row.seq, None)
+            self._messages.pop(row.seq, None)
+            operation = str(row.operation.get("type", "unknown"))
+            self._metrics.replication_requests.labels(
+                wire.target_label(target), operation, "dropped_stale_target"
+            ).inc()
+        if not queue:
+            self._queues.pop(target, None)
+        log.info(DROPPED_STALE, count=len(rows), target=target)
+
+    def _target_waiting(self, target: str, now: float) -> bool:
+        state = self._targets.get(target)
+        return (
+            state is not None
+            and state.retry_at > now
+            and state.epoch == self._membership.epoch(target)
+        )
 
     def _start(self, row: OutboxMessage) -> None:
         self._target_inflight[row.target] = self._target_inflight.get(row.target, 0) + 1
@@ -263,8 +315,8 @@ class OutboxWorker:
                 )
             self._failpoints.hit(BEFORE_OUTBOX_DELETE_AFTER_PEER_ACK)
             await self._store.outbox_delete([row.seq])
+            self._forget(row)
             self._targets.pop(row.target, None)
-            self._messages.pop(row.seq, None)
         except CancelledError:
             if not self._stopping:
                 log.failure("outbox delivery cancelled unexpectedly")
@@ -272,7 +324,7 @@ class OutboxWorker:
             log.error(POISON_DROPPED, seq=row.seq, error=str(error))
             self._metrics.replication_requests.labels(label, operation, "error").inc()
             await self._store.outbox_delete([row.seq])
-            self._messages.pop(row.seq, None)
+            self._forget(row)
         except Refused as error:
             self._metrics.replication_requests.labels(label, operation, "error").inc()
             delay = self._fail_message(row)
@@ -389,6 +441,15 @@ class OutboxWorker:
             watchdog.stop()
         if not 200 <= status < 300:
             raise Refused(status)
+
+    def _forget(self, row: OutboxMessage) -> None:
+        """The row is gone from the table: drop it from the queues too."""
+        self._messages.pop(row.seq, None)
+        queue = self._queues.get(row.target)
+        if queue is not None:
+            queue.pop(row.seq, None)
+            if not queue:
+                del self._queues[row.target]
 
     # -- backoff --------------------------------------------------------------------------
 

@@ -71,7 +71,7 @@ class ReplicationService(MultiService):
         traffic: PublicTraffic,
         runner: BlockingRunner,
     ) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]  # twisted.application is unannotated
+        super().__init__()
         settings = config.replication
         self.config = config
         self.reactor = reactor
@@ -209,7 +209,7 @@ class ReplicationService(MultiService):
 
         def on_committed() -> None:
             committed()
-            self.outbox.wake()
+            self.outbox.poke()
 
         self.store.on_committed = on_committed
         self.outbox.start()
@@ -251,4 +251,4 @@ class ReplicationService(MultiService):
             await self.outbox.stop()
             await self.bootstrap.stop()
             await self.client.close()
-        await super().stopService()  # type: ignore[no-untyped-call]
+        await super().stopService()

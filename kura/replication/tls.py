@@ -13,42 +13,13 @@ the rest are sent as intermediates.
 
 from __future__ import annotations
 
-import re
-
-from OpenSSL import crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from kura.config import TlsFiles
-
-_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read()
-
-
-def load_certificates(path: str) -> list[ssl.Certificate]:
-    """Every PEM certificate in ``path``, in order.
-
-    Raises:
-        ValueError: the file holds no certificate.
-    """
-    blocks = _PEM_CERT.findall(_read(path))
-    if not blocks:
-        raise ValueError(f"{path} holds no PEM certificate")
-    return [ssl.Certificate.loadPEM(block) for block in blocks]
-
-
-def _node_identity(files: TlsFiles) -> tuple[ssl.PrivateCertificate, list[ssl.Certificate]]:
-    chain = load_certificates(files.cert_path)
-    private = ssl.PrivateCertificate.fromCertificateAndKeyPair(
-        chain[0], ssl.KeyPair.load(_read(files.key_path), crypto.FILETYPE_PEM)
-    )
-    return private, chain[1:]
+from kura.tls import load_certificates, load_identity
 
 
 def _authorities(files: TlsFiles) -> list[ssl.Certificate]:
@@ -58,7 +29,7 @@ def _authorities(files: TlsFiles) -> list[ssl.Certificate]:
 
 def server_options(files: TlsFiles) -> ssl.CertificateOptions:
     """Listener options: present the node certificate, require a client certificate."""
-    private, intermediates = _node_identity(files)
+    private, intermediates = load_identity(files)
     return ssl.CertificateOptions(
         privateKey=private.privateKey.original,
         certificate=private.original,
@@ -74,7 +45,7 @@ class PeerTLSPolicy:
     """Client side of peer mTLS: verify the peer, present our certificate."""
 
     def __init__(self, files: TlsFiles) -> None:
-        self._client, _ = _node_identity(files)
+        self._client, _ = load_identity(files)
         self._trust = ssl.trustRootFromCertificates(_authorities(files))
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:

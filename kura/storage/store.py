@@ -156,6 +156,9 @@ class ArtifactStore:
         self.replication_targets = replication_targets
         self.outbox_depth = 0
         self.on_evicted: Callable[[str, int], None] = lambda producer, size: None
+        # Called after every metadata commit, inside the commit callback: a
+        # hook must not start commits synchronously (with an inline runner
+        # they would run before this batch's waiters resumed); defer instead.
         self.on_committed: Callable[[], None] = lambda: None
         self._runner = runner
         self._clock = clock
@@ -182,12 +185,19 @@ class ArtifactStore:
         self.metadata.open()
         known = self.metadata.blob_paths()
         orphans = 0
-        for shard in os.listdir(self.layout.blobs):
-            shard_dir = os.path.join(self.layout.blobs, shard)
-            for name in os.listdir(shard_dir):
-                relative = os.path.join("blobs", shard, name)
-                if relative not in known:
-                    os.unlink(os.path.join(shard_dir, name))
+        for shard in os.scandir(self.layout.blobs):
+            # Junk must not stop a node from starting: a fsck's lost+found
+            # is left alone, any other stray file is an orphan like the rest.
+            if shard.name == "lost+found":
+                continue
+            if not shard.is_dir(follow_symlinks=False):
+                os.unlink(shard.path)
+                orphans += 1
+                continue
+            for entry in os.scandir(shard.path):
+                relative = os.path.join("blobs", shard.name, entry.name)
+                if relative not in known and not entry.is_dir(follow_symlinks=False):
+                    os.unlink(entry.path)
                     orphans += 1
         live = self.metadata.live_parts()
         for upload_id in os.listdir(self.layout.parts):
@@ -419,7 +429,7 @@ class ArtifactStore:
         """Move a durable staged file into ``blobs/`` and make the rename durable."""
         target = self.layout.absolute(relative)
         directory = os.path.dirname(target)
-        os.makedirs(directory, exist_ok=True)
+        _make_directory_durably(directory)
         try:
             os.rename(staged_path, target)
         except OSError as error:
@@ -688,6 +698,10 @@ def _as_domain_error(error: BaseException) -> BaseException:
     if isinstance(error, OSError):
         return translate_os_error(error)
     if isinstance(error, sqlite3.Error):
+        if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            # The metadata filesystem is full: retryable once space returns,
+            # like a full data disk, not a server fault.
+            return InsufficientStorage(f"metadata store is out of disk space: {error}")
         return StorageFault(f"metadata commit failed: {error}")
     return error
 
@@ -709,9 +723,25 @@ def _copy_durably(source: str, target: str) -> None:
         os.fsync(dst.fileno())
 
 
+def _make_directory_durably(directory: str) -> None:
+    """Create ``directory`` (and missing parents) so its entry survives power loss.
+
+    A file renamed into a directory that was created moments before is only
+    durable once the new directory's own entry is: fsync each parent that
+    gained one (the rename's directory itself is fsynced by the caller).
+    """
+    if os.path.isdir(directory):
+        return
+    parent = os.path.dirname(directory)
+    _make_directory_durably(parent)
+    with contextlib.suppress(FileExistsError):  # a concurrent publish made it
+        os.mkdir(directory)
+    fsync_directory(parent)
+
+
 def _place_part(staged_path: str, target: str) -> None:
     directory = os.path.dirname(target)
-    os.makedirs(directory, exist_ok=True)
+    _make_directory_durably(directory)
     os.replace(staged_path, target)
     fsync_directory(directory)
 

@@ -81,7 +81,7 @@ def test_every_protocol_written_on_one_node_is_readable_on_the_other(mesh: Memor
         "/api/metro/cache/m1": b"metro body",
         f"/api/cache/module/m?{module}": b"module body",
     }
-    mesh.run_until(lambda: not outbox_rows(a), 10)
+    mesh.run_until(lambda: not a.store.outbox_depth, 10)
     for target, body in expected.items():
         response = public(b, "GET", target)
         assert (response.status, response.body) == (200, body), target
@@ -113,7 +113,7 @@ def test_unreachable_peer_keeps_its_rows_and_is_retried_with_backoff(mesh: Memor
     assert 3 <= attempts <= 7
     assert len(outbox_rows(a)) == 1
     mesh.down.discard(host_of(1))
-    waited = mesh.run_until(lambda: not outbox_rows(a), 70)
+    waited = mesh.run_until(lambda: not a.store.outbox_depth, 70)
     assert public(b, "GET", GRADLE).body == b"while down"
     assert waited <= 62
 
@@ -127,7 +127,7 @@ def test_outbox_survives_a_restart(mesh: MemoryMesh) -> None:
     mesh.down.discard(host_of(1))
     a = mesh.add(0, [1])
     assert a.store.outbox_depth == 1
-    mesh.run_until(lambda: not outbox_rows(a), 30)
+    mesh.run_until(lambda: not a.store.outbox_depth, 30)
     assert public(b, "GET", GRADLE).body == b"durable intent"
 
 
@@ -138,12 +138,12 @@ def test_rows_for_targets_that_left_for_good_are_dropped(mesh: MemoryMesh) -> No
     a.store.replication_targets = lambda: [gone, url_of(1)]
     assert public(a, "PUT", GRADLE, b"x").status == 201
     a.store.replication_targets = a.replication.replication_targets
-    mesh.run_until(lambda: not outbox_rows(a), 10)
+    mesh.run_until(lambda: not a.store.outbox_depth, 10)
     dropped = sample(
         a,
         "kura_replication_requests_total",
         target="127.0.0.99:7443",
-        operation="any",
+        operation="upsert_artifact",
         result="dropped_stale_target",
     )
     assert dropped == 1
@@ -181,7 +181,7 @@ def test_stalled_upload_is_cut_by_byte_progress_and_retried(mesh: MemoryMesh) ->
     assert a.replication.outbox.inflight == 0
     assert errors(a, 1) == 1
     mesh.frozen.discard(host_of(1))
-    mesh.run_until(lambda: not outbox_rows(a), 70)
+    mesh.run_until(lambda: not a.store.outbox_depth, 70)
     assert public(b, "GET", GRADLE).body == b"s" * 200_000
 
 
@@ -194,7 +194,7 @@ def test_slow_but_progressing_upload_is_not_a_stall(mesh: MemoryMesh) -> None:
     )
     body = b"p" * (2 * 1024 * 1024)
     assert public(a, "PUT", GRADLE, body).status == 201
-    took = mesh.run_until(lambda: not outbox_rows(a), 60)
+    took = mesh.run_until(lambda: not a.store.outbox_depth, 60)
     assert took >= 7  # 2 MiB at 256 KiB/s
     assert errors(a, 1) == 0
     assert public(b, "GET", GRADLE).body == body
@@ -209,7 +209,7 @@ def test_artifact_gone_locally_counts_as_delivered(mesh: MemoryMesh) -> None:
     assert public(a, "DELETE", "/api/cache/clean?tenant_id=default").status == 204
     mesh.advance(1)
     mesh.down.discard(host_of(1))
-    mesh.run_until(lambda: not outbox_rows(a), 70)
+    mesh.run_until(lambda: not a.store.outbox_depth, 70)
     puts = sample(
         b, "kura_http_requests_total", route="/_internal/replicate/artifact", status="204"
     )
@@ -226,7 +226,7 @@ def test_redelivery_after_an_unrecorded_ack_stores_once(mesh: MemoryMesh) -> Non
     mesh.run_until(lambda: public(b, "GET", GRADLE).status == 200, 5)
     assert len(outbox_rows(a)) == 1
     outbox._failpoints = Failpoints()
-    mesh.run_until(lambda: not outbox_rows(a), 70)
+    mesh.run_until(lambda: not a.store.outbox_depth, 70)
     applied = "kura_replication_apply_results_total"
     labels = {"source": "replication", "item_type": "artifact"}
     assert sample(b, applied, outcome="applied", **labels) == 1
@@ -266,7 +266,7 @@ def test_full_outbox_sheds_writes_with_retry_after(mesh: MemoryMesh) -> None:
     assert "replication" in shed.json()["message"]
     assert public(a, "GET", "/api/cache/gradle/k1?tenant_id=default").status == 200
     mesh.down.discard(host_of(1))
-    mesh.run_until(lambda: not outbox_rows(a), 70)
+    mesh.run_until(lambda: not a.store.outbox_depth, 70)
     assert public(a, "PUT", "/api/cache/gradle/k3?tenant_id=default", b"3").status == 201
 
 
@@ -284,3 +284,28 @@ def test_malformed_rows_are_dropped_not_retried_forever(mesh: MemoryMesh) -> Non
     mesh.advance(3)
     assert outbox_rows(a) == []
     assert errors(a, 1, "frobnicate") == 1
+
+
+def test_a_backlog_for_a_down_peer_is_read_once(mesh: MemoryMesh) -> None:
+    """Waking the worker reads only rows committed since its last look, not the backlog."""
+    a, b = pair(mesh)
+    mesh.down.add(host_of(1))
+    for n in range(30):
+        assert public(a, "PUT", f"/api/cache/gradle/k{n}?tenant_id=default", b"x").status == 201
+    mesh.advance(5)
+    reads: list[tuple[int, int]] = []
+    real_batch = a.store.outbox_batch
+
+    async def counted(after_seq: int, limit: int) -> Any:
+        rows = await real_batch(after_seq, limit)
+        reads.append((after_seq, len(rows)))
+        return rows
+
+    a.store.outbox_batch = counted  # type: ignore[method-assign]
+    assert public(a, "PUT", "/api/cache/gradle/new?tenant_id=default", b"y").status == 201
+    mesh.advance(20)
+    assert reads and sum(count for _, count in reads) == 1  # only the new row was read
+    assert len(outbox_rows(a)) == 31
+    mesh.down.discard(host_of(1))
+    mesh.run_until(lambda: not a.store.outbox_depth, 120)
+    assert public(b, "GET", "/api/cache/gradle/k29?tenant_id=default").status == 200
