@@ -424,17 +424,15 @@ def _headers() -> list[Case]:
 
 
 #: Every corpus case, servable ones first.
-CASES: tuple[Case, ...] = tuple(
-    [
-        *_servable(),
-        *_transfer_encoding(),
-        *_content_length(),
-        *_obs_fold(),
-        *_line_endings(),
-        *_bytes(),
-        *_targets(),
-        *_request_lines(),
-        *_bombs(),
-        *_headers(),
-    ]
+CASES: tuple[Case, ...] = (
+    *_servable(),
+    *_transfer_encoding(),
+    *_content_length(),
+    *_obs_fold(),
+    *_line_endings(),
+    *_bytes(),
+    *_targets(),
+    *_request_lines(),
+    *_bombs(),
+    *_headers(),
 )
