@@ -262,7 +262,7 @@ class SamePortProtocol(Protocol):
         # trickles in forever is cut off here, as a whole.
         self._hand_off("head_timeout")
         if self._channel is not None:
-            self._channel._head_timeout()
+            self._channel.expire_head()
 
     def abort(self) -> None:
         self._stop_transfer()
@@ -409,8 +409,8 @@ class SamePortProtocol(Protocol):
             return
         head = candidate.head
         try:
-            if os.fstat(fd).st_size < manifest.size:
-                raise OSError("short file")
+            if os.fstat(fd).st_size != manifest.size:
+                raise OSError("damaged file")
             response = artifact_head(
                 manifest, _text(head.get(b"range")), _text(head.get(b"if-range"))
             )

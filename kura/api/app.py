@@ -9,14 +9,13 @@ the work and choose the status.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar, cast
+from collections.abc import Mapping
+from typing import Any, cast
 
 import attrs
-from klein import Klein, KleinRenderable
+from klein import KleinRenderable
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -48,6 +47,8 @@ from .download import FileBodyProducer, TransferFailed, artifact_head
 from .errors import classify_failure, respond_with_error
 from .gate import Admission
 from .http import KuraRequest
+from .neighbours import NeighbourRoutes
+from .registry import _SPECS, _app, route
 from .routes import (
     BodyKind,
     GiB,
@@ -61,45 +62,16 @@ from .routes import (
     module_artifact,
     module_key,
     namespace_of,
-    template_of,
     tenant_scoped,
     xcode_cas,
 )
 
 log = Logger(namespace="kura.api")
 
-Handler = TypeVar("Handler", bound=Callable[..., Any])
-
 #: Tuist CLIs from this version understand 204 from module start.
 MODULE_START_204_VERSION = (4, 202, 0)
 MAX_MULTIPART_BYTES = 2 * GiB
 MAX_PART_NUMBER = 2**32 - 1
-
-_app = Klein()
-_SPECS: dict[str, RouteSpec] = {}
-
-
-def route(rule: str, *, methods: list[str], **fields: Any) -> Callable[[Handler], Handler]:
-    """Register a Klein route and its :class:`RouteSpec` under one endpoint name."""
-
-    def register(handler: Handler) -> Handler:
-        endpoint = handler.__name__
-        spec = RouteSpec(endpoint=endpoint, template=template_of(rule), **fields)
-        _SPECS[endpoint] = spec
-        if spec.probe:
-            _app.route(rule, methods=methods, endpoint=endpoint)(handler)
-            return handler
-
-        @functools.wraps(handler)
-        async def respond(self: PublicAPI, request: KuraRequest, **kwargs: Any) -> Any:
-            body = await handler(self, request, **kwargs)
-            await self._extension_headers(request)
-            return body
-
-        _app.route(rule, methods=methods, endpoint=endpoint)(respond)
-        return handler
-
-    return register
 
 
 def header(request: KuraRequest, name: bytes) -> str | None:
@@ -124,7 +96,7 @@ def _cli_version(value: str | None) -> tuple[int, ...] | None:
         return None
 
 
-class PublicAPI:
+class PublicAPI(NeighbourRoutes):
     """The public Klein application of one node."""
 
     app = _app
@@ -256,8 +228,10 @@ class PublicAPI:
             self._count_read(spec.producer, "error")
             raise self._read_fault(spec, f"cannot open artifact: {error.strerror}") from error
         try:
-            if os.fstat(fd).st_size < manifest.size:
-                await self._forget(manifest, "body file shorter than its manifest")
+            # Blobs are write-once: any other size (short, or grown behind
+            # our back) means the file is not what was published.
+            if os.fstat(fd).st_size != manifest.size:
+                await self._forget(manifest, "body file size differs from its manifest")
                 self._count_read(spec.producer, "not_found")
                 raise NotFound(spec.not_found_message)
             head = artifact_head(manifest, header(request, b"range"), header(request, b"if-range"))

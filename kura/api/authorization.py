@@ -77,6 +77,8 @@ class RequestAuthorization:
         ``tenant`` and ``namespace`` override what the query says (module
         part/complete take them from the stored upload).
         """
+        if tenant is None and spec.tenant_arg is not None:
+            tenant = path_args.get(spec.tenant_arg)
         if tenant is None:
             if spec.tenant_required or (spec.address is not None and not spec.tenantless):
                 tenant = query.single("tenant_id", alias="account_handle")

@@ -250,7 +250,7 @@ class Gate:
             else:
                 caller = await self.authorization.check(ctx)
                 admission = attrs.evolve(admission, caller=caller, hook_context=ctx)
-        if spec.body is BodyKind.STAGED and admission.address is not None:
+        if spec.body is BodyKind.STAGED and admission.address is not None and not spec.overwrites:
             existing = await self._store.stored(self._store.artifact_id(admission.address))
             if existing is not None and spec.operation is Operation.WRITE:
                 admission = attrs.evolve(admission, existing=existing)

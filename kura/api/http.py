@@ -400,6 +400,11 @@ class KuraHTTPChannel(http.HTTPChannel):
             self._head_deadline = self.reactor.callLater(self.header_timeout, self._head_timeout)
         super().dataReceived(data)
 
+    def expire_head(self) -> None:
+        """The request head took too long as a whole: answer 408 and close."""
+        self._cancel_head_deadline()
+        self._head_timeout()
+
     def _head_timeout(self) -> None:
         self._head_deadline = None
         transport: Any = self.transport

@@ -111,6 +111,12 @@ class RouteSpec:
             tenant ``default``.
         key_in_body: the artifact key may come only in the (small) body
             (key-value PUT's ``cas_id``), so hooks run once it is read.
+        tenant_arg: the path argument that carries the tenant (Gradle's
+            path form, for clients that drop the query string); the
+            address resolver checks it and the hooks see it.
+        overwrites: a PUT replaces an existing artifact (last writer wins)
+            instead of being answered as already stored: ccache rewrites
+            its manifests under the same key.
     """
 
     endpoint: str
@@ -133,6 +139,8 @@ class RouteSpec:
     tenantless: bool = False
     key_in_body: bool = False
     not_found_message: str = "Artifact not found"
+    tenant_arg: str | None = None
+    overwrites: bool = False
 
 
 _WERKZEUG_ARG = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
@@ -183,6 +191,37 @@ def tenant_scoped(producer: Producer, arg: str) -> AddressResolver:
     def resolve(path: Mapping[str, str], query: Query, node_tenant: str) -> ArtifactAddress:
         check_tenant(query, node_tenant)
         return ArtifactAddress(producer, namespace_of(query), _key(path.get(arg), arg))
+
+    return resolve
+
+
+def tenant_in_path(
+    producer: Producer,
+    key_arg: str,
+    *,
+    tenant_arg: str = "tenant",
+    namespace_arg: str | None = None,
+) -> AddressResolver:
+    """Routes that carry tenant (and namespace) as path segments.
+
+    For clients that drop the URL's query string (stock Gradle): the
+    address is the same as the query form's (``tenant_scoped``) for the
+    same tenant, namespace and key. Without ``namespace_arg`` the route is
+    tenant-scoped (namespace ``""``).
+
+    Raises:
+        BadRequest: an invalid namespace or key.
+        Forbidden: the tenant is served by another node.
+    """
+
+    def resolve(path: Mapping[str, str], query: Query, node_tenant: str) -> ArtifactAddress:
+        tenant = path.get(tenant_arg) or ""
+        if tenant.lower() != node_tenant.lower():
+            raise Forbidden(f"Forbidden: tenant '{tenant}' is routed to server for '{node_tenant}'")
+        namespace = "" if namespace_arg is None else path.get(namespace_arg) or ""
+        if namespace_arg is not None and (not namespace or not is_valid_namespace(namespace)):
+            raise BadRequest("Invalid namespace_id")
+        return ArtifactAddress(producer, namespace, _key(path.get(key_arg), key_arg))
 
     return resolve
 

@@ -1,0 +1,83 @@
+"""Bazel 2.1.0 (npm binary, HTTP remote cache) against kura's ``/bazel`` routes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conformance_support import (
+    TOKEN,
+    Toolchain,
+    artifact_counts,
+    base_env,
+    delta,
+    problem_lines,
+    run,
+    write_files,
+)
+
+from kura.testing import RealNode
+
+CLIENT = "Bazel 2.1.0 (HTTP cache)"
+
+pytestmark = [pytest.mark.conformance, pytest.mark.timeout(900)]
+
+
+def test_bazel_second_build_is_a_remote_cache_hit(
+    kura: RealNode, toolchain: Toolchain, tmp_path: Path, evidence: list[str]
+) -> None:
+    """After ``bazel clean`` the genrule's action comes from kura: "1 remote cache hit"."""
+    node_modules = toolchain.npm().require()
+    root = tmp_path / "workspace"
+    write_files(
+        root,
+        {
+            "WORKSPACE": "",
+            "BUILD": """
+                genrule(
+                    name = "hello",
+                    outs = ["hello.txt"],
+                    cmd = "echo 'hello from kura conformance' > $@",
+                )
+            """,
+        },
+    )
+    startup = [
+        str(node_modules / ".bin" / "bazel"),
+        f"--output_user_root={tmp_path / 'bazel-root'}",
+        "--nohome_rc",
+        "--nosystem_rc",
+    ]
+    build = [
+        *startup,
+        "build",
+        "//:hello",
+        f"--remote_cache={kura.url}/bazel",
+        f"--remote_header=Authorization=Bearer {TOKEN}",
+        "--color=no",
+        "--curses=no",
+    ]
+    env = base_env()
+    try:
+        before = artifact_counts(kura.url, "bazel")
+        first = run(build, cwd=root, env=env)
+        after_first = artifact_counts(kura.url, "bazel")
+        assert "remote cache hit" not in first.output
+        assert delta(before, after_first, "writes:ok") >= 2, first.output
+
+        run([*startup, "clean"], cwd=root, env=env)
+        second = run(build, cwd=root, env=env)
+        after_second = artifact_counts(kura.url, "bazel")
+    finally:
+        run([*startup, "shutdown"], cwd=root, env=env, check=False)
+
+    assert "1 remote cache hit" in second.output, second.output
+    assert (root / "bazel-bin/hello.txt").read_text() == "hello from kura conformance\n"
+    assert delta(after_first, after_second, "reads:ok") >= 2
+    assert delta(after_first, after_second, "writes:ok") == 0
+    for output in (first.output, second.output):
+        assert problem_lines(output, "remote cache:", "ERROR:") == [], output
+    evidence.append(
+        f"'1 remote cache hit'; kura served {delta(after_first, after_second, 'reads:ok'):.0f} "
+        f"reads; builds {first.seconds:.1f}s + {second.seconds:.1f}s"
+    )
