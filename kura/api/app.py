@@ -44,7 +44,7 @@ from kura.storage.store import ArtifactStore
 
 from .authorization import RequestAuthorization
 from .download import FileBodyProducer, TransferFailed, artifact_head
-from .errors import classify_failure, respond_with_error
+from .errors import as_seen_by_client, classify_failure, respond_with_error
 from .gate import Admission
 from .http import KuraRequest
 from .neighbours import NeighbourRoutes
@@ -442,6 +442,8 @@ class PublicAPI(NeighbourRoutes):
         producer=Producer.GRADLE,
         address=tenant_scoped(Producer.GRADLE, "cache_key"),
         accelerable=True,
+        # Gradle turns the remote cache off for the build on a 5xx read.
+        misses_on_fault=True,
     )
     async def gradle_get(self, request: KuraRequest, cache_key: str) -> bytes:
         return await self._download(request)
@@ -647,6 +649,7 @@ class PublicAPI(NeighbourRoutes):
         body=BodyKind.STAGED,
         body_limit=2 * GiB,
         plain_auth_errors=True,
+        trouble_status=409,
     )
     async def nx_put(self, request: KuraRequest, hash: str) -> bytes:
         # Nx stores only on exactly 200 (any other 2xx fails the task).
@@ -722,6 +725,6 @@ class PublicAPI(NeighbourRoutes):
         if error.status >= 500 and not isinstance(failure.value, KuraError):
             log.failure("unexpected error on {route}", failure, route=spec.template)
             self._metrics.http_exceptions.labels(spec.template, type(failure.value).__name__).inc()
-        body = respond_with_error(request, error, spec)
+        body = respond_with_error(request, as_seen_by_client(error, spec), spec)
         await self._extension_headers(request)
         return body

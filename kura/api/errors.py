@@ -80,6 +80,24 @@ def respond_with_error(request: IRequest, error: KuraError, spec: RouteSpec) -> 
     return b"" if request.method == b"HEAD" else body
 
 
+#: Statuses that mean cache trouble rather than a wrong request.
+TROUBLE = frozenset({413, 429, 500, 503, 507})
+
+
+def as_seen_by_client(error: KuraError, spec: RouteSpec) -> KuraError:
+    """``error``, or the route's trouble status for clients that die on it.
+
+    The message stays; only the status changes (the connection still closes
+    when the original error would have closed it).
+    """
+    if spec.trouble_status is None or error.status not in TROUBLE:
+        return error
+    translated = KuraError(error.message, close=error.close)
+    translated.status = spec.trouble_status
+    translated.retry_after = error.retry_after
+    return translated
+
+
 def classify_failure(failure: Failure) -> KuraError | None:
     """The client-facing error for ``failure``, or ``None`` when there is none to send."""
     error = failure.value

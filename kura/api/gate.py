@@ -197,6 +197,9 @@ class Gate:
         if spec.probe:
             return Admission(spec, path_args, Query(head.query))
         if self._state.draining:
+            if spec.misses_on_fault and head.method in ("GET", "HEAD"):
+                # Clients that fail a whole build on a 503 (Nx, Metro) get a miss.
+                raise NotFound(spec.not_found_message, close=True)
             raise ServiceUnavailable("server is draining", retry_after=None, close=True)
         if spec is UNMATCHED:
             if head.declared_length != 0:

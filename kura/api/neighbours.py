@@ -502,12 +502,9 @@ class NeighbourRoutes:
         assert admission.address is not None
         manifest = await self._store.manifest(self._store.artifact_id(admission.address))
         if manifest is not None:
-            # Local only: a single-artifact delete has no replicated tombstone yet.
-            await shielded(
-                Deferred.fromCoroutine(
-                    self._store.forget_damaged(manifest, "removed by its client (DELETE)")
-                )
-            )
+            # Local only: the replication protocol has no single-artifact
+            # delete (see docs/clients.md); peers keep their copies.
+            await shielded(Deferred.fromCoroutine(self._store.remove_local(manifest)))
         # Idempotent, as object stores answer it: absent afterwards either way.
         return self._empty(request, 204)
 

@@ -117,6 +117,9 @@ class RouteSpec:
         overwrites: a PUT replaces an existing artifact (last writer wins)
             instead of being answered as already stored: ccache rewrites
             its manifests under the same key.
+        trouble_status: answers *cache trouble* on writes (too large, budget
+            or disk full, draining, storage faults) for clients that fail a
+            task on any other status (Nx fails on all but 200/403/409).
     """
 
     endpoint: str
@@ -141,6 +144,7 @@ class RouteSpec:
     not_found_message: str = "Artifact not found"
     tenant_arg: str | None = None
     overwrites: bool = False
+    trouble_status: int | None = None
 
 
 _WERKZEUG_ARG = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")

@@ -337,8 +337,15 @@ class ArtifactStore:
     async def forget_damaged(self, manifest: Manifest, reason: str) -> None:
         """Drop an artifact whose body is missing or shorter than its manifest."""
         log.warn(DAMAGED, artifact_id=manifest.artifact_id, reason=reason)
-        self._cache.discard(manifest.artifact_id)
+        await self.remove_local(manifest)
 
+    async def remove_local(self, manifest: Manifest) -> None:
+        """Remove one artifact version from this node only (no tombstone, no outbox).
+
+        A newer version written meanwhile is left alone. Peers keep their copy:
+        the replication protocol has no single-artifact delete.
+        """
+        self._cache.discard(manifest.artifact_id)
         dropped = await self._commit(
             lambda conn: self.metadata.drop_manifest(
                 conn, manifest.artifact_id, manifest.version_ms

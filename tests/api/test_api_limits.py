@@ -41,7 +41,6 @@ def assert_nothing_staged(node: KuraNode) -> None:
 OVER_LIMIT = [
     ("POST", CAS.format(id="c1"), 256 * MiB + 1, "Request body exceeded allowed size"),
     ("PUT", "/api/cache/gradle/g1?tenant_id=default", 100 * MiB + 1, None),
-    ("PUT", "/v1/cache/n1", 2 * GiB + 1, None),
     ("PUT", "/api/metro/cache/m1", 2 * GiB + 1, None),
     (
         "PUT",
@@ -75,6 +74,37 @@ def test_over_limit_content_length_is_413_from_the_head(
     client.send(b"x" * 4096 + head("GET", "/up"))
     assert client.responses() == []
     assert_nothing_staged(node)
+
+
+def test_nx_over_limit_upload_is_409_not_stored(node: KuraNode) -> None:
+    """Nx fails a task on 413, so an oversized Nx upload is a 409 'not stored', from the head."""
+    client = Exchange(node)
+    client.send(
+        head("PUT", "/v1/cache/n1", f"Content-Length: {2 * GiB + 1}", "Expect: 100-continue")
+    )
+    written = client.transport.value()
+    assert written.startswith(b"HTTP/1.1 409 ")
+    assert b"100 Continue" not in written
+    (response,) = client.responses()
+    assert message(response.body) == "Request body exceeded allowed size"
+    assert response.headers["connection"] == "close"
+    assert_nothing_staged(node)
+
+
+def test_nx_and_metro_reads_while_draining_are_misses(node: KuraNode) -> None:
+    """A draining node answers Nx/Metro reads with a 404 miss (503 kills their builds)."""
+    node.drain()
+    for target in ("/v1/cache/n1", "/api/metro/cache/m1"):
+        client = Exchange(node)
+        client.send(head("GET", target))
+        (response,) = client.responses()
+        assert response.status == 404, target
+        assert response.headers["connection"] == "close"
+    client = Exchange(node)
+    client.send(head("PUT", "/v1/cache/n2", "Content-Length: 1") + b"x")
+    (response,) = client.responses()
+    assert response.status == 409
+    assert message(response.body) == "server is draining"
 
 
 def test_module_part_over_limit_is_413_from_the_head(node: KuraNode) -> None:
@@ -221,7 +251,8 @@ def test_budget_is_released_when_an_upload_is_refused_midway(nodes: Any) -> None
 
 
 def test_writes_are_shed_at_outbox_max_depth(nodes: Any) -> None:
-    """At KURA_OUTBOX_MAX_DEPTH every write is 503 + Retry-After; reads and probes still work."""
+    """At KURA_OUTBOX_MAX_DEPTH every write is 503 + Retry-After (Nx: 409, 'not stored');
+    reads and probes still work."""
     node = nodes.start(KURA_OUTBOX_MAX_DEPTH="10")
     request(node, "POST", CAS.format(id="c1"), b"kept")
     node.store.outbox_depth = 10
@@ -237,7 +268,7 @@ def test_writes_are_shed_at_outbox_max_depth(nodes: Any) -> None:
         client.send(head(method, target, "Content-Length: 4", "Expect: 100-continue"))
         assert b"100 Continue" not in client.transport.value()
         (response,) = client.responses()
-        assert response.status == 503, target
+        assert response.status == (409 if target.startswith("/v1/cache") else 503), target
         assert response.headers["retry-after"] == "1"
         assert message(response.body) == "server is shedding writes while replication catches up"
     assert request(node, "GET", CAS.format(id="c1")).body == b"kept"
