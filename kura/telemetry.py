@@ -48,6 +48,9 @@ class PublicTraffic:
         self._metrics = metrics
         self._latency = Children(metrics.public_request_latency)
         self.inflight = 0
+        # Read at scrape time: a request pays nothing for the gauge. (The
+        # EWMA gauge is published every second by the replication limiter.)
+        metrics.public_http_inflight.set_function(lambda: float(self.inflight))
         self._idle_waiters: list[Deferred[None]] = []
         self._ewma_us: float | None = None
         self._last_sample_at: float | None = None
@@ -55,12 +58,10 @@ class PublicTraffic:
     def begin(self) -> InflightSlot:
         """Count a public request in flight until the slot is released."""
         self.inflight += 1
-        self._metrics.public_http_inflight.set(self.inflight)
         return InflightSlot(self)
 
     def _release(self) -> None:
         self.inflight -= 1
-        self._metrics.public_http_inflight.set(self.inflight)
         if self.inflight == 0:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
@@ -83,7 +84,6 @@ class PublicTraffic:
         else:
             self._ewma_us = (self._ewma_us * 7 + sample_us) / 8
         self._last_sample_at = self._clock.seconds()
-        self._metrics.public_latency_ewma_ms.set(self._ewma_us / 1000)
 
     @property
     def latency_ewma_ms(self) -> float | None:

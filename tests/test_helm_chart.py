@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
 from kura import config as kura_config
+from kura import metering
 from kura.config import KuraConfig
 from kura.metrics import KuraMetrics
 from tests.helm.engine import CHART_DIR, ChartRenderer, Rendered, load_helm
@@ -625,10 +626,11 @@ def exported_series() -> dict[str, set[str]]:
     metrics = KuraMetrics(CollectorRegistry())
     series: dict[str, set[str]] = {}
     for metric in vars(metrics).values():
-        if not isinstance(metric, MetricWrapperBase):
+        if not isinstance(metric, MetricWrapperBase | metering.Counter | metering.Histogram):
             continue
-        # prometheus_client keeps the declared name and labels on the wrapper.
-        name, labels, kind = metric._name, set(metric._labelnames), metric._type
+        # Both kinds keep the declared labels; describe() names the family.
+        (family,) = metric.describe()
+        name, labels, kind = family.name, set(metric._labelnames), family.type
         if kind == "counter":
             series[f"{name}_total"] = labels
         elif kind == "histogram":
