@@ -32,6 +32,7 @@ class Candidate:
     path_args: Mapping[str, str]
     address: ArtifactAddress
     query: Query
+    artifact_id: str
 
 
 @attrs.frozen
@@ -42,6 +43,7 @@ class _Target:
     path_args: Mapping[str, str]
     address: ArtifactAddress
     query: Query
+    artifact_id: str
 
 
 class Classifier:
@@ -64,7 +66,9 @@ class Classifier:
         target = self._resolve(head.path, head.query)
         if isinstance(target, str):
             return target
-        return Candidate(head, target.spec, target.path_args, target.address, target.query)
+        return Candidate(
+            head, target.spec, target.path_args, target.address, target.query, target.artifact_id
+        )
 
     def _resolve_target(self, path: bytes, raw_query: bytes) -> _Target | str:
         match = self._routes.match("GET", path)
@@ -81,4 +85,4 @@ class Classifier:
             address = spec.address(path_args, query, self._node_tenant)
         except KuraError:
             return "request"
-        return _Target(spec, path_args, address, query)
+        return _Target(spec, path_args, address, query, address.artifact_id(self._node_tenant))

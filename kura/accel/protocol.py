@@ -28,6 +28,7 @@ import re
 import socket
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
@@ -42,6 +43,7 @@ from kura.api.authorization import RequestAuthorization
 from kura.api.download import ArtifactHead, artifact_head
 from kura.api.errors import REASONS, error_headers, render_error_body
 from kura.api.http import SERVER_NAME, KuraSite, log_access
+from kura.api.routes import RouteSpec
 from kura.artifacts import Manifest
 from kura.config import AcceleratorConfig
 from kura.errors import KuraError
@@ -107,6 +109,10 @@ class Accelerator:
         self.send_timeout = send_timeout
         self.permits = DeferredSemaphore(config.max_concurrent)
         self.connections: set[SamePortProtocol] = set()
+        # Drained splice pipes between transfers. Pooled here rather than kept
+        # per connection, so an idle keep-alive connection holds one
+        # descriptor, not three (10,000 of them would exhaust the fd limit).
+        self.spare_pipes: list[tuple[int, int]] = []
         # One sweep enforces every connection's idle and head deadlines, so a
         # request costs a float assignment instead of scheduling a timer.
         self.sweep_interval = min(1.0, min(header_timeout, idle_timeout) / 4)
@@ -115,17 +121,31 @@ class Accelerator:
         self.dates = DateCache()
         self.request_ids = RequestIds()
         self.fallbacks = Children(metrics.accelerator_fallbacks)
-        self.serving_paths = Children(metrics.serving_paths)(config.mode)
         self.requests = Children(metrics.http_requests)
-        self.reads = Children(metrics.artifact_reads)
-        self.read_bytes = Children(metrics.artifact_read_bytes)
-        self.egress_completions = Children(metrics.egress_completions)
-        self.egress_bytes = Children(metrics.egress_bytes)
-        self.egress_duration = Children(metrics.egress_duration)
-        self.egress_throughput = Children(metrics.egress_throughput)
+        self.serving_paths = metrics.serving_paths.labels(config.mode)
+        self._meters: dict[tuple[str, int, str], _Meters] = {}
         metrics.accelerator_permits_in_use.set_function(
             lambda: float(config.max_concurrent - self.permits.tokens)
         )
+
+    def meters(self, spec: RouteSpec, status: int, result: str) -> _Meters:
+        """The metric children for a response (looked up once per kind)."""
+        key = (spec.endpoint, status, result)
+        meters = self._meters.get(key)
+        if meters is None:
+            m = self.metrics
+            producer = spec.producer.value if spec.producer is not None else "unknown"
+            meters = self._meters[key] = _Meters(
+                requests=m.http_requests.labels(spec.template, str(status)),
+                duration=m.http_request_duration,
+                reads=m.artifact_reads.labels(producer, result),
+                read_bytes=m.artifact_read_bytes.labels(producer, result),
+                completions=m.egress_completions.labels(producer, result),
+                egress_bytes=m.egress_bytes.labels(producer, result),
+                egress_duration=m.egress_duration.labels(producer),
+                throughput=m.egress_throughput.labels(producer),
+            )
+        return meters
 
     def count_fallback(self, reason: str) -> None:
         self.fallbacks(reason).inc()
@@ -146,6 +166,23 @@ class Accelerator:
     def stop(self) -> None:
         if self._sweeper.running:
             self._sweeper.stop()
+        while self.spare_pipes:
+            for end in self.spare_pipes.pop():
+                os.close(end)
+
+    def take_pipe(self) -> tuple[int, int]:
+        """A drained splice pipe: a spare one, or a new one."""
+        if self.spare_pipes:
+            return self.spare_pipes.pop()
+        return tx.make_pipe(self.config.chunk_bytes)
+
+    def give_back_pipe(self, pipe: tuple[int, int]) -> None:
+        """Keep a drained pipe for the next transfer (at most one per permit)."""
+        if len(self.spare_pipes) < self.config.max_concurrent:
+            self.spare_pipes.append(pipe)
+        else:
+            for end in pipe:
+                os.close(end)
 
     def sweep(self) -> None:
         """Act on every connection whose idle or head deadline has passed."""
@@ -373,7 +410,7 @@ class SamePortProtocol(Protocol):
         self._busy = True
         self._disarm()
         accel.permits.acquire()  # a token is free: this fires synchronously
-        artifact_id = accel.store.artifact_id(candidate.address)
+        artifact_id = candidate.artifact_id
         manifest = accel.store.cached_manifest(artifact_id)
         if manifest is not None:
             self._serve_manifest(candidate, manifest)
@@ -548,7 +585,7 @@ class SamePortProtocol(Protocol):
         if self._accel.config.mode != "splice":
             return None
         if self._pipe is None:
-            self._pipe = tx.make_pipe(self._accel.config.chunk_bytes)
+            self._pipe = self._accel.take_pipe()
         return self._pipe
 
     def _close_pipe(self) -> None:
@@ -603,10 +640,13 @@ class SamePortProtocol(Protocol):
         os.close(transfer.file_fd)
         accel.permits.release()
         exchange.slot.release()
-        if result != tx.OK and self._pipe is not None:
-            # Bytes may be left in the pipe: never reuse it.
-            for end in self._pipe:
-                os.close(end)
+        if self._pipe is not None:
+            if result == tx.OK:
+                accel.give_back_pipe(self._pipe)
+            else:
+                # Bytes may be left in the pipe: never reuse it.
+                for end in self._pipe:
+                    os.close(end)
             self._pipe = None
         self._account(transfer, exchange, result)
         self._busy = False
@@ -627,18 +667,18 @@ class SamePortProtocol(Protocol):
     def _account(self, transfer: tx.BodyTransfer, exchange: _Exchange, result: str) -> None:
         accel = self._accel
         spec = exchange.candidate.spec
-        producer = spec.producer.value if spec.producer is not None else "unknown"
         elapsed = max(accel.reactor.seconds() - exchange.started_at, 1e-9)
         status = exchange.status if result in (tx.OK, tx.INCOMPLETE) else 499
-        accel.requests(spec.template, str(status)).inc()
-        accel.metrics.http_request_duration.observe(elapsed)
-        accel.reads(producer, result).inc()
-        accel.read_bytes(producer, result).inc(transfer.sent)
-        accel.egress_completions(producer, result).inc()
-        accel.egress_bytes(producer, result).inc(transfer.sent)
-        accel.egress_duration(producer).observe(elapsed)
+        meters = accel.meters(spec, status, result)
+        meters.requests.inc()
+        meters.duration.observe(elapsed)
+        meters.reads.inc()
+        meters.read_bytes.inc(transfer.sent)
+        meters.completions.inc()
+        meters.egress_bytes.inc(transfer.sent)
+        meters.egress_duration.observe(elapsed)
         if result == tx.OK:
-            accel.egress_throughput(producer).observe(transfer.sent / elapsed)
+            meters.throughput.observe(transfer.sent / elapsed)
         if accel.site.access_log:
             head = exchange.candidate.head
             log_access(head.method, head.path, status, exchange.request_id, spec)
@@ -648,6 +688,20 @@ class SamePortProtocol(Protocol):
                 route=spec.template,
                 sent=transfer.sent,
             )
+
+
+@attrs.frozen
+class _Meters:
+    """The metric children one kind of accelerated response updates."""
+
+    requests: Any
+    duration: Any
+    reads: Any
+    read_bytes: Any
+    completions: Any
+    egress_bytes: Any
+    egress_duration: Any
+    throughput: Any
 
 
 class _Exchange:

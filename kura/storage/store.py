@@ -169,6 +169,7 @@ class ArtifactStore:
         self._write_epoch = 0
         self._last_version = 0
         self._accessed: dict[str, int] = {}
+        self._data_dir_fd: int | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -182,6 +183,11 @@ class ArtifactStore:
 
     def _open_and_sweep(self) -> int:
         self.layout.prepare()
+        # Blobs are opened relative to this descriptor: one path lookup fewer
+        # per download, and immune to the working directory.
+        self._data_dir_fd = os.open(
+            self.layout.data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        )
         self.metadata.open()
         known = self.metadata.blob_paths()
         orphans = 0
@@ -216,6 +222,9 @@ class ArtifactStore:
         if self._accessed:
             await self._commit(self._access_operation())
         await self._runner.run(self.metadata.close)
+        if self._data_dir_fd is not None:
+            os.close(self._data_dir_fd)
+            self._data_dir_fd = None
 
     # -- versions and identity -----------------------------------------------------
 
@@ -311,8 +320,8 @@ class ArtifactStore:
         Raises:
             OSError: the file is missing or cannot be opened.
         """
-        assert manifest.blob_path is not None
-        return os.open(self.layout.absolute(manifest.blob_path), os.O_RDONLY | os.O_CLOEXEC)
+        assert manifest.blob_path is not None and self._data_dir_fd is not None
+        return os.open(manifest.blob_path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._data_dir_fd)
 
     def record_access(self, artifact_id: str) -> None:
         """Note a read for the LRU order (persisted with the next commit)."""
