@@ -190,6 +190,13 @@ ACCEL_CHUNK_BYTES = _var(
     str(1 * MiB),
     "Bytes moved per sendfile/splice call.",
 )
+ACCEL_INLINE_BYTES = _var(
+    _ACCEL,
+    "KURA_ACCELERATED_FILE_SERVING_INLINE_BYTES",
+    str(1 * MiB),
+    "Body bytes sent on the reactor thread before a transfer moves to a worker "
+    "thread (also when the socket pushes back); 0 sends every body from a worker.",
+)
 
 # --- replication ---------------------------------------------------------------
 _REPL = "Replication"
@@ -292,6 +299,7 @@ class AcceleratorConfig:
     mode: str = "splice"
     max_concurrent: int = 32
     chunk_bytes: int = 1 * MiB
+    inline_bytes: int = 1 * MiB
 
 
 @attrs.frozen
@@ -402,6 +410,7 @@ class KuraConfig:
             mode=read.choice(ACCEL_MODE, "splice", ("splice", "sendfile")),
             max_concurrent=read.integer(ACCEL_MAX_CONCURRENT, 32, minimum=1),
             chunk_bytes=read.integer(ACCEL_CHUNK_BYTES, 1 * MiB, minimum=1),
+            inline_bytes=read.integer(ACCEL_INLINE_BYTES, 1 * MiB),
         )
         replication = ReplicationConfig(
             peers=peers,

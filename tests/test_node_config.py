@@ -150,6 +150,11 @@ def _every_variable(pem: dict[str, str]) -> dict[str, tuple[str, Callable[[KuraC
             lambda c: c.accelerator.chunk_bytes,
             65536,
         ),
+        "KURA_ACCELERATED_FILE_SERVING_INLINE_BYTES": (
+            "0",
+            lambda c: c.accelerator.inline_bytes,
+            0,
+        ),
         "KURA_PEERS": (
             "https://b.internal:9443, https://c.internal:9443/",
             lambda c: c.replication.peers,

@@ -574,7 +574,9 @@ class SamePortProtocol(Protocol):
         )
         self._head_started_at = None
         accel.serving_paths.inc()
-        result = tx.pump(transfer, budget=chunk)
+        inline = accel.config.inline_bytes
+        # Small bodies leave right here, with no thread hop (see performance.md).
+        result = tx.pump(transfer, budget=inline) if inline else tx.YIELDED
         self._note_first_byte(transfer, exchange)
         if result in (tx.BLOCKED, tx.YIELDED):
             self._continue_in_thread(transfer, exchange)
