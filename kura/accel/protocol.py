@@ -226,6 +226,7 @@ class SamePortProtocol(Protocol):
         self._buffer = b""
         self._scanned = 0
         self._busy = False
+        self._advancing = False
         self._closed = False
         # Set once the connection must end after what was already answered.
         self._closing = False
@@ -315,7 +316,21 @@ class SamePortProtocol(Protocol):
         return self.transport
 
     def _advance(self) -> None:
-        """Classify and serve buffered requests until one is pending or handed off."""
+        """Classify and serve buffered requests until one is pending or handed off.
+
+        Re-entrant calls (a response that completed inline asking for the
+        next request) return at once: the running loop picks the next one up,
+        so a thousand pipelined requests do not nest a thousand frames deep.
+        """
+        if self._advancing:
+            return
+        self._advancing = True
+        try:
+            self._advance_loop()
+        finally:
+            self._advancing = False
+
+    def _advance_loop(self) -> None:
         accel = self._accel
         while self._channel is None and not (self._busy or self._closed or self._closing):
             buffer = self._buffer

@@ -239,3 +239,23 @@ async def test_worker_threads_alone_serve_keep_alive_responses(start_node: Any) 
     responses = await in_thread(scenario)
     assert [r.body for r in responses] == [small, large, small]
     assert metric(node, "kura_artifact_serving_paths_total", path="splice") == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_thousands_of_pipelined_gets_in_one_write_are_all_answered(start_node: Any) -> None:
+    """2,000 small GETs arriving in one burst are answered in order (no recursion limit)."""
+    node = await start_node()
+    body = os.urandom(100)
+
+    def scenario() -> list[Response]:
+        upload(node, "tiny", body)
+        client = RawClient(node.public_port, timeout=30)
+        burst = f"GET {CAS.format('tiny')} HTTP/1.1\r\nHost: k\r\n\r\n".encode() * 2000
+        client.send(burst, heads=[False] * 2000)
+        responses = client.read_responses(2000)
+        client.close()
+        return responses
+
+    responses = await in_thread(scenario)
+    assert len(responses) == 2000
+    assert all(r.status == 200 and r.body == body for r in responses)
