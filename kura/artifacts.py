@@ -52,7 +52,9 @@ def is_valid_key(key: str) -> bool:
 def is_valid_namespace(namespace: str) -> bool:
     """Whether ``namespace`` is acceptable (the empty, tenant-scoped one included)."""
     return namespace == "" or (
-        len(namespace) <= 255 and _TOKEN_SEGMENT.fullmatch(namespace) is not None
+        len(namespace) <= 255
+        and namespace not in (".", "..")
+        and _TOKEN_SEGMENT.fullmatch(namespace) is not None
     )
 
 

@@ -46,6 +46,7 @@ log = Logger(namespace="kura.node")
 
 NODE_STARTED = "kura {version} serving tenant {tenant_id} on public port {port}"
 WRITER_LOCK_FAILED = "{message}"
+LISTEN_BACKLOG = 1024
 DRAIN_DEADLINE = "drain deadline passed with {count} public transfers in flight; cutting them off"
 
 
@@ -140,6 +141,7 @@ class KuraNode(MultiService):
             header_timeout=config.header_timeout_ms / 1000,
             idle_timeout=config.keepalive_idle_timeout_ms / 1000,
             send_timeout=config.send_timeout_ms / 1000,
+            body_timeout=config.body_timeout_ms / 1000,
         )
         self.site.access_log = config.access_log
         self.accel_pool = ThreadPool(
@@ -218,8 +220,10 @@ class KuraNode(MultiService):
 
     def _listen(self) -> None:
         host = self.config.bind_host
+        # A deep accept queue: with Twisted's default of 50, a burst of
+        # connects (a CI fleet starting its builds) waits for SYN retries.
         self.ports["public"] = self.reactor.listenTCP(
-            self.config.port, self.public_factory(), interface=host
+            self.config.port, self.public_factory(), backlog=LISTEN_BACKLOG, interface=host
         )
         if self.config.public_tls is not None:
             self.ports["https"] = self.reactor.listenSSL(

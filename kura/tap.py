@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,7 +64,17 @@ class TwistdNode(KuraNode):
 
     def startService(self) -> None:
         super().startService()
+        self.started.addErrback(self._exit_nonzero_after_shutdown)
         self.reactor.callWhenRunning(self._install_signal_handlers)
+
+    def _exit_nonzero_after_shutdown(self, failure: Any) -> None:
+        # twistd exits 0 once the reactor stops; a node that could not start
+        # must look like the crash it is to its supervisor.
+        def exit_failed() -> None:
+            sys.stdout.flush()
+            os._exit(1)
+
+        self.reactor.addSystemEventTrigger("after", "shutdown", exit_failed)
 
     def _install_signal_handlers(self) -> None:
         def on_drain(signum: int, frame: Any) -> None:

@@ -132,3 +132,16 @@ def test_sigterm_stops_as_soon_as_transfers_finish(tmp_path: Any) -> None:
         assert time.monotonic() - started < 10
     finally:
         node.kill()
+
+
+def test_a_node_that_cannot_start_exits_nonzero(tmp_path: Any) -> None:
+    """A start-up failure (the public port is taken) ends the process with status 1."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        node = RealNode(f"{tmp_path}/data", KURA_PORT=str(taken.getsockname()[1]))
+        node.port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match="exited with 1"):
+            node.start(timeout=20)

@@ -365,11 +365,16 @@ class KuraRequest(server.Request):
 
 
 def _decode_query(raw: bytes) -> dict[str, list[str]]:
-    parsed = parse_qs(raw, keep_blank_values=True)
-    return {
-        k.decode("utf-8", "replace"): [v.decode("utf-8", "replace") for v in values]
-        for k, values in parsed.items()
-    }
+    # parse_qs on bytes raises when an escape decodes to a non-ASCII byte
+    # (``%c0%ae``, or plain UTF-8 such as ``%ef%bc%8e``), which dropped the
+    # connection unanswered. As latin-1 text every byte and every escape stays
+    # one character; the result is then read as UTF-8, errors replaced.
+    parsed = parse_qs(raw.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
+    return {_utf8(k): [_utf8(v) for v in values] for k, values in parsed.items()}
+
+
+def _utf8(text: str) -> str:
+    return text.encode("latin-1").decode("utf-8", "replace")
 
 
 def _header_map(request: http.Request) -> dict[str, list[str]]:
@@ -391,6 +396,7 @@ class KuraHTTPChannel(http.HTTPChannel):
     header_timeout = 30.0
     body_timeout: float | None = None
     _idle_period: float | None = None
+    _transfer_encoded = False
     reactor: IReactorTime
     _head_deadline: IDelayedCall | None = None
     _lingering: IDelayedCall | None = None
@@ -422,10 +428,28 @@ class KuraHTTPChannel(http.HTTPChannel):
                 self._head_deadline.cancel()
             self._head_deadline = None
 
+    def headerReceived(self, line: bytes) -> bool:
+        # Twisted takes "chunked" from one Transfer-Encoding header and lets a
+        # second one ("identity") or "identity" with a Content-Length pass;
+        # other parsers frame those differently (TE.TE smuggling, reliability
+        # 1.5). Only one Transfer-Encoding, exactly "chunked", is accepted.
+        name, colon, value = line.partition(b":")
+        if colon and name.lower() == b"transfer-encoding":
+            if self._transfer_encoded or value.strip(b" \t").lower() != b"chunked":
+                self._respondToBadRequestAndDisconnect()
+                return False
+            self._transfer_encoded = True
+        return bool(super().headerReceived(line))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # Twisted just drops the connection; answer like any other bad head.
+        self._respondToBadRequestAndDisconnect()
+
     def allHeadersReceived(self) -> None:
         # Replaces HTTPChannel.allHeadersReceived: same steps, except that the
         # request is admitted and 100 Continue is left to the admission.
         self._cancel_head_deadline()
+        self._transfer_encoded = False
         request = self.requests[-1]
         request.parseCookies()
         self.persistent = self.checkPersistence(request, self._version)

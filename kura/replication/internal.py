@@ -264,7 +264,7 @@ class InternalAPI:
             raise NotFound("Artifact not found") from None
         except OSError as error:
             raise ServiceUnavailable(f"cannot open artifact: {error.strerror}") from error
-        if os.fstat(fd).st_size < manifest.size:
+        if os.fstat(fd).st_size != manifest.size:
             os.close(fd)
             raise NotFound("Artifact not found")
         _header(request, b"Content-Length", b"%d" % manifest.size)

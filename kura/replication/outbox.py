@@ -398,7 +398,7 @@ class OutboxWorker:
             except FileNotFoundError:
                 await self._store.forget_damaged(manifest, "body file missing")
                 return False
-            if os.fstat(fd).st_size < manifest.size:
+            if os.fstat(fd).st_size != manifest.size:
                 os.close(fd)
                 await self._store.forget_damaged(manifest, "body file shorter than its manifest")
                 return False
