@@ -59,10 +59,17 @@ def mode(request: Any) -> str:
     return str(request.param)
 
 
+@pytest.mark.parametrize("inline_bytes", ["1048576", "0"])
 @pytest_twisted.ensureDeferred
-async def test_keep_alive_serves_three_gets_on_one_connection(start_node: Any, mode: str) -> None:
-    """Three sequential GETs reuse one connection and every body is byte-exact."""
-    node = await start_node(KURA_ACCELERATED_FILE_SERVING_MODE=mode)
+async def test_keep_alive_serves_three_gets_on_one_connection(
+    start_node: Any, mode: str, inline_bytes: str
+) -> None:
+    """Three sequential GETs reuse one connection and every body is byte-exact,
+    whether bodies leave inline or (inline budget 0) all from worker threads."""
+    node = await start_node(
+        KURA_ACCELERATED_FILE_SERVING_MODE=mode,
+        KURA_ACCELERATED_FILE_SERVING_INLINE_BYTES=inline_bytes,
+    )
     small, large = os.urandom(4096), os.urandom(3 * MiB)
 
     def scenario() -> list[Response]:
@@ -217,28 +224,6 @@ async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         assert waited < timeout, "condition not reached"
         await deferLater(reactor, 0.01)
         waited += 0.01
-
-
-@pytest_twisted.ensureDeferred
-async def test_worker_threads_alone_serve_keep_alive_responses(start_node: Any) -> None:
-    """With no inline budget every body leaves from a worker thread, head included."""
-    node = await start_node(KURA_ACCELERATED_FILE_SERVING_INLINE_BYTES="0")
-    small, large = os.urandom(100), os.urandom(2 * MiB)
-
-    def scenario() -> list[Response]:
-        upload(node, "small", small)
-        upload(node, "large", large)
-        client = RawClient(node.public_port)
-        responses = []
-        for key in ("small", "large", "small"):
-            client.get(CAS.format(key))
-            responses += client.read_responses(1)
-        client.close()
-        return responses
-
-    responses = await in_thread(scenario)
-    assert [r.body for r in responses] == [small, large, small]
-    assert metric(node, "kura_artifact_serving_paths_total", path="splice") == 3
 
 
 @pytest_twisted.ensureDeferred
