@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest clean
+.PHONY: run test lint typecheck pytest fuzz clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +31,14 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+# Not part of `make test`: ten minutes of coverage-guided fuzzing of the
+# accelerator's head parser against twisted.web (tests/fuzz/fuzz_head.py).
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP)
+	$(BIN)/pip install --quiet '.[fuzz]'
+	mkdir -p .fuzz-corpus
+	PYTHONPATH=$(CURDIR) $(BIN)/python tests/fuzz/fuzz_head.py \
+		-max_total_time=$(FUZZ_SECONDS) -max_len=17000 -timeout=10 .fuzz-corpus
+
 clean:
-	rm -rf $(VENV) kura-data build *.egg-info
+	rm -rf $(VENV) kura-data build *.egg-info .fuzz-corpus

@@ -46,6 +46,9 @@ setup(
             # tests (pinned: an alpha release).
             "helm-python-sdk==0.2.2",
         ],
+        # Coverage-guided fuzzing of the accelerator's parser (make fuzz),
+        # off the default test run: libFuzzer finds inputs Hypothesis will not.
+        "fuzz": ["atheris>=2.3"],
     },
     zip_safe=False,
 )
