@@ -23,6 +23,7 @@ import attrs
 from kura.auth.config import EXTENSION_VARIABLES, ExtensionConfig
 from kura.environ import VARIABLES, ConfigError, Reader, Variable, declare
 from kura.failpoints import KNOWN as KNOWN_FAILPOINTS
+from kura.memory import derive_watermarks, memory_limit
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -132,6 +133,21 @@ FAILPOINTS = _var(
     "KURA_FAILPOINTS",
     "(unset)",
     "Testing only: comma list of `name:action` (action `exit` or `error`) crash points.",
+)
+
+# --- memory ------------------------------------------------------------------------
+_MEMORY = "Memory pressure"
+MEMORY_SOFT_LIMIT_BYTES = _var(
+    _MEMORY,
+    "KURA_MEMORY_SOFT_LIMIT_BYTES",
+    "70% of the cgroup limit (else host RAM)",
+    "Resident memory at which the node reports constrained pressure.",
+)
+MEMORY_HARD_LIMIT_BYTES = _var(
+    _MEMORY,
+    "KURA_MEMORY_HARD_LIMIT_BYTES",
+    "85% of the cgroup limit, at least soft + 64 MiB",
+    "Resident memory at which writes are shed with 503 and caches are dropped.",
 )
 
 # --- HTTP connection limits ----------------------------------------------------
@@ -359,6 +375,8 @@ class KuraConfig:
     send_timeout_ms: int = 120_000
     body_timeout_ms: int = 60_000
     drain_completion_timeout_ms: int = 240_000
+    memory_soft_limit_bytes: int = 0
+    memory_hard_limit_bytes: int = 0
     accelerator: AcceleratorConfig = attrs.field(factory=AcceleratorConfig)
     replication: ReplicationConfig = attrs.field(factory=ReplicationConfig)
     extension: ExtensionConfig = attrs.field(factory=ExtensionConfig)
@@ -369,6 +387,7 @@ class KuraConfig:
         environ: Mapping[str, str],
         *,
         measure_filesystem: Callable[[str], int] = filesystem_size,
+        measure_memory: Callable[[], int] = memory_limit,
     ) -> KuraConfig:
         """Parse and validate the ``KURA_*`` variables in ``environ``.
 
@@ -376,6 +395,8 @@ class KuraConfig:
             environ: the process environment (or a test mapping).
             measure_filesystem: returns the size of the filesystem holding a
                 path; injected so tests can derive capacity from fake disks.
+            measure_memory: returns the memory the process may use (cgroup
+                limit or host RAM), the base of the default watermarks.
 
         Raises:
             ConfigError: naming every missing or invalid variable.
@@ -405,6 +426,7 @@ class KuraConfig:
             if peer.strip()
         )
         requested_capacity = read.optional_integer(CAS_CAPACITY_BYTES, minimum=1)
+        soft, hard = read.memory_watermarks(measure_memory)
         accelerator = AcceleratorConfig(
             enabled=read.strict_boolean(ACCEL_ENABLED, True),
             mode=read.choice(ACCEL_MODE, "splice", ("splice", "sendfile")),
@@ -453,6 +475,8 @@ class KuraConfig:
             send_timeout_ms=read.integer(SEND_TIMEOUT_MS, 120_000, minimum=1),
             body_timeout_ms=read.integer(BODY_TIMEOUT_MS, 60_000, minimum=1),
             drain_completion_timeout_ms=read.integer(DRAIN_COMPLETION_TIMEOUT_MS, 240_000),
+            memory_soft_limit_bytes=soft,
+            memory_hard_limit_bytes=hard,
             accelerator=accelerator,
             replication=replication,
             extension=ExtensionConfig.read(read, environ),
@@ -464,6 +488,17 @@ class KuraConfig:
 
 class _NodeReader(Reader):
     """:class:`Reader` plus the node-specific value kinds (URLs, TLS files)."""
+
+    def memory_watermarks(self, measure_memory: Callable[[], int]) -> tuple[int, int]:
+        """Soft and hard watermarks: as set, or derived from the memory limit."""
+        soft, hard = derive_watermarks(
+            self.optional_integer(MEMORY_SOFT_LIMIT_BYTES, minimum=1),
+            self.optional_integer(MEMORY_HARD_LIMIT_BYTES, minimum=1),
+            measure_memory,
+        )
+        if hard <= soft:
+            self.fail(MEMORY_HARD_LIMIT_BYTES, "must be above KURA_MEMORY_SOFT_LIMIT_BYTES")
+        return soft, hard
 
     def tenant(self, variable: Variable, default: str) -> str:
         value = self.text(variable, default)

@@ -13,6 +13,7 @@ from typing import Protocol
 from twisted.internet.interfaces import IReactorTime
 
 from kura.config import KuraConfig
+from kura.memory import MemoryMonitor, Pressure
 from kura.metrics import KuraMetrics
 from kura.telemetry import PublicTraffic
 
@@ -70,6 +71,7 @@ class NodeState:
         traffic: PublicTraffic,
         outbox_depth: OutboxDepth,
         membership: MembershipView | None = None,
+        memory: MemoryMonitor | None = None,
     ) -> None:
         self._config = config
         self._clock = clock
@@ -77,6 +79,7 @@ class NodeState:
         self._traffic = traffic
         self._outbox_depth = outbox_depth
         self.membership: MembershipView = membership or SingleNode()
+        self.memory = memory
         self.draining = False
         self.writer_lock_owned = False
         self.fd_timeout_count = 0
@@ -87,6 +90,10 @@ class NodeState:
 
     def start_draining(self) -> None:
         self.draining = True
+
+    @property
+    def memory_pressure(self) -> Pressure:
+        return Pressure.NORMAL if self.memory is None else self.memory.level
 
     @property
     def state(self) -> TrafficState:
@@ -171,7 +178,7 @@ class NodeState:
             "http_inflight_requests": self._traffic.inflight,
             "grpc_inflight_requests": 0,
             "outbox_messages": self._outbox_depth(),
-            "memory_pressure_state": 0,
+            "memory_pressure_state": int(self.memory_pressure),
             "fd_timeout_count": self.fd_timeout_count,
         }
 

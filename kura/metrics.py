@@ -182,6 +182,40 @@ class KuraMetrics:
             "kura_outbox_messages", "Replication messages waiting in the outbox.", registry=r
         )
 
+        # Memory pressure (kura.memory) ------------------------------------------------
+        self.memory_pressure_state = Gauge(
+            "kura_memory_pressure_state",
+            "0 normal, 1 constrained, 2 critical (writes shed).",
+            registry=r,
+        )
+        self.memory_soft_limit_bytes = Gauge(
+            "kura_memory_soft_limit_bytes",
+            "Resident memory that makes the node constrained.",
+            registry=r,
+        )
+        self.memory_hard_limit_bytes = Gauge(
+            "kura_memory_hard_limit_bytes",
+            "Resident memory that makes the node critical.",
+            registry=r,
+        )
+        self.memory_pressure_transitions = Counter(
+            "kura_memory_pressure_transitions",
+            "Changes of memory pressure level.",
+            ["from", "to"],
+            registry=r,
+        )
+        self.memory_actions = Counter(
+            "kura_memory_actions",
+            "Relief actions taken on entering critical memory pressure.",
+            ["action"],
+            registry=r,
+        )
+        self.process_resident_memory_bytes = Gauge(
+            "kura_process_resident_memory_bytes",
+            "Resident memory of the node process at the last sample.",
+            registry=r,
+        )
+
         # Node and lifecycle ----------------------------------------------------------
         self.node_info = Gauge(
             "kura_node_info",

@@ -32,6 +32,7 @@ from kura.auth import build_authorizer
 from kura.config import KuraConfig
 from kura.failpoints import Failpoints
 from kura.lifecycle import NodeState
+from kura.memory import MemoryMonitor
 from kura.metrics import KuraMetrics
 from kura.replication.service import ReplicationService  # replication mesh (issue 5)
 from kura.storage.layout import Layout
@@ -91,12 +92,24 @@ class KuraNode(MultiService):
             failpoints=Failpoints(config.failpoints),
         )
         self.traffic = PublicTraffic(reactor, self.metrics)
+        self.authorizer = build_authorizer(config.extension, reactor=reactor, metrics=self.metrics)
+        self.memory = MemoryMonitor(
+            soft_bytes=config.memory_soft_limit_bytes,
+            hard_bytes=config.memory_hard_limit_bytes,
+            clock=reactor,
+            metrics=self.metrics,
+            on_critical=[
+                ("manifest_cache_drop", self.store.drop_manifest_cache),
+                ("extension_cache_drop", self.authorizer.clear_caches),
+            ],
+        )
         self.state = NodeState(
             config=config,
             clock=reactor,
             metrics=self.metrics,
             traffic=self.traffic,
             outbox_depth=lambda: self.store.outbox_depth,
+            memory=self.memory,
         )
         # --- replication mesh (issue 5): peers, internal plane, outbox, catch-up ---
         self.replication = ReplicationService(
@@ -112,7 +125,6 @@ class KuraNode(MultiService):
         self.state.membership = self.replication.membership
         self.replication.setServiceParent(self)
         # --- end replication mesh ---
-        self.authorizer = build_authorizer(config.extension, reactor=reactor, metrics=self.metrics)
         self.authorization = RequestAuthorization(self.authorizer, config.tenant_id)
         self.api = PublicAPI(
             config=config,
@@ -204,6 +216,7 @@ class KuraNode(MultiService):
         self._listen()
         self.accelerator.log_settings()
         self._janitor.start(self.config.multipart_janitor_interval_ms / 1000, now=True)
+        self.memory.start()
         log.info(
             NODE_STARTED,
             version=__version__,
@@ -280,6 +293,7 @@ class KuraNode(MultiService):
     async def _stop(self) -> None:
         if self._janitor.running:
             self._janitor.stop()
+        self.memory.stop()
         await DeferredList([maybeDeferred(p.stopListening) for p in self.ports.values()])
         self.ports.clear()
         await super().stopService()

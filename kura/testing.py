@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -317,13 +317,16 @@ class RealNode:
 
     Args:
         data_dir: the node's data directory (kept across restarts).
+        launcher: a command prefix that ends by exec-ing its arguments (to
+            start the node inside a cgroup, say).
         environ: extra ``KURA_*`` variables.
 
     The node's stdout/stderr go to ``<data_dir>.log``.
     """
 
-    def __init__(self, data_dir: str, **environ: str) -> None:
+    def __init__(self, data_dir: str, launcher: Sequence[str] = (), **environ: str) -> None:
         self.data_dir = data_dir
+        self.launcher = list(launcher)
         self.port = free_port()
         self.internal_port = free_port()
         self.environ = {
@@ -354,7 +357,7 @@ class RealNode:
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         self.process = subprocess.Popen(
-            [twistd, "--nodaemon", "--pidfile=", "kura"],
+            [*self.launcher, twistd, "--nodaemon", "--pidfile=", "kura"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

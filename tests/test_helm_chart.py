@@ -26,6 +26,7 @@ from kura.metrics import KuraMetrics
 from tests.helm.engine import CHART_DIR, ChartRenderer, Rendered, load_helm
 
 GiB = 1024**3
+MiB = 1024**2
 NODE_URL = "http://$(POD_NAME).kura-headless.cache.svc.cluster.local:7443"
 DISCOVERY = "kura-headless.cache.svc.cluster.local"
 ACCEL_VARS = (
@@ -37,7 +38,12 @@ ACCEL_VARS = (
 EXTENSION = "def authorize(request):\n    return True\n"
 #: Every optional feature on, to see every variable the chart can set.
 EVERYTHING: dict[str, Any] = {
-    "config": {"casCapacityBytes": 100 * GiB, "replication": {"peers": ["https://seed:7443"]}},
+    "config": {
+        "casCapacityBytes": 100 * GiB,
+        "memorySoftLimitBytes": 700 * MiB,
+        "memoryHardLimitBytes": 850 * MiB,
+        "replication": {"peers": ["https://seed:7443"]},
+    },
     "extension": {"enabled": True, "script": EXTENSION},
     "peerTls": {"enabled": True, "secretName": "kura-peer-tls"},
     "publicTls": {"enabled": True, "secretName": "kura-public-tls"},

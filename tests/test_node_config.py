@@ -130,6 +130,16 @@ def _every_variable(pem: dict[str, str]) -> dict[str, tuple[str, Callable[[KuraC
         "KURA_SEND_TIMEOUT_MS": ("3500", lambda c: c.send_timeout_ms, 3500),
         "KURA_BODY_TIMEOUT_MS": ("4500", lambda c: c.body_timeout_ms, 4500),
         "KURA_DRAIN_COMPLETION_TIMEOUT_MS": ("5500", lambda c: c.drain_completion_timeout_ms, 5500),
+        "KURA_MEMORY_SOFT_LIMIT_BYTES": (
+            "300000000",
+            lambda c: c.memory_soft_limit_bytes,
+            3 * 10**8,
+        ),
+        "KURA_MEMORY_HARD_LIMIT_BYTES": (
+            "400000000",
+            lambda c: c.memory_hard_limit_bytes,
+            4 * 10**8,
+        ),
         "KURA_ACCELERATED_FILE_SERVING_ENABLED": (
             "false",
             lambda c: c.accelerator.enabled,
@@ -247,6 +257,7 @@ def test_config_error_names_every_bad_variable_at_once() -> None:
         ({"KURA_PORT": "-1"}, "KURA_PORT"),
         ({"KURA_PORT": "7443"}, "KURA_INTERNAL_PORT"),
         ({"KURA_TMP_DIR_MAX_BYTES": "0"}, "KURA_TMP_DIR_MAX_BYTES"),
+        ({"KURA_MEMORY_SOFT_LIMIT_BYTES": "0"}, "KURA_MEMORY_SOFT_LIMIT_BYTES"),
         ({"KURA_CAS_CAPACITY_BYTES": "lots"}, "KURA_CAS_CAPACITY_BYTES"),
         ({"KURA_STORAGE_THREADS": "1000"}, "KURA_STORAGE_THREADS"),
         ({"KURA_ACCELERATED_FILE_SERVING_MODE": "mmap"}, "KURA_ACCELERATED_FILE_SERVING_MODE"),

@@ -26,6 +26,7 @@ from kura.auth import HookContext, NoExtension
 from kura.auth.context import HeaderInput
 from kura.errors import KuraError, NotFound, PayloadTooLarge, ServiceUnavailable
 from kura.lifecycle import NodeState
+from kura.memory import Pressure
 from kura.storage.store import ArtifactStore
 
 from .authorization import Caller, RequestAuthorization
@@ -205,10 +206,11 @@ class Gate:
             if head.declared_length != 0:
                 raise NotFound("Not found", close=True)
             return Admission(spec, path_args, Query(head.query))
-        if head.method.upper() in WRITE_METHODS and (
-            self._store.outbox_depth >= self._outbox_max_depth
-        ):
-            raise ServiceUnavailable("server is shedding writes while replication catches up")
+        if head.method.upper() in WRITE_METHODS:
+            if self._state.memory_pressure is Pressure.CRITICAL:
+                raise ServiceUnavailable("server is shedding writes due to memory pressure")
+            if self._store.outbox_depth >= self._outbox_max_depth:
+                raise ServiceUnavailable("server is shedding writes while replication catches up")
         limit = spec.body_limit
         if head.declared_length is not None and head.declared_length > limit:
             raise PayloadTooLarge(spec.too_large_message)

@@ -105,6 +105,13 @@ class ManifestCache:
         if manifest is not None:
             self._bytes -= self._cost(manifest)
 
+    def clear(self) -> int:
+        """Drop every entry; return how many there were."""
+        count = len(self._entries)
+        self._entries.clear()
+        self._bytes = 0
+        return count
+
     def discard_namespace(self, namespace_id: str) -> None:
         for artifact_id in [
             key for key, m in self._entries.items() if m.namespace_id == namespace_id
@@ -285,6 +292,10 @@ class ArtifactStore:
         d.addCallbacks(committed, failed)
 
     # -- reads ------------------------------------------------------------------
+
+    def drop_manifest_cache(self) -> int:
+        """Forget every cached manifest (memory pressure); SQLite still has them."""
+        return self._cache.clear()
 
     def cached_manifest(self, artifact_id: str) -> Manifest | None:
         """The manifest if it is in memory; ``None`` means *unknown*, not absent."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from kura.memory import Pressure
 from kura.service import KuraNode
 from kura.testing import ControlledRunner, Exchange, files_under, request, sample
 
@@ -275,6 +276,27 @@ def test_writes_are_shed_at_outbox_max_depth(nodes: Any) -> None:
     assert request(node, "GET", "/ready").status == 200
     node.store.outbox_depth = 9
     assert request(node, "POST", CAS.format(id="c2"), b"new").status == 204
+
+
+def test_critical_memory_pressure_sheds_writes_not_reads(nodes: Any) -> None:
+    """Above the hard watermark writes get 503 + Retry-After before any body byte;
+    reads and probes go on, and writes resume once the pressure is gone."""
+    node = nodes.start(KURA_MEMORY_SOFT_LIMIT_BYTES="1", KURA_MEMORY_HARD_LIMIT_BYTES="2")
+    assert node.memory.level is Pressure.CRITICAL  # sampled at start-up
+    client = Exchange(node)
+    client.send(head("POST", CAS.format(id="m1"), "Content-Length: 4", "Expect: 100-continue"))
+    assert b"100 Continue" not in client.transport.value()
+    (response,) = client.responses()
+    assert response.status == 503
+    assert response.headers["retry-after"] == "1"
+    assert message(response.body) == "server is shedding writes due to memory pressure"
+    assert request(node, "GET", CAS.format(id="m1")).status == 404
+    rollout = json.loads(request(node, "GET", "/status/rollout").body)
+    assert rollout["memory_pressure_state"] == 2
+    node.memory.soft_bytes = node.memory.hard_bytes = 1 << 50
+    node.memory.check()
+    assert request(node, "POST", CAS.format(id="m1"), b"back").status == 204
+    assert json.loads(request(node, "GET", "/status/rollout").body)["memory_pressure_state"] == 0
 
 
 # -- admission that waits for a store lookup -------------------------------------------------
