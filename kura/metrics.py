@@ -145,6 +145,11 @@ class KuraMetrics:
             "Accelerated transfers holding a permit.",
             registry=r,
         )
+        self.accelerator_cached_descriptors = Gauge(
+            "kura_accelerator_cached_descriptors",
+            "Small artifact files the accelerator keeps open between downloads.",
+            registry=r,
+        )
 
         # Storage --------------------------------------------------------------
         self.cas_capacity_bytes = Gauge(

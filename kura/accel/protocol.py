@@ -54,6 +54,7 @@ from kura.telemetry import InflightSlot, PublicTraffic
 
 from . import transfer as tx
 from .classify import Candidate, Classifier
+from .handles import HandleCache, Lease
 from .head import MAX_HEAD_BYTES, RequestHead, find_head_end, parse_head
 from .response import DateCache, RequestIds, build_head
 
@@ -108,6 +109,7 @@ class Accelerator:
         self.idle_timeout = idle_timeout
         self.send_timeout = send_timeout
         self.permits = DeferredSemaphore(config.max_concurrent)
+        self.handles = HandleCache(store)
         self.connections: set[SamePortProtocol] = set()
         # Drained splice pipes between transfers. Pooled here rather than kept
         # per connection, so an idle keep-alive connection holds one
@@ -127,6 +129,7 @@ class Accelerator:
         metrics.accelerator_permits_in_use.set_function(
             lambda: float(config.max_concurrent - self.permits.tokens)
         )
+        metrics.accelerator_cached_descriptors.set_function(lambda: float(len(self.handles)))
 
     def meters(self, spec: RouteSpec, status: int, result: str) -> _Meters:
         """The metric children for a response (looked up once per kind)."""
@@ -166,6 +169,7 @@ class Accelerator:
     def stop(self) -> None:
         if self._sweeper.running:
             self._sweeper.stop()
+        self.handles.clear()
         while self.spare_pipes:
             for end in self.spare_pipes.pop():
                 os.close(end)
@@ -185,7 +189,9 @@ class Accelerator:
                 os.close(end)
 
     def sweep(self) -> None:
-        """Act on every connection whose idle or head deadline has passed."""
+        """Act on every connection whose idle or head deadline has passed, and
+        let go of cached descriptors of deleted files."""
+        self.handles.sweep()
         now = self.reactor.seconds()
         for connection in list(self.connections):
             connection.check_deadline(now)
@@ -454,14 +460,21 @@ class SamePortProtocol(Protocol):
         if manifest.inline or manifest.blob_path is None:
             self._decline("inline")
             return
+        handles = self._accel.handles
         try:
-            fd = self._accel.store.open_body(manifest)
+            lease = handles.borrow(manifest)
         except OSError:
+            self._decline("open")
+            return
+        try:
+            self._splice_pipe()  # acquired now, so a failure can still fall back
+        except OSError:  # out of descriptors: twisted.web answers (503)
+            handles.release(lease)
             self._decline("open")
             return
         head = candidate.head
         try:
-            if os.fstat(fd).st_size != manifest.size:
+            if lease.size != manifest.size:
                 raise OSError("damaged file")
             response = artifact_head(
                 manifest, _text(head.get(b"range")), _text(head.get(b"if-range"))
@@ -469,12 +482,12 @@ class SamePortProtocol(Protocol):
         except (OSError, KuraError):
             # A damaged file or an unsatisfiable range: twisted.web answers it
             # (after authorization, so a 416 never leaks a size).
-            os.close(fd)
+            handles.release(lease)
             self._decline("range_or_damage")
             return
         authorization = self._accel.authorization
         if not authorization.enabled:
-            self._start(candidate, manifest, fd, response, [])
+            self._start(candidate, manifest, lease, response, [])
             return
         # The artifact is servable: now (and only now, exactly once) the hooks.
         ctx = authorization.context(
@@ -496,14 +509,14 @@ class SamePortProtocol(Protocol):
         if not decided.called:
             self._pause_reading()
         decided.addCallbacks(
-            lambda extra: self._start(candidate, manifest, fd, response, extra),
-            lambda failure: self._deny(candidate, fd, failure),
+            lambda extra: self._start(candidate, manifest, lease, response, extra),
+            lambda failure: self._deny(candidate, lease, failure),
         )
 
-    def _deny(self, candidate: Candidate, fd: int, failure: Failure) -> None:
+    def _deny(self, candidate: Candidate, lease: Lease, failure: Failure) -> None:
         """Answer a refused request with its error and close, as twisted.web would."""
-        os.close(fd)
         accel = self._accel
+        accel.handles.release(lease)
         accel.permits.release()
         self._busy = False
         if self._closed:
@@ -548,7 +561,7 @@ class SamePortProtocol(Protocol):
         self,
         candidate: Candidate,
         manifest: Manifest,
-        fd: int,
+        lease: Lease,
         response: ArtifactHead,
         extra_headers: list[tuple[bytes, bytes]],
     ) -> None:
@@ -571,7 +584,7 @@ class SamePortProtocol(Protocol):
         chunk = accel.config.chunk_bytes
         transfer = tx.BodyTransfer(
             sock=sock,
-            file_fd=fd,
+            file_fd=lease.fd,
             offset=response.body.offset,
             remaining=response.body.length,
             head=head_bytes,
@@ -584,6 +597,7 @@ class SamePortProtocol(Protocol):
             status=response.status,
             keep_alive=keep_alive,
             slot=accel.traffic.begin(),
+            lease=lease,
             started_at=self._head_started_at or accel.reactor.seconds(),
             first_byte_recorded=False,
         )
@@ -654,7 +668,7 @@ class SamePortProtocol(Protocol):
 
     def _finish(self, transfer: tx.BodyTransfer, exchange: _Exchange, result: str) -> None:
         accel = self._accel
-        os.close(transfer.file_fd)
+        accel.handles.release(exchange.lease)
         accel.permits.release()
         exchange.slot.release()
         if self._pipe is not None:
@@ -728,6 +742,7 @@ class _Exchange:
         "candidate",
         "first_byte_recorded",
         "keep_alive",
+        "lease",
         "request_id",
         "slot",
         "started_at",
@@ -742,6 +757,7 @@ class _Exchange:
         status: int,
         keep_alive: bool,
         slot: InflightSlot,
+        lease: Lease,
         started_at: float,
         first_byte_recorded: bool,
     ) -> None:
@@ -750,6 +766,7 @@ class _Exchange:
         self.status = status
         self.keep_alive = keep_alive
         self.slot = slot
+        self.lease = lease
         self.started_at = started_at
         self.first_byte_recorded = first_byte_recorded
 

@@ -30,6 +30,8 @@ from tests.faults.support import (
     call,
     cpu_seconds,
     fd_count,
+    held_fds,
+    metric,
     process,
     wait_for,
     warm_up,
@@ -130,7 +132,7 @@ def test_ten_thousand_idle_keep_alives_leave_new_requests_fast(tmp_path: Path) -
         assert call(node, "GET", CAS.format("small"))[0] == 200  # warm: a pooled pipe exists
         warm_up(node)
         rss_before = process(node).memory_info().rss
-        fds_before = fd_count(node)
+        fds_before = held_fds(node)
         opened = time.monotonic()
         # Half served by the accelerator, half handed to twisted.web.
         fleet.open(FLEET, [CAS.format("small"), "/up"])
@@ -145,7 +147,7 @@ def test_ten_thousand_idle_keep_alives_leave_new_requests_fast(tmp_path: Path) -
             latencies.append(time.monotonic() - started)
             assert (status, body) == (200, b"s" * 512)
         rss_growth = process(node).memory_info().rss - rss_before
-        fds = fd_count(node) - fds_before
+        fds = held_fds(node) - fds_before
         print(
             f"{FLEET} idle: fresh GET median {statistics.median(latencies) * 1000:.1f} ms, "
             f"max {max(latencies) * 1000:.1f} ms; RSS +{rss_growth / MiB:.0f} MiB; fds +{fds}"
@@ -161,7 +163,7 @@ def test_ten_thousand_idle_keep_alives_leave_new_requests_fast(tmp_path: Path) -
         assert min(idle_for) >= IDLE_TIMEOUT - 0.5, min(idle_for)
         assert max(idle_for) <= IDLE_TIMEOUT + 3.0, max(idle_for)
         wait_for(
-            lambda: fd_count(node) <= fds_before,
+            lambda: held_fds(node) <= fds_before,
             what=f"descriptors back to baseline ({fds_before})",
         )
         assert_alive(node)
@@ -200,15 +202,20 @@ def _exchange(sock: socket.socket, raw: bytes) -> tuple[int, dict[str, str], byt
 
 
 def test_descriptor_exhaustion_is_503_and_recovers_without_a_leak(tmp_path: Path) -> None:
-    """Under nofile=256 with 300 connections: excess closed, I/O is 503, no spin, full recovery."""
+    """Under nofile=256 with 300 connections: excess closed, I/O is 503, no spin, full recovery.
+
+    ``held`` was downloaded before, so the accelerator keeps its file open and
+    still serves it; ``cold`` needs a new descriptor and gets the 503.
+    """
     node = RealNode(str(tmp_path / "data")).start()
     socks: list[socket.socket] = []
     try:
         body = os.urandom(64 * 1024)
         assert call(node, "POST", CAS.format("held"), body)[0] == 204
+        assert call(node, "POST", CAS.format("cold"), body)[0] == 204
         assert call(node, "GET", CAS.format("held"))[0] == 200
         warm_up(node)
-        fds_before = fd_count(node)
+        fds_before = held_fds(node)
         limited = subprocess.run(
             ["prlimit", f"--pid={node.process.pid}", "--nofile=256:256"],
             capture_output=True,
@@ -232,13 +239,17 @@ def test_descriptor_exhaustion_is_503_and_recovers_without_a_leak(tmp_path: Path
         assert idle_cpu < 0.3, "busy loop while out of descriptors"
 
         open_socks = [s for i, s in enumerate(socks) if i not in refused]
-        status, headers, answer = _exchange(
+        status, _, answer = _exchange(
             open_socks[0], f"GET {CAS.format('held')} HTTP/1.1\r\nHost: k\r\n\r\n".encode()
+        )
+        assert (status, answer) == (200, body)
+        status, headers, answer = _exchange(
+            open_socks[1], f"GET {CAS.format('cold')} HTTP/1.1\r\nHost: k\r\n\r\n".encode()
         )
         assert status == 503, (status, answer)
         assert "retry-after" in headers and json.loads(answer)["message"]
         status, _, answer = _exchange(
-            open_socks[1],
+            open_socks[2],
             f"PUT {GRADLE.format('new')} HTTP/1.1\r\nHost: k\r\n".encode()
             + b"Content-Length: 5\r\n\r\nbytes",
         )
@@ -248,11 +259,13 @@ def test_descriptor_exhaustion_is_503_and_recovers_without_a_leak(tmp_path: Path
         for sock in socks:
             sock.close()
         socks = []
-        wait_for(lambda: fd_count(node) <= fds_before + 2, what="descriptors released")
+        wait_for(lambda: held_fds(node) <= fds_before + 2, what="descriptors released")
         assert call(node, "GET", CAS.format("held"))[2] == body
+        assert call(node, "GET", CAS.format("cold"))[2] == body
         assert call(node, "PUT", GRADLE.format("new"), b"bytes")[0] == 201
         assert_alive(node)
-        wait_for(lambda: fd_count(node) <= fds_before, what="no descriptor leaked")
+        wait_for(lambda: held_fds(node) <= fds_before, what="no descriptor leaked")
+        assert metric(node, "kura_accelerator_cached_descriptors") == 2  # held and cold
     finally:
         for sock in socks:
             sock.close()

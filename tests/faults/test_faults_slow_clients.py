@@ -25,7 +25,7 @@ from tests.faults.support import (
     call,
     control_round_trip,
     cpu_seconds,
-    fd_count,
+    held_fds,
     metric,
     staged_files,
     wait_for,
@@ -121,7 +121,7 @@ def test_two_hundred_slowloris_connections_cost_little_and_block_nobody(
     try:
         control_round_trip(node)
         warm_up(node)
-        fds_before = fd_count(node)
+        fds_before = held_fds(node)
         cpu_before = cpu_seconds(node)
         latencies: list[float] = []
         errors: list[BaseException] = []
@@ -155,7 +155,7 @@ def test_two_hundred_slowloris_connections_cost_little_and_block_nobody(
         assert not errors, errors
         assert cpu_used < 1.0
         assert latencies and max(latencies) < 0.5
-        wait_for(lambda: fd_count(node) <= fds_before, what="descriptors back to baseline")
+        wait_for(lambda: held_fds(node) <= fds_before, what="descriptors back to baseline")
     finally:
         node.kill()
 
@@ -210,7 +210,7 @@ def test_reader_that_never_reads_is_cut_off_and_releases_everything(
         assert call(node, "POST", CAS.format("big"), body)[0] == 204
         control_round_trip(node)
         warm_up(node)
-        fds_before = fd_count(node)
+        fds_before = held_fds(node)
         # HTTP/1.1 is spliced by the accelerator; HTTP/1.0 is always twisted.web's.
         path = "splice" if version == "HTTP/1.1" else "fallback"
         served_before = metric(node, "kura_artifact_serving_paths_total", path=path)
@@ -239,7 +239,7 @@ def test_reader_that_never_reads_is_cut_off_and_releases_everything(
         assert SEND_TIMEOUT - 0.2 <= elapsed <= SEND_TIMEOUT + 4.0, elapsed
         assert metric(node, "kura_artifact_serving_paths_total", path=path) == served_before + 1
         assert metric(node, "kura_accelerator_permits_in_use") == 0
-        wait_for(lambda: fd_count(node) <= fds_before, what="descriptors back to baseline")
+        wait_for(lambda: held_fds(node) <= fds_before, what="descriptors back to baseline")
         # The client finds its response cut short: never a complete-looking body.
         received = 0
         client.sock.settimeout(5)

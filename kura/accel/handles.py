@@ -1,0 +1,154 @@
+"""Open descriptors of small artifacts, kept between accelerated downloads.
+
+A 4 KiB download is a handful of syscalls, and opening the file by path is
+the most expensive of them (a fifth of the reactor's time in a profile,
+with its ``close``). Popular small artifacts are therefore kept open, as
+nginx's ``open_file_cache`` does; large ones are opened per request, where
+the open is noise beside the transfer.
+
+Correctness never depends on the cache being told about writes. Entries
+are keyed by file name, and every version of an artifact is a new file.
+Every borrow calls ``fstat`` on the descriptor (the accelerator needs the
+size anyway), so a file unlinked or replaced behind kura's back (its inode
+has no links left) is dropped and its path opened afresh. A descriptor is
+closed only when no transfer holds it, so a worker thread never sees it
+closed under it; all bookkeeping happens on the reactor thread.
+
+Cached descriptors of deleted files would pin their disk space, so
+:meth:`HandleCache.sweep` (run every second) drops them, and the cache is
+small: at most :data:`MAX_ENTRIES` descriptors, and a sixteenth of the
+process's descriptor limit (read again on every sweep, so a limit lowered
+at run time shrinks the cache within a second).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import resource
+
+from kura.artifacts import Manifest
+from kura.storage.store import ArtifactStore
+
+#: Files up to this size are kept open; larger ones are opened per request.
+CACHED_FILE_MAX_BYTES = 1024 * 1024
+MAX_ENTRIES = 128
+
+
+def default_capacity() -> int:
+    """:data:`MAX_ENTRIES`, or a sixteenth of the descriptor limit if that is less."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_ENTRIES
+    return max(0, min(MAX_ENTRIES, soft // 16))
+
+
+class _Entry:
+    __slots__ = ("detached", "fd", "users")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0
+        # Out of the cache (stale or evicted): closed when the last user leaves.
+        self.detached = False
+
+
+class Lease:
+    """A descriptor lent to one transfer; give it back with :meth:`HandleCache.release`."""
+
+    __slots__ = ("entry", "fd", "size")
+
+    def __init__(self, fd: int, size: int, entry: _Entry | None) -> None:
+        self.fd = fd
+        self.size = size
+        self.entry = entry
+
+
+class HandleCache:
+    """An LRU of open artifact descriptors (see the module docstring).
+
+    Args:
+        store: opens the files.
+        capacity: most descriptors kept open (0 disables the cache); by
+            default :func:`default_capacity`, followed as the limit changes.
+    """
+
+    def __init__(self, store: ArtifactStore, capacity: int | None = None) -> None:
+        self._store = store
+        self._follow_limit = capacity is None
+        self.capacity = default_capacity() if capacity is None else capacity
+        self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def borrow(self, manifest: Manifest) -> Lease:
+        """An open descriptor of ``manifest``'s file and its current size.
+
+        Raises:
+            OSError: the file is missing or cannot be opened.
+        """
+        # Keyed by file name: a new version of an artifact is a new file.
+        key = manifest.blob_path
+        assert key is not None, "only file-backed artifacts have a descriptor"
+        entry = self._entries.get(key)
+        if entry is not None:
+            status = os.fstat(entry.fd)
+            if status.st_nlink > 0:
+                self._entries.move_to_end(key)
+                entry.users += 1
+                return Lease(entry.fd, status.st_size, entry)
+            self._detach(key)
+        fd = self._store.open_body(manifest)
+        try:
+            size = os.fstat(fd).st_size
+        except OSError:
+            os.close(fd)
+            raise
+        if size > CACHED_FILE_MAX_BYTES or self.capacity == 0:
+            return Lease(fd, size, None)
+        entry = self._entries[key] = _Entry(fd)
+        entry.users = 1
+        self._evict_beyond(self.capacity)
+        return Lease(fd, size, entry)
+
+    def release(self, lease: Lease) -> None:
+        """Give a descriptor back (closing it if nothing else may use it)."""
+        entry = lease.entry
+        if entry is None:
+            os.close(lease.fd)
+            return
+        entry.users -= 1
+        if entry.detached and entry.users == 0:
+            os.close(entry.fd)
+
+    def sweep(self) -> None:
+        """Drop entries whose file was deleted or replaced, freeing its space,
+        and shrink to the capacity the descriptor limit allows now."""
+        if self._follow_limit:
+            self.capacity = default_capacity()
+            self._evict_beyond(self.capacity)
+        for key, entry in list(self._entries.items()):
+            try:
+                gone = os.fstat(entry.fd).st_nlink == 0
+            except OSError:
+                gone = True
+            if gone:
+                self._detach(key)
+
+    def clear(self) -> int:
+        """Drop every entry (in-use descriptors close when their transfer ends)."""
+        count = len(self._entries)
+        for key in list(self._entries):
+            self._detach(key)
+        return count
+
+    def _evict_beyond(self, limit: int) -> None:
+        while len(self._entries) > limit:
+            self._detach(next(iter(self._entries)))
+
+    def _detach(self, key: str) -> None:
+        entry = self._entries.pop(key)
+        entry.detached = True
+        if entry.users == 0:
+            os.close(entry.fd)
