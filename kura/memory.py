@@ -96,11 +96,19 @@ def _cgroup_limits(proc: str, cgroup_root: str) -> Iterable[int]:
             continue
         _, controllers, path = fields
         relative = path.lstrip("/")
+        # Without a cgroup namespace a container sees the host's path for its
+        # group but has its own group mounted at the root: try both.
         if controllers == "":
-            candidates = [os.path.join(cgroup_root, relative, "memory.max")]
-            candidates.append(os.path.join(cgroup_root, "unified", relative, "memory.max"))
+            candidates = [
+                os.path.join(cgroup_root, relative, "memory.max"),
+                os.path.join(cgroup_root, "unified", relative, "memory.max"),
+                os.path.join(cgroup_root, "memory.max"),
+            ]
         elif "memory" in controllers.split(","):
-            candidates = [os.path.join(cgroup_root, "memory", relative, "memory.limit_in_bytes")]
+            candidates = [
+                os.path.join(cgroup_root, "memory", relative, "memory.limit_in_bytes"),
+                os.path.join(cgroup_root, "memory", "memory.limit_in_bytes"),
+            ]
         else:
             continue
         for candidate in candidates:

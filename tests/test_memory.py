@@ -72,6 +72,18 @@ def fake_system(
             16 * GiB,
             id="a limit above the host's RAM: host RAM",
         ),
+        pytest.param(
+            "12:memory:/docker/abc\n",
+            {"memory/memory.limit_in_bytes": str(768 * MiB)},
+            768 * MiB,
+            id="v1 in a container without a cgroup namespace",
+        ),
+        pytest.param(
+            "0::/system.slice/docker-abc.scope\n",
+            {"memory.max": str(768 * MiB)},
+            768 * MiB,
+            id="v2 in a container without a cgroup namespace",
+        ),
         pytest.param("", {}, 16 * GiB, id="no cgroup at all"),
     ],
 )

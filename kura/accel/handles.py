@@ -32,7 +32,8 @@ from kura.storage.store import ArtifactStore
 
 #: Files up to this size are kept open; larger ones are opened per request.
 CACHED_FILE_MAX_BYTES = 1024 * 1024
-MAX_ENTRIES = 128
+#: Enough for a build's hot set of small outputs; each costs one descriptor.
+MAX_ENTRIES = 1024
 
 
 def default_capacity() -> int:

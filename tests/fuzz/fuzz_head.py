@@ -14,8 +14,9 @@ It fails on:
 
 libFuzzer options pass through, e.g.
 ``python tests/fuzz/fuzz_head.py -max_total_time=600 -max_len=17000 corpus/``.
-The seed corpus is the unit tests' corpus of valid, malformed and smuggling
-heads; it is written into the corpus directory at start.
+The seed corpus, written into the corpus directory at start, is the unit
+tests' corpus of valid, malformed and smuggling heads plus a GET of each
+accelerable route.
 """
 
 from __future__ import annotations
