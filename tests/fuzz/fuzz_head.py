@@ -80,9 +80,10 @@ def _classifier() -> Classifier:
     from prometheus_client import CollectorRegistry
     from twisted.internet import reactor
 
-    data_dir = tempfile.mkdtemp(prefix="kura-fuzz-")
-    config = kura.testing.test_config(data_dir)
-    node = kura.service.KuraNode(config, reactor, registry=CollectorRegistry())
+    # The node is never started: nothing is written to its data directory.
+    with tempfile.TemporaryDirectory(prefix="kura-fuzz-") as data_dir:
+        config = kura.testing.test_config(data_dir)
+        node = kura.service.KuraNode(config, reactor, registry=CollectorRegistry())
     return node.accelerator.classifier
 
 
