@@ -629,18 +629,25 @@ class ArtifactStore:
     async def complete_upload(
         self, upload: Upload, parts: Sequence[int], address: ArtifactAddress, content_type: str
     ) -> PublishResult:
-        """Assemble the listed parts, in order, into one artifact and publish it."""
+        """Assemble the listed parts, in order, into one artifact and publish it.
+
+        The assembled copy is staged too, so it is reserved in the staging
+        budget (``TmpBudgetExhausted`` when it does not fit; the upload is
+        kept for a retry) until it is published.
+        """
         staging = self.layout.new_upload_path()
         sources = [self.layout.part_path(upload.upload_id, n) for n in parts]
         size = sum(upload.parts[n] for n in parts)
+        self.tmp_budget.reserve(size)
         try:
             await self._runner.run(_assemble, sources, staging)
         except OSError as error:
+            self.tmp_budget.release(size)
             await self._runner.run(_unlink_quietly, staging)
             raise translate_os_error(error) from error
         result = await self.publish_blob(
             address,
-            StagedBody(staging, size, None, 0),
+            StagedBody(staging, size, None, reserved=size),
             content_type=content_type,
             policy=WritePolicy.WRITE_ONCE,
         )

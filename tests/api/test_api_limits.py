@@ -10,6 +10,7 @@ import pytest
 from kura.memory import Pressure
 from kura.service import KuraNode
 from kura.testing import ControlledRunner, Exchange, files_under, request, sample
+from tests.api.test_api_routes import MODULE, complete, start_upload
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -246,6 +247,30 @@ def test_budget_is_released_when_an_upload_is_refused_midway(nodes: Any) -> None
     assert message(response.body).startswith("Temporary storage budget exhausted: ")
     assert_nothing_staged(node)
     assert request(node, "GET", "/api/metro/cache/m1").status == 404
+
+
+def test_module_complete_reserves_the_assembled_copy(nodes: Any) -> None:
+    """Assembling a module stages a second copy of its parts: it must fit the budget
+    too (503 + Retry-After, upload kept), and complete succeeds once it does."""
+    node = nodes.start(KURA_TMP_DIR_MAX_BYTES="1500")
+    upload_id = start_upload(node)
+    part = f"/api/cache/module/part?upload_id={upload_id}&part_number=1"
+    assert request(node, "POST", part, b"p" * 600).status == 204
+    assert node.store.tmp_budget.used == 600
+    in_flight = Exchange(node)
+    in_flight.send(head("POST", CAS.format(id="c1"), "Content-Length: 800") + b"x")
+    assert node.store.tmp_budget.used == 1400
+    refused = complete(node, upload_id, [1])
+    assert refused.status == 503
+    assert refused.headers["retry-after"] == "1"
+    assert message(refused.body).startswith("Temporary storage budget exhausted: ")
+    assert request(node, "GET", MODULE).status == 404
+    assert node.store.tmp_budget.used == 1400
+    in_flight.send(b"x" * 799)
+    assert in_flight.responses()[0].status == 204
+    assert complete(node, upload_id, [1]).status == 204
+    assert node.store.tmp_budget.used == 0
+    assert request(node, "GET", MODULE).body == b"p" * 600
 
 
 # -- write shedding -------------------------------------------------------------------------
