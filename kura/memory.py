@@ -57,10 +57,10 @@ def derive_watermarks(
     hard watermark at least :data:`MIN_WATERMARK_GAP` above the soft one.
     ``limit`` is only called when a watermark is not configured.
     """
-    if soft is None:
-        soft = limit() * 70 // 100
-    if hard is None:
-        hard = max(limit() * 85 // 100, soft + MIN_WATERMARK_GAP)
+    if soft is None or hard is None:
+        total = limit()
+        soft = total * 70 // 100 if soft is None else soft
+        hard = max(total * 85 // 100, soft + MIN_WATERMARK_GAP) if hard is None else hard
     return soft, hard
 
 
@@ -172,10 +172,6 @@ class MemoryMonitor:
         metrics.memory_soft_limit_bytes.set(soft_bytes)
         metrics.memory_hard_limit_bytes.set(hard_bytes)
         metrics.memory_pressure_state.set_function(lambda: float(self.level))
-
-    @property
-    def critical(self) -> bool:
-        return self.level is Pressure.CRITICAL
 
     def start(self) -> None:
         if not self._sampler.running:

@@ -164,7 +164,7 @@ def test_levels_follow_resident_memory_each_second() -> None:
     assert m.monitor.level is Pressure.CONSTRAINED
     m.resident = 200
     m.clock.advance(1)
-    assert m.monitor.critical
+    assert m.monitor.level is Pressure.CRITICAL
     assert m.sample("kura_memory_pressure_state") == 2
     assert m.sample("kura_process_resident_memory_bytes") == 200
     m.resident = 10
