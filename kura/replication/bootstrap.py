@@ -391,14 +391,7 @@ class Bootstrapper:
             await staging.abort()
             raise
         staged = await staging.finish()
-        message = wire.UpsertMessage(
-            producer=address.producer,
-            namespace_id=manifest.namespace_id,
-            key=manifest.key,
-            content_type=manifest.content_type,
-            inline=manifest.inline,
-            version_ms=manifest.version_ms,
-        )
+        message = wire.UpsertMessage.from_manifest(manifest)
         return await self._receiver.publish(address, message, staged, source=SOURCE_BOOTSTRAP)
 
 

@@ -129,6 +129,8 @@ class ReplicationService(MultiService):
             receiver=self.receiver,
             node_tenant=config.tenant_id,
         )
+        # A peer upload that makes no progress this long is cut, in both directions.
+        stall_seconds = settings.upload_stall_ms / 1000
         self.site = KuraSite(
             self.api.resource(),
             gate=self.gate,  # type: ignore[arg-type]  # duck-typed like kura.api.gate.Gate
@@ -139,9 +141,8 @@ class ReplicationService(MultiService):
             reactor=reactor,
             header_timeout=config.header_timeout_ms / 1000,
             idle_timeout=config.keepalive_idle_timeout_ms / 1000,
-            send_timeout=settings.upload_stall_ms / 1000,
+            send_timeout=stall_seconds,
         )
-        stall_seconds = settings.upload_stall_ms / 1000
         self.outbox = OutboxWorker(
             store=store,
             client=self.client,

@@ -129,7 +129,8 @@ class UpsertMessage:
         ]
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest) -> UpsertMessage:
+    def from_manifest(cls, manifest: Manifest | PeerManifest) -> UpsertMessage:
+        """The message that replicates ``manifest``'s version (local or a peer's)."""
         return cls(
             producer=Producer(manifest.producer),
             namespace_id=manifest.namespace_id,
