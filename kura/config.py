@@ -12,7 +12,9 @@ raises one :class:`ConfigError` naming all of them, joined with ``"; "``.
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Mapping
@@ -20,6 +22,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from kura.auth.access import AccessConfig, AccessToken, Scope, parse_token, parse_token_lines
 from kura.auth.config import EXTENSION_VARIABLES, ExtensionConfig
 from kura.environ import VARIABLES, ConfigError, Reader, Variable, declare
 from kura.failpoints import KNOWN as KNOWN_FAILPOINTS
@@ -31,6 +34,9 @@ GiB = 1024 * MiB
 
 
 _var = declare
+
+#: A DNS name, or one with a leading ``*.`` that stands for exactly one label.
+_DNS_PATTERN = re.compile(r"(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 
 # Re-exported: the configuration's public vocabulary.
 __all__ = ["VARIABLES", "ConfigError", "KuraConfig", "Variable"]
@@ -270,6 +276,115 @@ INTERNAL_TLS_KEY_PATH = _var(
 )
 
 
+# --- peer authentication ---------------------------------------------------------
+_PEER_AUTH = "Peer authentication (internal plane)"
+INTERNAL_BIND_HOST = _var(
+    _PEER_AUTH,
+    "KURA_INTERNAL_BIND_HOST",
+    "127.0.0.1 without peers, else KURA_BIND_HOST",
+    "Interface of the internal plane. A node without peers (no KURA_PEERS, no "
+    "KURA_DISCOVERY_DNS_NAME) keeps it on loopback.",
+)
+PEER_SECRET = _var(
+    _PEER_AUTH,
+    "KURA_PEER_SECRET",
+    "(unset)",
+    "Shared mesh secret (at least 32 bytes): every peer request and response is signed "
+    "with it (HMAC-SHA256 over method, target, tenant, body digest, time and a nonce).",
+)
+PEER_SECRET_FILE = _var(
+    _PEER_AUTH,
+    "KURA_PEER_SECRET_FILE",
+    "(unset)",
+    "A file holding KURA_PEER_SECRET (surrounding whitespace ignored); set one of the two.",
+)
+PEER_SECRET_NEXT = _var(
+    _PEER_AUTH,
+    "KURA_PEER_SECRET_NEXT",
+    "(unset)",
+    "During a rotation, the other secret peers may sign with: accepted, never used to sign.",
+)
+PEER_SECRET_NEXT_FILE = _var(
+    _PEER_AUTH,
+    "KURA_PEER_SECRET_NEXT_FILE",
+    "(unset)",
+    "A file holding KURA_PEER_SECRET_NEXT; set one of the two.",
+)
+INTERNAL_TLS_PEER_NAMES = _var(
+    _PEER_AUTH,
+    "KURA_INTERNAL_TLS_PEER_NAMES",
+    "(unset)",
+    "With peer mTLS: comma-separated DNS names a peer's client certificate must carry "
+    "(subjectAltName); a leading `*.` matches exactly one label. Any other certificate "
+    "fails the handshake, even when the CA signed it.",
+)
+INTERNAL_INSECURE = _var(
+    _PEER_AUTH,
+    "KURA_INTERNAL_INSECURE",
+    "false",
+    "`true` lets a node with peers run without peer authentication (warned at every "
+    "start). Without it such a node refuses to start.",
+)
+PEER_ACCEPT_UNSIGNED_UNTIL = _var(
+    _PEER_AUTH,
+    "KURA_PEER_ACCEPT_UNSIGNED_UNTIL",
+    "(unset)",
+    "Rolling upgrade to signed peers: until this RFC 3339 UTC time (e.g. "
+    "`2026-12-31T00:00:00Z`) unsigned peer requests and responses are still accepted "
+    "(counted and warned); signed ones must verify. Needs KURA_PEER_SECRET.",
+)
+MAX_CLOCK_SKEW_MS = _var(
+    _PEER_AUTH,
+    "KURA_MAX_CLOCK_SKEW_MS",
+    "300000",
+    "Largest accepted difference between a peer's clock and ours: signed requests outside "
+    "it are replays, and replicated versions further ahead are refused.",
+)
+
+# --- public access ---------------------------------------------------------------
+_ACCESS = "Public access"
+AUTH_TOKENS_FILE = _var(
+    _ACCESS,
+    "KURA_AUTH_TOKENS_FILE",
+    "(unset)",
+    "A file of `read <token> [name]` / `write <token> [name]` lines (`#` comments); a "
+    "token may be given as `sha256:<64 hex>` instead. Clients send `Authorization: Bearer "
+    "<token>` or Basic auth with the token as password. Write tokens also read.",
+)
+AUTH_READ_TOKENS = _var(
+    _ACCESS, "KURA_AUTH_READ_TOKENS", "(unset)", "Comma-separated read tokens (as in the file)."
+)
+AUTH_WRITE_TOKENS = _var(
+    _ACCESS, "KURA_AUTH_WRITE_TOKENS", "(unset)", "Comma-separated write tokens."
+)
+AUTH_ANONYMOUS_READ = _var(
+    _ACCESS,
+    "KURA_AUTH_ANONYMOUS_READ",
+    "false",
+    "`true`: with tokens configured, reads need none (writes still do).",
+)
+ALLOW_ANONYMOUS_DELETE = _var(
+    _ACCESS,
+    "KURA_ALLOW_ANONYMOUS_DELETE",
+    "false",
+    "`true`: in open mode (no tokens, no extension) anonymous callers may clean "
+    "namespaces and delete entries. Otherwise those need a write token.",
+)
+METRICS_TOKEN = _var(
+    _ACCESS,
+    "KURA_METRICS_TOKEN",
+    "(unset)",
+    "When set, `/metrics` answers only `Authorization: Bearer <this token>`.",
+)
+STATUS_TOKEN = _var(
+    _ACCESS,
+    "KURA_STATUS_TOKEN",
+    "(unset)",
+    "When set, `/status/*` answers only `Authorization: Bearer <this token>` "
+    "(`/up` and `/ready` stay open for probes).",
+)
+
+
 # The extension's own settings, documented after the node's.
 VARIABLES.extend(EXTENSION_VARIABLES)
 
@@ -327,6 +442,38 @@ class TlsFiles:
     ca_path: str | None = None
 
 
+#: The shortest peer secret accepted (HMAC-SHA256 keys shorter than the hash
+#: output weaken it).
+MIN_PEER_SECRET_BYTES = 32
+
+
+@attrs.frozen
+class PeerAuthConfig:
+    """How peers prove themselves on the internal plane (see ``docs/operations.md``).
+
+    Attributes:
+        secret: the mesh secret that signs requests and responses.
+        next_secret: the other secret accepted during a rotation.
+        tls_peer_names: DNS patterns a peer's mTLS client certificate must carry.
+        insecure: a node with peers runs without peer authentication.
+        accept_unsigned_until_ms: until then (epoch ms) unsigned peers are
+            accepted (rolling upgrade).
+        max_clock_skew_ms: the replay window of signatures and the furthest
+            a replicated version may lie in the future.
+    """
+
+    secret: bytes | None = attrs.field(default=None, repr=False)
+    next_secret: bytes | None = attrs.field(default=None, repr=False)
+    tls_peer_names: tuple[str, ...] = ()
+    insecure: bool = False
+    accept_unsigned_until_ms: int | None = None
+    max_clock_skew_ms: int = 300_000
+
+    @property
+    def signs(self) -> bool:
+        return self.secret is not None
+
+
 @attrs.frozen
 class ReplicationConfig:
     """Peer mesh settings."""
@@ -340,6 +487,17 @@ class ReplicationConfig:
     bootstrap_timeout_ms: int = 1_800_000
     bootstrap_max_concurrent_peers: int = 8
     internal_tls: TlsFiles | None = None
+    auth: PeerAuthConfig = attrs.field(factory=PeerAuthConfig)
+
+    @property
+    def has_peers(self) -> bool:
+        """Whether this node is part of a mesh (seed peers or DNS discovery)."""
+        return bool(self.peers or self.discovery_dns_name)
+
+    @property
+    def authenticates_peers(self) -> bool:
+        """Whether peers must sign or present a certificate with a configured name."""
+        return self.auth.signs or (self.internal_tls is not None and bool(self.auth.tls_peer_names))
 
 
 @attrs.frozen
@@ -354,6 +512,7 @@ class KuraConfig:
     internal_port: int = 7443
     https_port: int = 4443
     bind_host: str = "0.0.0.0"
+    internal_bind_host: str = "127.0.0.1"
     tenant_id: str = "default"
     region: str = "local"
     node_url: str = "http://127.0.0.1:7443"
@@ -380,6 +539,12 @@ class KuraConfig:
     accelerator: AcceleratorConfig = attrs.field(factory=AcceleratorConfig)
     replication: ReplicationConfig = attrs.field(factory=ReplicationConfig)
     extension: ExtensionConfig = attrs.field(factory=ExtensionConfig)
+    access: AccessConfig = attrs.field(factory=AccessConfig)
+
+    @property
+    def open_access(self) -> bool:
+        """Neither tokens nor an extension guard the public port."""
+        return not self.access.uses_tokens and not self.extension.enabled
 
     @classmethod
     def from_environ(
@@ -446,12 +611,17 @@ class KuraConfig:
                 BOOTSTRAP_MAX_CONCURRENT_PEERS, 8, minimum=1
             ),
             internal_tls=internal_tls,
+            auth=read.peer_auth(internal_tls),
         )
+        bind_host = read.text(BIND_HOST, "0.0.0.0")
         config = cls(
             port=port,
             internal_port=internal_port,
             https_port=https_port,
-            bind_host=read.text(BIND_HOST, "0.0.0.0"),
+            bind_host=bind_host,
+            internal_bind_host=read.text(
+                INTERNAL_BIND_HOST, bind_host if replication.has_peers else "127.0.0.1"
+            ),
             tenant_id=read.tenant(TENANT_ID, "default"),
             region=read.text(REGION, "local"),
             node_url=node_url,
@@ -480,7 +650,9 @@ class KuraConfig:
             accelerator=accelerator,
             replication=replication,
             extension=ExtensionConfig.read(read, environ),
+            access=read.access(),
         )
+        read.check_mesh_security(config)
         read.raise_if_failed()
         capacity = derive_capacity(requested_capacity, measure_filesystem(data_dir))
         return attrs.evolve(config, cas_capacity_bytes=capacity)
@@ -538,6 +710,139 @@ class _NodeReader(Reader):
         cert, key = values[0], values[1]
         assert cert is not None and key is not None
         return TlsFiles(cert_path=cert, key_path=key, ca_path=values[2] if ca else None)
+
+    def file_or_value(self, variable: Variable, file_variable: Variable) -> str | None:
+        """A secret given directly or as a file (one of the two, never both)."""
+        value, path = self._raw(variable), self._raw(file_variable)
+        if value is not None and path is not None:
+            self.fail(file_variable, f"must not be set together with {variable.name}")
+            return None
+        if path is None:
+            return value
+        try:
+            with open(path, encoding="utf-8") as handle:
+                content = handle.read().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            self.fail(file_variable, f"cannot be read: {getattr(error, 'strerror', error)}")
+            return None
+        if not content:
+            self.fail(file_variable, f"file {path!r} is empty")
+            return None
+        return content
+
+    def peer_secret(self, variable: Variable, file_variable: Variable) -> bytes | None:
+        text = self.file_or_value(variable, file_variable)
+        if text is None:
+            return None
+        secret = text.encode("utf-8")
+        if len(secret) < MIN_PEER_SECRET_BYTES:
+            # Never echo the secret: only its length.
+            self.fail(
+                variable,
+                f"must be at least {MIN_PEER_SECRET_BYTES} bytes, got {len(secret)}",
+            )
+        return secret
+
+    def timestamp_ms(self, variable: Variable) -> int | None:
+        value = self._raw(variable)
+        if value is None:
+            return None
+        try:
+            moment = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            moment = None
+        if moment is None or moment.tzinfo is None:
+            self.fail(variable, f"must be an RFC 3339 time with a zone, got {value!r}")
+            return None
+        return int(moment.timestamp() * 1000)
+
+    def peer_auth(self, internal_tls: TlsFiles | None) -> PeerAuthConfig:
+        secret = self.peer_secret(PEER_SECRET, PEER_SECRET_FILE)
+        next_secret = self.peer_secret(PEER_SECRET_NEXT, PEER_SECRET_NEXT_FILE)
+        if next_secret is not None and secret is None:
+            self.fail(PEER_SECRET_NEXT, "needs KURA_PEER_SECRET (the secret nodes sign with)")
+        names = tuple(
+            name.strip().lower() for name in self.text(INTERNAL_TLS_PEER_NAMES, "").split(",")
+        )
+        names = tuple(name for name in names if name)
+        for name in names:
+            if not _DNS_PATTERN.fullmatch(name):
+                self.fail(INTERNAL_TLS_PEER_NAMES, f"entry {name!r} is not a DNS name pattern")
+        if names and internal_tls is None:
+            self.fail(INTERNAL_TLS_PEER_NAMES, "needs peer mTLS (KURA_INTERNAL_TLS_*_PATH)")
+        insecure = self.strict_boolean(INTERNAL_INSECURE, False)
+        until = self.timestamp_ms(PEER_ACCEPT_UNSIGNED_UNTIL)
+        if until is not None and secret is None:
+            self.fail(PEER_ACCEPT_UNSIGNED_UNTIL, "needs KURA_PEER_SECRET (what peers sign with)")
+        if insecure and (secret is not None or names):
+            self.fail(INTERNAL_INSECURE, "contradicts the configured peer authentication")
+        return PeerAuthConfig(
+            secret=secret,
+            next_secret=next_secret,
+            tls_peer_names=names,
+            insecure=insecure,
+            accept_unsigned_until_ms=until,
+            max_clock_skew_ms=self.integer(MAX_CLOCK_SKEW_MS, 300_000, minimum=1000),
+        )
+
+    def check_mesh_security(self, config: KuraConfig) -> None:
+        """A node with peers authenticates them, unless insecurity is explicit."""
+        replication = config.replication
+        if (
+            replication.has_peers
+            and not replication.authenticates_peers
+            and not replication.auth.insecure
+        ):
+            self.fail(
+                PEER_SECRET,
+                "(or peer mTLS with KURA_INTERNAL_TLS_PEER_NAMES) is required on a node with "
+                "peers: anyone who reaches the internal port could otherwise write, pin or "
+                "wipe the cache. Set KURA_INTERNAL_INSECURE=true to run a mesh without peer "
+                "authentication anyway",
+            )
+
+    def tokens(self, variable: Variable, scope: Scope) -> list[AccessToken]:
+        found = []
+        for item in self.text(variable, "").split(","):
+            if item.strip():
+                try:
+                    found.append(parse_token(item.strip(), scope))
+                except ValueError as error:
+                    self.fail(variable, f"holds an invalid token: {error}")
+        return found
+
+    def access(self) -> AccessConfig:
+        tokens = self.tokens(AUTH_READ_TOKENS, Scope.READ)
+        tokens += self.tokens(AUTH_WRITE_TOKENS, Scope.WRITE)
+        path = self._raw(AUTH_TOKENS_FILE)
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    tokens += parse_token_lines(handle.read())
+            except OSError as error:
+                self.fail(AUTH_TOKENS_FILE, f"cannot be read: {error.strerror}")
+            except (ValueError, UnicodeDecodeError) as error:
+                self.fail(AUTH_TOKENS_FILE, f"is invalid: {error}")
+            else:
+                if not tokens:
+                    self.fail(AUTH_TOKENS_FILE, f"file {path!r} lists no token")
+        return AccessConfig(
+            tokens=tuple(tokens),
+            anonymous_read=self.strict_boolean(AUTH_ANONYMOUS_READ, False),
+            allow_anonymous_delete=self.strict_boolean(ALLOW_ANONYMOUS_DELETE, False),
+            metrics_token=self.bearer_digest(METRICS_TOKEN),
+            status_token=self.bearer_digest(STATUS_TOKEN),
+        )
+
+    def bearer_digest(self, variable: Variable) -> bytes | None:
+        value = self._raw(variable)
+        if value is None:
+            return None
+        try:
+            return parse_token(value, Scope.READ).digest
+        except ValueError as error:
+            self.fail(variable, f"is invalid: {error}")
+            return None
 
     def failpoints(self, variable: Variable) -> tuple[tuple[str, str], ...]:
         value = self._raw(variable)

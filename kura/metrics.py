@@ -291,6 +291,22 @@ class KuraMetrics:
             ["source", "item_type", "outcome"],
             registry=r,
         )
+        self.replication_rejected = Counter(
+            "kura_replication_rejected",
+            "Replicated items refused before applying, by reason (clock_skew: a version "
+            "further ahead than KURA_MAX_CLOCK_SKEW_MS; digest_mismatch: a body that does "
+            "not match its signed digest).",
+            ["reason"],
+            registry=r,
+        )
+        self.peer_auth = Counter(
+            "kura_peer_auth",
+            "Peer authentication checks by side (server: requests received; client: "
+            "responses received) and result (ok, unsigned_accepted, unsigned, invalid, "
+            "expired, replayed, unknown_key).",
+            ["side", "result"],
+            registry=r,
+        )
         self.replication_body_bytes = Counter(
             "kura_replication_body_bytes",
             "Peer artifact body bytes by direction (sent, received, served, fetched).",

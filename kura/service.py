@@ -246,7 +246,7 @@ class KuraNode(MultiService):
                 interface=host,
             )
         # --- replication mesh (issue 5): internal plane; workers start now storage is open ---
-        self.ports["internal"] = self.replication.start_serving(host)
+        self.ports["internal"] = self.replication.start_serving()
 
     def public_factory(self) -> Any:
         """The protocol factory of the plain public port: the same-port accelerator."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -24,6 +25,8 @@ from kura.tap import OVERRIDES, Options, environment_with
 from kura.testing import REPO_ROOT
 
 TiB = 1 << 40
+#: A peer secret: a node with peers needs peer authentication.
+SECRET = {"KURA_PEER_SECRET": "a-mesh-secret-of-thirty-two-bytes!"}
 
 
 def parse(environ: dict[str, str], filesystem: int = TiB) -> KuraConfig:
@@ -39,12 +42,16 @@ def problems(environ: dict[str, str]) -> list[str]:
 
 @pytest.fixture
 def pem_files(tmp_path: Path) -> dict[str, str]:
-    """Three existing (dummy) PEM paths: cert, key and CA."""
+    """Three existing (dummy) PEM paths (cert, key and CA), a secret and a token file."""
     paths = {}
     for name in ("cert", "key", "ca"):
         path = tmp_path / f"{name}.pem"
         path.write_text("-----BEGIN DUMMY-----\n")
         paths[name] = str(path)
+    (tmp_path / "secret").write_text("f" * 48 + "\n")
+    paths["secret"] = str(tmp_path / "secret")
+    (tmp_path / "tokens").write_text("# CI\nwrite cccccccccccccccccccc ci\n")
+    paths["tokens"] = str(tmp_path / "tokens")
     return paths
 
 
@@ -212,18 +219,90 @@ def _every_variable(pem: dict[str, str]) -> dict[str, tuple[str, Callable[[KuraC
             lambda c: c.replication.internal_tls.key_path,
             pem["key"],
         ),
+        "KURA_INTERNAL_BIND_HOST": ("10.0.0.7", lambda c: c.internal_bind_host, "10.0.0.7"),
+        "KURA_PEER_SECRET": ("s" * 32, lambda c: c.replication.auth.secret, b"s" * 32),
+        "KURA_PEER_SECRET_NEXT": ("n" * 40, lambda c: c.replication.auth.next_secret, b"n" * 40),
+        "KURA_INTERNAL_TLS_PEER_NAMES": (
+            "*.kura-headless.ns.svc, Seed.Example",
+            lambda c: c.replication.auth.tls_peer_names,
+            ("*.kura-headless.ns.svc", "seed.example"),
+        ),
+        "KURA_PEER_ACCEPT_UNSIGNED_UNTIL": (
+            "2026-12-31T00:00:00Z",
+            lambda c: c.replication.auth.accept_unsigned_until_ms,
+            1_798_675_200_000,
+        ),
+        "KURA_MAX_CLOCK_SKEW_MS": ("60000", lambda c: c.replication.auth.max_clock_skew_ms, 60000),
+        "KURA_AUTH_READ_TOKENS": (
+            "r" * 20,
+            lambda c: [t.scope.value for t in c.access.tokens if t.scope.value == "read"],
+            ["read"],
+        ),
+        "KURA_AUTH_WRITE_TOKENS": (
+            "w" * 20,
+            lambda c: [t.name for t in c.access.tokens if t.scope.value == "write"][:1],
+            [f"token-{hashlib.sha256(b'w' * 20).hexdigest()[:8]}"],
+        ),
+        "KURA_AUTH_TOKENS_FILE": (
+            pem["tokens"],
+            lambda c: [t.name for t in c.access.tokens][-1],
+            "ci",
+        ),
+        "KURA_AUTH_ANONYMOUS_READ": ("true", lambda c: c.access.anonymous_read, True),
+        "KURA_ALLOW_ANONYMOUS_DELETE": ("true", lambda c: c.access.allow_anonymous_delete, True),
+        "KURA_METRICS_TOKEN": (
+            "m" * 16,
+            lambda c: c.access.metrics_token,
+            hashlib.sha256(b"m" * 16).digest(),
+        ),
+        "KURA_STATUS_TOKEN": (
+            "t" * 16,
+            lambda c: c.access.status_token,
+            hashlib.sha256(b"t" * 16).digest(),
+        ),
+    }
+
+
+def _exclusive_variables(pem: dict[str, str]) -> dict[str, tuple[dict[str, str], Any, Any]]:
+    """Variables that exclude others in the table: each parsed with its own environment."""
+    mesh = {"KURA_PEERS": "http://b.internal:7443"}
+    return {
+        "KURA_PEER_SECRET_FILE": (
+            {**mesh, "KURA_PEER_SECRET_FILE": pem["secret"]},
+            lambda c: c.replication.auth.secret,
+            b"f" * 48,
+        ),
+        "KURA_PEER_SECRET_NEXT_FILE": (
+            {
+                **mesh,
+                "KURA_PEER_SECRET": "s" * 32,
+                "KURA_PEER_SECRET_NEXT_FILE": pem["secret"],
+            },
+            lambda c: c.replication.auth.next_secret,
+            b"f" * 48,
+        ),
+        "KURA_INTERNAL_INSECURE": (
+            {**mesh, "KURA_INTERNAL_INSECURE": "true"},
+            lambda c: c.replication.auth.insecure,
+            True,
+        ),
     }
 
 
 def test_every_documented_variable_is_parsed(pem_files: dict[str, str]) -> None:
     """Each variable in the registry reaches its field (and this test names them all)."""
     table = _every_variable(pem_files)
+    exclusive = _exclusive_variables(pem_files)
     # The extension's variables are parsed and tested in tests/auth.
     node_variables = {v.name for v in VARIABLES if v not in EXTENSION_VARIABLES}
-    assert set(table) == node_variables, "a KURA_* variable was added or removed: extend this table"
+    assert set(table) | set(exclusive) == node_variables, (
+        "a KURA_* variable was added or removed: extend this table"
+    )
     config = parse({name: value for name, (value, _, _) in table.items()})
     for name, (_, read, expected) in table.items():
         assert read(config) == expected, name
+    for name, (environ, read, expected) in exclusive.items():
+        assert read(parse(environ)) == expected, name
 
 
 def test_config_error_names_every_bad_variable_at_once() -> None:
@@ -335,7 +414,7 @@ def test_tls_paths_must_exist(tmp_path: Path, pem_files: dict[str, str]) -> None
 )
 def test_peer_urls_must_use_the_internal_scheme_and_port(peer: str) -> None:
     """Peer URLs must be bare ``http://host:KURA_INTERNAL_PORT`` without internal TLS."""
-    found = problems({"KURA_PEERS": f"http://a.internal:7443,{peer}"})
+    found = problems({"KURA_PEERS": f"http://a.internal:7443,{peer}", **SECRET})
     assert len(found) == 1
     assert found[0].startswith("KURA_PEERS ")
 
@@ -349,7 +428,12 @@ def test_peer_urls_use_https_with_internal_tls(pem_files: dict[str, str]) -> Non
     }
     assert parse(tls).node_url == "https://127.0.0.1:7443"
     found = problems(
-        {**tls, "KURA_PEERS": "http://b.internal:7443", "KURA_NODE_URL": "http://a:7443"}
+        {
+            **tls,
+            **SECRET,
+            "KURA_PEERS": "http://b.internal:7443",
+            "KURA_NODE_URL": "http://a:7443",
+        }
     )
     assert sorted(problem.split(" ", 1)[0] for problem in found) == [
         "KURA_NODE_URL",

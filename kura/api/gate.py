@@ -49,7 +49,8 @@ class RequestHead:
         headers: lower-cased header names to their values, in order.
         declared_length: ``Content-Length``, or ``None`` for chunked/unknown.
         transport: ``http``, ``https`` or ``h2``.
-        raw_query: the query string as sent (for the extension context).
+        raw_query: the query string as sent (peer signatures cover it).
+        peer: the address the request came from (for logs).
     """
 
     method: str
@@ -59,6 +60,7 @@ class RequestHead:
     declared_length: int | None
     transport: str = "http"
     raw_query: bytes = b""
+    peer: str = ""
 
 
 class Pacer(Protocol):
@@ -104,6 +106,11 @@ class Admission:
     @property
     def skips_body(self) -> bool:
         return self.existing is not None
+
+    @property
+    def hashes_body(self) -> bool:
+        """Stage the body with its SHA-256 computed (checked before publishing)."""
+        return self.spec.verify_digest
 
 
 class RouteMatch:

@@ -115,6 +115,7 @@ class KuraRequest(server.Request):
             declared_length=self._declared_length,
             transport=self._transport_name(),
             raw_query=raw_query,
+            peer=_host_of(self.getClientAddress()),
         )
         self.spec = site.gate.classify(head)[0]
         if self.spec.public and not self.spec.probe and self.spec is not UNMATCHED:
@@ -159,7 +160,7 @@ class KuraRequest(server.Request):
                 self.staging = self.kura_site.store.stage(
                     limit=admission.spec.body_limit,
                     expected_length=self._declared_length,
-                    hashed=admission.spec.verify_digest,
+                    hashed=admission.hashes_body,
                     on_pressure=lambda paused: (
                         self._pause("disk") if paused else self._resume("disk")
                     ),
@@ -375,6 +376,10 @@ def _decode_query(raw: bytes) -> dict[str, list[str]]:
 
 def _utf8(text: str) -> str:
     return text.encode("latin-1").decode("utf-8", "replace")
+
+
+def _host_of(address: object) -> str:
+    return str(getattr(address, "host", "") or "")
 
 
 def _header_map(request: http.Request) -> dict[str, list[str]]:

@@ -48,7 +48,7 @@ from kura.storage.store import ArtifactStore
 
 from . import wire
 from .bodies import StagingSink, Stalled, StallWatchdog
-from .client import PeerClient, PeerError, drain
+from .client import PeerClient, PeerError, PeerResponse, drain
 from .limiter import BandwidthLimiter
 from .membership import Membership
 from .receiver import ITEM_ARTIFACT, ITEM_NAMESPACE, SOURCE_BOOTSTRAP, Receiver
@@ -58,6 +58,10 @@ log = Logger(namespace="kura.replication.bootstrap")
 CAUGHT_UP = "caught up with {peer}: {items} items applied in {seconds:.1f}s"
 CATCH_UP_FAILED = "catch-up from {peer} failed ({error}); retrying on the next round"
 SKIPPED = "catch-up from {peer} skipped artifact {artifact_id}: {reason}"
+SKIPPED_TOMBSTONE = (
+    "catch-up from {peer} skipped the tombstone of namespace {namespace!r}: its version is "
+    "further ahead than KURA_MAX_CLOCK_SKEW_MS"
+)
 
 #: Bodies fetched at once within one page of one peer.
 FETCH_CONCURRENCY = 4
@@ -248,6 +252,10 @@ class Bootstrapper:
                 page = await self._page(peer, wire.TOMBSTONES_PATH, cursor.after)
                 for item in _items(page, "tombstones"):
                     message = _tombstone(item)
+                    if self._receiver.version_ahead(message.version_ms):
+                        # It would refuse every later write to the namespace.
+                        log.warn(SKIPPED_TOMBSTONE, peer=peer, namespace=message.namespace_id)
+                        continue
                     outcome = await self._receiver.apply_delete(message, source=SOURCE_BOOTSTRAP)
                     if outcome is Outcome.APPLIED:
                         cursor.applied += 1
@@ -312,6 +320,10 @@ class Bootstrapper:
         if self._store.artifact_id(address) != manifest.artifact_id:
             log.warn(SKIPPED, peer=peer, artifact_id=manifest.artifact_id, reason="id mismatch")
             return False
+        if self._receiver.version_ahead(manifest.version_ms):
+            # Its sender's outbox delivers it once our clock has caught up.
+            log.warn(SKIPPED, peer=peer, artifact_id=manifest.artifact_id, reason="clock skew")
+            return False
         await self._fetch_gate.acquire(manifest.artifact_id)
         try:
             decided = await self._store.apply_preview(
@@ -360,7 +372,7 @@ class Bootstrapper:
         peer: str,
         manifest: wire.PeerManifest,
         address: ArtifactAddress,
-        request: Deferred[Any],
+        request: Deferred[PeerResponse],
         sink: StagingSink,
     ) -> Outcome:
         response = await request
@@ -379,7 +391,10 @@ class Bootstrapper:
             self._receiver.count(SOURCE_BOOTSTRAP, ITEM_ARTIFACT, Outcome.IGNORED_STALE)
             return Outcome.IGNORED_STALE
         staging = self._store.stage(
-            limit=manifest.size, expected_length=manifest.size, on_pressure=sink.pressure
+            limit=manifest.size,
+            expected_length=manifest.size,
+            hashed=True,
+            on_pressure=sink.pressure,
         )
         sink.staging = staging
         response.deliverBody(sink)
@@ -391,6 +406,14 @@ class Bootstrapper:
             await staging.abort()
             raise
         staged = await staging.finish()
+        try:
+            # Only a body the peer signed is published (and only one that is
+            # the body it signed).
+            assert staged.sha256 is not None
+            response.verify(staged.sha256)
+        except BaseException:
+            await self._store.discard(staged)
+            raise
         message = wire.UpsertMessage.from_manifest(manifest)
         return await self._receiver.publish(address, message, staged, source=SOURCE_BOOTSTRAP)
 

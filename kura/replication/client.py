@@ -1,6 +1,9 @@
 """The peer client: treq over one pooled Agent (mTLS when configured).
 
-Every request carries the tenant header (see :mod:`.wire`). Small JSON
+Every request carries the tenant header (see :mod:`.wire`) and, with a peer
+secret, a signature (:mod:`.peer_auth`). Every response comes back as a
+:class:`PeerResponse`, which the caller verifies once it has the body's
+digest: nothing a peer sends is used before its signature held. Small JSON
 exchanges (status, catch-up pages) have a total timeout; body transfers
 (uploads, catch-up bodies) have none and are watched for byte progress by
 their callers instead, so a large healthy transfer is never cut off.
@@ -14,6 +17,7 @@ from typing import Any
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
+from twisted.python.components import proxyForInterface
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
@@ -24,6 +28,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
 
 from . import wire
+from .peer_auth import EMPTY_SHA256, BadSignature, PeerAuthenticator, sha256_hex
 
 #: Seconds a status check or a catch-up page may take in total.
 JSON_TIMEOUT = 30.0
@@ -51,12 +56,42 @@ class PeerError(Exception):
         self.status = status
 
 
+class PeerResponse(proxyForInterface(IResponse, "original")):  # type: ignore[misc]
+    """A peer's response, to be verified (:meth:`verify`) before it is used.
+
+    Attributes:
+        original: the response as treq delivered it.
+    """
+
+    def __init__(self, original: IResponse, nonce: str, auth: PeerAuthenticator) -> None:
+        self.original = original
+        self._nonce = nonce
+        self._auth = auth
+
+    def verify(self, digest: str = EMPTY_SHA256) -> None:
+        """Check the response's signature over its status and body ``digest``.
+
+        Raises:
+            PeerError: the response is not from a member of the mesh, or its
+                body is not the one the peer signed.
+        """
+        headers = {
+            name.decode("latin-1").lower(): [v.decode("latin-1") for v in values]
+            for name, values in self.original.headers.getAllRawHeaders()
+        }
+        try:
+            self._auth.check_response(self._nonce, int(self.original.code), headers, digest)
+        except BadSignature as error:
+            raise PeerError(f"peer response refused: {error}", int(self.original.code)) from None
+
+
 class PeerClient:
     """HTTP requests to peers' internal planes.
 
     Args:
         reactor: the reactor the Agent and its pool use.
         tenant_id: sent with every request.
+        auth: signs requests and checks responses.
         tls_policy: the client side of peer mTLS (``None``: plain HTTP or
             the default browser-like policy for https URLs).
         max_connections_per_peer: persistent connections kept per peer.
@@ -67,10 +102,12 @@ class PeerClient:
         *,
         reactor: Any,
         tenant_id: str,
+        auth: PeerAuthenticator,
         tls_policy: IPolicyForHTTPS | None = None,
         max_connections_per_peer: int = 8,
     ) -> None:
         self._reactor = reactor
+        self._auth = auth
         self._tenant = tenant_id.encode("ascii")
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max_connections_per_peer
@@ -91,9 +128,19 @@ class PeerClient:
         params: list[tuple[str, str]] | None = None,
         body: IBodyProducer | None = None,
         timeout: float | None = None,
-    ) -> Deferred[IResponse]:
-        """Send one request; the Deferred is cancellable (the connection is aborted)."""
-        headers = Headers({wire.TENANT_HEADER: [self._tenant]})
+        body_sha256: str = EMPTY_SHA256,
+    ) -> Deferred[PeerResponse]:
+        """Send one signed request; the Deferred is cancellable (the connection is aborted).
+
+        Args:
+            body_sha256: the SHA-256 of ``body``, which the peer verifies
+                before it publishes anything.
+        """
+        query = wire.encode_query(params or ())
+        signed, nonce = self._auth.request_headers(
+            method, path.encode("ascii"), query.encode("ascii"), body_sha256
+        )
+        headers = Headers({wire.TENANT_HEADER: [self._tenant], **signed})
         if body is not None:
             headers.setRawHeaders(b"Content-Type", [b"application/octet-stream"])
         d: Deferred[Any] = self._http.request(
@@ -103,7 +150,7 @@ class PeerClient:
             data=body,
             timeout=timeout,
         )
-        return d
+        return d.addCallback(PeerResponse, nonce, self._auth)
 
     async def get_json(
         self,
@@ -127,6 +174,7 @@ class PeerClient:
             await drain(response)
             raise PeerError(f"{path} answered {length} bytes", response.code)
         raw: bytes = await treq.content(response)
+        response.verify(sha256_hex(raw))
         try:
             return json.loads(raw)
         except ValueError as error:
@@ -152,4 +200,11 @@ class PeerClient:
 async def drain(response: IResponse) -> bytes:
     """Read (and return) a response body so its connection can be reused."""
     data: bytes = await treq.content(response)
+    return data
+
+
+async def drain_verified(response: PeerResponse) -> bytes:
+    """Read a response body and verify the response (see :meth:`PeerResponse.verify`)."""
+    data = await drain(response)
+    response.verify(sha256_hex(data))
     return data

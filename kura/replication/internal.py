@@ -14,9 +14,12 @@ Routes (formats in ``docs/replication.md``):
 It is served by the same :class:`~kura.api.http.KuraSite` machinery as the
 public API (head-time admission through :class:`InternalGate`, bodies
 streamed into staging), but every route is ``public=False``: peer traffic
-never counts as public load and is never throttled as such. Every route but
-status requires the tenant header (403 otherwise). The public port has none
-of these routes (404).
+never counts as public load and is never throttled as such. Every route,
+status included, requires a peer signature when the node has a peer secret
+(401 otherwise, :mod:`.peer_auth`) and the tenant header (403 otherwise);
+success responses to signed requests are signed. With peer mTLS, the
+handshake already refused certificates without a configured peer name
+(:mod:`.tls`). The public port has none of these routes (404).
 """
 
 from __future__ import annotations
@@ -47,10 +50,18 @@ from kura.storage.store import ArtifactStore
 
 from . import wire
 from .bodies import PacedFileBody, StallWatchdog
+from .digests import BodyDigests
 from .limiter import BandwidthLimiter
-from .receiver import MAX_REPLICATION_BODY_BYTES, SOURCE_REPLICATION, Receiver
+from .peer_auth import EMPTY_SHA256, UNSIGNED, PeerAuthenticator, sha256_hex
+from .receiver import MAX_REPLICATION_BODY_BYTES, SOURCE_REPLICATION, Receiver, ReplicaAdmission
 
 log = Logger(namespace="kura.replication.internal")
+
+
+def _header(request: IRequest, name: bytes, value: bytes) -> None:
+    # Through IRequest, which is typed (twisted.web's Request is not).
+    request.setHeader(name, value)
+
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
@@ -72,22 +83,31 @@ def route(rule: str, *, methods: list[str], **fields: Any) -> Callable[[Handler]
     return register
 
 
-def _header(request: IRequest, name: bytes, value: bytes) -> None:
-    request.setHeader(name, value)
-
-
 class InternalGate:
     """Head-time admission for the internal plane (duck-typed like ``kura.api.gate.Gate``).
+
+    Every request is authenticated first (:mod:`.peer_auth`; reads
+    included), then must name this node's tenant (all but status), then is
+    parsed.
 
     Args:
         routes: matches paths against the internal app's ``url_map``.
         receiver: decides replicated upserts before their bodies.
+        auth: checks peer signatures.
         node_tenant: the tenant every peer request must name.
     """
 
-    def __init__(self, *, routes: RouteMatch, receiver: Receiver, node_tenant: str) -> None:
+    def __init__(
+        self,
+        *,
+        routes: RouteMatch,
+        receiver: Receiver,
+        auth: PeerAuthenticator,
+        node_tenant: str,
+    ) -> None:
         self.routes = routes
         self._receiver = receiver
+        self._auth = auth
         self._tenant = node_tenant
 
     def classify(self, head: RequestHead) -> tuple[RouteSpec, Mapping[str, str]]:
@@ -97,18 +117,33 @@ class InternalGate:
         return matched
 
     def admit(self, head: RequestHead) -> Deferred[Admission]:
-        """Admit or refuse a peer request from its head (see the module docstring)."""
+        """Admit or refuse a peer request from its head (see the class docstring)."""
         try:
             spec, path_args = self.classify(head)
             if spec is UNMATCHED:
                 raise NotFound("Not found", close=head.declared_length != 0)
+            tenants = head.headers.get(wire.TENANT_HEADER.decode("ascii").lower(), [])
+            peer = self._auth.check_request(
+                method=head.method,
+                path=head.path,
+                query=head.raw_query,
+                headers=head.headers,
+                tenant=tenants[0] if len(tenants) == 1 else "",
+                peer=head.peer,
+            )
             if spec.endpoint != "status":
-                self._check_tenant(head)
+                # Status answers any member of the mesh, so a node of another
+                # tenant learns it is foreign instead of seeing a failure.
+                self._check_tenant(tenants, head)
             if spec.endpoint == "replicate_artifact":
-                return Deferred.fromCoroutine(self._receiver.admit_upsert(spec, path_args, head))
-            context: dict[str, Any] = {}
+                return Deferred.fromCoroutine(
+                    self._receiver.admit_upsert(spec, path_args, head, peer)
+                )
+            context: dict[str, Any] = {"peer": peer}
             if spec.endpoint == "replicate_namespace":
-                context["message"] = wire.DeleteMessage.parse(head.query)
+                message = wire.DeleteMessage.parse(head.query)
+                self._receiver.check_version(message.version_ms)
+                context["message"] = message
             elif spec.endpoint in ("bootstrap_tombstones", "bootstrap_manifests"):
                 context["page"] = wire.PageRequest.parse(head.query)
             elif spec.endpoint == "bootstrap_artifact" and not wire.is_artifact_id(
@@ -119,8 +154,7 @@ class InternalGate:
             return fail(error)
         return succeed(Admission(spec, path_args, Query(head.query), context=context))
 
-    def _check_tenant(self, head: RequestHead) -> None:
-        values = head.headers.get(wire.TENANT_HEADER.decode("ascii").lower(), [])
+    def _check_tenant(self, values: list[str], head: RequestHead) -> None:
         if values != [self._tenant]:
             raise Forbidden(
                 f"Forbidden: this node serves tenant '{self._tenant}'",
@@ -137,6 +171,8 @@ class InternalAPI:
         state: for the status report.
         receiver: applies replicated writes.
         limiter: paces catch-up bodies served.
+        auth: signs responses to signed requests.
+        digests: the SHA-256 of bodies served (signed before they are sent).
         metrics: byte counters.
         runner: blocking reads.
         clock: time source (stall watchdog).
@@ -153,6 +189,8 @@ class InternalAPI:
         state: NodeState,
         receiver: Receiver,
         limiter: BandwidthLimiter,
+        auth: PeerAuthenticator,
+        digests: BodyDigests,
         metrics: KuraMetrics,
         runner: BlockingRunner,
         clock: IReactorTime,
@@ -162,6 +200,8 @@ class InternalAPI:
         self._state = state
         self._receiver = receiver
         self._limiter = limiter
+        self._auth = auth
+        self._digests = digests
         self._metrics = metrics
         self._runner = runner
         self._clock = clock
@@ -176,21 +216,33 @@ class InternalAPI:
             raise request.rejection
         return admission
 
+    def _sign(self, request: KuraRequest, status: int, digest: str) -> None:
+        """Sign a success response to a signed request (its body's digest included)."""
+        admission = request.admitted
+        peer = admission.context.get("peer", UNSIGNED) if admission is not None else UNSIGNED
+        if isinstance(admission, ReplicaAdmission):
+            peer = admission.peer
+        for name, value in self._auth.response_headers(peer, status, digest):
+            _header(request, name, value)
+
     def _json(self, request: KuraRequest, payload: object) -> bytes:
         body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
         request.setResponseCode(200)
         _header(request, b"Content-Type", b"application/json")
         _header(request, b"Content-Length", b"%d" % len(body))
+        self._sign(request, 200, sha256_hex(body))
         return body
 
     def _no_content(self, request: KuraRequest) -> bytes:
         request.setResponseCode(204)
+        self._sign(request, 204, EMPTY_SHA256)
         return b""
 
     # -- status ---------------------------------------------------------------------------
 
     @route(wire.STATUS_PATH, methods=["GET"])
-    def status(self, request: KuraRequest) -> bytes:
+    async def status(self, request: KuraRequest) -> bytes:
+        await self._admission(request)
         ready, _ = self._state.readiness()
         return self._json(
             request,
@@ -257,6 +309,7 @@ class InternalAPI:
             await self._limiter.wait(len(value))
             self._metrics.replication_body_bytes.labels("served").inc(len(value))
             _header(request, b"Content-Length", b"%d" % len(value))
+            self._sign(request, 200, sha256_hex(value))
             return value
         try:
             fd = self._store.open_body(manifest)
@@ -264,10 +317,16 @@ class InternalAPI:
             raise NotFound("Artifact not found") from None
         except OSError as error:
             raise ServiceUnavailable(f"cannot open artifact: {error.strerror}") from error
-        if os.fstat(fd).st_size != manifest.size:
+        try:
+            if os.fstat(fd).st_size != manifest.size:
+                raise NotFound("Artifact not found")
+            # The fetching node checks the body against this before publishing.
+            digest = await self._digests.of_file(manifest, fd)
+        except BaseException:
             os.close(fd)
-            raise NotFound("Artifact not found")
+            raise
         _header(request, b"Content-Length", b"%d" % manifest.size)
+        self._sign(request, 200, digest)
         return await self._send(request, fd, manifest.size)
 
     async def _send(self, request: KuraRequest, fd: int, size: int) -> bytes:

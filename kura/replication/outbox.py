@@ -21,8 +21,9 @@ doubling to 60 s, with jitter:
 
 * the **target** backs off when it cannot be reached, an upload stalls (no
   byte progress for ``KURA_REPLICATION_UPLOAD_STALL_MS``; there is no total
-  deadline) or it answers 429/503; a target that rejoins the peer view is
-  retried at once;
+  deadline), its acknowledgement is not signed by the mesh, or it answers
+  401/403 (our credentials) or 429/503 (busy); a target that rejoins the peer
+  view is retried at once;
 * only the **message** backs off when the peer refuses it with any other
   status, so one poison message never holds back the rest of its target's
   queue, let alone other targets.
@@ -36,7 +37,6 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
@@ -53,9 +53,11 @@ from kura.storage.store import ArtifactStore
 
 from . import wire
 from .bodies import BytesBody, PacedFileBody, StallWatchdog
-from .client import PeerClient, drain
+from .client import PeerClient, PeerResponse, drain, drain_verified
+from .digests import BodyDigests
 from .limiter import BandwidthLimiter
 from .membership import Membership
+from .peer_auth import sha256_hex
 
 log = Logger(namespace="kura.replication.outbox")
 
@@ -70,6 +72,11 @@ BACKOFF_MAX_SECONDS = 60.0
 MAX_INFLIGHT = 8
 PER_TARGET_INFLIGHT = 4
 BATCH_SIZE = 256
+
+
+#: Refusals that say the peer (not this message) cannot take anything now:
+#: busy, or not accepting our credentials (a secret being rotated).
+TARGET_STATUSES = frozenset({401, 403, 429, 503})
 
 
 class Refused(Exception):
@@ -107,6 +114,7 @@ class OutboxWorker:
         clock: time source.
         metrics: delivery counters.
         runner: blocking file reads.
+        digests: the bodies' SHA-256, which signed uploads declare.
         failpoints: crash points (``before_outbox_delete_after_peer_ack``).
         stall_seconds: ``KURA_REPLICATION_UPLOAD_STALL_MS`` in seconds.
         jitter: returns a number in [0, 1) (injected for tests).
@@ -122,6 +130,7 @@ class OutboxWorker:
         clock: IReactorTime,
         metrics: KuraMetrics,
         runner: BlockingRunner,
+        digests: BodyDigests,
         failpoints: Failpoints,
         stall_seconds: float,
         jitter: Callable[[], float] = random.random,
@@ -136,6 +145,7 @@ class OutboxWorker:
         self._clock = clock
         self._metrics = metrics
         self._runner = runner
+        self._digests = digests
         self._failpoints = failpoints
         self._stall = stall_seconds
         self._jitter = jitter
@@ -328,7 +338,7 @@ class OutboxWorker:
         except Refused as error:
             self._metrics.replication_requests.labels(label, operation, "error").inc()
             delay = self._fail_message(row)
-            if error.status in (429, 503):
+            if error.status in TARGET_STATUSES:
                 delay = self._fail_target(row.target)
             log.info(DELIVERY_FAILED, seq=row.seq, target=row.target, error=error, delay=delay)
         except KuraError as error:
@@ -392,6 +402,7 @@ class OutboxWorker:
                 return False
             await self._limiter.wait(len(value))
             body = BytesBody(value)
+            digest = sha256_hex(value)
         else:
             try:
                 fd = self._store.open_body(manifest)
@@ -402,6 +413,12 @@ class OutboxWorker:
                 os.close(fd)
                 await self._store.forget_damaged(manifest, "body file shorter than its manifest")
                 return False
+            try:
+                # The peer verifies this before it publishes the body.
+                digest = await self._digests.of_file(manifest, fd)
+            except BaseException:
+                os.close(fd)
+                raise
             body = PacedFileBody(
                 fd=fd,
                 length=manifest.size,
@@ -412,15 +429,22 @@ class OutboxWorker:
             )
         try:
             d = self._client.request(
-                "PUT", target, wire.REPLICATE_ARTIFACT_PATH, message.params(), body=body
+                "PUT",
+                target,
+                wire.REPLICATE_ARTIFACT_PATH,
+                message.params(),
+                body=body,
+                body_sha256=digest,
             )
             await self._exchange(d, body)
         finally:
             body.close()
         return True
 
-    async def _exchange(self, request: Deferred[Any], body: PacedFileBody | BytesBody) -> None:
-        """Await the response under the stall watchdog; raise unless it is a 2xx."""
+    async def _exchange(
+        self, request: Deferred[PeerResponse], body: PacedFileBody | BytesBody
+    ) -> None:
+        """Await the response under the stall watchdog; raise unless it is a signed 2xx."""
         started = self._clock.seconds()
         watchdog = StallWatchdog(
             self._clock,
@@ -431,7 +455,11 @@ class OutboxWorker:
         try:
             response = await request
             status = int(response.code)
-            await drain(response)
+            if 200 <= status < 300:
+                # An acknowledgement that is not the peer's would drop the row.
+                await drain_verified(response)
+            else:
+                await drain(response)
         except Exception:
             # Cancellation surfaces as the client's own error types.
             if watchdog.stalled:

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 
 from kura.api.gate import Admission, RequestHead
 from kura.api.routes import GiB, Query, RouteSpec
@@ -35,6 +36,7 @@ from kura.storage.staging import StagedBody, StagingFile
 from kura.storage.store import ArtifactStore
 
 from .limiter import BandwidthLimiter
+from .peer_auth import UNSIGNED, PeerCaller
 from .wire import DeleteMessage, UpsertMessage
 
 #: Largest replicated file-backed body (upstream's 4 x 512 MiB).
@@ -53,6 +55,25 @@ class LengthRequired(KuraError):
     close = True
 
 
+class VersionAhead(KuraError):
+    """A replicated version lies further in the future than clocks may drift.
+
+    Accepting it would pin the key (no later write could win over it) or,
+    for a tombstone, refuse every later write to the namespace. The sender
+    retries (its outbox backs the row off), so a real but fast clock is
+    only delayed until ours catches up.
+    """
+
+    status = 422
+    close = True
+
+
+class DigestMismatch(KuraError):
+    """A replicated body is not the one its sender signed; nothing is stored."""
+
+    status = 400
+
+
 @attrs.frozen
 class ReplicaAdmission(Admission):
     """An admission that may have decided the write without its body.
@@ -63,10 +84,16 @@ class ReplicaAdmission(Admission):
     """
 
     decided: Outcome | None = None
+    peer: PeerCaller = UNSIGNED
 
     @property
     def skips_body(self) -> bool:
         return self.decided is not None or self.existing is not None
+
+    @property
+    def hashes_body(self) -> bool:
+        # A signed body is checked against its signed digest before publishing.
+        return self.peer.signed
 
 
 def _read_file(path: str) -> bytes:
@@ -82,7 +109,10 @@ class Receiver:
         metrics: apply-outcome counters.
         limiter: paces ingest.
         runner: blocking reads of staged inline bodies.
+        clock: what "now" is for the version check.
         max_inline_bytes: ``KURA_MAX_KEYVALUE_BYTES``, the inline body limit.
+        max_clock_skew_ms: ``KURA_MAX_CLOCK_SKEW_MS``: versions further ahead
+            of our clock are refused.
     """
 
     def __init__(
@@ -92,16 +122,39 @@ class Receiver:
         metrics: KuraMetrics,
         limiter: BandwidthLimiter,
         runner: BlockingRunner,
+        clock: IReactorTime,
         max_inline_bytes: int,
+        max_clock_skew_ms: int,
     ) -> None:
         self._store = store
         self._metrics = metrics
         self._limiter = limiter
         self._runner = runner
+        self._clock = clock
         self._max_inline = max_inline_bytes
+        self._max_skew_ms = max_clock_skew_ms
 
     def count(self, source: str, item_type: str, outcome: Outcome) -> None:
         self._metrics.replication_apply_results.labels(source, item_type, outcome.value).inc()
+
+    def version_ahead(self, version_ms: int) -> bool:
+        """Whether ``version_ms`` is too far ahead of our clock (counted when so)."""
+        if version_ms <= self._clock.seconds() * 1000 + self._max_skew_ms:
+            return False
+        self._metrics.replication_rejected.labels("clock_skew").inc()
+        return True
+
+    def check_version(self, version_ms: int) -> None:
+        """Refuse a version too far ahead of our clock.
+
+        Raises:
+            VersionAhead: beyond ``KURA_MAX_CLOCK_SKEW_MS``.
+        """
+        if self.version_ahead(version_ms):
+            raise VersionAhead(
+                f"version_ms {version_ms} is more than {self._max_skew_ms} ms ahead of "
+                "this node's clock"
+            )
 
     def body_limit(self, inline: bool) -> int:
         return self._max_inline if inline else MAX_REPLICATION_BODY_BYTES
@@ -109,16 +162,22 @@ class Receiver:
     # -- artifact upserts ---------------------------------------------------------------
 
     async def admit_upsert(
-        self, spec: RouteSpec, path_args: Mapping[str, str], head: RequestHead
+        self,
+        spec: RouteSpec,
+        path_args: Mapping[str, str],
+        head: RequestHead,
+        peer: PeerCaller = UNSIGNED,
     ) -> Admission:
-        """Decide an upsert from its head.
+        """Decide an upsert from its head (``peer``: who signed it).
 
         Raises:
             BadRequest: the query is invalid.
+            VersionAhead: the version is too far in the future.
             LengthRequired: no ``Content-Length``.
             PayloadTooLarge: the declared body exceeds the limit.
         """
         message = UpsertMessage.parse(head.query)
+        self.check_version(message.version_ms)
         if head.declared_length is None:
             raise LengthRequired("Replicated bodies need a Content-Length")
         limit = self.body_limit(message.inline)
@@ -136,6 +195,7 @@ class Receiver:
             context={"message": message, "length": head.declared_length},
             pacer=None if decided is not None else self._limiter,
             decided=decided,
+            peer=peer,
         )
 
     async def apply_upsert(self, admission: Admission, staging: StagingFile | None) -> Outcome:
@@ -143,6 +203,7 @@ class Receiver:
 
         Raises:
             BadFraming: the body length differs from the declared one.
+            DigestMismatch: the body is not the one its sender signed.
             KuraError: staging or publishing failed; nothing was stored.
         """
         assert isinstance(admission, ReplicaAdmission) and admission.address is not None
@@ -155,6 +216,10 @@ class Receiver:
         if staged.size != admission.context["length"]:
             await self._store.discard(staged)
             raise BadFraming("Replicated body length differs from its Content-Length")
+        if admission.peer.signed and staged.sha256 != admission.peer.digest:
+            await self._store.discard(staged)
+            self._metrics.replication_rejected.labels("digest_mismatch").inc()
+            raise DigestMismatch("Replicated body does not match its signed SHA-256 digest")
         self._metrics.replication_body_bytes.labels("received").inc(staged.size)
         return await self.publish(admission.address, message, staged, source=SOURCE_REPLICATION)
 

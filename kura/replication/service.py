@@ -12,6 +12,7 @@ all of it; outbox rows and catch-up progress are safe to abandon.
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,7 +24,7 @@ from twisted.logger import Logger
 
 from kura.api.gate import RouteMatch
 from kura.api.http import KuraSite
-from kura.config import KuraConfig
+from kura.config import KuraConfig, ReplicationConfig
 from kura.failpoints import Failpoints
 from kura.lifecycle import NodeState
 from kura.metrics import KuraMetrics
@@ -33,16 +34,28 @@ from kura.telemetry import PublicTraffic
 
 from .bootstrap import Bootstrapper
 from .client import PeerClient
+from .digests import BodyDigests
 from .internal import InternalAPI, InternalGate
 from .limiter import BandwidthLimiter
 from .membership import POLL_SECONDS, DnsDiscovery, Membership
 from .outbox import OutboxWorker
+from .peer_auth import PeerAuthenticator
 from .receiver import Receiver
 from .tls import PeerTLSPolicy, server_options
 
 log = Logger(namespace="kura.replication")
 
-INTERNAL_LISTENING = "internal plane on {host}:{port} ({scheme}); peers: {peers}"
+INTERNAL_LISTENING = (
+    "internal plane on {host}:{port} ({scheme}); peers: {peers}; peer authentication: {auth}"
+)
+INSECURE_MESH = (
+    "KURA_INTERNAL_INSECURE=true: this node accepts unauthenticated peer requests; anyone "
+    "who reaches port {port} can write, pin or wipe the cache"
+)
+UNSIGNED_WINDOW = (
+    "KURA_PEER_ACCEPT_UNSIGNED_UNTIL: unsigned peer traffic is accepted until {until}; "
+    "finish the rolling upgrade before then"
+)
 #: How often the bandwidth gauges are refreshed.
 GAUGE_SECONDS = 1.0
 
@@ -83,10 +96,15 @@ class ReplicationService(MultiService):
             configured_bytes_per_second=settings.bandwidth_limit_bytes_per_second,
             latency_target_ms=settings.public_latency_target_ms,
         )
+        self.auth = PeerAuthenticator(
+            settings.auth, tenant=config.tenant_id, clock=reactor, metrics=metrics
+        )
+        self.digests = BodyDigests(runner)
         tls = settings.internal_tls
         self.client = PeerClient(
             reactor=reactor,
             tenant_id=config.tenant_id,
+            auth=self.auth,
             tls_policy=PeerTLSPolicy(tls) if tls is not None else None,
         )
         discovery = None
@@ -112,7 +130,9 @@ class ReplicationService(MultiService):
             metrics=metrics,
             limiter=self.limiter,
             runner=runner,
+            clock=reactor,
             max_inline_bytes=config.max_keyvalue_bytes,
+            max_clock_skew_ms=settings.auth.max_clock_skew_ms,
         )
         self.api = InternalAPI(
             config=config,
@@ -120,6 +140,8 @@ class ReplicationService(MultiService):
             state=state,
             receiver=self.receiver,
             limiter=self.limiter,
+            auth=self.auth,
+            digests=self.digests,
             metrics=metrics,
             runner=runner,
             clock=reactor,
@@ -127,6 +149,7 @@ class ReplicationService(MultiService):
         self.gate = InternalGate(
             routes=RouteMatch(self.api.app.url_map, self.api.specs),
             receiver=self.receiver,
+            auth=self.auth,
             node_tenant=config.tenant_id,
         )
         # A peer upload that makes no progress this long is cut, in both directions.
@@ -151,6 +174,7 @@ class ReplicationService(MultiService):
             clock=reactor,
             metrics=metrics,
             runner=runner,
+            digests=self.digests,
             failpoints=Failpoints(config.failpoints),
             stall_seconds=stall_seconds,
         )
@@ -188,12 +212,19 @@ class ReplicationService(MultiService):
 
     # -- start and stop --------------------------------------------------------------------
 
-    def start_serving(self, host: str) -> IListeningPort:
-        """Open the internal listener and start the workers (storage must be open)."""
-        tls = self.config.replication.internal_tls
+    def start_serving(self) -> IListeningPort:
+        """Open the internal listener and start the workers (storage must be open).
+
+        The listener binds ``KURA_INTERNAL_BIND_HOST`` (loopback on a node
+        without peers).
+        """
+        settings = self.config.replication
+        host = self.config.internal_bind_host
+        tls = settings.internal_tls
         if tls is not None:
+            options = server_options(tls, settings.auth.tls_peer_names)
             port: IListeningPort = self.reactor.listenSSL(
-                self.config.internal_port, self.site, server_options(tls), interface=host
+                self.config.internal_port, self.site, options, interface=host
             )
         else:
             port = self.reactor.listenTCP(self.config.internal_port, self.site, interface=host)
@@ -203,8 +234,10 @@ class ReplicationService(MultiService):
             host=host,
             port=getattr(address, "port", self.config.internal_port),
             scheme="https, client certificates required" if tls else "http",
-            peers=", ".join(self.config.replication.peers) or "none",
+            peers=", ".join(settings.peers) or "none",
+            auth=describe_peer_auth(settings),
         )
+        warn_if_insecure(settings, self.config.internal_port)
         self._serving = True
         committed = self.store.on_committed
 
@@ -253,3 +286,23 @@ class ReplicationService(MultiService):
             await self.bootstrap.stop()
             await self.client.close()
         await super().stopService()
+
+
+def describe_peer_auth(settings: ReplicationConfig) -> str:
+    """How peers authenticate, for the start-up log line."""
+    ways = []
+    if settings.auth.signs:
+        ways.append("signed requests (KURA_PEER_SECRET)")
+    if settings.internal_tls is not None and settings.auth.tls_peer_names:
+        ways.append("mTLS names " + ", ".join(settings.auth.tls_peer_names))
+    return " and ".join(ways) or "none"
+
+
+def warn_if_insecure(settings: ReplicationConfig, port: int) -> None:
+    """The start-up warnings of explicitly unsafe peer settings."""
+    auth = settings.auth
+    if auth.insecure:
+        log.warn(INSECURE_MESH, port=port)
+    if auth.accept_unsigned_until_ms is not None:
+        until = datetime.datetime.fromtimestamp(auth.accept_unsigned_until_ms / 1000, datetime.UTC)
+        log.warn(UNSIGNED_WINDOW, until=until.isoformat())

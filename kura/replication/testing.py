@@ -10,20 +10,34 @@ separate processes from a test or a benchmark script.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from kura.replication.peer_auth import (
+    DIGEST_HEADER,
+    NONCE_HEADER,
+    SIGNATURE_HEADER,
+    TIME_HEADER,
+    PeerKeys,
+    request_message,
+    sha256_hex,
+)
 from kura.testing import RealNode
 
 T = TypeVar("T")
 
 #: Loopback addresses for mesh nodes (Linux routes all of 127/8 to lo).
 HOSTS = tuple(f"127.0.0.{n}" for n in range(2, 12))
+#: The peer secret test meshes sign with (as production meshes do); a node
+#: given ``KURA_PEER_SECRET=""`` runs without one.
+MESH_SECRET = "kura-test-mesh-secret-0123456789abcdef"
 
 
 def shared_port(hosts: Sequence[str]) -> int:
@@ -55,7 +69,8 @@ class MeshNode(RealNode):
         data_dir: the node's data directory.
         host: its loopback address.
         internal_port: the internal port every mesh node shares.
-        environ: extra ``KURA_*`` variables (e.g. ``KURA_PEERS``).
+        environ: extra ``KURA_*`` variables (e.g. ``KURA_PEERS``); the
+            mesh's peer secret is :data:`MESH_SECRET` unless given.
     """
 
     def __init__(self, data_dir: str, host: str, internal_port: int, **environ: str) -> None:
@@ -67,6 +82,7 @@ class MeshNode(RealNode):
                 "KURA_PORT": str(port),
                 "KURA_INTERNAL_PORT": str(internal_port),
                 "KURA_NODE_URL": f"http://{host}:{internal_port}",
+                "KURA_PEER_SECRET": MESH_SECRET,
                 **environ,
             },
         )
@@ -108,6 +124,39 @@ def mesh(
             MeshNode(f"{root}/node{index}", host, port, KURA_PEERS=",".join(seeds), **environ)
         )
     return nodes
+
+
+def signed_headers(
+    method: str,
+    url: str,
+    body: bytes = b"",
+    *,
+    secret: str = MESH_SECRET,
+    tenant: str = "default",
+    time_ms: int | None = None,
+) -> dict[str, str]:
+    """Headers of a peer request to ``url`` signed as a mesh node would sign it."""
+    parts = urllib.parse.urlsplit(url)
+    nonce = os.urandom(16).hex()
+    sent = int(time.time() * 1000) if time_ms is None else time_ms
+    digest = sha256_hex(body)
+    message = request_message(
+        method=method,
+        path=parts.path.encode("ascii"),
+        query=parts.query.encode("ascii"),
+        tenant=tenant,
+        time_ms=sent,
+        nonce=nonce,
+        digest=digest,
+    )
+    signature = PeerKeys(secret.encode("utf-8")).sign(message)
+    return {
+        "X-Kura-Tenant-Id": tenant,
+        TIME_HEADER.decode("ascii"): str(sent),
+        NONCE_HEADER.decode("ascii"): nonce,
+        DIGEST_HEADER.decode("ascii"): digest,
+        SIGNATURE_HEADER.decode("ascii"): signature.decode("ascii"),
+    }
 
 
 def request(

@@ -36,6 +36,8 @@ VERSION_HEADER = b"X-Kura-Version-Ms"
 #: Catch-up page sizes: the default, and the most a peer will serve at once.
 DEFAULT_PAGE_LIMIT = 256
 MAX_PAGE_LIMIT = 2048
+#: Versions and counters are SQLite integers: larger values cannot be stored.
+MAX_INT64 = 2**63 - 1
 #: Keys are opaque; anything printable up to this length is accepted.
 MAX_REPLICATED_KEY_LENGTH = 4096
 
@@ -89,7 +91,12 @@ class Params:
         if text is None:
             assert default is not None
             return default
-        if not text.isascii() or not text.isdigit() or len(text) > 19 or int(text) < minimum:
+        if (
+            not text.isascii()
+            or not text.isdigit()
+            or len(text) > 19
+            or not minimum <= int(text) <= MAX_INT64
+        ):
             raise BadRequest(f"Invalid {name}")
         return int(text)
 

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import implementer
 
+from kura.replication.testing import MESH_SECRET
 from kura.service import KuraNode
 from kura.storage.runner import ImmediateRunner
 from kura.testing import Exchange, Response, succeeded, test_config
@@ -154,7 +155,7 @@ class MemoryMesh:
             KURA_PORT="4000",
             KURA_NODE_URL=url_of(index),
             KURA_PEERS=seeds,
-            **environ,
+            **{"KURA_PEER_SECRET": MESH_SECRET, **environ},
         )
         node = KuraNode(config, reactor, registry=CollectorRegistry(), runner=ImmediateRunner())
         node.startService()

@@ -30,6 +30,7 @@ from kura.replication.testing import (
     mesh,
     metrics,
     request,
+    signed_headers,
     start_all,
     wait_for,
 )
@@ -146,11 +147,11 @@ def test_the_same_delivery_twice_stores_once(nodes: list[MeshNode]) -> None:
         Producer.GRADLE, "", "twice", "application/octet-stream", False, 1_000
     )
     target = wire.url(b.internal_url, wire.REPLICATE_ARTIFACT_PATH, message.params())
-    headers = {"X-Kura-Tenant-Id": "default", "Content-Type": "application/octet-stream"}
     files = blob_count(b)
     before = metrics(b)
-    assert request("PUT", target, body, headers)[0] == 204
-    assert request("PUT", target, body, headers)[0] == 204
+    # Two deliveries of one message are two signed requests (a peer retrying).
+    assert request("PUT", target, body, signed_headers("PUT", target, body))[0] == 204
+    assert request("PUT", target, body, signed_headers("PUT", target, body))[0] == 204
     after = metrics(b)
     key = (
         'kura_replication_apply_results_total{{item_type="artifact",'
@@ -302,8 +303,8 @@ def test_a_peer_of_another_tenant_is_never_admitted(nodes: list[MeshNode], tmp_p
         assert fetch(foreign, "/api/cache/gradle/t1?tenant_id=other")[0] == 404
         message = wire.UpsertMessage(Producer.GRADLE, "", "t2", "x/y", False, 5)
         target = wire.url(a.internal_url, wire.REPLICATE_ARTIFACT_PATH, message.params())
-        status, _, _ = request("PUT", target, b"intruder", {"X-Kura-Tenant-Id": "other"})
-        assert status == 403
+        intruder = signed_headers("PUT", target, b"intruder", tenant="other")
+        assert request("PUT", target, b"intruder", intruder)[0] == 403
         for node in (a, b, c):
             assert get_json(node.url + "/ready")["known_peers"] == 2
     finally:

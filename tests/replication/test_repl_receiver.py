@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import pytest
 from twisted.internet.address import IPv4Address
 
 from kura.artifacts import Producer
 from kura.replication import wire
+from kura.replication.testing import MESH_SECRET, signed_headers
 from kura.service import KuraNode
 from kura.testing import ClientTransport, Exchange, Response, memory_node, request, sample
 
@@ -19,15 +20,49 @@ GRADLE = "/api/cache/gradle/k1?tenant_id=default"
 
 
 class InternalExchange(Exchange):
-    """One peer connection to a node's internal plane."""
+    """One peer connection to a node's internal plane; requests are signed as a peer's."""
 
-    def __init__(self, node: KuraNode) -> None:
+    def __init__(self, node: KuraNode, *, sign: bool = True) -> None:
         self.node = node
         self.transport = ClientTransport(peerAddress=IPv4Address("TCP", "127.0.0.9", 50000))
         self.channel = node.replication.site.make_channel()
         self.channel.makeConnection(self.transport)
         self._pending = b""
         self._heads = []
+        self._sign = sign
+
+    def signed(
+        self, method: str, target: str, body: bytes = b"", headers: Mapping[str, str] = TENANT
+    ) -> dict[str, str]:
+        """``headers`` plus the signature of a peer (at the node's time)."""
+        given = dict(headers)
+        if not self._sign:
+            return given
+        signed = signed_headers(
+            method,
+            f"http://peer{target}",
+            body,
+            tenant=given.get("X-Kura-Tenant-Id", ""),
+            time_ms=int(self.node.reactor.seconds() * 1000),
+        )
+        if "X-Kura-Tenant-Id" not in given:
+            del signed["X-Kura-Tenant-Id"]
+        return {**signed, **given}
+
+    def head_lines(self, method: str, target: str, body: bytes = b"") -> str:
+        """A signed request head's header lines (for hand-framed requests)."""
+        return "".join(f"{k}: {v}\r\n" for k, v in self.signed(method, target, body).items())
+
+    def request(
+        self,
+        method: str,
+        target: str,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
+        return super().request(
+            method, target, body, self.signed(method, target, body, headers or {})
+        )
 
 
 @pytest.fixture
@@ -36,6 +71,7 @@ def node(tmp_path: object) -> Iterator[KuraNode]:
     started = memory_node(
         f"{tmp_path}/data",
         KURA_PEERS="http://127.0.0.9:0",
+        KURA_PEER_SECRET=MESH_SECRET,
         KURA_MAX_KEYVALUE_BYTES="1024",
     )
     yield started
@@ -174,9 +210,10 @@ def test_inline_body_above_the_keyvalue_limit_is_refused(node: KuraNode) -> None
 def test_body_without_declared_length_is_refused(node: KuraNode) -> None:
     """A replicated body must carry Content-Length (411)."""
     exchange = InternalExchange(node)
+    signed = exchange.head_lines("PUT", upsert(), b"hello")
     exchange.send(
         (
-            f"PUT {upsert()} HTTP/1.1\r\nHost: p\r\nX-Kura-Tenant-Id: default\r\n"
+            f"PUT {upsert()} HTTP/1.1\r\nHost: p\r\n{signed}"
             "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
         ).encode(),
         heads=[False],
@@ -322,9 +359,9 @@ def test_catch_up_bodies_are_served_with_their_version(node: KuraNode) -> None:
     assert request(node, "PUT", GRADLE, body).status == 201
     (manifest,) = node.store.metadata.manifests_page(None, 10)
     exchange = InternalExchange(node)
+    target = f"{wire.ARTIFACTS_PATH}/{manifest.artifact_id}"
     exchange.send(
-        f"GET {wire.ARTIFACTS_PATH}/{manifest.artifact_id} HTTP/1.1\r\nHost: p\r\n"
-        "X-Kura-Tenant-Id: default\r\n\r\n".encode(),
+        f"GET {target} HTTP/1.1\r\nHost: p\r\n{exchange.head_lines('GET', target)}\r\n".encode(),
         heads=[False],
     )
     node.reactor.advance(1)  # the second 256 KiB chunk waits a moment on the limiter

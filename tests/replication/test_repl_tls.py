@@ -1,4 +1,9 @@
-"""Peer mTLS on a real loopback socket: the internal plane requires client certificates."""
+"""Peer mTLS on a real loopback socket: the internal plane requires client certificates.
+
+The CA signs more than the mesh (a cluster CA issues certificates to every
+workload), so the node also requires a configured peer name
+(``KURA_INTERNAL_TLS_PEER_NAMES``) on the client certificate.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +23,12 @@ from twisted.internet import ssl
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from kura.config import TlsFiles
+from kura.config import PeerAuthConfig, TlsFiles
+from kura.metrics import KuraMetrics
 from kura.replication import wire
 from kura.replication.client import PeerClient
-from kura.replication.tls import PeerTLSPolicy
+from kura.replication.peer_auth import PeerAuthenticator
+from kura.replication.tls import PeerTLSPolicy, name_matches
 from kura.service import KuraNode
 from kura.testing import test_config as config_for
 
@@ -49,7 +56,13 @@ def _authority(common: str) -> tuple[x509.Certificate, Key]:
     return cert, key
 
 
-def _leaf(ca: tuple[x509.Certificate, Key], common: str) -> tuple[x509.Certificate, Key]:
+#: The names mesh certificates carry, and the pattern the node requires.
+PEER_NAMES = "*.kura-headless.cache.svc.cluster.local"
+
+
+def _leaf(
+    ca: tuple[x509.Certificate, Key], common: str, dns: str | None = None
+) -> tuple[x509.Certificate, Key]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     cert = (
@@ -61,7 +74,12 @@ def _leaf(ca: tuple[x509.Certificate, Key], common: str) -> tuple[x509.Certifica
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(
+                [
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    *([x509.DNSName(dns)] if dns else []),
+                ]
+            ),
             critical=False,
         )
         .add_extension(
@@ -95,12 +113,17 @@ def _files(directory: str, ca: x509.Certificate, leaf: tuple[x509.Certificate, K
 
 @pytest.fixture
 def pki(tmp_path: Any) -> dict[str, TlsFiles]:
-    """A mesh CA with a node identity, and a stranger with its own CA."""
-    ca = _authority("kura mesh CA")
+    """A mesh CA with node and peer identities, another workload of the same CA,
+    and a stranger with its own CA."""
+    ca = _authority("cluster CA")
     stranger_ca = _authority("someone else")
+    mesh = "kura-headless.cache.svc.cluster.local"
     return {
-        "node": _files(f"{tmp_path}/node", ca[0], _leaf(ca, "node")),
-        "peer": _files(f"{tmp_path}/peer", ca[0], _leaf(ca, "peer")),
+        "node": _files(f"{tmp_path}/node", ca[0], _leaf(ca, "node", f"kura-0.{mesh}")),
+        "peer": _files(f"{tmp_path}/peer", ca[0], _leaf(ca, "peer", f"kura-1.{mesh}")),
+        "workload": _files(
+            f"{tmp_path}/workload", ca[0], _leaf(ca, "app", "app.other.svc.cluster.local")
+        ),
         "stranger": _files(f"{tmp_path}/stranger", ca[0], _leaf(stranger_ca, "stranger")),
     }
 
@@ -119,12 +142,23 @@ def tls_node(tmp_path: Any, pki: dict[str, TlsFiles]) -> Any:
         KURA_INTERNAL_TLS_CA_CERT_PATH=files.ca_path,
         KURA_INTERNAL_TLS_CERT_PATH=files.cert_path,
         KURA_INTERNAL_TLS_KEY_PATH=files.key_path,
+        KURA_INTERNAL_TLS_PEER_NAMES=PEER_NAMES,
     )
     node = KuraNode(config, reactor, registry=CollectorRegistry())
     node.startService()
     pytest_twisted.blockon(node.started)
     yield node
     pytest_twisted.blockon(node.stopService())
+
+
+def _client(policy: IPolicyForHTTPS) -> PeerClient:
+    """A peer client (no peer secret: these nodes authenticate peers by mTLS)."""
+    from twisted.internet import reactor
+
+    auth = PeerAuthenticator(
+        PeerAuthConfig(), tenant="default", clock=reactor, metrics=KuraMetrics(CollectorRegistry())
+    )
+    return PeerClient(reactor=reactor, tenant_id="default", auth=auth, tls_policy=policy)
 
 
 def _base(node: KuraNode) -> str:
@@ -136,10 +170,8 @@ def _base(node: KuraNode) -> str:
 async def test_a_peer_with_a_mesh_certificate_is_served(
     tls_node: KuraNode, pki: dict[str, TlsFiles]
 ) -> None:
-    """A client presenting a certificate from the mesh CA gets the status report."""
-    from twisted.internet import reactor
-
-    client = PeerClient(reactor=reactor, tenant_id="default", tls_policy=PeerTLSPolicy(pki["peer"]))
+    """A client presenting a mesh certificate with a peer name gets the status report."""
+    client = _client(PeerTLSPolicy(pki["peer"]))
     try:
         status = await client.status(_base(tls_node))
         assert status.tenant_id == "default"
@@ -164,11 +196,9 @@ async def test_a_client_without_a_certificate_fails_the_handshake(
     tls_node: KuraNode, pki: dict[str, TlsFiles]
 ) -> None:
     """No client certificate: the TLS handshake fails before any HTTP byte is served."""
-    from twisted.internet import reactor
-
     ca_path = pki["peer"].ca_path
     assert ca_path is not None
-    client = PeerClient(reactor=reactor, tenant_id="default", tls_policy=TrustOnly(ca_path))
+    client = _client(TrustOnly(ca_path))
     try:
         with pytest.raises(Exception) as caught:
             await client.status(_base(tls_node))
@@ -186,14 +216,46 @@ async def test_a_certificate_from_another_authority_is_refused(
     tls_node: KuraNode, pki: dict[str, TlsFiles]
 ) -> None:
     """A client certificate not signed by the mesh CA fails the handshake."""
-    from twisted.internet import reactor
-
-    client = PeerClient(
-        reactor=reactor, tenant_id="default", tls_policy=PeerTLSPolicy(pki["stranger"])
-    )
+    client = _client(PeerTLSPolicy(pki["stranger"]))
     try:
         with pytest.raises(Exception) as caught:
             await client.status(_base(tls_node))
         assert "SSL" in repr(caught.value) or "TLS" in repr(caught.value)
     finally:
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_certificate_of_the_same_authority_without_a_peer_name_is_refused(
+    tls_node: KuraNode, pki: dict[str, TlsFiles]
+) -> None:
+    """Another workload's certificate from the same CA fails the handshake: no peer name."""
+    client = _client(PeerTLSPolicy(pki["workload"]))
+    try:
+        with pytest.raises(Exception) as caught:
+            await client.status(_base(tls_node))
+        assert "SSL" in repr(caught.value) or "TLS" in repr(caught.value)
+        served = tls_node.metrics.registry.get_sample_value(
+            "kura_http_requests_total", {"route": wire.STATUS_PATH, "status": "200"}
+        )
+        assert not served
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "pattern", "matches"),
+    [
+        ("kura-1.kura-headless.ns.svc", "*.kura-headless.ns.svc", True),
+        ("kura-headless.ns.svc", "*.kura-headless.ns.svc", False),
+        ("a.b.kura-headless.ns.svc", "*.kura-headless.ns.svc", False),
+        ("*.kura-headless.ns.svc", "*.kura-headless.ns.svc", False),
+        ("peer.example", "peer.example", True),
+        ("peer.example.evil", "peer.example", False),
+    ],
+)
+def test_a_peer_name_pattern_stands_for_exactly_one_label(
+    name: str, pattern: str, matches: bool
+) -> None:
+    """``*.`` matches one whole label, never several, nothing, or a wildcard certificate."""
+    assert name_matches(name, pattern) is matches
