@@ -35,7 +35,20 @@ class BadRequest(KuraError):
 
 
 class Unauthorized(KuraError):
+    """No (valid) credentials.
+
+    Attributes:
+        challenge: the ``WWW-Authenticate`` value, for clients that send
+            credentials only when challenged.
+    """
+
     status = 401
+
+    def __init__(
+        self, message: str, *, challenge: str | None = None, close: bool | None = None
+    ) -> None:
+        super().__init__(message, close=close)
+        self.challenge = challenge
 
 
 class Forbidden(KuraError):

@@ -92,7 +92,9 @@ class KuraNode(MultiService):
             failpoints=Failpoints(config.failpoints),
         )
         self.traffic = PublicTraffic(reactor, self.metrics)
-        self.authorizer = build_authorizer(config.extension, reactor=reactor, metrics=self.metrics)
+        self.authorizer = build_authorizer(
+            config.extension, reactor=reactor, metrics=self.metrics, access=config.access
+        )
         self.memory = MemoryMonitor(
             soft_bytes=config.memory_soft_limit_bytes,
             hard_bytes=config.memory_hard_limit_bytes,

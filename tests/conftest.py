@@ -53,9 +53,18 @@ def nodes(tmp_path: Path) -> Iterator[Nodes]:
 
 
 @pytest.fixture
-def node(nodes: Nodes) -> KuraNode:
-    """A started in-memory node with a fresh data directory."""
-    return nodes.start()
+def node(nodes: Nodes, request: pytest.FixtureRequest) -> KuraNode:
+    """A started in-memory node with a fresh data directory.
+
+    ``@pytest.mark.node_environ(KURA_...="...")`` sets variables for it.
+    """
+    marker = request.node.get_closest_marker("node_environ")
+    return nodes.start(**(marker.kwargs if marker else {}))
+
+
+#: For tests about what cleans and deletes do (not who may ask): open mode
+#: refuses them to anonymous callers unless this switch is on.
+anonymous_deletes = pytest.mark.node_environ(KURA_ALLOW_ANONYMOUS_DELETE="true")
 
 
 @pytest.fixture

@@ -16,8 +16,7 @@ from collections.abc import Mapping
 import attrs
 
 from kura.api.gate import RouteMatch
-from kura.api.routes import Query, RouteSpec
-from kura.artifacts import ArtifactAddress
+from kura.api.routes import Query, RouteSpec, Target, resolve_target
 from kura.errors import KuraError
 
 from .head import RequestHead, parse_query
@@ -25,24 +24,30 @@ from .head import RequestHead, parse_query
 
 @attrs.frozen
 class Candidate:
-    """A request the accelerator may serve, if the artifact turns out servable."""
+    """A request the accelerator may serve, if the artifact turns out servable.
+
+    Attributes:
+        target: what the request acts on, derived exactly as the twisted.web
+            path derives it (the hooks see it).
+        params: the decoded query parameters.
+    """
 
     head: RequestHead
     spec: RouteSpec
     path_args: Mapping[str, str]
-    address: ArtifactAddress
-    query: Query
+    target: Target
+    params: Mapping[str, list[str]]
     artifact_id: str
 
 
 @attrs.frozen
-class _Target:
-    """What a request target resolves to, independent of the rest of the head."""
+class _Resolution:
+    """What a request target (path and query) resolves to, whatever the rest of the head."""
 
     spec: RouteSpec
     path_args: Mapping[str, str]
-    address: ArtifactAddress
-    query: Query
+    target: Target
+    params: Mapping[str, list[str]]
     artifact_id: str
 
 
@@ -63,14 +68,14 @@ class Classifier:
         """A :class:`Candidate`, or the reason (a metric label) to fall back."""
         if head.method != b"GET" or head.version != b"HTTP/1.1":
             return "method"
-        target = self._resolve(head.path, head.query)
-        if isinstance(target, str):
-            return target
+        found = self._resolve(head.path, head.query)
+        if isinstance(found, str):
+            return found
         return Candidate(
-            head, target.spec, target.path_args, target.address, target.query, target.artifact_id
+            head, found.spec, found.path_args, found.target, found.params, found.artifact_id
         )
 
-    def _resolve_target(self, path: bytes, raw_query: bytes) -> _Target | str:
+    def _resolve_target(self, path: bytes, raw_query: bytes) -> _Resolution | str:
         match = self._routes.match("GET", path)
         if match is None:
             return "route"
@@ -80,9 +85,10 @@ class Classifier:
         params = parse_query(raw_query)
         if params is None:
             return "query"
-        query = Query(params)
         try:
-            address = spec.address(path_args, query, self._node_tenant)
+            target = resolve_target(spec, path_args, Query(params), self._node_tenant)
         except KuraError:
             return "request"
-        return _Target(spec, path_args, address, query, address.artifact_id(self._node_tenant))
+        address = target.address
+        assert address is not None  # accelerable routes address one artifact
+        return _Resolution(spec, path_args, target, params, address.artifact_id(self._node_tenant))

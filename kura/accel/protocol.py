@@ -486,18 +486,16 @@ class SamePortProtocol(Protocol):
             self._decline("range_or_damage")
             return
         authorization = self._accel.authorization
-        if not authorization.enabled:
+        if not authorization.needs_check(candidate.spec):
             self._start(candidate, manifest, lease, response, [])
             return
-        # The artifact is servable: now (and only now, exactly once) the hooks.
+        # The artifact is servable: now (and only now, exactly once) the check.
         ctx = authorization.context(
             spec=candidate.spec,
             method=head.method.decode("ascii"),
-            path_args=candidate.path_args,
-            query=candidate.query,
-            address=candidate.address,
+            target=candidate.target,
             headers=head.headers,
-            query_bytes=head.query,
+            query=candidate.params,
             transport="http",
         )
 

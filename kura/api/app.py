@@ -9,6 +9,7 @@ the work and choose the status.
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from kura.artifacts import JSON, OCTET_STREAM, ArtifactAddress, Manifest, Producer
+from kura.auth.access import token_digest
 from kura.config import KuraConfig
 from kura.defer import shielded
 from kura.errors import (
@@ -33,6 +35,7 @@ from kura.errors import (
     ServiceUnavailable,
     StorageFault,
     TombstonedWrite,
+    Unauthorized,
     Unprocessable,
     UnsupportedMediaType,
 )
@@ -42,6 +45,7 @@ from kura.storage.metadata import Outcome, Upload, WritePolicy
 from kura.storage.runner import BlockingRunner
 from kura.storage.store import ArtifactStore
 
+from .audit import audit_delete
 from .authorization import RequestAuthorization
 from .download import FileBodyProducer, TransferFailed, artifact_head
 from .errors import as_seen_by_client, classify_failure, respond_with_error
@@ -61,7 +65,6 @@ from .routes import (
     keyvalue_get,
     module_artifact,
     module_key,
-    namespace_of,
     tenant_scoped,
     xcode_cas,
 )
@@ -78,6 +81,20 @@ def header(request: KuraRequest, name: bytes) -> str | None:
     """A request header as text (latin-1, as HTTP header bytes are)."""
     value = request.getHeader(name)
     return None if value is None else value.decode("latin-1")
+
+
+def require_bearer(request: KuraRequest, digest: bytes | None) -> None:
+    """Refuse a probe-like route unless it carries the configured bearer token.
+
+    Raises:
+        Unauthorized: a token is configured and the request lacks it.
+    """
+    if digest is None:
+        return
+    value = header(request, b"authorization") or ""
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(token.strip()), digest):
+        raise Unauthorized("This endpoint needs its bearer token", challenge='Bearer realm="kura"')
 
 
 def _check_part_number(query: Query) -> None:
@@ -377,6 +394,7 @@ class PublicAPI(NeighbourRoutes):
         operation=Operation.WRITE,
         producer=Producer.XCODE,
         tenant_required=True,
+        namespaced=True,
         body=BodyKind.MEMORY,
         too_large_message="Failed to read key-value request body: length limit exceeded",
         key_in_body=True,
@@ -404,11 +422,19 @@ class PublicAPI(NeighbourRoutes):
         except (ValueError, UnicodeDecodeError) as error:
             self._count_write(Producer.XCODE, "error")
             raise BadRequest(f"Invalid key-value payload: {error}") from None
-        address = keyvalue_address(cas_id, namespace_of(admission.query))
+        namespace = admission.target.namespace
+        assert namespace is not None
+        address = keyvalue_address(cas_id, namespace)
         if admission.authorize_after_body and admission.hook_context is not None:
+            # The key came with the body: the hooks see it before anything is stored.
             ctx = attrs.evolve(admission.hook_context, artifact_key=address.key)
             caller = await self._authorization.check(ctx)
-            request.admitted = attrs.evolve(admission, caller=caller, hook_context=ctx)
+            request.admitted = attrs.evolve(
+                admission,
+                target=attrs.evolve(admission.target, key=address.key),
+                caller=caller,
+                hook_context=ctx,
+            )
         value = json.dumps(
             {"entries": [{"value": e["value"]} for e in entries]}, separators=(",", ":")
         ).encode("utf-8")
@@ -478,12 +504,11 @@ class PublicAPI(NeighbourRoutes):
             if version is not None and version >= MODULE_START_204_VERSION:
                 return self._empty(request, 204)
             return self._json(request, 200, {"upload_id": None})
-        query = admission.query
         category, hash_, name = admission.address.key.split("/", 2)
         upload_id = await shielded(
             Deferred.fromCoroutine(
                 self._store.start_upload(
-                    tenant_id=query.single("tenant_id", alias="account_handle") or "",
+                    tenant_id=admission.target.tenant or "",
                     namespace_id=admission.address.namespace,
                     category=category,
                     hash=hash_,
@@ -613,14 +638,17 @@ class PublicAPI(NeighbourRoutes):
         methods=["DELETE"],
         operation=Operation.DELETE_NAMESPACE,
         tenant_required=True,
+        namespaced=True,
     )
     async def clean(self, request: KuraRequest) -> bytes:
         admission = await self._admission(request)
-        namespace = namespace_of(admission.query)
+        namespace = admission.target.namespace
+        assert namespace is not None
         try:
             await shielded(Deferred.fromCoroutine(self._store.delete_namespace(namespace)))
         except KuraError as error:
             raise StorageFault(f"Failed to clean cache: {error.message}") from error
+        audit_delete(request, admission, "clean")
         return self._empty(request, 204)
 
     # -- Nx and Metro --------------------------------------------------------------------
@@ -694,10 +722,12 @@ class PublicAPI(NeighbourRoutes):
 
     @route("/status/rollout", methods=["GET"], probe=True)
     def rollout(self, request: KuraRequest) -> bytes:
+        require_bearer(request, self._config.access.status_token)
         return self._json(request, 200, self._state.rollout_report())
 
     @route("/metrics", methods=["GET"], probe=True)
     def metrics(self, request: KuraRequest) -> bytes:
+        require_bearer(request, self._config.access.metrics_token)
         # Rendered inline from the injected registry: it is CPU-only and small,
         # and prometheus_client's Twisted resource would run it on the global
         # reactor's thread pool (never answering on an injected reactor).

@@ -1,11 +1,13 @@
-"""The extension hooks as the serving paths use them.
+"""The node's authorizer as the serving paths use it.
 
-:class:`RequestAuthorization` builds upstream's hook context from what a
-request head says (route, tenant, namespace, producer, key, hash, headers,
-raw query) and runs the node's authorizer (:mod:`kura.auth`). Both serving
-paths go through it, exactly once per request: the twisted.web path at
-admission (before any body byte is read), the accelerator after the artifact
-is known to be servable and before any success byte is written.
+:class:`RequestAuthorization` builds upstream's hook context from the
+request's derived :class:`~kura.api.routes.Target` (tenant, namespace,
+producer, key, hash: what the handler then acts on, never a second parse)
+plus route, method, headers and transport, and runs the node's authorizer
+(:mod:`kura.auth`: an extension, the built-in tokens, or open access). Both
+serving paths go through it, exactly once per request: the twisted.web path
+at admission (before any body byte is read), the accelerator after the
+artifact is known to be servable and before any success byte is written.
 
 A deny closes the connection on both paths, so their answers stay identical.
 """
@@ -17,36 +19,32 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 
-from kura.artifacts import ArtifactAddress, Producer
-from kura.auth import HookContext, raw_query
+from kura.auth import HookContext
 from kura.auth.context import HeaderInput
-from kura.auth.results import ANONYMOUS, Anonymous, Principal
+from kura.auth.results import Anonymous, Principal
 from kura.errors import KuraError
 
-from .routes import Query, RouteSpec
-
-#: The tenant upstream reports for routes that carry none (Nx, Metro).
-TENANTLESS = "default"
+from .routes import RouteSpec, Target
 
 Caller = Principal | Anonymous
 
 
-def artifact_hash(spec: RouteSpec, path_args: Mapping[str, str], query: Query) -> str | None:
-    """The content hash a request names, when it names one (context field)."""
-    if spec.producer is Producer.MODULE:
-        return query.single("hash")
-    for arg in ("id", "hash", "cache_key"):
-        if arg in path_args:
-            return path_args[arg]
-    return None
+def query_map(query: Mapping[str, list[str]]) -> dict[str, str]:
+    """The hook context's ``query``: each parameter given exactly once, decoded.
+
+    It is the handler's own parse of the query (a parameter given twice is
+    left out: it is ambiguous, and a handler that reads one refuses it).
+    Informational only: hooks decide on the derived fields.
+    """
+    return {name: values[0] for name, values in query.items() if len(values) == 1}
 
 
 class RequestAuthorization:
-    """Runs the hooks for public requests (see the module docstring).
+    """Runs the node's authorizer for public requests (see the module docstring).
 
     Args:
-        authorizer: an ``IRequestAuthorizer`` (``NoExtension`` when none is
-            configured, in which case everything here is a cheap no-op).
+        authorizer: an ``IRequestAuthorizer``: the extension, the built-in
+            tokens, or open access.
         node_tenant: ``server_tenant_id`` in every context.
     """
 
@@ -54,57 +52,38 @@ class RequestAuthorization:
         self.authorizer = authorizer
         self._node_tenant = node_tenant
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.authorizer.enabled)
+    def needs_check(self, spec: RouteSpec) -> bool:
+        """Whether requests of ``spec`` must be checked (else they run anonymous)."""
+        return bool(self.authorizer.checks(spec.operation.value))
 
     def context(
         self,
         *,
         spec: RouteSpec,
         method: str,
-        path_args: Mapping[str, str],
-        query: Query,
-        address: ArtifactAddress | None,
+        target: Target,
         headers: HeaderInput,
-        query_bytes: bytes,
+        query: Mapping[str, list[str]],
         transport: str,
-        tenant: str | None = None,
-        namespace: str | None = None,
     ) -> HookContext:
-        """The hook context of a request.
-
-        ``tenant`` and ``namespace`` override what the query says (module
-        part/complete take them from the stored upload).
-        """
-        if tenant is None and spec.tenant_arg is not None:
-            tenant = path_args.get(spec.tenant_arg)
-        if tenant is None:
-            if spec.tenant_required or (spec.address is not None and not spec.tenantless):
-                tenant = query.single("tenant_id", alias="account_handle")
-            else:
-                tenant = TENANTLESS if spec.tenantless else None
-        if namespace is None and address is not None:
-            namespace = address.namespace
+        """The hook context of a request: exactly what its handler acts on."""
         return HookContext(
             transport=transport,
             route=spec.template,
             method=method,
             operation=spec.operation.value,
             server_tenant_id=self._node_tenant,
-            tenant_id=tenant,
-            namespace_id=namespace or None,
-            producer=spec.producer.value if spec.producer is not None else None,
-            artifact_key=address.key if address is not None else None,
-            artifact_hash=artifact_hash(spec, path_args, query),
+            tenant_id=target.tenant,
+            namespace_id=target.namespace or None,
+            producer=target.producer.value if target.producer is not None else None,
+            artifact_key=target.key,
+            artifact_hash=target.hash,
             headers=headers,
-            query=raw_query(query_bytes),
+            query=query_map(query),
         )
 
     def check(self, ctx: HookContext) -> Deferred[Caller]:
         """Who the request runs as; fails with the deny (which closes the connection)."""
-        if not self.enabled:
-            return succeed(ANONYMOUS)
         d: Deferred[Caller] = Deferred.fromCoroutine(self.authorizer.check(ctx))
         return d.addErrback(_closing)
 
@@ -112,7 +91,7 @@ class RequestAuthorization:
         self, ctx: HookContext | None, caller: Caller | None, status: int
     ) -> Deferred[list[tuple[bytes, bytes]]]:
         """The extension's extra headers for a response with ``status``."""
-        if not self.enabled or ctx is None:
+        if ctx is None or caller is None:
             return succeed([])
         return Deferred.fromCoroutine(
             self.authorizer.response_headers(ctx.with_status(status), caller)

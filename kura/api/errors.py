@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from kura.errors import KuraError, RangeNotSatisfiable
+from kura.errors import KuraError, RangeNotSatisfiable, Unauthorized
 
 from .routes import RouteSpec
 
@@ -53,6 +53,8 @@ def error_headers(error: KuraError, spec: RouteSpec) -> list[tuple[bytes, bytes]
     headers = [(b"Content-Type", b"text/plain" if plain else b"application/json")]
     if error.retry_after is not None:
         headers.append((b"Retry-After", b"%d" % error.retry_after))
+    if isinstance(error, Unauthorized) and error.challenge is not None:
+        headers.append((b"WWW-Authenticate", error.challenge.encode("ascii")))
     if isinstance(error, RangeNotSatisfiable):
         headers.append((b"Accept-Ranges", b"bytes"))
         headers.append((b"Content-Range", b"bytes */%d" % error.size))

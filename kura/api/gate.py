@@ -21,8 +21,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, MapAdapter
 
-from kura.artifacts import ArtifactAddress, Manifest
-from kura.auth import HookContext, NoExtension
+from kura.artifacts import ArtifactAddress, Manifest, Producer
+from kura.auth import HookContext, OpenAccess
 from kura.auth.context import HeaderInput
 from kura.errors import KuraError, NotFound, PayloadTooLarge, ServiceUnavailable
 from kura.lifecycle import NodeState
@@ -30,7 +30,16 @@ from kura.memory import Pressure
 from kura.storage.store import ArtifactStore
 
 from .authorization import Caller, RequestAuthorization
-from .routes import BodyKind, Operation, Query, RouteSpec, check_tenant
+from .routes import (
+    NO_TARGET,
+    BodyKind,
+    Operation,
+    Query,
+    RouteSpec,
+    Target,
+    module_key,
+    resolve_target,
+)
 
 #: Methods that write (and are shed when replication falls behind).
 WRITE_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
@@ -78,7 +87,8 @@ class Admission:
         spec: the route.
         path_args: values of the URL rule's variables.
         query: the request's query parameters.
-        address: the addressed artifact, when the route names one.
+        target: what the request acts on (:func:`~.routes.resolve_target`);
+            handlers and hooks both read it, nothing re-derives it.
         existing: for write-once uploads, the artifact already stored (the
             request is answered without reading its body).
         context: route-specific values resolved at admission (e.g. the
@@ -95,13 +105,18 @@ class Admission:
     spec: RouteSpec
     path_args: Mapping[str, str]
     query: Query
-    address: ArtifactAddress | None = None
+    target: Target = NO_TARGET
     existing: Manifest | None = None
     context: Mapping[str, Any] = attrs.field(factory=dict)
     pacer: Pacer | None = None
     caller: Caller | None = None
     hook_context: HookContext | None = None
     authorize_after_body: bool = False
+
+    @property
+    def address(self) -> ArtifactAddress | None:
+        """The one artifact the request acts on, if any."""
+        return self.target.address
 
     @property
     def skips_body(self) -> bool:
@@ -170,7 +185,7 @@ class Gate:
         authorization: RequestAuthorization | None = None,
     ) -> None:
         self.routes = routes
-        self.authorization = authorization or RequestAuthorization(NoExtension(), node_tenant)
+        self.authorization = authorization or RequestAuthorization(OpenAccess(), node_tenant)
         self._store = store
         self._state = state
         self._node_tenant = node_tenant
@@ -194,7 +209,7 @@ class Gate:
             return succeed(admission)
         if (
             spec.needs_upload
-            or self.authorization.enabled
+            or self.authorization.needs_check(spec)
             or (spec.body is BodyKind.STAGED and admission.address is not None)
         ):
             return Deferred.fromCoroutine(self._complete(admission, head))
@@ -222,45 +237,46 @@ class Gate:
         if head.declared_length is not None and head.declared_length > limit:
             raise PayloadTooLarge(spec.too_large_message)
         query = Query(head.query)
-        address = None
-        if spec.address is not None:
-            address = spec.address(path_args, query, self._node_tenant)
-        elif spec.tenant_required:
-            check_tenant(query, self._node_tenant)
+        target = resolve_target(spec, path_args, query, self._node_tenant)
         if spec.head_check is not None:
             spec.head_check(query)
-        return Admission(spec, path_args, query, address)
+        return Admission(spec, path_args, query, target)
 
     async def _complete(self, admission: Admission, head: RequestHead) -> Admission:
         """The head-time steps that may wait, in order: the multipart upload,
-        the extension hooks (before any existence check, so a caller without
-        access learns nothing), then whether a write-once upload exists."""
+        the authorization check (before any existence check, so a caller
+        without access learns nothing), then whether a write-once upload
+        exists."""
         spec = admission.spec
-        tenant = namespace = None
         if spec.needs_upload:
             upload_id = admission.query.single("upload_id")
             upload = None if upload_id is None else await self._store.upload(upload_id)
             if upload is None:
                 raise NotFound("Upload not found", close=True)
-            admission = attrs.evolve(admission, context={"upload": upload})
-            tenant, namespace = upload.tenant_id, upload.namespace_id
-        if self.authorization.enabled:
-            ctx = self.authorization.context(
+            # The upload record, not the request, says what the part or the
+            # completion acts on.
+            target = Target(
+                Producer.MODULE,
+                upload.tenant_id,
+                upload.namespace_id,
+                module_key(upload.category, upload.hash, upload.name),
+                upload.hash,
+            )
+            admission = attrs.evolve(admission, target=target, context={"upload": upload})
+        authorization = self.authorization
+        if authorization.needs_check(spec):
+            ctx = authorization.context(
                 spec=spec,
                 method=head.method,
-                path_args=admission.path_args,
-                query=admission.query,
-                address=admission.address,
+                target=admission.target,
                 headers=cast(HeaderInput, head.headers),
-                query_bytes=head.raw_query,
+                query=head.query,
                 transport=head.transport,
-                tenant=tenant,
-                namespace=namespace,
             )
-            if spec.key_in_body and admission.query.single("cas_id") is None:
+            if spec.key_in_body and admission.target.key is None:
                 admission = attrs.evolve(admission, hook_context=ctx, authorize_after_body=True)
             else:
-                caller = await self.authorization.check(ctx)
+                caller = await authorization.check(ctx)
                 admission = attrs.evolve(admission, caller=caller, hook_context=ctx)
         if spec.body is BodyKind.STAGED and admission.address is not None and not spec.overwrites:
             existing = await self._store.stored(self._store.artifact_id(admission.address))

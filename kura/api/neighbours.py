@@ -45,6 +45,7 @@ from kura.errors import BadRequest, KuraError, TombstonedWrite
 from kura.storage.metadata import Outcome, WritePolicy
 from kura.storage.store import ArtifactStore
 
+from .audit import audit_delete
 from .gate import Admission
 from .http import KuraRequest
 from .registry import route
@@ -492,7 +493,7 @@ class NeighbourRoutes:
     @route(
         "/ccache/<path:location>",
         methods=["DELETE"],
-        operation=Operation.WRITE,
+        operation=Operation.DELETE,
         producer=Producer.CCACHE,
         address=ccache_address,
         tenantless=True,
@@ -505,6 +506,7 @@ class NeighbourRoutes:
             # Local only: the replication protocol has no single-artifact
             # delete (see docs/clients.md); peers keep their copies.
             await shielded(Deferred.fromCoroutine(self._store.remove_local(manifest)))
+            audit_delete(request, admission, "delete")
         # Idempotent, as object stores answer it: absent afterwards either way.
         return self._empty(request, 204)
 

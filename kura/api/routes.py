@@ -27,8 +27,15 @@ class Operation(enum.StrEnum):
 
     READ = "artifact.read"
     WRITE = "artifact.write"
+    #: Removes one entry (ccache's DELETE).
+    DELETE = "artifact.delete"
     DELETE_NAMESPACE = "namespace.delete"
     REQUEST = "request"
+
+    @property
+    def destructive(self) -> bool:
+        """Cleans and deletes: refused to anonymous callers unless allowed."""
+        return self in (Operation.DELETE, Operation.DELETE_NAMESPACE)
 
 
 class BodyKind(enum.Enum):
@@ -74,6 +81,48 @@ class Query:
 
 AddressResolver = Callable[[Mapping[str, str], Query, str], ArtifactAddress]
 
+#: The tenant upstream reports for routes that carry none (Nx, Metro, ...).
+TENANTLESS = "default"
+
+
+@attrs.frozen
+class Target:
+    """What a request acts on, derived once (:func:`resolve_target`).
+
+    The handler acts on exactly this and the extension hooks are shown
+    exactly this, so they cannot disagree about tenant, namespace or key.
+
+    Attributes:
+        producer: the cache protocol, when the route has one.
+        tenant: the tenant the request names (``default`` on protocols that
+            carry none; ``None`` on routes that carry none at all).
+        namespace: the namespace acted on (``""`` when tenant-scoped), or
+            ``None`` when the request acts on no namespace.
+        key: the storage key of the one artifact acted on, or ``None``.
+        hash: the content hash the request names, when it names one.
+    """
+
+    producer: Producer | None = None
+    tenant: str | None = None
+    namespace: str | None = None
+    key: str | None = None
+    hash: str | None = None
+
+    @property
+    def address(self) -> ArtifactAddress | None:
+        """The artifact acted on, when the request names one."""
+        if self.producer is None or self.namespace is None or self.key is None:
+            return None
+        return ArtifactAddress(self.producer, self.namespace, self.key)
+
+    @classmethod
+    def of(cls, address: ArtifactAddress, tenant: str | None = None) -> Target:
+        return cls(address.producer, tenant, address.namespace, address.key)
+
+
+#: The target of requests that act on nothing (probes, unmatched paths).
+NO_TARGET = Target()
+
 
 @attrs.frozen
 class RouteSpec:
@@ -89,6 +138,9 @@ class RouteSpec:
             ids or tenants. ``None`` when the route has no single artifact.
         tenant_required: the route carries ``tenant_id`` (checked even when
             ``address`` is ``None``).
+        namespaced: the route acts on the namespace of its query as a whole
+            (clean) or on a key it may learn only from the body (key-value
+            PUT): its target names that namespace.
         body: how the request body is received.
         body_limit: the largest accepted body, in bytes.
         too_large_message: the 413 message for this route.
@@ -128,6 +180,7 @@ class RouteSpec:
     producer: Producer | None = None
     address: AddressResolver | None = None
     tenant_required: bool = False
+    namespaced: bool = False
     body: BodyKind = BodyKind.NONE
     body_limit: int = STRAY_BODY_LIMIT
     too_large_message: str = "Request body exceeded allowed size"
@@ -242,6 +295,54 @@ def fixed_namespace(producer: Producer, namespace: str, arg: str) -> AddressReso
 def keyvalue_address(cas_id: str, namespace: str) -> ArtifactAddress:
     """Key-value entries live under ``action_cache/{cas_id}`` (producer xcode)."""
     return ArtifactAddress(Producer.XCODE, namespace, f"action_cache/{_key(cas_id, 'cas_id')}")
+
+
+def content_hash(spec: RouteSpec, path_args: Mapping[str, str], query: Query) -> str | None:
+    """The content hash a request names, when it names one."""
+    if spec.producer is Producer.MODULE:
+        return query.single("hash")
+    for arg in ("id", "hash", "cache_key"):
+        if arg in path_args:
+            return path_args[arg]
+    return None
+
+
+def resolve_target(
+    spec: RouteSpec, path_args: Mapping[str, str], query: Query, node_tenant: str
+) -> Target:
+    """What a request acts on: the one derivation handlers and hooks share.
+
+    Raises:
+        BadRequest: a missing or invalid tenant, namespace or key.
+        Forbidden: the request names another tenant than the node's.
+    """
+    tenant: str | None
+    if spec.address is not None:
+        address = spec.address(path_args, query, node_tenant)
+        if spec.tenant_arg is not None:
+            tenant = path_args.get(spec.tenant_arg)
+        elif spec.tenantless:
+            tenant = TENANTLESS
+        else:
+            tenant = query.single("tenant_id", alias="account_handle")
+        return Target(
+            address.producer,
+            tenant,
+            address.namespace,
+            address.key,
+            content_hash(spec, path_args, query),
+        )
+    if spec.namespaced:
+        tenant = check_tenant(query, node_tenant)
+        namespace = namespace_of(query)
+        key = None
+        if spec.key_in_body:
+            cas_id = query.single("cas_id")
+            key = None if cas_id is None else keyvalue_address(cas_id, namespace).key
+        return Target(spec.producer, tenant, namespace, key)
+    if spec.tenant_required:
+        return Target(spec.producer, check_tenant(query, node_tenant))
+    return Target(spec.producer, TENANTLESS if spec.tenantless else None)
 
 
 def keyvalue_get(path: Mapping[str, str], query: Query, node_tenant: str) -> ArtifactAddress:

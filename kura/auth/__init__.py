@@ -10,9 +10,11 @@ from here::
 
 from __future__ import annotations
 
-from .authorizer import ExtensionAuthorizer, NoExtension
+from .access import AccessConfig
+from .authorizer import ExtensionAuthorizer
+from .builtin import OpenAccess, TokenAccess
 from .config import EXTENSION_VARIABLES, ExtensionConfig
-from .context import HookContext, header_map, raw_query
+from .context import HookContext, header_map
 from .errors import ExtensionLoadError, HostError, UnknownResource
 from .factory import build_authorizer
 from .host import ExtensionHost
@@ -27,6 +29,7 @@ __all__ = [
     "ALLOW",
     "ANONYMOUS",
     "EXTENSION_VARIABLES",
+    "AccessConfig",
     "Allow",
     "Anonymous",
     "Deny",
@@ -42,14 +45,14 @@ __all__ = [
     "IRequestAuthorizer",
     "JsonResponse",
     "LoadedExtension",
-    "NoExtension",
+    "OpenAccess",
     "Principal",
     "SignRequest",
+    "TokenAccess",
     "TokenInvalid",
     "UnknownResource",
     "build_authorizer",
     "constant_time_equals",
     "header_map",
     "load_extension",
-    "raw_query",
 ]

@@ -22,7 +22,7 @@ hook asked for. It does not raise: a failure yields only
 ``x-kura-extension-error: response_headers`` (or, with
 ``KURA_EXTENSION_RESPONSE_HEADERS_FAIL_OPEN=false``, a 503).
 
-:class:`NoExtension` is the same interface when no extension is configured.
+:mod:`kura.auth.builtin` has the same interface for nodes without an extension.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class ExtensionAuthorizer:
         host: the host the extension was set up with (closed by :meth:`close`).
     """
 
-    enabled = True
+    mode = "extension"
 
     def __init__(
         self,
@@ -115,6 +115,10 @@ class ExtensionAuthorizer:
         )
 
     # -- check --------------------------------------------------------------------
+
+    def checks(self, operation: str) -> bool:
+        # The extension decides on every request.
+        return True
 
     async def check(self, ctx: HookContext) -> Principal | Anonymous:
         """Who the request runs as; raises the ``KuraError`` of a deny.
@@ -243,24 +247,3 @@ class ExtensionAuthorizer:
             return succeed(None)
         closing: Deferred[None] = self._host.close()
         return closing
-
-
-@implementer(IRequestAuthorizer)
-class NoExtension:
-    """No extension configured: every request is anonymous, no extra headers."""
-
-    enabled = False
-
-    async def check(self, ctx: HookContext) -> Principal | Anonymous:
-        return ANONYMOUS
-
-    async def response_headers(
-        self, ctx: HookContext, principal: Principal | Anonymous | None
-    ) -> list[tuple[bytes, bytes]]:
-        return []
-
-    def clear_caches(self) -> int:
-        return 0
-
-    def close(self) -> Deferred[None]:
-        return succeed(None)

@@ -1,8 +1,9 @@
 """What a hook sees about the request: :class:`HookContext`.
 
 The fields are upstream Kura's extension context. The HTTP layer builds one
-per request from the request head (before any body byte is read) with
-:func:`header_map` and :func:`raw_query` for the two maps.
+per request from the request's derived target (what its handler acts on;
+:func:`kura.api.routes.resolve_target`) before any body byte is read, with
+:func:`header_map` for the headers.
 """
 
 from __future__ import annotations
@@ -50,24 +51,6 @@ def header_map(headers: HeaderInput | None) -> Mapping[str, str]:
     return types.MappingProxyType({name: ", ".join(vs) for name, vs in merged.items()})
 
 
-def raw_query(raw: str | bytes) -> dict[str, str]:
-    """The query string split on ``&`` and ``=`` without percent-decoding.
-
-    This is upstream's extension view of the query. A name given twice
-    keeps its first value (the admission gate refuses repeated tenant and
-    namespace parameters anyway); a segment without ``=`` has value ``""``.
-    """
-    text = _text(raw).lstrip("?")
-    found: dict[str, str] = {}
-    for segment in text.split("&"):
-        if not segment:
-            continue
-        name, _, value = segment.partition("=")
-        if name and name not in found:
-            found[name] = value
-    return found
-
-
 def _read_only(value: Mapping[str, str] | None) -> Mapping[str, str]:
     return types.MappingProxyType(dict(value or {}))
 
@@ -81,22 +64,31 @@ class HookContext:
         route: the route template, e.g. ``/api/cache/cas/{id}``.
         method: the request method.
         operation: ``artifact.read`` (GET, module HEAD), ``artifact.write``
-            (PUT/POST, module start/part/complete), ``namespace.delete``
-            (clean) or ``request`` (anything else).
+            (PUT/POST, module start/part/complete), ``artifact.delete``
+            (ccache DELETE), ``namespace.delete`` (clean) or ``request``
+            (anything else).
         server_tenant_id: this node's ``KURA_TENANT_ID``.
         tenant_id: the request's tenant (``tenant_id``/``account_handle``;
-            ``default`` on Nx and Metro; the stored upload's for module
+            the path's on Gradle's path form; ``default`` on Nx, Metro and
+            the neighbour protocols; the stored upload's for module
             part/complete), or ``None``.
-        namespace_id: the request's namespace (``namespace_id``/
-            ``project_handle``; ``nx``/``metro`` on those routes), or
-            ``None`` when tenant-scoped.
+        namespace_id: the namespace the request acts on (``namespace_id``/
+            ``project_handle``; the path's on Gradle's path form; ``nx``,
+            ``metro`` ... on fixed-namespace routes; the upload's for module
+            part/complete), or ``None`` when tenant-scoped or when the
+            request acts on no namespace.
         producer: ``xcode``, ``gradle``, ``module``, ``nx``, ``metro`` ...
-        artifact_key: the storage key, when the route addresses one.
+        artifact_key: the storage key of the one artifact the request acts
+            on (key-value PUT: from ``cas_id``, in the query or else the
+            body, in which case the hooks run once the body is read).
         artifact_hash: the content hash the request names, when it has
             one (module ``hash``, the CAS id).
         headers: every request header, lower-cased names (see
             :func:`header_map`).
-        query: the raw query map (see :func:`raw_query`).
+        query: the query parameters given exactly once, decoded (the
+            handler's own parse). Informational: decide on ``tenant_id``,
+            ``namespace_id`` and ``artifact_key``, which are what the
+            request acts on; a parameter the route ignores is no grant.
         status_code: the response status, set for ``response_headers`` only.
     """
 

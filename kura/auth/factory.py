@@ -6,7 +6,9 @@ from typing import Any
 
 from kura.metrics import KuraMetrics
 
-from .authorizer import ExtensionAuthorizer, NoExtension
+from .access import AccessConfig
+from .authorizer import ExtensionAuthorizer
+from .builtin import OpenAccess, TokenAccess
 from .config import ExtensionConfig
 from .host import AgentFactory, ExtensionHost
 from .loader import load_extension
@@ -17,18 +19,23 @@ def build_authorizer(
     *,
     reactor: Any,
     metrics: KuraMetrics,
+    access: AccessConfig | None = None,
     agent_for: AgentFactory | None = None,
-) -> ExtensionAuthorizer | NoExtension:
-    """The authorizer for ``config``: the loaded extension, or :class:`NoExtension`.
+) -> ExtensionAuthorizer | TokenAccess | OpenAccess:
+    """The public port's authorizer: the extension, else tokens, else open access.
 
-    Loads (imports and sets up) the extension now, so call it while the
-    node is being built: a broken extension stops start-up.
+    An extension replaces the built-in rules entirely. Loads (imports and
+    sets up) the extension now, so call it while the node is being built: a
+    broken extension stops start-up.
 
     Raises:
         ExtensionLoadError: the extension cannot be loaded (a ``ConfigError``).
     """
     if not config.enabled:
-        return NoExtension()
+        access = access or AccessConfig()
+        if access.uses_tokens:
+            return TokenAccess(access)
+        return OpenAccess(allow_anonymous_delete=access.allow_anonymous_delete)
     host = ExtensionHost(config, reactor=reactor, metrics=metrics, agent_for=agent_for)
     extension = load_extension(config, host)
     return ExtensionAuthorizer(extension, config, clock=reactor, metrics=metrics, host=host)

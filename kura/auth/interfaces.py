@@ -50,11 +50,23 @@ class IExtension(Interface):
 
 
 class IRequestAuthorizer(Interface):
-    """What the HTTP layer calls, once per public non-probe request."""
+    """What the HTTP layer calls, once per public non-probe request.
 
-    enabled = Attribute(
-        "Whether an extension runs; when false, callers may skip building contexts."
+    Implemented by the extension runner and by the built-in token and open
+    authorizers (:mod:`kura.auth.builtin`).
+    """
+
+    mode = Attribute(
+        "How the public port is guarded: ``extension``, ``tokens`` or ``open`` (reported "
+        "in /status/rollout)."
     )
+
+    def checks(operation: str) -> bool:
+        """Whether requests with this operation must go through ``check``.
+
+        When false the request runs anonymous and callers skip building a
+        context at all (the cheap path of open mode and anonymous reads).
+        """
 
     def check(ctx: Any) -> Any:
         """Coroutine: the ``Principal``/``Anonymous`` the request runs as.

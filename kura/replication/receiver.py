@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from kura.api.gate import Admission, RequestHead
-from kura.api.routes import GiB, Query, RouteSpec
+from kura.api.routes import GiB, Query, RouteSpec, Target
 from kura.artifacts import ArtifactAddress, safe_content_type
 from kura.defer import shielded
 from kura.errors import BadFraming, KuraError, PayloadTooLarge
@@ -191,7 +191,7 @@ class Receiver:
             spec=attrs.evolve(spec, body_limit=limit),
             path_args=path_args,
             query=Query(head.query),
-            address=address,
+            target=Target.of(address),
             context={"message": message, "length": head.declared_length},
             pacer=None if decided is not None else self._limiter,
             decided=decided,

@@ -11,6 +11,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 
 from kura.service import KuraNode
 from kura.testing import Exchange, Response, files_under, request
+from tests.conftest import anonymous_deletes
 
 TENANT = "tenant_id=default"
 CAS = f"/api/cache/cas/{{id}}?{TENANT}"
@@ -416,6 +417,7 @@ def test_module_cache_category_partitions_keys(node: KuraNode) -> None:
 # -- clean -------------------------------------------------------------------------------
 
 
+@anonymous_deletes
 def test_clean_removes_only_that_namespace(node: KuraNode) -> None:
     """DELETE clean is 204 and every artifact of that namespace, and only it, reads 404."""
     kv = json.dumps({"cas_id": "k1", "entries": [{"value": "x"}]}).encode()
@@ -434,6 +436,7 @@ def test_clean_removes_only_that_namespace(node: KuraNode) -> None:
     assert request(node, "GET", CAS.format(id="c1")).body == b"tenant-scoped"
 
 
+@anonymous_deletes
 def test_clean_without_namespace_cleans_the_tenant_scoped_one(node: KuraNode) -> None:
     """A tenant-scoped clean removes the ``""`` namespace and leaves project namespaces."""
     request(node, "POST", CAS.format(id="c1"), b"scoped")
@@ -443,6 +446,7 @@ def test_clean_without_namespace_cleans_the_tenant_scoped_one(node: KuraNode) ->
     assert request(node, "GET", CAS.format(id="c1") + "&namespace_id=p").body == b"project"
 
 
+@anonymous_deletes
 def test_writes_after_clean_are_stored(node: KuraNode) -> None:
     """A write that starts after the clean beats the tombstone."""
     request(node, "POST", CAS.format(id="c1"), b"before")
@@ -452,6 +456,7 @@ def test_writes_after_clean_are_stored(node: KuraNode) -> None:
     assert request(node, "GET", CAS.format(id="c1")).body == b"after"
 
 
+@anonymous_deletes
 def test_clean_unlinks_the_blob_files(node: KuraNode) -> None:
     """Cleaned artifacts give their disk space back."""
     request(node, "POST", CAS.format(id="c1"), b"x" * 100)

@@ -9,6 +9,7 @@ import pytest
 
 from kura.service import KuraNode
 from kura.testing import request
+from tests.conftest import anonymous_deletes
 
 KV_BODY = json.dumps({"cas_id": "k1", "entries": [{"value": "x"}]}).encode()
 
@@ -113,6 +114,7 @@ def test_conflicting_namespace_aliases_are_400(node: KuraNode) -> None:
     assert request(node, "GET", f"/api/cache/cas/c1?{query}").status == 400
 
 
+@anonymous_deletes
 def test_clean_aliases(node: KuraNode) -> None:
     """Clean accepts the aliases too and removes the aliased namespace."""
     request(node, "POST", "/api/cache/cas/c1?tenant_id=default&namespace_id=app", b"v")

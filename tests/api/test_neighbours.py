@@ -15,6 +15,7 @@ from kura.accel.head import parse_head
 from kura.errors import StorageFault
 from kura.service import KuraNode
 from kura.testing import Exchange, Response, request
+from tests.conftest import anonymous_deletes
 
 EMPTY = hashlib.sha256(b"").hexdigest()
 CCACHE_KEY = "89178b0daf" + "0" * 30
@@ -133,6 +134,7 @@ def test_ccache_rejects_paths_that_are_no_key(node: KuraNode, target: str) -> No
     assert "ccache" in message(response)
 
 
+@anonymous_deletes
 def test_ccache_delete_removes_the_entry_idempotently(node: KuraNode) -> None:
     """DELETE answers 204 and the entry is gone; deleting again is 204 too."""
     request(node, "PUT", f"/ccache/{CCACHE_KEY}", b"result")

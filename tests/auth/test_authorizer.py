@@ -21,7 +21,7 @@ from kura.auth import (
     Headers,
     HookContext,
     IRequestAuthorizer,
-    NoExtension,
+    OpenAccess,
     Principal,
     SignRequest,
 )
@@ -86,24 +86,20 @@ def test_an_extension_without_hooks_is_anonymous_and_allowed(
     )
 
 
-def test_both_authorizers_provide_the_interface() -> None:
-    """ExtensionAuthorizer and NoExtension both provide IRequestAuthorizer."""
+def test_every_authorizer_provides_the_interface() -> None:
+    """The extension runner and the built-in authorizers all provide IRequestAuthorizer."""
     clock = Clock()
     from prometheus_client import CollectorRegistry
 
+    from kura.auth import AccessConfig, TokenAccess
+
     metrics = KuraMetrics(CollectorRegistry())
-    assert verifyObject(IRequestAuthorizer, authorizer(Policy(), clock, metrics))
-    assert verifyObject(IRequestAuthorizer, NoExtension())
-
-
-def test_no_extension_is_anonymous_with_no_headers() -> None:
-    """NoExtension lets everything through as anonymous and adds nothing."""
-    none = NoExtension()
-    assert not none.enabled
-    assert succeeded(check(none)) == ANONYMOUS
-    assert succeeded(headers_of(none)) == []
-    assert none.clear_caches() == 0
-    assert succeeded(none.close()) is None
+    extension = authorizer(Policy(), clock, metrics)
+    assert verifyObject(IRequestAuthorizer, extension)
+    assert extension.mode == "extension"
+    assert extension.checks("artifact.read") and extension.checks("request")
+    assert verifyObject(IRequestAuthorizer, OpenAccess())
+    assert verifyObject(IRequestAuthorizer, TokenAccess(AccessConfig()))
 
 
 @pytest.mark.parametrize("shape", ["value", "deferred", "coroutine"])

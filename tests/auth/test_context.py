@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kura.auth import HookContext, header_map, raw_query
+from kura.auth import HookContext, header_map
 from tests.auth.support import context
 
 
@@ -20,16 +20,6 @@ def test_header_map_lowercases_and_joins_repeats() -> None:
         "x-api-key": "k1",
         "cookie": "\xe9",
     }
-
-
-def test_raw_query_is_not_decoded_and_first_value_wins() -> None:
-    """The query map splits on & and = only, keeps the first value, tolerates odd segments."""
-    assert raw_query(b"tenant_id=a%2Db&tenant_id=z&flag&&=x&n=1=2") == {
-        "tenant_id": "a%2Db",
-        "flag": "",
-        "n": "1=2",
-    }
-    assert raw_query("?a=1") == {"a": "1"}
 
 
 def test_context_maps_are_read_only() -> None:

@@ -15,7 +15,7 @@ from kura.auth import (
     ExtensionAuthorizer,
     ExtensionConfig,
     ExtensionLoadError,
-    NoExtension,
+    OpenAccess,
     Principal,
     build_authorizer,
     load_extension,
@@ -182,7 +182,7 @@ def test_build_authorizer_loads_or_returns_no_extension(tmp_path: Path) -> None:
     clock: Any = Clock()
     assert isinstance(
         build_authorizer(ExtensionConfig.from_environ({}), reactor=clock, metrics=metrics),
-        NoExtension,
+        OpenAccess,
     )
     config = script(
         tmp_path,

@@ -73,6 +73,7 @@ def node(tmp_path: object) -> Iterator[KuraNode]:
         KURA_PEERS="http://127.0.0.9:0",
         KURA_PEER_SECRET=MESH_SECRET,
         KURA_MAX_KEYVALUE_BYTES="1024",
+        KURA_ALLOW_ANONYMOUS_DELETE="true",
     )
     yield started
     started.stopService()

@@ -54,7 +54,9 @@ def watch(monkeypatch: pytest.MonkeyPatch) -> Watch:
 
 def test_storage_work_never_runs_on_the_reactor_thread(nodes: Any, watch: Watch) -> None:
     """Every fsync, rename, body read/write and SQLite call of every route runs in the runner."""
-    node = nodes.start(runner=watch.runner, KURA_CAS_CAPACITY_BYTES="3000")
+    node = nodes.start(
+        runner=watch.runner, KURA_CAS_CAPACITY_BYTES="3000", KURA_ALLOW_ANONYMOUS_DELETE="true"
+    )
     cas = "/api/cache/cas/{id}?tenant_id=default"
     for index in range(4):  # the fourth one evicts
         node.reactor.advance(1)
