@@ -2,9 +2,10 @@
 
 Each test renders the chart with ``helm-python-sdk`` (Helm's Go SDK; see
 ``tests/helm/engine.py``), parses the manifests and checks what a cluster
-would run: ports, env wiring, probes, drain timing, volumes and the optional
-features. The env the chart renders is also fed to ``KuraConfig.from_environ``
-so the chart and the node cannot drift apart.
+would run: ports, env wiring, probes, drain timing, volumes, the network
+fencing (Services, NetworkPolicy) and the optional features. The env the
+chart renders is also fed to ``KuraConfig.from_environ`` so the chart and
+the node cannot drift apart.
 """
 
 from __future__ import annotations
@@ -101,9 +102,16 @@ def parse(environ: dict[str, str]) -> KuraConfig:
 
 
 def test_default_render_has_the_expected_objects(default: Rendered) -> None:
-    """By default: a StatefulSet, two Services, a PDB and a ServiceAccount, nothing else."""
+    """By default: a StatefulSet, two Services, a NetworkPolicy, a PDB and a ServiceAccount."""
     kinds = sorted(o["kind"] for o in default.objects)
-    assert kinds == ["PodDisruptionBudget", "Service", "Service", "ServiceAccount", "StatefulSet"]
+    assert kinds == [
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "Service",
+        "Service",
+        "ServiceAccount",
+        "StatefulSet",
+    ]
 
 
 def test_chart_lints_clean_in_strict_mode(chart: ChartRenderer) -> None:
@@ -127,10 +135,11 @@ def test_statefulset_rolls_in_parallel_with_optional_partition(chart: ChartRende
 
 
 def test_services_and_pdb_select_the_pods(default: Rendered) -> None:
-    """Both Services and the PDB select exactly the StatefulSet's pod labels."""
+    """Both Services, the PDB and the NetworkPolicy select exactly the StatefulSet's pod labels."""
     pod_labels = default.pod["metadata"]["labels"]
     selectors = [s["spec"]["selector"] for s in default.of_kind("Service")]
     selectors.append(default.one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"])
+    selectors.append(default.one("NetworkPolicy")["spec"]["podSelector"]["matchLabels"])
     selectors.append(default.statefulset["spec"]["selector"]["matchLabels"])
     for selector in selectors:
         assert selector
@@ -145,11 +154,11 @@ def ports(entries: list[dict[str, Any]], key: str) -> dict[str, int]:
 
 
 def test_default_ports_are_public_http_and_internal_only(default: Rendered) -> None:
-    """Container and Service expose only 4000 and 7443 (the accelerator shares the public port)."""
+    """The container opens only 4000 and 7443; the client Service offers only 4000."""
     assert ports(default.container["ports"], "containerPort") == {"http": 4000, "internal": 7443}
     service = default.one("Service", "kura")["spec"]
-    assert ports(service["ports"], "port") == {"http": 4000, "internal": 7443}
-    assert {p["targetPort"] for p in service["ports"]} == {"http", "internal"}
+    assert ports(service["ports"], "port") == {"http": 4000}
+    assert {p["targetPort"] for p in service["ports"]} == {"http"}
     assert default.env["KURA_PORT"] == "4000"
     assert default.env["KURA_INTERNAL_PORT"] == "7443"
     assert "KURA_HTTPS_PORT" not in default.env
@@ -164,7 +173,7 @@ def test_public_tls_adds_the_https_port_and_certificate(chart: ChartRenderer) ->
         "https": 4443,
     }
     service = rendered.one("Service", "kura")["spec"]
-    assert ports(service["ports"], "port") == {"http": 4000, "internal": 7443, "https": 4443}
+    assert ports(service["ports"], "port") == {"http": 4000, "https": 4443}
     env = rendered.env
     assert env["KURA_HTTPS_PORT"] == "4443"
     assert env["KURA_PUBLIC_TLS_CERT_PATH"] == "/etc/kura/public-tls/tls.crt"
@@ -185,6 +194,22 @@ def test_headless_service_publishes_not_ready_pods(default: Rendered) -> None:
     assert spec["clusterIP"] == "None"
     assert spec["publishNotReadyAddresses"] is True
     assert ports(spec["ports"], "port")["internal"] == 7443
+
+
+def test_only_the_headless_service_carries_the_internal_port(chart: ChartRenderer) -> None:
+    """With every feature on, 7443 is on the headless Service alone, which peers' URLs name."""
+    rendered = chart.render(EVERYTHING)
+    carriers = [
+        s["metadata"]["name"]
+        for s in rendered.of_kind("Service")
+        if any(p["port"] == 7443 or p["targetPort"] == "internal" for p in s["spec"]["ports"])
+    ]
+    assert carriers == ["kura-headless"]
+    headless = "kura-headless.cache.svc.cluster.local"
+    assert rendered.env["KURA_DISCOVERY_DNS_NAME"] == headless
+    assert rendered.env["KURA_NODE_URL"] == f"https://$(POD_NAME).{headless}:7443"
+    seeded = rendered.env["KURA_PEERS"].split(",")[1:]
+    assert seeded == [f"https://kura-{n}.{headless}:7443" for n in range(3)]
 
 
 # -- env --------------------------------------------------------------------------
@@ -333,6 +358,79 @@ def test_extra_env_is_appended(chart: ChartRenderer) -> None:
     """extraEnv entries come after the chart's own variables."""
     rendered = chart.render({"extraEnv": [{"name": "KURA_EXTENSION_TIMEOUT_MS", "value": "50"}]})
     assert rendered.container["env"][-1] == {"name": "KURA_EXTENSION_TIMEOUT_MS", "value": "50"}
+
+
+# -- network fencing --------------------------------------------------------------
+
+SAME_RELEASE = {"app.kubernetes.io/name": "kura", "app.kubernetes.io/instance": "kura"}
+
+
+def ingress_rules(rendered: Rendered) -> list[dict[str, Any]]:
+    policy = rendered.one("NetworkPolicy", "kura")["spec"]
+    assert policy["podSelector"] == {"matchLabels": SAME_RELEASE}
+    assert policy["policyTypes"] == ["Ingress"]
+    rules: list[dict[str, Any]] = policy["ingress"]
+    return rules
+
+
+def rule_ports(rule: dict[str, Any]) -> set[int]:
+    assert {p["protocol"] for p in rule["ports"]} == {"TCP"}
+    return {p["port"] for p in rule["ports"]}
+
+
+def test_network_policy_admits_the_internal_port_only_from_this_release(
+    default: Rendered,
+) -> None:
+    """The internal port's only rule admits this release's pods; the public port is open to all."""
+    peers, public = ingress_rules(default)
+    assert rule_ports(peers) == {7443}
+    # A podSelector without a namespaceSelector means: this namespace only.
+    assert peers["from"] == [{"podSelector": {"matchLabels": SAME_RELEASE}}]
+    assert rule_ports(public) == {4000}
+    assert "from" not in public  # from anywhere
+    assert all(7443 not in rule_ports(r) for r in ingress_rules(default) if r is not peers)
+
+
+def test_network_policy_follows_ports_and_release(chart: ChartRenderer) -> None:
+    """Moved ports, public TLS and another release name reach the policy's rules and selectors."""
+    rendered = chart.render(
+        {
+            "ports": {"http": 8080, "internal": 9443},
+            "publicTls": {"enabled": True, "secretName": "kura-public-tls"},
+        },
+        release="cache-eu",
+    )
+    policy = rendered.one("NetworkPolicy", "cache-eu-kura")["spec"]
+    release = {"app.kubernetes.io/name": "kura", "app.kubernetes.io/instance": "cache-eu"}
+    assert policy["podSelector"] == {"matchLabels": release}
+    peers, public = policy["ingress"]
+    assert rule_ports(peers) == {9443}
+    assert peers["from"] == [{"podSelector": {"matchLabels": release}}]
+    assert rule_ports(public) == {8080, 4443}
+
+
+def test_public_ports_can_be_narrowed_with_a_metrics_exception(chart: ChartRenderer) -> None:
+    """publicFrom restricts the public ports; metricsFrom then admits a scraper to the http port."""
+    ci = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ci"}}}
+    prometheus = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }
+    rendered = chart.render({"networkPolicy": {"publicFrom": [ci], "metricsFrom": [prometheus]}})
+    peers, public, metrics = ingress_rules(rendered)
+    assert rule_ports(peers) == {7443}
+    assert public["from"] == [ci]
+    assert rule_ports(public) == {4000}
+    assert metrics["from"] == [prometheus]
+    assert rule_ports(metrics) == {4000}
+    # metricsFrom alone adds nothing: the http port is already open to everyone.
+    only_metrics = chart.render({"networkPolicy": {"metricsFrom": [prometheus]}})
+    assert len(ingress_rules(only_metrics)) == 2
+
+
+def test_network_policy_can_be_turned_off(chart: ChartRenderer) -> None:
+    """networkPolicy.enabled false renders no NetworkPolicy."""
+    assert chart.render({"networkPolicy": {"enabled": False}}).of_kind("NetworkPolicy") == []
 
 
 # -- probes and shutdown ----------------------------------------------------------
