@@ -2,14 +2,15 @@
 
 Each test renders the chart with ``helm-python-sdk`` (Helm's Go SDK; see
 ``tests/helm/engine.py``), parses the manifests and checks what a cluster
-would run: ports, env wiring, probes, drain timing, volumes, the network
-fencing (Services, NetworkPolicy) and the optional features. The env the
-chart renders is also fed to ``KuraConfig.from_environ`` so the chart and
-the node cannot drift apart.
+would run: ports, env wiring, probes, drain timing, volumes, the security
+defaults (Services, NetworkPolicy, generated Secrets) and the optional
+features. The env the chart renders is also fed to ``KuraConfig.from_environ``
+so the chart and the node cannot drift apart.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -48,11 +49,35 @@ EVERYTHING: dict[str, Any] = {
     "extension": {"enabled": True, "script": EXTENSION},
     "peerTls": {"enabled": True, "secretName": "kura-peer-tls"},
     "publicTls": {"enabled": True, "secretName": "kura-public-tls"},
+    "peerAuth": {"acceptUnsignedUntil": "2026-12-31T00:00:00Z"},
 }
 #: Declared by kura/config.py but deliberately not set by the chart.
-NOT_EXPOSED = {"KURA_FAILPOINTS": "crash-injection for tests only"}
+NOT_EXPOSED = {
+    "KURA_FAILPOINTS": "crash-injection for tests only",
+    "KURA_AUTH_READ_TOKENS": "the chart mounts a tokens file (KURA_AUTH_TOKENS_FILE)",
+    "KURA_AUTH_WRITE_TOKENS": "the chart mounts a tokens file (KURA_AUTH_TOKENS_FILE)",
+    "KURA_PEER_SECRET_FILE": "the chart sets KURA_PEER_SECRET from a secretKeyRef",
+    "KURA_PEER_SECRET_NEXT_FILE": "the chart sets KURA_PEER_SECRET_NEXT from a secretKeyRef",
+}
 #: Set by the chart ahead of its declaration in kura/config.py.
-PENDING_DECLARATION = {"KURA_EXTENSION_SCRIPT_PATH"}
+PENDING_DECLARATION = {
+    "KURA_EXTENSION_SCRIPT_PATH",
+    # Peer plane authentication.
+    "KURA_PEER_SECRET",
+    "KURA_PEER_SECRET_NEXT",
+    "KURA_INTERNAL_TLS_PEER_NAMES",
+    "KURA_INTERNAL_INSECURE",
+    "KURA_PEER_ACCEPT_UNSIGNED_UNTIL",
+    # Public authentication.
+    "KURA_AUTH_TOKENS_FILE",
+    "KURA_AUTH_ANONYMOUS_READ",
+    "KURA_ALLOW_ANONYMOUS_DELETE",
+}
+#: Stands for a value in a Secret the user provides (the chart renders none):
+#: as long as a peer secret must be (at least 32 bytes).
+USER_SECRET_VALUE = "u" * 64
+#: Stands for a file projected from a user's Secret volume, by volume name.
+USER_SECRET_FILES = {"auth-tokens": f"write {USER_SECRET_VALUE}\n"}
 #: Replication limiter gauges another change adds to kura/metrics.py.
 PENDING_METRICS = {
     "kura_replication_bandwidth_configured_limit_bytes_per_second",
@@ -85,13 +110,58 @@ def merged(*layers: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def node_environ(rendered: Rendered, pod_name: str = "kura-0") -> dict[str, str]:
-    """The container env as the kubelet would hand it to kura in pod ``pod_name``."""
-    return {
-        name: value.replace("$(POD_NAME)", pod_name)
-        for name, value in rendered.env.items()
-        if name.startswith("KURA_")
+def node_environ(rendered: Rendered, files: Path, pod_name: str = "kura-0") -> dict[str, str]:
+    """The container env as the kubelet would hand it to kura in pod ``pod_name``.
+
+    ``$(POD_NAME)`` is expanded. A ``secretKeyRef`` takes its value from the
+    Secret the chart renders, or :data:`USER_SECRET_VALUE` for a user's
+    Secret; an optional key the Secret lacks leaves the variable unset, as
+    the kubelet does. Files a variable points at inside a Secret volume are
+    written under ``files`` (with the rendered Secret's content, or a stand-in
+    for a user's) and the variable is pointed there.
+    """
+    rendered_secrets = {s["metadata"]["name"] for s in rendered.of_kind("Secret")}
+    environ: dict[str, str] = {}
+    for entry in rendered.container["env"]:
+        name = entry["name"]
+        if not name.startswith("KURA_"):
+            continue
+        if "value" in entry:
+            environ[name] = entry["value"].replace("$(POD_NAME)", pod_name)
+            continue
+        ref = entry["valueFrom"]["secretKeyRef"]
+        if ref["name"] not in rendered_secrets:
+            if not ref.get("optional"):
+                environ[name] = USER_SECRET_VALUE
+            continue
+        data = rendered.secret_data(ref["name"])
+        if ref["key"] in data:
+            environ[name] = data[ref["key"]]
+        else:
+            assert ref.get("optional"), f"{name}: the kubelet would refuse to start the pod"
+    secret_volumes = {
+        v["name"]: v["secret"] for v in rendered.pod["spec"]["volumes"] if "secret" in v
     }
+    for mount in rendered.container["volumeMounts"]:
+        source = secret_volumes.get(mount["name"])
+        if source is None:
+            continue
+        prefix = mount["mountPath"] + "/"
+        projected = {item["path"]: item["key"] for item in source.get("items", [])}
+        for name, value in list(environ.items()):
+            if not value.startswith(prefix):
+                continue
+            path = value.removeprefix(prefix)
+            if source["secretName"] in rendered_secrets:
+                key = projected[path] if projected else path
+                content = rendered.secret_data(source["secretName"])[key]
+            else:
+                content = USER_SECRET_FILES.get(mount["name"], "PEM\n")
+            target = files / mount["name"] / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content)
+            environ[name] = str(target)
+    return environ
 
 
 def parse(environ: dict[str, str]) -> KuraConfig:
@@ -102,11 +172,13 @@ def parse(environ: dict[str, str]) -> KuraConfig:
 
 
 def test_default_render_has_the_expected_objects(default: Rendered) -> None:
-    """By default: a StatefulSet, two Services, a NetworkPolicy, a PDB and a ServiceAccount."""
+    """By default: StatefulSet, two Services, NetworkPolicy, two Secrets, PDB, ServiceAccount."""
     kinds = sorted(o["kind"] for o in default.objects)
     assert kinds == [
         "NetworkPolicy",
         "PodDisruptionBudget",
+        "Secret",
+        "Secret",
         "Service",
         "Service",
         "ServiceAccount",
@@ -241,7 +313,9 @@ def test_data_and_tmp_dirs_live_on_the_pod_volume(default: Rendered) -> None:
     assert [c["metadata"]["name"] for c in claims] == ["cache"]
 
 
-def test_accelerator_variables_are_always_set(chart: ChartRenderer, default: Rendered) -> None:
+def test_accelerator_variables_are_always_set(
+    chart: ChartRenderer, default: Rendered, tmp_path: Path
+) -> None:
     """All four accelerator variables render, with defaults and with every value overridden."""
     assert {name: default.env[name] for name in ACCEL_VARS} == dict(
         zip(ACCEL_VARS, ("true", "splice", "32", "1048576"), strict=True)
@@ -261,7 +335,7 @@ def test_accelerator_variables_are_always_set(chart: ChartRenderer, default: Ren
     assert {name: rendered.env[name] for name in ACCEL_VARS} == dict(
         zip(ACCEL_VARS, ("false", "sendfile", "8", "65536"), strict=True)
     )
-    config = parse(node_environ(rendered))
+    config = parse(node_environ(rendered, tmp_path))
     assert config.accelerator == kura_config.AcceleratorConfig(
         enabled=False, mode="sendfile", max_concurrent=8, chunk_bytes=65536
     )
@@ -273,7 +347,7 @@ def test_schema_rejects_an_unknown_accelerator_mode(chart: ChartRenderer) -> Non
         chart.render({"config": {"acceleratedFileServing": {"mode": "uring"}}})
 
 
-def test_replication_and_storage_values_reach_the_env(chart: ChartRenderer) -> None:
+def test_replication_and_storage_values_reach_the_env(chart: ChartRenderer, tmp_path: Path) -> None:
     """Replication, drain, tmp budget, capacity, tenant and region values reach the env."""
     rendered = chart.render(
         {
@@ -300,7 +374,7 @@ def test_replication_and_storage_values_reach_the_env(chart: ChartRenderer) -> N
     assert env["KURA_REPLICATION_BANDWIDTH_LIMIT_BYTES_PER_SECOND"] == "0"
     assert env["KURA_REPLICATION_PUBLIC_LATENCY_TARGET_MS"] == "250"
     assert env["KURA_PEERS"] == "http://a:7443,http://b:7443"
-    config = parse(node_environ(rendered))
+    config = parse(node_environ(rendered, tmp_path))
     assert config.replication.bandwidth_limit_bytes_per_second == 0
     assert config.replication.public_latency_target_ms == 250
     assert config.cas_capacity_bytes == 150 * GiB
@@ -316,14 +390,17 @@ def test_default_replication_values_match_upstream(default: Rendered) -> None:
     assert "KURA_PEERS" not in default.env
 
 
-def test_chart_defaults_equal_the_node_defaults(default: Rendered) -> None:
-    """Parsed by kura, the default env equals the node's defaults bar what the chart places."""
-    environ = node_environ(default)
+def test_chart_defaults_equal_the_node_defaults(default: Rendered, tmp_path: Path) -> None:
+    """Parsed by kura, the default env equals the node's defaults bar placement and credentials."""
+    environ = node_environ(default, tmp_path)
     placed = (
         "KURA_NODE_URL",
         "KURA_DATA_DIR",
         "KURA_TMP_DIR",
         "KURA_DISCOVERY_DNS_NAME",
+        # Authenticated by default, where a bare node runs open.
+        "KURA_PEER_SECRET",
+        "KURA_AUTH_TOKENS_FILE",
     )
     assert parse(environ) == parse({name: environ[name] for name in placed})
     assert parse(environ).node_url == "http://kura-0.kura-headless.cache.svc.cluster.local:7443"
@@ -332,14 +409,14 @@ def test_chart_defaults_equal_the_node_defaults(default: Rendered) -> None:
 def test_every_variable_the_chart_sets_is_one_kura_reads(chart: ChartRenderer) -> None:
     """No KURA_* name in the chart is misspelt: each is declared in kura/config.py."""
     declared = {v.name for v in kura_config.VARIABLES}
-    rendered = set(chart.render(EVERYTHING).env) | set(chart.render().env)
+    rendered = chart.render(EVERYTHING).env_names | chart.render().env_names
     unknown = {n for n in rendered if n.startswith("KURA_")} - declared - PENDING_DECLARATION
     assert unknown == set()
 
 
 def test_every_variable_kura_reads_is_mapped_by_the_chart(chart: ChartRenderer) -> None:
     """Each kura/config.py variable is set by the chart, unless listed or extension tuning."""
-    rendered = set(chart.render(EVERYTHING).env)
+    rendered = chart.render(EVERYTHING).env_names
     missing = sorted(
         v.name
         for v in kura_config.VARIABLES
@@ -431,6 +508,186 @@ def test_public_ports_can_be_narrowed_with_a_metrics_exception(chart: ChartRende
 def test_network_policy_can_be_turned_off(chart: ChartRenderer) -> None:
     """networkPolicy.enabled false renders no NetworkPolicy."""
     assert chart.render({"networkPolicy": {"enabled": False}}).of_kind("NetworkPolicy") == []
+
+
+# -- authentication ---------------------------------------------------------------
+
+
+def test_default_install_signs_peer_traffic_with_a_generated_secret(default: Rendered) -> None:
+    """KURA_PEER_SECRET comes from a generated, kept Secret of 64 random characters."""
+    assert default.secret_env["KURA_PEER_SECRET"] == {
+        "name": "kura-peer-auth",
+        "key": "peer-secret",
+    }
+    assert default.secret_env["KURA_PEER_SECRET_NEXT"] == {
+        "name": "kura-peer-auth",
+        "key": "peer-secret-next",
+        "optional": True,
+    }
+    secret = default.one("Secret", "kura-peer-auth")
+    assert secret["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert secret["type"] == "Opaque"
+    data = default.secret_data("kura-peer-auth")
+    assert list(data) == ["peer-secret"]
+    assert re.fullmatch(r"[A-Za-z0-9]{64}", data["peer-secret"])
+    assert default.env["KURA_INTERNAL_INSECURE"] == "false"
+    assert "KURA_PEER_ACCEPT_UNSIGNED_UNTIL" not in default.env
+    assert "KURA_INTERNAL_TLS_PEER_NAMES" not in default.env
+
+
+def test_default_install_requires_tokens_from_a_generated_secret(
+    default: Rendered, tmp_path: Path
+) -> None:
+    """The pod reads a mounted tokens file holding digests of a random write and read token."""
+    assert default.env["KURA_AUTH_TOKENS_FILE"] == "/etc/kura/auth/tokens"
+    assert default.env["KURA_AUTH_ANONYMOUS_READ"] == "false"
+    assert default.env["KURA_ALLOW_ANONYMOUS_DELETE"] == "false"
+    assert default.mount("auth-tokens") == {
+        "name": "auth-tokens",
+        "mountPath": "/etc/kura/auth",
+        "readOnly": True,
+    }
+    # Only the tokens file is projected: the plain tokens never reach the pod.
+    assert default.volume("auth-tokens")["secret"] == {
+        "secretName": "kura-auth",
+        "defaultMode": 0o440,
+        "items": [{"key": "tokens", "path": "tokens"}],
+    }
+    secret = default.one("Secret", "kura-auth")
+    assert secret["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    data = default.secret_data("kura-auth")
+    write, read = data["write-token"], data["read-token"]
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", write)
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", read)
+    assert write != read
+    entries = [line.split() for line in data["tokens"].splitlines() if not line.startswith("#")]
+    assert entries == [
+        ["write", "sha256:" + hashlib.sha256(write.encode()).hexdigest()],
+        ["read", "sha256:" + hashlib.sha256(read.encode()).hexdigest()],
+    ]
+    # What the node is handed: the generated file, at the path the variable names.
+    environ = node_environ(default, tmp_path)
+    assert Path(environ["KURA_AUTH_TOKENS_FILE"]).read_text() == data["tokens"]
+    assert environ["KURA_PEER_SECRET"] == default.secret_data("kura-peer-auth")["peer-secret"]
+    assert "KURA_PEER_SECRET_NEXT" not in environ
+
+
+def test_open_mode_renders_no_tokens(chart: ChartRenderer) -> None:
+    """auth.mode open is an explicit opt-out: no tokens Secret, file, mount or token variable."""
+    rendered = chart.render({"auth": {"mode": "open", "allowAnonymousDelete": True}})
+    assert [s["metadata"]["name"] for s in rendered.of_kind("Secret")] == ["kura-peer-auth"]
+    assert not {n for n in rendered.env_names if n.startswith("KURA_AUTH_") and "TOKEN" in n}
+    assert all(ref["name"] == "kura-peer-auth" for ref in rendered.secret_env.values())
+    assert all(v["name"] != "auth-tokens" for v in rendered.pod["spec"]["volumes"])
+    assert all(m["name"] != "auth-tokens" for m in rendered.container["volumeMounts"])
+    assert rendered.env["KURA_ALLOW_ANONYMOUS_DELETE"] == "true"
+    assert "WARNING: open mode" in rendered.files["kura/templates/NOTES.txt"]
+
+
+def test_extension_mode_needs_the_extension(chart: ChartRenderer) -> None:
+    """auth.mode extension without extension.enabled fails the render with a message."""
+    with pytest.raises(
+        chart.helm.HelmError, match=r"auth\.mode extension needs extension\.enabled"
+    ):
+        chart.render({"auth": {"mode": "extension"}})
+
+
+def test_extension_mode_authenticates_with_the_extension_alone(chart: ChartRenderer) -> None:
+    """auth.mode extension mounts the script and renders no tokens."""
+    rendered = chart.render(
+        {"auth": {"mode": "extension"}, "extension": {"enabled": True, "script": EXTENSION}}
+    )
+    assert rendered.env["KURA_EXTENSION_SCRIPT_PATH"] == "/etc/kura/extension.py"
+    assert "KURA_AUTH_TOKENS_FILE" not in rendered.env
+    assert rendered.of_kind("Secret") == [rendered.one("Secret", "kura-peer-auth")]
+
+
+def test_schema_rejects_an_unknown_auth_mode(chart: ChartRenderer) -> None:
+    """values.schema.json accepts only tokens, open and extension as auth.mode."""
+    with pytest.raises(chart.helm.HelmValuesError, match="auth/mode"):
+        chart.render({"auth": {"mode": "none"}})
+
+
+def test_existing_tokens_secret_is_mounted_and_nothing_generated(chart: ChartRenderer) -> None:
+    """auth.existingSecret mounts the named key of the user's Secret; the chart makes none."""
+    rendered = chart.render(
+        {"auth": {"existingSecret": "ci-tokens", "tokensKey": "kura", "anonymousRead": True}}
+    )
+    assert rendered.of_kind("Secret") == [rendered.one("Secret", "kura-peer-auth")]
+    assert rendered.volume("auth-tokens")["secret"]["secretName"] == "ci-tokens"
+    assert rendered.volume("auth-tokens")["secret"]["items"] == [{"key": "kura", "path": "tokens"}]
+    assert rendered.env["KURA_AUTH_TOKENS_FILE"] == "/etc/kura/auth/tokens"
+    assert rendered.env["KURA_AUTH_ANONYMOUS_READ"] == "true"
+    assert "Secret ci-tokens, key kura" in rendered.files["kura/templates/NOTES.txt"]
+
+
+def test_existing_peer_secret_is_wired_and_nothing_generated(chart: ChartRenderer) -> None:
+    """peerAuth.existingSecret feeds KURA_PEER_SECRET and _NEXT from the user's Secret and keys."""
+    rendered = chart.render(
+        {
+            "peerAuth": {
+                "existingSecret": "mesh",
+                "secretKey": "current",
+                "nextSecretKey": "next",
+            }
+        }
+    )
+    assert [s["metadata"]["name"] for s in rendered.of_kind("Secret")] == ["kura-auth"]
+    assert rendered.secret_env["KURA_PEER_SECRET"] == {"name": "mesh", "key": "current"}
+    assert rendered.secret_env["KURA_PEER_SECRET_NEXT"] == {
+        "name": "mesh",
+        "key": "next",
+        "optional": True,
+    }
+
+
+def test_insecure_peers_get_no_secret(chart: ChartRenderer) -> None:
+    """peerAuth.insecure sets KURA_INTERNAL_INSECURE and neither generates nor wires a secret."""
+    rendered = chart.render({"peerAuth": {"insecure": True}})
+    assert rendered.env["KURA_INTERNAL_INSECURE"] == "true"
+    assert not {"KURA_PEER_SECRET", "KURA_PEER_SECRET_NEXT"} & rendered.env_names
+    assert [s["metadata"]["name"] for s in rendered.of_kind("Secret")] == ["kura-auth"]
+    # A Secret of the user's is still used: insecure is then only the node's fallback.
+    mesh = chart.render({"peerAuth": {"insecure": True, "existingSecret": "mesh"}})
+    assert mesh.secret_env["KURA_PEER_SECRET"] == {"name": "mesh", "key": "peer-secret"}
+
+
+def test_unsigned_peer_traffic_can_be_accepted_for_a_while(chart: ChartRenderer) -> None:
+    """peerAuth.acceptUnsignedUntil reaches the env; the schema wants an RFC 3339 UTC time."""
+    rendered = chart.render({"peerAuth": {"acceptUnsignedUntil": "2026-12-31T00:00:00Z"}})
+    assert rendered.env["KURA_PEER_ACCEPT_UNSIGNED_UNTIL"] == "2026-12-31T00:00:00Z"
+    with pytest.raises(chart.helm.HelmValuesError, match="acceptUnsignedUntil"):
+        chart.render({"peerAuth": {"acceptUnsignedUntil": "2026-12-31"}})
+
+
+def test_peer_mtls_requires_the_pods_names_by_default(chart: ChartRenderer) -> None:
+    """Under peerTls, KURA_INTERNAL_TLS_PEER_NAMES is the pods' wildcard unless peerNames is set."""
+    tls = {"enabled": True, "secretName": "kura-peer-tls"}
+    rendered = chart.render({"peerTls": tls}, release="cache-eu", namespace="builds")
+    assert rendered.env["KURA_INTERNAL_TLS_PEER_NAMES"] == (
+        "*.cache-eu-kura-headless.builds.svc.cluster.local"
+    )
+    # The pattern covers every pod's URL host ("*." matches exactly one label).
+    for url in rendered.env["KURA_PEERS"].split(","):
+        host = url.split("://")[1].split(":")[0]
+        assert host.split(".", 1)[1] == "cache-eu-kura-headless.builds.svc.cluster.local"
+    listed = chart.render({"peerTls": {**tls, "peerNames": ["*.mesh.example", "kura.example"]}})
+    assert listed.env["KURA_INTERNAL_TLS_PEER_NAMES"] == "*.mesh.example,kura.example"
+    # The peer secret stays on under mTLS: both checks apply.
+    assert "KURA_PEER_SECRET" in listed.secret_env
+
+
+def test_notes_tell_how_to_read_the_generated_tokens(default: Rendered) -> None:
+    """NOTES.txt names the generated Secret and gives a kubectl command for each token."""
+    notes = default.files["kura/templates/NOTES.txt"]
+    for key in ("write-token", "read-token"):
+        command = (
+            "kubectl -n cache get secret kura-auth -o go-template="
+            f"'{{{{index .data \"{key}\" | base64decode}}}}'"
+        )
+        assert command in notes
+    assert "Secret kura-peer-auth" in notes
+    assert "WARNING" not in notes
 
 
 # -- probes and shutdown ----------------------------------------------------------
@@ -631,13 +888,7 @@ def test_peer_mtls_mounts_the_secret_and_switches_to_https(
     assert secret == {"secretName": "kura-peer-tls", "defaultMode": 0o440}
 
     # kura checks the files exist and that the node URL's scheme matches mTLS.
-    for name in ("ca.crt", "tls.crt", "tls.key"):
-        (tmp_path / name).write_text("PEM")
-    environ = {
-        name: value.replace("/etc/kura/peer-tls", str(tmp_path))
-        for name, value in node_environ(rendered).items()
-    }
-    config = parse(environ)
+    config = parse(node_environ(rendered, tmp_path))
     assert config.node_url == "https://kura-0.kura-headless.cache.svc.cluster.local:7443"
     assert config.replication.internal_tls is not None
     # DNS discovery over https offers only the headless name, so every pod is seeded.

@@ -14,6 +14,7 @@ registry cannot be reached; any other install failure is a test error.
 
 from __future__ import annotations
 
+import base64
 import importlib
 import os
 import re
@@ -155,6 +156,25 @@ class Rendered:
     def env(self) -> dict[str, str]:
         """Literal ``value`` env entries by name (later entries win, as in the kubelet)."""
         return {e["name"]: e["value"] for e in self.container["env"] if "value" in e}
+
+    @property
+    def env_names(self) -> set[str]:
+        """Every env entry's name, literal or ``valueFrom``."""
+        return {e["name"] for e in self.container["env"]}
+
+    @property
+    def secret_env(self) -> dict[str, dict[str, Any]]:
+        """``valueFrom.secretKeyRef`` env entries by name: the reference, not a value."""
+        return {
+            e["name"]: e["valueFrom"]["secretKeyRef"]
+            for e in self.container["env"]
+            if "secretKeyRef" in e.get("valueFrom", {})
+        }
+
+    def secret_data(self, name: str) -> dict[str, str]:
+        """The rendered Secret ``name``'s data, base64-decoded as the kubelet hands it over."""
+        data: dict[str, str] = self.one("Secret", name).get("data") or {}
+        return {key: base64.b64decode(value).decode() for key, value in data.items()}
 
     def volume(self, name: str) -> dict[str, Any]:
         found = [v for v in self.pod["spec"]["volumes"] if v["name"] == name]
