@@ -54,6 +54,8 @@ EVERYTHING: dict[str, Any] = {
     "peerTls": {"enabled": True, "secretName": "kura-peer-tls"},
     "publicTls": {"enabled": True, "secretName": "kura-public-tls"},
     "peerAuth": {"acceptUnsignedUntil": "2026-12-31T00:00:00Z"},
+    "metrics": {"token": {"existingSecret": "kura-scrape"}},
+    "status": {"token": {"existingSecret": "kura-status"}},
 }
 #: Declared by kura/config.py but deliberately not set by the chart.
 NOT_EXPOSED = {
@@ -76,6 +78,8 @@ PENDING_DECLARATION = {
     "KURA_AUTH_TOKENS_FILE",
     "KURA_AUTH_ANONYMOUS_READ",
     "KURA_ALLOW_ANONYMOUS_DELETE",
+    "KURA_METRICS_TOKEN",
+    "KURA_STATUS_TOKEN",
 }
 #: Stands for a value in a Secret the user provides (the chart renders none):
 #: as long as a peer secret must be (at least 32 bytes).
@@ -759,6 +763,65 @@ def test_an_upgrade_fills_in_a_key_missing_from_the_kept_secret(chart: ChartRend
     assert re.fullmatch(r"[A-Za-z0-9]{48}", data["read-token"])
     digests = [line.split()[1] for line in data["tokens"].splitlines()[1:]]
     assert digests[0] == "sha256:" + hashlib.sha256(write.encode()).hexdigest()
+
+
+# -- metrics and status tokens ----------------------------------------------------
+
+
+def test_metrics_and_status_tokens_come_from_the_users_secrets(chart: ChartRenderer) -> None:
+    """metrics.token and status.token feed KURA_METRICS_TOKEN and KURA_STATUS_TOKEN by reference."""
+    rendered = chart.render(
+        {
+            "metrics": {"token": {"existingSecret": "scrape", "key": "bearer"}},
+            "status": {"token": {"existingSecret": "ops"}},
+        }
+    )
+    assert rendered.secret_env["KURA_METRICS_TOKEN"] == {"name": "scrape", "key": "bearer"}
+    assert rendered.secret_env["KURA_STATUS_TOKEN"] == {"name": "ops", "key": "token"}
+    notes = rendered.files["kura/templates/NOTES.txt"]
+    assert "Authorization: Bearer $STATUS_TOKEN" in notes
+
+
+def test_metrics_and_status_are_open_by_default(default: Rendered) -> None:
+    """Without a token Secret, neither KURA_METRICS_TOKEN nor KURA_STATUS_TOKEN is set."""
+    assert not {"KURA_METRICS_TOKEN", "KURA_STATUS_TOKEN"} & default.env_names
+    assert default.of_kind("ServiceMonitor") == []
+
+
+def test_service_monitor_scrapes_the_client_service_with_the_token(chart: ChartRenderer) -> None:
+    """The ServiceMonitor scrapes /metrics on http through the client Service, sending the token."""
+    rendered = chart.render(
+        {
+            "metrics": {"token": {"existingSecret": "scrape", "key": "bearer"}},
+            "serviceMonitor": {
+                "enabled": True,
+                "labels": {"release": "prometheus"},
+                "interval": "30s",
+            },
+        }
+    )
+    monitor = rendered.one("ServiceMonitor", "kura")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint == {
+        "port": "http",
+        "path": "/metrics",
+        "scheme": "http",
+        "interval": "30s",
+        "bearerTokenSecret": {"name": "scrape", "key": "bearer"},
+    }
+    assert rendered.secret_env["KURA_METRICS_TOKEN"] == endpoint["bearerTokenSecret"]
+    # Exactly one Service matches, so each pod is scraped once.
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    matching = [
+        s["metadata"]["name"]
+        for s in rendered.of_kind("Service")
+        if selector.items() <= s["metadata"]["labels"].items()
+    ]
+    assert matching == ["kura"]
+    tokenless = chart.render({"serviceMonitor": {"enabled": True}}).one("ServiceMonitor")
+    assert "bearerTokenSecret" not in tokenless["spec"]["endpoints"][0]
 
 
 # -- probes and shutdown ----------------------------------------------------------
