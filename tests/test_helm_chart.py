@@ -48,6 +48,7 @@ EVERYTHING: dict[str, Any] = {
         "casCapacityBytes": 100 * GiB,
         "memorySoftLimitBytes": 700 * MiB,
         "memoryHardLimitBytes": 850 * MiB,
+        "trustedProxies": ["10.0.0.0/8"],
         "replication": {"peers": ["https://seed:7443"]},
     },
     "extension": {"enabled": True, "script": EXTENSION},
@@ -80,6 +81,10 @@ PENDING_DECLARATION = {
     "KURA_ALLOW_ANONYMOUS_DELETE",
     "KURA_METRICS_TOKEN",
     "KURA_STATUS_TOKEN",
+    # Ingest limits.
+    "KURA_TRUSTED_PROXIES",
+    "KURA_MAX_UPLOADS_PER_CLIENT",
+    "KURA_MULTIPART_MAX_UNFINISHED",
 }
 #: Stands for a value in a Secret the user provides (the chart renders none):
 #: as long as a peer secret must be (at least 32 bytes).
@@ -822,6 +827,28 @@ def test_service_monitor_scrapes_the_client_service_with_the_token(chart: ChartR
     assert matching == ["kura"]
     tokenless = chart.render({"serviceMonitor": {"enabled": True}}).one("ServiceMonitor")
     assert "bearerTokenSecret" not in tokenless["spec"]["endpoints"][0]
+
+
+# -- ingest limits ----------------------------------------------------------------
+
+
+def test_ingest_limits_reach_the_env(chart: ChartRenderer, default: Rendered) -> None:
+    """Upload and multipart limits are always set; trusted proxies only when listed."""
+    assert default.env["KURA_MAX_UPLOADS_PER_CLIENT"] == "64"
+    assert default.env["KURA_MULTIPART_MAX_UNFINISHED"] == "10000"
+    assert "KURA_TRUSTED_PROXIES" not in default.env
+    rendered = chart.render(
+        {
+            "config": {
+                "maxUploadsPerClient": 8,
+                "multipartMaxUnfinished": 500,
+                "trustedProxies": ["10.0.0.0/8", "192.168.1.10"],
+            }
+        }
+    )
+    assert rendered.env["KURA_MAX_UPLOADS_PER_CLIENT"] == "8"
+    assert rendered.env["KURA_MULTIPART_MAX_UNFINISHED"] == "500"
+    assert rendered.env["KURA_TRUSTED_PROXIES"] == "10.0.0.0/8,192.168.1.10"
 
 
 # -- probes and shutdown ----------------------------------------------------------
