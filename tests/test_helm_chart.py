@@ -767,7 +767,10 @@ def test_an_upgrade_fills_in_a_key_missing_from_the_kept_secret(chart: ChartRend
     assert data["write-token"] == write
     assert re.fullmatch(r"[A-Za-z0-9]{48}", data["read-token"])
     digests = [line.split()[1] for line in data["tokens"].splitlines()[1:]]
-    assert digests[0] == "sha256:" + hashlib.sha256(write.encode()).hexdigest()
+    assert digests == [
+        "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+        for token in (write, data["read-token"])
+    ]
 
 
 # -- metrics and status tokens ----------------------------------------------------
