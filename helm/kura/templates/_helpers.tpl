@@ -90,8 +90,80 @@ Integer arithmetic: values arrive as float64 and printing a float would give
 {{- default (printf "%s-extension" (include "kura.fullname" .)) .Values.extension.existingConfigMap -}}
 {{- end -}}
 
+{{/*
+Name of the Secret holding the peer secret: the user's, or the one the chart
+generates once (templates/secret-peer-auth.yaml).
+*/}}
+{{- define "kura.peerAuthSecretName" -}}
+{{- default (printf "%s-peer-auth" (include "kura.fullname" .)) .Values.peerAuth.existingSecret -}}
+{{- end -}}
+
+{{/*
+Whether the pods get a peer secret: always, unless peerAuth.insecure is set
+without a Secret of the user's.
+*/}}
+{{- define "kura.peerSecretWired" -}}
+{{- if or .Values.peerAuth.existingSecret (not .Values.peerAuth.insecure) -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+Name of the Secret holding the public tokens file (auth.mode tokens): the
+user's, or the one the chart generates once (templates/secret-auth.yaml).
+*/}}
+{{- define "kura.authSecretName" -}}
+{{- default (printf "%s-auth" (include "kura.fullname" .)) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{/*
+KURA_INTERNAL_TLS_PEER_NAMES: the SAN patterns a peer's client certificate
+must carry. By default the per-pod names the chart already requires the
+certificates to be valid for ("*." matches exactly one label: the pod name).
+*/}}
+{{- define "kura.peerNames" -}}
+{{- if .Values.peerTls.peerNames -}}
+{{- join "," .Values.peerTls.peerNames -}}
+{{- else -}}
+{{- printf "*.%s" (include "kura.headlessFqdn" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The data of a Secret the chart generates once and keeps: what the live
+Secret already holds (found with `lookup`, so `helm upgrade` and a reinstall
+over a kept Secret reuse it), plus a fresh random value for every key in
+.generate it lacks. Keys an operator added by hand (a rotation's next peer
+secret) are kept too. Returns the data map as JSON (base64 values), since
+`include` can only return a string.
+
+Without a cluster (`helm template`, `--dry-run=client`, Argo CD) `lookup`
+returns nothing and every render generates new values: supply an
+existingSecret there.
+
+Arguments: dict with .root (the chart's top context), .name (the Secret)
+and .generate (key -> length of the random alphanumeric value).
+*/}}
+{{- define "kura.keptSecretData" -}}
+{{- $live := lookup "v1" "Secret" .root.Release.Namespace .name -}}
+{{- $data := dict -}}
+{{- if $live -}}
+{{- $data = merge $data (get $live "data" | default dict) -}}
+{{- end -}}
+{{- range $key, $length := .generate -}}
+{{- if not (get $data $key) -}}
+{{- $_ := set $data $key (randAlphaNum ($length | int) | b64enc) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $data -}}
+{{- end -}}
+
 {{/* Fail early on half-configured optional features. */}}
 {{- define "kura.validate" -}}
+{{- if not (has .Values.auth.mode (list "tokens" "open" "extension")) -}}
+{{- fail (printf "auth.mode must be tokens, open or extension, not %q" (toString .Values.auth.mode)) -}}
+{{- end -}}
+{{- if and (eq .Values.auth.mode "extension") (not .Values.extension.enabled) -}}
+{{- fail "auth.mode extension needs extension.enabled (and extension.script or extension.existingConfigMap): without the extension no request would be authenticated" -}}
+{{- end -}}
 {{- if and .Values.extension.enabled (not .Values.extension.script) (not .Values.extension.existingConfigMap) -}}
 {{- fail "extension.enabled needs extension.script or extension.existingConfigMap" -}}
 {{- end -}}
