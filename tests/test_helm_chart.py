@@ -65,22 +65,11 @@ NOT_EXPOSED = {
     "KURA_AUTH_WRITE_TOKENS": "the chart mounts a tokens file (KURA_AUTH_TOKENS_FILE)",
     "KURA_PEER_SECRET_FILE": "the chart sets KURA_PEER_SECRET from a secretKeyRef",
     "KURA_PEER_SECRET_NEXT_FILE": "the chart sets KURA_PEER_SECRET_NEXT from a secretKeyRef",
+    "KURA_INTERNAL_BIND_HOST": "a chart's pods have peers: the node binds it like the public port",
 }
 #: Set by the chart ahead of its declaration in kura/config.py.
 PENDING_DECLARATION = {
     "KURA_EXTENSION_SCRIPT_PATH",
-    # Peer plane authentication.
-    "KURA_PEER_SECRET",
-    "KURA_PEER_SECRET_NEXT",
-    "KURA_INTERNAL_TLS_PEER_NAMES",
-    "KURA_INTERNAL_INSECURE",
-    "KURA_PEER_ACCEPT_UNSIGNED_UNTIL",
-    # Public authentication.
-    "KURA_AUTH_TOKENS_FILE",
-    "KURA_AUTH_ANONYMOUS_READ",
-    "KURA_ALLOW_ANONYMOUS_DELETE",
-    "KURA_METRICS_TOKEN",
-    "KURA_STATUS_TOKEN",
     # Ingest limits.
     "KURA_TRUSTED_PROXIES",
     "KURA_MAX_UPLOADS_PER_CLIENT",
