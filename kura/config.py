@@ -90,7 +90,8 @@ TMP_DIR_MAX_BYTES = _var(
     _STORAGE,
     "KURA_TMP_DIR_MAX_BYTES",
     str(8 * GiB),
-    "Staging budget; an upload that would exceed it gets 503 with Retry-After.",
+    "Staging budget, reserved as body bytes arrive; an upload whose declared length "
+    "exceeds the free part, or that runs out of it midway, gets 503 with Retry-After.",
 )
 CAS_CAPACITY_BYTES = _var(
     _STORAGE,
