@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from kura.api.client_address import TrustedProxies, parse_trusted_proxies
 from kura.auth.config import EXTENSION_VARIABLES, ExtensionConfig
 from kura.environ import VARIABLES, ConfigError, Reader, Variable, declare
 from kura.failpoints import KNOWN as KNOWN_FAILPOINTS
@@ -173,6 +174,13 @@ BODY_TIMEOUT_MS = _var(
     "KURA_BODY_TIMEOUT_MS",
     "60000",
     "An upload whose body makes no progress for this long is aborted.",
+)
+TRUSTED_PROXIES = _var(
+    _HTTP,
+    "KURA_TRUSTED_PROXIES",
+    "(empty)",
+    "Comma-separated IPs/CIDRs of proxies whose X-Forwarded-For is believed: the client is "
+    "the right-most address in it that is not one of them.",
 )
 DRAIN_COMPLETION_TIMEOUT_MS = _var(
     _HTTP,
@@ -376,6 +384,7 @@ class KuraConfig:
     send_timeout_ms: int = 120_000
     body_timeout_ms: int = 60_000
     drain_completion_timeout_ms: int = 240_000
+    trusted_proxies: TrustedProxies = ()
     memory_soft_limit_bytes: int = 0
     memory_hard_limit_bytes: int = 0
     accelerator: AcceleratorConfig = attrs.field(factory=AcceleratorConfig)
@@ -476,6 +485,7 @@ class KuraConfig:
             send_timeout_ms=read.integer(SEND_TIMEOUT_MS, 120_000, minimum=1),
             body_timeout_ms=read.integer(BODY_TIMEOUT_MS, 60_000, minimum=1),
             drain_completion_timeout_ms=read.integer(DRAIN_COMPLETION_TIMEOUT_MS, 240_000),
+            trusted_proxies=read.trusted_proxies(TRUSTED_PROXIES),
             memory_soft_limit_bytes=soft,
             memory_hard_limit_bytes=hard,
             accelerator=accelerator,
@@ -539,6 +549,13 @@ class _NodeReader(Reader):
         cert, key = values[0], values[1]
         assert cert is not None and key is not None
         return TlsFiles(cert_path=cert, key_path=key, ca_path=values[2] if ca else None)
+
+    def trusted_proxies(self, variable: Variable) -> TrustedProxies:
+        try:
+            return parse_trusted_proxies(self.text(variable, ""))
+        except ValueError as error:
+            self.fail(variable, str(error))
+            return ()
 
     def failpoints(self, variable: Variable) -> tuple[tuple[str, str], ...]:
         value = self._raw(variable)

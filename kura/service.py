@@ -154,6 +154,7 @@ class KuraNode(MultiService):
             idle_timeout=config.keepalive_idle_timeout_ms / 1000,
             send_timeout=config.send_timeout_ms / 1000,
             body_timeout=config.body_timeout_ms / 1000,
+            trusted_proxies=config.trusted_proxies,
         )
         self.site.access_log = config.access_log
         self.accel_pool = ThreadPool(

@@ -49,7 +49,11 @@ EVERYTHING: dict[str, Any] = {
     "publicTls": {"enabled": True, "secretName": "kura-public-tls"},
 }
 #: Declared by kura/config.py but deliberately not set by the chart.
-NOT_EXPOSED = {"KURA_FAILPOINTS": "crash-injection for tests only"}
+NOT_EXPOSED = {
+    "KURA_FAILPOINTS": "crash-injection for tests only",
+    # Upload limits (docs/operations.md, "Upload limits").
+    "KURA_TRUSTED_PROXIES": "wired by the chart in a parallel change",
+}
 #: Set by the chart ahead of its declaration in kura/config.py.
 PENDING_DECLARATION = {"KURA_EXTENSION_SCRIPT_PATH"}
 #: Replication limiter gauges another change adds to kura/metrics.py.

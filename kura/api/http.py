@@ -10,6 +10,8 @@ application sees anything. kura instead:
 * streams accepted artifact bodies into its own staging directory, counted
   against the route limit and the staging budget as they arrive, pausing the
   transport when the disk falls behind;
+* exposes who sent a request as :attr:`KuraRequest.client_address` (the TCP
+  peer, or the client trusted proxies report: :mod:`.client_address`);
 * bounds the whole request head by a deadline (twisted's own timeout is an
   idle timer that every trickled byte resets);
 * holds a public in-flight slot until the last response byte is written,
@@ -28,6 +30,7 @@ import weakref
 from typing import Any
 from urllib.parse import parse_qs
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
@@ -41,6 +44,7 @@ from kura.metrics import KuraMetrics
 from kura.storage.staging import StagingFile
 from kura.telemetry import InflightSlot, PublicTraffic
 
+from .client_address import TrustedProxies, client_address
 from .errors import error_body
 from .gate import UNMATCHED, Admission, Gate, RequestHead
 from .routes import BodyKind, RouteSpec
@@ -79,6 +83,7 @@ class KuraRequest(server.Request):
         self._received_at: float | None = None
         self._first_byte_at: float | None = None
         self._slot: InflightSlot | None = None
+        self._client_address: str | None = None
         self._counted = False
 
     # -- site services ---------------------------------------------------------
@@ -95,6 +100,25 @@ class KuraRequest(server.Request):
         paced ingest may schedule a resume that fires after that.
         """
         return getattr(getattr(self, "channel", None), "transport", None)
+
+    @property
+    def client_address(self) -> str:
+        """Who sent this request, for accounting and logs.
+
+        The TCP peer's address, or the client a trusted proxy reports in
+        ``X-Forwarded-For`` (``KURA_TRUSTED_PROXIES``; see
+        :mod:`.client_address`). Read it once the head is in.
+        """
+        if self._client_address is None:
+            peer = self.getClientAddress()
+            host = peer.host if isinstance(peer, (IPv4Address, IPv6Address)) else str(peer)
+            forwarded = self.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
+            self._client_address = client_address(
+                host,
+                [value.decode("latin-1") for value in forwarded],
+                self.kura_site.trusted_proxies,
+            )
+        return self._client_address
 
     # -- head time ---------------------------------------------------------------
 
@@ -578,6 +602,7 @@ class KuraSite(server.Site):
         idle_timeout: float,
         send_timeout: float,
         body_timeout: float | None = None,
+        trusted_proxies: TrustedProxies = (),
     ) -> None:
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
         self.gate = gate
@@ -589,6 +614,7 @@ class KuraSite(server.Site):
         self.header_timeout = header_timeout
         self.send_timeout = send_timeout
         self.body_timeout = body_timeout
+        self.trusted_proxies = trusted_proxies
         self.access_log = True
         # Weak: a channel replaced by HTTP/2 after ALPN never reports its loss.
         self.channels: weakref.WeakSet[KuraHTTPChannel] = weakref.WeakSet()
