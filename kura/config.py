@@ -175,6 +175,13 @@ BODY_TIMEOUT_MS = _var(
     "60000",
     "An upload whose body makes no progress for this long is aborted.",
 )
+MAX_UPLOADS_PER_CLIENT = _var(
+    _HTTP,
+    "KURA_MAX_UPLOADS_PER_CLIENT",
+    "64",
+    "Request bodies one client may be uploading at once (the client is the authenticated "
+    "principal, else its address); more are refused from the head with 429 and Retry-After.",
+)
 TRUSTED_PROXIES = _var(
     _HTTP,
     "KURA_TRUSTED_PROXIES",
@@ -384,6 +391,7 @@ class KuraConfig:
     send_timeout_ms: int = 120_000
     body_timeout_ms: int = 60_000
     drain_completion_timeout_ms: int = 240_000
+    max_uploads_per_client: int = 64
     trusted_proxies: TrustedProxies = ()
     memory_soft_limit_bytes: int = 0
     memory_hard_limit_bytes: int = 0
@@ -485,6 +493,7 @@ class KuraConfig:
             send_timeout_ms=read.integer(SEND_TIMEOUT_MS, 120_000, minimum=1),
             body_timeout_ms=read.integer(BODY_TIMEOUT_MS, 60_000, minimum=1),
             drain_completion_timeout_ms=read.integer(DRAIN_COMPLETION_TIMEOUT_MS, 240_000),
+            max_uploads_per_client=read.integer(MAX_UPLOADS_PER_CLIENT, 64, minimum=1),
             trusted_proxies=read.trusted_proxies(TRUSTED_PROXIES),
             memory_soft_limit_bytes=soft,
             memory_hard_limit_bytes=hard,

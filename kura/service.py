@@ -28,6 +28,7 @@ from kura.api.app import PublicAPI
 from kura.api.authorization import RequestAuthorization
 from kura.api.gate import Gate, RouteMatch
 from kura.api.http import KuraSite
+from kura.api.upload_slots import UploadSlots
 from kura.auth import build_authorizer
 from kura.config import KuraConfig
 from kura.failpoints import Failpoints
@@ -154,6 +155,7 @@ class KuraNode(MultiService):
             idle_timeout=config.keepalive_idle_timeout_ms / 1000,
             send_timeout=config.send_timeout_ms / 1000,
             body_timeout=config.body_timeout_ms / 1000,
+            upload_slots=UploadSlots(config.max_uploads_per_client),
             trusted_proxies=config.trusted_proxies,
         )
         self.site.access_log = config.access_log

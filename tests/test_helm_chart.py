@@ -52,6 +52,7 @@ EVERYTHING: dict[str, Any] = {
 NOT_EXPOSED = {
     "KURA_FAILPOINTS": "crash-injection for tests only",
     # Upload limits (docs/operations.md, "Upload limits").
+    "KURA_MAX_UPLOADS_PER_CLIENT": "wired by the chart in a parallel change",
     "KURA_TRUSTED_PROXIES": "wired by the chart in a parallel change",
 }
 #: Set by the chart ahead of its declaration in kura/config.py.

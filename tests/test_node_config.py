@@ -73,6 +73,7 @@ def test_empty_environment_gives_the_embedded_defaults() -> None:
     assert config.send_timeout_ms == 120_000
     assert config.body_timeout_ms == 60_000
     assert config.drain_completion_timeout_ms == 240_000
+    assert config.max_uploads_per_client == 64
     assert config.trusted_proxies == ()
     assert config.accelerator.enabled is True
     assert config.accelerator.mode == "splice"
@@ -131,6 +132,7 @@ def _every_variable(pem: dict[str, str]) -> dict[str, tuple[str, Callable[[KuraC
         "KURA_SEND_TIMEOUT_MS": ("3500", lambda c: c.send_timeout_ms, 3500),
         "KURA_BODY_TIMEOUT_MS": ("4500", lambda c: c.body_timeout_ms, 4500),
         "KURA_DRAIN_COMPLETION_TIMEOUT_MS": ("5500", lambda c: c.drain_completion_timeout_ms, 5500),
+        "KURA_MAX_UPLOADS_PER_CLIENT": ("8", lambda c: c.max_uploads_per_client, 8),
         "KURA_TRUSTED_PROXIES": (
             "10.0.0.0/8, 192.168.1.7",
             lambda c: [str(n) for n in c.trusted_proxies],
@@ -271,6 +273,7 @@ def test_config_error_names_every_bad_variable_at_once() -> None:
         ({"KURA_FAILPOINTS": "before_fsync"}, "KURA_FAILPOINTS"),
         ({"KURA_FAILPOINTS": "no_such_point:exit"}, "KURA_FAILPOINTS"),
         ({"KURA_TENANT_ID": "tenant/with/slashes"}, "KURA_TENANT_ID"),
+        ({"KURA_MAX_UPLOADS_PER_CLIENT": "0"}, "KURA_MAX_UPLOADS_PER_CLIENT"),
         ({"KURA_TRUSTED_PROXIES": "10.0.0.0/8, proxy.local"}, "KURA_TRUSTED_PROXIES"),
         ({"KURA_TRUSTED_PROXIES": "10.0.0.1/8"}, "KURA_TRUSTED_PROXIES"),
     ],

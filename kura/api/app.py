@@ -32,6 +32,7 @@ from kura.errors import (
     NotFound,
     ServiceUnavailable,
     StorageFault,
+    TmpBudgetExhausted,
     TombstonedWrite,
     Unprocessable,
     UnsupportedMediaType,
@@ -568,7 +569,9 @@ class PublicAPI(NeighbourRoutes):
                     self._store.complete_upload(upload, parts, address, OCTET_STREAM)
                 )
             )
-        except KuraError:
+        except KuraError as error:
+            if isinstance(error, TmpBudgetExhausted):
+                self._metrics.upload_rejections.labels("tmp_budget").inc()
             self._count_write(Producer.MODULE, "error")
             raise
         self._metrics.multipart_uploads.dec()

@@ -214,6 +214,7 @@ def test_upload_over_the_tmp_budget_is_503(nodes: Any) -> None:
     assert message(response.body).startswith("Temporary storage budget exhausted: ")
     assert client.closed
     assert_nothing_staged(node)
+    assert sample(node, "kura_upload_rejections_total", reason="tmp_budget") == 1
 
 
 def test_reservation_grows_as_the_body_arrives(nodes: Any) -> None:
@@ -304,6 +305,7 @@ def test_upload_running_out_of_budget_midway_is_refused_and_released(nodes: Any)
     assert first.closed
     assert node.store.tmp_budget.used == 2 * MiB
     assert len(files_under(node.store.layout.uploads)) == 1  # the second upload's file
+    assert sample(node, "kura_upload_rejections_total", reason="tmp_budget") == 1
     second.send(b"b" * (MiB - 1))
     (done,) = second.responses()
     assert done.status == 200
