@@ -124,6 +124,13 @@ MULTIPART_UPLOAD_TTL_MS = _var(
     "86400000",
     "Unfinished module multipart uploads expire after this long.",
 )
+MULTIPART_MAX_UNFINISHED = _var(
+    _STORAGE,
+    "KURA_MULTIPART_MAX_UNFINISHED",
+    "10000",
+    "Unfinished module multipart uploads the node keeps; beyond it `start` gets 429 "
+    "with Retry-After until uploads complete or expire.",
+)
 MULTIPART_JANITOR_INTERVAL_MS = _var(
     _STORAGE,
     "KURA_MULTIPART_JANITOR_INTERVAL_MS",
@@ -385,6 +392,7 @@ class KuraConfig:
     storage_threads: int = 8
     multipart_upload_ttl_ms: int = 86_400_000
     multipart_janitor_interval_ms: int = 600_000
+    multipart_max_unfinished: int = 10_000
     failpoints: tuple[tuple[str, str], ...] = ()
     header_timeout_ms: int = 30_000
     keepalive_idle_timeout_ms: int = 60_000
@@ -487,6 +495,7 @@ class KuraConfig:
             multipart_janitor_interval_ms=read.integer(
                 MULTIPART_JANITOR_INTERVAL_MS, 600_000, minimum=1
             ),
+            multipart_max_unfinished=read.integer(MULTIPART_MAX_UNFINISHED, 10_000, minimum=1),
             failpoints=read.failpoints(FAILPOINTS),
             header_timeout_ms=read.integer(HEADER_TIMEOUT_MS, 30_000, minimum=1),
             keepalive_idle_timeout_ms=read.integer(KEEPALIVE_IDLE_TIMEOUT_MS, 60_000, minimum=1),

@@ -91,6 +91,7 @@ class KuraNode(MultiService):
             tmp_budget=TmpBudget(config.tmp_dir_max_bytes),
             manifest_cache_bytes=config.manifest_cache_max_bytes,
             failpoints=Failpoints(config.failpoints),
+            max_unfinished_uploads=config.multipart_max_unfinished,
         )
         self.traffic = PublicTraffic(reactor, self.metrics)
         self.authorizer = build_authorizer(config.extension, reactor=reactor, metrics=self.metrics)
@@ -192,6 +193,8 @@ class KuraNode(MultiService):
         m.cas_used_bytes.set_function(lambda: float(self.store.metadata.used_bytes))
         m.tmp_dir_bytes.set_function(lambda: float(self.store.tmp_budget.used))
         m.outbox_messages.set_function(lambda: float(self.store.outbox_depth))
+        # From the store's count, which survives restarts (the rows do).
+        m.multipart_uploads.set_function(lambda: float(self.store.unfinished_uploads))
         self.store.on_evicted = self._count_eviction
 
     def _count_eviction(self, producer: str, size: int) -> None:
@@ -263,7 +266,6 @@ class KuraNode(MultiService):
     async def _expire_uploads(self) -> None:
         expired = await self.store.expire_uploads(self.config.multipart_upload_ttl_ms)
         if expired:
-            self.metrics.multipart_uploads.dec(expired)
             log.info("expired {count} unfinished multipart uploads", count=expired)
 
     def drain(self) -> None:

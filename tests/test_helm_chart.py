@@ -54,6 +54,7 @@ NOT_EXPOSED = {
     # Upload limits (docs/operations.md, "Upload limits").
     "KURA_MAX_UPLOADS_PER_CLIENT": "wired by the chart in a parallel change",
     "KURA_TRUSTED_PROXIES": "wired by the chart in a parallel change",
+    "KURA_MULTIPART_MAX_UNFINISHED": "wired by the chart in a parallel change",
 }
 #: Set by the chart ahead of its declaration in kura/config.py.
 PENDING_DECLARATION = {"KURA_EXTENSION_SCRIPT_PATH"}

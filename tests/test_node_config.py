@@ -67,6 +67,7 @@ def test_empty_environment_gives_the_embedded_defaults() -> None:
     assert config.storage_threads == 8
     assert config.multipart_upload_ttl_ms == 86_400_000
     assert config.multipart_janitor_interval_ms == 600_000
+    assert config.multipart_max_unfinished == 10_000
     assert config.failpoints == ()
     assert config.header_timeout_ms == 30_000
     assert config.keepalive_idle_timeout_ms == 60_000
@@ -122,6 +123,7 @@ def _every_variable(pem: dict[str, str]) -> dict[str, tuple[str, Callable[[KuraC
             lambda c: c.multipart_janitor_interval_ms,
             2000,
         ),
+        "KURA_MULTIPART_MAX_UNFINISHED": ("50", lambda c: c.multipart_max_unfinished, 50),
         "KURA_FAILPOINTS": (
             "before_fsync:exit, after_metadata_commit_before_ack:error",
             lambda c: c.failpoints,
@@ -274,6 +276,7 @@ def test_config_error_names_every_bad_variable_at_once() -> None:
         ({"KURA_FAILPOINTS": "no_such_point:exit"}, "KURA_FAILPOINTS"),
         ({"KURA_TENANT_ID": "tenant/with/slashes"}, "KURA_TENANT_ID"),
         ({"KURA_MAX_UPLOADS_PER_CLIENT": "0"}, "KURA_MAX_UPLOADS_PER_CLIENT"),
+        ({"KURA_MULTIPART_MAX_UNFINISHED": "0"}, "KURA_MULTIPART_MAX_UNFINISHED"),
         ({"KURA_TRUSTED_PROXIES": "10.0.0.0/8, proxy.local"}, "KURA_TRUSTED_PROXIES"),
         ({"KURA_TRUSTED_PROXIES": "10.0.0.1/8"}, "KURA_TRUSTED_PROXIES"),
     ],

@@ -34,6 +34,7 @@ from kura.errors import (
     StorageFault,
     TmpBudgetExhausted,
     TombstonedWrite,
+    TooManyRequests,
     Unprocessable,
     UnsupportedMediaType,
 )
@@ -481,18 +482,21 @@ class PublicAPI(NeighbourRoutes):
             return self._json(request, 200, {"upload_id": None})
         query = admission.query
         category, hash_, name = admission.address.key.split("/", 2)
-        upload_id = await shielded(
-            Deferred.fromCoroutine(
-                self._store.start_upload(
-                    tenant_id=query.single("tenant_id", alias="account_handle") or "",
-                    namespace_id=admission.address.namespace,
-                    category=category,
-                    hash=hash_,
-                    name=name,
+        try:
+            upload_id = await shielded(
+                Deferred.fromCoroutine(
+                    self._store.start_upload(
+                        tenant_id=query.single("tenant_id", alias="account_handle") or "",
+                        namespace_id=admission.address.namespace,
+                        category=category,
+                        hash=hash_,
+                        name=name,
+                    )
                 )
             )
-        )
-        self._metrics.multipart_uploads.inc()
+        except TooManyRequests:
+            self._metrics.upload_rejections.labels("multipart_unfinished").inc()
+            raise
         return self._json(request, 200, {"upload_id": upload_id})
 
     @route(
@@ -574,7 +578,6 @@ class PublicAPI(NeighbourRoutes):
                 self._metrics.upload_rejections.labels("tmp_budget").inc()
             self._count_write(Producer.MODULE, "error")
             raise
-        self._metrics.multipart_uploads.dec()
         self._count_write(Producer.MODULE, "ok", result.manifest.size)
         return self._empty(request, 204)
 

@@ -1,8 +1,9 @@
-"""Caps on one client's uploads in flight.
+"""Caps on one client's uploads in flight and on unfinished multipart uploads.
 
 KURA_MAX_UPLOADS_PER_CLIENT counts request bodies being staged per client
 (its principal when the extension names one, else its address, as trusted
-proxies report it), refusing the excess with 429 + Retry-After.
+proxies report it); KURA_MULTIPART_MAX_UNFINISHED counts module uploads
+started and not completed or expired. Both refuse with 429 + Retry-After.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
 
 from kura.api.http import KuraRequest
 from kura.api.upload_slots import TOO_MANY_UPLOADS
 from kura.service import KuraNode
-from kura.testing import ControlledRunner, Exchange, files_under, request, sample
+from kura.testing import ControlledRunner, Exchange, files_under, request, sample, succeeded
+from tests.api.test_api_routes import complete, start_upload
 
 MiB = 1024 * 1024
 CAS = "/api/cache/cas/{id}?tenant_id=default"
@@ -257,3 +260,82 @@ def test_without_trusted_proxies_forwarded_for_is_ignored(nodes: Any) -> None:
     assert held.channel.requests[0].client_address == "10.9.0.1"
     assert upload(node, "10.9.0.2", "p2", "X-Forwarded-For: 10.9.0.1").status == 204
     held.disconnect()
+
+
+# -- unfinished multipart uploads --------------------------------------------------------
+
+
+def start(node: KuraNode, name: str) -> Any:
+    return request(node, "POST", f"/api/cache/module/start?tenant_id=default&hash=h&name={name}")
+
+
+def test_module_start_beyond_the_unfinished_cap_is_429(nodes: Any) -> None:
+    """At KURA_MULTIPART_MAX_UNFINISHED unfinished uploads, start is 429 + Retry-After and
+    counted; completing one makes room."""
+    node = nodes.start(KURA_MULTIPART_MAX_UNFINISHED="2")
+    first = start(node, "one").json()["upload_id"]
+    start(node, "two")
+    assert sample(node, "kura_multipart_uploads") == 2
+    refused = start(node, "three")
+    assert refused.status == 429
+    assert refused.headers["retry-after"] == "1"
+    assert message(refused.body) == "Too many unfinished multipart uploads"
+    assert sample(node, "kura_upload_rejections_total", reason="multipart_unfinished") == 1
+    assert sample(node, "kura_multipart_uploads") == 2
+    part = f"/api/cache/module/part?upload_id={first}&part_number=1"
+    assert request(node, "POST", part, b"m").status == 204
+    assert complete(node, first, [1]).status == 204
+    assert sample(node, "kura_multipart_uploads") == 1
+    assert start(node, "three").status == 200
+
+
+def test_expiry_makes_room_and_gives_the_parts_budget_back(nodes: Any) -> None:
+    """Unfinished uploads' parts hold staging budget; expiry frees both the budget and the
+    room under the cap."""
+    node = nodes.start(
+        KURA_MULTIPART_MAX_UNFINISHED="1",
+        KURA_MULTIPART_UPLOAD_TTL_MS="1000",
+        KURA_MULTIPART_JANITOR_INTERVAL_MS="1000",
+    )
+    upload_id = start_upload(node)
+    part = f"/api/cache/module/part?upload_id={upload_id}&part_number=1"
+    assert request(node, "POST", part, b"p" * 600).status == 204
+    assert node.store.tmp_budget.used == 600
+    assert start(node, "more").status == 429
+    node.reactor.advance(1)
+    node.reactor.advance(1)  # the janitor runs past the TTL
+    assert sample(node, "kura_multipart_uploads") == 0
+    assert node.store.tmp_budget.used == 0
+    assert files_under(node.store.layout.parts) == []
+    assert start(node, "more").status == 200
+
+
+def test_the_unfinished_count_survives_a_restart(nodes: Any) -> None:
+    """Unfinished uploads are rows: a restarted node still counts them against the cap."""
+    node = nodes.start(KURA_MULTIPART_MAX_UNFINISHED="1")
+    upload_id = start_upload(node)
+    node = nodes.restart(node, KURA_MULTIPART_MAX_UNFINISHED="1")
+    assert sample(node, "kura_multipart_uploads") == 1
+    assert start(node, "more").status == 429
+    assert (
+        request(
+            node, "POST", f"/api/cache/module/part?upload_id={upload_id}&part_number=1", b"p"
+        ).status
+        == 204
+    )
+    assert complete(node, upload_id, [1]).status == 204
+    assert start(node, "more").status == 200
+
+
+def test_an_upload_abandoned_twice_is_given_back_once(node: KuraNode) -> None:
+    """Completion and expiry racing on one upload give back its count and parts' budget once."""
+    upload_id = start_upload(node)
+    part = f"/api/cache/module/part?upload_id={upload_id}&part_number=1"
+    assert request(node, "POST", part, b"p" * 600).status == 204
+    node.store.tmp_budget.reserve(100)  # someone else's bytes in flight
+    upload = succeeded(Deferred.fromCoroutine(node.store.upload(upload_id)))
+    assert upload is not None
+    for _ in range(2):
+        succeeded(Deferred.fromCoroutine(node.store.abandon_upload(upload)))
+    assert node.store.unfinished_uploads == 0
+    assert node.store.tmp_budget.used == 100
