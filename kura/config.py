@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from kura.api.client_address import TrustedProxies, parse_trusted_proxies
 from kura.auth.access import AccessConfig, AccessToken, Scope, parse_token, parse_token_lines
 from kura.auth.config import EXTENSION_VARIABLES, ExtensionConfig
 from kura.environ import VARIABLES, ConfigError, Reader, Variable, declare
@@ -96,7 +97,8 @@ TMP_DIR_MAX_BYTES = _var(
     _STORAGE,
     "KURA_TMP_DIR_MAX_BYTES",
     str(8 * GiB),
-    "Staging budget; an upload that would exceed it gets 503 with Retry-After.",
+    "Staging budget, reserved as body bytes arrive; an upload whose declared length "
+    "exceeds the free part, or that runs out of it midway, gets 503 with Retry-After.",
 )
 CAS_CAPACITY_BYTES = _var(
     _STORAGE,
@@ -127,6 +129,13 @@ MULTIPART_UPLOAD_TTL_MS = _var(
     "KURA_MULTIPART_UPLOAD_TTL_MS",
     "86400000",
     "Unfinished module multipart uploads expire after this long.",
+)
+MULTIPART_MAX_UNFINISHED = _var(
+    _STORAGE,
+    "KURA_MULTIPART_MAX_UNFINISHED",
+    "10000",
+    "Unfinished module multipart uploads the node keeps; beyond it `start` gets 429 "
+    "with Retry-After until uploads complete or expire.",
 )
 MULTIPART_JANITOR_INTERVAL_MS = _var(
     _STORAGE,
@@ -178,6 +187,20 @@ BODY_TIMEOUT_MS = _var(
     "KURA_BODY_TIMEOUT_MS",
     "60000",
     "An upload whose body makes no progress for this long is aborted.",
+)
+MAX_UPLOADS_PER_CLIENT = _var(
+    _HTTP,
+    "KURA_MAX_UPLOADS_PER_CLIENT",
+    "64",
+    "Request bodies one client may be uploading at once (the client is the authenticated "
+    "principal, else its address); more are refused from the head with 429 and Retry-After.",
+)
+TRUSTED_PROXIES = _var(
+    _HTTP,
+    "KURA_TRUSTED_PROXIES",
+    "(empty)",
+    "Comma-separated IPs/CIDRs of proxies whose X-Forwarded-For is believed: the client is "
+    "the right-most address in it that is not one of them.",
 )
 DRAIN_COMPLETION_TIMEOUT_MS = _var(
     _HTTP,
@@ -528,12 +551,15 @@ class KuraConfig:
     storage_threads: int = 8
     multipart_upload_ttl_ms: int = 86_400_000
     multipart_janitor_interval_ms: int = 600_000
+    multipart_max_unfinished: int = 10_000
     failpoints: tuple[tuple[str, str], ...] = ()
     header_timeout_ms: int = 30_000
     keepalive_idle_timeout_ms: int = 60_000
     send_timeout_ms: int = 120_000
     body_timeout_ms: int = 60_000
     drain_completion_timeout_ms: int = 240_000
+    max_uploads_per_client: int = 64
+    trusted_proxies: TrustedProxies = ()
     memory_soft_limit_bytes: int = 0
     memory_hard_limit_bytes: int = 0
     accelerator: AcceleratorConfig = attrs.field(factory=AcceleratorConfig)
@@ -639,12 +665,15 @@ class KuraConfig:
             multipart_janitor_interval_ms=read.integer(
                 MULTIPART_JANITOR_INTERVAL_MS, 600_000, minimum=1
             ),
+            multipart_max_unfinished=read.integer(MULTIPART_MAX_UNFINISHED, 10_000, minimum=1),
             failpoints=read.failpoints(FAILPOINTS),
             header_timeout_ms=read.integer(HEADER_TIMEOUT_MS, 30_000, minimum=1),
             keepalive_idle_timeout_ms=read.integer(KEEPALIVE_IDLE_TIMEOUT_MS, 60_000, minimum=1),
             send_timeout_ms=read.integer(SEND_TIMEOUT_MS, 120_000, minimum=1),
             body_timeout_ms=read.integer(BODY_TIMEOUT_MS, 60_000, minimum=1),
             drain_completion_timeout_ms=read.integer(DRAIN_COMPLETION_TIMEOUT_MS, 240_000),
+            max_uploads_per_client=read.integer(MAX_UPLOADS_PER_CLIENT, 64, minimum=1),
+            trusted_proxies=read.trusted_proxies(TRUSTED_PROXIES),
             memory_soft_limit_bytes=soft,
             memory_hard_limit_bytes=hard,
             accelerator=accelerator,
@@ -843,6 +872,13 @@ class _NodeReader(Reader):
         except ValueError as error:
             self.fail(variable, f"is invalid: {error}")
             return None
+
+    def trusted_proxies(self, variable: Variable) -> TrustedProxies:
+        try:
+            return parse_trusted_proxies(self.text(variable, ""))
+        except ValueError as error:
+            self.fail(variable, str(error))
+            return ()
 
     def failpoints(self, variable: Variable) -> tuple[tuple[str, str], ...]:
         value = self._raw(variable)

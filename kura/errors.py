@@ -100,6 +100,14 @@ class TmpBudgetExhausted(ServiceUnavailable):
     close = True
 
 
+class TooManyRequests(KuraError):
+    """A cap on concurrent work is reached (one client's uploads in flight, the
+    node's unfinished multipart uploads); retryable once some of it ends."""
+
+    status = 429
+    retry_after = 1
+
+
 class InsufficientStorage(KuraError):
     """The data filesystem is full (ENOSPC). Old artifacts are still served."""
 

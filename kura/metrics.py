@@ -183,6 +183,13 @@ class KuraMetrics:
         self.multipart_parts = Counter(
             "kura_multipart_parts", "Multipart parts by result.", ["result"], registry=r
         )
+        self.upload_rejections = Counter(
+            "kura_upload_rejections",
+            "Uploads refused by an upload limit, by reason (tmp_budget, client_uploads, "
+            "multipart_unfinished).",
+            ["reason"],
+            registry=r,
+        )
         self.outbox_messages = Gauge(
             "kura_outbox_messages", "Replication messages waiting in the outbox.", registry=r
         )

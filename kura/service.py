@@ -28,6 +28,7 @@ from kura.api.app import PublicAPI
 from kura.api.authorization import RequestAuthorization
 from kura.api.gate import Gate, RouteMatch
 from kura.api.http import KuraSite
+from kura.api.upload_slots import UploadSlots
 from kura.auth import build_authorizer
 from kura.config import KuraConfig
 from kura.failpoints import Failpoints
@@ -90,6 +91,7 @@ class KuraNode(MultiService):
             tmp_budget=TmpBudget(config.tmp_dir_max_bytes),
             manifest_cache_bytes=config.manifest_cache_max_bytes,
             failpoints=Failpoints(config.failpoints),
+            max_unfinished_uploads=config.multipart_max_unfinished,
         )
         self.traffic = PublicTraffic(reactor, self.metrics)
         self.authorizer = build_authorizer(
@@ -156,6 +158,8 @@ class KuraNode(MultiService):
             idle_timeout=config.keepalive_idle_timeout_ms / 1000,
             send_timeout=config.send_timeout_ms / 1000,
             body_timeout=config.body_timeout_ms / 1000,
+            upload_slots=UploadSlots(config.max_uploads_per_client),
+            trusted_proxies=config.trusted_proxies,
         )
         self.site.access_log = config.access_log
         self.accel_pool = ThreadPool(
@@ -191,6 +195,8 @@ class KuraNode(MultiService):
         m.cas_used_bytes.set_function(lambda: float(self.store.metadata.used_bytes))
         m.tmp_dir_bytes.set_function(lambda: float(self.store.tmp_budget.used))
         m.outbox_messages.set_function(lambda: float(self.store.outbox_depth))
+        # From the store's count, which survives restarts (the rows do).
+        m.multipart_uploads.set_function(lambda: float(self.store.unfinished_uploads))
         self.store.on_evicted = self._count_eviction
 
     def _count_eviction(self, producer: str, size: int) -> None:
@@ -262,7 +268,6 @@ class KuraNode(MultiService):
     async def _expire_uploads(self) -> None:
         expired = await self.store.expire_uploads(self.config.multipart_upload_ttl_ms)
         if expired:
-            self.metrics.multipart_uploads.dec(expired)
             log.info("expired {count} unfinished multipart uploads", count=expired)
 
     def drain(self) -> None:

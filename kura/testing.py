@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import attrs
 from prometheus_client import CollectorRegistry
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -227,11 +227,19 @@ class ClientTransport(StringTransport):
 
 
 class Exchange:
-    """One client connection to a node's public channel, bytes in, responses out."""
+    """One client connection to a node's public channel, bytes in, responses out.
 
-    def __init__(self, node: KuraNode) -> None:
+    Args:
+        node: the node to talk to.
+        peer: the TCP peer address the node sees (IPv4 or IPv6).
+    """
+
+    def __init__(self, node: KuraNode, *, peer: str = "127.0.0.1") -> None:
         self.node = node
-        self.transport = ClientTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
+        address = (
+            IPv6Address("TCP", peer, 50000) if ":" in peer else IPv4Address("TCP", peer, 50000)
+        )
+        self.transport = ClientTransport(peerAddress=address)
         self.channel = node.site.make_channel()
         self.channel.makeConnection(self.transport)
         self._pending = b""

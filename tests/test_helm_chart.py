@@ -68,13 +68,7 @@ NOT_EXPOSED = {
     "KURA_INTERNAL_BIND_HOST": "a chart's pods have peers: the node binds it like the public port",
 }
 #: Set by the chart ahead of its declaration in kura/config.py.
-PENDING_DECLARATION = {
-    "KURA_EXTENSION_SCRIPT_PATH",
-    # Ingest limits.
-    "KURA_TRUSTED_PROXIES",
-    "KURA_MAX_UPLOADS_PER_CLIENT",
-    "KURA_MULTIPART_MAX_UNFINISHED",
-}
+PENDING_DECLARATION = {"KURA_EXTENSION_SCRIPT_PATH"}
 #: Stands for a value in a Secret the user provides (the chart renders none):
 #: as long as a peer secret must be (at least 32 bytes).
 USER_SECRET_VALUE = "u" * 64

@@ -74,12 +74,15 @@ def test_empty_environment_gives_the_embedded_defaults() -> None:
     assert config.storage_threads == 8
     assert config.multipart_upload_ttl_ms == 86_400_000
     assert config.multipart_janitor_interval_ms == 600_000
+    assert config.multipart_max_unfinished == 10_000
     assert config.failpoints == ()
     assert config.header_timeout_ms == 30_000
     assert config.keepalive_idle_timeout_ms == 60_000
     assert config.send_timeout_ms == 120_000
     assert config.body_timeout_ms == 60_000
     assert config.drain_completion_timeout_ms == 240_000
+    assert config.max_uploads_per_client == 64
+    assert config.trusted_proxies == ()
     assert config.accelerator.enabled is True
     assert config.accelerator.mode == "splice"
     assert config.accelerator.max_concurrent == 32
@@ -127,6 +130,7 @@ def _every_variable(pem: dict[str, str]) -> dict[str, tuple[str, Callable[[KuraC
             lambda c: c.multipart_janitor_interval_ms,
             2000,
         ),
+        "KURA_MULTIPART_MAX_UNFINISHED": ("50", lambda c: c.multipart_max_unfinished, 50),
         "KURA_FAILPOINTS": (
             "before_fsync:exit, after_metadata_commit_before_ack:error",
             lambda c: c.failpoints,
@@ -137,6 +141,12 @@ def _every_variable(pem: dict[str, str]) -> dict[str, tuple[str, Callable[[KuraC
         "KURA_SEND_TIMEOUT_MS": ("3500", lambda c: c.send_timeout_ms, 3500),
         "KURA_BODY_TIMEOUT_MS": ("4500", lambda c: c.body_timeout_ms, 4500),
         "KURA_DRAIN_COMPLETION_TIMEOUT_MS": ("5500", lambda c: c.drain_completion_timeout_ms, 5500),
+        "KURA_MAX_UPLOADS_PER_CLIENT": ("8", lambda c: c.max_uploads_per_client, 8),
+        "KURA_TRUSTED_PROXIES": (
+            "10.0.0.0/8, 192.168.1.7",
+            lambda c: [str(n) for n in c.trusted_proxies],
+            ["10.0.0.0/8", "192.168.1.7/32"],
+        ),
         "KURA_MEMORY_SOFT_LIMIT_BYTES": (
             "300000000",
             lambda c: c.memory_soft_limit_bytes,
@@ -344,6 +354,10 @@ def test_config_error_names_every_bad_variable_at_once() -> None:
         ({"KURA_FAILPOINTS": "before_fsync"}, "KURA_FAILPOINTS"),
         ({"KURA_FAILPOINTS": "no_such_point:exit"}, "KURA_FAILPOINTS"),
         ({"KURA_TENANT_ID": "tenant/with/slashes"}, "KURA_TENANT_ID"),
+        ({"KURA_MAX_UPLOADS_PER_CLIENT": "0"}, "KURA_MAX_UPLOADS_PER_CLIENT"),
+        ({"KURA_MULTIPART_MAX_UNFINISHED": "0"}, "KURA_MULTIPART_MAX_UNFINISHED"),
+        ({"KURA_TRUSTED_PROXIES": "10.0.0.0/8, proxy.local"}, "KURA_TRUSTED_PROXIES"),
+        ({"KURA_TRUSTED_PROXIES": "10.0.0.1/8"}, "KURA_TRUSTED_PROXIES"),
     ],
 )
 def test_invalid_value_is_named(environ: dict[str, str], variable: str) -> None:

@@ -34,7 +34,9 @@ from kura.errors import (
     NotFound,
     ServiceUnavailable,
     StorageFault,
+    TmpBudgetExhausted,
     TombstonedWrite,
+    TooManyRequests,
     Unauthorized,
     Unprocessable,
     UnsupportedMediaType,
@@ -505,18 +507,21 @@ class PublicAPI(NeighbourRoutes):
                 return self._empty(request, 204)
             return self._json(request, 200, {"upload_id": None})
         category, hash_, name = admission.address.key.split("/", 2)
-        upload_id = await shielded(
-            Deferred.fromCoroutine(
-                self._store.start_upload(
-                    tenant_id=admission.target.tenant or "",
-                    namespace_id=admission.address.namespace,
-                    category=category,
-                    hash=hash_,
-                    name=name,
+        try:
+            upload_id = await shielded(
+                Deferred.fromCoroutine(
+                    self._store.start_upload(
+                        tenant_id=admission.target.tenant or "",
+                        namespace_id=admission.address.namespace,
+                        category=category,
+                        hash=hash_,
+                        name=name,
+                    )
                 )
             )
-        )
-        self._metrics.multipart_uploads.inc()
+        except TooManyRequests:
+            self._metrics.upload_rejections.labels("multipart_unfinished").inc()
+            raise
         return self._json(request, 200, {"upload_id": upload_id})
 
     @route(
@@ -593,10 +598,11 @@ class PublicAPI(NeighbourRoutes):
                     self._store.complete_upload(upload, parts, address, OCTET_STREAM)
                 )
             )
-        except KuraError:
+        except KuraError as error:
+            if isinstance(error, TmpBudgetExhausted):
+                self._metrics.upload_rejections.labels("tmp_budget").inc()
             self._count_write(Producer.MODULE, "error")
             raise
-        self._metrics.multipart_uploads.dec()
         self._count_write(Producer.MODULE, "ok", result.manifest.size)
         return self._empty(request, 204)
 

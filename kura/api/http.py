@@ -10,6 +10,9 @@ application sees anything. kura instead:
 * streams accepted artifact bodies into its own staging directory, counted
   against the route limit and the staging budget as they arrive, pausing the
   transport when the disk falls behind;
+* caps the bodies one client stages at once (:mod:`.upload_slots`), the
+  client being its principal or its address (:mod:`.client_address`,
+  exposed as :attr:`KuraRequest.client_address`);
 * bounds the whole request head by a deadline (twisted's own timeout is an
   idle timer that every trickled byte resets);
 * holds a public in-flight slot until the last response byte is written,
@@ -28,6 +31,7 @@ import weakref
 from typing import Any
 from urllib.parse import parse_qs
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
@@ -36,14 +40,22 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import IResource
 
-from kura.errors import BadFraming, KuraError, PayloadTooLarge
+from kura.errors import (
+    BadFraming,
+    KuraError,
+    PayloadTooLarge,
+    TmpBudgetExhausted,
+    TooManyRequests,
+)
 from kura.metrics import KuraMetrics
 from kura.storage.staging import StagingFile
 from kura.telemetry import InflightSlot, PublicTraffic
 
+from .client_address import TrustedProxies, client_address
 from .errors import error_body
 from .gate import UNMATCHED, Admission, Gate, RequestHead
 from .routes import BodyKind, RouteSpec
+from .upload_slots import UploadSlot, UploadSlots, client_key
 
 log = Logger(namespace="kura.http")
 
@@ -79,6 +91,9 @@ class KuraRequest(server.Request):
         self._received_at: float | None = None
         self._first_byte_at: float | None = None
         self._slot: InflightSlot | None = None
+        self._upload_slot: UploadSlot | None = None
+        self._client_address: str | None = None
+        self._lost = False
         self._counted = False
 
     # -- site services ---------------------------------------------------------
@@ -95,6 +110,25 @@ class KuraRequest(server.Request):
         paced ingest may schedule a resume that fires after that.
         """
         return getattr(getattr(self, "channel", None), "transport", None)
+
+    @property
+    def client_address(self) -> str:
+        """Who sent this request, for accounting and logs.
+
+        The TCP peer's address, or the client a trusted proxy reports in
+        ``X-Forwarded-For`` (``KURA_TRUSTED_PROXIES``; see
+        :mod:`.client_address`). Read it once the head is in.
+        """
+        if self._client_address is None:
+            peer = self.getClientAddress()
+            host = peer.host if isinstance(peer, (IPv4Address, IPv6Address)) else str(peer)
+            forwarded = self.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
+            self._client_address = client_address(
+                host,
+                [value.decode("latin-1") for value in forwarded],
+                self.kura_site.trusted_proxies,
+            )
+        return self._client_address
 
     # -- head time ---------------------------------------------------------------
 
@@ -151,21 +185,21 @@ class KuraRequest(server.Request):
         self.admitted = admission
         early, self._early_chunks = self._early_chunks, None
         self._resume("admission")
+        if self._lost:
+            # The client left while its head was being admitted (a slow hook
+            # or lookup): take no upload slot and open no file that nothing
+            # would ever give back.
+            return admission
         if admission.skips_body:
             if self._has_body():
                 self._skip_body(synchronous)
             return admission
         try:
             if admission.spec.body is BodyKind.STAGED:
-                self.staging = self.kura_site.store.stage(
-                    limit=admission.spec.body_limit,
-                    expected_length=self._declared_length,
-                    hashed=admission.hashes_body,
-                    on_pressure=lambda paused: (
-                        self._pause("disk") if paused else self._resume("disk")
-                    ),
-                )
+                self._stage(admission)
         except KuraError as error:
+            # Answered at once: the body is never read, so nothing is in flight.
+            self._release_upload_slot()
             self.rejection = error
             if self._has_body():
                 self._skip_body(synchronous)
@@ -175,6 +209,40 @@ class KuraRequest(server.Request):
         for chunk in early or ():
             self.handleContentChunk(chunk)
         return admission
+
+    def _stage(self, admission: Admission) -> None:
+        """Take the client's upload slot, then open the staging file.
+
+        Raises:
+            TooManyRequests: the client has ``KURA_MAX_UPLOADS_PER_CLIENT``
+                bodies in flight already.
+            TmpBudgetExhausted: the declared length cannot fit the staging
+                budget's free space.
+            PayloadTooLarge: the declared length is over the route's limit.
+        """
+        site = self.kura_site
+        if site.upload_slots is not None and admission.spec.public:
+            key = client_key(admission.caller, self.client_address)
+            try:
+                self._upload_slot = site.upload_slots.acquire(key)
+            except TooManyRequests:
+                site.metrics.upload_rejections.labels("client_uploads").inc()
+                raise
+        try:
+            self.staging = site.store.stage(
+                limit=admission.spec.body_limit,
+                expected_length=self._declared_length,
+                hashed=admission.hashes_body,
+                on_pressure=lambda paused: self._pause("disk") if paused else self._resume("disk"),
+            )
+        except TmpBudgetExhausted:
+            site.metrics.upload_rejections.labels("tmp_budget").inc()
+            raise
+
+    def _release_upload_slot(self) -> None:
+        if self._upload_slot is not None:
+            self._upload_slot.release()
+            self._upload_slot = None
 
     def _refused(self, failure: Failure, synchronous: bool) -> Failure | None:
         """Record a refusal; handlers raise it from :attr:`rejection`.
@@ -242,6 +310,8 @@ class KuraRequest(server.Request):
                 content.write(data)
         except KuraError as error:
             self.rejection = error
+            if isinstance(error, TmpBudgetExhausted):
+                self.kura_site.metrics.upload_rejections.labels("tmp_budget").inc()
             if self.staging is not None:
                 # The body will never be published: give back its file and
                 # its staging reservation now, not at the next restart.
@@ -322,6 +392,7 @@ class KuraRequest(server.Request):
         self._count(status)
         if self._slot is not None:
             self._slot.release()
+        self._release_upload_slot()
 
     def _count(self, status: int) -> None:
         if self._counted:
@@ -333,10 +404,12 @@ class KuraRequest(server.Request):
             site.metrics.http_request_duration.observe(site.clock.seconds() - self._received_at)
 
     def connectionLost(self, reason: Failure) -> None:
+        self._lost = True
         if self._received_at is None:
             # The client left before its request was complete.
             if self._slot is not None:
                 self._slot.release()
+            self._release_upload_slot()
             if self.staging is not None:
                 self.staging.abort()
             # A body already failed as bad framing was counted (400, write
@@ -359,6 +432,7 @@ class KuraRequest(server.Request):
         """The channel found the body malformed (bad chunking)."""
         if self.staging is not None:
             self.staging.abort()
+        self._release_upload_slot()
         site = self.kura_site
         self._count(400)
         if self.admitted is not None and self.admitted.spec.producer is not None:
@@ -583,6 +657,8 @@ class KuraSite(server.Site):
         idle_timeout: float,
         send_timeout: float,
         body_timeout: float | None = None,
+        upload_slots: UploadSlots | None = None,
+        trusted_proxies: TrustedProxies = (),
     ) -> None:
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
         self.gate = gate
@@ -594,6 +670,9 @@ class KuraSite(server.Site):
         self.header_timeout = header_timeout
         self.send_timeout = send_timeout
         self.body_timeout = body_timeout
+        # None: no per-client cap (the internal plane, whose clients are peers).
+        self.upload_slots = upload_slots
+        self.trusted_proxies = trusted_proxies
         self.access_log = True
         # Weak: a channel replaced by HTTP/2 after ALPN never reports its loss.
         self.channels: weakref.WeakSet[KuraHTTPChannel] = weakref.WeakSet()

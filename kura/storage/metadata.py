@@ -329,6 +329,10 @@ class MetadataStore:
                 numbers.add(part_number)
         return live
 
+    def upload_count(self) -> int:
+        """Multipart uploads started and neither completed nor expired."""
+        return int(self._reader().execute("SELECT COUNT(*) FROM multipart_uploads").fetchone()[0])
+
     def staged_part_bytes(self) -> int:
         return int(
             self._reader()
@@ -599,12 +603,20 @@ class MetadataStore:
         )
         return replaced
 
-    def forget_upload(self, conn: sqlite3.Connection, upload_id: str) -> bool:
+    def forget_upload(self, conn: sqlite3.Connection, upload_id: str) -> int | None:
+        """Delete an upload and its parts; return the bytes of the parts it had.
+
+        ``None`` when the upload was already gone (completed or expired by
+        someone else), so its parts are given back exactly once.
+        """
+        (part_bytes,) = conn.execute(
+            "SELECT COALESCE(SUM(size), 0) FROM multipart_parts WHERE upload_id = ?", (upload_id,)
+        ).fetchone()
         conn.execute("DELETE FROM multipart_parts WHERE upload_id = ?", (upload_id,))
-        return (
-            conn.execute("DELETE FROM multipart_uploads WHERE upload_id = ?", (upload_id,)).rowcount
-            > 0
-        )
+        deleted = conn.execute(
+            "DELETE FROM multipart_uploads WHERE upload_id = ?", (upload_id,)
+        ).rowcount
+        return int(part_bytes) if deleted else None
 
     def delete_outbox(self, conn: sqlite3.Connection, seqs: Sequence[int]) -> int:
         return conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs]).rowcount

@@ -5,6 +5,13 @@ against the route limit and the staging budget *as they arrive*, and writes
 them to ``<tmp>/uploads/<uuid>`` on a storage thread, one write in flight at a
 time. When more than :data:`HIGH_WATER` bytes wait in memory it asks its
 owner to pause the transport, so a fast client never balloons the process.
+
+The budget is reserved in :data:`RESERVATION_STEP` steps as bytes arrive,
+never for the declared length up front: an upload that declares the whole
+budget and then trickles a byte now and then holds one step, not the budget
+(every other upload would be refused until it disconnected). A declared
+length is still checked against the budget's free space when the file is
+created, so an upload that cannot fit is refused before its first byte.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ FLUSH_AT = 256 * 1024
 #: Buffered bytes at which the producer (transport) is paused, and resumed below.
 HIGH_WATER = 4 * 1024 * 1024
 LOW_WATER = 1024 * 1024
-#: Unknown-length bodies reserve staging budget in steps of this size.
+#: Bodies reserve staging budget in steps of this size as their bytes arrive
+#: (a declared length caps the last step).
 RESERVATION_STEP = 1024 * 1024
 
 
@@ -49,14 +57,31 @@ class TmpBudget:
         self.limit = limit
         self.used = 0
 
+    @property
+    def free(self) -> int:
+        """Bytes that can still be reserved (0 when over a lowered limit)."""
+        return max(0, self.limit - self.used)
+
+    def check_fits(self, amount: int) -> None:
+        """Raise :class:`TmpBudgetExhausted` unless ``amount`` fits the free space now.
+
+        Nothing is reserved: this is the head-time verdict on a declared
+        length, whose bytes are reserved only as they arrive.
+        """
+        if amount > self.free:
+            raise self._exhausted(amount)
+
     def reserve(self, amount: int) -> None:
         """Reserve ``amount`` bytes or raise :class:`TmpBudgetExhausted`."""
         if self.used + amount > self.limit:
-            raise TmpBudgetExhausted(
-                "Temporary storage budget exhausted: "
-                f"{self.used} of {self.limit} bytes staged, {amount} more requested"
-            )
+            raise self._exhausted(amount)
         self.used += amount
+
+    def _exhausted(self, amount: int) -> TmpBudgetExhausted:
+        return TmpBudgetExhausted(
+            "Temporary storage budget exhausted: "
+            f"{self.used} of {self.limit} bytes staged, {amount} more requested"
+        )
 
     def release(self, amount: int) -> None:
         self.used = max(0, self.used - amount)
@@ -127,15 +152,18 @@ class StagingFile:
         runner: where blocking writes run.
         budget: the staging ledger to reserve against.
         limit: the route's maximum body size; more is :class:`PayloadTooLarge`.
-        expected_length: the declared length, if any; reserved up front so an
-            over-budget upload is refused before its first byte.
+        expected_length: the declared length, if any. It must fit the
+            budget's free space now (so a hopeless upload is refused before
+            its first byte), but is not reserved: bytes are reserved in
+            :data:`RESERVATION_STEP` steps as they arrive, the last step
+            capped at this length.
         hashed: compute the SHA-256 of the body while writing.
         on_pressure: called with ``True`` to ask the body's producer to pause
             and ``False`` to resume.
 
     Raises:
         PayloadTooLarge: ``expected_length`` exceeds ``limit``.
-        TmpBudgetExhausted: the reservation does not fit the budget.
+        TmpBudgetExhausted: ``expected_length`` exceeds the budget's free space.
     """
 
     def __init__(
@@ -152,6 +180,8 @@ class StagingFile:
     ) -> None:
         if expected_length is not None and expected_length > limit:
             raise PayloadTooLarge("Request body exceeded allowed size")
+        if expected_length is not None:
+            budget.check_fits(expected_length)
         self._runner = runner
         self._budget = budget
         self._failpoints = failpoints
@@ -167,24 +197,30 @@ class StagingFile:
         self._closed = False
         self.received = 0
         self.reserved = 0
-        self._reserve(expected_length if expected_length is not None else 0)
 
     @property
     def path(self) -> str:
         return self._writer.path
 
-    def _reserve(self, amount: int) -> None:
-        if amount:
-            self._budget.reserve(amount)
-            self.reserved += amount
+    def _reserve_received(self) -> None:
+        """Grow the reservation to cover every byte received, a step at a time."""
+        while self.received > self.reserved:
+            step = RESERVATION_STEP
+            if self._expected is not None and self.reserved < self._expected:
+                # A body's last step is what remains of its declared length.
+                step = min(step, self._expected - self.reserved)
+            self._budget.reserve(step)
+            self.reserved += step
 
     def write(self, data: bytes) -> None:
         """Accept the next body chunk (reactor thread).
 
         Raises:
-            PayloadTooLarge: the body grew past the route limit (or past its
-                declared length).
-            TmpBudgetExhausted: an unknown-length body outgrew the budget.
+            PayloadTooLarge: the body grew past the route limit.
+            TmpBudgetExhausted: the body's next reservation step does not fit
+                the budget (other uploads took the room since its head was
+                admitted). The caller aborts the file, which releases
+                everything reserved so far.
             Exception: an earlier background write failed.
         """
         if self._error is not None:
@@ -192,8 +228,7 @@ class StagingFile:
         self.received += len(data)
         if self.received > self._limit:
             raise PayloadTooLarge("Request body exceeded allowed size")
-        while self.received > self.reserved:
-            self._reserve(RESERVATION_STEP)
+        self._reserve_received()
         self._buffer.append(data)
         self._buffered += len(data)
         if self._buffered >= FLUSH_AT:

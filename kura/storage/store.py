@@ -35,7 +35,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from kura.artifacts import ArtifactAddress, Manifest
-from kura.errors import InsufficientStorage, KuraError, StorageFault
+from kura.errors import InsufficientStorage, KuraError, StorageFault, TooManyRequests
 from kura.failpoints import (
     AFTER_BYTES_DURABLE_BEFORE_METADATA,
     AFTER_METADATA_COMMIT_BEFORE_ACK,
@@ -140,6 +140,8 @@ class ArtifactStore:
         failpoints: crash points for consistency tests.
         replication_targets: returns the peers a write must reach, read at
             write time (one outbox row each).
+        max_unfinished_uploads: multipart uploads that may be started and
+            not yet completed or expired (``KURA_MULTIPART_MAX_UNFINISHED``).
     """
 
     def __init__(
@@ -154,6 +156,7 @@ class ArtifactStore:
         manifest_cache_bytes: int = 32 * 1024 * 1024,
         failpoints: Failpoints | None = None,
         replication_targets: Callable[[], Sequence[str]] = tuple,
+        max_unfinished_uploads: int = 10_000,
     ) -> None:
         self.layout = layout
         self.node_tenant = node_tenant
@@ -162,6 +165,9 @@ class ArtifactStore:
         self.metadata = MetadataStore(layout.database, layout.data_dir)
         self.replication_targets = replication_targets
         self.outbox_depth = 0
+        self.max_unfinished_uploads = max_unfinished_uploads
+        #: Multipart uploads started and not completed or expired (its rows).
+        self.unfinished_uploads = 0
         self.on_evicted: Callable[[str, int], None] = lambda producer, size: None
         # Called after every metadata commit, inside the commit callback: a
         # hook must not start commits synchronously (with an inline runner
@@ -187,6 +193,7 @@ class ArtifactStore:
             log.info(ORPHANS_REMOVED, count=orphans)
         self.tmp_budget.used = await self._runner.run(self.metadata.staged_part_bytes)
         self.outbox_depth = await self._runner.run(self.metadata.outbox_depth)
+        self.unfinished_uploads = await self._runner.run(self.metadata.upload_count)
 
     def _open_and_sweep(self) -> int:
         self.layout.prepare()
@@ -581,6 +588,20 @@ class ArtifactStore:
     async def start_upload(
         self, *, tenant_id: str, namespace_id: str, category: str, hash: str, name: str
     ) -> str:
+        """Record a new multipart upload and return its id.
+
+        Every unfinished upload is a row, a parts directory and (with its
+        parts) staging budget until it completes or expires, so their number
+        is capped.
+
+        Raises:
+            TooManyRequests: ``max_unfinished_uploads`` uploads are unfinished
+                (429; room returns as uploads complete or expire).
+        """
+        if self.unfinished_uploads >= self.max_unfinished_uploads:
+            raise TooManyRequests("Too many unfinished multipart uploads")
+        # Counted before the commit, so concurrent starts cannot overshoot.
+        self.unfinished_uploads += 1
         upload = Upload(
             upload_id=uuid.uuid4().hex,
             tenant_id=tenant_id,
@@ -592,7 +613,11 @@ class ArtifactStore:
             total_bytes=0,
             parts={},
         )
-        await self._commit(lambda conn: self.metadata.create_upload(conn, upload))
+        try:
+            await self._commit(lambda conn: self.metadata.create_upload(conn, upload))
+        except BaseException:
+            self.unfinished_uploads -= 1
+            raise
         return upload.upload_id
 
     async def upload(self, upload_id: str) -> Upload | None:
@@ -656,8 +681,16 @@ class ArtifactStore:
 
     async def abandon_upload(self, upload: Upload) -> None:
         """Forget an upload and delete its parts (completion or expiry)."""
-        await self._commit(lambda conn: self.metadata.forget_upload(conn, upload.upload_id))
-        self.tmp_budget.release(sum(upload.parts.values()))
+        part_bytes = await self._commit(
+            lambda conn: self.metadata.forget_upload(conn, upload.upload_id)
+        )
+        if part_bytes is not None:
+            # Completion and expiry may both abandon one upload: only the one
+            # that removed its row gives back its count and its parts' budget,
+            # as recorded in that transaction (a part acknowledged after
+            # ``upload`` was read included).
+            self.unfinished_uploads -= 1
+            self.tmp_budget.release(part_bytes)
         await self._runner.run(
             shutil.rmtree, os.path.join(self.layout.parts, upload.upload_id), True
         )

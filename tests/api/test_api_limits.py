@@ -201,7 +201,8 @@ def test_declared_length_at_the_limit_is_accepted(nodes: Any) -> None:
 
 
 def test_upload_over_the_tmp_budget_is_503(nodes: Any) -> None:
-    """An upload that cannot fit KURA_TMP_DIR_MAX_BYTES is 503 + Retry-After, from its head."""
+    """An upload whose declared length cannot fit KURA_TMP_DIR_MAX_BYTES is 503 + Retry-After,
+    from its head."""
     node = nodes.start(KURA_TMP_DIR_MAX_BYTES="1000")
     client = Exchange(node)
     client.send(head("POST", CAS.format(id="c1"), "Content-Length: 2000", "Expect: 100-continue"))
@@ -213,24 +214,104 @@ def test_upload_over_the_tmp_budget_is_503(nodes: Any) -> None:
     assert message(response.body).startswith("Temporary storage budget exhausted: ")
     assert client.closed
     assert_nothing_staged(node)
+    assert sample(node, "kura_upload_rejections_total", reason="tmp_budget") == 1
 
 
-def test_tmp_budget_is_shared_by_uploads_in_flight(nodes: Any) -> None:
-    """Bytes reserved by an upload in flight count against the budget until it finishes."""
-    node = nodes.start(KURA_TMP_DIR_MAX_BYTES="1000")
-    first = Exchange(node)
-    first.send(head("POST", CAS.format(id="c1"), "Content-Length: 800") + b"x" * 100)
-    assert node.store.tmp_budget.used == 800
-    assert sample(node, "kura_tmp_dir_bytes") == 800
-    refused = request(node, "POST", CAS.format(id="c2"), b"y" * 300)
-    assert refused.status == 503
-    assert refused.headers["retry-after"] == "1"
-    first.send(b"x" * 700)
-    (done,) = first.responses()
+def test_reservation_grows_as_the_body_arrives(nodes: Any) -> None:
+    """An upload reserves staging budget a step (1 MiB) at a time as its bytes arrive,
+    never its declared length up front; the last step stops at that length."""
+    node = nodes.start(KURA_TMP_DIR_MAX_BYTES=str(8 * MiB))
+    client = Exchange(node)
+    client.send(head("POST", CAS.format(id="c1"), f"Content-Length: {2 * MiB + 10}"))
+    assert node.store.tmp_budget.used == 0
+    client.send(b"x")
+    assert node.store.tmp_budget.used == MiB
+    assert sample(node, "kura_tmp_dir_bytes") == MiB
+    client.send(b"x" * MiB)
+    assert node.store.tmp_budget.used == 2 * MiB
+    client.send(b"x" * (MiB - 1))
+    assert node.store.tmp_budget.used == 2 * MiB
+    client.send(b"x")
+    assert node.store.tmp_budget.used == 2 * MiB + 10
+    client.send(b"x" * 9)
+    (done,) = client.responses()
     assert done.status == 204
     assert_nothing_staged(node)
-    assert sample(node, "kura_tmp_dir_bytes") == 0
-    assert request(node, "POST", CAS.format(id="c2"), b"y" * 300).status == 204
+    assert request(node, "GET", CAS.format(id="c1")).body == b"x" * (2 * MiB + 10)
+
+
+def test_trickling_upload_holds_one_step_not_the_budget(nodes: Any) -> None:
+    """An upload that declares the whole budget and trickles holds one step; other uploads
+    go on, and when it leaves its step is given back and nothing of it is published."""
+    node = nodes.start(KURA_TMP_DIR_MAX_BYTES=str(8 * MiB))
+    trickler = Exchange(node)
+    trickler.send(head("POST", CAS.format(id="slow"), f"Content-Length: {8 * MiB}"))
+    for _ in range(5):
+        trickler.send(b"t")
+    assert node.store.tmp_budget.used == MiB
+    for n in range(3):
+        body = bytes([n]) * (4 * MiB)
+        assert request(node, "POST", CAS.format(id=f"fast{n}"), body).status == 204
+        assert request(node, "GET", CAS.format(id=f"fast{n}")).body == body
+    assert trickler.responses() == []
+    trickler.disconnect()
+    assert_nothing_staged(node)
+    assert request(node, "GET", CAS.format(id="slow")).status == 404
+
+
+def test_declared_length_is_checked_against_the_free_space(nodes: Any) -> None:
+    """The head-time check compares a declared length with what is free now: room reserved
+    by bodies in flight counts, room they only declared does not."""
+    node = nodes.start(KURA_TMP_DIR_MAX_BYTES=str(3 * MiB))
+    first = Exchange(node)
+    first.send(head("POST", CAS.format(id="c1"), f"Content-Length: {2 * MiB}") + b"x")
+    assert node.store.tmp_budget.used == MiB
+    second = Exchange(node)
+    second.send(
+        head("POST", CAS.format(id="c2"), f"Content-Length: {2 * MiB}", "Expect: 100-continue")
+    )
+    assert second.transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    second.send(b"y")
+    assert node.store.tmp_budget.used == 2 * MiB
+    third = Exchange(node)
+    third.send(
+        head("POST", CAS.format(id="c3"), f"Content-Length: {2 * MiB}", "Expect: 100-continue")
+    )
+    assert b"100 Continue" not in third.transport.value()
+    (refused,) = third.responses()
+    assert refused.status == 503
+    assert refused.headers["retry-after"] == "1"
+    assert message(refused.body).startswith("Temporary storage budget exhausted: ")
+    assert third.closed
+    assert node.store.tmp_budget.used == 2 * MiB
+
+
+def test_upload_running_out_of_budget_midway_is_refused_and_released(nodes: Any) -> None:
+    """An upload whose next step no longer fits is refused mid-body with 503; its file and
+    reservation go at once, nothing of it is published, and the others finish."""
+    node = nodes.start(KURA_TMP_DIR_MAX_BYTES=str(3 * MiB))
+    first = Exchange(node)
+    first.send(head("PUT", "/api/metro/cache/m1", f"Content-Length: {2 * MiB}") + b"a" * MiB)
+    second = Exchange(node)
+    second.send(head("PUT", "/api/metro/cache/m2", f"Content-Length: {2 * MiB}") + b"b" * MiB)
+    second.send(b"b")
+    assert node.store.tmp_budget.used == 3 * MiB
+    first.send(b"a")  # its second step no longer fits
+    node.reactor.advance(0)
+    (refused,) = first.responses()
+    assert refused.status == 503
+    assert refused.headers["retry-after"] == "1"
+    assert message(refused.body).startswith("Temporary storage budget exhausted: ")
+    assert first.closed
+    assert node.store.tmp_budget.used == 2 * MiB
+    assert len(files_under(node.store.layout.uploads)) == 1  # the second upload's file
+    assert sample(node, "kura_upload_rejections_total", reason="tmp_budget") == 1
+    second.send(b"b" * (MiB - 1))
+    (done,) = second.responses()
+    assert done.status == 200
+    assert_nothing_staged(node)
+    assert request(node, "GET", "/api/metro/cache/m1").status == 404
+    assert request(node, "GET", "/api/metro/cache/m2").body == b"b" * (2 * MiB)
 
 
 def test_budget_is_released_when_an_upload_is_refused_midway(nodes: Any) -> None:

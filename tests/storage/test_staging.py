@@ -1,0 +1,97 @@
+"""The staging budget: reserved as body bytes arrive, checked against free space at the head."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from twisted.internet.defer import Deferred
+
+from kura.errors import TmpBudgetExhausted
+from kura.failpoints import Failpoints
+from kura.storage.runner import ImmediateRunner
+from kura.storage.staging import RESERVATION_STEP, StagingFile, TmpBudget
+from kura.testing import succeeded
+
+STEP = RESERVATION_STEP
+
+
+def staging(
+    tmp_path: Path, budget: TmpBudget, expected: int | None, name: str = "body"
+) -> StagingFile:
+    return StagingFile(
+        path=str(tmp_path / name),
+        runner=ImmediateRunner(),
+        budget=budget,
+        failpoints=Failpoints(),
+        limit=1 << 40,
+        expected_length=expected,
+    )
+
+
+def test_declared_length_is_checked_but_not_reserved(tmp_path: Path) -> None:
+    """Creating a file for a declared length reserves nothing; its first byte reserves one step."""
+    budget = TmpBudget(8 * STEP)
+    body = staging(tmp_path, budget, 8 * STEP)
+    assert budget.used == 0
+    body.write(b"x")
+    assert (body.reserved, budget.used) == (STEP, STEP)
+
+
+def test_reservation_grows_a_step_at_a_time(tmp_path: Path) -> None:
+    """The reservation covers what arrived, rounded up to a step, never past the declared length."""
+    budget = TmpBudget(8 * STEP)
+    body = staging(tmp_path, budget, 2 * STEP + 10)
+    body.write(b"x" * STEP)
+    assert budget.used == STEP
+    body.write(b"x")
+    assert budget.used == 2 * STEP
+    body.write(b"x" * (STEP - 1))
+    assert budget.used == 2 * STEP
+    body.write(b"x")
+    assert budget.used == 2 * STEP + 10  # the last step is the rest of the declared length
+    body.write(b"x" * 9)
+    staged = succeeded(Deferred.fromCoroutine(body.finish()))
+    assert (staged.size, staged.reserved) == (2 * STEP + 10, 2 * STEP + 10)
+
+
+def test_unknown_length_reserves_whole_steps(tmp_path: Path) -> None:
+    """A body of unknown length reserves whole steps as it grows."""
+    budget = TmpBudget(8 * STEP)
+    body = staging(tmp_path, budget, None)
+    body.write(b"x")
+    assert budget.used == STEP
+    body.write(b"x" * STEP)
+    assert budget.used == 2 * STEP
+
+
+def test_declared_length_over_the_free_space_is_refused_at_once(tmp_path: Path) -> None:
+    """A declared length larger than what is free now is refused before any byte."""
+    budget = TmpBudget(4 * STEP)
+    budget.reserve(3 * STEP)
+    with pytest.raises(TmpBudgetExhausted) as refused:
+        staging(tmp_path, budget, STEP + 1)
+    assert refused.value.message.startswith("Temporary storage budget exhausted: ")
+    assert refused.value.retry_after == 1
+    assert budget.used == 3 * STEP
+    assert os.listdir(tmp_path) == []
+    staging(tmp_path, budget, STEP)  # exactly the free space fits
+
+
+def test_running_out_mid_body_raises_and_abort_gives_everything_back(tmp_path: Path) -> None:
+    """A body whose next step no longer fits is refused; abort frees its file and reservation."""
+    budget = TmpBudget(3 * STEP)
+    body = staging(tmp_path, budget, 2 * STEP)
+    body.write(b"x" * STEP)
+    other = staging(tmp_path, budget, 2 * STEP, name="other")  # fits: 2 steps are free
+    other.write(b"y" * (STEP + 1))
+    assert budget.used == 3 * STEP
+    with pytest.raises(TmpBudgetExhausted):
+        body.write(b"x")
+    assert os.path.exists(tmp_path / "body")
+    succeeded(body.abort())
+    assert budget.used == 2 * STEP
+    assert not os.path.exists(tmp_path / "body")
+    other.write(b"y" * (STEP - 1))
+    succeeded(Deferred.fromCoroutine(other.finish()))
