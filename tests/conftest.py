@@ -1,16 +1,22 @@
-"""Shared fixtures: in-memory nodes (fresh or re-opened on the same data dir)."""
+"""Shared fixtures: in-memory nodes (fresh or re-opened on the same data dir), and
+in-process nodes on the real reactor for the tests where real sockets are the point."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
+from prometheus_client import CollectorRegistry
+from twisted.internet.defer import Deferred
 
 from kura.service import KuraNode
-from kura.testing import Exchange, memory_node, succeeded
+from kura.testing import Exchange, memory_node, succeeded, test_config
+
+StartNode = Callable[..., Deferred[KuraNode]]
 
 
 class Nodes:
@@ -71,3 +77,28 @@ anonymous_deletes = pytest.mark.node_environ(KURA_ALLOW_ANONYMOUS_DELETE="true")
 def client(node: KuraNode) -> Exchange:
     """One client connection to ``node``'s public channel."""
     return Exchange(node)
+
+
+@pytest.fixture
+def start_node(tmp_path: Any) -> Iterator[StartNode]:
+    """Start in-process nodes on loopback (real sockets, threads, reactor).
+
+    In an async test: ``node = await start_node(data_dir=None, **KURA_env)``.
+    Nodes still running at the end are stopped.
+    """
+    from twisted.internet import reactor
+
+    running: list[KuraNode] = []
+
+    def start(data_dir: str | None = None, **environ: str) -> Deferred[KuraNode]:
+        directory = data_dir or f"{tmp_path}/data"
+        config = test_config(directory, KURA_BIND_HOST="127.0.0.1", **environ)
+        node = KuraNode(config, reactor, registry=CollectorRegistry())
+        running.append(node)
+        node.startService()
+        return node.started.addCallback(lambda _: node)
+
+    yield start
+    for node in running:
+        if node.running:
+            pytest_twisted.blockon(node.stopService())

@@ -18,7 +18,13 @@ targets are a 503.
 
 **authorize.** The request's tenant must be the node's; the target is the
 account (``tenant``) or the project (``tenant/namespace``), and the action
-(read or write) must be granted for it.
+(read or write) must be granted for it. Its results are per project, so they
+are cached per namespace (``scope="namespace"``), not per artifact.
+
+Every decision reads only the context's derived fields (``tenant_id``,
+``namespace_id``, ``operation``): what kura acts on. The Lua original also
+looked at the raw query string, which a request could fill with a second
+``namespace_id`` or a ``project_handle`` the route ignores.
 
 Principals and allows are cached 60 s, denies 3 s. Differences from the Lua
 original, each deliberate:
@@ -146,11 +152,16 @@ def _first(*values: str | None) -> str | None:
 
 
 def request_target(ctx: HookContext) -> Target | Deny:
-    """The account or project the request addresses, or why it cannot go on."""
+    """The account or project the request acts on, or why it cannot go on.
+
+    Only the context's derived fields are read (``tenant_id``,
+    ``namespace_id``): they are what kura then acts on, whatever else the
+    query string holds.
+    """
     tenant = _first(ctx.server_tenant_id)
     if tenant is None:
         return Deny(503, "Server tenant is unavailable", ttl_seconds=DENY_TTL)
-    requested = _first(ctx.tenant_id, ctx.query.get("account_handle"), ctx.query.get("tenant_id"))
+    requested = _first(ctx.tenant_id)
     if requested is not None and requested != tenant:
         return Deny(
             403,
@@ -159,9 +170,7 @@ def request_target(ctx: HookContext) -> Target | Deny:
         )
     if requested is None and ctx.transport != "grpc":
         return Deny(400, "Missing tenant_id/account_handle", ttl_seconds=DENY_TTL)
-    namespace = _first(
-        ctx.namespace_id, ctx.query.get("project_handle"), ctx.query.get("namespace_id")
-    )
+    namespace = _first(ctx.namespace_id)
     if namespace is None:
         return Target("account", tenant)
     return Target("project", f"{tenant}/{namespace}")
@@ -272,17 +281,20 @@ class TuistPolicy:
         if isinstance(target, Deny):
             return target
         action = request_action(ctx)
+        # Grants are per account or project, never per artifact: the decision
+        # holds for every key of the namespace (with everything else equal).
         grants = principal.attributes.get("cache_grants")
         if grants is not None and grant_allows(grants, target.scope, action, target.identifier):
-            return Allow(ttl_seconds=ALLOW_TTL)
+            return Allow(ttl_seconds=ALLOW_TTL, scope="namespace")
         projects = principal.attributes.get("projects") or ()
         if grants is None and target.scope == "project" and target.identifier in projects:
-            return Allow(ttl_seconds=ALLOW_TTL)
+            return Allow(ttl_seconds=ALLOW_TTL, scope="namespace")
         return Deny(
             403,
             f"Forbidden: {target.scope} '{target.identifier}' is not granted to this "
             f"principal for {action}",
             ttl_seconds=DENY_TTL,
+            scope="namespace",
         )
 
 

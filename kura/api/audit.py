@@ -38,7 +38,6 @@ def principal_name(admission: Admission) -> str:
 def audit_delete(request: Any, admission: Admission, action: str) -> None:
     """Log one destructive request that was carried out."""
     target = admission.target
-    address = request.getClientAddress()
     log.info(
         DELETED,
         action=action,
@@ -46,7 +45,7 @@ def audit_delete(request: Any, admission: Admission, action: str) -> None:
         namespace=target.namespace,
         key=target.key,
         principal=principal_name(admission),
-        client=str(getattr(address, "host", "unknown")),
+        client=getattr(request, "client_address", "unknown"),
         request_id=getattr(request, "request_id", ""),
         audit=True,
     )

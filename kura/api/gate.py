@@ -210,7 +210,7 @@ class Gate:
         if (
             spec.needs_upload
             or self.authorization.needs_check(spec)
-            or (spec.body is BodyKind.STAGED and admission.address is not None)
+            or (spec.body is BodyKind.STAGED and spec.address is not None)
         ):
             return Deferred.fromCoroutine(self._complete(admission, head))
         return succeed(admission)
@@ -278,8 +278,12 @@ class Gate:
             else:
                 caller = await authorization.check(ctx)
                 admission = attrs.evolve(admission, caller=caller, hook_context=ctx)
-        if spec.body is BodyKind.STAGED and admission.address is not None and not spec.overwrites:
-            existing = await self._store.stored(self._store.artifact_id(admission.address))
+        address = admission.address
+        if spec.body is BodyKind.STAGED and spec.address is not None and not spec.overwrites:
+            # Write-once uploads of an artifact (not parts of one) that is
+            # already stored are answered from the head.
+            assert address is not None
+            existing = await self._store.stored(self._store.artifact_id(address))
             if existing is not None and spec.operation is Operation.WRITE:
                 admission = attrs.evolve(admission, existing=existing)
         return admission

@@ -177,8 +177,17 @@ class ExtensionAuthorizer:
             return result
 
         key = authorize_key(self._fingerprint, credentials, ctx, principal)
+        namespace_key = authorize_key(
+            self._fingerprint, credentials, ctx, principal, scope="namespace"
+        )
         try:
-            result = await self._authorized.resolve(key, run, self._ttl)
+            result = await self._authorized.resolve(
+                key,
+                run,
+                self._ttl,
+                wider=namespace_key,
+                stored_under=lambda r: namespace_key if r.scope == "namespace" else key,
+            )
         except HookFailed:
             if self._config.auth_fail_closed:
                 raise Forbidden(FORBIDDEN) from None

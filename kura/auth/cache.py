@@ -125,7 +125,13 @@ class ResultCache(Generic[T]):
         return entry.value
 
     async def resolve(
-        self, key: str, compute: Callable[[], Awaitable[T]], ttl_of: Callable[[T], float]
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[T]],
+        ttl_of: Callable[[T], float],
+        *,
+        wider: str | None = None,
+        stored_under: Callable[[T], str] | None = None,
     ) -> T:
         """The cached value for ``key``, or the result of ``compute()``.
 
@@ -134,18 +140,24 @@ class ResultCache(Generic[T]):
             compute: produces a value; may raise (nothing is cached then).
             ttl_of: seconds a computed value stays cached; ``0`` (or less)
                 means "do not cache, do not share".
+            wider: a second key whose cached value answers this lookup too
+                (a result that applies to more than ``key``), looked up first.
+            stored_under: where a computed value is cached (``key`` or
+                ``wider``); ``key`` when not given.
 
         Raises:
             Whatever ``compute`` raises.
         """
         while True:
-            cached = self.get(key)
+            cached = self.get(wider) if wider is not None else None
+            if cached is None:
+                cached = self.get(key)
             if cached is not None:
                 self._record(HIT)
                 return cached
             flight = self._flights.get(key)
             if flight is None:
-                return await self._lead(key, compute, ttl_of)
+                return await self._lead(key, compute, ttl_of, stored_under)
             outcome = await flight.wait()
             if isinstance(outcome, _Restart):
                 continue
@@ -156,7 +168,11 @@ class ResultCache(Generic[T]):
             return outcome
 
     async def _lead(
-        self, key: str, compute: Callable[[], Awaitable[T]], ttl_of: Callable[[T], float]
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[T]],
+        ttl_of: Callable[[T], float],
+        stored_under: Callable[[T], str] | None,
     ) -> T:
         self._record(MISS)
         flight: _Flight[T] = _Flight()
@@ -171,7 +187,7 @@ class ResultCache(Generic[T]):
             raise
         ttl = ttl_of(value)
         if ttl > 0:
-            self._store(key, value, ttl)
+            self._store(key if stored_under is None else stored_under(value), value, ttl)
             self._land(key, flight, value)
         else:
             self._land(key, flight, _RERUN)

@@ -3,8 +3,11 @@
 Results are cached per *credentials*, so the authenticate key covers only
 the headers that can carry them: hashing every header would key the cache
 on per-request noise (``traceparent``, deadlines) and turn nearly every
-request into a miss and a call to the authentication backend. The
-authorize key adds everything ``authorize`` may decide on.
+request into a miss and a call to the authentication backend. Credential
+headers stay the only headers in any key. The authorize key adds
+everything ``authorize`` may decide on, the artifact key included, so by
+default one result answers exactly one kind of request on one artifact; a
+hook widens that to a namespace only by saying so (``scope="namespace"``).
 
 Keys are hex SHA-256 digests of a canonical JSON encoding, so no value
 (non-ASCII, control characters, odd attribute types) can make building a
@@ -52,14 +55,27 @@ def _principal_part(principal: Principal | Anonymous) -> object:
 
 
 def authorize_key(
-    extension: str, credentials: str, ctx: HookContext, principal: Principal | Anonymous
+    extension: str,
+    credentials: str,
+    ctx: HookContext,
+    principal: Principal | Anonymous,
+    *,
+    scope: str = "request",
 ) -> str:
-    """The authorize cache key: the authenticate key's inputs plus the
-    principal (id, kind, attributes), the server tenant, tenant, namespace,
-    operation, producer, route and method."""
+    """The authorize cache key.
+
+    A ``request`` key covers everything ``authorize`` may decide on: the
+    authenticate key's inputs plus the principal (id, kind, attributes), the
+    server tenant, tenant, namespace, operation, producer, route, method,
+    transport and artifact key. A ``namespace`` key leaves the artifact key
+    out: it is where results a hook declared per namespace
+    (``Allow(scope="namespace")``) are kept, shared by every key of the
+    namespace.
+    """
     return _digest(
         [
             "authorize",
+            scope,
             extension,
             credentials,
             _principal_part(principal),
@@ -70,5 +86,7 @@ def authorize_key(
             ctx.producer,
             ctx.route,
             ctx.method,
+            ctx.transport,
+            ctx.artifact_key if scope == "request" else None,
         ]
     )

@@ -74,11 +74,30 @@ class Anonymous:
 ANONYMOUS = Anonymous()
 
 
+#: How widely a cached ``authorize`` result applies.
+SCOPES = ("request", "namespace")
+
+
+def _scope(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {value!r}")
+
+
 @attrs.frozen
 class Allow:
-    """``authorize``: the principal may do what the request asks."""
+    """``authorize``: the principal may do what the request asks.
+
+    Attributes:
+        ttl_seconds: how long the allow is cached.
+        scope: ``request`` (the default): the cached result answers only the
+            same principal, tenant, namespace, operation, producer, route,
+            method, transport *and artifact key*. ``namespace``: the hook
+            decided for the whole namespace, and the result answers every
+            key of it (with the rest equal).
+    """
 
     ttl_seconds: float | None = attrs.field(default=None, validator=_ttl, kw_only=True)
+    scope: str = attrs.field(default="request", validator=_scope, kw_only=True)
 
 
 #: The result used when there is no ``authorize`` hook.
@@ -99,11 +118,14 @@ class Deny:
             authority cannot be reached.
         message: the client-facing message.
         ttl_seconds: how long the deny is cached.
+        scope: as :attr:`Allow.scope` (only meaningful for ``authorize``;
+            ``authenticate`` results are cached per credentials).
     """
 
     status: int = attrs.field(validator=_status)
     message: str = attrs.field(validator=_text)
     ttl_seconds: float | None = attrs.field(default=None, validator=_ttl, kw_only=True)
+    scope: str = attrs.field(default="request", validator=_scope, kw_only=True)
 
     def to_error(self) -> KuraError:
         """The :class:`~kura.errors.KuraError` the HTTP layer answers with."""

@@ -182,22 +182,64 @@ def test_authentication_is_cached_per_credentials(clock: Clock, metrics: KuraMet
 
 
 def test_authorization_is_cached_per_request_target(clock: Clock, metrics: KuraMetrics) -> None:
-    """authorize runs again when the namespace, operation, route or method differ."""
+    """authorize runs again when anything the request acts on or arrives by differs."""
     policy = Policy()
     auth = authorizer(policy, clock, metrics)
     succeeded(check(auth))
     succeeded(check(auth))
     assert len(policy.authorized) == 1
-    for changed in (
+    changes: list[dict[str, Any]] = [
         {"namespace_id": "android"},
         {"tenant_id": "other"},
         {"operation": "artifact.write", "method": "PUT"},
         {"route": "/api/cache/gradle/{cache_key}"},
         {"producer": "gradle"},
-    ):
+        {"artifact_key": "blob/other"},
+        {"transport": "h2"},
+    ]
+    for changed in changes:
         succeeded(check(auth, context(**changed)))
-    assert len(policy.authorized) == 6
+    assert len(policy.authorized) == 1 + len(changes)
     assert len(policy.authenticated) == 1
+
+
+def test_an_allow_for_one_key_is_not_an_allow_for_another(
+    clock: Clock, metrics: KuraMetrics
+) -> None:
+    """By default a cached allow answers only the artifact it was given for."""
+    policy = Policy()
+    policy.authorize_result = lambda: (
+        Allow() if policy.authorized[-1][0].artifact_key == "blob/mine" else Deny(403, "no")
+    )
+    auth = authorizer(policy, clock, metrics)
+    succeeded(check(auth, context(artifact_key="blob/mine")))
+    assert isinstance(failed(check(auth, context(artifact_key="blob/theirs"))), Forbidden)
+
+
+def test_a_namespace_scoped_result_answers_every_key_of_its_namespace(
+    clock: Clock, metrics: KuraMetrics
+) -> None:
+    """Allow(scope="namespace") is shared by the namespace's keys, and only by them."""
+    policy = Policy()
+    policy.authorize_result = Allow(scope="namespace")
+    auth = authorizer(policy, clock, metrics)
+    for key in ("blob/a", "blob/b", "blob/c"):
+        succeeded(check(auth, context(artifact_key=key)))
+    assert len(policy.authorized) == 1
+    succeeded(check(auth, context(artifact_key="blob/a", namespace_id="android")))
+    succeeded(check(auth, context(artifact_key="blob/a", operation="artifact.write")))
+    assert len(policy.authorized) == 3
+    policy.authorize_result = Deny(403, "not yours", scope="namespace")
+    auth = authorizer(policy, clock, metrics)
+    assert isinstance(failed(check(auth, context(artifact_key="blob/a"))), Forbidden)
+    assert isinstance(failed(check(auth, context(artifact_key="blob/b"))), Forbidden)
+    assert len(policy.authorized) == 4
+
+
+def test_a_result_scope_must_be_request_or_namespace() -> None:
+    """Any other scope is a hook error (fail closed), not a silently wider grant."""
+    with pytest.raises(ValueError, match="scope must be one of"):
+        Allow(scope="tenant")
 
 
 def test_a_different_principal_is_authorized_again(clock: Clock, metrics: KuraMetrics) -> None:

@@ -231,8 +231,70 @@ async def test_tenant_routing_does_not_poison_the_token(tuist: tuple[FakeTuist, 
         assert isinstance(error, Forbidden)
         assert error.message == "Forbidden: tenant 'other' is routed to server for 'acme'"
         assert isinstance(await auth.check(read(headers)), Principal)
-        error = await denied(auth, read(headers, tenant_id=None, query={"account_handle": "x"}))
-        assert error.message == "Forbidden: tenant 'x' is routed to server for 'acme'"
+    finally:
+        await auth.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_the_derived_fields_decide(tuist: tuple[FakeTuist, str]) -> None:
+    """Query parameters the request does not act on grant nothing.
+
+    These are the contexts kura builds for two former bypasses: a clean of
+    ``??project_handle=mine&namespace_id=victim`` acts on ``victim``, and an
+    account-level Gradle PUT with a stray ``namespace_id=ios`` acts on the
+    account; the query map still carries the decoys.
+    """
+    server, url = tuist
+    auth = policy(url)
+    try:
+        grants = {"project": {"read": [], "write": ["acme/ios"]}}
+        headers = bearer({"cache_grants": grants})
+        # Tuist knows the token: introspection confirms it and its grants.
+        token = headers["authorization"].split(" ", 1)[1]
+        server.active[token] = {"active": True, "sub": "user-1", "cache_grants": grants}
+        clean = context(
+            headers=headers,
+            method="DELETE",
+            operation="namespace.delete",
+            route="/api/cache/clean",
+            namespace_id="victim",
+            artifact_key=None,
+            query={"?project_handle": "ios", "namespace_id": "victim", "tenant_id": "acme"},
+        )
+        assert isinstance(await denied(auth, clean), Forbidden)
+        account_put = write(
+            headers,
+            route="/api/cache/gradle/{tenant}/{cache_key}",
+            producer="gradle",
+            namespace_id=None,
+            artifact_key="k1",
+            query={"namespace_id": "ios"},
+        )
+        assert isinstance(await denied(auth, account_put), Forbidden)
+        no_tenant = read(headers, tenant_id=None, query={"account_handle": "acme"})
+        assert isinstance(await denied(auth, no_tenant), BadRequest)
+        assert isinstance(await auth.check(write(headers, namespace_id="ios")), Principal)
+    finally:
+        await auth.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_projects_allow_never_answers_for_another(tuist: tuple[FakeTuist, str]) -> None:
+    """Allows are cached per namespace: a grant for one project is not one for the next."""
+    server, url = tuist
+    auth = policy(url)
+    try:
+        grants = {"project": {"read": [], "write": ["acme/ios"]}}
+        headers = bearer({"cache_grants": grants})
+        token = headers["authorization"].split(" ", 1)[1]
+        server.active[token] = {"active": True, "sub": "user-1", "cache_grants": grants}
+        assert isinstance(await auth.check(write(headers, namespace_id="ios")), Principal)
+        assert isinstance(
+            await auth.check(write(headers, namespace_id="ios", artifact_key="blob/2")), Principal
+        )
+        error = await denied(auth, write(headers, namespace_id="android"))
+        assert isinstance(error, Forbidden)
+        assert error.message.startswith("Forbidden: project 'acme/android' is not granted")
     finally:
         await auth.close()
 
