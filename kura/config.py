@@ -522,6 +522,23 @@ class ReplicationConfig:
         """Whether peers must sign or present a certificate with a configured name."""
         return self.auth.signs or (self.internal_tls is not None and bool(self.auth.tls_peer_names))
 
+    @property
+    def peer_auth_mode(self) -> str:
+        """How the internal plane admits peers, as probes and the start log report it.
+
+        ``signed``, ``mtls`` or ``signed+mtls``; ``insecure`` for a mesh run
+        with KURA_INTERNAL_INSECURE; ``loopback`` for a node without peers
+        and without peer authentication (its plane listens on loopback).
+        """
+        ways = []
+        if self.auth.signs:
+            ways.append("signed")
+        if self.internal_tls is not None and self.auth.tls_peer_names:
+            ways.append("mtls")
+        if ways:
+            return "+".join(ways)
+        return "insecure" if self.has_peers else "loopback"
+
 
 @attrs.frozen
 class KuraConfig:

@@ -72,8 +72,10 @@ class NodeState:
         outbox_depth: OutboxDepth,
         membership: MembershipView | None = None,
         memory: MemoryMonitor | None = None,
+        access_mode: str = "open",
     ) -> None:
         self._config = config
+        self._access_mode = access_mode
         self._clock = clock
         self._metrics = metrics
         self._traffic = traffic
@@ -180,6 +182,9 @@ class NodeState:
             "outbox_messages": self._outbox_depth(),
             "memory_pressure_state": int(self.memory_pressure),
             "fd_timeout_count": self.fd_timeout_count,
+            # How the public port and the internal plane are guarded.
+            "auth_mode": self._access_mode,
+            "peer_auth_mode": self._config.replication.peer_auth_mode,
         }
 
 

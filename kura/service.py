@@ -49,6 +49,12 @@ log = Logger(namespace="kura.node")
 NODE_STARTED = "kura {version} serving tenant {tenant_id} on public port {port}"
 WRITER_LOCK_FAILED = "{message}"
 LISTEN_BACKLOG = 1024
+OPEN_MODE = (
+    "open mode: no tokens and no extension guard the public port; anyone who reaches it "
+    "can read and write artifacts (cleans and deletes: {deletes}). Set KURA_AUTH_TOKENS_FILE "
+    "or KURA_AUTH_WRITE_TOKENS, or an extension, to close it"
+)
+ACCESS_MODE = "public port guarded by {mode}"
 DRAIN_DEADLINE = "drain deadline passed with {count} public transfers in flight; cutting them off"
 
 
@@ -114,6 +120,7 @@ class KuraNode(MultiService):
             traffic=self.traffic,
             outbox_depth=lambda: self.store.outbox_depth,
             memory=self.memory,
+            access_mode=self.authorizer.mode,
         )
         # --- replication mesh (issue 5): peers, internal plane, outbox, catch-up ---
         self.replication = ReplicationService(
@@ -223,6 +230,7 @@ class KuraNode(MultiService):
         await self.store.start()
         self._listen()
         self.accelerator.log_settings()
+        self._log_access_mode()
         self._janitor.start(self.config.multipart_janitor_interval_ms / 1000, now=True)
         self.memory.start()
         log.info(
@@ -232,6 +240,19 @@ class KuraNode(MultiService):
             port=self.public_port,
         )
         self.started.callback(None)
+
+    def _log_access_mode(self) -> None:
+        """Say how the public port is guarded; open mode is a warning at every start."""
+        mode = self.authorizer.mode
+        if mode == "open":
+            log.warn(
+                OPEN_MODE,
+                deletes="allowed (KURA_ALLOW_ANONYMOUS_DELETE)"
+                if self.config.access.allow_anonymous_delete
+                else "refused",
+            )
+        else:
+            log.info(ACCESS_MODE, mode=mode)
 
     def _start_failed(self, failure: Any) -> None:
         log.failure("kura failed to start", failure)

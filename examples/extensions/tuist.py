@@ -31,9 +31,10 @@ original, each deliberate:
 
 * authenticate results are cached per credentials only, so denies that
   depend on the *request* (tenant routing, a missing tenant, an account
-  target without introspection) are returned with ``ttl_seconds=0`` here;
-  cached, they would refuse the same token's next, valid request. authorize
-  repeats the tenant checks and caches them per tenant and namespace;
+  target without introspection, a valid JWT whose grants do not cover the
+  target) are returned with ``ttl_seconds=0`` here; cached, they would
+  refuse the same token's next, valid request. authorize repeats the tenant
+  checks and caches them per tenant and namespace;
 * a malformed ``Authorization`` value (not ``Bearer <token>``, non-ASCII) is
   a 401 without calling the Tuist server;
 * a Tuist server that cannot be reached is a 503 ``Authentication backend
@@ -235,6 +236,14 @@ class TuistPolicy:
                 if target.identifier in projects:
                     return principal_from_projects(claims.get("sub"), claims.get("type"), projects)
 
+        result = await self._ask_tuist(token, authorization, target)
+        if claims is not None and isinstance(result, Deny):
+            # A valid JWT that does not grant *this* target: the deny is about
+            # the request, so it must not be cached for the token's next one.
+            return attrs.evolve(result, ttl_seconds=0)
+        return result
+
+    async def _ask_tuist(self, token: str, authorization: str, target: Target) -> Principal | Deny:
         credentials = self._introspection_credentials()
         if credentials is not None:
             return await self._introspect(token, *credentials)

@@ -235,7 +235,7 @@ class ReplicationService(MultiService):
             port=getattr(address, "port", self.config.internal_port),
             scheme="https, client certificates required" if tls else "http",
             peers=", ".join(settings.peers) or "none",
-            auth=describe_peer_auth(settings),
+            auth=settings.peer_auth_mode,
         )
         warn_if_insecure(settings, self.config.internal_port)
         self._serving = True
@@ -286,16 +286,6 @@ class ReplicationService(MultiService):
             await self.bootstrap.stop()
             await self.client.close()
         await super().stopService()
-
-
-def describe_peer_auth(settings: ReplicationConfig) -> str:
-    """How peers authenticate, for the start-up log line."""
-    ways = []
-    if settings.auth.signs:
-        ways.append("signed requests (KURA_PEER_SECRET)")
-    if settings.internal_tls is not None and settings.auth.tls_peer_names:
-        ways.append("mTLS names " + ", ".join(settings.auth.tls_peer_names))
-    return " and ".join(ways) or "none"
 
 
 def warn_if_insecure(settings: ReplicationConfig, port: int) -> None:

@@ -190,9 +190,13 @@ def get_json(url: str) -> Any:
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 
 
-def metrics(node: RealNode) -> dict[str, float]:
-    """``/metrics`` as ``{'name{labels}': value}`` (labels exactly as exported)."""
-    _, _, body = request("GET", node.url + "/metrics")
+def metrics(node: RealNode, token: str | None = None) -> dict[str, float]:
+    """``/metrics`` as ``{'name{labels}': value}`` (labels exactly as exported).
+
+    ``token``: the bearer token of a node with ``KURA_METRICS_TOKEN``.
+    """
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    _, _, body = request("GET", node.url + "/metrics", headers=headers)
     samples = {}
     for line in body.decode("utf-8").splitlines():
         match = _SAMPLE.match(line)
