@@ -43,7 +43,7 @@ from kura.storage.runner import BlockingRunner
 from kura.storage.store import ArtifactStore
 
 from .authorization import RequestAuthorization
-from .download import FileBodyProducer, TransferFailed, artifact_head
+from .download import CHUNK_BYTES, H2_CHUNK_BYTES, FileBodyProducer, TransferFailed, artifact_head
 from .errors import as_seen_by_client, classify_failure, respond_with_error
 from .gate import Admission
 from .http import KuraRequest
@@ -270,6 +270,7 @@ class PublicAPI(NeighbourRoutes):
             runner=self._runner,
             clock=site.clock,
             send_timeout=site.send_timeout,
+            chunk_bytes=H2_CHUNK_BYTES if request.clientproto == b"HTTP/2" else CHUNK_BYTES,
         )
 
         def account(result: object) -> object:
