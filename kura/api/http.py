@@ -621,13 +621,15 @@ class KuraSite(server.Site):
 
     def buildProtocol(self, addr: Any) -> Any:
         """A protocol for TLS listeners: HTTP/1.1, or HTTP/2 when ALPN picks h2."""
-        protocol = http._GenericHTTPChannelProtocol(self.make_channel())
-        protocol.factory = self
-        protocol.site = self
-        protocol.requestFactory = self.requestFactory
-        protocol.timeOut = self.timeOut
-        protocol.callLater = self.reactor.callLater
-        return protocol
+        channel = self.make_channel()
+        if not http.H2_ENABLED:
+            return channel  # without the h2 extra, HTTP/1.1 only
+        from kura.web.h2 import NegotiatingChannel, build_h2_connection  # noqa: PLC0415
+
+        return NegotiatingChannel(
+            channel,
+            lambda: build_h2_connection(self, reactor=self.reactor, metrics=self.metrics),
+        )
 
     def log(self, request: http.Request) -> None:
         """Access logging is structured (see kura.logs), not the common log format."""
