@@ -300,7 +300,9 @@ class PublicAPI(NeighbourRoutes):
                 # A short or stalled body must not leave the connection reusable.
                 channel.persistent = False
                 if failure.result == "write_timeout":
-                    channel.transport.abortConnection()
+                    # An HTTP/2 stream is its own transport (its .transport
+                    # is None): it is reset, the connection's others go on.
+                    (channel.transport or channel).abortConnection()
             if failure.result == "incomplete":
                 log.error("artifact body ended early; connection closed", route=spec.template)
         return b""

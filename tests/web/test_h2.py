@@ -338,6 +338,34 @@ def test_a_reset_stream_stops_its_producer_at_once(node: KuraNode) -> None:
     assert s.connection.queued(stream_id) == 0
 
 
+def test_a_stream_stalled_past_the_send_timeout_is_reset_alone(nodes: Any) -> None:
+    """A stream whose window never reopens is reset at the send timeout; its neighbours go on."""
+    node = nodes.start(KURA_SEND_TIMEOUT_MS="2000")
+    assert request(node, "POST", CAS.format("big"), os.urandom(4 * MiB)).status == 204
+    logged: list[LogEvent] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        s = session(node, Client())
+        stalled = s.client.get(CAS.format("big"))
+        s.client.starved.add(stalled)
+        s.send()
+        s.exchange_until(lambda: len(s.client.bodies[stalled]) == 65_535)
+        s.clock.advance(2)
+        s.read()
+        assert stalled in s.client.resets
+        timeouts = sample(
+            node, "kura_artifact_egress_completions_total", producer="xcode", result="write_timeout"
+        )
+        assert timeouts == 1
+        after = s.client.get(CAS.format("big"))
+        s.send()
+        s.exchange_until(lambda: after in s.client.ended)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert s.client.bodies[after] == body_of(node, "big")
+    assert not [e for e in logged if e.get("log_failure") or e.get("isError")]
+
+
 # -- the stream limit -----------------------------------------------------------------
 
 
