@@ -90,6 +90,17 @@ class KuraMetrics:
             "EWMA (weight 1/8) of public time to first byte, in ms.",
             registry=r,
         )
+        self.http2_connections_closed = Counter(
+            "kura_http2_connections_closed",
+            "HTTP/2 connections kura closed to protect itself, by reason (rapid_reset).",
+            ["reason"],
+            registry=r,
+        )
+        self.http2_refused_streams = Counter(
+            "kura_http2_refused_streams",
+            "HTTP/2 streams refused (REFUSED_STREAM) over the concurrent stream limit.",
+            registry=r,
+        )
 
         # Artifacts ----------------------------------------------------------
         labels = ["producer", "result"]

@@ -386,15 +386,10 @@ class SamePortProtocol(Protocol):
         self._attach(self._accel.site.make_channel())
 
     def _hand_off_h2(self) -> None:
-        from twisted.web._http2 import H2Connection  # noqa: PLC0415 - optional extra
+        from kura.web.h2 import build_h2_connection  # noqa: PLC0415 - the optional h2 extra
 
         site = self._accel.site
-        connection: Any = H2Connection(self._accel.reactor)
-        connection.requestFactory = site.requestFactory
-        connection.site = site
-        connection.factory = site
-        connection.timeOut = site.timeOut
-        connection.callLater = self._accel.reactor.callLater
+        connection = build_h2_connection(site, reactor=self._accel.reactor, metrics=site.metrics)
         self._accel.count_fallback("h2c")
         self._attach(connection, register_producer=True)
 

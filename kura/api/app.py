@@ -49,7 +49,7 @@ from kura.storage.store import ArtifactStore
 
 from .audit import audit_delete
 from .authorization import RequestAuthorization
-from .download import FileBodyProducer, TransferFailed, artifact_head
+from .download import CHUNK_BYTES, H2_CHUNK_BYTES, FileBodyProducer, TransferFailed, artifact_head
 from .errors import as_seen_by_client, classify_failure, respond_with_error
 from .gate import Admission
 from .http import KuraRequest
@@ -289,6 +289,7 @@ class PublicAPI(NeighbourRoutes):
             runner=self._runner,
             clock=site.clock,
             send_timeout=site.send_timeout,
+            chunk_bytes=H2_CHUNK_BYTES if request.clientproto == b"HTTP/2" else CHUNK_BYTES,
         )
 
         def account(result: object) -> object:
@@ -318,7 +319,9 @@ class PublicAPI(NeighbourRoutes):
                 # A short or stalled body must not leave the connection reusable.
                 channel.persistent = False
                 if failure.result == "write_timeout":
-                    channel.transport.abortConnection()
+                    # An HTTP/2 stream is its own transport (its .transport
+                    # is None): it is reset, the connection's others go on.
+                    (channel.transport or channel).abortConnection()
             if failure.result == "incomplete":
                 log.error("artifact body ended early; connection closed", route=spec.template)
         return b""

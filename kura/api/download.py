@@ -30,6 +30,9 @@ from .ranges import BodySlice, resolve_range
 
 #: Bytes per read on the fallback path.
 CHUNK_BYTES = 512 * 1024
+#: Bytes per read for an HTTP/2 response: a stream queues at most its
+#: high-water mark plus one chunk (kura.web.h2), a hundred streams a connection.
+H2_CHUNK_BYTES = 128 * 1024
 
 
 @attrs.frozen
@@ -96,7 +99,8 @@ class FileBodyProducer:
 
     The producer owns ``fd`` and closes it when the transfer ends.
     :meth:`start` returns a Deferred that fires with the byte count once the
-    last byte was written, or fails with :class:`TransferFailed`.
+    last byte was written, or fails with :class:`TransferFailed`. It reads
+    and writes ``chunk_bytes`` at a time.
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class FileBodyProducer:
         runner: BlockingRunner,
         clock: IReactorTime,
         send_timeout: float,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         self._request = request
         self._fd: int | None = fd
@@ -118,6 +123,7 @@ class FileBodyProducer:
         self._runner = runner
         self._clock = clock
         self._send_timeout = send_timeout
+        self._chunk_bytes = chunk_bytes
         self._paused = False
         self._reading = False
         self._done: Deferred[int] = Deferred()
@@ -136,7 +142,7 @@ class FileBodyProducer:
             self._finish(None)
             return
         self._reading = True
-        size = min(CHUNK_BYTES, self._remaining)
+        size = min(self._chunk_bytes, self._remaining)
         d = self._runner.run(os.pread, self._fd, size, self._offset)
         d.addCallbacks(self._got, self._read_failed)
 

@@ -272,16 +272,32 @@ class KuraRequest(server.Request):
             self._pause("discard")
             channel.reactor.callLater(0, channel.abandon_body, self)
 
+    @property
+    def _body_source(self) -> Any:
+        """What to pause so that no more body arrives, or ``None`` once done.
+
+        On HTTP/1.1 the connection's transport. On HTTP/2 the stream itself: a
+        paused stream stops giving its flow-control window back, so the client
+        stops sending and at most one window waits in memory (pausing the
+        whole connection would stall its other streams).
+        """
+        channel = getattr(self, "channel", None)
+        if channel is None or isinstance(channel, http.HTTPChannel):
+            return self._transport
+        return channel
+
     def _pause(self, reason: str) -> None:
-        if not self._pause_reasons and self._transport is not None:
-            self._transport.pauseProducing()
+        source = self._body_source
+        if not self._pause_reasons and source is not None:
+            source.pauseProducing()
         self._pause_reasons.add(reason)
 
     def _resume(self, reason: str) -> None:
         if reason in self._pause_reasons:
             self._pause_reasons.discard(reason)
-            if not self._pause_reasons and self._transport is not None:
-                self._transport.resumeProducing()
+            source = self._body_source
+            if not self._pause_reasons and source is not None:
+                source.resumeProducing()
 
     # -- body ---------------------------------------------------------------------
 
@@ -705,13 +721,15 @@ class KuraSite(server.Site):
 
     def buildProtocol(self, addr: Any) -> Any:
         """A protocol for TLS listeners: HTTP/1.1, or HTTP/2 when ALPN picks h2."""
-        protocol = http._GenericHTTPChannelProtocol(self.make_channel())
-        protocol.factory = self
-        protocol.site = self
-        protocol.requestFactory = self.requestFactory
-        protocol.timeOut = self.timeOut
-        protocol.callLater = self.reactor.callLater
-        return protocol
+        channel = self.make_channel()
+        if not http.H2_ENABLED:
+            return channel  # without the h2 extra, HTTP/1.1 only
+        from kura.web.h2 import NegotiatingChannel, build_h2_connection  # noqa: PLC0415
+
+        return NegotiatingChannel(
+            channel,
+            lambda: build_h2_connection(self, reactor=self.reactor, metrics=self.metrics),
+        )
 
     def log(self, request: http.Request) -> None:
         """Access logging is structured (see kura.logs), not the common log format."""
