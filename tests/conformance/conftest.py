@@ -1,41 +1,22 @@
 """The conformance session: one real kura node, the installed clients, a summary.
 
 Every client builds twice against the node started here (``RealNode``, with
-an extension that demands each client's credentials, so a hit also proves
-that the client authenticated). The session ends with one line per client
-and a pass/fail count.
+kura's built-in write tokens and no anonymous access, so a hit also proves
+that the client authenticated: Gradle with Basic credentials whose password
+is a token, the others with ``Authorization: Bearer``). The session ends
+with one line per client and a pass/fail count.
 """
 
 from __future__ import annotations
 
-import textwrap
 import time
 from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
-from conformance_support import BASIC_PASSWORD, BASIC_USER, TOKEN, Toolchain
+from conformance_support import BASIC_PASSWORD, TOKEN, Toolchain
 
 from kura.testing import RealNode
-
-EXTENSION = """
-import base64
-
-from kura.auth import Allow, Deny, Principal
-
-TOKEN = {token!r}
-BASIC = "Basic " + base64.b64encode({basic!r}.encode()).decode()
-
-
-def authenticate(ctx):
-    if ctx.bearer_token() == TOKEN or ctx.header("authorization") == BASIC:
-        return Principal("conformance", kind="service")
-    return Deny(401, "Missing or invalid credentials")
-
-
-def authorize(ctx, principal):
-    return Allow()
-"""
 
 #: Client name -> (outcome, detail), filled as the tests finish.
 _RESULTS: dict[str, tuple[str, str]] = {}
@@ -58,15 +39,11 @@ def toolchain() -> Toolchain:
 
 @pytest.fixture(scope="session")
 def kura(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
-    """A real ``twistd kura`` node on loopback that requires client credentials."""
+    """A real ``twistd kura`` node on loopback that requires a write token."""
     base = tmp_path_factory.mktemp("kura-node")
-    script = base / "extension.py"
-    script.write_text(
-        textwrap.dedent(EXTENSION.format(token=TOKEN, basic=f"{BASIC_USER}:{BASIC_PASSWORD}"))
-    )
     node = RealNode(
         str(base / "data"),
-        KURA_EXTENSION_SCRIPT_PATH=str(script),
+        KURA_AUTH_WRITE_TOKENS=f"{TOKEN},{BASIC_PASSWORD}",
         KURA_LOG_FORMAT="json",
     )
     node.start(timeout=60)
