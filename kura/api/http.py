@@ -184,16 +184,28 @@ class KuraRequest(server.Request):
     ) -> Admission:
         self.admitted = admission
         early, self._early_chunks = self._early_chunks, None
-        self._resume("admission")
+        try:
+            self._prepare_body(admission, expect_continue, synchronous, early or [])
+        finally:
+            # Last: resuming an HTTP/2 stream hands over the body bytes it held
+            # back at once, so the staging file must be ready (or the body
+            # refused) before then.
+            self._resume("admission")
+        return admission
+
+    def _prepare_body(
+        self, admission: Admission, expect_continue: bool, synchronous: bool, early: list[bytes]
+    ) -> None:
+        """Stage (or skip) the admitted request's body; replay what arrived meanwhile."""
         if self._lost:
             # The client left while its head was being admitted (a slow hook
             # or lookup): take no upload slot and open no file that nothing
             # would ever give back.
-            return admission
+            return
         if admission.skips_body:
             if self._has_body():
                 self._skip_body(synchronous)
-            return admission
+            return
         try:
             if admission.spec.body is BodyKind.STAGED:
                 self._stage(admission)
@@ -203,12 +215,11 @@ class KuraRequest(server.Request):
             self.rejection = error
             if self._has_body():
                 self._skip_body(synchronous)
-            return admission
+            return
         if expect_continue and self._has_body() and not self.startedWriting:
             self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        for chunk in early or ():
+        for chunk in early:
             self.handleContentChunk(chunk)
-        return admission
 
     def _stage(self, admission: Admission) -> None:
         """Take the client's upload slot, then open the staging file.
@@ -252,12 +263,14 @@ class KuraRequest(server.Request):
         failure behind to be logged as an error when collected.
         """
         self._early_chunks = None
-        self._resume("admission")
         error = failure.value
         if isinstance(error, KuraError):
             self.rejection = error
         if self._has_body():
             self._skip_body(synchronous)
+        # After the refusal is recorded: a resumed HTTP/2 stream hands over
+        # its held-back body at once, and it must be dropped, not staged.
+        self._resume("admission")
         return None if isinstance(error, KuraError) else failure
 
     def _skip_body(self, synchronous: bool) -> None:

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from kura.api.gate import Admission, RequestHead
 from kura.api.routes import GiB, Query, RouteSpec, Target
@@ -38,6 +39,10 @@ from kura.storage.store import ArtifactStore
 from .limiter import BandwidthLimiter
 from .peer_auth import UNSIGNED, PeerCaller
 from .wire import DeleteMessage, UpsertMessage
+
+log = Logger(namespace="kura.replication.receiver")
+
+PEER_CLEAN = "namespace {namespace!r} cleaned from a peer ({source}, version {version})"
 
 #: Largest replicated file-backed body (upstream's 4 x 512 MiB).
 MAX_REPLICATION_BODY_BYTES = 2 * GiB
@@ -278,4 +283,13 @@ class Receiver:
             )
         )
         self.count(source, ITEM_NAMESPACE, outcome)
+        if outcome is Outcome.APPLIED:
+            # The clean itself is audited where a client asked for it; each
+            # peer records that it carried it out.
+            log.info(
+                PEER_CLEAN,
+                namespace=message.namespace_id,
+                version=message.version_ms,
+                source=source,
+            )
         return outcome

@@ -21,6 +21,7 @@ import pytest
 from kura.artifacts import ArtifactAddress, Producer
 from kura.replication import wire
 from kura.replication.testing import (
+    MESH_SECRET,
     MeshNode,
     get_json,
     mesh,
@@ -180,3 +181,7 @@ def test_a_signed_mesh_still_replicates_both_ways(pair: list[MeshNode]) -> None:
     wait_for("cleaned on B", lambda: request("GET", b.url + path)[0] == 404, 30)
     assert sample(b, 'kura_peer_auth_total{result="ok",side="server"}') > 0
     assert sample(b, 'kura_peer_auth_total{result="ok",side="client"}') > 0
+    assert "cleaned from a peer" in b.log()
+    for node in (a, b):
+        assert MESH_SECRET not in node.log()
+        assert MESH_SECRET not in str(metrics(node))

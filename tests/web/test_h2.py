@@ -526,6 +526,27 @@ def test_an_upload_faster_than_the_disk_stops_the_clients_window(nodes: Any) -> 
     assert body_of(node, "upload") == body
 
 
+def test_an_upload_whose_admission_waits_is_staged_whole(nodes: Any) -> None:
+    """Body frames that arrive while the head is being admitted are kept, in order, and staged."""
+    runner = ControlledRunner()
+    node: KuraNode = nodes.start(runner=runner)
+    runner.hold = lambda f: True  # the existence lookup (and everything after) waits
+    s = session(node, Client())
+    s.read()
+    body = os.urandom(50_000)
+    stream_id = s.client.post_head(CAS.format("waited"), len(body))
+    s.client.data(stream_id, body)
+    s.send()
+    assert runner.held  # admission is still waiting on the store
+    while runner.held or stream_id not in s.client.ended:
+        if runner.held:
+            runner.release()
+        s.read()
+    assert s.client.statuses[stream_id] == 204
+    runner.hold = lambda f: False
+    assert body_of(node, "waited") == body
+
+
 def test_reset_budget_refills_at_its_rate_and_ignores_a_clock_step_back() -> None:
     """The bucket allows a burst, refills at its rate, and a backwards clock drains nothing."""
     budget = ResetBudget(burst=3, rate=2.0, now=100.0)
