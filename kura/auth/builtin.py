@@ -90,8 +90,23 @@ def presented_token(ctx: HookContext) -> str | None:
     return password if colon and password else None
 
 
+class _BuiltIn:
+    """What built-in authorizers share: no response headers, no cache, nothing to close."""
+
+    async def response_headers(
+        self, ctx: HookContext, principal: Principal | Anonymous | None
+    ) -> list[tuple[bytes, bytes]]:
+        return []
+
+    def clear_caches(self) -> int:
+        return 0
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
+
+
 @implementer(IRequestAuthorizer)
-class TokenAccess:
+class TokenAccess(_BuiltIn):
     """Read and write tokens (see the module docstring).
 
     Args:
@@ -137,20 +152,9 @@ class TokenAccess:
             raise Forbidden(f"Forbidden: token '{found.name}' may only read")
         return Principal(found.name, "token", {"scope": found.scope.value})
 
-    async def response_headers(
-        self, ctx: HookContext, principal: Principal | Anonymous | None
-    ) -> list[tuple[bytes, bytes]]:
-        return []
-
-    def clear_caches(self) -> int:
-        return 0
-
-    def close(self) -> Deferred[None]:
-        return succeed(None)
-
 
 @implementer(IRequestAuthorizer)
-class OpenAccess:
+class OpenAccess(_BuiltIn):
     """Open mode: everyone may read and write; cleans and deletes only if allowed.
 
     Args:
@@ -169,14 +173,3 @@ class OpenAccess:
         if ctx.operation in DESTRUCTIVE_OPERATIONS and not self._allow_delete:
             raise Forbidden(OPEN_DELETE_REFUSED)
         return ANONYMOUS
-
-    async def response_headers(
-        self, ctx: HookContext, principal: Principal | Anonymous | None
-    ) -> list[tuple[bytes, bytes]]:
-        return []
-
-    def clear_caches(self) -> int:
-        return 0
-
-    def close(self) -> Deferred[None]:
-        return succeed(None)

@@ -8,7 +8,6 @@ started and not completed or expired. Both refuse with 429 + Retry-After.
 
 from __future__ import annotations
 
-import json
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -21,21 +20,10 @@ from kura.api.http import KuraRequest
 from kura.api.upload_slots import TOO_MANY_UPLOADS
 from kura.service import KuraNode
 from kura.testing import ControlledRunner, Exchange, files_under, request, sample, succeeded
+from tests.api.test_api_limits import CAS, MiB, head, message
 from tests.api.test_api_routes import complete, start_upload
 
-MiB = 1024 * 1024
-CAS = "/api/cache/cas/{id}?tenant_id=default"
 CLIENT = "10.0.0.1"
-
-
-def head(method: str, target: str, *lines: str) -> bytes:
-    return (
-        "\r\n".join([f"{method} {target} HTTP/1.1", "Host: kura", *lines]) + "\r\n\r\n"
-    ).encode()
-
-
-def message(body: bytes) -> str:
-    return str(json.loads(body)["message"])
 
 
 def in_flight(node: KuraNode, peer: str, key: str, *lines: str) -> Exchange:

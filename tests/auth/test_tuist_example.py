@@ -115,6 +115,14 @@ def bearer(claims: dict[str, Any], secret: str = SECRET) -> dict[str, str]:
     return {"authorization": "Bearer " + jwt.encode(payload, secret, algorithm="HS256")}
 
 
+def known_token(server: FakeTuist, grants: dict[str, Any]) -> dict[str, str]:
+    """A JWT with ``grants`` that Tuist's introspection also confirms (active)."""
+    headers = bearer({"cache_grants": grants})
+    token = headers["authorization"].split(" ", 1)[1]
+    server.active[token] = {"active": True, "sub": "user-1", "cache_grants": grants}
+    return headers
+
+
 def read(headers: dict[str, str], **fields: Any) -> HookContext:
     return context(headers=headers, **fields)
 
@@ -247,11 +255,7 @@ async def test_only_the_derived_fields_decide(tuist: tuple[FakeTuist, str]) -> N
     server, url = tuist
     auth = policy(url)
     try:
-        grants = {"project": {"read": [], "write": ["acme/ios"]}}
-        headers = bearer({"cache_grants": grants})
-        # Tuist knows the token: introspection confirms it and its grants.
-        token = headers["authorization"].split(" ", 1)[1]
-        server.active[token] = {"active": True, "sub": "user-1", "cache_grants": grants}
+        headers = known_token(server, {"project": {"read": [], "write": ["acme/ios"]}})
         clean = context(
             headers=headers,
             method="DELETE",
@@ -284,10 +288,7 @@ async def test_one_projects_allow_never_answers_for_another(tuist: tuple[FakeTui
     server, url = tuist
     auth = policy(url)
     try:
-        grants = {"project": {"read": [], "write": ["acme/ios"]}}
-        headers = bearer({"cache_grants": grants})
-        token = headers["authorization"].split(" ", 1)[1]
-        server.active[token] = {"active": True, "sub": "user-1", "cache_grants": grants}
+        headers = known_token(server, {"project": {"read": [], "write": ["acme/ios"]}})
         assert isinstance(await auth.check(write(headers, namespace_id="ios")), Principal)
         assert isinstance(
             await auth.check(write(headers, namespace_id="ios", artifact_key="blob/2")), Principal
