@@ -34,7 +34,6 @@ import secrets
 import sys
 import tempfile
 import time
-from typing import Any
 
 import _common as common
 
@@ -52,7 +51,10 @@ READ_TOKEN = "bench-read-token-0123456789abcdef"
 WRITE_TOKEN = "bench-write-token-0123456789abcdef"
 MODES = {
     "open": ({}, None),
-    "token": ({"KURA_AUTH_READ_TOKENS": READ_TOKEN, "KURA_AUTH_WRITE_TOKENS": WRITE_TOKEN}, READ_TOKEN),
+    "token": (
+        {"KURA_AUTH_READ_TOKENS": READ_TOKEN, "KURA_AUTH_WRITE_TOKENS": WRITE_TOKEN},
+        READ_TOKEN,
+    ),
     "anonymous-read": (
         {"KURA_AUTH_WRITE_TOKENS": WRITE_TOKEN, "KURA_AUTH_ANONYMOUS_READ": "true"},
         None,
@@ -94,7 +96,8 @@ function request()
   return wrk.format("GET", paths[i])
 end
 """
-    return common.write_lua(directory, f"get-{'token' if token else 'anon'}", body, check_status=True)
+    name = "get-token" if token else "get-anonymous"
+    return common.write_lua(directory, name, body, check_status=True)
 
 
 def measure_downloads(args: argparse.Namespace, work: str) -> dict[str, list[common.WrkResult]]:
@@ -138,49 +141,53 @@ def measure_replication(args: argparse.Namespace, work: str) -> dict[str, list[d
     with open(large_path, "rb") as handle:
         large = handle.read()
     for rep in range(args.repeat):
-        for mode in results:
-            hosts = list(HOSTS[:2])
-            port = shared_port(hosts)
-            urls = [f"http://{host}:{port}" for host in hosts]
-            auth = (
-                {"KURA_PEER_SECRET": MESH_SECRET}
-                if mode == "signed"
-                else {"KURA_PEER_SECRET": "", "KURA_INTERNAL_INSECURE": "true"}
+        for mode, runs in results.items():
+            runs.append(
+                replicate_once(args, os.path.join(work, f"mesh-{mode}-{rep}"), mode, small, large)
             )
-            settings = {**auth, "KURA_ACCESS_LOG": "false"}
-            root = os.path.join(work, f"mesh-{mode}-{rep}")
-            a = MeshNode(f"{root}/a", hosts[0], port, KURA_PEERS=urls[1], **settings)
-            b = MeshNode(f"{root}/b", hosts[1], port, KURA_PEERS=urls[0], **settings)
-            a.start()
-            b.start()
-            try:
-                wait_for("peers", lambda: get_json(a.url + "/ready")["known_peers"] == 1, 30)
-                cpu_before = common.tree_cpu_seconds(a.process.pid) + common.tree_cpu_seconds(
-                    b.process.pid
-                )
-                started = time.monotonic()
-                for n in range(args.small):
-                    request("POST", a.url + f"/api/cache/cas/s{n}?tenant_id=default", small)
-                for n in range(args.large):
-                    request("PUT", a.url + f"/api/cache/gradle/l{n}?tenant_id=default", large)
-                wait_for(
-                    "A's outbox drained",
-                    lambda: get_json(a.url + "/status/rollout")["outbox_messages"] == 0,
-                    600,
-                    interval=0.05,
-                )
-                seconds = time.monotonic() - started
-                cpu = (
-                    common.tree_cpu_seconds(a.process.pid)
-                    + common.tree_cpu_seconds(b.process.pid)
-                    - cpu_before
-                )
-                results[mode].append({"seconds": seconds, "cpu": cpu})
-                print(f"replication {mode} rep {rep}: {seconds:.2f} s, {cpu:.2f} CPU s", flush=True)
-            finally:
-                a.stop()
-                b.stop()
+            print(f"replication {mode} rep {rep}: {runs[-1]}", flush=True)
     return results
+
+
+def replicate_once(
+    args: argparse.Namespace, root: str, mode: str, small: bytes, large: bytes
+) -> dict[str, float]:
+    """Write the workload into A of a fresh two-node mesh; time until B has it all."""
+    os.makedirs(root)
+    hosts = list(HOSTS[:2])
+    port = shared_port(hosts)
+    urls = [f"http://{host}:{port}" for host in hosts]
+    auth = (
+        {"KURA_PEER_SECRET": MESH_SECRET}
+        if mode == "signed"
+        else {"KURA_PEER_SECRET": "", "KURA_INTERNAL_INSECURE": "true"}
+    )
+    settings = {**auth, "KURA_ACCESS_LOG": "false"}
+    a = MeshNode(f"{root}/a", hosts[0], port, KURA_PEERS=urls[1], **settings)
+    b = MeshNode(f"{root}/b", hosts[1], port, KURA_PEERS=urls[0], **settings)
+    a.start()
+    b.start()
+    try:
+        wait_for("peers", lambda: get_json(a.url + "/ready")["known_peers"] == 1, 30)
+        pids = (a.process.pid, b.process.pid)
+        cpu_before = sum(common.tree_cpu_seconds(pid) for pid in pids)
+        started = time.monotonic()
+        for n in range(args.small):
+            request("POST", a.url + f"/api/cache/cas/s{n}?tenant_id=default", small)
+        for n in range(args.large):
+            request("PUT", a.url + f"/api/cache/gradle/l{n}?tenant_id=default", large)
+        wait_for(
+            "A's outbox drained",
+            lambda: get_json(a.url + "/status/rollout")["outbox_messages"] == 0,
+            600,
+            interval=0.05,
+        )
+        seconds = time.monotonic() - started
+        cpu = sum(common.tree_cpu_seconds(pid) for pid in pids) - cpu_before
+        return {"seconds": seconds, "cpu": cpu}
+    finally:
+        a.stop()
+        b.stop()
 
 
 def report(

@@ -494,11 +494,7 @@ class SamePortProtocol(Protocol):
             transport="http",
         )
 
-        async def authorize() -> list[tuple[bytes, bytes]]:
-            caller = await authorization.check(ctx)
-            return await authorization.response_headers(ctx, caller, response.status)
-
-        decided = Deferred.fromCoroutine(authorize())
+        decided = authorization.check_response(ctx, response.status)
         if not decided.called:
             self._pause_reading()
         decided.addCallbacks(

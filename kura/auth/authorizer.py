@@ -85,6 +85,7 @@ class ExtensionAuthorizer:
     """
 
     mode = "extension"
+    adds_headers = True
 
     def __init__(
         self,

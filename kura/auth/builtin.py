@@ -91,7 +91,18 @@ def presented_token(ctx: HookContext) -> str | None:
 
 
 class _BuiltIn:
-    """What built-in authorizers share: no response headers, no cache, nothing to close."""
+    """What built-in authorizers share: a decision that never waits, no response
+    headers, no cache, nothing to close."""
+
+    #: No ``response_headers`` hook runs: callers skip it (and its context).
+    adds_headers = False
+
+    def decide(self, ctx: HookContext) -> Principal | Anonymous:
+        """:meth:`check`, synchronously (the serving paths call this directly)."""
+        raise NotImplementedError
+
+    async def check(self, ctx: HookContext) -> Principal | Anonymous:
+        return self.decide(ctx)
 
     async def response_headers(
         self, ctx: HookContext, principal: Principal | Anonymous | None
@@ -118,6 +129,11 @@ class TokenAccess(_BuiltIn):
     def __init__(self, config: AccessConfig) -> None:
         self._tokens = config.tokens
         self._anonymous_read = config.anonymous_read
+        # One principal per token, built once: a check allocates nothing.
+        self._principals = {
+            token.digest: Principal(token.name, "token", {"scope": token.scope.value})
+            for token in config.tokens
+        }
 
     def checks(self, operation: str) -> bool:
         # With anonymous reads, plain reads are not checked at all (as
@@ -134,7 +150,7 @@ class TokenAccess(_BuiltIn):
                 found = candidate
         return found
 
-    async def check(self, ctx: HookContext) -> Principal | Anonymous:
+    def decide(self, ctx: HookContext) -> Principal | Anonymous:
         """The token's principal; raises the 401 or 403 of the module docstring."""
         read = is_read(ctx)
         token = presented_token(ctx)
@@ -150,7 +166,7 @@ class TokenAccess(_BuiltIn):
             raise Unauthorized("Invalid token", challenge=CHALLENGE)
         if not read and found.scope is not Scope.WRITE:
             raise Forbidden(f"Forbidden: token '{found.name}' may only read")
-        return Principal(found.name, "token", {"scope": found.scope.value})
+        return self._principals[found.digest]
 
 
 @implementer(IRequestAuthorizer)
@@ -169,7 +185,7 @@ class OpenAccess(_BuiltIn):
     def checks(self, operation: str) -> bool:
         return operation in DESTRUCTIVE_OPERATIONS and not self._allow_delete
 
-    async def check(self, ctx: HookContext) -> Principal | Anonymous:
+    def decide(self, ctx: HookContext) -> Principal | Anonymous:
         if ctx.operation in DESTRUCTIVE_OPERATIONS and not self._allow_delete:
             raise Forbidden(OPEN_DELETE_REFUSED)
         return ANONYMOUS

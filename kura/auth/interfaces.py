@@ -61,6 +61,10 @@ class IRequestAuthorizer(Interface):
         "in /status/rollout)."
     )
 
+    adds_headers = Attribute(
+        "Whether ``response_headers`` may add anything; when false callers skip it."
+    )
+
     def checks(operation: str) -> bool:
         """Whether requests with this operation must go through ``check``.
 
