@@ -220,7 +220,7 @@ def kura_environment(overrides: Mapping[str, str]) -> dict[str, str]:
 
 
 def kura_knows(variable: str) -> bool:
-    """Whether the working tree's ``kura/config.py`` declares ``variable``."""
+    """Whether the working tree's ``kura/config/node.py`` declares ``variable``."""
     from kura.config import VARIABLES
 
     return any(v.name == variable for v in VARIABLES)

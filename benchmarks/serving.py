@@ -11,7 +11,7 @@ otherwise, ``--latency --timeout 60s``), against, in one run:
   access_log off``, serving the same bytes from files.
 
 kura runs get ``KURA_ACCESS_LOG=false`` when the working tree's
-``kura/config.py`` declares that variable. The artifacts are uploaded into
+``kura/config/node.py`` declares that variable. The artifacts are uploaded into
 each kura node over its API (``POST /api/cache/cas/{id}?tenant_id=default``)
 and fetched with ``GET`` on the same route. Before measuring, one GET per
 server and size is compared byte for byte with the source file.

@@ -14,8 +14,8 @@ from twisted.internet.interfaces import IReactorTime
 
 from kura.config import KuraConfig
 from kura.memory import MemoryMonitor, Pressure
-from kura.metrics import KuraMetrics
-from kura.telemetry import PublicTraffic
+from kura.telemetry.metrics import KuraMetrics
+from kura.telemetry.traffic import PublicTraffic
 
 
 class TrafficState(enum.IntEnum):

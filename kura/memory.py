@@ -30,7 +30,7 @@ from twisted.logger import Logger
 if TYPE_CHECKING:  # the configuration imports this module; keep it light
     from twisted.internet.interfaces import IReactorTime
 
-    from kura.metrics import KuraMetrics
+    from kura.telemetry.metrics import KuraMetrics
 
 log = Logger(namespace="kura.memory")
 

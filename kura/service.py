@@ -31,17 +31,17 @@ from kura.api.http import KuraSite
 from kura.api.upload_slots import UploadSlots
 from kura.auth import build_authorizer
 from kura.config import KuraConfig
-from kura.failpoints import Failpoints
+from kura.domain.failpoints import Failpoints
 from kura.lifecycle import NodeState
 from kura.memory import MemoryMonitor
-from kura.metrics import KuraMetrics
 from kura.replication.service import ReplicationService  # replication mesh (issue 5)
 from kura.storage.layout import Layout
 from kura.storage.lock import WriterLock, WriterLockHeld
 from kura.storage.runner import BlockingRunner, ThreadPoolRunner
 from kura.storage.staging import TmpBudget
 from kura.storage.store import ArtifactStore
-from kura.telemetry import PublicTraffic
+from kura.telemetry.metrics import KuraMetrics
+from kura.telemetry.traffic import PublicTraffic
 from kura.tls import public_server_options
 
 log = Logger(namespace="kura.node")

@@ -19,8 +19,8 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 
 from kura.config import ConfigError, KuraConfig
-from kura.logs import observer_for
 from kura.service import KuraNode
+from kura.telemetry.logs import observer_for
 
 #: Option name → the variable it overrides.
 OVERRIDES = {

@@ -27,7 +27,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from kura import config as kura_config
+from kura.config import node as kura_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_IMAGE = "python:3.11-slim-bookworm"

@@ -24,10 +24,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from kura import config as kura_config
-from kura import metering
 from kura.config import KuraConfig
-from kura.metrics import KuraMetrics
+from kura.config import node as kura_config
+from kura.telemetry import metering
+from kura.telemetry.metrics import KuraMetrics
 from tests.helm.cluster import FakeCluster
 from tests.helm.engine import CHART_DIR, ChartRenderer, Rendered, load_helm
 
@@ -58,7 +58,7 @@ EVERYTHING: dict[str, Any] = {
     "metrics": {"token": {"existingSecret": "kura-scrape"}},
     "status": {"token": {"existingSecret": "kura-status"}},
 }
-#: Declared by kura/config.py but deliberately not set by the chart.
+#: Declared by kura/config/node.py but deliberately not set by the chart.
 NOT_EXPOSED = {
     "KURA_FAILPOINTS": "crash-injection for tests only",
     "KURA_AUTH_READ_TOKENS": "the chart mounts a tokens file (KURA_AUTH_TOKENS_FILE)",
@@ -67,14 +67,14 @@ NOT_EXPOSED = {
     "KURA_PEER_SECRET_NEXT_FILE": "the chart sets KURA_PEER_SECRET_NEXT from a secretKeyRef",
     "KURA_INTERNAL_BIND_HOST": "a chart's pods have peers: the node binds it like the public port",
 }
-#: Set by the chart ahead of its declaration in kura/config.py.
+#: Set by the chart ahead of its declaration in kura/config/node.py.
 PENDING_DECLARATION = {"KURA_EXTENSION_SCRIPT_PATH"}
 #: Stands for a value in a Secret the user provides (the chart renders none):
 #: as long as a peer secret must be (at least 32 bytes).
 USER_SECRET_VALUE = "u" * 64
 #: Stands for a file projected from a user's Secret volume, by volume name.
 USER_SECRET_FILES = {"auth-tokens": f"write {USER_SECRET_VALUE}\n"}
-#: Replication limiter gauges another change adds to kura/metrics.py.
+#: Replication limiter gauges another change adds to kura/telemetry/metrics.py.
 PENDING_METRICS = {
     "kura_replication_bandwidth_configured_limit_bytes_per_second",
     "kura_replication_bandwidth_effective_limit_bytes_per_second",
@@ -403,7 +403,7 @@ def test_chart_defaults_equal_the_node_defaults(default: Rendered, tmp_path: Pat
 
 
 def test_every_variable_the_chart_sets_is_one_kura_reads(chart: ChartRenderer) -> None:
-    """No KURA_* name in the chart is misspelt: each is declared in kura/config.py."""
+    """No KURA_* name in the chart is misspelt: each is declared in kura/config/node.py."""
     declared = {v.name for v in kura_config.VARIABLES}
     rendered = chart.render(EVERYTHING).env_names | chart.render().env_names
     unknown = {n for n in rendered if n.startswith("KURA_")} - declared - PENDING_DECLARATION
@@ -411,7 +411,7 @@ def test_every_variable_the_chart_sets_is_one_kura_reads(chart: ChartRenderer) -
 
 
 def test_every_variable_kura_reads_is_mapped_by_the_chart(chart: ChartRenderer) -> None:
-    """Each kura/config.py variable is set by the chart, unless listed or extension tuning."""
+    """Each kura/config/node.py variable is set by the chart, unless listed or extension tuning."""
     rendered = chart.render(EVERYTHING).env_names
     missing = sorted(
         v.name
@@ -422,7 +422,7 @@ def test_every_variable_kura_reads_is_mapped_by_the_chart(chart: ChartRenderer) 
         and not v.name.startswith("KURA_EXTENSION_")
     )
     assert missing == [], (
-        "declared in kura/config.py but not mapped by helm/kura: add a value in values.yaml "
+        "declared in kura/config/node.py but not mapped by helm/kura: add a value in values.yaml "
         "and an env entry in templates/statefulset.yaml (or list it in NOT_EXPOSED)"
     )
 
@@ -1120,7 +1120,7 @@ _BY = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
 
 
 def exported_series() -> dict[str, set[str]]:
-    """Series name → label names, for every metric kura/metrics.py registers.
+    """Series name → label names, for every metric kura/telemetry/metrics.py registers.
 
     Counters export ``<name>_total`` (prometheus_client's single suffix),
     histograms ``_bucket`` (plus ``le``), ``_sum`` and ``_count``.
@@ -1175,7 +1175,7 @@ def test_dashboard_is_a_grafana_dashboard() -> None:
 
 
 def test_dashboard_queries_use_only_metrics_kura_exports() -> None:
-    """Every metric in a dashboard query is a series kura/metrics.py exports (or a pending one)."""
+    """Every metric in a dashboard query is a series kura exports (or a pending one)."""
     series = exported_series()
     used = {m.group(1) for q in dashboard_queries() for m in _METRIC.finditer(q)}
     assert used

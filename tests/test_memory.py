@@ -17,7 +17,7 @@ from kura.memory import (
     memory_limit,
     resident_bytes,
 )
-from kura.metrics import KuraMetrics
+from kura.telemetry.metrics import KuraMetrics
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -6,7 +6,7 @@ import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from kura import metering
+from kura.telemetry import metering
 
 BUCKETS = (0.001, 0.01, 0.1, 1.0)
 VALUES = [0.0005, 0.001, 0.002, 0.05, 0.1, 0.5, 3.0, 3.0]

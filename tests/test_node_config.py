@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from kura.auth.config import EXTENSION_VARIABLES
 from kura.config import (
     VARIABLES,
     ConfigError,
@@ -21,6 +20,7 @@ from kura.config import (
     derive_capacity,
     render_markdown,
 )
+from kura.config.extension import EXTENSION_VARIABLES
 from kura.tap import OVERRIDES, Options, environment_with
 from kura.testing import REPO_ROOT
 

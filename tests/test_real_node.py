@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kura.failpoints import EXIT_STATUS
+from kura.domain.failpoints import EXIT_STATUS
 from kura.storage.lock import LOCK_FILE_NAME
 from kura.testing import RealNode, files_under
 

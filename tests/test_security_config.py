@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kura.auth.access import Scope, token_digest
 from kura.config import ConfigError, KuraConfig
+from kura.config.access import Scope, token_digest
 
 SECRET = "a-mesh-secret-of-thirty-two-bytes!"
 MESH = {"KURA_PEERS": "http://b.internal:7443"}

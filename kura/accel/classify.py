@@ -17,7 +17,7 @@ import attrs
 
 from kura.api.gate import RouteMatch
 from kura.api.routes import Query, RouteSpec, Target, resolve_target
-from kura.errors import KuraError
+from kura.domain.errors import KuraError
 
 from .head import RequestHead, parse_query
 

@@ -27,7 +27,7 @@ import collections
 import os
 import resource
 
-from kura.artifacts import Manifest
+from kura.domain.artifacts import Manifest
 from kura.storage.store import ArtifactStore
 
 #: Files up to this size are kept open; larger ones are opened per request.

@@ -44,13 +44,13 @@ from kura.api.download import ArtifactHead, artifact_head
 from kura.api.errors import REASONS, error_headers, render_error_body
 from kura.api.http import SERVER_NAME, KuraSite, log_access
 from kura.api.routes import RouteSpec
-from kura.artifacts import Manifest
 from kura.config import AcceleratorConfig
-from kura.errors import KuraError
+from kura.domain.artifacts import Manifest
+from kura.domain.errors import KuraError
 from kura.lifecycle import NodeState
-from kura.metrics import Children, KuraMetrics
 from kura.storage.store import ArtifactStore
-from kura.telemetry import InflightSlot, PublicTraffic
+from kura.telemetry.metrics import Children, KuraMetrics
+from kura.telemetry.traffic import InflightSlot, PublicTraffic
 
 from . import transfer as tx
 from .classify import Candidate, Classifier

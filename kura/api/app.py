@@ -24,11 +24,11 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
-from kura.artifacts import JSON, OCTET_STREAM, ArtifactAddress, Manifest, Producer
-from kura.auth.access import token_digest
 from kura.config import KuraConfig
+from kura.config.access import token_digest
 from kura.defer import shielded
-from kura.errors import (
+from kura.domain.artifacts import JSON, OCTET_STREAM, ArtifactAddress, Manifest, Producer
+from kura.domain.errors import (
     BadRequest,
     KuraError,
     NotFound,
@@ -42,10 +42,10 @@ from kura.errors import (
     UnsupportedMediaType,
 )
 from kura.lifecycle import NodeState
-from kura.metrics import KuraMetrics
 from kura.storage.metadata import Outcome, Upload, WritePolicy
 from kura.storage.runner import BlockingRunner
 from kura.storage.store import ArtifactStore
+from kura.telemetry.metrics import KuraMetrics
 
 from .audit import audit_delete
 from .authorization import RequestAuthorization

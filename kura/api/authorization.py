@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from kura.auth import HookContext
 from kura.auth.context import HeaderInput
 from kura.auth.results import Anonymous, Principal
-from kura.errors import KuraError
+from kura.domain.errors import KuraError
 
 from .routes import RouteSpec, Target
 

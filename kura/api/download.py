@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kura.artifacts import Manifest, safe_content_type
+from kura.domain.artifacts import Manifest, safe_content_type
 from kura.storage.runner import BlockingRunner
 
 from .ranges import BodySlice, resolve_range

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from kura.errors import KuraError, RangeNotSatisfiable, Unauthorized
+from kura.domain.errors import KuraError, RangeNotSatisfiable, Unauthorized
 
 from .routes import RouteSpec
 

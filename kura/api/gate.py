@@ -21,10 +21,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, MapAdapter
 
-from kura.artifacts import ArtifactAddress, Manifest, Producer
 from kura.auth import HookContext, OpenAccess
 from kura.auth.context import HeaderInput
-from kura.errors import KuraError, NotFound, PayloadTooLarge, ServiceUnavailable
+from kura.domain.artifacts import ArtifactAddress, Manifest, Producer
+from kura.domain.errors import KuraError, NotFound, PayloadTooLarge, ServiceUnavailable
 from kura.lifecycle import NodeState
 from kura.memory import Pressure
 from kura.storage.store import ArtifactStore

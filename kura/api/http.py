@@ -40,18 +40,19 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import IResource
 
-from kura.errors import (
+from kura.config.proxies import TrustedProxies
+from kura.domain.errors import (
     BadFraming,
     KuraError,
     PayloadTooLarge,
     TmpBudgetExhausted,
     TooManyRequests,
 )
-from kura.metrics import KuraMetrics
 from kura.storage.staging import StagingFile
-from kura.telemetry import InflightSlot, PublicTraffic
+from kura.telemetry.metrics import KuraMetrics
+from kura.telemetry.traffic import InflightSlot, PublicTraffic
 
-from .client_address import TrustedProxies, client_address
+from .client_address import client_address
 from .errors import error_body
 from .gate import UNMATCHED, Admission, Gate, RequestHead
 from .routes import BodyKind, RouteSpec
@@ -745,6 +746,6 @@ class KuraSite(server.Site):
         )
 
     def log(self, request: http.Request) -> None:
-        """Access logging is structured (see kura.logs), not the common log format."""
+        """Access logging is structured (see kura.telemetry.logs), not the common log format."""
         if self.access_log and isinstance(request, KuraRequest):
             log_access(request.method, request.path, request.code, request.request_id, request.spec)

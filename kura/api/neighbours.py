@@ -39,9 +39,15 @@ from xml.sax.saxutils import escape
 from twisted.internet.defer import Deferred
 from twisted.web.http import datetimeToString
 
-from kura.artifacts import OCTET_STREAM, ArtifactAddress, Producer, is_valid_key, is_valid_namespace
 from kura.defer import shielded
-from kura.errors import BadRequest, KuraError, TombstonedWrite
+from kura.domain.artifacts import (
+    OCTET_STREAM,
+    ArtifactAddress,
+    Producer,
+    is_valid_key,
+    is_valid_namespace,
+)
+from kura.domain.errors import BadRequest, KuraError, TombstonedWrite
 from kura.storage.metadata import Outcome, WritePolicy
 from kura.storage.store import ArtifactStore
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import attrs
 
-from kura.errors import RangeNotSatisfiable
+from kura.domain.errors import RangeNotSatisfiable
 
 
 @attrs.frozen

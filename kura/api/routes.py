@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping
 
 import attrs
 
-from kura.artifacts import ArtifactAddress, Producer, is_valid_key, is_valid_namespace
-from kura.errors import BadRequest, Forbidden
+from kura.domain.artifacts import ArtifactAddress, Producer, is_valid_key, is_valid_namespace
+from kura.domain.errors import BadRequest, Forbidden
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

@@ -17,7 +17,7 @@ Reactor thread only.
 from __future__ import annotations
 
 from kura.auth.results import Principal
-from kura.errors import TooManyRequests
+from kura.domain.errors import TooManyRequests
 
 from .authorization import Caller
 

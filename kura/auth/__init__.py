@@ -10,10 +10,11 @@ from here::
 
 from __future__ import annotations
 
-from .access import AccessConfig
+from kura.config.access import AccessConfig
+from kura.config.extension import EXTENSION_VARIABLES, ExtensionConfig
+
 from .authorizer import ExtensionAuthorizer
 from .builtin import OpenAccess, TokenAccess
-from .config import EXTENSION_VARIABLES, ExtensionConfig
 from .context import HookContext, header_map
 from .errors import ExtensionLoadError, HostError, UnknownResource
 from .factory import build_authorizer

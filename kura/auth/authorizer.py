@@ -35,11 +35,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kura.errors import Forbidden, ServiceUnavailable, Unauthorized
-from kura.metrics import KuraMetrics
+from kura.config.extension import ExtensionConfig, normalize_id
+from kura.domain.errors import Forbidden, ServiceUnavailable, Unauthorized
+from kura.telemetry.metrics import KuraMetrics
 
 from .cache import ResultCache
-from .config import ExtensionConfig, normalize_id
 from .context import HookContext
 from .headers import EXTENSION_ERROR_HEADER, sanitize
 from .hooks import HookFailed, HookRunner

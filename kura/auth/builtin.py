@@ -41,9 +41,9 @@ import hmac
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from kura.errors import Forbidden, Unauthorized
+from kura.config.access import AccessConfig, AccessToken, Scope, token_digest
+from kura.domain.errors import Forbidden, Unauthorized
 
-from .access import AccessConfig, AccessToken, Scope, token_digest
 from .context import HookContext
 from .interfaces import IRequestAuthorizer
 from .results import ANONYMOUS, Anonymous, Principal

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kura.environ import ConfigError
+from kura.config.environ import ConfigError
 
 
 class HostError(Exception):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from kura.metrics import KuraMetrics
+from kura.config.access import AccessConfig
+from kura.config.extension import ExtensionConfig
+from kura.telemetry.metrics import KuraMetrics
 
-from .access import AccessConfig
 from .authorizer import ExtensionAuthorizer
 from .builtin import OpenAccess, TokenAccess
-from .config import ExtensionConfig
 from .host import AgentFactory, ExtensionHost
 from .loader import load_extension
 

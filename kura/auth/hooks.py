@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kura.metrics import KuraMetrics
+from kura.telemetry.metrics import KuraMetrics
 
 from .results import Deny
 

@@ -26,9 +26,9 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent
 
-from kura.metrics import KuraMetrics
+from kura.config.extension import ExtensionConfig, HttpClientConfig, normalize_id
+from kura.telemetry.metrics import KuraMetrics
 
-from .config import ExtensionConfig, HttpClientConfig, normalize_id
 from .errors import UnknownResource
 from .http_client import JsonHttpClient, JsonResponse
 from .signing import constant_time_equals, hmac_sha256_base64

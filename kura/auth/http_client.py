@@ -25,9 +25,9 @@ from twisted.internet.task import deferLater
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 from twisted.web.iweb import IAgent, IResponse
 
-from kura.metrics import KuraMetrics
+from kura.config.extension import HttpClientConfig
+from kura.telemetry.metrics import KuraMetrics
 
-from .config import HttpClientConfig
 from .errors import HostError
 
 #: Pause before the one retry of a network error.

@@ -39,7 +39,8 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
-from .config import MODULE, SCRIPT_PATH, ExtensionConfig
+from kura.config.extension import MODULE, SCRIPT_PATH, ExtensionConfig
+
 from .errors import ExtensionLoadError
 from .hooks import ExtensionHooks
 

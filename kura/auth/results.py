@@ -23,7 +23,14 @@ from typing import Any
 
 import attrs
 
-from kura.errors import BadRequest, Forbidden, KuraError, NotFound, ServiceUnavailable, Unauthorized
+from kura.domain.errors import (
+    BadRequest,
+    Forbidden,
+    KuraError,
+    NotFound,
+    ServiceUnavailable,
+    Unauthorized,
+)
 
 
 def _ttl(instance: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
@@ -128,7 +135,7 @@ class Deny:
     scope: str = attrs.field(default="request", validator=_scope, kw_only=True)
 
     def to_error(self) -> KuraError:
-        """The :class:`~kura.errors.KuraError` the HTTP layer answers with."""
+        """The :class:`~kura.domain.errors.KuraError` the HTTP layer answers with."""
         return deny_error(self.status, self.message)
 
 

@@ -6,7 +6,7 @@ import base64
 import hashlib
 import hmac
 
-from .config import SignerConfig
+from kura.config.extension import SignerConfig
 
 
 def _bytes(value: str | bytes) -> bytes:

@@ -17,7 +17,8 @@ import jwt
 from jwt.warnings import InsecureKeyLengthWarning
 from twisted.internet.interfaces import IReactorTime
 
-from .config import JwtVerifierConfig
+from kura.config.extension import JwtVerifierConfig
+
 from .errors import HostError
 
 #: Clock skew tolerated on ``exp`` and ``nbf`` (upstream's library default).

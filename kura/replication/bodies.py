@@ -29,7 +29,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from kura.errors import BadFraming, KuraError
+from kura.domain.errors import BadFraming, KuraError
 from kura.storage.runner import BlockingRunner
 from kura.storage.staging import StagingFile
 

@@ -40,11 +40,11 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kura.artifacts import ArtifactAddress, Producer
-from kura.errors import BadFraming
-from kura.metrics import KuraMetrics
+from kura.domain.artifacts import ArtifactAddress, Producer
+from kura.domain.errors import BadFraming
 from kura.storage.metadata import Outcome
 from kura.storage.store import ArtifactStore
+from kura.telemetry.metrics import KuraMetrics
 
 from . import wire
 from .bodies import StagingSink, Stalled, StallWatchdog

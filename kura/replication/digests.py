@@ -13,7 +13,7 @@ import collections
 import hashlib
 import os
 
-from kura.artifacts import Manifest
+from kura.domain.artifacts import Manifest
 from kura.storage.runner import BlockingRunner
 
 #: Bytes hashed per read.

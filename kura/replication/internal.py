@@ -42,11 +42,11 @@ from kura.api.gate import UNMATCHED, Admission, RequestHead, RouteMatch
 from kura.api.http import KuraRequest
 from kura.api.routes import BodyKind, Query, RouteSpec, template_of
 from kura.config import KuraConfig
-from kura.errors import Forbidden, KuraError, NotFound, ServiceUnavailable
+from kura.domain.errors import Forbidden, KuraError, NotFound, ServiceUnavailable
 from kura.lifecycle import NodeState
-from kura.metrics import KuraMetrics
 from kura.storage.runner import BlockingRunner
 from kura.storage.store import ArtifactStore
+from kura.telemetry.metrics import KuraMetrics
 
 from . import wire
 from .bodies import PacedFileBody, StallWatchdog

@@ -8,7 +8,7 @@ ceiling divided by how busy public traffic is::
     effective = max(1, configured / divisor)            bytes per second
 
 where ``latency_divisor`` is ``ceil(ttfb_ewma / target)`` capped at 64 (1
-with no target or no sample in the last 30 s; see :mod:`kura.telemetry`).
+with no target or no sample in the last 30 s; see :mod:`kura.telemetry.traffic`).
 A reservation of ``n`` bytes takes::
 
     start          = max(next_available, now)
@@ -26,8 +26,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
-from kura.metrics import KuraMetrics
-from kura.telemetry import PublicTraffic
+from kura.telemetry.metrics import KuraMetrics
+from kura.telemetry.traffic import PublicTraffic
 
 #: The effective rate never drops below one byte per second.
 FLOOR_BYTES_PER_SECOND = 1.0

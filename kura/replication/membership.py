@@ -45,7 +45,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kura.metrics import KuraMetrics
+from kura.telemetry.metrics import KuraMetrics
 
 from . import wire
 

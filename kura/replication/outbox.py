@@ -44,12 +44,12 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from kura.errors import KuraError
-from kura.failpoints import BEFORE_OUTBOX_DELETE_AFTER_PEER_ACK, Failpoints
-from kura.metrics import KuraMetrics
+from kura.domain.errors import KuraError
+from kura.domain.failpoints import BEFORE_OUTBOX_DELETE_AFTER_PEER_ACK, Failpoints
 from kura.storage.metadata import OutboxMessage
 from kura.storage.runner import BlockingRunner
 from kura.storage.store import ArtifactStore
+from kura.telemetry.metrics import KuraMetrics
 
 from . import wire
 from .bodies import BytesBody, PacedFileBody, StallWatchdog

@@ -51,8 +51,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from kura.config import PeerAuthConfig
-from kura.errors import Unauthorized
-from kura.metrics import KuraMetrics
+from kura.domain.errors import Unauthorized
+from kura.telemetry.metrics import KuraMetrics
 
 log = Logger(namespace="kura.replication.auth")
 

@@ -27,14 +27,14 @@ from twisted.logger import Logger
 
 from kura.api.gate import Admission, RequestHead
 from kura.api.routes import GiB, Query, RouteSpec, Target
-from kura.artifacts import ArtifactAddress, safe_content_type
 from kura.defer import shielded
-from kura.errors import BadFraming, KuraError, PayloadTooLarge
-from kura.metrics import KuraMetrics
+from kura.domain.artifacts import ArtifactAddress, safe_content_type
+from kura.domain.errors import BadFraming, KuraError, PayloadTooLarge
 from kura.storage.metadata import Outcome, WritePolicy
 from kura.storage.runner import BlockingRunner
 from kura.storage.staging import StagedBody, StagingFile
 from kura.storage.store import ArtifactStore
+from kura.telemetry.metrics import KuraMetrics
 
 from .limiter import BandwidthLimiter
 from .peer_auth import UNSIGNED, PeerCaller

@@ -25,12 +25,12 @@ from twisted.logger import Logger
 from kura.api.gate import RouteMatch
 from kura.api.http import KuraSite
 from kura.config import KuraConfig, ReplicationConfig
-from kura.failpoints import Failpoints
+from kura.domain.failpoints import Failpoints
 from kura.lifecycle import NodeState
-from kura.metrics import KuraMetrics
 from kura.storage.runner import BlockingRunner
 from kura.storage.store import ArtifactStore
-from kura.telemetry import PublicTraffic
+from kura.telemetry.metrics import KuraMetrics
+from kura.telemetry.traffic import PublicTraffic
 
 from .bootstrap import Bootstrapper
 from .client import PeerClient

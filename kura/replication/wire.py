@@ -4,7 +4,7 @@ Everything a node sends to a peer or parses from one is defined here, so
 the sender (outbox, catch-up, membership) and the receiver (internal plane)
 cannot drift apart. Query values are percent-encoded except for RFC 3986
 unreserved characters; parsing is strict and raises
-:class:`~kura.errors.BadRequest` with a message naming the parameter.
+:class:`~kura.domain.errors.BadRequest` with a message naming the parameter.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from urllib.parse import quote, urlsplit
 
 import attrs
 
-from kura.artifacts import Manifest, Producer, is_valid_namespace
-from kura.errors import BadRequest
+from kura.domain.artifacts import Manifest, Producer, is_valid_namespace
+from kura.domain.errors import BadRequest
 
 STATUS_PATH = "/_internal/status"
 REPLICATE_ARTIFACT_PATH = "/_internal/replicate/artifact"

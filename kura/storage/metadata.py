@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import attrs
 
-from kura.artifacts import Manifest
+from kura.domain.artifacts import Manifest
 
 T = TypeVar("T")
 

@@ -26,14 +26,14 @@ import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
-from kura.errors import (
+from kura.domain.errors import (
     InsufficientStorage,
     PayloadTooLarge,
     ServiceUnavailable,
     StorageFault,
     TmpBudgetExhausted,
 )
-from kura.failpoints import BEFORE_FSYNC, Failpoints
+from kura.domain.failpoints import BEFORE_FSYNC, Failpoints
 from kura.storage.runner import BlockingRunner
 
 #: Buffered bytes that trigger a write to disk.

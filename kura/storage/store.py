@@ -34,9 +34,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from kura.artifacts import ArtifactAddress, Manifest
-from kura.errors import InsufficientStorage, KuraError, StorageFault, TooManyRequests
-from kura.failpoints import (
+from kura.domain.artifacts import ArtifactAddress, Manifest
+from kura.domain.errors import InsufficientStorage, KuraError, StorageFault, TooManyRequests
+from kura.domain.failpoints import (
     AFTER_BYTES_DURABLE_BEFORE_METADATA,
     AFTER_METADATA_COMMIT_BEFORE_ACK,
     Failpoints,

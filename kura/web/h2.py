@@ -75,7 +75,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
 
-from kura.metrics import KuraMetrics
+from kura.telemetry.metrics import KuraMetrics
 
 log = Logger(namespace="kura.h2")
 

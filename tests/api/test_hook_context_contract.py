@@ -27,8 +27,8 @@ import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from kura.api.registry import _SPECS
-from kura.artifacts import ArtifactAddress, Producer
 from kura.auth import HookContext
+from kura.domain.artifacts import ArtifactAddress, Producer
 from kura.service import KuraNode
 from kura.testing import RawClient, Response, request, sample
 from tests.api.hook_recorder import RECORDER, StoreSpy, Touch

@@ -12,7 +12,7 @@ import pytest
 
 from kura.accel.classify import Candidate, Classifier
 from kura.accel.head import parse_head
-from kura.errors import StorageFault
+from kura.domain.errors import StorageFault
 from kura.service import KuraNode
 from kura.testing import Exchange, Response, request
 from tests.conftest import anonymous_deletes

@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from twisted.internet.task import Clock
 
-from kura.metrics import KuraMetrics
+from kura.telemetry.metrics import KuraMetrics
 
 
 @pytest.fixture

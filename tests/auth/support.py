@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from kura.auth import ExtensionAuthorizer, ExtensionConfig, HookContext, LoadedExtension
-from kura.metrics import KuraMetrics
+from kura.telemetry.metrics import KuraMetrics
 
 
 def sample(metrics: KuraMetrics, name: str, **labels: str) -> float:

@@ -25,8 +25,8 @@ from kura.auth import (
     Principal,
     SignRequest,
 )
-from kura.errors import Forbidden, KuraError, ServiceUnavailable, Unauthorized
-from kura.metrics import KuraMetrics
+from kura.domain.errors import Forbidden, KuraError, ServiceUnavailable, Unauthorized
+from kura.telemetry.metrics import KuraMetrics
 from kura.testing import failed, succeeded
 from tests.auth.support import authorizer, context, run, sample
 

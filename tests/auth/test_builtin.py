@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from kura.auth import AccessConfig, OpenAccess, Principal, TokenAccess
-from kura.auth.access import Scope, parse_token
 from kura.auth.builtin import CHALLENGE, presented_token
-from kura.errors import Forbidden, Unauthorized
+from kura.config.access import Scope, parse_token
+from kura.domain.errors import Forbidden, Unauthorized
 from kura.testing import failed, succeeded
 from tests.auth.support import context, run
 

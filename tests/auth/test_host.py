@@ -24,7 +24,7 @@ from kura.auth import (
     UnknownResource,
     constant_time_equals,
 )
-from kura.metrics import KuraMetrics
+from kura.telemetry.metrics import KuraMetrics
 from kura.testing import failed, succeeded
 from tests.auth.support import sample
 

@@ -21,7 +21,7 @@ from kura.auth import (
     load_extension,
 )
 from kura.config import ConfigError
-from kura.metrics import KuraMetrics
+from kura.telemetry.metrics import KuraMetrics
 from kura.testing import succeeded
 from tests.auth.support import context, run
 

@@ -6,7 +6,7 @@ import pytest
 
 from kura.auth import Allow, Anonymous, Deny, Headers, Principal, SignRequest
 from kura.auth.results import deny_error
-from kura.errors import BadRequest, Forbidden, KuraError, ServiceUnavailable, Unauthorized
+from kura.domain.errors import BadRequest, Forbidden, KuraError, ServiceUnavailable, Unauthorized
 
 
 def test_principal_defaults_and_read_only_attributes() -> None:

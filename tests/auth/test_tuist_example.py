@@ -28,8 +28,8 @@ from kura.auth import (
     Principal,
     build_authorizer,
 )
-from kura.errors import BadRequest, Forbidden, KuraError, ServiceUnavailable, Unauthorized
-from kura.metrics import KuraMetrics
+from kura.domain.errors import BadRequest, Forbidden, KuraError, ServiceUnavailable, Unauthorized
+from kura.telemetry.metrics import KuraMetrics
 from kura.testing import free_port
 from tests.auth.support import context
 

@@ -14,14 +14,14 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from kura.errors import BadFraming
-from kura.failpoints import Failpoints
-from kura.metrics import KuraMetrics
+from kura.domain.errors import BadFraming
+from kura.domain.failpoints import Failpoints
 from kura.replication.bodies import IncompleteBody, PacedFileBody, StagingSink, StallWatchdog
 from kura.replication.limiter import BandwidthLimiter
 from kura.storage.runner import ImmediateRunner
 from kura.storage.staging import StagingFile, TmpBudget
-from kura.telemetry import PublicTraffic
+from kura.telemetry.metrics import KuraMetrics
+from kura.telemetry.traffic import PublicTraffic
 from kura.testing import ControlledRunner, failed, succeeded
 
 

@@ -6,9 +6,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from twisted.internet.task import Clock
 
-from kura.metrics import KuraMetrics
 from kura.replication.limiter import BandwidthLimiter
-from kura.telemetry import PublicTraffic
+from kura.telemetry.metrics import KuraMetrics
+from kura.telemetry.traffic import PublicTraffic
 
 MiB = 1024 * 1024
 

@@ -12,10 +12,10 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 
 from kura.lifecycle import MembershipView, NodeState
-from kura.metrics import KuraMetrics
 from kura.replication.membership import DnsDiscovery, Membership
 from kura.replication.wire import PeerStatus
-from kura.telemetry import PublicTraffic
+from kura.telemetry.metrics import KuraMetrics
+from kura.telemetry.traffic import PublicTraffic
 from kura.testing import succeeded
 from kura.testing import test_config as config_for
 

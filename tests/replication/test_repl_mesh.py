@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from kura.artifacts import Producer
+from kura.domain.artifacts import Producer
 from kura.replication import wire
 from kura.replication.testing import (
     HOSTS,

@@ -10,8 +10,8 @@ import pytest
 from repl_support import MemoryMesh, blob_files, host_of, outbox_rows, public, ready, url_of
 from twisted.internet.defer import Deferred
 
-from kura.artifacts import ArtifactAddress, Producer
-from kura.failpoints import BEFORE_OUTBOX_DELETE_AFTER_PEER_ACK, Failpoints
+from kura.domain.artifacts import ArtifactAddress, Producer
+from kura.domain.failpoints import BEFORE_OUTBOX_DELETE_AFTER_PEER_ACK, Failpoints
 from kura.service import KuraNode
 from kura.storage.metadata import WritePolicy
 from kura.testing import sample, succeeded

@@ -9,8 +9,7 @@ from prometheus_client import CollectorRegistry
 from twisted.internet.task import Clock
 
 from kura.config import PeerAuthConfig
-from kura.errors import Unauthorized
-from kura.metrics import KuraMetrics
+from kura.domain.errors import Unauthorized
 from kura.replication.peer_auth import (
     DIGEST_HEADER,
     EMPTY_SHA256,
@@ -19,6 +18,7 @@ from kura.replication.peer_auth import (
     PeerAuthenticator,
     sha256_hex,
 )
+from kura.telemetry.metrics import KuraMetrics
 
 SECRET = b"a-mesh-secret-of-thirty-two-bytes!"
 NEXT = b"the-next-mesh-secret-thirty-two-b!"

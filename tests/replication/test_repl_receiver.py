@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 import pytest
 from twisted.internet.address import IPv4Address
 
-from kura.artifacts import Producer
+from kura.domain.artifacts import Producer
 from kura.replication import wire
 from kura.replication.testing import MESH_SECRET, signed_headers
 from kura.service import KuraNode

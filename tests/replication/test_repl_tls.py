@@ -24,12 +24,12 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from kura.config import PeerAuthConfig, TlsFiles
-from kura.metrics import KuraMetrics
 from kura.replication import wire
 from kura.replication.client import PeerClient
 from kura.replication.peer_auth import PeerAuthenticator
 from kura.replication.tls import PeerTLSPolicy, name_matches
 from kura.service import KuraNode
+from kura.telemetry.metrics import KuraMetrics
 from kura.testing import test_config as config_for
 
 Key = ec.EllipticCurvePrivateKey

@@ -6,8 +6,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from kura.artifacts import Producer
-from kura.errors import BadRequest
+from kura.domain.artifacts import Producer
+from kura.domain.errors import BadRequest
 from kura.replication import wire
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from kura.artifacts import ArtifactAddress, Producer
+from kura.domain.artifacts import ArtifactAddress, Producer
 from kura.replication import wire
 from kura.replication.testing import (
     MESH_SECRET,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from twisted.internet.defer import Deferred
 
-from kura.errors import TmpBudgetExhausted
-from kura.failpoints import Failpoints
+from kura.domain.errors import TmpBudgetExhausted
+from kura.domain.failpoints import Failpoints
 from kura.storage.runner import ImmediateRunner
 from kura.storage.staging import RESERVATION_STEP, StagingFile, TmpBudget
 from kura.testing import succeeded

@@ -10,7 +10,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 
-from kura.artifacts import ArtifactAddress, Producer
+from kura.domain.artifacts import ArtifactAddress, Producer
 from kura.service import KuraNode
 from kura.storage.layout import Layout
 from kura.storage.metadata import Outcome, WritePolicy

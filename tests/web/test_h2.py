@@ -28,9 +28,9 @@ from twisted.web import _http2 as twisted_h2
 from twisted.web import http
 
 from kura.api.download import H2_CHUNK_BYTES
-from kura.metrics import KuraMetrics
 from kura.service import KuraNode
 from kura.storage.staging import HIGH_WATER as STAGING_HIGH_WATER
+from kura.telemetry.metrics import KuraMetrics
 from kura.testing import ControlledRunner, request, sample
 from kura.web import h2 as kura_h2
 from kura.web.h2 import (

@@ -7,7 +7,7 @@ encoder doubles the suffix (``kura_http_requests_total_total``); see
 
 Nothing here uses the global default registry: tests pass a fresh
 :class:`~prometheus_client.CollectorRegistry` and read values back from it.
-Counters and histograms are :mod:`kura.metering`'s lock-free versions
+Counters and histograms are :mod:`kura.telemetry.metering`'s lock-free versions
 (updated on the reactor thread only); gauges are prometheus_client's.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from kura.metering import Counter, Histogram
+from kura.telemetry.metering import Counter, Histogram
 
 #: 1 ms doubling, 16 buckets (upstream's request-duration buckets).
 DURATION_BUCKETS = tuple(0.001 * 2**i for i in range(16))

@@ -17,7 +17,7 @@ import math
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from kura.metrics import Children, KuraMetrics
+from kura.telemetry.metrics import Children, KuraMetrics
 
 #: Samples older than this no longer say anything about current latency.
 SAMPLE_MAX_AGE_SECONDS = 30.0

@@ -3,7 +3,7 @@
 A failpoint sits between two steps of a durable sequence (publish, outbox
 delivery). Armed with ``exit`` it kills the process on the spot, as a power
 cut would from the application's point of view; armed with ``error`` it raises
-a :class:`~kura.errors.StorageFault` so the caller's cleanup path runs.
+a :class:`~kura.domain.errors.StorageFault` so the caller's cleanup path runs.
 Unarmed, :meth:`Failpoints.hit` costs one dict lookup.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from kura.errors import StorageFault
+from kura.domain.errors import StorageFault
 
 #: Every point kura defines, in the order a publish or delivery passes them.
 BEFORE_FSYNC = "before_fsync"

@@ -1,7 +1,7 @@
 """``KURA_EXTENSION_*``: the extension's configuration.
 
 :data:`EXTENSION_VARIABLES` documents every variable (registered with
-``kura.environ.VARIABLES`` by :mod:`kura.config`). Besides the fixed
+``kura.config.environ.VARIABLES`` by :mod:`kura.config`). Besides the fixed
 variables there are three families keyed by a resource id, which hooks name
 when they call the host (ids are case-insensitive: upper-cased here and in
 every host lookup, as upstream does):
@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from kura.environ import ConfigError, Reader, Variable
+from kura.config.environ import ConfigError, Reader, Variable
 
 _SECTION = "Authorization extension"
 

@@ -2,7 +2,7 @@
 
 Every ``KURA_*`` variable is declared once as a :class:`Variable` in the
 registry :data:`VARIABLES` (by :mod:`kura.config` and by subsystems with
-their own settings, such as :mod:`kura.auth.config`). A :class:`Reader`
+their own settings, such as :mod:`kura.config.extension`). A :class:`Reader`
 parses values from a mapping and collects every problem, so the node can
 refuse to start with one message naming all offending variables.
 """
