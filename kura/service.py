@@ -26,9 +26,7 @@ from kura.accel.classify import Classifier
 from kura.accel.protocol import Accelerator, SamePortFactory
 from kura.api.app import PublicAPI
 from kura.api.authorization import RequestAuthorization
-from kura.api.gate import Gate, RouteMatch
-from kura.api.http import KuraSite
-from kura.api.upload_slots import UploadSlots
+from kura.api.gate import Gate
 from kura.auth import build_authorizer
 from kura.config import KuraConfig
 from kura.domain.failpoints import Failpoints
@@ -43,6 +41,9 @@ from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
 from kura.tls import public_server_options
+from kura.web.admission import RouteMatch
+from kura.web.http import KuraSite
+from kura.web.upload_slots import UploadSlots
 
 log = Logger(namespace="kura.node")
 

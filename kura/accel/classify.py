@@ -15,9 +15,11 @@ from collections.abc import Mapping
 
 import attrs
 
-from kura.api.gate import RouteMatch
-from kura.api.routes import Query, RouteSpec, Target, resolve_target
+from kura.api.routes import resolve_target
+from kura.domain.artifacts import Target
 from kura.domain.errors import KuraError
+from kura.web.admission import RouteMatch
+from kura.web.routing import Query, RouteSpec
 
 from .head import RequestHead, parse_query
 

@@ -40,10 +40,6 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from kura.api.authorization import RequestAuthorization
-from kura.api.download import ArtifactHead, artifact_head
-from kura.api.errors import REASONS, error_headers, render_error_body
-from kura.api.http import SERVER_NAME, KuraSite, log_access
-from kura.api.routes import RouteSpec
 from kura.config import AcceleratorConfig
 from kura.domain.artifacts import Manifest
 from kura.domain.errors import KuraError
@@ -51,6 +47,10 @@ from kura.lifecycle import NodeState
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import Children, KuraMetrics
 from kura.telemetry.traffic import InflightSlot, PublicTraffic
+from kura.web.download import ArtifactHead, artifact_head
+from kura.web.errors import REASONS, error_headers, render_error_body
+from kura.web.http import SERVER_NAME, KuraSite, log_access
+from kura.web.routing import RouteSpec
 
 from . import transfer as tx
 from .classify import Candidate, Classifier

@@ -2,7 +2,7 @@
 
 The accelerated and fallback paths must answer identically (status line,
 header names, order and values, except ``Date`` and ``X-Request-Id``), so the
-head is assembled here from the same :func:`kura.api.download.artifact_head`
+head is assembled here from the same :func:`kura.web.download.artifact_head`
 headers the fallback sets on its ``Request``, in the order twisted.web emits
 them: ``Server``, ``Date``, the artifact headers, ``X-Request-Id``,
 ``Connection``.
@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from twisted.web.http import datetimeToString
 
-from kura.api.http import SERVER_NAME
+from kura.web.http import SERVER_NAME
 
 _REASONS = {200: b"OK", 206: b"Partial Content"}
 

@@ -46,22 +46,23 @@ from kura.storage.metadata import Outcome, Upload, WritePolicy
 from kura.storage.runner import BlockingRunner
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
+from kura.web.admission import Admission
+from kura.web.download import (
+    CHUNK_BYTES,
+    H2_CHUNK_BYTES,
+    FileBodyProducer,
+    TransferFailed,
+    artifact_head,
+)
+from kura.web.errors import as_seen_by_client, classify_failure, respond_with_error
+from kura.web.http import KuraRequest
+from kura.web.routing import BodyKind, GiB, MiB, Operation, Query, RouteSpec
 
 from .audit import audit_delete
 from .authorization import RequestAuthorization
-from .download import CHUNK_BYTES, H2_CHUNK_BYTES, FileBodyProducer, TransferFailed, artifact_head
-from .errors import as_seen_by_client, classify_failure, respond_with_error
-from .gate import Admission
-from .http import KuraRequest
 from .neighbours import NeighbourRoutes
 from .registry import _SPECS, _app, route
 from .routes import (
-    BodyKind,
-    GiB,
-    MiB,
-    Operation,
-    Query,
-    RouteSpec,
     fixed_namespace,
     keyvalue_address,
     keyvalue_get,
@@ -756,7 +757,7 @@ class PublicAPI(NeighbourRoutes):
         return Deferred.fromCoroutine(self._render_error(cast(KuraRequest, request), failure))
 
     async def _render_error(self, request: KuraRequest, failure: Failure) -> bytes | None:
-        """The one place an exception becomes a response (see kura.api.errors)."""
+        """The one place an exception becomes a response (see kura.web.errors)."""
         error = classify_failure(failure)
         if error is None:
             return None

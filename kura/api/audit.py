@@ -16,8 +16,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from kura.auth.results import Principal
-
-from .gate import Admission
+from kura.web.admission import Admission
 
 log = Logger(namespace="kura.audit")
 

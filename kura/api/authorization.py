@@ -22,9 +22,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from kura.auth import HookContext
 from kura.auth.context import HeaderInput
 from kura.auth.results import Anonymous, Principal
+from kura.domain.artifacts import Target
 from kura.domain.errors import KuraError
-
-from .routes import RouteSpec, Target
+from kura.web.routing import RouteSpec
 
 Caller = Principal | Anonymous
 

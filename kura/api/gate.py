@@ -1,4 +1,4 @@
-"""Admission: everything decided from a request head, before any body byte.
+"""The public API's admission: everything decided from a request head, before any body byte.
 
 For every public request, on both serving paths, :meth:`Gate.admit` matches
 the route in the Klein ``url_map``, applies draining and write shedding,
@@ -10,158 +10,33 @@ request; handlers use its :class:`Admission` instead of re-deriving anything.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Protocol, cast
-from urllib.parse import unquote_to_bytes
+from typing import cast
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
-from werkzeug.exceptions import HTTPException
-from werkzeug.routing import Map, MapAdapter
+from zope.interface import implementer
 
-from kura.auth import HookContext, OpenAccess
+from kura.auth import OpenAccess
 from kura.auth.context import HeaderInput
-from kura.domain.artifacts import ArtifactAddress, Manifest, Producer
+from kura.domain.artifacts import Producer, Target
 from kura.domain.errors import KuraError, NotFound, PayloadTooLarge, ServiceUnavailable
 from kura.lifecycle import NodeState
 from kura.memory import Pressure
 from kura.storage.store import ArtifactStore
+from kura.web.admission import UNMATCHED, Admission, RequestHead, RouteMatch
+from kura.web.interfaces import IGate
+from kura.web.routing import BodyKind, Operation, Query, RouteSpec
 
-from .authorization import Caller, RequestAuthorization
-from .routes import (
-    NO_TARGET,
-    BodyKind,
-    Operation,
-    Query,
-    RouteSpec,
-    Target,
-    module_key,
-    resolve_target,
-)
+from .authorization import RequestAuthorization
+from .routes import module_key, resolve_target
 
 #: Methods that write (and are shed when replication falls behind).
 WRITE_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 
-UNMATCHED = RouteSpec(endpoint="_unmatched", template="/_unmatched")
 
-
-@attrs.frozen
-class RequestHead:
-    """The parts of a request head admission looks at.
-
-    Attributes:
-        method: the request method as sent.
-        path: the raw (still percent-encoded) path, without the query.
-        query: decoded query parameters (each may repeat).
-        headers: lower-cased header names to their values, in order.
-        declared_length: ``Content-Length``, or ``None`` for chunked/unknown.
-        transport: ``http``, ``https`` or ``h2``.
-        raw_query: the query string as sent (peer signatures cover it).
-        peer: the address the request came from (for logs).
-    """
-
-    method: str
-    path: bytes
-    query: Mapping[str, list[str]]
-    headers: Mapping[str, list[str]]
-    declared_length: int | None
-    transport: str = "http"
-    raw_query: bytes = b""
-    peer: str = ""
-
-
-class Pacer(Protocol):
-    """A bandwidth reservation clock (see kura.replication)."""
-
-    def reserve(self, size: int) -> float:
-        """Reserve ``size`` bytes; return the seconds to wait before going on."""
-
-
-@attrs.frozen
-class Admission:
-    """The head-time verdict for an admitted request.
-
-    Attributes:
-        spec: the route.
-        path_args: values of the URL rule's variables.
-        query: the request's query parameters.
-        target: what the request acts on (:func:`~.routes.resolve_target`);
-            handlers and hooks both read it, nothing re-derives it.
-        existing: for write-once uploads, the artifact already stored (the
-            request is answered without reading its body).
-        context: route-specific values resolved at admission (e.g. the
-            multipart upload record).
-        pacer: paces the body's arrival (replication ingest): the request
-            pauses its transport for the delay each chunk reserves.
-        caller: who the extension hooks said the request runs as.
-        hook_context: the context the hooks saw (``response_headers`` reuses
-            it with the response status).
-        authorize_after_body: the hooks still have to run once the (small)
-            body is read: a key-value PUT names its key only in the body.
-    """
-
-    spec: RouteSpec
-    path_args: Mapping[str, str]
-    query: Query
-    target: Target = NO_TARGET
-    existing: Manifest | None = None
-    context: Mapping[str, Any] = attrs.field(factory=dict)
-    pacer: Pacer | None = None
-    caller: Caller | None = None
-    hook_context: HookContext | None = None
-    authorize_after_body: bool = False
-
-    @property
-    def address(self) -> ArtifactAddress | None:
-        """The one artifact the request acts on, if any."""
-        return self.target.address
-
-    @property
-    def skips_body(self) -> bool:
-        return self.existing is not None
-
-    @property
-    def hashes_body(self) -> bool:
-        """Stage the body with its SHA-256 computed (checked before publishing)."""
-        return self.spec.verify_digest
-
-
-class RouteMatch:
-    """Matches paths against the Klein ``url_map`` (the one route table)."""
-
-    def __init__(self, url_map: Map, specs: Mapping[str, RouteSpec]) -> None:
-        self._adapter: MapAdapter = url_map.bind("kura")
-        self.specs = specs
-        # The answers of the route table, memoized: popular artifacts are
-        # fetched again and again, and werkzeug's matcher is the single most
-        # expensive step of an accelerated 4 KiB response.
-        self._memo = functools.lru_cache(maxsize=8192)(self._lookup)
-
-    def match(self, method: str, path: bytes) -> tuple[RouteSpec, Mapping[str, str]] | None:
-        """The spec and (read-only) path arguments for ``method path``, or ``None``.
-
-        ``path`` is percent-decoded exactly as Klein decodes it before its own
-        match, so both agree on which endpoint a request reaches.
-        """
-        return self._memo(method, path)
-
-    def _lookup(self, method: str, path: bytes) -> tuple[RouteSpec, Mapping[str, str]] | None:
-        try:
-            path_info = unquote_to_bytes(path).decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        try:
-            endpoint, args = self._adapter.match(path_info, method=method)
-        except HTTPException:
-            return None
-        spec = self.specs.get(endpoint)
-        if spec is None:
-            return None
-        return spec, MappingProxyType({k: str(v) for k, v in args.items()})
-
-
+@implementer(IGate)
 class Gate:
     """Admits public requests (see the module docstring).
 

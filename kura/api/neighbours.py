@@ -50,19 +50,13 @@ from kura.domain.artifacts import (
 from kura.domain.errors import BadRequest, KuraError, TombstonedWrite
 from kura.storage.metadata import Outcome, WritePolicy
 from kura.storage.store import ArtifactStore
+from kura.web.admission import Admission
+from kura.web.http import KuraRequest
+from kura.web.routing import BodyKind, GiB, MiB, Operation, Query
 
 from .audit import audit_delete
-from .gate import Admission
-from .http import KuraRequest
 from .registry import route
-from .routes import (
-    BodyKind,
-    GiB,
-    MiB,
-    Operation,
-    Query,
-    tenant_in_path,
-)
+from .routes import tenant_in_path
 
 #: Uploads larger than this are refused with 413 (every neighbour client
 #: treats a failed store as "not stored" and carries on).

@@ -14,8 +14,8 @@ from typing import Any, Protocol, TypeVar
 
 from klein import Klein
 
-from .http import KuraRequest
-from .routes import RouteSpec, template_of
+from kura.web.http import KuraRequest
+from kura.web.routing import RouteSpec, template_of
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 

@@ -1,6 +1,6 @@
 """``KURA_TRUSTED_PROXIES``: the proxies whose ``X-Forwarded-For`` is believed.
 
-Parsed here with the rest of the configuration; :mod:`kura.api.client_address`
+Parsed here with the rest of the configuration; :mod:`kura.web.client_address`
 applies it.
 """
 

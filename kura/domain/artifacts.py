@@ -120,3 +120,42 @@ class Manifest:
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Manifest:
         return cls(**data)  # type: ignore[arg-type]
+
+
+@attrs.frozen
+class Target:
+    """What a request acts on, derived once (:func:`resolve_target`).
+
+    The handler acts on exactly this and the extension hooks are shown
+    exactly this, so they cannot disagree about tenant, namespace or key.
+
+    Attributes:
+        producer: the cache protocol, when the route has one.
+        tenant: the tenant the request names (``default`` on protocols that
+            carry none; ``None`` on routes that carry none at all).
+        namespace: the namespace acted on (``""`` when tenant-scoped), or
+            ``None`` when the request acts on no namespace.
+        key: the storage key of the one artifact acted on, or ``None``.
+        hash: the content hash the request names, when it names one.
+    """
+
+    producer: Producer | None = None
+    tenant: str | None = None
+    namespace: str | None = None
+    key: str | None = None
+    hash: str | None = None
+
+    @property
+    def address(self) -> ArtifactAddress | None:
+        """The artifact acted on, when the request names one."""
+        if self.producer is None or self.namespace is None or self.key is None:
+            return None
+        return ArtifactAddress(self.producer, self.namespace, self.key)
+
+    @classmethod
+    def of(cls, address: ArtifactAddress, tenant: str | None = None) -> Target:
+        return cls(address.producer, tenant, address.namespace, address.key)
+
+
+#: The target of requests that act on nothing (probes, unmatched paths).
+NO_TARGET = Target()

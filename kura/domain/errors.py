@@ -1,7 +1,7 @@
 """Typed domain errors. Each carries the HTTP status and message it maps to.
 
 The storage layer raises these without knowing about HTTP; the one place that
-turns them into responses is :mod:`kura.api.errors`. The status lives here so
+turns them into responses is :mod:`kura.web.errors`. The status lives here so
 that the accelerator and the twisted.web path answer identically.
 """
 

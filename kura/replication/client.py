@@ -21,11 +21,11 @@ from twisted.python.components import proxyForInterface
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
-    _HTTP11ClientFactory,
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
+
+from kura.web.client_pool import quiet_pool
 
 from . import wire
 from .peer_auth import EMPTY_SHA256, BadSignature, PeerAuthenticator, sha256_hex
@@ -36,12 +36,6 @@ JSON_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
 #: Largest JSON body accepted from a peer (a page of 2048 manifests fits).
 MAX_JSON_BYTES = 16 * 1024 * 1024
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    # The pool's factory logs "Starting factory" for every new peer
-    # connection; with several uploads in flight that drowns the real events.
-    noisy = False
 
 
 class PeerError(Exception):
@@ -109,9 +103,7 @@ class PeerClient:
         self._reactor = reactor
         self._auth = auth
         self._tenant = tenant_id.encode("ascii")
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = max_connections_per_peer
-        self.pool._factory = _QuietClientFactory
+        self.pool = quiet_pool(reactor, max_connections_per_peer)
         agent = Agent(
             reactor,
             contextFactory=tls_policy or BrowserLikePolicyForHTTPS(),

@@ -11,7 +11,7 @@ Routes (formats in ``docs/replication.md``):
 * ``GET /_internal/bootstrap/artifacts/{artifact_id}``: the raw body, paced
   by the bandwidth limiter, or 404.
 
-It is served by the same :class:`~kura.api.http.KuraSite` machinery as the
+It is served by the same :class:`~kura.web.http.KuraSite` machinery as the
 public API (head-time admission through :class:`InternalGate`, bodies
 streamed into staging), but every route is ``public=False``: peer traffic
 never counts as public load and is never throttled as such. Every route,
@@ -36,17 +36,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
+from zope.interface import implementer
 
-from kura.api.errors import classify_failure, respond_with_error
-from kura.api.gate import UNMATCHED, Admission, RequestHead, RouteMatch
-from kura.api.http import KuraRequest
-from kura.api.routes import BodyKind, Query, RouteSpec, template_of
 from kura.config import KuraConfig
 from kura.domain.errors import Forbidden, KuraError, NotFound, ServiceUnavailable
 from kura.lifecycle import NodeState
 from kura.storage.runner import BlockingRunner
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
+from kura.web.admission import UNMATCHED, Admission, RequestHead, RouteMatch
+from kura.web.errors import classify_failure, respond_with_error
+from kura.web.http import KuraRequest
+from kura.web.interfaces import IGate
+from kura.web.routing import BodyKind, Query, RouteSpec, template_of
 
 from . import wire
 from .bodies import PacedFileBody, StallWatchdog
@@ -83,8 +85,9 @@ def route(rule: str, *, methods: list[str], **fields: Any) -> Callable[[Handler]
     return register
 
 
+@implementer(IGate)
 class InternalGate:
-    """Head-time admission for the internal plane (duck-typed like ``kura.api.gate.Gate``).
+    """Head-time admission for the internal plane.
 
     Every request is authenticated first (:mod:`.peer_auth`; reads
     included), then must name this node's tenant (all but status), then is

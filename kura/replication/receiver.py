@@ -25,16 +25,16 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from kura.api.gate import Admission, RequestHead
-from kura.api.routes import GiB, Query, RouteSpec, Target
 from kura.defer import shielded
-from kura.domain.artifacts import ArtifactAddress, safe_content_type
+from kura.domain.artifacts import ArtifactAddress, Target, safe_content_type
 from kura.domain.errors import BadFraming, KuraError, PayloadTooLarge
 from kura.storage.metadata import Outcome, WritePolicy
 from kura.storage.runner import BlockingRunner
 from kura.storage.staging import StagedBody, StagingFile
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
+from kura.web.admission import Admission, RequestHead
+from kura.web.routing import GiB, Query, RouteSpec
 
 from .limiter import BandwidthLimiter
 from .peer_auth import UNSIGNED, PeerCaller

@@ -22,8 +22,6 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from kura.api.gate import RouteMatch
-from kura.api.http import KuraSite
 from kura.config import KuraConfig, ReplicationConfig
 from kura.domain.failpoints import Failpoints
 from kura.lifecycle import NodeState
@@ -31,6 +29,8 @@ from kura.storage.runner import BlockingRunner
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
+from kura.web.admission import RouteMatch
+from kura.web.http import KuraSite
 
 from .bootstrap import Bootstrapper
 from .client import PeerClient
@@ -156,7 +156,7 @@ class ReplicationService(MultiService):
         stall_seconds = settings.upload_stall_ms / 1000
         self.site = KuraSite(
             self.api.resource(),
-            gate=self.gate,  # type: ignore[arg-type]  # duck-typed like kura.api.gate.Gate
+            gate=self.gate,
             store=store,
             state=state,
             metrics=metrics,

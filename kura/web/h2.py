@@ -16,7 +16,7 @@ What stock Twisted lets one client do, and what kura does instead:
   :data:`STREAM_HIGH_WATER` bytes are queued for it, and resumes it when the
   send loop has drained the queue below :data:`STREAM_LOW_WATER` (and the
   window allows). File bodies are written in ``H2_CHUNK_BYTES`` chunks
-  (:mod:`kura.api.download`), so a stream holds at most
+  (:mod:`kura.web.download`), so a stream holds at most
   ``STREAM_HIGH_WATER + H2_CHUNK_BYTES`` (384 KiB) whatever the artifact
   size or the window, and a connection at most
   :data:`MAX_CONCURRENT_STREAMS` times that.

@@ -15,9 +15,10 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from kura.api.routes import Query, xcode_cas
+from kura.api.routes import xcode_cas
 from kura.service import KuraNode
 from kura.testing import RawClient, Response
+from kura.web.routing import Query
 
 T = TypeVar("T")
 MiB = 1024 * 1024

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 
-from kura.api.http import KuraRequest
-from kura.api.upload_slots import TOO_MANY_UPLOADS
 from kura.service import KuraNode
 from kura.testing import ControlledRunner, Exchange, files_under, request, sample, succeeded
+from kura.web.http import KuraRequest
+from kura.web.upload_slots import TOO_MANY_UPLOADS
 from tests.api.test_api_limits import CAS, MiB, head, message
 from tests.api.test_api_routes import complete, start_upload
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kura.api.client_address import client_address
 from kura.config.proxies import parse_trusted_proxies
+from kura.web.client_address import client_address
 
 PROXIES = parse_trusted_proxies("10.0.0.0/8, 192.168.1.7, 2001:db8::/32")
 

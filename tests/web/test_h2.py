@@ -8,7 +8,6 @@ as the client and the node's ``MemoryReactorClock`` as the only clock.
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections import defaultdict
 from typing import Any
@@ -18,21 +17,15 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
-import hyperframe.frame
 import pytest
-from prometheus_client import CollectorRegistry
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, globalLogPublisher
-from twisted.web import _http2 as twisted_h2
-from twisted.web import http
 
-from kura.api.download import H2_CHUNK_BYTES
 from kura.service import KuraNode
 from kura.storage.staging import HIGH_WATER as STAGING_HIGH_WATER
-from kura.telemetry.metrics import KuraMetrics
 from kura.testing import ControlledRunner, request, sample
-from kura.web import h2 as kura_h2
+from kura.web.download import H2_CHUNK_BYTES
 from kura.web.h2 import (
     GOAWAY_GRACE_SECONDS,
     MAX_CONCURRENT_STREAMS,
@@ -598,45 +591,3 @@ def test_both_entry_points_serve_http2_through_kura_connection(node: KuraNode, e
 
 
 # -- the private names this relies on -------------------------------------------------
-
-
-def test_private_names_we_rely_on_exist() -> None:
-    """Every private Twisted and h2 name kura.web.h2 uses is still there (fails on upgrade)."""
-    assert twisted_h2._END_STREAM_SENTINEL is not None
-    for name in (
-        "_requestReceived",
-        "_requestDone",
-        "_sendPrioritisedData",
-        "writeDataToStream",
-        "endRequest",
-        "remainingOutboundWindow",
-        "_handleWindowUpdate",
-        "_resetTokenBurst",
-    ):
-        assert hasattr(twisted_h2.H2Connection, name), name
-    assert "_cancelTimeouts" in inspect.signature(twisted_h2.H2Connection.connectionLost).parameters
-    connection = KuraH2Connection(MemoryReactorClock(), metrics=KuraMetrics(CollectorRegistry()))
-    assert isinstance(connection._outboundStreamQueues, dict)
-    assert connection._sendingDeferred is None
-    assert hasattr(connection.priority, "block")
-    for name in ("windowUpdated", "flowControlBlocked", "registerProducer"):
-        assert hasattr(twisted_h2.H2Stream, name), name
-    # Instance attributes, set where Twisted registers a producer.
-    registering = inspect.getsource(twisted_h2.H2Stream.registerProducer)
-    assert "self.producer = producer" in registering
-    assert "self._producerProducing = True" in registering
-    # The ALPN switch.
-    generic = http._GenericHTTPChannelProtocol(http.HTTPChannel())
-    assert generic._negotiatedProtocol is None
-    assert isinstance(generic._channel, http.HTTPChannel)
-    channel = http.HTTPChannel()
-    channel.makeConnection(StringTransport())
-    assert channel._networkProducer is not None
-    assert http.H2_ENABLED
-    # h2: the state machine kura subclasses.
-    for name in ("_receive_headers_frame", "_begin_new_stream", "DEFAULT_MAX_HEADER_LIST_SIZE"):
-        assert hasattr(h2.connection.H2Connection, name), name
-    assert h2.connection.AllowedStreamIDs.ODD
-    protocol = connection.conn
-    dispatch = protocol._frame_dispatch_table[hyperframe.frame.HeadersFrame]
-    assert dispatch.__func__ is kura_h2._H2Protocol._receive_headers_frame

@@ -19,7 +19,7 @@ from __future__ import annotations
 from kura.auth.results import Principal
 from kura.domain.errors import TooManyRequests
 
-from .authorization import Caller
+from .admission import Caller
 
 #: The 429 message of a request over its client's cap.
 TOO_MANY_UPLOADS = "Too many concurrent uploads from this client"

@@ -52,10 +52,11 @@ from kura.storage.staging import StagingFile
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import InflightSlot, PublicTraffic
 
+from .admission import UNMATCHED, Admission, RequestHead
 from .client_address import client_address
 from .errors import error_body
-from .gate import UNMATCHED, Admission, Gate, RequestHead
-from .routes import BodyKind, RouteSpec
+from .interfaces import IGate
+from .routing import BodyKind, RouteSpec
 from .upload_slots import UploadSlot, UploadSlots, client_key
 
 log = Logger(namespace="kura.http")
@@ -677,7 +678,7 @@ class KuraSite(server.Site):
         self,
         resource: IResource,
         *,
-        gate: Gate,
+        gate: IGate,
         store: Any,
         state: Any,
         metrics: KuraMetrics,

@@ -19,7 +19,7 @@ from werkzeug.exceptions import HTTPException
 
 from kura.domain.errors import KuraError, RangeNotSatisfiable, Unauthorized
 
-from .routes import RouteSpec
+from .routing import RouteSpec
 
 log = Logger(namespace="kura.api")
 

@@ -1,0 +1,79 @@
+"""The private Twisted (and h2) names kura relies on, pinned in one place.
+
+Twisted gives no public hook for several things kura must do: admit a request
+between its head and its body, drop a body mid-stream, bound HTTP/2's send
+queues, quiet the client pool. Each use lives in ``kura/web/``; this test
+fails loudly on a Twisted (or h2) upgrade that renames one, instead of the
+serving paths failing in production.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import h2.connection
+import hyperframe.frame
+from prometheus_client import CollectorRegistry
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.web import _http2 as twisted_h2
+from twisted.web import client, http
+
+from kura.telemetry.metrics import KuraMetrics
+from kura.web import h2 as kura_h2
+from kura.web.h2 import KuraH2Connection
+
+
+def test_the_private_twisted_names_kura_uses_still_exist() -> None:
+    """kura/web (http, client_pool, h2) uses these; an upgrade that drops one fails here."""
+    # kura/web/http.py: the request and channel between head and body.
+    assert http._QUEUED_SENTINEL is not None
+    channel = http.HTTPChannel()
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(b"PUT /x HTTP/1.1\r\nHost: k\r\nContent-Length: 3\r\n\r\n")
+    assert (channel._command, channel._path, channel._version) == (b"PUT", b"/x", b"HTTP/1.1")
+    assert channel._handlingRequest is False
+    assert channel._transferDecoder is not None
+    assert callable(channel._respondToBadRequestAndDisconnect)
+    assert "line_mode" in vars(http.HTTPChannel) or hasattr(channel, "line_mode")
+    # kura/web/client_pool.py: the pool's connection factory.
+    pool = client.HTTPConnectionPool(MemoryReactorClock(), persistent=True)
+    assert pool._factory is client._HTTP11ClientFactory
+    # kura/web/h2.py: the HTTP/2 connection and stream internals.
+    assert twisted_h2._END_STREAM_SENTINEL is not None
+    for name in (
+        "_requestReceived",
+        "_requestDone",
+        "_sendPrioritisedData",
+        "writeDataToStream",
+        "endRequest",
+        "remainingOutboundWindow",
+        "_handleWindowUpdate",
+        "_resetTokenBurst",
+    ):
+        assert hasattr(twisted_h2.H2Connection, name), name
+    assert "_cancelTimeouts" in inspect.signature(twisted_h2.H2Connection.connectionLost).parameters
+    connection = KuraH2Connection(MemoryReactorClock(), metrics=KuraMetrics(CollectorRegistry()))
+    assert isinstance(connection._outboundStreamQueues, dict)
+    assert connection._sendingDeferred is None
+    assert hasattr(connection.priority, "block")
+    for name in ("windowUpdated", "flowControlBlocked", "registerProducer"):
+        assert hasattr(twisted_h2.H2Stream, name), name
+    # Instance attributes, set where Twisted registers a producer.
+    registering = inspect.getsource(twisted_h2.H2Stream.registerProducer)
+    assert "self.producer = producer" in registering
+    assert "self._producerProducing = True" in registering
+    # The ALPN switch.
+    generic = http._GenericHTTPChannelProtocol(http.HTTPChannel())
+    assert generic._negotiatedProtocol is None
+    assert isinstance(generic._channel, http.HTTPChannel)
+    channel = http.HTTPChannel()
+    channel.makeConnection(StringTransport())
+    assert channel._networkProducer is not None
+    assert http.H2_ENABLED
+    # h2: the state machine kura subclasses.
+    for name in ("_receive_headers_frame", "_begin_new_stream", "DEFAULT_MAX_HEADER_LIST_SIZE"):
+        assert hasattr(h2.connection.H2Connection, name), name
+    assert h2.connection.AllowedStreamIDs.ODD
+    protocol = connection.conn
+    dispatch = protocol._frame_dispatch_table[hyperframe.frame.HeadersFrame]
+    assert dispatch.__func__ is kura_h2._H2Protocol._receive_headers_frame
