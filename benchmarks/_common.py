@@ -230,7 +230,7 @@ class KuraServer:
     """A ``twistd kura`` node with a fresh data directory under ``work_dir``."""
 
     def __init__(self, name: str, work_dir: str, environ: Mapping[str, str]) -> None:
-        from kura.testing import RealNode
+        from tests.support.real import RealNode
 
         self.name = name
         self.environ = dict(environ)

@@ -47,7 +47,7 @@ from typing import Any
 
 import psutil
 
-from kura.replication.testing import MeshNode, get_json, mesh, request, start_all, wait_for
+from tests.support.mesh import MeshNode, get_json, mesh, request, start_all, wait_for
 
 KiB = 1024
 MiB = 1024 * KiB

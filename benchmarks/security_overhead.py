@@ -37,7 +37,7 @@ import time
 
 import _common as common
 
-from kura.replication.testing import (
+from tests.support.mesh import (
     HOSTS,
     MESH_SECRET,
     MeshNode,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kura.testing import RawClient, RealNode
+from tests.support.real import RawClient, RealNode
 
 pytestmark = pytest.mark.realnode
 

@@ -22,7 +22,7 @@ from kura.config import (
 )
 from kura.config.extension import EXTENSION_VARIABLES
 from kura.tap import OVERRIDES, Options, environment_with
-from kura.testing import REPO_ROOT
+from tests.support.real import REPO_ROOT
 
 TiB = 1 << 40
 #: A peer secret: a node with peers needs peer authentication.

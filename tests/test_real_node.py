@@ -14,7 +14,8 @@ import pytest
 
 from kura.domain.failpoints import EXIT_STATUS
 from kura.storage.lock import LOCK_FILE_NAME
-from kura.testing import RealNode, files_under
+from kura.testing import files_under
+from tests.support.real import RealNode
 
 pytestmark = pytest.mark.realnode
 

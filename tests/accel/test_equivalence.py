@@ -14,7 +14,8 @@ from typing import Any
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from kura.testing import RawClient, Response
+from kura.testing import Response
+from tests.support.real import RawClient
 
 IGNORED = {"date", "x-request-id"}
 CAS = "/api/cache/cas/{}?tenant_id=default"

@@ -17,8 +17,9 @@ from twisted.internet.threads import deferToThread
 
 from kura.api.routes import xcode_cas
 from kura.service import KuraNode
-from kura.testing import RawClient, Response
+from kura.testing import Response
 from kura.web.routing import Query
+from tests.support.real import RawClient
 
 T = TypeVar("T")
 MiB = 1024 * 1024

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet.threads import deferToThread
 
-from kura.testing import free_port
+from tests.support.real import free_port
 
 CAS = "/api/cache/cas/{}?tenant_id=default"
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")

@@ -30,9 +30,10 @@ from kura.api.registry import _SPECS
 from kura.auth import HookContext
 from kura.domain.artifacts import ArtifactAddress, Producer
 from kura.service import KuraNode
-from kura.testing import RawClient, Response, request, sample
+from kura.testing import Response, request, sample
 from tests.api.hook_recorder import RECORDER, StoreSpy, Touch
 from tests.conftest import StartNode
+from tests.support.real import RawClient
 
 EXTENSION = {"KURA_EXTENSION_MODULE": "tests.api.hook_recorder:RECORDER"}
 T = "tenant_id=default"

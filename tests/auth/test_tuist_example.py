@@ -30,8 +30,8 @@ from kura.auth import (
 )
 from kura.domain.errors import BadRequest, Forbidden, KuraError, ServiceUnavailable, Unauthorized
 from kura.telemetry.metrics import KuraMetrics
-from kura.testing import free_port
 from tests.auth.support import context
+from tests.support.real import free_port
 
 EXAMPLE = os.path.join(
     os.path.dirname(__file__), os.pardir, os.pardir, "examples", "extensions", "tuist.py"

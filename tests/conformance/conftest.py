@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from conformance_support import BASIC_PASSWORD, TOKEN, Toolchain
 
-from kura.testing import RealNode
+from tests.support.real import RealNode
 
 #: Client name -> (outcome, detail), filled as the tests finish.
 _RESULTS: dict[str, tuple[str, str]] = {}

@@ -16,7 +16,7 @@ from conformance_support import (
     write_files,
 )
 
-from kura.testing import RealNode
+from tests.support.real import RealNode
 
 CLIENT = "Bazel 2.1.0 (HTTP cache)"
 

@@ -16,7 +16,7 @@ from conformance_support import (
     write_files,
 )
 
-from kura.testing import RealNode
+from tests.support.real import RealNode
 
 CLIENT = "ccache 4.14.2 (HTTP storage)"
 

@@ -19,7 +19,7 @@ from conformance_support import (
     write_files,
 )
 
-from kura.testing import RealNode
+from tests.support.real import RealNode
 
 CLIENT = "Gradle 4.4.1 (HttpBuildCache)"
 

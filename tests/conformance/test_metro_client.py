@@ -17,7 +17,7 @@ from conformance_support import (
     write_files,
 )
 
-from kura.testing import RealNode
+from tests.support.real import RealNode
 
 CLIENT = "Metro 0.87.1 (HttpStore)"
 

@@ -18,7 +18,7 @@ from conformance_support import (
     write_files,
 )
 
-from kura.testing import RealNode
+from tests.support.real import RealNode
 
 CLIENT = "Nx 24.0.6 (self-hosted remote cache)"
 

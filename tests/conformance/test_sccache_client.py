@@ -16,7 +16,7 @@ from conformance_support import (
     write_files,
 )
 
-from kura.testing import RealNode, free_port
+from tests.support.real import RealNode, free_port
 
 CLIENT = "sccache 0.16.0 (WebDAV)"
 

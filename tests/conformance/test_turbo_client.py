@@ -18,7 +18,7 @@ from conformance_support import (
     write_files,
 )
 
-from kura.testing import RealNode
+from tests.support.real import RealNode
 
 CLIENT = "Turborepo 2.11.11 (remote cache v8)"
 

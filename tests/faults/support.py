@@ -24,7 +24,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kura.testing import RealNode
+from tests.support.real import RealNode
 
 MiB = 1024 * 1024
 CAS = "/api/cache/cas/{}?tenant_id=default"

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from kura.testing import RawClient, RealNode
 from tests.faults.support import (
     CAS,
     GRADLE,
@@ -36,6 +35,7 @@ from tests.faults.support import (
     wait_for,
     warm_up,
 )
+from tests.support.real import RawClient, RealNode
 
 pytestmark = pytest.mark.faults
 

@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 
-from kura.testing import RawClient, RealNode
 from tests.faults.support import (
     CAS,
     GRADLE,
@@ -34,6 +33,7 @@ from tests.faults.support import (
     node_log,
     staged_files,
 )
+from tests.support.real import RawClient, RealNode
 
 pytestmark = pytest.mark.faults
 

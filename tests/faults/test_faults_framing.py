@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 
-from kura.testing import RealNode, parse_responses
+from kura.testing import parse_responses
 from tests.faults.framing_cases import PRESENT, cases
 from tests.faults.support import call, metric_sum, node_log
+from tests.support.real import RealNode
 
 pytestmark = pytest.mark.faults
 

@@ -26,7 +26,6 @@ import h2.exceptions
 import h2.settings
 import pytest
 
-from kura.testing import RealNode
 from tests.faults.support import (
     CAS,
     MiB,
@@ -37,6 +36,7 @@ from tests.faults.support import (
     wait_for,
     warm_up,
 )
+from tests.support.real import RealNode
 
 pytestmark = pytest.mark.faults
 

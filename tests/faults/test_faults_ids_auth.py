@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from kura.api.app import PublicAPI
-from kura.testing import REPO_ROOT, RealNode, parse_responses
+from kura.testing import parse_responses
 from tests.faults.support import CAS, GRADLE, Strace, call, cpu_seconds, metrics
+from tests.support.real import REPO_ROOT, RealNode
 
 pytestmark = pytest.mark.faults
 

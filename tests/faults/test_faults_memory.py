@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from kura.testing import RealNode
 from tests.faults.support import MiB, assert_alive, call, metric, process
+from tests.support.real import RealNode
 
 pytestmark = pytest.mark.faults
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from kura.testing import RawClient, RealNode
 from tests.faults.support import (
     CAS,
     GRADLE,
@@ -31,6 +30,7 @@ from tests.faults.support import (
     staged_files,
     wait_for,
 )
+from tests.support.real import RawClient, RealNode
 
 pytestmark = pytest.mark.faults
 

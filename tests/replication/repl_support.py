@@ -24,10 +24,10 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import implementer
 
-from kura.replication.testing import MESH_SECRET
 from kura.service import KuraNode
 from kura.storage.runner import ImmediateRunner
 from kura.testing import Exchange, Response, succeeded, test_config
+from tests.support.mesh import MESH_SECRET
 
 PORT = 7443
 

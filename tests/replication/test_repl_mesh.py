@@ -22,7 +22,7 @@ import pytest
 
 from kura.domain.artifacts import Producer
 from kura.replication import wire
-from kura.replication.testing import (
+from tests.support.mesh import (
     HOSTS,
     MeshNode,
     get_json,

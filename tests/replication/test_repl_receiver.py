@@ -11,9 +11,9 @@ from twisted.internet.address import IPv4Address
 
 from kura.domain.artifacts import Producer
 from kura.replication import wire
-from kura.replication.testing import MESH_SECRET, signed_headers
 from kura.service import KuraNode
 from kura.testing import ClientTransport, Exchange, Response, memory_node, request, sample
+from tests.support.mesh import MESH_SECRET, signed_headers
 
 TENANT = {"X-Kura-Tenant-Id": "default"}
 GRADLE = "/api/cache/gradle/k1?tenant_id=default"

@@ -19,8 +19,8 @@ from typing import Any
 import jwt
 import pytest
 
-from kura.replication.testing import request
-from kura.testing import REPO_ROOT, RealNode
+from tests.support.mesh import request
+from tests.support.real import REPO_ROOT, RealNode
 
 pytestmark = pytest.mark.realnode
 

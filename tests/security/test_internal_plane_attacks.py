@@ -20,7 +20,7 @@ import pytest
 
 from kura.domain.artifacts import ArtifactAddress, Producer
 from kura.replication import wire
-from kura.replication.testing import (
+from tests.support.mesh import (
     MESH_SECRET,
     MeshNode,
     get_json,
@@ -31,7 +31,7 @@ from kura.replication.testing import (
     start_all,
     wait_for,
 )
-from kura.testing import RealNode
+from tests.support.real import RealNode
 
 pytestmark = pytest.mark.realnode
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from kura.replication.testing import get_json, metrics, request
-from kura.testing import RealNode
+from tests.support.mesh import get_json, metrics, request
+from tests.support.real import RealNode
 
 pytestmark = pytest.mark.realnode
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from kura.replication.testing import (
+from tests.support.mesh import (
     HOSTS,
     MESH_SECRET,
     MeshNode,

@@ -29,7 +29,7 @@ from kura.replication.peer_auth import (
     request_message,
     sha256_hex,
 )
-from kura.testing import RealNode
+from tests.support.real import RealNode
 
 T = TypeVar("T")
 
