@@ -206,6 +206,7 @@ class KuraNode(MultiService):
         # From the store's count, which survives restarts (the rows do).
         m.multipart_uploads.set_function(lambda: float(self.store.unfinished_uploads))
         self.store.on_evicted = self._count_eviction
+        self.store.on_damaged = self.metrics.damaged_artifacts.inc
 
     def _count_eviction(self, producer: str, size: int) -> None:
         self.metrics.evicted_artifacts.labels(producer).inc()

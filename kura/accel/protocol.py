@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import socket
 from typing import Any
 
@@ -56,12 +55,11 @@ from . import transfer as tx
 from .classify import Candidate, Classifier
 from .handles import HandleCache, Lease
 from .head import MAX_HEAD_BYTES, RequestHead, find_head_end, parse_head
-from .response import DateCache, RequestIds, build_head
+from .response import DateCache, build_head
 
 log = Logger(namespace="kura.accel")
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 ACCELERATOR_READY = (
     "accelerated file serving {state}: mode={mode} max_concurrent={max_concurrent} "
@@ -121,7 +119,7 @@ class Accelerator:
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = reactor
         self.dates = DateCache()
-        self.request_ids = RequestIds()
+        self.request_ids = site.request_ids
         self.fallbacks = Children(metrics.accelerator_fallbacks)
         self.requests = Children(metrics.http_requests)
         self.serving_paths = metrics.serving_paths.labels(config.mode)
@@ -541,10 +539,7 @@ class SamePortProtocol(Protocol):
         transport.loseConnection()
 
     def _request_id(self, head: RequestHead) -> bytes:
-        supplied = head.get(b"x-request-id")
-        if supplied is not None and _REQUEST_ID.fullmatch(supplied):
-            return supplied
-        return self._accel.request_ids.next()
+        return self._accel.request_ids.for_request(head.get(b"x-request-id"))
 
     def _start(
         self,

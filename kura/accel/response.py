@@ -10,8 +10,6 @@ them: ``Server``, ``Date``, the artifact headers, ``X-Request-Id``,
 
 from __future__ import annotations
 
-import itertools
-import os
 import time
 from collections.abc import Iterable
 
@@ -35,21 +33,6 @@ class DateCache:
             self._second = second
             self._value = datetimeToString(second)
         return self._value
-
-
-class RequestIds:
-    """Cheap unique request ids: a per-process random prefix and a counter.
-
-    A UUID per 4 KiB response costs more than the response's syscalls; ids
-    only need to be unique and opaque.
-    """
-
-    def __init__(self) -> None:
-        self._prefix = os.urandom(6).hex()
-        self._counter = itertools.count(1)
-
-    def next(self) -> bytes:
-        return b"%s%010x" % (self._prefix.encode("ascii"), next(self._counter))
 
 
 def build_head(

@@ -239,21 +239,15 @@ class PublicAPI(NeighbourRoutes):
         if manifest.inline:
             return await self._download_inline(request, spec, manifest)
         try:
-            fd = self._store.open_body(manifest)
-        except FileNotFoundError:
-            await self._forget(manifest, "body file missing")
-            self._count_read(spec.producer, "not_found")
-            raise NotFound(spec.not_found_message) from None
+            opened = await shielded(Deferred.fromCoroutine(self._store.open_intact(manifest)))
         except OSError as error:
             self._count_read(spec.producer, "error")
             raise self._read_fault(spec, f"cannot open artifact: {error.strerror}") from error
+        if opened is None:
+            self._count_read(spec.producer, "not_found")
+            raise NotFound(spec.not_found_message)
+        fd = opened
         try:
-            # Blobs are write-once: any other size (short, or grown behind
-            # our back) means the file is not what was published.
-            if os.fstat(fd).st_size != manifest.size:
-                await self._forget(manifest, "body file size differs from its manifest")
-                self._count_read(spec.producer, "not_found")
-                raise NotFound(spec.not_found_message)
             head = artifact_head(manifest, header(request, b"range"), header(request, b"if-range"))
         except KuraError as error:
             os.close(fd)
@@ -362,10 +356,6 @@ class PublicAPI(NeighbourRoutes):
         if spec.misses_on_fault:
             return NotFound(spec.not_found_message)
         return ServiceUnavailable(f"Artifact storage unavailable: {detail}")
-
-    async def _forget(self, manifest: Manifest, reason: str) -> None:
-        self._metrics.damaged_artifacts.inc()
-        await shielded(Deferred.fromCoroutine(self._store.forget_damaged(manifest, reason)))
 
     # -- Xcode CAS ----------------------------------------------------------------------
 

@@ -315,14 +315,13 @@ class InternalAPI:
             self._sign(request, 200, sha256_hex(value))
             return value
         try:
-            fd = self._store.open_body(manifest)
-        except FileNotFoundError:
-            raise NotFound("Artifact not found") from None
+            opened = await self._store.open_intact(manifest)
         except OSError as error:
             raise ServiceUnavailable(f"cannot open artifact: {error.strerror}") from error
+        if opened is None:
+            raise NotFound("Artifact not found")
+        fd = opened
         try:
-            if os.fstat(fd).st_size != manifest.size:
-                raise NotFound("Artifact not found")
             # The fetching node checks the body against this before publishing.
             digest = await self._digests.of_file(manifest, fd)
         except BaseException:

@@ -404,15 +404,9 @@ class OutboxWorker:
             body = BytesBody(value)
             digest = sha256_hex(value)
         else:
-            try:
-                fd = self._store.open_body(manifest)
-            except FileNotFoundError:
-                await self._store.forget_damaged(manifest, "body file missing")
-                return False
-            if os.fstat(fd).st_size != manifest.size:
-                os.close(fd)
-                await self._store.forget_damaged(manifest, "body file shorter than its manifest")
-                return False
+            fd = await self._store.open_intact(manifest)
+            if fd is None:
+                return False  # damaged: forgotten, nothing to replicate
             try:
                 # The peer verifies this before it publishes the body.
                 digest = await self._digests.of_file(manifest, fd)

@@ -173,6 +173,8 @@ class ArtifactStore:
         # hook must not start commits synchronously (with an inline runner
         # they would run before this batch's waiters resumed); defer instead.
         self.on_committed: Callable[[], None] = lambda: None
+        #: Called for every artifact forgotten as damaged (a metric).
+        self.on_damaged: Callable[[], None] = lambda: None
         self._runner = runner
         self._clock = clock
         self._failpoints = failpoints or Failpoints()
@@ -361,9 +363,33 @@ class ArtifactStore:
         await self.forget_damaged(manifest, "body file missing")
         return None
 
+    async def open_intact(self, manifest: Manifest) -> int | None:
+        """Open ``manifest``'s body file if it is the file that was published.
+
+        Blobs are write-once, so a missing file, or one of any other size
+        (truncated, or grown behind our back), is damage: the artifact is
+        forgotten (:meth:`forget_damaged`) and ``None`` returned, which every
+        reader answers as a miss. The caller closes the descriptor.
+
+        Raises:
+            OSError: the file exists but cannot be opened (descriptor
+                exhaustion, permissions): not damage, nothing is forgotten.
+        """
+        try:
+            fd = self.open_body(manifest)
+        except FileNotFoundError:
+            await self.forget_damaged(manifest, "body file missing")
+            return None
+        if os.fstat(fd).st_size != manifest.size:
+            os.close(fd)
+            await self.forget_damaged(manifest, "body file size differs from its manifest")
+            return None
+        return fd
+
     async def forget_damaged(self, manifest: Manifest, reason: str) -> None:
-        """Drop an artifact whose body is missing or shorter than its manifest."""
+        """Drop an artifact whose body is missing or not the published one."""
         log.warn(DAMAGED, artifact_id=manifest.artifact_id, reason=reason)
+        self.on_damaged()
         await self.remove_local(manifest)
 
     async def remove_local(self, manifest: Manifest) -> None:

@@ -25,8 +25,6 @@ The same request class serves HTTP/1.1 (plain and TLS) and HTTP/2.
 from __future__ import annotations
 
 import io
-import re
-import uuid
 import weakref
 from typing import Any
 from urllib.parse import parse_qs
@@ -56,13 +54,13 @@ from .admission import UNMATCHED, Admission, RequestHead
 from .client_address import client_address
 from .errors import error_body
 from .interfaces import IGate
+from .request_ids import RequestIds
 from .routing import BodyKind, RouteSpec
 from .upload_slots import UploadSlot, UploadSlots, client_key
 
 log = Logger(namespace="kura.http")
 
 SERVER_NAME = b"kura"
-_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 #: How long a refused upload's connection keeps draining unread body bytes,
 #: so the client reads our answer instead of a reset.
 LINGER_SECONDS = 2.0
@@ -381,11 +379,9 @@ class KuraRequest(server.Request):
 
     def process(self) -> None:
         site = self.kura_site
-        supplied = self.getHeader(b"x-request-id")
-        if supplied is not None and _REQUEST_ID.fullmatch(supplied):
-            self.request_id = supplied.decode("ascii")
-        else:
-            self.request_id = uuid.uuid4().hex
+        self.request_id = site.request_ids.for_request(self.getHeader(b"x-request-id")).decode(
+            "ascii"
+        )
         site.metrics.http_inflight.inc()
         self.notifyFinish().addBoth(self._finished)
         super().process()
@@ -705,6 +701,7 @@ class KuraSite(server.Site):
         self.upload_slots = upload_slots
         self.trusted_proxies = trusted_proxies
         self.access_log = True
+        self.request_ids = RequestIds()
         # Weak: a channel replaced by HTTP/2 after ALPN never reports its loss.
         self.channels: weakref.WeakSet[KuraHTTPChannel] = weakref.WeakSet()
 
