@@ -27,7 +27,6 @@ import os
 import socket
 from typing import Any
 
-import attrs
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
@@ -49,7 +48,6 @@ from kura.telemetry.traffic import InflightSlot, PublicTraffic
 from kura.web.download import ArtifactHead, artifact_head
 from kura.web.errors import REASONS, error_headers, render_error_body
 from kura.web.http import SERVER_NAME, KuraSite, log_access
-from kura.web.routing import RouteSpec
 
 from . import transfer as tx
 from .classify import Candidate, Classifier
@@ -123,30 +121,10 @@ class Accelerator:
         self.fallbacks = Children(metrics.accelerator_fallbacks)
         self.requests = Children(metrics.http_requests)
         self.serving_paths = metrics.serving_paths.labels(config.mode)
-        self._meters: dict[tuple[str, int, str], _Meters] = {}
         metrics.accelerator_permits_in_use.set_function(
             lambda: float(config.max_concurrent - self.permits.tokens)
         )
         metrics.accelerator_cached_descriptors.set_function(lambda: float(len(self.handles)))
-
-    def meters(self, spec: RouteSpec, status: int, result: str) -> _Meters:
-        """The metric children for a response (looked up once per kind)."""
-        key = (spec.endpoint, status, result)
-        meters = self._meters.get(key)
-        if meters is None:
-            m = self.metrics
-            producer = spec.producer.value if spec.producer is not None else "unknown"
-            meters = self._meters[key] = _Meters(
-                requests=m.http_requests.labels(spec.template, str(status)),
-                duration=m.http_request_duration,
-                reads=m.artifact_reads.labels(producer, result),
-                read_bytes=m.artifact_read_bytes.labels(producer, result),
-                completions=m.egress_completions.labels(producer, result),
-                egress_bytes=m.egress_bytes.labels(producer, result),
-                egress_duration=m.egress_duration.labels(producer),
-                throughput=m.egress_throughput.labels(producer),
-            )
-        return meters
 
     def count_fallback(self, reason: str) -> None:
         self.fallbacks(reason).inc()
@@ -684,16 +662,10 @@ class SamePortProtocol(Protocol):
         spec = exchange.candidate.spec
         elapsed = max(accel.reactor.seconds() - exchange.started_at, 1e-9)
         status = exchange.status if result in (tx.OK, tx.INCOMPLETE) else 499
-        meters = accel.meters(spec, status, result)
-        meters.requests.inc()
-        meters.duration.observe(elapsed)
-        meters.reads.inc()
-        meters.read_bytes.inc(transfer.sent)
-        meters.completions.inc()
-        meters.egress_bytes.inc(transfer.sent)
-        meters.egress_duration.observe(elapsed)
-        if result == tx.OK:
-            meters.throughput.observe(transfer.sent / elapsed)
+        accel.requests(spec.template, str(status)).inc()
+        accel.metrics.http_request_duration.observe(elapsed)
+        producer = spec.producer.value if spec.producer is not None else "unknown"
+        accel.site.egress.record(producer, result, transfer.sent, elapsed)
         if accel.site.access_log:
             head = exchange.candidate.head
             log_access(head.method, head.path, status, exchange.request_id, spec)
@@ -703,20 +675,6 @@ class SamePortProtocol(Protocol):
                 route=spec.template,
                 sent=transfer.sent,
             )
-
-
-@attrs.frozen
-class _Meters:
-    """The metric children one kind of accelerated response updates."""
-
-    requests: Any
-    duration: Any
-    reads: Any
-    read_bytes: Any
-    completions: Any
-    egress_bytes: Any
-    egress_duration: Any
-    throughput: Any
 
 
 class _Exchange:

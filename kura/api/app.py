@@ -288,20 +288,15 @@ class PublicAPI(NeighbourRoutes):
         )
 
         def account(result: object) -> object:
-            failed = isinstance(result, Failure)
             error = result.value if isinstance(result, Failure) else None
             label = (
-                error.result if isinstance(error, TransferFailed) else "error" if failed else "ok"
+                error.result
+                if isinstance(error, TransferFailed)
+                else "error"
+                if isinstance(result, Failure)
+                else "ok"
             )
-            sent = body.sent
-            elapsed = max(site.clock.seconds() - started, 1e-9)
-            m = self._metrics
-            m.egress_completions.labels(producer_label, label).inc()
-            m.egress_bytes.labels(producer_label, label).inc(sent)
-            m.egress_duration.labels(producer_label).observe(elapsed)
-            if label == "ok":
-                m.egress_throughput.labels(producer_label).observe(sent / elapsed)
-            self._count_read(spec.producer, label, sent)
+            site.egress.record(producer_label, label, body.sent, site.clock.seconds() - started)
             return result
 
         transfer: Deferred[Any] = body.start()

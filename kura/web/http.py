@@ -50,6 +50,7 @@ from kura.storage.staging import StagingFile
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import InflightSlot, PublicTraffic
 
+from .accounting import Egress
 from .admission import UNMATCHED, Admission, RequestHead
 from .client_address import client_address
 from .errors import error_body
@@ -702,6 +703,7 @@ class KuraSite(server.Site):
         self.trusted_proxies = trusted_proxies
         self.access_log = True
         self.request_ids = RequestIds()
+        self.egress = Egress(metrics)
         # Weak: a channel replaced by HTTP/2 after ALPN never reports its loss.
         self.channels: weakref.WeakSet[KuraHTTPChannel] = weakref.WeakSet()
 
