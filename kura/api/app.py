@@ -726,9 +726,7 @@ class PublicAPI(NeighbourRoutes):
         # Rendered inline from the injected registry: it is CPU-only and small,
         # and prometheus_client's Twisted resource would run it on the global
         # reactor's thread pool (never answering on an injected reactor).
-        self._metrics.cas_used_bytes.set(self._store.metadata.used_bytes)
-        self._metrics.tmp_dir_bytes.set(self._store.tmp_budget.used)
-        self._metrics.outbox_messages.set(self._store.outbox_depth)
+        # Gauges of the store's state are read at collection (set_function).
         body = generate_latest(self._metrics.registry)
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", CONTENT_TYPE_PLAIN_0_0_4.encode("ascii"))
