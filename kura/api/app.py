@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import cast
 
 import attrs
 from klein import KleinRenderable
@@ -27,7 +26,7 @@ from twisted.web.resource import IResource
 from kura.config import KuraConfig
 from kura.config.access import token_digest
 from kura.defer import shielded
-from kura.domain.artifacts import JSON, OCTET_STREAM, ArtifactAddress, Manifest, Producer
+from kura.domain.artifacts import JSON, OCTET_STREAM, ArtifactAddress, Producer
 from kura.domain.errors import (
     BadRequest,
     KuraError,
@@ -35,31 +34,24 @@ from kura.domain.errors import (
     ServiceUnavailable,
     StorageFault,
     TmpBudgetExhausted,
-    TombstonedWrite,
     TooManyRequests,
     Unauthorized,
     Unprocessable,
     UnsupportedMediaType,
 )
 from kura.lifecycle import NodeState
-from kura.storage.metadata import Outcome, Upload, WritePolicy
+from kura.storage.metadata import Upload, WritePolicy
 from kura.storage.runner import BlockingRunner
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
-from kura.web.admission import Admission
-from kura.web.download import (
-    CHUNK_BYTES,
-    H2_CHUNK_BYTES,
-    FileBodyProducer,
-    TransferFailed,
-    artifact_head,
-)
 from kura.web.errors import as_seen_by_client, classify_failure, respond_with_error
 from kura.web.http import KuraRequest
 from kura.web.routing import BodyKind, GiB, MiB, Operation, Query, RouteSpec
 
+from .artifacts import ArtifactService
 from .audit import audit_delete
 from .authorization import RequestAuthorization
+from .handling import admission_of, empty, header, json_response
 from .neighbours import NeighbourRoutes
 from .registry import _SPECS, _app, route
 from .routes import (
@@ -78,12 +70,6 @@ log = Logger(namespace="kura.api")
 MODULE_START_204_VERSION = (4, 202, 0)
 MAX_MULTIPART_BYTES = 2 * GiB
 MAX_PART_NUMBER = 2**32 - 1
-
-
-def header(request: KuraRequest, name: bytes) -> str | None:
-    """A request header as text (latin-1, as HTTP header bytes are)."""
-    value = request.getHeader(name)
-    return None if value is None else value.decode("latin-1")
 
 
 def require_bearer(request: KuraRequest, digest: bytes | None) -> None:
@@ -136,7 +122,7 @@ class PublicAPI(NeighbourRoutes):
         self._store = store
         self._state = state
         self._metrics = metrics
-        self._runner = runner
+        self._artifacts = ArtifactService(store=store, metrics=metrics, runner=runner)
         self.specs: Mapping[str, RouteSpec] = {
             **_SPECS,
             "keyvalue_put": attrs.evolve(
@@ -149,14 +135,6 @@ class PublicAPI(NeighbourRoutes):
 
     # -- shared steps ---------------------------------------------------------------
 
-    async def _admission(self, request: KuraRequest) -> Admission:
-        """The request's admission; raises whatever refused it."""
-        assert request.admission is not None
-        admission = await request.admission
-        if request.rejection is not None:
-            raise request.rejection
-        return admission
-
     async def _extension_headers(self, request: KuraRequest) -> None:
         """Add the extension's ``response_headers`` before the head goes out."""
         admission = request.admitted
@@ -168,189 +146,22 @@ class PublicAPI(NeighbourRoutes):
         for name, value in extra:
             request.setHeader(name, value)
 
-    def _empty(self, request: KuraRequest, status: int) -> bytes:
-        request.setResponseCode(status)
-        if status != 204:
-            request.setHeader(b"Content-Length", b"0")
-        return b""
-
-    def _json(self, request: KuraRequest, status: int, payload: object) -> bytes:
-        body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
-        request.setResponseCode(status)
-        request.setHeader(b"Content-Type", JSON.encode())
-        request.setHeader(b"Content-Length", b"%d" % len(body))
-        return body
-
-    def _count_write(self, producer: Producer | None, result: str, size: int = 0) -> None:
-        if producer is not None:
-            self._metrics.artifact_writes.labels(producer.value, result).inc()
-            if size:
-                self._metrics.artifact_write_bytes.labels(producer.value, result).inc(size)
-
-    def _count_read(self, producer: Producer | None, result: str, size: int = 0) -> None:
-        if producer is not None:
-            self._metrics.artifact_reads.labels(producer.value, result).inc()
-            if size:
-                self._metrics.artifact_read_bytes.labels(producer.value, result).inc(size)
-
-    # -- uploads --------------------------------------------------------------------
-
     async def _upload(
         self, request: KuraRequest, *, new_status: int, existing_status: int
     ) -> bytes:
-        admission = await self._admission(request)
-        spec = admission.spec
-        if admission.existing is not None:
-            self._count_write(spec.producer, "ok")
-            return self._empty(request, existing_status)
-        assert admission.address is not None and request.staging is not None
-        try:
-            staged = await request.staging.finish()
-            if spec.verify_digest and staged.sha256 != admission.address.key.rsplit("/", 1)[-1]:
-                await self._store.discard(staged)
-                raise BadRequest("Body does not match its SHA-256 digest")
-            result = await shielded(
-                Deferred.fromCoroutine(
-                    self._store.publish_blob(
-                        admission.address,
-                        staged,
-                        content_type=OCTET_STREAM,
-                        policy=WritePolicy.WRITE_ONCE,
-                    )
-                )
-            )
-        except KuraError:
-            self._count_write(spec.producer, "error")
-            raise
-        if result.outcome is Outcome.IGNORED_TOMBSTONE:
-            self._count_write(spec.producer, "error")
-            raise TombstonedWrite("namespace was cleaned after this write began; retry")
-        self._count_write(spec.producer, "ok", staged.size)
-        applied = result.outcome is Outcome.APPLIED
-        return self._empty(request, new_status if applied else existing_status)
-
-    # -- downloads ------------------------------------------------------------------
+        stored = await self._artifacts.publish(request)
+        return empty(request, new_status if stored else existing_status)
 
     async def _download(self, request: KuraRequest) -> bytes:
-        admission = await self._admission(request)
-        spec = admission.spec
-        assert admission.address is not None
-        manifest = await self._find(spec, admission.address)
-        if manifest.inline:
-            return await self._download_inline(request, spec, manifest)
-        try:
-            opened = await shielded(Deferred.fromCoroutine(self._store.open_intact(manifest)))
-        except OSError as error:
-            self._count_read(spec.producer, "error")
-            raise self._read_fault(spec, f"cannot open artifact: {error.strerror}") from error
-        if opened is None:
-            self._count_read(spec.producer, "not_found")
-            raise NotFound(spec.not_found_message)
-        fd = opened
-        try:
-            head = artifact_head(manifest, header(request, b"range"), header(request, b"if-range"))
-        except KuraError as error:
-            os.close(fd)
-            if error.status == 416:
-                self._count_read(spec.producer, "range_not_satisfiable")
-            raise
-        self._store.record_access(manifest.artifact_id)
-        request.setResponseCode(head.status)
-        for name, value in head.headers:
-            request.setHeader(name, value)
-        if request.method == b"HEAD":
-            os.close(fd)
-            self._count_read(spec.producer, "ok")
-            return b""
-        self._metrics.serving_paths.labels("fallback").inc()
+        body = await self._artifacts.download(request)
+        if isinstance(body, bytes):
+            return body
         try:
             await self._extension_headers(request)
         except BaseException:
-            os.close(fd)
+            body.discard()
             raise
-        return await self._stream(request, spec, fd, head.body.offset, head.body.length)
-
-    async def _stream(
-        self, request: KuraRequest, spec: RouteSpec, fd: int, offset: int, length: int
-    ) -> bytes:
-        site = request.kura_site
-        producer_label = spec.producer.value if spec.producer else "unknown"
-        started = site.clock.seconds()
-        body = FileBodyProducer(
-            request=request,
-            fd=fd,
-            offset=offset,
-            length=length,
-            runner=self._runner,
-            clock=site.clock,
-            send_timeout=site.send_timeout,
-            chunk_bytes=H2_CHUNK_BYTES if request.clientproto == b"HTTP/2" else CHUNK_BYTES,
-        )
-
-        def account(result: object) -> object:
-            error = result.value if isinstance(result, Failure) else None
-            label = (
-                error.result
-                if isinstance(error, TransferFailed)
-                else "error"
-                if isinstance(result, Failure)
-                else "ok"
-            )
-            site.egress.record(producer_label, label, body.sent, site.clock.seconds() - started)
-            return result
-
-        transfer: Deferred[Any] = body.start()
-        transfer.addBoth(account)
-        try:
-            await shielded(transfer)
-        except TransferFailed as failure:
-            channel: Any = request.channel
-            if channel is not None:
-                # A short or stalled body must not leave the connection reusable.
-                channel.persistent = False
-                if failure.result == "write_timeout":
-                    # An HTTP/2 stream is its own transport (its .transport
-                    # is None): it is reset, the connection's others go on.
-                    (channel.transport or channel).abortConnection()
-            if failure.result == "incomplete":
-                log.error("artifact body ended early; connection closed", route=spec.template)
-        return b""
-
-    async def _download_inline(
-        self, request: KuraRequest, spec: RouteSpec, manifest: Manifest
-    ) -> bytes:
-        try:
-            value = await self._store.read_inline(manifest)
-        except KuraError as error:
-            self._count_read(spec.producer, "error")
-            raise self._read_fault(spec, error.message) from error
-        if value is None:
-            self._count_read(spec.producer, "not_found")
-            raise NotFound(spec.not_found_message)
-        self._store.record_access(manifest.artifact_id)
-        self._count_read(spec.producer, "ok", len(value))
-        request.setResponseCode(200)
-        request.setHeader(b"Content-Type", manifest.content_type.encode("ascii", "replace"))
-        request.setHeader(b"Content-Length", b"%d" % len(value))
-        return value
-
-    async def _find(self, spec: RouteSpec, address: ArtifactAddress) -> Manifest:
-        try:
-            manifest = await self._store.manifest(self._store.artifact_id(address))
-        except KuraError as error:
-            self._count_read(spec.producer, "error")
-            raise self._read_fault(spec, error.message) from error
-        if manifest is None:
-            self._count_read(spec.producer, "not_found")
-            raise NotFound(spec.not_found_message)
-        return manifest
-
-    def _read_fault(self, spec: RouteSpec, detail: str) -> KuraError:
-        """A storage fault on a read: 503, or a miss for clients that die on 5xx."""
-        log.error("artifact read failed: {detail}", detail=detail, route=spec.template)
-        if spec.misses_on_fault:
-            return NotFound(spec.not_found_message)
-        return ServiceUnavailable(f"Artifact storage unavailable: {detail}")
+        return await body.send(request)
 
     # -- Xcode CAS ----------------------------------------------------------------------
 
@@ -391,7 +202,7 @@ class PublicAPI(NeighbourRoutes):
         key_in_body=True,
     )
     async def keyvalue_put(self, request: KuraRequest) -> bytes:
-        admission = await self._admission(request)
+        admission = await admission_of(request)
         raw = request.body_bytes.getvalue()
         try:
             payload = json.loads(raw)
@@ -411,7 +222,7 @@ class PublicAPI(NeighbourRoutes):
             if query_cas_id is not None and query_cas_id != cas_id:
                 raise ValueError("cas_id in the query and the body differ")
         except (ValueError, UnicodeDecodeError) as error:
-            self._count_write(Producer.XCODE, "error")
+            self._artifacts.count_write(Producer.XCODE, "error")
             raise BadRequest(f"Invalid key-value payload: {error}") from None
         namespace = admission.target.namespace
         assert namespace is not None
@@ -436,8 +247,8 @@ class PublicAPI(NeighbourRoutes):
                 )
             )
         )
-        self._count_write(Producer.XCODE, "ok", len(value))
-        return self._empty(request, 204)
+        self._artifacts.count_write(Producer.XCODE, "ok", len(value))
+        return empty(request, 204)
 
     @route(
         "/api/cache/keyvalue/<cas_id>",
@@ -487,14 +298,14 @@ class PublicAPI(NeighbourRoutes):
         address=module_artifact,
     )
     async def module_start(self, request: KuraRequest) -> bytes:
-        admission = await self._admission(request)
+        admission = await admission_of(request)
         assert admission.address is not None
         existing = await self._store.stored(self._store.artifact_id(admission.address))
         if existing is not None:
             version = _cli_version(header(request, b"x-tuist-cli-version"))
             if version is not None and version >= MODULE_START_204_VERSION:
-                return self._empty(request, 204)
-            return self._json(request, 200, {"upload_id": None})
+                return empty(request, 204)
+            return json_response(request, 200, {"upload_id": None})
         category, hash_, name = admission.address.key.split("/", 2)
         try:
             upload_id = await shielded(
@@ -511,7 +322,7 @@ class PublicAPI(NeighbourRoutes):
         except TooManyRequests:
             self._metrics.upload_rejections.labels("multipart_unfinished").inc()
             raise
-        return self._json(request, 200, {"upload_id": upload_id})
+        return json_response(request, 200, {"upload_id": upload_id})
 
     @route(
         "/api/cache/module/part",
@@ -525,7 +336,7 @@ class PublicAPI(NeighbourRoutes):
         head_check=_check_part_number,
     )
     async def module_part(self, request: KuraRequest) -> bytes:
-        admission = await self._admission(request)
+        admission = await admission_of(request)
         upload: Upload = admission.context["upload"]
         part_number = int(admission.query.single("part_number") or "0")
         assert request.staging is not None
@@ -546,7 +357,7 @@ class PublicAPI(NeighbourRoutes):
             self._metrics.multipart_parts.labels("error").inc()
             raise
         self._metrics.multipart_parts.labels("ok").inc()
-        return self._empty(request, 204)
+        return empty(request, 204)
 
     @route(
         "/api/cache/module/complete",
@@ -558,7 +369,7 @@ class PublicAPI(NeighbourRoutes):
         needs_upload=True,
     )
     async def module_complete(self, request: KuraRequest) -> bytes:
-        admission = await self._admission(request)
+        admission = await admission_of(request)
         upload: Upload = admission.context["upload"]
         content_type = (header(request, b"content-type") or "").split(";", 1)[0].strip()
         if content_type.lower() != JSON:
@@ -590,10 +401,10 @@ class PublicAPI(NeighbourRoutes):
         except KuraError as error:
             if isinstance(error, TmpBudgetExhausted):
                 self._metrics.upload_rejections.labels("tmp_budget").inc()
-            self._count_write(Producer.MODULE, "error")
+            self._artifacts.count_write(Producer.MODULE, "error")
             raise
-        self._count_write(Producer.MODULE, "ok", result.manifest.size)
-        return self._empty(request, 204)
+        self._artifacts.count_write(Producer.MODULE, "ok", result.manifest.size)
+        return empty(request, 204)
 
     @route(
         "/api/cache/module/<id>",
@@ -603,7 +414,7 @@ class PublicAPI(NeighbourRoutes):
         address=module_artifact,
     )
     async def module_exists(self, request: KuraRequest, id: str) -> bytes:
-        admission = await self._admission(request)
+        admission = await admission_of(request)
         assert admission.address is not None
         try:
             manifest = await self._store.stored(self._store.artifact_id(admission.address))
@@ -613,7 +424,7 @@ class PublicAPI(NeighbourRoutes):
             request.setResponseCode(404)
             request.setHeader(b"Content-Length", b"0")
             return b""
-        return self._empty(request, 204)
+        return empty(request, 204)
 
     @route(
         "/api/cache/module/<id>",
@@ -636,7 +447,7 @@ class PublicAPI(NeighbourRoutes):
         namespaced=True,
     )
     async def clean(self, request: KuraRequest) -> bytes:
-        admission = await self._admission(request)
+        admission = await admission_of(request)
         namespace = admission.target.namespace
         assert namespace is not None
         try:
@@ -644,7 +455,7 @@ class PublicAPI(NeighbourRoutes):
         except KuraError as error:
             raise StorageFault(f"Failed to clean cache: {error.message}") from error
         audit_delete(request, admission, "clean")
-        return self._empty(request, 204)
+        return empty(request, 204)
 
     # -- Nx and Metro --------------------------------------------------------------------
 
@@ -708,17 +519,17 @@ class PublicAPI(NeighbourRoutes):
 
     @route("/up", methods=["GET"], probe=True)
     def up(self, request: KuraRequest) -> bytes:
-        return self._json(request, 200, self._state.up_report())
+        return json_response(request, 200, self._state.up_report())
 
     @route("/ready", methods=["GET"], probe=True)
     def ready(self, request: KuraRequest) -> bytes:
         report = self._state.ready_report()
-        return self._json(request, 200 if report["ready"] else 503, report)
+        return json_response(request, 200 if report["ready"] else 503, report)
 
     @route("/status/rollout", methods=["GET"], probe=True)
     def rollout(self, request: KuraRequest) -> bytes:
         require_bearer(request, self._config.access.status_token)
-        return self._json(request, 200, self._state.rollout_report())
+        return json_response(request, 200, self._state.rollout_report())
 
     @route("/metrics", methods=["GET"], probe=True)
     def metrics(self, request: KuraRequest) -> bytes:

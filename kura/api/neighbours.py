@@ -41,20 +41,19 @@ from twisted.web.http import datetimeToString
 
 from kura.defer import shielded
 from kura.domain.artifacts import (
-    OCTET_STREAM,
     ArtifactAddress,
     Producer,
     is_valid_key,
     is_valid_namespace,
 )
-from kura.domain.errors import BadRequest, KuraError, TombstonedWrite
-from kura.storage.metadata import Outcome, WritePolicy
+from kura.domain.errors import BadRequest
 from kura.storage.store import ArtifactStore
-from kura.web.admission import Admission
 from kura.web.http import KuraRequest
 from kura.web.routing import BodyKind, GiB, MiB, Operation, Query
 
+from .artifacts import ArtifactService
 from .audit import audit_delete
+from .handling import admission_of, empty, json_response
 from .registry import route
 from .routes import tenant_in_path
 
@@ -215,22 +214,13 @@ class _Host(Protocol):
     """What these routes use of :class:`kura.api.app.PublicAPI`."""
 
     _store: ArtifactStore
-
-    async def _admission(self, request: KuraRequest) -> Admission: ...
+    _artifacts: ArtifactService
 
     async def _download(self, request: KuraRequest) -> bytes: ...
 
     async def _upload(
         self, request: KuraRequest, *, new_status: int, existing_status: int
     ) -> bytes: ...
-
-    def _empty(self, request: KuraRequest, status: int) -> bytes: ...
-
-    def _json(self, request: KuraRequest, status: int, payload: object) -> bytes: ...
-
-    def _count_write(self, producer: Producer | None, result: str, size: int = 0) -> None: ...
-
-    def _count_read(self, producer: Producer | None, result: str, size: int = 0) -> None: ...
 
 
 _READ = {
@@ -251,56 +241,28 @@ _WRITE = {
 
 
 async def _overwrite(api: _Host, request: KuraRequest, *, status: int) -> bytes:
-    """Store the upload, replacing what is stored under its key (last writer wins).
-
-    An admission that already found the artifact (a gate that answers
-    write-once uploads from the head) is answered as stored, body unread.
-    """
-    admission = await api._admission(request)
-    producer = admission.spec.producer
-    if admission.existing is not None:
-        api._count_write(producer, "ok")
-        return api._empty(request, status)
-    assert admission.address is not None and request.staging is not None
-    try:
-        staged = await request.staging.finish()
-        result = await shielded(
-            Deferred.fromCoroutine(
-                api._store.publish_blob(
-                    admission.address,
-                    staged,
-                    content_type=OCTET_STREAM,
-                    policy=WritePolicy.LAST_WRITER_WINS,
-                )
-            )
-        )
-    except KuraError:
-        api._count_write(producer, "error")
-        raise
-    if result.outcome is Outcome.IGNORED_TOMBSTONE:
-        api._count_write(producer, "error")
-        raise TombstonedWrite("namespace was cleaned after this write began; retry")
-    api._count_write(producer, "ok", staged.size)
-    return api._empty(request, status)
+    """Store the upload, replacing what is stored under its key (last writer wins)."""
+    await api._artifacts.publish(request)
+    return empty(request, status)
 
 
 async def _bazel_read(api: _Host, request: KuraRequest, kind: str, hash: str) -> bytes:
-    admission = await api._admission(request)
+    admission = await admission_of(request)
     if kind == "cas" and hash == EMPTY_SHA256:
         # Always present, stored or not: Bazel probes the cache with it.
-        api._count_read(admission.spec.producer, "ok")
-        return api._empty(request, 200)
+        api._artifacts.count_read(admission.spec.producer, "ok")
+        return empty(request, 200)
     return await api._download(request)
 
 
 async def _bazel_cas_write(api: _Host, request: KuraRequest, hash: str) -> bytes:
     if hash == EMPTY_SHA256:
-        await api._admission(request)
+        await admission_of(request)
         if request.staging is not None:
             # Nothing to keep: the empty blob is always present.
             await request.staging.abort()
-        api._count_write(Producer.BAZEL, "ok")
-        return api._empty(request, 200)
+        api._artifacts.count_write(Producer.BAZEL, "ok")
+        return empty(request, 200)
     return await api._upload(request, new_status=200, existing_status=200)
 
 
@@ -311,10 +273,10 @@ async def _propfind(api: _Host, request: KuraRequest, location: str) -> bytes:
     opendal (sccache) needs to skip ``MKCOL`` and keep the cache writable.
     Objects are only ever read with ``GET``, so any other path is a 404.
     """
-    await api._admission(request)
+    await admission_of(request)
     _sccache_segments(location)
     if location and not location.endswith("/"):
-        return api._empty(request, 404)
+        return empty(request, 404)
     href = escape(request.path.decode("latin-1"))
     modified = datetimeToString(int(request.kura_site.clock.seconds())).decode("ascii")
     body = (
@@ -499,7 +461,7 @@ class NeighbourRoutes:
         tenantless=True,
     )
     async def ccache_delete(self: _Host, request: KuraRequest, location: str) -> bytes:
-        admission = await self._admission(request)
+        admission = await admission_of(request)
         assert admission.address is not None
         manifest = await self._store.manifest(self._store.artifact_id(admission.address))
         if manifest is not None:
@@ -508,7 +470,7 @@ class NeighbourRoutes:
             await shielded(Deferred.fromCoroutine(self._store.remove_local(manifest)))
             audit_delete(request, admission, "delete")
         # Idempotent, as object stores answer it: absent afterwards either way.
-        return self._empty(request, 204)
+        return empty(request, 204)
 
     # -- sccache WebDAV ----------------------------------------------------------------------
 
@@ -554,24 +516,24 @@ class NeighbourRoutes:
 
     @route("/sccache/", methods=["MKCOL"], producer=Producer.SCCACHE, tenantless=True)
     async def sccache_root_mkcol(self: _Host, request: KuraRequest) -> bytes:
-        await self._admission(request)
-        return self._empty(request, 201)
+        await admission_of(request)
+        return empty(request, 201)
 
     @route(
         "/sccache/<path:location>", methods=["MKCOL"], producer=Producer.SCCACHE, tenantless=True
     )
     async def sccache_mkcol(self: _Host, request: KuraRequest, location: str) -> bytes:
         # Collections are implicit: creating one stores nothing.
-        await self._admission(request)
+        await admission_of(request)
         _sccache_segments(location)
-        return self._empty(request, 201)
+        return empty(request, 201)
 
     # -- Turborepo remote cache --------------------------------------------------------------
 
     @route("/v8/artifacts/status", methods=["GET"], producer=Producer.TURBO, tenantless=True)
     async def turbo_status(self: _Host, request: KuraRequest) -> bytes:
-        await self._admission(request)
-        return self._json(request, 200, {"status": "enabled"})
+        await admission_of(request)
+        return json_response(request, 200, {"status": "enabled"})
 
     @route(
         "/v8/artifacts/events",
@@ -583,8 +545,8 @@ class NeighbourRoutes:
     )
     async def turbo_events(self: _Host, request: KuraRequest) -> bytes:
         # Usage analytics: accepted and dropped (kura counts hits itself).
-        await self._admission(request)
-        return self._empty(request, 204)
+        await admission_of(request)
+        return empty(request, 204)
 
     @route(
         "/v8/artifacts/<hash>",
@@ -604,5 +566,6 @@ class NeighbourRoutes:
         **_WRITE,
     )
     async def turbo_put(self: _Host, request: KuraRequest, hash: str) -> bytes:
-        await self._upload(request, new_status=200, existing_status=200)
-        return self._json(request, 200, {"urls": []})
+        # One answer, whether stored now or already there.
+        await self._artifacts.publish(request)
+        return json_response(request, 200, {"urls": []})

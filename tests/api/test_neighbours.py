@@ -216,6 +216,16 @@ def test_turbo_artifacts_are_kept_per_team(node: KuraNode) -> None:
     assert request(node, "GET", f"{target}?teamId=alpha").body == b"tarball"
 
 
+def test_turbo_put_answers_one_json_body_stored_or_not(node: KuraNode) -> None:
+    """A PUT is answered 200 with ``{"urls": []}`` whether it stored the artifact or found it."""
+    target = "/v8/artifacts/0123456789abcdef?slug=alpha"
+    for _ in range(2):
+        answer = request(node, "PUT", target, b"tarball")
+        assert answer.status == 200 and answer.json() == {"urls": []}
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.headers["content-length"] == str(len(answer.body))
+
+
 @pytest.mark.parametrize(
     "target", ["/v8/artifacts/abc", "/v8/artifacts/XYZ0123456789abc", "/v8/artifacts/a?slug=a/b"]
 )

@@ -1,0 +1,304 @@
+"""The steps every protocol's artifact routes share: find, open, serve, publish, count.
+
+Protocol handlers (:mod:`kura.api.protocols`) compose an
+:class:`ArtifactService`; only what is specific to a protocol stays in its
+module. The service works on the request's admission, so the artifact it
+acts on is the one the hooks were shown (:func:`kura.api.routes.resolve_target`).
+
+Reads (:meth:`ArtifactService.download`):
+
+* a missing manifest is the route's 404 (``RouteSpec.not_found_message``);
+* a storage fault is a 503, or a miss for clients that fail a whole build on
+  a 5xx (``RouteSpec.misses_on_fault``);
+* a blob file that is gone or has another size than its manifest is damage:
+  the artifact is forgotten and the read is a miss
+  (:meth:`~kura.storage.store.ArtifactStore.open_intact`);
+* status and headers come from :func:`kura.web.download.artifact_head`, the
+  function the accelerator uses too; a file-backed body is returned as a
+  :class:`StreamedBody`, sent once the response head is final.
+
+Writes (:meth:`ArtifactService.publish`) follow the route's write policy:
+write-once (an artifact already stored wins; the gate answers most of those
+from the head, body unread) or last writer wins (``RouteSpec.overwrites``).
+
+Every read and write is counted once, by producer and result, in
+``kura_artifact_reads_total``/``kura_artifact_writes_total`` (and their byte
+counters); a streamed body is counted when its transfer ends
+(:class:`kura.web.accounting.Egress`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kura.defer import shielded
+from kura.domain.artifacts import OCTET_STREAM, ArtifactAddress, Manifest, Producer
+from kura.domain.errors import (
+    BadRequest,
+    KuraError,
+    NotFound,
+    ServiceUnavailable,
+    TombstonedWrite,
+)
+from kura.storage.metadata import Outcome, WritePolicy
+from kura.storage.runner import BlockingRunner
+from kura.storage.store import ArtifactStore
+from kura.telemetry.metrics import KuraMetrics
+from kura.web.download import (
+    CHUNK_BYTES,
+    H2_CHUNK_BYTES,
+    FileBodyProducer,
+    TransferFailed,
+    artifact_head,
+)
+from kura.web.http import KuraRequest
+from kura.web.ranges import BodySlice
+from kura.web.routing import RouteSpec
+
+from .handling import admission_of, header
+
+log = Logger(namespace="kura.api")
+
+
+@attrs.define
+class StreamedBody:
+    """A file-backed artifact body whose response head is already set.
+
+    It owns ``fd`` until :meth:`send` hands it to a producer or
+    :meth:`discard` closes it; exactly one of the two must be called.
+    Sending is left to the caller so that the head can still change (the
+    extension's response headers) before the first byte goes out.
+    """
+
+    fd: int
+    body: BodySlice
+    spec: RouteSpec
+    runner: BlockingRunner
+
+    def discard(self) -> None:
+        """Close the file without sending anything."""
+        os.close(self.fd)
+
+    async def send(self, request: KuraRequest) -> bytes:
+        """Stream the body; returns once it was delivered or the transfer ended.
+
+        The transfer is counted when it ends, whatever its result. A body
+        that ends short or stalls leaves the connection unusable: it is
+        closed (an HTTP/2 stream that stalls is reset).
+        """
+        spec = self.spec
+        site = request.kura_site
+        producer_label = spec.producer.value if spec.producer else "unknown"
+        started = site.clock.seconds()
+        body = FileBodyProducer(
+            request=request,
+            fd=self.fd,
+            offset=self.body.offset,
+            length=self.body.length,
+            runner=self.runner,
+            clock=site.clock,
+            send_timeout=site.send_timeout,
+            chunk_bytes=H2_CHUNK_BYTES if request.clientproto == b"HTTP/2" else CHUNK_BYTES,
+        )
+
+        def account(result: object) -> object:
+            error = result.value if isinstance(result, Failure) else None
+            label = (
+                error.result
+                if isinstance(error, TransferFailed)
+                else "error"
+                if isinstance(result, Failure)
+                else "ok"
+            )
+            site.egress.record(producer_label, label, body.sent, site.clock.seconds() - started)
+            return result
+
+        transfer: Deferred[Any] = body.start()
+        transfer.addBoth(account)
+        try:
+            await shielded(transfer)
+        except TransferFailed as failure:
+            channel: Any = request.channel
+            if channel is not None:
+                # A short or stalled body must not leave the connection reusable.
+                channel.persistent = False
+                if failure.result == "write_timeout":
+                    # An HTTP/2 stream is its own transport (its .transport
+                    # is None): it is reset, the connection's others go on.
+                    (channel.transport or channel).abortConnection()
+            if failure.result == "incomplete":
+                log.error("artifact body ended early; connection closed", route=spec.template)
+        return b""
+
+
+#: What a download answers: an inline body (or none, for HEAD), or a file to stream.
+Body = bytes | StreamedBody
+
+
+class ArtifactService:
+    """The shared artifact steps of the public routes (see the module docstring).
+
+    Args:
+        store: the node's artifact store.
+        metrics: where reads, writes and the serving path are counted.
+        runner: the storage threads file bodies are read on.
+    """
+
+    def __init__(
+        self, *, store: ArtifactStore, metrics: KuraMetrics, runner: BlockingRunner
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._runner = runner
+
+    # -- counting -------------------------------------------------------------------
+
+    def count_write(self, producer: Producer | None, result: str, size: int = 0) -> None:
+        """Count one write of ``producer`` with ``result`` (and its bytes)."""
+        if producer is not None:
+            self._metrics.artifact_writes.labels(producer.value, result).inc()
+            if size:
+                self._metrics.artifact_write_bytes.labels(producer.value, result).inc(size)
+
+    def count_read(self, producer: Producer | None, result: str, size: int = 0) -> None:
+        """Count one read of ``producer`` with ``result`` (and its bytes)."""
+        if producer is not None:
+            self._metrics.artifact_reads.labels(producer.value, result).inc()
+            if size:
+                self._metrics.artifact_read_bytes.labels(producer.value, result).inc(size)
+
+    # -- reads ----------------------------------------------------------------------
+
+    async def download(self, request: KuraRequest) -> Body:
+        """Answer a GET or HEAD of the admitted artifact.
+
+        Sets status and headers. Returns the inline body (``b""`` for a
+        HEAD), or the file-backed body to send once the head is final.
+
+        Raises:
+            NotFound: not stored, damaged, or (``misses_on_fault``) a fault.
+            ServiceUnavailable: a storage fault.
+            RangeNotSatisfiable: the range starts past the end.
+        """
+        admitted = await admission_of(request)
+        spec = admitted.spec
+        assert admitted.address is not None
+        manifest = await self.find(spec, admitted.address)
+        if manifest.inline:
+            return await self._inline(request, spec, manifest)
+        fd = await self._open(spec, manifest)
+        try:
+            head = artifact_head(manifest, header(request, b"range"), header(request, b"if-range"))
+        except KuraError as error:
+            os.close(fd)
+            if error.status == 416:
+                self.count_read(spec.producer, "range_not_satisfiable")
+            raise
+        self._store.record_access(manifest.artifact_id)
+        request.setResponseCode(head.status)
+        for name, value in head.headers:
+            request.setHeader(name, value)
+        if request.method == b"HEAD":
+            os.close(fd)
+            self.count_read(spec.producer, "ok")
+            return b""
+        self._metrics.serving_paths.labels("fallback").inc()
+        return StreamedBody(fd, head.body, spec, self._runner)
+
+    async def find(self, spec: RouteSpec, address: ArtifactAddress) -> Manifest:
+        """The manifest of ``address``; a miss or a fault is counted and raised."""
+        try:
+            manifest = await self._store.manifest(self._store.artifact_id(address))
+        except KuraError as error:
+            self.count_read(spec.producer, "error")
+            raise self._read_fault(spec, error.message) from error
+        if manifest is None:
+            self.count_read(spec.producer, "not_found")
+            raise NotFound(spec.not_found_message)
+        return manifest
+
+    async def _open(self, spec: RouteSpec, manifest: Manifest) -> int:
+        """The open body file of ``manifest`` (the caller closes it)."""
+        try:
+            opened = await shielded(Deferred.fromCoroutine(self._store.open_intact(manifest)))
+        except OSError as error:
+            self.count_read(spec.producer, "error")
+            raise self._read_fault(spec, f"cannot open artifact: {error.strerror}") from error
+        if opened is None:
+            self.count_read(spec.producer, "not_found")
+            raise NotFound(spec.not_found_message)
+        return opened
+
+    async def _inline(self, request: KuraRequest, spec: RouteSpec, manifest: Manifest) -> bytes:
+        try:
+            value = await self._store.read_inline(manifest)
+        except KuraError as error:
+            self.count_read(spec.producer, "error")
+            raise self._read_fault(spec, error.message) from error
+        if value is None:
+            self.count_read(spec.producer, "not_found")
+            raise NotFound(spec.not_found_message)
+        self._store.record_access(manifest.artifact_id)
+        self.count_read(spec.producer, "ok", len(value))
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", manifest.content_type.encode("ascii", "replace"))
+        request.setHeader(b"Content-Length", b"%d" % len(value))
+        return value
+
+    def _read_fault(self, spec: RouteSpec, detail: str) -> KuraError:
+        """A storage fault on a read: 503, or a miss for clients that die on 5xx."""
+        log.error("artifact read failed: {detail}", detail=detail, route=spec.template)
+        if spec.misses_on_fault:
+            return NotFound(spec.not_found_message)
+        return ServiceUnavailable(f"Artifact storage unavailable: {detail}")
+
+    # -- writes ---------------------------------------------------------------------
+
+    async def publish(self, request: KuraRequest) -> bool:
+        """Store the admitted upload under the route's write policy.
+
+        Write-once by default: an artifact already stored wins and the upload
+        stores nothing. ``RouteSpec.overwrites`` routes replace it (last
+        writer wins). A ``verify_digest`` route's body must hash to its key.
+
+        Returns:
+            Whether this upload was stored (``False``: it was already there).
+
+        Raises:
+            BadRequest: the body does not match its SHA-256 digest.
+            TombstonedWrite: the namespace was cleaned while the body arrived.
+            KuraError: staging or storage refused the write.
+        """
+        admitted = await admission_of(request)
+        spec = admitted.spec
+        if admitted.existing is not None:
+            self.count_write(spec.producer, "ok")
+            return False
+        assert admitted.address is not None and request.staging is not None
+        policy = WritePolicy.LAST_WRITER_WINS if spec.overwrites else WritePolicy.WRITE_ONCE
+        try:
+            staged = await request.staging.finish()
+            if spec.verify_digest and staged.sha256 != admitted.address.key.rsplit("/", 1)[-1]:
+                await self._store.discard(staged)
+                raise BadRequest("Body does not match its SHA-256 digest")
+            result = await shielded(
+                Deferred.fromCoroutine(
+                    self._store.publish_blob(
+                        admitted.address, staged, content_type=OCTET_STREAM, policy=policy
+                    )
+                )
+            )
+        except KuraError:
+            self.count_write(spec.producer, "error")
+            raise
+        if result.outcome is Outcome.IGNORED_TOMBSTONE:
+            self.count_write(spec.producer, "error")
+            raise TombstonedWrite("namespace was cleaned after this write began; retry")
+        self.count_write(spec.producer, "ok", staged.size)
+        return result.outcome is Outcome.APPLIED
