@@ -26,12 +26,12 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from kura.api.registry import _SPECS
 from kura.auth import HookContext
 from kura.domain.artifacts import ArtifactAddress, Producer
 from kura.service import KuraNode
 from kura.testing import Response, request, sample
 from tests.api.hook_recorder import RECORDER, StoreSpy, Touch
+from tests.api.route_table import public_api
 from tests.conftest import StartNode
 from tests.support.real import RawClient
 
@@ -42,6 +42,8 @@ CCACHE = "a" * 40
 SCCACHE = "b" * 64
 TURBO = "c" * 16
 KV = json.dumps({"cas_id": "kv1", "entries": [{"value": "x"}]}).encode()
+#: The route table's specs by endpoint, as every node builds them.
+SPECS = public_api().specs
 
 
 @attrs.frozen
@@ -202,7 +204,7 @@ def _complete_module(node: KuraNode) -> None:
 
 def test_every_public_route_has_a_case() -> None:
     """A route added to the table without a case here fails this test."""
-    routes = {endpoint for endpoint, spec in _SPECS.items() if not spec.probe}
+    routes = {row.spec.endpoint for row in public_api().routes if not row.spec.probe}
     assert routes == {case.endpoint for case in CASES}
 
 
@@ -218,8 +220,8 @@ def test_the_hooks_see_what_the_handler_acts_on(
     response = _send(node, case, upload)
     assert response.status < 300, (response.status, response.body)
     (ctx,) = recorded  # the hooks ran exactly once
-    assert ctx.route == _SPECS[case.endpoint].template
-    assert ctx.operation == _SPECS[case.endpoint].operation.value
+    assert ctx.route == SPECS[case.endpoint].template
+    assert ctx.operation == SPECS[case.endpoint].operation.value
     if case.endpoint == "module_part":
         # A part is stored under its upload, which names what it builds.
         assert spy.touched == []
@@ -244,7 +246,7 @@ def test_decoys_never_reach_the_context(nodes: Any, recorded: list[HookContext])
     assert keyvalue.artifact_key == "action_cache/kv1"
 
 
-ACCELERABLE = [case for case in CASES if _SPECS[case.endpoint].accelerable]
+ACCELERABLE = [case for case in CASES if SPECS[case.endpoint].accelerable]
 
 
 def _serve_raw(port: int, case: Case) -> Response:
@@ -286,7 +288,7 @@ async def test_the_accelerator_shows_the_hooks_the_same_target(
     assert response.status == 200
     assert _served_by_the_kernel(node) == before + 1  # the accelerator answered
     (ctx,) = recorded
-    assert ctx.route == _SPECS[case.endpoint].template
+    assert ctx.route == SPECS[case.endpoint].template
     assert set(spy.touched) == expected_touches(ctx, node.config.tenant_id)
 
 

@@ -1,4 +1,7 @@
-"""The neighbouring protocols' routes (kura.api.neighbours) on the twisted.web path."""
+"""The neighbouring protocols' routes on the twisted.web path.
+
+Bazel, ccache, sccache and Turborepo (kura/api/protocols/), and Gradle's path forms.
+"""
 
 from __future__ import annotations
 

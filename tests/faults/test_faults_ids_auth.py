@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from kura.api.app import PublicAPI
 from kura.testing import parse_responses
+from tests.api.route_table import public_api
 from tests.faults.support import CAS, GRADLE, Strace, call, cpu_seconds, metrics
 from tests.support.real import REPO_ROOT, RealNode
 
@@ -68,7 +68,7 @@ def targets(odd: str) -> list[tuple[str, str]]:
     that name artifacts (module ``hash``/``name``, ``namespace_id``, ``cas_id``).
     """
     found = []
-    for rule in PublicAPI.app.url_map.iter_rules():
+    for rule in public_api().app.url_map.iter_rules():
         if rule.endpoint in PROBES:
             continue
         names = _VARIABLE.findall(rule.rule)

@@ -1,0 +1,132 @@
+"""ccache's HTTP storage: ``/ccache/{key}``, ``/ccache/{ab}/{rest}``, ``/ccache/ac/{64 hex}``.
+
+The three layouts (``flat``, ``subdirs``, the default, and ``bazel``) name
+the same entry, so changing layouts keeps the cache. ccache rewrites its
+manifests under the same key, so its PUTs are last-writer-wins
+(``RouteSpec.overwrites``). ``DELETE`` is idempotent and removes the node's
+own copy only (see docs/clients.md).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from twisted.internet.defer import Deferred
+
+from kura.api.artifacts import ArtifactService
+from kura.api.audit import audit_delete
+from kura.api.handling import admission_of, empty
+from kura.api.table import Route, route
+from kura.defer import shielded
+from kura.domain.artifacts import ArtifactAddress, Producer
+from kura.domain.errors import BadRequest
+from kura.storage.store import ArtifactStore
+from kura.web.http import KuraRequest
+from kura.web.routing import Operation, Query
+
+from .neighbour import READ, WRITE
+
+CCACHE = "ccache"
+RULE = "/ccache/<path:location>"
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+#: ccache keys: 40 hex digits (4.14 seen) or, in older 4.x (4.7 seen), 4 hex digits
+#: then 29 base32hex characters.
+_CCACHE_KEY = re.compile(r"[0-9a-f]{40}|[0-9a-v]{33}")
+
+
+def ccache_key(location: str) -> str:
+    """The entry key of a ccache storage path, whatever the layout.
+
+    ``{key}`` (flat), ``{key[:2]}/{key[2:]}`` (subdirs) and ``ac/{64 hex}``
+    (bazel: a 40-hex key padded with its own first 24 digits) all name the
+    same entry, so switching layouts keeps the cache.
+
+    Raises:
+        BadRequest: the path is not one of those forms.
+    """
+    parts = location.split("/")
+    if len(parts) == 1:
+        key = parts[0]
+    elif len(parts) == 2 and parts[0] == "ac" and _SHA256.fullmatch(parts[1]):
+        padded = parts[1]
+        if padded[40:] != padded[:24]:
+            raise BadRequest("Invalid ccache key: a bazel-layout key pads 40 hex digits")
+        key = padded[:40]
+    elif len(parts) == 2 and len(parts[0]) == 2:
+        key = parts[0] + parts[1]
+    else:
+        raise BadRequest("Invalid ccache path: expected {key}, {ab}/{rest} or ac/{sha256}")
+    if not _CCACHE_KEY.fullmatch(key):
+        raise BadRequest("Invalid ccache key: expected 40 hex digits (or 33 base32hex)")
+    return key
+
+
+def ccache_address(path: Mapping[str, str], query: Query, node_tenant: str) -> ArtifactAddress:
+    return ArtifactAddress(Producer.CCACHE, CCACHE, ccache_key(path.get("location") or ""))
+
+
+class CcacheRoutes:
+    """ccache's routes (see the module docstring).
+
+    Args:
+        artifacts: the shared artifact steps.
+        store: for deletes.
+    """
+
+    def __init__(self, artifacts: ArtifactService, *, store: ArtifactStore) -> None:
+        self._artifacts = artifacts
+        self._store = store
+
+    def routes(self) -> tuple[Route, ...]:
+        """This protocol's rows of the route table."""
+        ccache = Producer.CCACHE
+        return (
+            route(
+                "ccache_get",
+                RULE,
+                "GET",
+                self._artifacts.download,
+                producer=ccache,
+                address=ccache_address,
+                **READ,
+            ),
+            route(
+                "ccache_put",
+                RULE,
+                "PUT",
+                self.put,
+                producer=ccache,
+                address=ccache_address,
+                overwrites=True,
+                **WRITE,
+            ),
+            route(
+                "ccache_delete",
+                RULE,
+                "DELETE",
+                self.delete,
+                operation=Operation.DELETE,
+                producer=ccache,
+                address=ccache_address,
+                tenantless=True,
+            ),
+        )
+
+    async def put(self, request: KuraRequest) -> bytes:
+        # ccache rewrites its manifests under the same key: last writer wins.
+        await self._artifacts.publish(request)
+        return empty(request, 200)
+
+    async def delete(self, request: KuraRequest) -> bytes:
+        admission = await admission_of(request)
+        assert admission.address is not None
+        manifest = await self._store.manifest(self._store.artifact_id(admission.address))
+        if manifest is not None:
+            # Local only: the replication protocol has no single-artifact
+            # delete (see docs/clients.md); peers keep their copies.
+            await shielded(Deferred.fromCoroutine(self._store.remove_local(manifest)))
+            audit_delete(request, admission, "delete")
+        # Idempotent, as object stores answer it: absent afterwards either way.
+        return empty(request, 204)
