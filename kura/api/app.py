@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import cast
 
 from klein import Klein, KleinRenderable
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -116,7 +115,22 @@ class PublicAPI:
         return respond
 
     async def _respond(self, handler: Handler, request: KuraRequest) -> bytes:
-        body = await handler(request)
+        """Answer with ``handler``, then add the extension's headers, then send the body.
+
+        This is the one place the extension's ``response_headers`` are
+        added: to the handler's answer or to the error it raised (rendered
+        here, so its status is the one the hook sees), and before the first
+        byte of a streamed body. Failures that no handler raised (no route
+        matched, or the hook itself failed) are rendered by :meth:`_errors`
+        without them: nothing was authorized, or there is nothing to add.
+        """
+        try:
+            body = await handler(request)
+        except Exception:
+            rendered = self._render_error(request, Failure())
+            if rendered is None:
+                raise
+            body = rendered
         try:
             await self._extension_headers(request)
         except BaseException:
@@ -141,10 +155,13 @@ class PublicAPI:
     # -- errors ---------------------------------------------------------------------
 
     def _errors(self, request: IRequest, failure: Failure) -> KleinRenderable:
-        return Deferred.fromCoroutine(self._render_error(cast(KuraRequest, request), failure))
+        return self._render_error(cast(KuraRequest, request), failure)
 
-    async def _render_error(self, request: KuraRequest, failure: Failure) -> bytes | None:
-        """The one place an exception becomes a response (see kura.web.errors)."""
+    def _render_error(self, request: KuraRequest, failure: Failure) -> bytes | None:
+        """The one place an exception becomes a response (see kura.web.errors).
+
+        Returns ``None`` when there is no one to answer (the client went away).
+        """
         error = classify_failure(failure)
         if error is None:
             return None
@@ -152,6 +169,4 @@ class PublicAPI:
         if error.status >= 500 and not isinstance(failure.value, KuraError):
             log.failure("unexpected error on {route}", failure, route=spec.template)
             self._metrics.http_exceptions.labels(spec.template, type(failure.value).__name__).inc()
-        body = respond_with_error(request, as_seen_by_client(error, spec), spec)
-        await self._extension_headers(request)
-        return body
+        return respond_with_error(request, as_seen_by_client(error, spec), spec)
