@@ -42,7 +42,7 @@ What stock Twisted lets one client do, and what kura does instead:
   spent, with data waiting, in its rotation: a client that read its first
   64 KiB and never sent a WINDOW_UPDATE kept a core at 100 %. kura takes
   the stream out until a WINDOW_UPDATE brings it back; a stream stalled
-  past ``KURA_SEND_TIMEOUT_MS`` is reset (:mod:`kura.api.app`).
+  past ``KURA_SEND_TIMEOUT_MS`` is reset (:mod:`kura.api.artifacts`).
 
 These limits are constants, not ``KURA_*`` variables: they bound a protocol
 detail, not a deployment choice.
