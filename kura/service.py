@@ -32,7 +32,7 @@ from kura.config import KuraConfig
 from kura.domain.failpoints import Failpoints
 from kura.lifecycle import NodeState
 from kura.memory import MemoryMonitor
-from kura.replication.service import ReplicationService  # replication mesh (issue 5)
+from kura.replication.service import ReplicationService
 from kura.storage.layout import Layout
 from kura.storage.lock import WriterLock, WriterLockHeld
 from kura.storage.runner import BlockingRunner, ThreadPoolRunner
@@ -123,7 +123,6 @@ class KuraNode(MultiService):
             memory=self.memory,
             access_mode=self.authorizer.mode,
         )
-        # --- replication mesh (issue 5): peers, internal plane, outbox, catch-up ---
         self.replication = ReplicationService(
             config=config,
             reactor=reactor,
@@ -136,7 +135,6 @@ class KuraNode(MultiService):
         self.store.replication_targets = self.replication.replication_targets
         self.state.membership = self.replication.membership
         self.replication.setServiceParent(self)
-        # --- end replication mesh ---
         self.authorization = RequestAuthorization(self.authorizer, config.tenant_id)
         self.api = PublicAPI(
             config=config,
@@ -276,7 +274,7 @@ class KuraNode(MultiService):
                 public_server_options(self.config.public_tls),
                 interface=host,
             )
-        # --- replication mesh (issue 5): internal plane; workers start now storage is open ---
+        # The internal plane; its workers start now that storage is open.
         self.ports["internal"] = self.replication.start_serving()
 
     def public_factory(self) -> Any:

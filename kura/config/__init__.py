@@ -2,7 +2,7 @@
 
 ``KuraConfig.from_environ`` is the only way a node is configured; every
 variable is declared once in :mod:`kura.config.node` (or, for the extension's,
-in :mod:`kura.auth.config`). ``python -m kura.config`` prints
+in :mod:`kura.config.extension`). ``python -m kura.config`` prints
 ``docs/configuration.md``.
 """
 

@@ -739,7 +739,7 @@ class ArtifactStore:
         deleted = await self._commit(lambda conn: self.metadata.delete_outbox(conn, seqs))
         self.outbox_depth = max(0, self.outbox_depth - deleted)
 
-    # -- replication reads (issue 5: receiver and catch-up) ----------------------------
+    # -- replication reads (receiver and catch-up) ------------------------------------
 
     async def apply_preview(
         self, artifact_id: str, namespace_id: str, version_ms: int

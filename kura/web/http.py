@@ -4,9 +4,9 @@ Stock twisted.web reads the whole request body (into memory or a temp file
 in the system temp dir) and auto-sends ``100 Continue`` before the
 application sees anything. kura instead:
 
-* admits every request from its head (:mod:`.gate`) before reading a body
-  byte or sending ``100 Continue``; a refused upload is answered at once and
-  its connection closed after a short lingering drain;
+* admits every request from its head (the site's :class:`~.interfaces.IGate`)
+  before reading a body byte or sending ``100 Continue``; a refused upload is
+  answered at once and its connection closed after a short lingering drain;
 * streams accepted artifact bodies into its own staging directory, counted
   against the route limit and the staging budget as they arrive, pausing the
   transport when the disk falls behind;
@@ -538,8 +538,8 @@ class KuraHTTPChannel(http.HTTPChannel):
     def headerReceived(self, line: bytes) -> bool:
         # Twisted takes "chunked" from one Transfer-Encoding header and lets a
         # second one ("identity") or "identity" with a Content-Length pass;
-        # other parsers frame those differently (TE.TE smuggling, reliability
-        # 1.5). Only one Transfer-Encoding, exactly "chunked", is accepted.
+        # other parsers frame those differently (TE.TE request smuggling).
+        # Only one Transfer-Encoding, exactly "chunked", is accepted.
         name, colon, value = line.partition(b":")
         if colon and name.lower() == b"transfer-encoding":
             if self._transfer_encoded or value.strip(b" \t").lower() != b"chunked":
