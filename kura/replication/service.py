@@ -248,7 +248,7 @@ class ReplicationService(MultiService):
         self.store.on_committed = on_committed
         self.outbox.start()
         self._rounds.start(POLL_SECONDS, now=True)
-        self._gauges.start(1.0, now=True)
+        self._gauges.start(GAUGE_SECONDS, now=True)
         return port
 
     def _round(self) -> Deferred[None]:
