@@ -60,11 +60,6 @@ from .receiver import MAX_REPLICATION_BODY_BYTES, SOURCE_REPLICATION, Receiver, 
 log = Logger(namespace="kura.replication.internal")
 
 
-def _header(request: IRequest, name: bytes, value: bytes) -> None:
-    # Through IRequest, which is typed (twisted.web's Request is not).
-    request.setHeader(name, value)
-
-
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 _app = Klein()
@@ -226,13 +221,13 @@ class InternalAPI:
         if isinstance(admission, ReplicaAdmission):
             peer = admission.peer
         for name, value in self._auth.response_headers(peer, status, digest):
-            _header(request, name, value)
+            request.responseHeaders.setRawHeaders(name, [value])
 
     def _json(self, request: KuraRequest, payload: object) -> bytes:
         body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
         request.setResponseCode(200)
-        _header(request, b"Content-Type", b"application/json")
-        _header(request, b"Content-Length", b"%d" % len(body))
+        request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json"])
+        request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
         self._sign(request, 200, sha256_hex(body))
         return body
 
@@ -303,15 +298,15 @@ class InternalAPI:
         manifest = await self._store.manifest(artifact_id)
         if manifest is None:
             raise NotFound("Artifact not found")
-        _header(request, wire.VERSION_HEADER, b"%d" % manifest.version_ms)
-        _header(request, b"Content-Type", b"application/octet-stream")
+        request.responseHeaders.setRawHeaders(wire.VERSION_HEADER, [b"%d" % manifest.version_ms])
+        request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/octet-stream"])
         if manifest.inline:
             value = await self._store.read_inline(manifest)
             if value is None:
                 raise NotFound("Artifact not found")
             await self._limiter.wait(len(value))
             self._metrics.replication_body_bytes.labels("served").inc(len(value))
-            _header(request, b"Content-Length", b"%d" % len(value))
+            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(value)])
             self._sign(request, 200, sha256_hex(value))
             return value
         try:
@@ -327,7 +322,7 @@ class InternalAPI:
         except BaseException:
             os.close(fd)
             raise
-        _header(request, b"Content-Length", b"%d" % manifest.size)
+        request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % manifest.size])
         self._sign(request, 200, digest)
         return await self._send(request, fd, manifest.size)
 

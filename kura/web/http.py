@@ -104,15 +104,6 @@ class KuraRequest(server.Request):
         return self._site
 
     @property
-    def _transport(self) -> Any:
-        """The connection's transport, or ``None`` once the request is done.
-
-        twisted deletes ``request.channel`` when a request finishes, and a
-        paced ingest may schedule a resume that fires after that.
-        """
-        return getattr(getattr(self, "channel", None), "transport", None)
-
-    @property
     def client_address(self) -> str:
         """Who sent this request, for accounting and logs.
 
@@ -218,7 +209,9 @@ class KuraRequest(server.Request):
                 self._skip_body(synchronous)
             return
         if expect_continue and self._has_body() and not self.startedWriting:
-            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            transport = self.channel.transport
+            assert transport is not None, "the connection is open (not _lost)"
+            transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         for chunk in early:
             self.handleContentChunk(chunk)
 
@@ -293,11 +286,15 @@ class KuraRequest(server.Request):
         On HTTP/1.1 the connection's transport. On HTTP/2 the stream itself: a
         paused stream stops giving its flow-control window back, so the client
         stops sending and at most one window waits in memory (pausing the
-        whole connection would stall its other streams).
+        whole connection would stall its other streams). ``None`` once
+        twisted has deleted ``request.channel`` (the request finished): a
+        paced ingest may schedule a resume that fires after that.
         """
         channel = getattr(self, "channel", None)
-        if channel is None or isinstance(channel, http.HTTPChannel):
-            return self._transport
+        if channel is None:
+            return None
+        if isinstance(channel, http.HTTPChannel):
+            return channel.transport
         return channel
 
     def _pause(self, reason: str) -> None:
