@@ -70,11 +70,9 @@ LINGER_SECONDS = 2.0
 class KuraRequest(server.Request):
     """A twisted.web request with head-time admission and staged bodies."""
 
-    # Form bodies are never parsed: artifact uploads are opaque bytes.
-    _parsePOSTFormSubmission = False
-
     def __init__(self, channel: Any, queued: Any = http._QUEUED_SENTINEL) -> None:
-        super().__init__(channel, queued)
+        # Form bodies are never parsed into ``args``: request bodies are opaque bytes.
+        super().__init__(channel, queued, parsePOSTFormSubmission=False)
         site = getattr(channel, "site", None)
         assert isinstance(site, KuraSite), "KuraRequest needs a KuraSite channel"
         self._site = site
