@@ -17,6 +17,12 @@ from kura.memory import MemoryMonitor, Pressure
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
 
+#: ``fd_timeout_count`` in ``/status/rollout``. Upstream counts waits for a
+#: free file descriptor that timed out; kura never waits for one (an open that
+#: fails, out of descriptors, is answered 503 at once), so the count is always
+#: 0. The field stays for rollout tooling written against upstream's report.
+FD_TIMEOUT_COUNT = 0
+
 
 class TrafficState(enum.IntEnum):
     JOINING = 0
@@ -84,7 +90,6 @@ class NodeState:
         self.memory = memory
         self.draining = False
         self.writer_lock_owned = False
-        self.fd_timeout_count = 0
         metrics.ready_state.set_function(lambda: float(self.readiness()[0]))
         metrics.drain_state.set_function(lambda: float(self.draining))
         metrics.traffic_state.set_function(lambda: float(self.state))
@@ -181,7 +186,7 @@ class NodeState:
             "grpc_inflight_requests": 0,
             "outbox_messages": self._outbox_depth(),
             "memory_pressure_state": int(self.memory_pressure),
-            "fd_timeout_count": self.fd_timeout_count,
+            "fd_timeout_count": FD_TIMEOUT_COUNT,
             # How the public port and the internal plane are guarded.
             "auth_mode": self._access_mode,
             "peer_auth_mode": self._config.replication.peer_auth_mode,
