@@ -89,6 +89,7 @@ class KuraNode(MultiService):
             runner = ThreadPoolRunner(reactor, self.pool)
         self.runner: BlockingRunner = runner
         self.lock = WriterLock(config.data_dir)
+        failpoints = Failpoints(config.failpoints)
         self.store = ArtifactStore(
             layout=Layout(config.data_dir, config.tmp_dir),
             runner=self.runner,
@@ -97,7 +98,7 @@ class KuraNode(MultiService):
             capacity_bytes=config.cas_capacity_bytes,
             tmp_budget=TmpBudget(config.tmp_dir_max_bytes),
             manifest_cache_bytes=config.manifest_cache_max_bytes,
-            failpoints=Failpoints(config.failpoints),
+            failpoints=failpoints,
             max_unfinished_uploads=config.multipart_max_unfinished,
         )
         self.traffic = PublicTraffic(reactor, self.metrics)
@@ -131,6 +132,7 @@ class KuraNode(MultiService):
             metrics=self.metrics,
             traffic=self.traffic,
             runner=self.runner,
+            failpoints=failpoints,
         )
         self.store.replication_targets = self.replication.replication_targets
         self.state.membership = self.replication.membership

@@ -71,6 +71,7 @@ class ReplicationService(MultiService):
         metrics: the node's metrics.
         traffic: public load, which the limiter backs off against.
         runner: blocking disk work.
+        failpoints: the node's crash points (the outbox passes one).
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class ReplicationService(MultiService):
         metrics: KuraMetrics,
         traffic: PublicTraffic,
         runner: BlockingRunner,
+        failpoints: Failpoints,
     ) -> None:
         super().__init__()
         settings = config.replication
@@ -175,7 +177,7 @@ class ReplicationService(MultiService):
             metrics=metrics,
             runner=runner,
             digests=self.digests,
-            failpoints=Failpoints(config.failpoints),
+            failpoints=failpoints,
             stall_seconds=stall_seconds,
         )
         self.bootstrap = Bootstrapper(
