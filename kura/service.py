@@ -100,6 +100,8 @@ class KuraNode(MultiService):
             manifest_cache_bytes=config.manifest_cache_max_bytes,
             failpoints=failpoints,
             max_unfinished_uploads=config.multipart_max_unfinished,
+            on_evicted=self._count_eviction,
+            on_damaged=self.metrics.damaged_artifacts.inc,
         )
         self.traffic = PublicTraffic(reactor, self.metrics)
         self.authorizer = build_authorizer(
@@ -205,8 +207,6 @@ class KuraNode(MultiService):
         m.outbox_messages.set_function(lambda: float(self.store.outbox_depth))
         # From the store's count, which survives restarts (the rows do).
         m.multipart_uploads.set_function(lambda: float(self.store.unfinished_uploads))
-        self.store.on_evicted = self._count_eviction
-        self.store.on_damaged = self.metrics.damaged_artifacts.inc
 
     def _count_eviction(self, producer: str, size: int) -> None:
         self.metrics.evicted_artifacts.labels(producer).inc()

@@ -162,7 +162,8 @@ class OutboxWorker:
         self._turn = 0
         self._scanning = False
         self._again = False
-        self._stopping = False
+        # Until start(): the store's commits poke the worker from construction on.
+        self._stopping = True
         self._scan_d: Deferred[None] | None = None
         self._poked: IDelayedCall | None = None
         self._loop = LoopingCall(self.wake)
@@ -199,7 +200,11 @@ class OutboxWorker:
 
         Scanning from inside the store's commit callback would run deliveries
         (and their own commits) before the committing writer has resumed.
+        Ignored while the worker is not running (before :meth:`start`, after
+        :meth:`stop`).
         """
+        if self._stopping:
+            return
         if self._poked is None or not self._poked.active():
             self._poked = self._clock.callLater(0, self.wake)
 

@@ -193,6 +193,8 @@ class ReplicationService(MultiService):
             stall_seconds=stall_seconds,
             max_inline_bytes=config.max_keyvalue_bytes,
         )
+        # Rows a write just committed are delivered at once, not at the next round.
+        store.add_commit_listener(self.outbox.poke)
         self.membership.listeners.append(self._topology_changed)
         self._rounds = LoopingCall(self._round)
         self._rounds.clock = reactor
@@ -241,13 +243,6 @@ class ReplicationService(MultiService):
         )
         warn_if_insecure(settings, self.config.internal_port)
         self._serving = True
-        committed = self.store.on_committed
-
-        def on_committed() -> None:
-            committed()
-            self.outbox.poke()
-
-        self.store.on_committed = on_committed
         self.outbox.start()
         self._rounds.start(POLL_SECONDS, now=True)
         self._gauges.start(GAUGE_SECONDS, now=True)

@@ -142,6 +142,12 @@ class ArtifactStore:
             write time (one outbox row each).
         max_unfinished_uploads: multipart uploads that may be started and
             not yet completed or expired (``KURA_MULTIPART_MAX_UNFINISHED``).
+        on_evicted: called with ``(producer, size)`` for every artifact
+            evicted to make room (metrics).
+        on_damaged: called for every artifact forgotten as damaged (a metric).
+
+    Commit listeners (:meth:`add_commit_listener`) hear of every metadata
+    commit.
     """
 
     def __init__(
@@ -157,6 +163,8 @@ class ArtifactStore:
         failpoints: Failpoints | None = None,
         replication_targets: Callable[[], Sequence[str]] = tuple,
         max_unfinished_uploads: int = 10_000,
+        on_evicted: Callable[[str, int], None] = lambda producer, size: None,
+        on_damaged: Callable[[], None] = lambda: None,
     ) -> None:
         self.layout = layout
         self.node_tenant = node_tenant
@@ -168,13 +176,9 @@ class ArtifactStore:
         self.max_unfinished_uploads = max_unfinished_uploads
         #: Multipart uploads started and not completed or expired (its rows).
         self.unfinished_uploads = 0
-        self.on_evicted: Callable[[str, int], None] = lambda producer, size: None
-        # Called after every metadata commit, inside the commit callback: a
-        # hook must not start commits synchronously (with an inline runner
-        # they would run before this batch's waiters resumed); defer instead.
-        self.on_committed: Callable[[], None] = lambda: None
-        #: Called for every artifact forgotten as damaged (a metric).
-        self.on_damaged: Callable[[], None] = lambda: None
+        self._on_evicted = on_evicted
+        self._on_damaged = on_damaged
+        self._commit_listeners: list[Callable[[], None]] = []
         self._runner = runner
         self._clock = clock
         self._failpoints = failpoints or Failpoints()
@@ -242,6 +246,15 @@ class ArtifactStore:
             os.close(self._data_dir_fd)
             self._data_dir_fd = None
 
+    def add_commit_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every metadata commit (the outbox worker wakes on it).
+
+        It runs inside the commit callback, so it must not start commits
+        synchronously (with an inline runner they would run before this
+        batch's waiters resumed): it defers its work instead.
+        """
+        self._commit_listeners.append(listener)
+
     # -- versions and identity -----------------------------------------------------
 
     def now_ms(self) -> int:
@@ -288,7 +301,8 @@ class ArtifactStore:
                     pending.done.errback(_as_domain_error(result))
                 else:
                     pending.done.callback(result)
-            self.on_committed()
+            for listener in self._commit_listeners:
+                listener()
             self._pump()
 
         def failed(failure: Any) -> None:
@@ -389,7 +403,7 @@ class ArtifactStore:
     async def forget_damaged(self, manifest: Manifest, reason: str) -> None:
         """Drop an artifact whose body is missing or not the published one."""
         log.warn(DAMAGED, artifact_id=manifest.artifact_id, reason=reason)
-        self.on_damaged()
+        self._on_damaged()
         await self.remove_local(manifest)
 
     async def remove_local(self, manifest: Manifest) -> None:
@@ -568,7 +582,7 @@ class ArtifactStore:
         for artifact_id, producer, blob_path, size in evicted:
             self._cache.discard(artifact_id)
             garbage.append(blob_path)
-            self.on_evicted(producer, size)
+            self._on_evicted(producer, size)
         if evicted:
             log.info(EVICTED, count=len(evicted), bytes=sum(e[3] for e in evicted))
         if result.outcome is Outcome.APPLIED:
