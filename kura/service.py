@@ -32,7 +32,7 @@ from kura.config import KuraConfig
 from kura.domain.failpoints import Failpoints
 from kura.lifecycle import NodeState
 from kura.memory import MemoryMonitor
-from kura.replication.service import ReplicationService
+from kura.replication.service import PeerMesh, ReplicationService
 from kura.storage.layout import Layout
 from kura.storage.lock import WriterLock, WriterLockHeld
 from kura.storage.runner import BlockingRunner, ThreadPoolRunner
@@ -90,6 +90,8 @@ class KuraNode(MultiService):
         self.runner: BlockingRunner = runner
         self.lock = WriterLock(config.data_dir)
         failpoints = Failpoints(config.failpoints)
+        # Before the store: the membership is its replication targets.
+        self.peers = PeerMesh.build(config, reactor=reactor, metrics=self.metrics)
         self.store = ArtifactStore(
             layout=Layout(config.data_dir, config.tmp_dir),
             runner=self.runner,
@@ -100,6 +102,7 @@ class KuraNode(MultiService):
             manifest_cache_bytes=config.manifest_cache_max_bytes,
             failpoints=failpoints,
             max_unfinished_uploads=config.multipart_max_unfinished,
+            replication_targets=self.peers.membership,
             on_evicted=self._count_eviction,
             on_damaged=self.metrics.damaged_artifacts.inc,
         )
@@ -123,12 +126,14 @@ class KuraNode(MultiService):
             metrics=self.metrics,
             traffic=self.traffic,
             outbox_depth=lambda: self.store.outbox_depth,
+            membership=self.peers.membership,
             memory=self.memory,
             access_mode=self.authorizer.mode,
         )
         self.replication = ReplicationService(
             config=config,
             reactor=reactor,
+            peers=self.peers,
             store=self.store,
             state=self.state,
             metrics=self.metrics,
@@ -136,8 +141,6 @@ class KuraNode(MultiService):
             runner=self.runner,
             failpoints=failpoints,
         )
-        self.store.replication_targets = self.replication.replication_targets
-        self.state.membership = self.replication.membership
         self.replication.setServiceParent(self)
         self.authorization = RequestAuthorization(self.authorizer, config.tenant_id)
         self.api = PublicAPI(

@@ -1,7 +1,9 @@
 """``ReplicationService``: the MultiService that owns the replication mesh.
 
-Construction only builds objects (the node wires :meth:`replication_targets`
-into the store and :attr:`membership` into the node state). Work starts in
+:class:`PeerMesh` (who the peers are, and how to reach and trust them) is
+built before storage: its membership is the store's replication targets and
+the view readiness reports. :class:`ReplicationService` builds the rest from
+it and the store. Construction only builds objects; work starts in
 :meth:`start_serving`, which the node calls once storage is open: it opens
 the internal listener (TLS when peer mTLS is configured) and starts the
 membership rounds (every 2 s), the outbox worker (on every commit and every
@@ -16,6 +18,7 @@ import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IListeningPort
@@ -60,13 +63,64 @@ UNSIGNED_WINDOW = (
 GAUGE_SECONDS = 1.0
 
 
+@attrs.frozen
+class PeerMesh:
+    """Who the peers are, and how to reach and trust them: what exists before storage.
+
+    Attributes:
+        auth: signs and checks peer requests and responses.
+        client: the treq client of peers' internal planes.
+        membership: the peer view; the store's replication targets and the
+            view readiness reports.
+    """
+
+    auth: PeerAuthenticator
+    client: PeerClient
+    membership: Membership
+
+    @classmethod
+    def build(cls, config: KuraConfig, *, reactor: Any, metrics: KuraMetrics) -> PeerMesh:
+        """The mesh of ``config``: seed peers, DNS discovery, peer authentication and TLS."""
+        settings = config.replication
+        auth = PeerAuthenticator(
+            settings.auth, tenant=config.tenant_id, clock=reactor, metrics=metrics
+        )
+        tls = settings.internal_tls
+        client = PeerClient(
+            reactor=reactor,
+            tenant_id=config.tenant_id,
+            auth=auth,
+            tls_policy=PeerTLSPolicy(tls) if tls is not None else None,
+        )
+        discovery = None
+        if settings.discovery_dns_name:
+            node = urlsplit(config.node_url)
+            discovery = DnsDiscovery(
+                reactor.nameResolver,
+                settings.discovery_dns_name,
+                node.scheme,
+                node.port or config.internal_port,
+            )
+        membership = Membership(
+            clock=reactor,
+            client=client,
+            node_url=config.node_url,
+            tenant_id=config.tenant_id,
+            seeds=settings.peers,
+            discovery=discovery,
+            metrics=metrics,
+        )
+        return cls(auth=auth, client=client, membership=membership)
+
+
 class ReplicationService(MultiService):
-    """Owns membership, the internal plane, outbox delivery, catch-up and the limiter.
+    """Owns the internal plane, outbox delivery, catch-up, the limiter and membership rounds.
 
     Args:
         config: the node configuration (``config.replication`` above all).
-        reactor: the reactor (listeners, timers, the peer client's Agent).
-        store: the node's store.
+        reactor: the reactor (listeners, timers).
+        peers: the mesh built before the store (:meth:`PeerMesh.build`).
+        store: the node's store (its replication targets are ``peers.membership``).
         state: the node's state (status report; readiness reads membership).
         metrics: the node's metrics.
         traffic: public load, which the limiter backs off against.
@@ -79,6 +133,7 @@ class ReplicationService(MultiService):
         *,
         config: KuraConfig,
         reactor: Any,
+        peers: PeerMesh,
         store: ArtifactStore,
         state: NodeState,
         metrics: KuraMetrics,
@@ -98,35 +153,10 @@ class ReplicationService(MultiService):
             configured_bytes_per_second=settings.bandwidth_limit_bytes_per_second,
             latency_target_ms=settings.public_latency_target_ms,
         )
-        self.auth = PeerAuthenticator(
-            settings.auth, tenant=config.tenant_id, clock=reactor, metrics=metrics
-        )
+        self.auth = peers.auth
+        self.client = peers.client
+        self.membership = peers.membership
         self.digests = BodyDigests(runner)
-        tls = settings.internal_tls
-        self.client = PeerClient(
-            reactor=reactor,
-            tenant_id=config.tenant_id,
-            auth=self.auth,
-            tls_policy=PeerTLSPolicy(tls) if tls is not None else None,
-        )
-        discovery = None
-        if settings.discovery_dns_name:
-            node = urlsplit(config.node_url)
-            discovery = DnsDiscovery(
-                reactor.nameResolver,
-                settings.discovery_dns_name,
-                node.scheme,
-                node.port or config.internal_port,
-            )
-        self.membership = Membership(
-            clock=reactor,
-            client=self.client,
-            node_url=config.node_url,
-            tenant_id=config.tenant_id,
-            seeds=settings.peers,
-            discovery=discovery,
-            metrics=metrics,
-        )
         self.receiver = Receiver(
             store=store,
             metrics=metrics,
@@ -209,10 +239,6 @@ class ReplicationService(MultiService):
             lambda: float(len(view.bootstrap_inflight_peers))
         )
         self.limiter.publish(metrics)
-
-    def replication_targets(self) -> list[str]:
-        """The store's write-time targets: one outbox row per target per write."""
-        return self.membership.targets()
 
     # -- start and stop --------------------------------------------------------------------
 

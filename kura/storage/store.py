@@ -33,6 +33,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from kura.domain.artifacts import ArtifactAddress, Manifest
 from kura.domain.errors import InsufficientStorage, KuraError, StorageFault, TooManyRequests
@@ -41,6 +42,7 @@ from kura.domain.failpoints import (
     AFTER_METADATA_COMMIT_BEFORE_ACK,
     Failpoints,
 )
+from kura.storage.interfaces import IReplicationTargets
 from kura.storage.layout import Layout, fsync_directory
 from kura.storage.metadata import (
     ApplyResult,
@@ -64,6 +66,21 @@ DAMAGED = "artifact {artifact_id} is damaged ({reason}); forgotten"
 
 #: Approximate per-entry overhead of a cached manifest (object + dict slot).
 _CACHE_ENTRY_OVERHEAD = 400
+
+
+@implementer(IReplicationTargets)
+@attrs.frozen
+class StaticTargets:
+    """A fixed list of replication targets: none for a store without peers."""
+
+    urls: tuple[str, ...] = ()
+
+    def targets(self) -> Sequence[str]:
+        return self.urls
+
+
+#: The targets of a store without peers.
+NO_TARGETS = StaticTargets()
 
 
 @attrs.frozen
@@ -138,8 +155,8 @@ class ArtifactStore:
         tmp_budget: the staging ledger.
         manifest_cache_bytes: memory for the manifest cache.
         failpoints: crash points for consistency tests.
-        replication_targets: returns the peers a write must reach, read at
-            write time (one outbox row each).
+        replication_targets: the peers a write must reach, asked at write
+            time (one outbox row each); none by default.
         max_unfinished_uploads: multipart uploads that may be started and
             not yet completed or expired (``KURA_MULTIPART_MAX_UNFINISHED``).
         on_evicted: called with ``(producer, size)`` for every artifact
@@ -161,7 +178,7 @@ class ArtifactStore:
         tmp_budget: TmpBudget,
         manifest_cache_bytes: int = 32 * 1024 * 1024,
         failpoints: Failpoints | None = None,
-        replication_targets: Callable[[], Sequence[str]] = tuple,
+        replication_targets: IReplicationTargets = NO_TARGETS,
         max_unfinished_uploads: int = 10_000,
         on_evicted: Callable[[str, int], None] = lambda producer, size: None,
         on_damaged: Callable[[], None] = lambda: None,
@@ -171,7 +188,7 @@ class ArtifactStore:
         self.capacity_bytes = capacity_bytes
         self.tmp_budget = tmp_budget
         self.metadata = MetadataStore(layout.database, layout.data_dir)
-        self.replication_targets = replication_targets
+        self._replication_targets = replication_targets
         self.outbox_depth = 0
         self.max_unfinished_uploads = max_unfinished_uploads
         #: Multipart uploads started and not completed or expired (its rows).
@@ -556,7 +573,7 @@ class ArtifactStore:
     ) -> PublishResult:
         # Replicated applies pass their own (empty) targets: a write that
         # arrived from a peer must not be queued to the peers again.
-        targets = tuple(self.replication_targets()) if targets is None else tuple(targets)
+        targets = tuple(self._replication_targets.targets()) if targets is None else tuple(targets)
         now = self.now_ms()
         capacity = self.capacity_bytes
 
@@ -607,7 +624,7 @@ class ArtifactStore:
         ``targets`` as for :meth:`publish_blob`.
         """
         version = version_ms if version_ms is not None else self.next_version()
-        targets = tuple(self.replication_targets()) if targets is None else tuple(targets)
+        targets = tuple(self._replication_targets.targets()) if targets is None else tuple(targets)
         now = self.now_ms()
         result = await self._commit(
             lambda conn: self.metadata.delete_namespace(conn, namespace_id, version, targets, now)
