@@ -173,8 +173,8 @@ class KuraNode(MultiService):
             body_timeout=config.body_timeout_ms / 1000,
             upload_slots=UploadSlots(config.max_uploads_per_client),
             trusted_proxies=config.trusted_proxies,
+            access_log=config.access_log,
         )
-        self.site.access_log = config.access_log
         self.accel_pool = ThreadPool(
             minthreads=0, maxthreads=config.accelerator.max_concurrent, name="kura-accel"
         )

@@ -662,7 +662,26 @@ def log_access(
 
 
 class KuraSite(server.Site):
-    """The public Site: holds the services kura's requests and channels use."""
+    """A Site of kura's: holds the services its requests and channels use.
+
+    Args:
+        resource: the Klein app's resource.
+        gate: admits each request from its head.
+        store: stages request bodies.
+        state: whether the node drains (responses then close their connection).
+        metrics: request counters.
+        traffic: public in-flight accounting.
+        reactor: time for deadlines and samples.
+        header_timeout: seconds a request head may take from its first byte.
+        idle_timeout: seconds an idle connection stays open.
+        send_timeout: seconds a response may go without write progress.
+        body_timeout: seconds a request body may go without a byte
+            (``None``: the idle timeout applies).
+        upload_slots: the per-client cap on bodies in flight (``None``: none,
+            as on the internal plane, whose clients are peers).
+        trusted_proxies: whose ``X-Forwarded-For`` names the client.
+        access_log: log one event per request (``KURA_ACCESS_LOG``).
+    """
 
     requestFactory = KuraRequest  # type: ignore[assignment]
 
@@ -682,6 +701,7 @@ class KuraSite(server.Site):
         body_timeout: float | None = None,
         upload_slots: UploadSlots | None = None,
         trusted_proxies: TrustedProxies = (),
+        access_log: bool = True,
     ) -> None:
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
         self.gate = gate
@@ -693,10 +713,9 @@ class KuraSite(server.Site):
         self.header_timeout = header_timeout
         self.send_timeout = send_timeout
         self.body_timeout = body_timeout
-        # None: no per-client cap (the internal plane, whose clients are peers).
         self.upload_slots = upload_slots
         self.trusted_proxies = trusted_proxies
-        self.access_log = True
+        self.access_log = access_log
         self.request_ids = RequestIds()
         self.egress = Egress(metrics)
         # Weak: a channel replaced by HTTP/2 after ALPN never reports its loss.
