@@ -180,6 +180,7 @@ class ReplicationService(MultiService):
         )
         self.gate = InternalGate(
             routes=RouteMatch(self.api.app.url_map, self.api.specs),
+            rules=self.api.head_rules,
             receiver=self.receiver,
             auth=self.auth,
             node_tenant=config.tenant_id,
