@@ -33,9 +33,10 @@ from kura.domain.failpoints import Failpoints
 from kura.lifecycle import NodeState
 from kura.memory import MemoryMonitor
 from kura.replication.service import PeerMesh, ReplicationService
+from kura.storage.interfaces import IBlockingRunner
 from kura.storage.layout import Layout
 from kura.storage.lock import WriterLock, WriterLockHeld
-from kura.storage.runner import BlockingRunner, ThreadPoolRunner
+from kura.storage.runner import ThreadPoolRunner
 from kura.storage.staging import TmpBudget
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
@@ -75,7 +76,7 @@ class KuraNode(MultiService):
         config: KuraConfig,
         reactor: Any,
         registry: CollectorRegistry | None = None,
-        runner: BlockingRunner | None = None,
+        runner: IBlockingRunner | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -87,7 +88,7 @@ class KuraNode(MultiService):
                 minthreads=1, maxthreads=config.storage_threads, name="kura-storage"
             )
             runner = ThreadPoolRunner(reactor, self.pool)
-        self.runner: BlockingRunner = runner
+        self.runner: IBlockingRunner = runner
         self.lock = WriterLock(config.data_dir)
         failpoints = Failpoints(config.failpoints)
         # Before the store: the membership is its replication targets.

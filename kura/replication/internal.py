@@ -42,7 +42,7 @@ from zope.interface import implementer
 from kura.config import KuraConfig
 from kura.domain.errors import Forbidden, KuraError, NotFound, ServiceUnavailable
 from kura.lifecycle import NodeState
-from kura.storage.runner import BlockingRunner
+from kura.storage.interfaces import IBlockingRunner
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
 from kura.web.admission import UNMATCHED, Admission, RequestHead, RouteMatch
@@ -243,7 +243,7 @@ class InternalAPI:
         auth: PeerAuthenticator,
         digests: BodyDigests,
         metrics: KuraMetrics,
-        runner: BlockingRunner,
+        runner: IBlockingRunner,
         clock: IReactorTime,
     ) -> None:
         self._config = config

@@ -46,8 +46,8 @@ from twisted.logger import Logger
 
 from kura.domain.errors import KuraError
 from kura.domain.failpoints import BEFORE_OUTBOX_DELETE_AFTER_PEER_ACK, Failpoints
+from kura.storage.interfaces import IBlockingRunner
 from kura.storage.metadata import OutboxMessage
-from kura.storage.runner import BlockingRunner
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
 
@@ -129,7 +129,7 @@ class OutboxWorker:
         limiter: BandwidthLimiter,
         clock: IReactorTime,
         metrics: KuraMetrics,
-        runner: BlockingRunner,
+        runner: IBlockingRunner,
         digests: BodyDigests,
         failpoints: Failpoints,
         stall_seconds: float,

@@ -28,8 +28,8 @@ from twisted.logger import Logger
 from kura.defer import shielded
 from kura.domain.artifacts import ArtifactAddress, Target, safe_content_type
 from kura.domain.errors import BadFraming, KuraError, PayloadTooLarge
+from kura.storage.interfaces import IBlockingRunner
 from kura.storage.metadata import Outcome, WritePolicy
-from kura.storage.runner import BlockingRunner
 from kura.storage.staging import StagedBody, StagingFile
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
@@ -126,7 +126,7 @@ class Receiver:
         store: ArtifactStore,
         metrics: KuraMetrics,
         limiter: BandwidthLimiter,
-        runner: BlockingRunner,
+        runner: IBlockingRunner,
         clock: IReactorTime,
         max_inline_bytes: int,
         max_clock_skew_ms: int,

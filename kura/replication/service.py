@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from kura.config import KuraConfig, ReplicationConfig
 from kura.domain.failpoints import Failpoints
 from kura.lifecycle import NodeState
-from kura.storage.runner import BlockingRunner
+from kura.storage.interfaces import IBlockingRunner
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
@@ -138,7 +138,7 @@ class ReplicationService(MultiService):
         state: NodeState,
         metrics: KuraMetrics,
         traffic: PublicTraffic,
-        runner: BlockingRunner,
+        runner: IBlockingRunner,
         failpoints: Failpoints,
     ) -> None:
         super().__init__()

@@ -42,7 +42,7 @@ from kura.domain.failpoints import (
     AFTER_METADATA_COMMIT_BEFORE_ACK,
     Failpoints,
 )
-from kura.storage.interfaces import IReplicationTargets
+from kura.storage.interfaces import IBlockingRunner, IReplicationTargets
 from kura.storage.layout import Layout, fsync_directory
 from kura.storage.metadata import (
     ApplyResult,
@@ -52,7 +52,6 @@ from kura.storage.metadata import (
     Upload,
     WritePolicy,
 )
-from kura.storage.runner import BlockingRunner
 from kura.storage.staging import StagedBody, StagingFile, TmpBudget, translate_os_error
 
 T = TypeVar("T")
@@ -171,7 +170,7 @@ class ArtifactStore:
         self,
         *,
         layout: Layout,
-        runner: BlockingRunner,
+        runner: IBlockingRunner,
         clock: IReactorTime,
         node_tenant: str,
         capacity_bytes: int,
