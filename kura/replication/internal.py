@@ -42,8 +42,7 @@ from zope.interface import implementer
 from kura.config import KuraConfig
 from kura.domain.errors import Forbidden, KuraError, NotFound, ServiceUnavailable
 from kura.lifecycle import NodeState
-from kura.storage.interfaces import IBlockingRunner
-from kura.storage.store import ArtifactStore
+from kura.storage.interfaces import IArtifactStore, IBlockingRunner
 from kura.telemetry.metrics import KuraMetrics
 from kura.web.admission import UNMATCHED, Admission, RequestHead, RouteMatch
 from kura.web.errors import classify_failure, respond_with_error
@@ -236,7 +235,7 @@ class InternalAPI:
         self,
         *,
         config: KuraConfig,
-        store: ArtifactStore,
+        store: IArtifactStore,
         state: NodeState,
         receiver: Receiver,
         limiter: BandwidthLimiter,

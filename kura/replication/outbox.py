@@ -46,9 +46,8 @@ from twisted.logger import Logger
 
 from kura.domain.errors import KuraError
 from kura.domain.failpoints import BEFORE_OUTBOX_DELETE_AFTER_PEER_ACK, Failpoints
-from kura.storage.interfaces import IBlockingRunner
+from kura.storage.interfaces import IArtifactStore, IBlockingRunner
 from kura.storage.metadata import OutboxMessage
-from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
 
 from . import wire
@@ -123,7 +122,7 @@ class OutboxWorker:
     def __init__(
         self,
         *,
-        store: ArtifactStore,
+        store: IArtifactStore,
         client: PeerClient,
         membership: Membership,
         limiter: BandwidthLimiter,

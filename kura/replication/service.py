@@ -28,8 +28,7 @@ from twisted.logger import Logger
 from kura.config import KuraConfig, ReplicationConfig
 from kura.domain.failpoints import Failpoints
 from kura.lifecycle import NodeState
-from kura.storage.interfaces import IBlockingRunner
-from kura.storage.store import ArtifactStore
+from kura.storage.interfaces import IArtifactStore, IBlockingRunner
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
 from kura.web.admission import RouteMatch
@@ -134,7 +133,7 @@ class ReplicationService(MultiService):
         config: KuraConfig,
         reactor: Any,
         peers: PeerMesh,
-        store: ArtifactStore,
+        store: IArtifactStore,
         state: NodeState,
         metrics: KuraMetrics,
         traffic: PublicTraffic,

@@ -42,7 +42,7 @@ from kura.domain.failpoints import (
     AFTER_METADATA_COMMIT_BEFORE_ACK,
     Failpoints,
 )
-from kura.storage.interfaces import IBlockingRunner, IReplicationTargets
+from kura.storage.interfaces import IArtifactStore, IBlockingRunner, IReplicationTargets
 from kura.storage.layout import Layout, fsync_directory
 from kura.storage.metadata import (
     ApplyResult,
@@ -141,6 +141,7 @@ class _Pending:
     done: Deferred[Any]
 
 
+@implementer(IArtifactStore)
 class ArtifactStore:
     """Durable storage for one node (see the module docstring for the contract).
 

@@ -46,6 +46,8 @@ from kura.domain.errors import (
     TmpBudgetExhausted,
     TooManyRequests,
 )
+from kura.lifecycle import NodeState
+from kura.storage.interfaces import IArtifactStore
 from kura.storage.staging import StagingFile
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import InflightSlot, PublicTraffic
@@ -690,8 +692,8 @@ class KuraSite(server.Site):
         resource: IResource,
         *,
         gate: IGate,
-        store: Any,
-        state: Any,
+        store: IArtifactStore,
+        state: NodeState,
         metrics: KuraMetrics,
         traffic: PublicTraffic,
         reactor: Any,

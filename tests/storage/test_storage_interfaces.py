@@ -7,10 +7,15 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface.verify import verifyObject
 
 from kura.service import KuraNode
-from kura.storage.interfaces import IBlockingRunner, IReplicationTargets
+from kura.storage.interfaces import IArtifactStore, IBlockingRunner, IReplicationTargets
 from kura.storage.runner import ImmediateRunner, ThreadPoolRunner
 from kura.storage.store import NO_TARGETS, StaticTargets
 from kura.testing import ControlledRunner
+
+
+def test_the_store_provides_iartifactstore(node: KuraNode) -> None:
+    """The node's store provides IArtifactStore, as replication and the sites expect of it."""
+    assert verifyObject(IArtifactStore, node.store)
 
 
 def test_every_runner_provides_iblockingrunner() -> None:
