@@ -26,7 +26,7 @@ keeps receiving outbox rows, so it gets every write when it returns.
 
 This class also keeps the catch-up bookkeeping readiness reads (which known
 peers are caught up, which are being caught up), so it implements
-:class:`kura.lifecycle.MembershipView` on its own.
+:class:`kura.lifecycle.IMembershipView` on its own.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from kura.lifecycle import IMembershipView
 from kura.storage.interfaces import IReplicationTargets
 from kura.telemetry.metrics import KuraMetrics
 
@@ -144,7 +145,7 @@ class _Candidate:
     reported_url: str | None = None
 
 
-@implementer(IReplicationTargets)
+@implementer(IReplicationTargets, IMembershipView)
 class Membership:
     """The peer view and catch-up bookkeeping (see the module docstring).
 
@@ -197,7 +198,7 @@ class Membership:
         metrics.initial_discovery_completed.set(float(self._initial))
         metrics.discovered_peer_nodes.set(len(self._candidates))
 
-    # -- MembershipView ---------------------------------------------------------------
+    # -- IMembershipView --------------------------------------------------------------
 
     @property
     def generation(self) -> int:
