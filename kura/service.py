@@ -16,7 +16,14 @@ from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorSSL,
+    IReactorTCP,
+    IReactorTime,
+)
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -65,7 +72,12 @@ class KuraNode(MultiService):
 
     Args:
         config: the validated configuration.
-        reactor: the reactor everything runs on (injected for tests).
+        reactor: the reactor everything runs on (injected for tests): its
+            time (IReactorTime) for every part of the node, and
+            IReactorCore, IReactorTCP, IReactorSSL and
+            IReactorPluggableNameResolver for the node's own calls, as a real
+            reactor and ``MemoryReactorClock`` provide; the default runner
+            also needs IReactorFromThreads.
         registry: the Prometheus registry (a fresh one by default).
         runner: where blocking disk work runs (a bounded thread pool by
             default; tests pass an inline runner).
@@ -74,7 +86,7 @@ class KuraNode(MultiService):
     def __init__(
         self,
         config: KuraConfig,
-        reactor: Any,
+        reactor: IReactorTime,
         registry: CollectorRegistry | None = None,
         runner: IBlockingRunner | None = None,
     ) -> None:
@@ -87,7 +99,7 @@ class KuraNode(MultiService):
             self.pool = ThreadPool(
                 minthreads=1, maxthreads=config.storage_threads, name="kura-storage"
             )
-            runner = ThreadPoolRunner(reactor, self.pool)
+            runner = ThreadPoolRunner(IReactorFromThreads(reactor), self.pool)
         self.runner: IBlockingRunner = runner
         self.lock = WriterLock(config.data_dir)
         failpoints = Failpoints(config.failpoints)
@@ -263,18 +275,19 @@ class KuraNode(MultiService):
     def _start_failed(self, failure: Any) -> None:
         log.failure("kura failed to start", failure)
         self.started.errback(failure)
-        if self.reactor.running:
-            self.reactor.stop()
+        core = IReactorCore(self.reactor)
+        if core.running:
+            core.stop()
 
     def _listen(self) -> None:
         host = self.config.bind_host
         # A deep accept queue: with Twisted's default of 50, a burst of
         # connects (a CI fleet starting its builds) waits for SYN retries.
-        self.ports["public"] = self.reactor.listenTCP(
+        self.ports["public"] = IReactorTCP(self.reactor).listenTCP(
             self.config.port, self.public_factory(), backlog=LISTEN_BACKLOG, interface=host
         )
         if self.config.public_tls is not None:
-            self.ports["https"] = self.reactor.listenSSL(
+            self.ports["https"] = IReactorSSL(self.reactor).listenSSL(
                 self.config.https_port,
                 self.site,
                 public_server_options(self.config.public_tls),
@@ -319,7 +332,7 @@ class KuraNode(MultiService):
             log.warn(DRAIN_DEADLINE, count=self.traffic.inflight)
             self.accelerator.cut_off()
             self.site.cut_off()
-        self.reactor.stop()
+        IReactorCore(self.reactor).stop()
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())

@@ -15,13 +15,20 @@ all of it; outbox rows and catch-up progress are safe to abandon.
 from __future__ import annotations
 
 import datetime
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IReactorPluggableNameResolver,
+    IReactorSSL,
+    IReactorTCP,
+    IReactorTime,
+)
+from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -78,15 +85,19 @@ class PeerMesh:
     membership: Membership
 
     @classmethod
-    def build(cls, config: KuraConfig, *, reactor: Any, metrics: KuraMetrics) -> PeerMesh:
-        """The mesh of ``config``: seed peers, DNS discovery, peer authentication and TLS."""
+    def build(cls, config: KuraConfig, *, reactor: IReactorTime, metrics: KuraMetrics) -> PeerMesh:
+        """The mesh of ``config``: seed peers, DNS discovery, peer authentication and TLS.
+
+        ``reactor`` also provides IReactorTCP (the peer client's connections)
+        and IReactorPluggableNameResolver (DNS discovery).
+        """
         settings = config.replication
         auth = PeerAuthenticator(
             settings.auth, tenant=config.tenant_id, clock=reactor, metrics=metrics
         )
         tls = settings.internal_tls
         client = PeerClient(
-            reactor=reactor,
+            reactor=IReactorTCP(reactor),
             tenant_id=config.tenant_id,
             auth=auth,
             tls_policy=PeerTLSPolicy(tls) if tls is not None else None,
@@ -95,7 +106,7 @@ class PeerMesh:
         if settings.discovery_dns_name:
             node = urlsplit(config.node_url)
             discovery = DnsDiscovery(
-                reactor.nameResolver,
+                IReactorPluggableNameResolver(reactor).nameResolver,
                 settings.discovery_dns_name,
                 node.scheme,
                 node.port or config.internal_port,
@@ -117,7 +128,8 @@ class ReplicationService(MultiService):
 
     Args:
         config: the node configuration (``config.replication`` above all).
-        reactor: the reactor (listeners, timers).
+        reactor: the reactor: timers, and the listener (IReactorTCP, or
+            IReactorSSL with peer mTLS).
         peers: the mesh built before the store (:meth:`PeerMesh.build`).
         store: the node's store (its replication targets are ``peers.membership``).
         state: the node's state (status report; readiness reads membership).
@@ -131,7 +143,7 @@ class ReplicationService(MultiService):
         self,
         *,
         config: KuraConfig,
-        reactor: Any,
+        reactor: IReactorTime,
         peers: PeerMesh,
         store: IArtifactStore,
         state: NodeState,
@@ -253,11 +265,16 @@ class ReplicationService(MultiService):
         tls = settings.internal_tls
         if tls is not None:
             options = server_options(tls, settings.auth.tls_peer_names)
-            port: IListeningPort = self.reactor.listenSSL(
+            port: IListeningPort = IReactorSSL(self.reactor).listenSSL(
                 self.config.internal_port, self.site, options, interface=host
             )
         else:
-            port = self.reactor.listenTCP(self.config.internal_port, self.site, interface=host)
+            # listenTCP is annotated with a bare ServerFactory (of the default
+            # protocol type); a Site's factory type is invariant in its protocol.
+            factory = cast("ServerFactory", self.site)
+            port = IReactorTCP(self.reactor).listenTCP(
+                self.config.internal_port, factory, interface=host
+            )
         address: Any = port.getHost()
         log.info(
             INTERNAL_LISTENING,

@@ -696,7 +696,7 @@ class KuraSite(server.Site):
         state: NodeState,
         metrics: KuraMetrics,
         traffic: PublicTraffic,
-        reactor: Any,
+        reactor: IReactorTime,
         header_timeout: float,
         idle_timeout: float,
         send_timeout: float,
