@@ -153,12 +153,13 @@ class ArtifactStore:
         capacity_bytes: budget for file-backed artifacts; LRU eviction keeps
             the store under it.
         tmp_budget: the staging ledger.
-        manifest_cache_bytes: memory for the manifest cache.
+        manifest_cache_bytes: memory for the manifest cache
+            (``KURA_MANIFEST_CACHE_MAX_BYTES``).
+        max_unfinished_uploads: multipart uploads that may be started and
+            not yet completed or expired (``KURA_MULTIPART_MAX_UNFINISHED``).
         failpoints: crash points for consistency tests.
         replication_targets: the peers a write must reach, asked at write
             time (one outbox row each); none by default.
-        max_unfinished_uploads: multipart uploads that may be started and
-            not yet completed or expired (``KURA_MULTIPART_MAX_UNFINISHED``).
         on_evicted: called with ``(producer, size)`` for every artifact
             evicted to make room (metrics).
         on_damaged: called for every artifact forgotten as damaged (a metric).
@@ -176,10 +177,10 @@ class ArtifactStore:
         node_tenant: str,
         capacity_bytes: int,
         tmp_budget: TmpBudget,
-        manifest_cache_bytes: int = 32 * 1024 * 1024,
+        manifest_cache_bytes: int,
+        max_unfinished_uploads: int,
         failpoints: Failpoints | None = None,
         replication_targets: IReplicationTargets = NO_TARGETS,
-        max_unfinished_uploads: int = 10_000,
         on_evicted: Callable[[str, int], None] = lambda producer, size: None,
         on_damaged: Callable[[], None] = lambda: None,
     ) -> None:

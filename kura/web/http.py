@@ -497,7 +497,7 @@ class KuraHTTPChannel(http.HTTPChannel):
             (``None``: the idle timeout applies, as in stock twisted.web).
     """
 
-    header_timeout = 30.0
+    header_timeout: float  # set by KuraSite.make_channel, the only maker of these channels
     body_timeout: float | None = None
     _idle_period: float | None = None
     _transfer_encoded = False

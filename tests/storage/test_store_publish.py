@@ -268,6 +268,8 @@ def test_commit_writes_outbox_rows_in_the_same_transaction(tmp_path: Any) -> Non
         node_tenant="default",
         capacity_bytes=1 << 20,
         tmp_budget=TmpBudget(1 << 20),
+        manifest_cache_bytes=1 << 20,
+        max_unfinished_uploads=10,
         replication_targets=StaticTargets(("http://peer-a:7443", "http://peer-b:7443")),
     )
     succeeded(Deferred.fromCoroutine(store.start()))
