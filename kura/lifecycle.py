@@ -8,14 +8,21 @@ draining, and membership says it is caught up with every known peer.
 from __future__ import annotations
 
 import enum
-from typing import Protocol
+from collections.abc import Callable
 
 from twisted.internet.interfaces import IReactorTime
+from zope.interface import Attribute, Interface, implementer
 
 from kura.config import KuraConfig
 from kura.memory import MemoryMonitor, Pressure
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
+
+#: ``fd_timeout_count`` in ``/status/rollout``. Upstream counts waits for a
+#: free file descriptor that timed out; kura never waits for one (an open that
+#: fails, out of descriptors, is answered 503 at once), so the count is always
+#: 0. The field stays for rollout tooling written against upstream's report.
+FD_TIMEOUT_COUNT = 0
 
 
 class TrafficState(enum.IntEnum):
@@ -24,28 +31,24 @@ class TrafficState(enum.IntEnum):
     DRAINING = 2
 
 
-class MembershipView(Protocol):
-    """What readiness needs to know about the peer mesh."""
+class IMembershipView(Interface):
+    """What readiness and the probes need to know about the peer mesh.
 
-    @property
-    def generation(self) -> int: ...
+    Implemented by :class:`kura.replication.membership.Membership` and, for
+    a node without peers, :class:`SingleNode`.
+    """
 
-    @property
-    def initial_discovery_completed(self) -> bool: ...
+    generation = Attribute("int: bumped on every join or leave.")
+    initial_discovery_completed = Attribute("bool: the first membership round is done.")
+    known_peers = Attribute("list[str]: the peers in the view, sorted.")
+    bootstrapped_peers = Attribute("list[str]: known peers this node has caught up with.")
+    bootstrap_inflight_peers = Attribute("list[str]: known peers being caught up with now.")
 
-    @property
-    def known_peers(self) -> list[str]: ...
-
-    @property
-    def bootstrapped_peers(self) -> list[str]: ...
-
-    @property
-    def bootstrap_inflight_peers(self) -> list[str]: ...
-
-    def settling(self) -> bool:
+    def settling() -> bool:
         """Whether the topology changed too recently to call the node caught up."""
 
 
+@implementer(IMembershipView)
 class SingleNode:
     """Membership of a node with no peers: always settled and caught up."""
 
@@ -69,8 +72,8 @@ class NodeState:
         clock: IReactorTime,
         metrics: KuraMetrics,
         traffic: PublicTraffic,
-        outbox_depth: OutboxDepth,
-        membership: MembershipView | None = None,
+        outbox_depth: Callable[[], int],
+        membership: IMembershipView | None = None,
         memory: MemoryMonitor | None = None,
         access_mode: str = "open",
     ) -> None:
@@ -80,11 +83,10 @@ class NodeState:
         self._metrics = metrics
         self._traffic = traffic
         self._outbox_depth = outbox_depth
-        self.membership: MembershipView = membership or SingleNode()
+        self.membership: IMembershipView = membership or SingleNode()
         self.memory = memory
         self.draining = False
         self.writer_lock_owned = False
-        self.fd_timeout_count = 0
         metrics.ready_state.set_function(lambda: float(self.readiness()[0]))
         metrics.drain_state.set_function(lambda: float(self.draining))
         metrics.traffic_state.set_function(lambda: float(self.state))
@@ -181,12 +183,8 @@ class NodeState:
             "grpc_inflight_requests": 0,
             "outbox_messages": self._outbox_depth(),
             "memory_pressure_state": int(self.memory_pressure),
-            "fd_timeout_count": self.fd_timeout_count,
+            "fd_timeout_count": FD_TIMEOUT_COUNT,
             # How the public port and the internal plane are guarded.
             "auth_mode": self._access_mode,
             "peer_auth_mode": self._config.replication.peer_auth_mode,
         }
-
-
-class OutboxDepth(Protocol):
-    def __call__(self) -> int: ...

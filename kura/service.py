@@ -16,7 +16,14 @@ from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorSSL,
+    IReactorTCP,
+    IReactorTime,
+)
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -32,10 +39,11 @@ from kura.config import KuraConfig
 from kura.domain.failpoints import Failpoints
 from kura.lifecycle import NodeState
 from kura.memory import MemoryMonitor
-from kura.replication.service import ReplicationService  # replication mesh (issue 5)
+from kura.replication.service import PeerMesh, ReplicationService
+from kura.storage.interfaces import IBlockingRunner
 from kura.storage.layout import Layout
 from kura.storage.lock import WriterLock, WriterLockHeld
-from kura.storage.runner import BlockingRunner, ThreadPoolRunner
+from kura.storage.runner import ThreadPoolRunner
 from kura.storage.staging import TmpBudget
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
@@ -64,7 +72,12 @@ class KuraNode(MultiService):
 
     Args:
         config: the validated configuration.
-        reactor: the reactor everything runs on (injected for tests).
+        reactor: the reactor everything runs on (injected for tests): its
+            time (IReactorTime) for every part of the node, and
+            IReactorCore, IReactorTCP, IReactorSSL and
+            IReactorPluggableNameResolver for the node's own calls, as a real
+            reactor and ``MemoryReactorClock`` provide; the default runner
+            also needs IReactorFromThreads.
         registry: the Prometheus registry (a fresh one by default).
         runner: where blocking disk work runs (a bounded thread pool by
             default; tests pass an inline runner).
@@ -73,9 +86,9 @@ class KuraNode(MultiService):
     def __init__(
         self,
         config: KuraConfig,
-        reactor: Any,
+        reactor: IReactorTime,
         registry: CollectorRegistry | None = None,
-        runner: BlockingRunner | None = None,
+        runner: IBlockingRunner | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -86,9 +99,12 @@ class KuraNode(MultiService):
             self.pool = ThreadPool(
                 minthreads=1, maxthreads=config.storage_threads, name="kura-storage"
             )
-            runner = ThreadPoolRunner(reactor, self.pool)
-        self.runner: BlockingRunner = runner
+            runner = ThreadPoolRunner(IReactorFromThreads(reactor), self.pool)
+        self.runner: IBlockingRunner = runner
         self.lock = WriterLock(config.data_dir)
+        failpoints = Failpoints(config.failpoints)
+        # Before the store: the membership is its replication targets.
+        self.peers = PeerMesh.build(config, reactor=reactor, metrics=self.metrics)
         self.store = ArtifactStore(
             layout=Layout(config.data_dir, config.tmp_dir),
             runner=self.runner,
@@ -97,8 +113,11 @@ class KuraNode(MultiService):
             capacity_bytes=config.cas_capacity_bytes,
             tmp_budget=TmpBudget(config.tmp_dir_max_bytes),
             manifest_cache_bytes=config.manifest_cache_max_bytes,
-            failpoints=Failpoints(config.failpoints),
+            failpoints=failpoints,
             max_unfinished_uploads=config.multipart_max_unfinished,
+            replication_targets=self.peers.membership,
+            on_evicted=self._count_eviction,
+            on_damaged=self.metrics.damaged_artifacts.inc,
         )
         self.traffic = PublicTraffic(reactor, self.metrics)
         self.authorizer = build_authorizer(
@@ -120,23 +139,22 @@ class KuraNode(MultiService):
             metrics=self.metrics,
             traffic=self.traffic,
             outbox_depth=lambda: self.store.outbox_depth,
+            membership=self.peers.membership,
             memory=self.memory,
             access_mode=self.authorizer.mode,
         )
-        # --- replication mesh (issue 5): peers, internal plane, outbox, catch-up ---
         self.replication = ReplicationService(
             config=config,
             reactor=reactor,
+            peers=self.peers,
             store=self.store,
             state=self.state,
             metrics=self.metrics,
             traffic=self.traffic,
             runner=self.runner,
+            failpoints=failpoints,
         )
-        self.store.replication_targets = self.replication.replication_targets
-        self.state.membership = self.replication.membership
         self.replication.setServiceParent(self)
-        # --- end replication mesh ---
         self.authorization = RequestAuthorization(self.authorizer, config.tenant_id)
         self.api = PublicAPI(
             config=config,
@@ -168,8 +186,8 @@ class KuraNode(MultiService):
             body_timeout=config.body_timeout_ms / 1000,
             upload_slots=UploadSlots(config.max_uploads_per_client),
             trusted_proxies=config.trusted_proxies,
+            access_log=config.access_log,
         )
-        self.site.access_log = config.access_log
         self.accel_pool = ThreadPool(
             minthreads=0, maxthreads=config.accelerator.max_concurrent, name="kura-accel"
         )
@@ -205,8 +223,6 @@ class KuraNode(MultiService):
         m.outbox_messages.set_function(lambda: float(self.store.outbox_depth))
         # From the store's count, which survives restarts (the rows do).
         m.multipart_uploads.set_function(lambda: float(self.store.unfinished_uploads))
-        self.store.on_evicted = self._count_eviction
-        self.store.on_damaged = self.metrics.damaged_artifacts.inc
 
     def _count_eviction(self, producer: str, size: int) -> None:
         self.metrics.evicted_artifacts.labels(producer).inc()
@@ -259,24 +275,25 @@ class KuraNode(MultiService):
     def _start_failed(self, failure: Any) -> None:
         log.failure("kura failed to start", failure)
         self.started.errback(failure)
-        if self.reactor.running:
-            self.reactor.stop()
+        core = IReactorCore(self.reactor)
+        if core.running:
+            core.stop()
 
     def _listen(self) -> None:
         host = self.config.bind_host
         # A deep accept queue: with Twisted's default of 50, a burst of
         # connects (a CI fleet starting its builds) waits for SYN retries.
-        self.ports["public"] = self.reactor.listenTCP(
+        self.ports["public"] = IReactorTCP(self.reactor).listenTCP(
             self.config.port, self.public_factory(), backlog=LISTEN_BACKLOG, interface=host
         )
         if self.config.public_tls is not None:
-            self.ports["https"] = self.reactor.listenSSL(
+            self.ports["https"] = IReactorSSL(self.reactor).listenSSL(
                 self.config.https_port,
                 self.site,
                 public_server_options(self.config.public_tls),
                 interface=host,
             )
-        # --- replication mesh (issue 5): internal plane; workers start now storage is open ---
+        # The internal plane; its workers start now that storage is open.
         self.ports["internal"] = self.replication.start_serving()
 
     def public_factory(self) -> Any:
@@ -315,7 +332,7 @@ class KuraNode(MultiService):
             log.warn(DRAIN_DEADLINE, count=self.traffic.inflight)
             self.accelerator.cut_off()
             self.site.cut_off()
-        self.reactor.stop()
+        IReactorCore(self.reactor).stop()
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())

@@ -11,9 +11,10 @@ import os
 import signal
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import IService
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
 from twisted.logger import ILogObserver
 from twisted.python import usage
 from twisted.python.components import Componentized
@@ -65,7 +66,7 @@ class TwistdNode(KuraNode):
     def startService(self) -> None:
         super().startService()
         self.started.addErrback(self._exit_nonzero_after_shutdown)
-        self.reactor.callWhenRunning(self._install_signal_handlers)
+        IReactorCore(self.reactor).callWhenRunning(self._install_signal_handlers)
 
     def _exit_nonzero_after_shutdown(self, failure: Any) -> None:
         # twistd exits 0 once the reactor stops; a node that could not start
@@ -74,14 +75,16 @@ class TwistdNode(KuraNode):
             sys.stdout.flush()
             os._exit(1)
 
-        self.reactor.addSystemEventTrigger("after", "shutdown", exit_failed)
+        IReactorCore(self.reactor).addSystemEventTrigger("after", "shutdown", exit_failed)
 
     def _install_signal_handlers(self) -> None:
+        threads = IReactorFromThreads(self.reactor)
+
         def on_drain(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.drain)
+            threads.callFromThread(self.drain)
 
         def on_stop(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.shutdown)
+            threads.callFromThread(self.shutdown)
 
         signal.signal(signal.SIGUSR1, on_drain)
         signal.signal(signal.SIGTERM, on_stop)
@@ -108,6 +111,6 @@ def makeService(options: Mapping[str, Any]) -> IService:
     try:
         config = KuraConfig.from_environ(environment_with(options, os.environ))
         # Building the node loads the extension: a broken one stops start-up here.
-        return TwistdNode(config, reactor)
+        return TwistdNode(config, cast(IReactorTime, reactor))
     except ConfigError as error:
         raise SystemExit(f"kura: invalid configuration: {error}") from None

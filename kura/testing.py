@@ -21,10 +21,12 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from kura.config import KuraConfig
 from kura.service import KuraNode
-from kura.storage.runner import BlockingRunner, ImmediateRunner
+from kura.storage.interfaces import IBlockingRunner
+from kura.storage.runner import ImmediateRunner
 
 T = TypeVar("T")
 
@@ -79,7 +81,9 @@ def test_config(data_dir: str, **environ: str) -> KuraConfig:
     return KuraConfig.from_environ(base, measure_filesystem=lambda path: 1 << 40)
 
 
-def memory_node(data_dir: str, *, runner: BlockingRunner | None = None, **environ: str) -> KuraNode:
+def memory_node(
+    data_dir: str, *, runner: IBlockingRunner | None = None, **environ: str
+) -> KuraNode:
     """A started node on a :class:`MemoryReactorClock`, storage run inline.
 
     ``runner`` replaces the default :class:`ImmediateRunner` (e.g. a
@@ -182,6 +186,7 @@ def sample(node: KuraNode, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
+@implementer(IBlockingRunner)
 class ControlledRunner:
     """An inline runner that records every call and can hold chosen calls back.
 

@@ -222,13 +222,17 @@ def ports(entries: list[dict[str, Any]], key: str) -> dict[str, int]:
 
 
 def test_default_ports_are_public_http_and_internal_only(default: Rendered) -> None:
-    """The container opens only 4000 and 7443; the client Service offers only 4000."""
-    assert ports(default.container["ports"], "containerPort") == {"http": 4000, "internal": 7443}
+    """The container opens only the node's default ports; the client Service only the public one."""
+    public, internal = kura_config.PORT.default, kura_config.INTERNAL_PORT.default
+    assert ports(default.container["ports"], "containerPort") == {
+        "http": public,
+        "internal": internal,
+    }
     service = default.one("Service", "kura")["spec"]
-    assert ports(service["ports"], "port") == {"http": 4000}
+    assert ports(service["ports"], "port") == {"http": public}
     assert {p["targetPort"] for p in service["ports"]} == {"http"}
-    assert default.env["KURA_PORT"] == "4000"
-    assert default.env["KURA_INTERNAL_PORT"] == "7443"
+    assert default.env["KURA_PORT"] == str(public)
+    assert default.env["KURA_INTERNAL_PORT"] == str(internal)
     assert "KURA_HTTPS_PORT" not in default.env
 
 
@@ -312,10 +316,10 @@ def test_data_and_tmp_dirs_live_on_the_pod_volume(default: Rendered) -> None:
 def test_accelerator_variables_are_always_set(
     chart: ChartRenderer, default: Rendered, tmp_path: Path
 ) -> None:
-    """All four accelerator variables render, with defaults and with every value overridden."""
-    assert {name: default.env[name] for name in ACCEL_VARS} == dict(
-        zip(ACCEL_VARS, ("true", "splice", "32", "1048576"), strict=True)
-    )
+    """All four accelerator variables render, with the node's defaults and with every value set."""
+    assert {name: default.env[name] for name in ACCEL_VARS} == {
+        v.name: v.documented_default for v in kura_config.VARIABLES if v.name in ACCEL_VARS
+    }
     rendered = chart.render(
         {
             "config": {
@@ -376,12 +380,15 @@ def test_replication_and_storage_values_reach_the_env(chart: ChartRenderer, tmp_
     assert config.cas_capacity_bytes == 150 * GiB
 
 
-def test_default_replication_values_match_upstream(default: Rendered) -> None:
-    """The limiter defaults to 512 MiB/s and 100 ms; capacity is left to the node."""
-    assert default.env["KURA_REPLICATION_BANDWIDTH_LIMIT_BYTES_PER_SECOND"] == "536870912"
-    assert default.env["KURA_REPLICATION_PUBLIC_LATENCY_TARGET_MS"] == "100"
-    assert default.env["KURA_DRAIN_COMPLETION_TIMEOUT_MS"] == "240000"
-    assert default.env["KURA_TMP_DIR_MAX_BYTES"] == str(8 * GiB)
+def test_default_replication_values_are_the_node_defaults(default: Rendered) -> None:
+    """The chart sets the limiter, drain and staging values to the node's defaults."""
+    for variable in (
+        kura_config.REPLICATION_BANDWIDTH,
+        kura_config.REPLICATION_LATENCY_TARGET_MS,
+        kura_config.DRAIN_COMPLETION_TIMEOUT_MS,
+        kura_config.TMP_DIR_MAX_BYTES,
+    ):
+        assert default.env[variable.name] == variable.documented_default
     assert "KURA_CAS_CAPACITY_BYTES" not in default.env
     assert "KURA_PEERS" not in default.env
 

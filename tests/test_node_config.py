@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from kura.config import (
@@ -21,9 +22,12 @@ from kura.config import (
     render_markdown,
 )
 from kura.config.extension import EXTENSION_VARIABLES
+from kura.config.node import DATA_DIR, INTERNAL_PORT, LOOPBACK, PORT, TENANT_ID
+from kura.memory import derive_watermarks
 from kura.tap import OVERRIDES, Options, environment_with
 from tests.support.real import REPO_ROOT
 
+MiB = 1 << 20
 TiB = 1 << 40
 #: A peer secret: a node with peers needs peer authentication.
 SECRET = {"KURA_PEER_SECRET": "a-mesh-secret-of-thirty-two-bytes!"}
@@ -55,48 +59,37 @@ def pem_files(tmp_path: Path) -> dict[str, str]:
     return paths
 
 
-def test_empty_environment_gives_the_embedded_defaults() -> None:
-    """With no variable at all the node gets upstream's defaults and half the filesystem."""
-    config = parse({}, filesystem=1000)
-    assert (config.port, config.internal_port, config.https_port) == (4000, 7443, 4443)
-    assert config.bind_host == "0.0.0.0"
-    assert config.tenant_id == "default"
-    assert config.region == "local"
-    assert config.node_url == "http://127.0.0.1:7443"
-    assert config.public_tls is None
-    assert config.log_format == "json"
-    assert config.data_dir == "kura-data"
-    assert config.tmp_dir == os.path.join("kura-data", "tmp")
-    assert config.tmp_dir_max_bytes == 8 << 30
-    assert config.cas_capacity_bytes == 500
-    assert config.max_keyvalue_bytes == 1 << 20
-    assert config.manifest_cache_max_bytes == 32 << 20
-    assert config.storage_threads == 8
-    assert config.multipart_upload_ttl_ms == 86_400_000
-    assert config.multipart_janitor_interval_ms == 600_000
-    assert config.multipart_max_unfinished == 10_000
-    assert config.failpoints == ()
-    assert config.header_timeout_ms == 30_000
-    assert config.keepalive_idle_timeout_ms == 60_000
-    assert config.send_timeout_ms == 120_000
-    assert config.body_timeout_ms == 60_000
-    assert config.drain_completion_timeout_ms == 240_000
-    assert config.max_uploads_per_client == 64
-    assert config.trusted_proxies == ()
-    assert config.accelerator.enabled is True
-    assert config.accelerator.mode == "splice"
-    assert config.accelerator.max_concurrent == 32
-    assert config.accelerator.chunk_bytes == 1 << 20
-    replication = config.replication
-    assert replication.peers == ()
-    assert replication.discovery_dns_name is None
-    assert replication.outbox_max_depth == 100_000
-    assert replication.bandwidth_limit_bytes_per_second == 536_870_912
-    assert replication.public_latency_target_ms == 100
-    assert replication.upload_stall_ms == 60_000
-    assert replication.bootstrap_timeout_ms == 1_800_000
-    assert replication.bootstrap_max_concurrent_peers == 8
-    assert replication.internal_tls is None
+def test_empty_environment_gives_the_declared_defaults() -> None:
+    """With no variable at all every setting is its declaration's default (KuraConfig's own).
+
+    Only what the node derives from the host differs: capacity (half the
+    filesystem) and the memory watermarks (from the memory limit).
+    """
+    config = KuraConfig.from_environ(
+        {}, measure_filesystem=lambda path: 1000, measure_memory=lambda: 1000 * MiB
+    )
+    soft, hard = derive_watermarks(None, None, lambda: 1000 * MiB)
+    assert config == attrs.evolve(
+        KuraConfig(),
+        cas_capacity_bytes=500,
+        memory_soft_limit_bytes=soft,
+        memory_hard_limit_bytes=hard,
+    )
+    assert config.node_url == f"http://{LOOPBACK}:{INTERNAL_PORT.default}"
+    assert config.tmp_dir == os.path.join(DATA_DIR.default, "tmp")
+    assert config.internal_bind_host == LOOPBACK
+
+
+def test_declared_defaults_are_documented_as_parsed() -> None:
+    """Each plain default, as documented, parses back to itself: the docs show real values."""
+    plain = [
+        v
+        for v in VARIABLES
+        if v.shown is None and isinstance(v.default, int | str) and "<ID>" not in v.name
+    ]
+    assert len(plain) > 30
+    explicit = {v.name: v.documented_default for v in plain}
+    assert parse(explicit) == parse({})
 
 
 def _every_variable(pem: dict[str, str]) -> dict[str, tuple[str, Callable[[KuraConfig], Any], Any]]:
@@ -370,8 +363,8 @@ def test_invalid_value_is_named(environ: dict[str, str], variable: str) -> None:
 def test_blank_values_count_as_unset() -> None:
     """A variable set to whitespace takes its default, as if it were absent."""
     config = parse({"KURA_PORT": "  ", "KURA_TENANT_ID": ""})
-    assert config.port == 4000
-    assert config.tenant_id == "default"
+    assert config.port == PORT.default
+    assert config.tenant_id == TENANT_ID.default
 
 
 def test_tmp_dir_follows_the_data_dir() -> None:
@@ -518,7 +511,7 @@ def test_docs_list_every_variable() -> None:
     """Every registered variable has a row in the generated page."""
     page = render_markdown()
     for variable in VARIABLES:
-        assert f"| `{variable.name}` | `{variable.default}` |" in page
+        assert f"| `{variable.name}` | `{variable.documented_default}` |" in page
 
 
 def test_twistd_options_override_the_environment() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from twisted.internet.interfaces import IReactorTime
 
 from kura.config.access import AccessConfig
 from kura.config.extension import ExtensionConfig
@@ -17,7 +17,7 @@ from .loader import load_extension
 def build_authorizer(
     config: ExtensionConfig,
     *,
-    reactor: Any,
+    reactor: IReactorTime,
     metrics: KuraMetrics,
     access: AccessConfig | None = None,
     agent_for: AgentFactory | None = None,

@@ -42,7 +42,8 @@ class ExtensionHost:
 
     Args:
         config: the extension configuration (resources and environment).
-        reactor: the reactor (time, and TCP/TLS for the HTTP clients).
+        reactor: the reactor: time, and (as IReactorTCP) the HTTP clients'
+            connections.
         metrics: the node's metrics.
         agent_for: builds the ``IAgent`` of one HTTP client; by default a
             treq-compatible ``Agent`` on ``reactor`` with the client's
@@ -56,7 +57,7 @@ class ExtensionHost:
         self,
         config: ExtensionConfig,
         *,
-        reactor: Any,
+        reactor: IReactorTime,
         metrics: KuraMetrics,
         agent_for: AgentFactory | None = None,
     ) -> None:

@@ -7,7 +7,8 @@ other value is a hook failure and is handled fail-closed (see
 :mod:`kura.auth.authorizer`), so a hook that forgets to ``return`` denies
 instead of allowing.
 
-Every result may carry ``ttl_seconds``: how long the cached result stands
+Every result but :class:`Headers` may carry ``ttl_seconds`` (on ``Headers``
+it is deprecated, ignored and warns): how long the cached result stands
 (``0`` means "do not cache"); ``None`` means the configured default
 (``KURA_EXTENSION_AUTH_CACHE_ALLOW_TTL_SECONDS`` for principals, anonymous
 and allow; ``KURA_EXTENSION_AUTH_CACHE_DENY_TTL_SECONDS`` for denies).
@@ -18,6 +19,7 @@ which inside a hook counts as a hook failure.
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +32,10 @@ from kura.domain.errors import (
     NotFound,
     ServiceUnavailable,
     Unauthorized,
+)
+
+HEADERS_TTL_DEPRECATED = (
+    "Headers(ttl_seconds=...) is deprecated and ignored: response headers are never cached"
 )
 
 
@@ -190,7 +196,8 @@ class Headers:
             framing headers, and values with control characters are dropped
             when the response is built.
         sign: an HMAC signature to add.
-        ttl_seconds: accepted for symmetry; response headers are not cached.
+        ttl_seconds: deprecated and ignored (response headers are never
+            cached); passing it warns. Kept so existing extensions still load.
     """
 
     headers: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_mapping)
@@ -201,6 +208,11 @@ class Headers:
     def _sign(self, attribute: attrs.Attribute[Any], value: object) -> None:
         if value is not None and not isinstance(value, SignRequest):
             raise TypeError(f"Headers.sign must be a SignRequest or None, got {value!r}")
+
+    def __attrs_post_init__(self) -> None:
+        if self.ttl_seconds is not None:
+            # stacklevel 3: past attrs' generated __init__, to the hook that built it.
+            warnings.warn(HEADERS_TTL_DEPRECATED, DeprecationWarning, stacklevel=3)
 
 
 AuthenticateResult = Principal | Anonymous | Deny

@@ -1,16 +1,18 @@
 """Configuration: the ``KURA_*`` contract (``environ``) and the node's settings (``node``).
 
 ``KuraConfig.from_environ`` is the only way a node is configured; every
-variable is declared once in :mod:`kura.config.node` (or, for the extension's,
-in :mod:`kura.auth.config`). ``python -m kura.config`` prints
-``docs/configuration.md``.
+variable is declared once, with its default, in :mod:`kura.config.node` (or,
+for the public access rules' and the extension's, in :mod:`kura.config.access`
+and :mod:`kura.config.extension`); :data:`VARIABLES` lists them all.
+``python -m kura.config`` prints ``docs/configuration.md``.
 """
 
 from __future__ import annotations
 
-from .environ import VARIABLES, ConfigError, Variable
+from .environ import ConfigError, Variable
 from .node import (
     MIN_PEER_SECRET_BYTES,
+    VARIABLES,
     AcceleratorConfig,
     KuraConfig,
     PeerAuthConfig,

@@ -18,6 +18,51 @@ import re
 
 import attrs
 
+from kura.config.environ import Declarations, Reader, Variable
+
+_var = Declarations()
+_ACCESS = "Public access"
+TOKENS_FILE = _var(
+    _ACCESS,
+    "KURA_AUTH_TOKENS_FILE",
+    None,
+    "A file of `read <token> [name]` / `write <token> [name]` lines (`#` comments); a "
+    "token may be given as `sha256:<64 hex>` instead. Clients send `Authorization: Bearer "
+    "<token>` or Basic auth with the token as password. Write tokens also read.",
+)
+READ_TOKENS = _var(
+    _ACCESS, "KURA_AUTH_READ_TOKENS", None, "Comma-separated read tokens (as in the file)."
+)
+WRITE_TOKENS = _var(_ACCESS, "KURA_AUTH_WRITE_TOKENS", None, "Comma-separated write tokens.")
+ANONYMOUS_READ = _var(
+    _ACCESS,
+    "KURA_AUTH_ANONYMOUS_READ",
+    False,
+    "`true`: with tokens configured, reads need none (writes still do).",
+)
+ALLOW_ANONYMOUS_DELETE = _var(
+    _ACCESS,
+    "KURA_ALLOW_ANONYMOUS_DELETE",
+    False,
+    "`true`: in open mode (no tokens, no extension) anonymous callers may clean "
+    "namespaces and delete entries. Otherwise those need a write token.",
+)
+METRICS_TOKEN = _var(
+    _ACCESS,
+    "KURA_METRICS_TOKEN",
+    None,
+    "When set, `/metrics` answers only `Authorization: Bearer <this token>`.",
+)
+STATUS_TOKEN = _var(
+    _ACCESS,
+    "KURA_STATUS_TOKEN",
+    None,
+    "When set, `/status/*` answers only `Authorization: Bearer <this token>` "
+    "(`/up` and `/ready` stay open for probes).",
+)
+#: The public access variables, in documentation order.
+ACCESS_VARIABLES = tuple(_var.variables)
+
 
 class Scope(enum.Enum):
     """What a token may do: read, or read and write (deletes included)."""
@@ -73,14 +118,59 @@ class AccessConfig:
     """
 
     tokens: tuple[AccessToken, ...] = ()
-    anonymous_read: bool = False
-    allow_anonymous_delete: bool = False
+    anonymous_read: bool = ANONYMOUS_READ.default
+    allow_anonymous_delete: bool = ALLOW_ANONYMOUS_DELETE.default
     metrics_token: bytes | None = None
     status_token: bytes | None = None
 
     @property
     def uses_tokens(self) -> bool:
         return bool(self.tokens)
+
+    @classmethod
+    def read(cls, read: Reader) -> AccessConfig:
+        """Parse the public access variables with ``read``, which collects problems."""
+        tokens = _tokens(read, READ_TOKENS, Scope.READ) + _tokens(read, WRITE_TOKENS, Scope.WRITE)
+        path = read.optional_text(TOKENS_FILE)
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    tokens += parse_token_lines(handle.read())
+            except OSError as error:
+                read.fail(TOKENS_FILE, f"cannot be read: {error.strerror}")
+            except (ValueError, UnicodeDecodeError) as error:
+                read.fail(TOKENS_FILE, f"is invalid: {error}")
+            else:
+                if not tokens:
+                    read.fail(TOKENS_FILE, f"file {path!r} lists no token")
+        return cls(
+            tokens=tuple(tokens),
+            anonymous_read=read.strict_boolean(ANONYMOUS_READ),
+            allow_anonymous_delete=read.strict_boolean(ALLOW_ANONYMOUS_DELETE),
+            metrics_token=_bearer_digest(read, METRICS_TOKEN),
+            status_token=_bearer_digest(read, STATUS_TOKEN),
+        )
+
+
+def _tokens(read: Reader, variable: Variable[None], scope: Scope) -> tuple[AccessToken, ...]:
+    found = []
+    for item in read.items(variable):
+        try:
+            found.append(parse_token(item, scope))
+        except ValueError as error:
+            read.fail(variable, f"holds an invalid token: {error}")
+    return tuple(found)
+
+
+def _bearer_digest(read: Reader, variable: Variable[None]) -> bytes | None:
+    value = read.optional_text(variable)
+    if value is None:
+        return None
+    try:
+        return parse_token(value, Scope.READ).digest
+    except ValueError as error:
+        read.fail(variable, f"is invalid: {error}")
+        return None
 
 
 def parse_token(text: str, scope: Scope, name: str | None = None) -> AccessToken:

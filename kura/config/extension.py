@@ -23,71 +23,75 @@ import os
 import re
 import types
 from collections.abc import Mapping
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
 
-from kura.config.environ import ConfigError, Reader, Variable
+from kura.config.environ import ConfigError, Declarations, Reader, Variable
+
+T = TypeVar("T")
 
 _SECTION = "Authorization extension"
+_declare = Declarations()
 
 
-def _variable(name: str, default: str, meaning: str) -> Variable:
-    return Variable(name=name, default=default, meaning=meaning, section=_SECTION)
+def _variable(name: str, default: T, meaning: str, *, shown: str | None = None) -> Variable[T]:
+    return _declare(_SECTION, name, default, meaning, shown=shown)
 
 
 ENABLED = _variable(
     "KURA_EXTENSION_ENABLED",
-    "false",
+    False,
     "Run the authorization extension (1/true/yes/on). Setting KURA_EXTENSION_SCRIPT_PATH "
     "or KURA_EXTENSION_MODULE enables it too, whatever this says.",
 )
 SCRIPT_PATH = _variable(
     "KURA_EXTENSION_SCRIPT_PATH",
-    "(unset)",
+    None,
     "A Python file defining the hooks (see docs/extensions.md). A file that fails to "
     "import stops the node at start-up.",
 )
 MODULE = _variable(
     "KURA_EXTENSION_MODULE",
-    "(unset)",
+    None,
     "The extension as an importable `package.module` or `package.module:attribute`; "
     "an alternative to KURA_EXTENSION_SCRIPT_PATH (set one, not both).",
 )
 HOOK_TIMEOUT_MS = _variable(
     "KURA_EXTENSION_HOOK_TIMEOUT_MS",
-    "1000",
+    1_000,
     "Deadline of one hook call. Past it authenticate is a 401 and authorize a 403 "
     "(when fail-closed). Upstream's 25 ms suits in-process Lua; Python hooks that call "
     "an HTTP backend need room for one request.",
 )
 ALLOW_TTL_SECONDS = _variable(
     "KURA_EXTENSION_AUTH_CACHE_ALLOW_TTL_SECONDS",
-    "600",
+    600,
     "How long principal, anonymous and allow results are cached when the hook gives "
     "no ttl_seconds; 0 disables caching them.",
 )
 DENY_TTL_SECONDS = _variable(
     "KURA_EXTENSION_AUTH_CACHE_DENY_TTL_SECONDS",
-    "3",
+    3,
     "How long deny results are cached when the hook gives no ttl_seconds; 0 disables caching them.",
 )
 CACHE_MAX_ENTRIES = _variable(
     "KURA_EXTENSION_CACHE_MAX_ENTRIES",
-    "100000",
+    100_000,
     "Entries per hook-result cache (authenticate, authorize). When full, expired entries "
     "are dropped first; if still full the new result is not cached.",
 )
 AUTH_FAIL_CLOSED = _variable(
     "KURA_EXTENSION_AUTH_FAIL_CLOSED",
-    "true",
+    True,
     "When authenticate fails or times out answer 401 `Authentication failed`, and when "
     "authorize does answer 403 `Forbidden`. `false`: treat the caller as anonymous / "
     "allow the request instead.",
 )
 RESPONSE_HEADERS_FAIL_OPEN = _variable(
     "KURA_EXTENSION_RESPONSE_HEADERS_FAIL_OPEN",
-    "true",
+    True,
     "When response_headers fails, send the response without the hook's headers and "
     "with `x-kura-extension-error: response_headers`. `false`: answer 503 instead.",
 )
@@ -98,32 +102,34 @@ JWT_VERIFIER_ALGORITHM = _variable(
 )
 JWT_VERIFIER_SECRET = _variable(
     "KURA_EXTENSION_JWT_VERIFIER_<ID>_SECRET",
-    "(required)",
+    None,
     "Shared HMAC secret of JWT verifier <ID> (its UTF-8 bytes are the key).",
+    shown="(required)",
 )
 JWT_VERIFIER_ISSUER = _variable(
     "KURA_EXTENSION_JWT_VERIFIER_<ID>_ISSUER",
-    "(unset)",
+    None,
     "When set, tokens must carry this `iss`.",
 )
 JWT_VERIFIER_AUDIENCES = _variable(
     "KURA_EXTENSION_JWT_VERIFIER_<ID>_AUDIENCES",
-    "(unset)",
+    None,
     "Comma-separated; when set, a token's `aud` must name one of them.",
 )
 HTTP_CLIENT_BASE_URL = _variable(
     "KURA_EXTENSION_HTTP_CLIENT_<ID>_BASE_URL",
-    "(required)",
+    None,
     "http(s) base URL of JSON HTTP client <ID>; hook request paths are appended to it.",
+    shown="(required)",
 )
 HTTP_CLIENT_CONNECT_TIMEOUT_MS = _variable(
     "KURA_EXTENSION_HTTP_CLIENT_<ID>_CONNECT_TIMEOUT_MS",
-    "500",
+    500,
     "TCP (and TLS) connect deadline of HTTP client <ID>.",
 )
 HTTP_CLIENT_REQUEST_TIMEOUT_MS = _variable(
     "KURA_EXTENSION_HTTP_CLIENT_<ID>_REQUEST_TIMEOUT_MS",
-    "1500",
+    1_500,
     "Deadline of one request attempt of HTTP client <ID>, body included. Network errors "
     "are retried once after 100 ms.",
 )
@@ -134,31 +140,13 @@ SIGNER_ALGORITHM = _variable(
 )
 SIGNER_SECRET = _variable(
     "KURA_EXTENSION_SIGNER_<ID>_SECRET",
-    "(required)",
+    None,
     "Base64 of the raw HMAC key of signer <ID>.",
+    shown="(required)",
 )
 
 #: Every extension variable, in documentation order.
-EXTENSION_VARIABLES: tuple[Variable, ...] = (
-    ENABLED,
-    SCRIPT_PATH,
-    MODULE,
-    HOOK_TIMEOUT_MS,
-    ALLOW_TTL_SECONDS,
-    DENY_TTL_SECONDS,
-    CACHE_MAX_ENTRIES,
-    AUTH_FAIL_CLOSED,
-    RESPONSE_HEADERS_FAIL_OPEN,
-    JWT_VERIFIER_ALGORITHM,
-    JWT_VERIFIER_SECRET,
-    JWT_VERIFIER_ISSUER,
-    JWT_VERIFIER_AUDIENCES,
-    HTTP_CLIENT_BASE_URL,
-    HTTP_CLIENT_CONNECT_TIMEOUT_MS,
-    HTTP_CLIENT_REQUEST_TIMEOUT_MS,
-    SIGNER_ALGORITHM,
-    SIGNER_SECRET,
-)
+EXTENSION_VARIABLES: tuple[Variable[Any], ...] = tuple(_declare.variables)
 
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512")
 SIGNER_ALGORITHMS = ("hmac-sha256",)
@@ -192,8 +180,8 @@ class HttpClientConfig:
     """One ``KURA_EXTENSION_HTTP_CLIENT_<ID>_*`` group."""
 
     base_url: str
-    connect_timeout_ms: int = 500
-    request_timeout_ms: int = 1500
+    connect_timeout_ms: int = HTTP_CLIENT_CONNECT_TIMEOUT_MS.default
+    request_timeout_ms: int = HTTP_CLIENT_REQUEST_TIMEOUT_MS.default
 
 
 @attrs.frozen
@@ -201,7 +189,7 @@ class SignerConfig:
     """One ``KURA_EXTENSION_SIGNER_<ID>_*`` group (``key`` is the raw key)."""
 
     key: bytes = attrs.field(repr=False)
-    algorithm: str = "hmac-sha256"
+    algorithm: str = SIGNER_ALGORITHM.default
 
 
 def _read_only(value: Mapping[str, object]) -> Mapping[str, object]:
@@ -217,15 +205,15 @@ class ExtensionConfig:
             ``env(name)`` (hooks read their own settings through it).
     """
 
-    enabled: bool = False
+    enabled: bool = ENABLED.default
     script_path: str | None = None
     module: str | None = None
-    hook_timeout_ms: int = 1000
-    allow_ttl_seconds: int = 600
-    deny_ttl_seconds: int = 3
-    cache_max_entries: int = 100_000
-    auth_fail_closed: bool = True
-    response_headers_fail_open: bool = True
+    hook_timeout_ms: int = HOOK_TIMEOUT_MS.default
+    allow_ttl_seconds: int = ALLOW_TTL_SECONDS.default
+    deny_ttl_seconds: int = DENY_TTL_SECONDS.default
+    cache_max_entries: int = CACHE_MAX_ENTRIES.default
+    auth_fail_closed: bool = AUTH_FAIL_CLOSED.default
+    response_headers_fail_open: bool = RESPONSE_HEADERS_FAIL_OPEN.default
     jwt_verifiers: Mapping[str, JwtVerifierConfig] = attrs.field(factory=dict, converter=_read_only)
     http_clients: Mapping[str, HttpClientConfig] = attrs.field(factory=dict, converter=_read_only)
     signers: Mapping[str, SignerConfig] = attrs.field(factory=dict, converter=_read_only)
@@ -248,9 +236,9 @@ class ExtensionConfig:
     @classmethod
     def read(cls, read: Reader, environ: Mapping[str, str]) -> ExtensionConfig:
         """Parse with ``read``, which collects problems instead of raising."""
-        script_path = read.text(SCRIPT_PATH, "") or None
-        module = read.text(MODULE, "") or None
-        enabled = read.boolean(ENABLED, False) or script_path is not None or module is not None
+        script_path = read.optional_text(SCRIPT_PATH)
+        module = read.optional_text(MODULE)
+        enabled = read.boolean(ENABLED) or script_path is not None or module is not None
         if script_path is not None and module is not None:
             read.fail(MODULE, "cannot be set together with KURA_EXTENSION_SCRIPT_PATH")
         if enabled and script_path is None and module is None:
@@ -265,12 +253,12 @@ class ExtensionConfig:
             enabled=enabled,
             script_path=script_path,
             module=module,
-            hook_timeout_ms=read.integer(HOOK_TIMEOUT_MS, 1000, minimum=1),
-            allow_ttl_seconds=read.integer(ALLOW_TTL_SECONDS, 600),
-            deny_ttl_seconds=read.integer(DENY_TTL_SECONDS, 3),
-            cache_max_entries=read.integer(CACHE_MAX_ENTRIES, 100_000, minimum=1),
-            auth_fail_closed=read.boolean(AUTH_FAIL_CLOSED, True),
-            response_headers_fail_open=read.boolean(RESPONSE_HEADERS_FAIL_OPEN, True),
+            hook_timeout_ms=read.integer(HOOK_TIMEOUT_MS, minimum=1),
+            allow_ttl_seconds=read.integer(ALLOW_TTL_SECONDS),
+            deny_ttl_seconds=read.integer(DENY_TTL_SECONDS),
+            cache_max_entries=read.integer(CACHE_MAX_ENTRIES, minimum=1),
+            auth_fail_closed=read.boolean(AUTH_FAIL_CLOSED),
+            response_headers_fail_open=read.boolean(RESPONSE_HEADERS_FAIL_OPEN),
             jwt_verifiers=_jwt_verifiers(read, environ),
             http_clients=_http_clients(read, environ),
             signers=_signers(read, environ),
@@ -280,15 +268,15 @@ class ExtensionConfig:
 
 def _groups(
     read: Reader, environ: Mapping[str, str], prefix: str, fields: tuple[str, ...]
-) -> dict[str, dict[str, tuple[Variable, str]]]:
+) -> dict[str, dict[str, tuple[Variable[None], str]]]:
     """``{ID: {FIELD: (variable, value)}}`` for one family; bad names are reported."""
-    groups: dict[str, dict[str, tuple[Variable, str]]] = {}
+    groups: dict[str, dict[str, tuple[Variable[None], str]]] = {}
     # Longest field first, so a field that ends with another one wins.
     by_length = sorted(fields, key=len, reverse=True)
     for name in sorted(environ):
         if not name.startswith(prefix):
             continue
-        variable = _variable(name, "", "")
+        variable = _named(name)
         rest = name[len(prefix) :]
         field = next((f for f in by_length if rest.endswith("_" + f)), None)
         resource = rest[: -len(field) - 1] if field else ""
@@ -299,15 +287,20 @@ def _groups(
     return groups
 
 
-def _family_variable(prefix: str, resource: str, field: str) -> Variable:
-    return _variable(f"{prefix}{resource}_{field}", "", "")
+def _named(name: str) -> Variable[None]:
+    """A variable of a family, as set for one resource (named in problems only)."""
+    return Variable(name=name, default=None, meaning="", section=_SECTION)
+
+
+def _family_variable(prefix: str, resource: str, field: str) -> Variable[None]:
+    return _named(f"{prefix}{resource}_{field}")
 
 
 def _jwt_verifiers(read: Reader, environ: Mapping[str, str]) -> dict[str, JwtVerifierConfig]:
     verifiers = {}
     fields = ("ALGORITHM", "SECRET", "ISSUER", "AUDIENCES")
     for resource, values in _groups(read, environ, _JWT_PREFIX, fields).items():
-        algorithm = "HS256"
+        algorithm = JWT_VERIFIER_ALGORITHM.default
         if "ALGORITHM" in values:
             variable, text = values["ALGORITHM"]
             algorithm = text.upper()
@@ -329,14 +322,16 @@ def _jwt_verifiers(read: Reader, environ: Mapping[str, str]) -> dict[str, JwtVer
 
 
 def _milliseconds(
-    read: Reader, values: dict[str, tuple[Variable, str]], field: str, default: int
+    read: Reader, values: dict[str, tuple[Variable[None], str]], family: Variable[int]
 ) -> int:
+    """The field of ``values`` that ``family`` documents, or the family's default."""
+    field = family.name.rsplit("<ID>_", 1)[1]
     if field not in values:
-        return default
+        return family.default
     variable, text = values[field]
     if not text.isdigit() or int(text) < 1:
         read.fail(variable, f"must be a positive integer, got {text!r}")
-        return default
+        return family.default
     return int(text)
 
 
@@ -344,8 +339,8 @@ def _http_clients(read: Reader, environ: Mapping[str, str]) -> dict[str, HttpCli
     clients = {}
     fields = ("BASE_URL", "CONNECT_TIMEOUT_MS", "REQUEST_TIMEOUT_MS")
     for resource, values in _groups(read, environ, _HTTP_PREFIX, fields).items():
-        connect = _milliseconds(read, values, "CONNECT_TIMEOUT_MS", 500)
-        request = _milliseconds(read, values, "REQUEST_TIMEOUT_MS", 1500)
+        connect = _milliseconds(read, values, HTTP_CLIENT_CONNECT_TIMEOUT_MS)
+        request = _milliseconds(read, values, HTTP_CLIENT_REQUEST_TIMEOUT_MS)
         if "BASE_URL" not in values or not values["BASE_URL"][1]:
             read.fail(_family_variable(_HTTP_PREFIX, resource, "BASE_URL"), "must be set")
             continue
@@ -366,7 +361,7 @@ def _http_clients(read: Reader, environ: Mapping[str, str]) -> dict[str, HttpCli
 def _signers(read: Reader, environ: Mapping[str, str]) -> dict[str, SignerConfig]:
     signers = {}
     for resource, values in _groups(read, environ, _SIGNER_PREFIX, ("ALGORITHM", "SECRET")).items():
-        algorithm = "hmac-sha256"
+        algorithm = SIGNER_ALGORITHM.default
         if "ALGORITHM" in values:
             variable, text = values["ALGORITHM"]
             algorithm = text.lower().replace("_", "-")

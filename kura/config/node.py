@@ -1,10 +1,15 @@
 """Node configuration: one frozen object built from ``KURA_*`` variables.
 
-The environment is the contract. Every variable kura reads is declared once in
-this module as a :class:`Variable` (name, documented default, meaning); the
-parser, ``docs/configuration.md`` (``python -m kura.config``) and the test
-that keeps the two in step all read the same registry. No other module reads
-``os.environ``.
+The environment is the contract. Every variable kura reads is declared once
+as a :class:`Variable` (name, default, meaning): here, or in
+:mod:`kura.config.access` and :mod:`kura.config.extension` for their own
+settings; :data:`VARIABLES` lists them all. Each default is written once, in
+its declaration: the parser falls back on it, the configuration classes take
+their attribute defaults from it, and ``docs/configuration.md``
+(``python -m kura.config``) renders it. Defaults derived from other settings
+or from the host are computed by the parser (:func:`default_node_url`,
+:func:`default_tmp_dir`, :func:`derive_capacity`, the memory watermarks) and
+described by the declaration. No other module reads ``os.environ``.
 
 :meth:`KuraConfig.from_environ` gathers every missing or invalid variable and
 raises one :class:`ConfigError` naming all of them, joined with ``"; "``.
@@ -17,12 +22,13 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
 
-from kura.config.access import AccessConfig, AccessToken, Scope, parse_token, parse_token_lines
-from kura.config.environ import VARIABLES, Reader, Variable, declare
+from kura.config.access import ACCESS_VARIABLES, AccessConfig
+from kura.config.environ import Declarations, Reader, Variable
 from kura.config.extension import EXTENSION_VARIABLES, ExtensionConfig
 from kura.config.proxies import TrustedProxies, parse_trusted_proxies
 from kura.domain.failpoints import KNOWN as KNOWN_FAILPOINTS
@@ -33,7 +39,10 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 
 
-_var = declare
+_var = Declarations()
+
+#: Where the internal plane of a node without peers listens, and its default URL's host.
+LOOPBACK = "127.0.0.1"
 
 #: A DNS name, or one with a leading ``*.`` that stands for exactly one label.
 _DNS_PATTERN = re.compile(r"(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]*[a-z0-9])?")
@@ -41,14 +50,14 @@ _DNS_PATTERN = re.compile(r"(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)*[a-z0-9]([a
 
 # --- node identity and listeners -------------------------------------------------
 _NODE = "Node and listeners"
-PORT = _var(_NODE, "KURA_PORT", "4000", "Public HTTP port (accelerator and twisted.web share it).")
+PORT = _var(_NODE, "KURA_PORT", 4000, "Public HTTP port (accelerator and twisted.web share it).")
 INTERNAL_PORT = _var(
-    _NODE, "KURA_INTERNAL_PORT", "7443", "Peer (internal) plane port; must differ from KURA_PORT."
+    _NODE, "KURA_INTERNAL_PORT", 7443, "Peer (internal) plane port; must differ from KURA_PORT."
 )
 HTTPS_PORT = _var(
     _NODE,
     "KURA_HTTPS_PORT",
-    "4443",
+    4443,
     "Public HTTPS port, opened only when KURA_PUBLIC_TLS_CERT_PATH and _KEY_PATH are set.",
 )
 BIND_HOST = _var(_NODE, "KURA_BIND_HOST", "0.0.0.0", "Interface every listener binds to.")
@@ -59,14 +68,15 @@ REGION = _var(_NODE, "KURA_REGION", "local", "Region label reported by probes an
 NODE_URL = _var(
     _NODE,
     "KURA_NODE_URL",
-    "http://127.0.0.1:<KURA_INTERNAL_PORT>",
+    None,
     "This node's own internal base URL; scheme and port are validated like peer URLs.",
+    shown=f"http://{LOOPBACK}:<KURA_INTERNAL_PORT>",
 )
 PUBLIC_TLS_CERT_PATH = _var(
-    _NODE, "KURA_PUBLIC_TLS_CERT_PATH", "(unset)", "PEM certificate chain for public HTTPS."
+    _NODE, "KURA_PUBLIC_TLS_CERT_PATH", None, "PEM certificate chain for public HTTPS."
 )
 PUBLIC_TLS_KEY_PATH = _var(
-    _NODE, "KURA_PUBLIC_TLS_KEY_PATH", "(unset)", "PEM private key for public HTTPS."
+    _NODE, "KURA_PUBLIC_TLS_KEY_PATH", None, "PEM private key for public HTTPS."
 )
 LOG_FORMAT = _var(
     _NODE, "KURA_LOG_FORMAT", "json", "`json` (one JSON event per line) or `text` on stdout."
@@ -74,76 +84,79 @@ LOG_FORMAT = _var(
 ACCESS_LOG = _var(
     _NODE,
     "KURA_ACCESS_LOG",
-    "true",
+    True,
     "`true` or `false`: log one event per public request (both serving paths).",
 )
 
 # --- storage ---------------------------------------------------------------------
 _STORAGE = "Storage"
 DATA_DIR = _var(
-    _STORAGE, "KURA_DATA_DIR", "./kura-data", "Metadata (SQLite) and artifact bodies live here."
+    _STORAGE, "KURA_DATA_DIR", "kura-data", "Metadata (SQLite) and artifact bodies live here."
 )
 TMP_DIR = _var(
     _STORAGE,
     "KURA_TMP_DIR",
-    "<KURA_DATA_DIR>/tmp",
+    None,
     "Upload staging; `uploads/` is wiped at start-up. Keep it on the data filesystem.",
+    shown="<KURA_DATA_DIR>/tmp",
 )
 TMP_DIR_MAX_BYTES = _var(
     _STORAGE,
     "KURA_TMP_DIR_MAX_BYTES",
-    str(8 * GiB),
+    8 * GiB,
     "Staging budget, reserved as body bytes arrive; an upload whose declared length "
     "exceeds the free part, or that runs out of it midway, gets 503 with Retry-After.",
 )
 CAS_CAPACITY_BYTES = _var(
     _STORAGE,
     "KURA_CAS_CAPACITY_BYTES",
-    "50% of the data filesystem, at most 80%",
+    None,
     "Artifact byte budget; least-recently-used artifacts are evicted beyond it.",
+    shown="50% of the data filesystem, at most 80%",
 )
 MAX_KEYVALUE_BYTES = _var(
     _STORAGE,
     "KURA_MAX_KEYVALUE_BYTES",
-    str(1 * MiB),
+    1 * MiB,
     "Largest key-value PUT body (and inline replication body).",
 )
 MANIFEST_CACHE_MAX_BYTES = _var(
     _STORAGE,
     "KURA_MANIFEST_CACHE_MAX_BYTES",
-    str(32 * MiB),
+    32 * MiB,
     "Approximate memory for the in-process manifest cache in front of SQLite.",
 )
 STORAGE_THREADS = _var(
     _STORAGE,
     "KURA_STORAGE_THREADS",
-    "8",
+    8,
     "Threads for blocking disk work (staging writes, fsync, SQLite reads).",
 )
 MULTIPART_UPLOAD_TTL_MS = _var(
     _STORAGE,
     "KURA_MULTIPART_UPLOAD_TTL_MS",
-    "86400000",
+    86_400_000,
     "Unfinished module multipart uploads expire after this long.",
 )
 MULTIPART_MAX_UNFINISHED = _var(
     _STORAGE,
     "KURA_MULTIPART_MAX_UNFINISHED",
-    "10000",
+    10_000,
     "Unfinished module multipart uploads the node keeps; beyond it `start` gets 429 "
     "with Retry-After until uploads complete or expire.",
 )
 MULTIPART_JANITOR_INTERVAL_MS = _var(
     _STORAGE,
     "KURA_MULTIPART_JANITOR_INTERVAL_MS",
-    "600000",
+    600_000,
     "How often expired multipart uploads are removed.",
 )
-FAILPOINTS = _var(
+FAILPOINTS: Variable[tuple[tuple[str, str], ...]] = _var(
     _STORAGE,
     "KURA_FAILPOINTS",
-    "(unset)",
+    (),
     "Testing only: comma list of `name:action` (action `exit` or `error`) crash points.",
+    shown="(unset)",
 )
 
 # --- memory ------------------------------------------------------------------------
@@ -151,57 +164,59 @@ _MEMORY = "Memory pressure"
 MEMORY_SOFT_LIMIT_BYTES = _var(
     _MEMORY,
     "KURA_MEMORY_SOFT_LIMIT_BYTES",
-    "70% of the cgroup limit (else host RAM)",
+    None,
     "Resident memory at which the node reports constrained pressure.",
+    shown="70% of the cgroup limit (else host RAM)",
 )
 MEMORY_HARD_LIMIT_BYTES = _var(
     _MEMORY,
     "KURA_MEMORY_HARD_LIMIT_BYTES",
-    "85% of the cgroup limit, at least soft + 64 MiB",
+    None,
     "Resident memory at which writes are shed with 503 and caches are dropped.",
+    shown="85% of the cgroup limit, at least soft + 64 MiB",
 )
 
 # --- HTTP connection limits ----------------------------------------------------
 _HTTP = "Public HTTP connections"
 HEADER_TIMEOUT_MS = _var(
-    _HTTP, "KURA_HEADER_TIMEOUT_MS", "30000", "Whole-request-head deadline, from its first byte."
+    _HTTP, "KURA_HEADER_TIMEOUT_MS", 30_000, "Whole-request-head deadline, from its first byte."
 )
 KEEPALIVE_IDLE_TIMEOUT_MS = _var(
     _HTTP,
     "KURA_KEEPALIVE_IDLE_TIMEOUT_MS",
-    "60000",
+    60_000,
     "An idle connection (no request under way) is closed after this long.",
 )
 SEND_TIMEOUT_MS = _var(
     _HTTP,
     "KURA_SEND_TIMEOUT_MS",
-    "120000",
+    120_000,
     "A download that makes no write progress for this long is aborted.",
 )
 BODY_TIMEOUT_MS = _var(
     _HTTP,
     "KURA_BODY_TIMEOUT_MS",
-    "60000",
+    60_000,
     "An upload whose body makes no progress for this long is aborted.",
 )
 MAX_UPLOADS_PER_CLIENT = _var(
     _HTTP,
     "KURA_MAX_UPLOADS_PER_CLIENT",
-    "64",
+    64,
     "Request bodies one client may be uploading at once (the client is the authenticated "
     "principal, else its address); more are refused from the head with 429 and Retry-After.",
 )
-TRUSTED_PROXIES = _var(
+TRUSTED_PROXIES: Variable[TrustedProxies] = _var(
     _HTTP,
     "KURA_TRUSTED_PROXIES",
-    "(empty)",
+    (),
     "Comma-separated IPs/CIDRs of proxies whose X-Forwarded-For is believed: the client is "
     "the right-most address in it that is not one of them.",
 )
 DRAIN_COMPLETION_TIMEOUT_MS = _var(
     _HTTP,
     "KURA_DRAIN_COMPLETION_TIMEOUT_MS",
-    "240000",
+    240_000,
     "On SIGTERM, how long in-flight public transfers may run before the node stops.",
 )
 
@@ -210,7 +225,7 @@ _ACCEL = "Same-port accelerator"
 ACCEL_ENABLED = _var(
     _ACCEL,
     "KURA_ACCELERATED_FILE_SERVING_ENABLED",
-    "true",
+    True,
     "`true` or `false`; false serves every request through twisted.web on the same port.",
 )
 ACCEL_MODE = _var(
@@ -222,76 +237,78 @@ ACCEL_MODE = _var(
 ACCEL_MAX_CONCURRENT = _var(
     _ACCEL,
     "KURA_ACCELERATED_FILE_SERVING_MAX_CONCURRENT",
-    "32",
+    32,
     "Concurrent accelerated transfers; beyond it requests fall back to twisted.web.",
 )
 ACCEL_CHUNK_BYTES = _var(
     _ACCEL,
     "KURA_ACCELERATED_FILE_SERVING_CHUNK_BYTES",
-    str(1 * MiB),
+    1 * MiB,
     "Bytes moved per sendfile/splice call.",
 )
 ACCEL_INLINE_BYTES = _var(
     _ACCEL,
     "KURA_ACCELERATED_FILE_SERVING_INLINE_BYTES",
-    str(1 * MiB),
+    1 * MiB,
     "Body bytes sent on the reactor thread before a transfer moves to a worker "
     "thread (also when the socket pushes back); 0 sends every body from a worker.",
 )
 
 # --- replication ---------------------------------------------------------------
 _REPL = "Replication"
-PEERS = _var(_REPL, "KURA_PEERS", "(empty)", "Comma-separated internal base URLs of seed peers.")
+PEERS: Variable[tuple[str, ...]] = _var(
+    _REPL, "KURA_PEERS", (), "Comma-separated internal base URLs of seed peers."
+)
 DISCOVERY_DNS_NAME = _var(
     _REPL,
     "KURA_DISCOVERY_DNS_NAME",
-    "(unset)",
+    None,
     "DNS name whose A/AAAA records are peers (e.g. a headless Service); polled every 2 s.",
 )
 OUTBOX_MAX_DEPTH = _var(
     _REPL,
     "KURA_OUTBOX_MAX_DEPTH",
-    "100000",
+    100_000,
     "Replication outbox cap; at the cap writes get 503 with Retry-After.",
 )
 REPLICATION_BANDWIDTH = _var(
     _REPL,
     "KURA_REPLICATION_BANDWIDTH_LIMIT_BYTES_PER_SECOND",
-    "536870912",
+    512 * MiB,
     "Ceiling for peer artifact body traffic; 0 disables the limiter.",
 )
 REPLICATION_LATENCY_TARGET_MS = _var(
     _REPL,
     "KURA_REPLICATION_PUBLIC_LATENCY_TARGET_MS",
-    "100",
+    100,
     "Public time-to-first-byte target; above it replication backs off. 0 disables the term.",
 )
 REPLICATION_UPLOAD_STALL_MS = _var(
     _REPL,
     "KURA_REPLICATION_UPLOAD_STALL_MS",
-    "60000",
+    60_000,
     "A replication upload making no byte progress for this long is aborted and retried.",
 )
 BOOTSTRAP_TIMEOUT_MS = _var(
     _REPL,
     "KURA_BOOTSTRAP_TIMEOUT_MS",
-    "1800000",
+    1_800_000,
     "Catch-up from one peer fails after this long without progress.",
 )
 BOOTSTRAP_MAX_CONCURRENT_PEERS = _var(
-    _REPL, "KURA_BOOTSTRAP_MAX_CONCURRENT_PEERS", "8", "Peers caught up from at once."
+    _REPL, "KURA_BOOTSTRAP_MAX_CONCURRENT_PEERS", 8, "Peers caught up from at once."
 )
 INTERNAL_TLS_CA_CERT_PATH = _var(
     _REPL,
     "KURA_INTERNAL_TLS_CA_CERT_PATH",
-    "(unset)",
+    None,
     "Peer mTLS CA bundle; set all three INTERNAL_TLS paths or none.",
 )
 INTERNAL_TLS_CERT_PATH = _var(
-    _REPL, "KURA_INTERNAL_TLS_CERT_PATH", "(unset)", "Peer mTLS certificate (PEM)."
+    _REPL, "KURA_INTERNAL_TLS_CERT_PATH", None, "Peer mTLS certificate (PEM)."
 )
 INTERNAL_TLS_KEY_PATH = _var(
-    _REPL, "KURA_INTERNAL_TLS_KEY_PATH", "(unset)", "Peer mTLS private key (PEM)."
+    _REPL, "KURA_INTERNAL_TLS_KEY_PATH", None, "Peer mTLS private key (PEM)."
 )
 
 
@@ -300,54 +317,56 @@ _PEER_AUTH = "Peer authentication (internal plane)"
 INTERNAL_BIND_HOST = _var(
     _PEER_AUTH,
     "KURA_INTERNAL_BIND_HOST",
-    "127.0.0.1 without peers, else KURA_BIND_HOST",
+    None,
     "Interface of the internal plane. A node without peers (no KURA_PEERS, no "
     "KURA_DISCOVERY_DNS_NAME) keeps it on loopback.",
+    shown=f"{LOOPBACK} without peers, else KURA_BIND_HOST",
 )
 PEER_SECRET = _var(
     _PEER_AUTH,
     "KURA_PEER_SECRET",
-    "(unset)",
+    None,
     "Shared mesh secret (at least 32 bytes): every peer request and response is signed "
     "with it (HMAC-SHA256 over method, target, tenant, body digest, time and a nonce).",
 )
 PEER_SECRET_FILE = _var(
     _PEER_AUTH,
     "KURA_PEER_SECRET_FILE",
-    "(unset)",
+    None,
     "A file holding KURA_PEER_SECRET (surrounding whitespace ignored); set one of the two.",
 )
 PEER_SECRET_NEXT = _var(
     _PEER_AUTH,
     "KURA_PEER_SECRET_NEXT",
-    "(unset)",
+    None,
     "During a rotation, the other secret peers may sign with: accepted, never used to sign.",
 )
 PEER_SECRET_NEXT_FILE = _var(
     _PEER_AUTH,
     "KURA_PEER_SECRET_NEXT_FILE",
-    "(unset)",
+    None,
     "A file holding KURA_PEER_SECRET_NEXT; set one of the two.",
 )
-INTERNAL_TLS_PEER_NAMES = _var(
+INTERNAL_TLS_PEER_NAMES: Variable[tuple[str, ...]] = _var(
     _PEER_AUTH,
     "KURA_INTERNAL_TLS_PEER_NAMES",
-    "(unset)",
+    (),
     "With peer mTLS: comma-separated DNS names a peer's client certificate must carry "
     "(subjectAltName); a leading `*.` matches exactly one label. Any other certificate "
     "fails the handshake, even when the CA signed it.",
+    shown="(unset)",
 )
 INTERNAL_INSECURE = _var(
     _PEER_AUTH,
     "KURA_INTERNAL_INSECURE",
-    "false",
+    False,
     "`true` lets a node with peers run without peer authentication (warned at every "
     "start). Without it such a node refuses to start.",
 )
 PEER_ACCEPT_UNSIGNED_UNTIL = _var(
     _PEER_AUTH,
     "KURA_PEER_ACCEPT_UNSIGNED_UNTIL",
-    "(unset)",
+    None,
     "Rolling upgrade to signed peers: until this RFC 3339 UTC time (e.g. "
     "`2026-12-31T00:00:00Z`) unsigned peer requests and responses are still accepted "
     "(counted and warned); signed ones must verify. Needs KURA_PEER_SECRET.",
@@ -355,57 +374,28 @@ PEER_ACCEPT_UNSIGNED_UNTIL = _var(
 MAX_CLOCK_SKEW_MS = _var(
     _PEER_AUTH,
     "KURA_MAX_CLOCK_SKEW_MS",
-    "300000",
+    300_000,
     "Largest accepted difference between a peer's clock and ours: signed requests outside "
     "it are replays, and replicated versions further ahead are refused.",
 )
 
-# --- public access ---------------------------------------------------------------
-_ACCESS = "Public access"
-AUTH_TOKENS_FILE = _var(
-    _ACCESS,
-    "KURA_AUTH_TOKENS_FILE",
-    "(unset)",
-    "A file of `read <token> [name]` / `write <token> [name]` lines (`#` comments); a "
-    "token may be given as `sha256:<64 hex>` instead. Clients send `Authorization: Bearer "
-    "<token>` or Basic auth with the token as password. Write tokens also read.",
-)
-AUTH_READ_TOKENS = _var(
-    _ACCESS, "KURA_AUTH_READ_TOKENS", "(unset)", "Comma-separated read tokens (as in the file)."
-)
-AUTH_WRITE_TOKENS = _var(
-    _ACCESS, "KURA_AUTH_WRITE_TOKENS", "(unset)", "Comma-separated write tokens."
-)
-AUTH_ANONYMOUS_READ = _var(
-    _ACCESS,
-    "KURA_AUTH_ANONYMOUS_READ",
-    "false",
-    "`true`: with tokens configured, reads need none (writes still do).",
-)
-ALLOW_ANONYMOUS_DELETE = _var(
-    _ACCESS,
-    "KURA_ALLOW_ANONYMOUS_DELETE",
-    "false",
-    "`true`: in open mode (no tokens, no extension) anonymous callers may clean "
-    "namespaces and delete entries. Otherwise those need a write token.",
-)
-METRICS_TOKEN = _var(
-    _ACCESS,
-    "KURA_METRICS_TOKEN",
-    "(unset)",
-    "When set, `/metrics` answers only `Authorization: Bearer <this token>`.",
-)
-STATUS_TOKEN = _var(
-    _ACCESS,
-    "KURA_STATUS_TOKEN",
-    "(unset)",
-    "When set, `/status/*` answers only `Authorization: Bearer <this token>` "
-    "(`/up` and `/ready` stay open for probes).",
+#: Every variable, in documentation order: the node's, then the public access
+#: rules' and the extension's.
+VARIABLES: tuple[Variable[Any], ...] = (
+    *_var.variables,
+    *ACCESS_VARIABLES,
+    *EXTENSION_VARIABLES,
 )
 
 
-# The extension's own settings, documented after the node's.
-VARIABLES.extend(EXTENSION_VARIABLES)
+def default_node_url(scheme: str, internal_port: int) -> str:
+    """``KURA_NODE_URL`` when unset: the internal plane on loopback."""
+    return f"{scheme}://{LOOPBACK}:{internal_port}"
+
+
+def default_tmp_dir(data_dir: str) -> str:
+    """``KURA_TMP_DIR`` when unset: ``tmp`` inside the data directory."""
+    return os.path.join(data_dir, "tmp")
 
 
 def _plain_default_capacity(filesystem_bytes: int) -> int:
@@ -445,11 +435,11 @@ def filesystem_size(path: str) -> int:
 class AcceleratorConfig:
     """Same-port sendfile/splice accelerator settings."""
 
-    enabled: bool = True
-    mode: str = "splice"
-    max_concurrent: int = 32
-    chunk_bytes: int = 1 * MiB
-    inline_bytes: int = 1 * MiB
+    enabled: bool = ACCEL_ENABLED.default
+    mode: str = ACCEL_MODE.default
+    max_concurrent: int = ACCEL_MAX_CONCURRENT.default
+    chunk_bytes: int = ACCEL_CHUNK_BYTES.default
+    inline_bytes: int = ACCEL_INLINE_BYTES.default
 
 
 @attrs.frozen
@@ -483,10 +473,10 @@ class PeerAuthConfig:
 
     secret: bytes | None = attrs.field(default=None, repr=False)
     next_secret: bytes | None = attrs.field(default=None, repr=False)
-    tls_peer_names: tuple[str, ...] = ()
-    insecure: bool = False
+    tls_peer_names: tuple[str, ...] = INTERNAL_TLS_PEER_NAMES.default
+    insecure: bool = INTERNAL_INSECURE.default
     accept_unsigned_until_ms: int | None = None
-    max_clock_skew_ms: int = 300_000
+    max_clock_skew_ms: int = MAX_CLOCK_SKEW_MS.default
 
     @property
     def signs(self) -> bool:
@@ -497,14 +487,14 @@ class PeerAuthConfig:
 class ReplicationConfig:
     """Peer mesh settings."""
 
-    peers: tuple[str, ...] = ()
-    discovery_dns_name: str | None = None
-    outbox_max_depth: int = 100_000
-    bandwidth_limit_bytes_per_second: int = 536_870_912
-    public_latency_target_ms: int = 100
-    upload_stall_ms: int = 60_000
-    bootstrap_timeout_ms: int = 1_800_000
-    bootstrap_max_concurrent_peers: int = 8
+    peers: tuple[str, ...] = PEERS.default
+    discovery_dns_name: str | None = DISCOVERY_DNS_NAME.default
+    outbox_max_depth: int = OUTBOX_MAX_DEPTH.default
+    bandwidth_limit_bytes_per_second: int = REPLICATION_BANDWIDTH.default
+    public_latency_target_ms: int = REPLICATION_LATENCY_TARGET_MS.default
+    upload_stall_ms: int = REPLICATION_UPLOAD_STALL_MS.default
+    bootstrap_timeout_ms: int = BOOTSTRAP_TIMEOUT_MS.default
+    bootstrap_max_concurrent_peers: int = BOOTSTRAP_MAX_CONCURRENT_PEERS.default
     internal_tls: TlsFiles | None = None
     auth: PeerAuthConfig = attrs.field(factory=PeerAuthConfig)
 
@@ -540,39 +530,41 @@ class ReplicationConfig:
 class KuraConfig:
     """Everything a node needs to start, validated.
 
-    Build it with :meth:`from_environ`; the defaults below are the embedded
-    defaults a node uses with no environment at all.
+    Build it with :meth:`from_environ`. The attribute defaults are the
+    variables' (a node with no environment at all gets them), save three
+    that :meth:`from_environ` derives from the host: ``cas_capacity_bytes``
+    and the memory watermarks (0 here).
     """
 
-    port: int = 4000
-    internal_port: int = 7443
-    https_port: int = 4443
-    bind_host: str = "0.0.0.0"
-    internal_bind_host: str = "127.0.0.1"
-    tenant_id: str = "default"
-    region: str = "local"
-    node_url: str = "http://127.0.0.1:7443"
+    port: int = PORT.default
+    internal_port: int = INTERNAL_PORT.default
+    https_port: int = HTTPS_PORT.default
+    bind_host: str = BIND_HOST.default
+    internal_bind_host: str = LOOPBACK
+    tenant_id: str = TENANT_ID.default
+    region: str = REGION.default
+    node_url: str = default_node_url("http", INTERNAL_PORT.default)
     public_tls: TlsFiles | None = None
-    log_format: str = "json"
-    access_log: bool = True
-    data_dir: str = "kura-data"
-    tmp_dir: str = "kura-data/tmp"
-    tmp_dir_max_bytes: int = 8 * GiB
+    log_format: str = LOG_FORMAT.default
+    access_log: bool = ACCESS_LOG.default
+    data_dir: str = DATA_DIR.default
+    tmp_dir: str = default_tmp_dir(DATA_DIR.default)
+    tmp_dir_max_bytes: int = TMP_DIR_MAX_BYTES.default
     cas_capacity_bytes: int = 0
-    max_keyvalue_bytes: int = 1 * MiB
-    manifest_cache_max_bytes: int = 32 * MiB
-    storage_threads: int = 8
-    multipart_upload_ttl_ms: int = 86_400_000
-    multipart_janitor_interval_ms: int = 600_000
-    multipart_max_unfinished: int = 10_000
-    failpoints: tuple[tuple[str, str], ...] = ()
-    header_timeout_ms: int = 30_000
-    keepalive_idle_timeout_ms: int = 60_000
-    send_timeout_ms: int = 120_000
-    body_timeout_ms: int = 60_000
-    drain_completion_timeout_ms: int = 240_000
-    max_uploads_per_client: int = 64
-    trusted_proxies: TrustedProxies = ()
+    max_keyvalue_bytes: int = MAX_KEYVALUE_BYTES.default
+    manifest_cache_max_bytes: int = MANIFEST_CACHE_MAX_BYTES.default
+    storage_threads: int = STORAGE_THREADS.default
+    multipart_upload_ttl_ms: int = MULTIPART_UPLOAD_TTL_MS.default
+    multipart_janitor_interval_ms: int = MULTIPART_JANITOR_INTERVAL_MS.default
+    multipart_max_unfinished: int = MULTIPART_MAX_UNFINISHED.default
+    failpoints: tuple[tuple[str, str], ...] = FAILPOINTS.default
+    header_timeout_ms: int = HEADER_TIMEOUT_MS.default
+    keepalive_idle_timeout_ms: int = KEEPALIVE_IDLE_TIMEOUT_MS.default
+    send_timeout_ms: int = SEND_TIMEOUT_MS.default
+    body_timeout_ms: int = BODY_TIMEOUT_MS.default
+    drain_completion_timeout_ms: int = DRAIN_COMPLETION_TIMEOUT_MS.default
+    max_uploads_per_client: int = MAX_UPLOADS_PER_CLIENT.default
+    trusted_proxies: TrustedProxies = TRUSTED_PROXIES.default
     memory_soft_limit_bytes: int = 0
     memory_hard_limit_bytes: int = 0
     accelerator: AcceleratorConfig = attrs.field(factory=AcceleratorConfig)
@@ -606,13 +598,11 @@ class KuraConfig:
             ConfigError: naming every missing or invalid variable.
         """
         read = _NodeReader(environ)
-        port = read.port(PORT, 4000)
-        internal_port = read.port(INTERNAL_PORT, 7443)
+        port = read.port(PORT)
+        internal_port = read.port(INTERNAL_PORT)
         if port == internal_port and port != 0:
             read.fail(INTERNAL_PORT, "must differ from KURA_PORT")
-        https_port = read.port(HTTPS_PORT, 4443)
-        data_dir = read.text(DATA_DIR, "kura-data")
-        tmp_dir = read.text(TMP_DIR, os.path.join(data_dir, "tmp"))
+        data_dir = read.text(DATA_DIR)
         public_tls = read.tls_group((PUBLIC_TLS_CERT_PATH, PUBLIC_TLS_KEY_PATH), None)
         internal_tls = read.tls_group(
             (INTERNAL_TLS_CERT_PATH, INTERNAL_TLS_KEY_PATH), INTERNAL_TLS_CA_CERT_PATH
@@ -620,79 +610,72 @@ class KuraConfig:
         scheme = "https" if internal_tls else "http"
         node_url = read.peer_url(
             NODE_URL,
-            read.text(NODE_URL, f"{scheme}://127.0.0.1:{internal_port}"),
+            read.optional_text(NODE_URL) or default_node_url(scheme, internal_port),
             scheme,
             internal_port,
         )
         peers = tuple(
-            read.peer_url(PEERS, peer, scheme, internal_port)
-            for peer in read.text(PEERS, "").split(",")
-            if peer.strip()
+            read.peer_url(PEERS, peer, scheme, internal_port) for peer in read.items(PEERS)
         )
         requested_capacity = read.optional_integer(CAS_CAPACITY_BYTES, minimum=1)
         soft, hard = read.memory_watermarks(measure_memory)
         accelerator = AcceleratorConfig(
-            enabled=read.strict_boolean(ACCEL_ENABLED, True),
-            mode=read.choice(ACCEL_MODE, "splice", ("splice", "sendfile")),
-            max_concurrent=read.integer(ACCEL_MAX_CONCURRENT, 32, minimum=1),
-            chunk_bytes=read.integer(ACCEL_CHUNK_BYTES, 1 * MiB, minimum=1),
-            inline_bytes=read.integer(ACCEL_INLINE_BYTES, 1 * MiB),
+            enabled=read.strict_boolean(ACCEL_ENABLED),
+            mode=read.choice(ACCEL_MODE, ("splice", "sendfile")),
+            max_concurrent=read.integer(ACCEL_MAX_CONCURRENT, minimum=1),
+            chunk_bytes=read.integer(ACCEL_CHUNK_BYTES, minimum=1),
+            inline_bytes=read.integer(ACCEL_INLINE_BYTES),
         )
         replication = ReplicationConfig(
             peers=peers,
-            discovery_dns_name=read.text(DISCOVERY_DNS_NAME, "") or None,
-            outbox_max_depth=read.integer(OUTBOX_MAX_DEPTH, 100_000, minimum=1),
-            bandwidth_limit_bytes_per_second=read.integer(REPLICATION_BANDWIDTH, 536_870_912),
-            public_latency_target_ms=read.integer(REPLICATION_LATENCY_TARGET_MS, 100),
-            upload_stall_ms=read.integer(REPLICATION_UPLOAD_STALL_MS, 60_000, minimum=1),
-            bootstrap_timeout_ms=read.integer(BOOTSTRAP_TIMEOUT_MS, 1_800_000, minimum=1),
-            bootstrap_max_concurrent_peers=read.integer(
-                BOOTSTRAP_MAX_CONCURRENT_PEERS, 8, minimum=1
-            ),
+            discovery_dns_name=read.optional_text(DISCOVERY_DNS_NAME),
+            outbox_max_depth=read.integer(OUTBOX_MAX_DEPTH, minimum=1),
+            bandwidth_limit_bytes_per_second=read.integer(REPLICATION_BANDWIDTH),
+            public_latency_target_ms=read.integer(REPLICATION_LATENCY_TARGET_MS),
+            upload_stall_ms=read.integer(REPLICATION_UPLOAD_STALL_MS, minimum=1),
+            bootstrap_timeout_ms=read.integer(BOOTSTRAP_TIMEOUT_MS, minimum=1),
+            bootstrap_max_concurrent_peers=read.integer(BOOTSTRAP_MAX_CONCURRENT_PEERS, minimum=1),
             internal_tls=internal_tls,
             auth=read.peer_auth(internal_tls),
         )
-        bind_host = read.text(BIND_HOST, "0.0.0.0")
+        bind_host = read.text(BIND_HOST)
         config = cls(
             port=port,
             internal_port=internal_port,
-            https_port=https_port,
+            https_port=read.port(HTTPS_PORT),
             bind_host=bind_host,
-            internal_bind_host=read.text(
-                INTERNAL_BIND_HOST, bind_host if replication.has_peers else "127.0.0.1"
-            ),
-            tenant_id=read.tenant(TENANT_ID, "default"),
-            region=read.text(REGION, "local"),
+            internal_bind_host=read.optional_text(INTERNAL_BIND_HOST)
+            or (bind_host if replication.has_peers else LOOPBACK),
+            tenant_id=read.tenant(TENANT_ID),
+            region=read.text(REGION),
             node_url=node_url,
             public_tls=public_tls,
-            log_format=read.choice(LOG_FORMAT, "json", ("json", "text")),
-            access_log=read.strict_boolean(ACCESS_LOG, True),
+            log_format=read.choice(LOG_FORMAT, ("json", "text")),
+            access_log=read.strict_boolean(ACCESS_LOG),
             data_dir=data_dir,
-            tmp_dir=tmp_dir,
-            tmp_dir_max_bytes=read.integer(TMP_DIR_MAX_BYTES, 8 * GiB, minimum=1),
+            tmp_dir=read.optional_text(TMP_DIR) or default_tmp_dir(data_dir),
+            tmp_dir_max_bytes=read.integer(TMP_DIR_MAX_BYTES, minimum=1),
             cas_capacity_bytes=0,
-            max_keyvalue_bytes=read.integer(MAX_KEYVALUE_BYTES, 1 * MiB, minimum=1),
-            manifest_cache_max_bytes=read.integer(MANIFEST_CACHE_MAX_BYTES, 32 * MiB),
-            storage_threads=read.integer(STORAGE_THREADS, 8, minimum=1, maximum=256),
-            multipart_upload_ttl_ms=read.integer(MULTIPART_UPLOAD_TTL_MS, 86_400_000, minimum=1),
-            multipart_janitor_interval_ms=read.integer(
-                MULTIPART_JANITOR_INTERVAL_MS, 600_000, minimum=1
-            ),
-            multipart_max_unfinished=read.integer(MULTIPART_MAX_UNFINISHED, 10_000, minimum=1),
+            max_keyvalue_bytes=read.integer(MAX_KEYVALUE_BYTES, minimum=1),
+            manifest_cache_max_bytes=read.integer(MANIFEST_CACHE_MAX_BYTES),
+            storage_threads=read.integer(STORAGE_THREADS, minimum=1, maximum=256),
+            multipart_upload_ttl_ms=read.integer(MULTIPART_UPLOAD_TTL_MS, minimum=1),
+            multipart_janitor_interval_ms=read.integer(MULTIPART_JANITOR_INTERVAL_MS, minimum=1),
+            multipart_max_unfinished=read.integer(MULTIPART_MAX_UNFINISHED, minimum=1),
             failpoints=read.failpoints(FAILPOINTS),
-            header_timeout_ms=read.integer(HEADER_TIMEOUT_MS, 30_000, minimum=1),
-            keepalive_idle_timeout_ms=read.integer(KEEPALIVE_IDLE_TIMEOUT_MS, 60_000, minimum=1),
-            send_timeout_ms=read.integer(SEND_TIMEOUT_MS, 120_000, minimum=1),
-            body_timeout_ms=read.integer(BODY_TIMEOUT_MS, 60_000, minimum=1),
-            drain_completion_timeout_ms=read.integer(DRAIN_COMPLETION_TIMEOUT_MS, 240_000),
-            max_uploads_per_client=read.integer(MAX_UPLOADS_PER_CLIENT, 64, minimum=1),
+            header_timeout_ms=read.integer(HEADER_TIMEOUT_MS, minimum=1),
+            keepalive_idle_timeout_ms=read.integer(KEEPALIVE_IDLE_TIMEOUT_MS, minimum=1),
+            send_timeout_ms=read.integer(SEND_TIMEOUT_MS, minimum=1),
+            body_timeout_ms=read.integer(BODY_TIMEOUT_MS, minimum=1),
+            drain_completion_timeout_ms=read.integer(DRAIN_COMPLETION_TIMEOUT_MS),
+            max_uploads_per_client=read.integer(MAX_UPLOADS_PER_CLIENT, minimum=1),
             trusted_proxies=read.trusted_proxies(TRUSTED_PROXIES),
             memory_soft_limit_bytes=soft,
             memory_hard_limit_bytes=hard,
             accelerator=accelerator,
             replication=replication,
             extension=ExtensionConfig.read(read, environ),
-            access=read.access(),
+            access=AccessConfig.read(read),
         )
         read.check_mesh_security(config)
         read.raise_if_failed()
@@ -714,13 +697,13 @@ class _NodeReader(Reader):
             self.fail(MEMORY_HARD_LIMIT_BYTES, "must be above KURA_MEMORY_SOFT_LIMIT_BYTES")
         return soft, hard
 
-    def tenant(self, variable: Variable, default: str) -> str:
-        value = self.text(variable, default)
+    def tenant(self, variable: Variable[str]) -> str:
+        value = self.text(variable)
         if not value.isascii() or not all(c.isalnum() or c in "-_." for c in value):
             self.fail(variable, "must be ASCII letters, digits, '-', '_' or '.'")
         return value
 
-    def peer_url(self, variable: Variable, value: str, scheme: str, port: int) -> str:
+    def peer_url(self, variable: Variable[Any], value: str, scheme: str, port: int) -> str:
         url = value.strip().rstrip("/")
         parts = urlsplit(url)
         try:
@@ -735,7 +718,9 @@ class _NodeReader(Reader):
             self.fail(variable, f"URL {url!r} must be a bare base URL")
         return url
 
-    def tls_group(self, pair: tuple[Variable, Variable], ca: Variable | None) -> TlsFiles | None:
+    def tls_group(
+        self, pair: tuple[Variable[None], Variable[None]], ca: Variable[None] | None
+    ) -> TlsFiles | None:
         members = [*pair, *([ca] if ca else [])]
         values = [self._raw(m) for m in members]
         if all(v is None for v in values):
@@ -753,7 +738,7 @@ class _NodeReader(Reader):
         assert cert is not None and key is not None
         return TlsFiles(cert_path=cert, key_path=key, ca_path=values[2] if ca else None)
 
-    def file_or_value(self, variable: Variable, file_variable: Variable) -> str | None:
+    def file_or_value(self, variable: Variable[None], file_variable: Variable[None]) -> str | None:
         """A secret given directly or as a file (one of the two, never both)."""
         value, path = self._raw(variable), self._raw(file_variable)
         if value is not None and path is not None:
@@ -772,7 +757,7 @@ class _NodeReader(Reader):
             return None
         return content
 
-    def peer_secret(self, variable: Variable, file_variable: Variable) -> bytes | None:
+    def peer_secret(self, variable: Variable[None], file_variable: Variable[None]) -> bytes | None:
         text = self.file_or_value(variable, file_variable)
         if text is None:
             return None
@@ -785,7 +770,7 @@ class _NodeReader(Reader):
             )
         return secret
 
-    def timestamp_ms(self, variable: Variable) -> int | None:
+    def timestamp_ms(self, variable: Variable[None]) -> int | None:
         value = self._raw(variable)
         if value is None:
             return None
@@ -803,16 +788,13 @@ class _NodeReader(Reader):
         next_secret = self.peer_secret(PEER_SECRET_NEXT, PEER_SECRET_NEXT_FILE)
         if next_secret is not None and secret is None:
             self.fail(PEER_SECRET_NEXT, "needs KURA_PEER_SECRET (the secret nodes sign with)")
-        names = tuple(
-            name.strip().lower() for name in self.text(INTERNAL_TLS_PEER_NAMES, "").split(",")
-        )
-        names = tuple(name for name in names if name)
+        names = tuple(name.lower() for name in self.items(INTERNAL_TLS_PEER_NAMES))
         for name in names:
             if not _DNS_PATTERN.fullmatch(name):
                 self.fail(INTERNAL_TLS_PEER_NAMES, f"entry {name!r} is not a DNS name pattern")
         if names and internal_tls is None:
             self.fail(INTERNAL_TLS_PEER_NAMES, "needs peer mTLS (KURA_INTERNAL_TLS_*_PATH)")
-        insecure = self.strict_boolean(INTERNAL_INSECURE, False)
+        insecure = self.strict_boolean(INTERNAL_INSECURE)
         until = self.timestamp_ms(PEER_ACCEPT_UNSIGNED_UNTIL)
         if until is not None and secret is None:
             self.fail(PEER_ACCEPT_UNSIGNED_UNTIL, "needs KURA_PEER_SECRET (what peers sign with)")
@@ -824,7 +806,7 @@ class _NodeReader(Reader):
             tls_peer_names=names,
             insecure=insecure,
             accept_unsigned_until_ms=until,
-            max_clock_skew_ms=self.integer(MAX_CLOCK_SKEW_MS, 300_000, minimum=1000),
+            max_clock_skew_ms=self.integer(MAX_CLOCK_SKEW_MS, minimum=1000),
         )
 
     def check_mesh_security(self, config: KuraConfig) -> None:
@@ -843,60 +825,19 @@ class _NodeReader(Reader):
                 "authentication anyway",
             )
 
-    def tokens(self, variable: Variable, scope: Scope) -> list[AccessToken]:
-        found = []
-        for item in self.text(variable, "").split(","):
-            if item.strip():
-                try:
-                    found.append(parse_token(item.strip(), scope))
-                except ValueError as error:
-                    self.fail(variable, f"holds an invalid token: {error}")
-        return found
-
-    def access(self) -> AccessConfig:
-        tokens = self.tokens(AUTH_READ_TOKENS, Scope.READ)
-        tokens += self.tokens(AUTH_WRITE_TOKENS, Scope.WRITE)
-        path = self._raw(AUTH_TOKENS_FILE)
-        if path is not None:
-            try:
-                with open(path, encoding="utf-8") as handle:
-                    tokens += parse_token_lines(handle.read())
-            except OSError as error:
-                self.fail(AUTH_TOKENS_FILE, f"cannot be read: {error.strerror}")
-            except (ValueError, UnicodeDecodeError) as error:
-                self.fail(AUTH_TOKENS_FILE, f"is invalid: {error}")
-            else:
-                if not tokens:
-                    self.fail(AUTH_TOKENS_FILE, f"file {path!r} lists no token")
-        return AccessConfig(
-            tokens=tuple(tokens),
-            anonymous_read=self.strict_boolean(AUTH_ANONYMOUS_READ, False),
-            allow_anonymous_delete=self.strict_boolean(ALLOW_ANONYMOUS_DELETE, False),
-            metrics_token=self.bearer_digest(METRICS_TOKEN),
-            status_token=self.bearer_digest(STATUS_TOKEN),
-        )
-
-    def bearer_digest(self, variable: Variable) -> bytes | None:
-        value = self._raw(variable)
-        if value is None:
-            return None
+    def trusted_proxies(self, variable: Variable[TrustedProxies]) -> TrustedProxies:
         try:
-            return parse_token(value, Scope.READ).digest
-        except ValueError as error:
-            self.fail(variable, f"is invalid: {error}")
-            return None
-
-    def trusted_proxies(self, variable: Variable) -> TrustedProxies:
-        try:
-            return parse_trusted_proxies(self.text(variable, ""))
+            return parse_trusted_proxies(self.optional_text(variable) or "")
         except ValueError as error:
             self.fail(variable, str(error))
-            return ()
+            return variable.default
 
-    def failpoints(self, variable: Variable) -> tuple[tuple[str, str], ...]:
+    def failpoints(
+        self, variable: Variable[tuple[tuple[str, str], ...]]
+    ) -> tuple[tuple[str, str], ...]:
         value = self._raw(variable)
         if value is None:
-            return ()
+            return variable.default
         points: list[tuple[str, str]] = []
         for item in value.split(","):
             name, _, action = item.strip().partition(":")
@@ -929,5 +870,7 @@ def render_markdown() -> str:
         if variable.section != section:
             section = variable.section
             lines += ["", f"## {section}", "", "| Variable | Default | Meaning |", "|---|---|---|"]
-        lines.append(f"| `{variable.name}` | `{variable.default}` | {variable.meaning} |")
+        lines.append(
+            f"| `{variable.name}` | `{variable.documented_default}` | {variable.meaning} |"
+        )
     return "\n".join(lines) + "\n"

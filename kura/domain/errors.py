@@ -122,12 +122,6 @@ class StorageFault(KuraError):
     status = 500
 
 
-class ClientAborted(KuraError):
-    """The client went away before its request body was complete (metric 499)."""
-
-    status = 499
-
-
 class BadFraming(BadRequest):
     """The request body was malformed (chunking, length mismatch)."""
 

@@ -8,7 +8,7 @@ eventually consistent, delivered at least once with last-writer-wins on
     seed peers plus DNS discovery, polled every 2 s; admits a peer only when
     its ``/_internal/status`` reports our tenant and another node URL; bumps
     a generation and opens a 5 s settle window on every change; it is the
-    :class:`~kura.lifecycle.MembershipView` readiness renders.
+    :class:`~kura.lifecycle.IMembershipView` readiness renders.
 ``internal``
     the internal plane (a separate Klein app on ``KURA_INTERNAL_PORT``):
     status, the receiver of replicated writes, and the catch-up routes.

@@ -30,7 +30,7 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from kura.domain.errors import BadFraming, KuraError
-from kura.storage.runner import BlockingRunner
+from kura.storage.interfaces import IBlockingRunner
 from kura.storage.staging import StagingFile
 
 from .limiter import BandwidthLimiter
@@ -68,7 +68,7 @@ class PacedFileBody:
         *,
         fd: int,
         length: int,
-        runner: BlockingRunner,
+        runner: IBlockingRunner,
         clock: IReactorTime,
         limiter: BandwidthLimiter,
         chunk_bytes: int = CHUNK_BYTES,

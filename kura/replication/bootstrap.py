@@ -42,8 +42,8 @@ from twisted.python.failure import Failure
 
 from kura.domain.artifacts import ArtifactAddress, Producer
 from kura.domain.errors import BadFraming
+from kura.storage.interfaces import IArtifactStore
 from kura.storage.metadata import Outcome
-from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
 
 from . import wire
@@ -128,7 +128,7 @@ class Bootstrapper:
     def __init__(
         self,
         *,
-        store: ArtifactStore,
+        store: IArtifactStore,
         client: PeerClient,
         membership: Membership,
         receiver: Receiver,

@@ -17,6 +17,7 @@ from typing import Any
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTCP
 from twisted.python.components import proxyForInterface
 from twisted.web.client import (
     Agent,
@@ -83,7 +84,8 @@ class PeerClient:
     """HTTP requests to peers' internal planes.
 
     Args:
-        reactor: the reactor the Agent and its pool use.
+        reactor: where the Agent and its pool connect (their timeouts use
+            its time too).
         tenant_id: sent with every request.
         auth: signs requests and checks responses.
         tls_policy: the client side of peer mTLS (``None``: plain HTTP or
@@ -94,13 +96,12 @@ class PeerClient:
     def __init__(
         self,
         *,
-        reactor: Any,
+        reactor: IReactorTCP,
         tenant_id: str,
         auth: PeerAuthenticator,
         tls_policy: IPolicyForHTTPS | None = None,
         max_connections_per_peer: int = 8,
     ) -> None:
-        self._reactor = reactor
         self._auth = auth
         self._tenant = tenant_id.encode("ascii")
         self.pool = quiet_pool(reactor, max_connections_per_peer)

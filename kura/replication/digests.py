@@ -14,7 +14,7 @@ import hashlib
 import os
 
 from kura.domain.artifacts import Manifest
-from kura.storage.runner import BlockingRunner
+from kura.storage.interfaces import IBlockingRunner
 
 #: Bytes hashed per read.
 READ_BYTES = 1024 * 1024
@@ -47,7 +47,7 @@ class BodyDigests:
         capacity: versions remembered (least recently used go first).
     """
 
-    def __init__(self, runner: BlockingRunner, capacity: int = CAPACITY) -> None:
+    def __init__(self, runner: IBlockingRunner, capacity: int = CAPACITY) -> None:
         self._runner = runner
         self._capacity = capacity
         self._known: collections.OrderedDict[tuple[str, int, str], str] = collections.OrderedDict()

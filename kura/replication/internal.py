@@ -29,6 +29,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
+import attrs
 from klein import Klein, KleinRenderable
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
@@ -41,8 +42,7 @@ from zope.interface import implementer
 from kura.config import KuraConfig
 from kura.domain.errors import Forbidden, KuraError, NotFound, ServiceUnavailable
 from kura.lifecycle import NodeState
-from kura.storage.runner import BlockingRunner
-from kura.storage.store import ArtifactStore
+from kura.storage.interfaces import IArtifactStore, IBlockingRunner
 from kura.telemetry.metrics import KuraMetrics
 from kura.web.admission import UNMATCHED, Admission, RequestHead, RouteMatch
 from kura.web.errors import classify_failure, respond_with_error
@@ -54,31 +54,51 @@ from . import wire
 from .bodies import PacedFileBody, StallWatchdog
 from .digests import BodyDigests
 from .limiter import BandwidthLimiter
-from .peer_auth import EMPTY_SHA256, UNSIGNED, PeerAuthenticator, sha256_hex
+from .peer_auth import EMPTY_SHA256, UNSIGNED, PeerAuthenticator, PeerCaller, sha256_hex
 from .receiver import MAX_REPLICATION_BODY_BYTES, SOURCE_REPLICATION, Receiver, ReplicaAdmission
 
 log = Logger(namespace="kura.replication.internal")
 
 
-def _header(request: IRequest, name: bytes, value: bytes) -> None:
-    # Through IRequest, which is typed (twisted.web's Request is not).
-    request.setHeader(name, value)
-
-
 Handler = TypeVar("Handler", bound=Callable[..., Any])
+#: One route's admission step (see :class:`HeadRule`).
+HeadStep = Callable[
+    ["InternalGate", RouteSpec, Mapping[str, str], RequestHead, PeerCaller],
+    "Admission | Deferred[Admission]",
+]
+
+
+@attrs.frozen
+class HeadRule:
+    """How :class:`InternalGate` admits one route's head, once the peer is authenticated.
+
+    Attributes:
+        step: builds the route's admission from its spec, path arguments,
+            head and peer, or raises the ``KuraError`` that refuses it.
+        any_tenant: the route answers members of any tenant (status: a node
+            of another tenant learns it is foreign instead of seeing a
+            failure); every other route must name this node's tenant.
+    """
+
+    step: HeadStep
+    any_tenant: bool = False
+
 
 _app = Klein()
 _SPECS: dict[str, RouteSpec] = {}
+_HEAD_RULES: dict[RouteSpec, HeadRule] = {}
 
 
-def route(rule: str, *, methods: list[str], **fields: Any) -> Callable[[Handler], Handler]:
-    """Register an internal route and its (non-public) :class:`RouteSpec`."""
+def route(
+    rule: str, *, methods: list[str], head: HeadRule, **fields: Any
+) -> Callable[[Handler], Handler]:
+    """Register an internal route, its (non-public) :class:`RouteSpec` and its head rule."""
 
     def register(handler: Handler) -> Handler:
         endpoint = handler.__name__
-        _SPECS[endpoint] = RouteSpec(
-            endpoint=endpoint, template=template_of(rule), public=False, **fields
-        )
+        spec = RouteSpec(endpoint=endpoint, template=template_of(rule), public=False, **fields)
+        _SPECS[endpoint] = spec
+        _HEAD_RULES[spec] = head
         _app.route(rule, methods=methods, endpoint=endpoint)(handler)
         return handler
 
@@ -90,11 +110,12 @@ class InternalGate:
     """Head-time admission for the internal plane.
 
     Every request is authenticated first (:mod:`.peer_auth`; reads
-    included), then must name this node's tenant (all but status), then is
-    parsed.
+    included), then must name this node's tenant (unless its route's
+    :class:`HeadRule` says any tenant), then goes through its route's step.
 
     Args:
         routes: matches paths against the internal app's ``url_map``.
+        rules: the head rule of every spec ``routes`` can match.
         receiver: decides replicated upserts before their bodies.
         auth: checks peer signatures.
         node_tenant: the tenant every peer request must name.
@@ -104,11 +125,13 @@ class InternalGate:
         self,
         *,
         routes: RouteMatch,
+        rules: Mapping[RouteSpec, HeadRule],
         receiver: Receiver,
         auth: PeerAuthenticator,
         node_tenant: str,
     ) -> None:
         self.routes = routes
+        self._rules = rules
         self._receiver = receiver
         self._auth = auth
         self._tenant = node_tenant
@@ -134,28 +157,51 @@ class InternalGate:
                 tenant=tenants[0] if len(tenants) == 1 else "",
                 peer=head.peer,
             )
-            if spec.endpoint != "status":
-                # Status answers any member of the mesh, so a node of another
-                # tenant learns it is foreign instead of seeing a failure.
+            rule = self._rules[spec]
+            if not rule.any_tenant:
                 self._check_tenant(tenants, head)
-            if spec.endpoint == "replicate_artifact":
-                return Deferred.fromCoroutine(
-                    self._receiver.admit_upsert(spec, path_args, head, peer)
-                )
-            context: dict[str, Any] = {"peer": peer}
-            if spec.endpoint == "replicate_namespace":
-                message = wire.DeleteMessage.parse(head.query)
-                self._receiver.check_version(message.version_ms)
-                context["message"] = message
-            elif spec.endpoint in ("bootstrap_tombstones", "bootstrap_manifests"):
-                context["page"] = wire.PageRequest.parse(head.query)
-            elif spec.endpoint == "bootstrap_artifact" and not wire.is_artifact_id(
-                path_args.get("artifact_id", "")
-            ):
-                raise NotFound("Artifact not found")
+            admitted = rule.step(self, spec, path_args, head, peer)
         except KuraError as error:
             return fail(error)
-        return succeed(Admission(spec, path_args, Query(head.query), context=context))
+        return admitted if isinstance(admitted, Deferred) else succeed(admitted)
+
+    # -- the routes' steps (named by their routes' HeadRule) ------------------------------
+
+    def admit_plain(
+        self, spec: RouteSpec, path_args: Mapping[str, str], head: RequestHead, peer: PeerCaller
+    ) -> Admission:
+        """Nothing to parse: the peer is all the handler needs."""
+        return Admission(spec, path_args, Query(head.query), context={"peer": peer})
+
+    def admit_upsert(
+        self, spec: RouteSpec, path_args: Mapping[str, str], head: RequestHead, peer: PeerCaller
+    ) -> Deferred[Admission]:
+        """A replicated write: the receiver decides it before its body (stale, equal, ...)."""
+        return Deferred.fromCoroutine(self._receiver.admit_upsert(spec, path_args, head, peer))
+
+    def admit_delete(
+        self, spec: RouteSpec, path_args: Mapping[str, str], head: RequestHead, peer: PeerCaller
+    ) -> Admission:
+        """A replicated clean: its message, refused when its version is too far ahead."""
+        message = wire.DeleteMessage.parse(head.query)
+        self._receiver.check_version(message.version_ms)
+        context = {"peer": peer, "message": message}
+        return Admission(spec, path_args, Query(head.query), context=context)
+
+    def admit_page(
+        self, spec: RouteSpec, path_args: Mapping[str, str], head: RequestHead, peer: PeerCaller
+    ) -> Admission:
+        """A catch-up listing: its page (``after``, ``limit``)."""
+        context = {"peer": peer, "page": wire.PageRequest.parse(head.query)}
+        return Admission(spec, path_args, Query(head.query), context=context)
+
+    def admit_body_read(
+        self, spec: RouteSpec, path_args: Mapping[str, str], head: RequestHead, peer: PeerCaller
+    ) -> Admission:
+        """A catch-up body: 404 at once for anything that is not an artifact id."""
+        if not wire.is_artifact_id(path_args.get("artifact_id", "")):
+            raise NotFound("Artifact not found")
+        return self.admit_plain(spec, path_args, head, peer)
 
     def _check_tenant(self, values: list[str], head: RequestHead) -> None:
         if values != [self._tenant]:
@@ -183,19 +229,20 @@ class InternalAPI:
 
     app = _app
     specs: Mapping[str, RouteSpec] = _SPECS
+    head_rules: Mapping[RouteSpec, HeadRule] = _HEAD_RULES
 
     def __init__(
         self,
         *,
         config: KuraConfig,
-        store: ArtifactStore,
+        store: IArtifactStore,
         state: NodeState,
         receiver: Receiver,
         limiter: BandwidthLimiter,
         auth: PeerAuthenticator,
         digests: BodyDigests,
         metrics: KuraMetrics,
-        runner: BlockingRunner,
+        runner: IBlockingRunner,
         clock: IReactorTime,
     ) -> None:
         self._config = config
@@ -226,13 +273,13 @@ class InternalAPI:
         if isinstance(admission, ReplicaAdmission):
             peer = admission.peer
         for name, value in self._auth.response_headers(peer, status, digest):
-            _header(request, name, value)
+            request.responseHeaders.setRawHeaders(name, [value])
 
     def _json(self, request: KuraRequest, payload: object) -> bytes:
         body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
         request.setResponseCode(200)
-        _header(request, b"Content-Type", b"application/json")
-        _header(request, b"Content-Length", b"%d" % len(body))
+        request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json"])
+        request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
         self._sign(request, 200, sha256_hex(body))
         return body
 
@@ -243,7 +290,9 @@ class InternalAPI:
 
     # -- status ---------------------------------------------------------------------------
 
-    @route(wire.STATUS_PATH, methods=["GET"])
+    @route(
+        wire.STATUS_PATH, methods=["GET"], head=HeadRule(InternalGate.admit_plain, any_tenant=True)
+    )
     async def status(self, request: KuraRequest) -> bytes:
         await self._admission(request)
         ready, _ = self._state.readiness()
@@ -263,6 +312,7 @@ class InternalAPI:
     @route(
         wire.REPLICATE_ARTIFACT_PATH,
         methods=["PUT"],
+        head=HeadRule(InternalGate.admit_upsert),
         body=BodyKind.STAGED,
         body_limit=MAX_REPLICATION_BODY_BYTES,
     )
@@ -271,7 +321,9 @@ class InternalAPI:
         await self._receiver.apply_upsert(admission, request.staging)
         return self._no_content(request)
 
-    @route(wire.REPLICATE_NAMESPACE_PATH, methods=["DELETE"])
+    @route(
+        wire.REPLICATE_NAMESPACE_PATH, methods=["DELETE"], head=HeadRule(InternalGate.admit_delete)
+    )
     async def replicate_namespace(self, request: KuraRequest) -> bytes:
         admission = await self._admission(request)
         await self._receiver.apply_delete(admission.context["message"], source=SOURCE_REPLICATION)
@@ -279,7 +331,7 @@ class InternalAPI:
 
     # -- catch-up -----------------------------------------------------------------------------
 
-    @route(wire.TOMBSTONES_PATH, methods=["GET"])
+    @route(wire.TOMBSTONES_PATH, methods=["GET"], head=HeadRule(InternalGate.admit_page))
     async def bootstrap_tombstones(self, request: KuraRequest) -> bytes:
         admission = await self._admission(request)
         page: wire.PageRequest = admission.context["page"]
@@ -288,7 +340,7 @@ class InternalAPI:
         cursor = rows[-1][0] if rows else None
         return self._json(request, wire.page_json("tombstones", items, page.limit, cursor))
 
-    @route(wire.MANIFESTS_PATH, methods=["GET"])
+    @route(wire.MANIFESTS_PATH, methods=["GET"], head=HeadRule(InternalGate.admit_page))
     async def bootstrap_manifests(self, request: KuraRequest) -> bytes:
         admission = await self._admission(request)
         page: wire.PageRequest = admission.context["page"]
@@ -297,21 +349,25 @@ class InternalAPI:
         cursor = manifests[-1].artifact_id if manifests else None
         return self._json(request, wire.page_json("manifests", items, page.limit, cursor))
 
-    @route(wire.ARTIFACTS_PATH + "/<artifact_id>", methods=["GET"])
+    @route(
+        wire.ARTIFACTS_PATH + "/<artifact_id>",
+        methods=["GET"],
+        head=HeadRule(InternalGate.admit_body_read),
+    )
     async def bootstrap_artifact(self, request: KuraRequest, artifact_id: str) -> bytes:
         await self._admission(request)
         manifest = await self._store.manifest(artifact_id)
         if manifest is None:
             raise NotFound("Artifact not found")
-        _header(request, wire.VERSION_HEADER, b"%d" % manifest.version_ms)
-        _header(request, b"Content-Type", b"application/octet-stream")
+        request.responseHeaders.setRawHeaders(wire.VERSION_HEADER, [b"%d" % manifest.version_ms])
+        request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/octet-stream"])
         if manifest.inline:
             value = await self._store.read_inline(manifest)
             if value is None:
                 raise NotFound("Artifact not found")
             await self._limiter.wait(len(value))
             self._metrics.replication_body_bytes.labels("served").inc(len(value))
-            _header(request, b"Content-Length", b"%d" % len(value))
+            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(value)])
             self._sign(request, 200, sha256_hex(value))
             return value
         try:
@@ -327,7 +383,7 @@ class InternalAPI:
         except BaseException:
             os.close(fd)
             raise
-        _header(request, b"Content-Length", b"%d" % manifest.size)
+        request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % manifest.size])
         self._sign(request, 200, digest)
         return await self._send(request, fd, manifest.size)
 

@@ -20,12 +20,13 @@ true after the first round (at once with no candidates at all).
 Replication targets are wider than the view: every seed and every address
 discovered (and not gone from DNS for :data:`FORGET_AFTER_ROUNDS` rounds),
 minus those known to be this node, an alias of another candidate, or another
-tenant's. A peer that is down keeps receiving outbox rows, so it gets every
-write when it returns.
+tenant's (:meth:`Membership.targets`, the store's
+:class:`~kura.storage.interfaces.IReplicationTargets`). A peer that is down
+keeps receiving outbox rows, so it gets every write when it returns.
 
 This class also keeps the catch-up bookkeeping readiness reads (which known
 peers are caught up, which are being caught up), so it implements
-:class:`kura.lifecycle.MembershipView` on its own.
+:class:`kura.lifecycle.IMembershipView` on its own.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from kura.lifecycle import IMembershipView
+from kura.storage.interfaces import IReplicationTargets
 from kura.telemetry.metrics import KuraMetrics
 
 from . import wire
@@ -142,6 +145,7 @@ class _Candidate:
     reported_url: str | None = None
 
 
+@implementer(IReplicationTargets, IMembershipView)
 class Membership:
     """The peer view and catch-up bookkeeping (see the module docstring).
 
@@ -194,7 +198,7 @@ class Membership:
         metrics.initial_discovery_completed.set(float(self._initial))
         metrics.discovered_peer_nodes.set(len(self._candidates))
 
-    # -- MembershipView ---------------------------------------------------------------
+    # -- IMembershipView --------------------------------------------------------------
 
     @property
     def generation(self) -> int:

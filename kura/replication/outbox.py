@@ -46,9 +46,8 @@ from twisted.logger import Logger
 
 from kura.domain.errors import KuraError
 from kura.domain.failpoints import BEFORE_OUTBOX_DELETE_AFTER_PEER_ACK, Failpoints
+from kura.storage.interfaces import IArtifactStore, IBlockingRunner
 from kura.storage.metadata import OutboxMessage
-from kura.storage.runner import BlockingRunner
-from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
 
 from . import wire
@@ -123,13 +122,13 @@ class OutboxWorker:
     def __init__(
         self,
         *,
-        store: ArtifactStore,
+        store: IArtifactStore,
         client: PeerClient,
         membership: Membership,
         limiter: BandwidthLimiter,
         clock: IReactorTime,
         metrics: KuraMetrics,
-        runner: BlockingRunner,
+        runner: IBlockingRunner,
         digests: BodyDigests,
         failpoints: Failpoints,
         stall_seconds: float,
@@ -162,7 +161,8 @@ class OutboxWorker:
         self._turn = 0
         self._scanning = False
         self._again = False
-        self._stopping = False
+        # Until start(): the store's commits poke the worker from construction on.
+        self._stopping = True
         self._scan_d: Deferred[None] | None = None
         self._poked: IDelayedCall | None = None
         self._loop = LoopingCall(self.wake)
@@ -199,7 +199,11 @@ class OutboxWorker:
 
         Scanning from inside the store's commit callback would run deliveries
         (and their own commits) before the committing writer has resumed.
+        Ignored while the worker is not running (before :meth:`start`, after
+        :meth:`stop`).
         """
+        if self._stopping:
+            return
         if self._poked is None or not self._poked.active():
             self._poked = self._clock.callLater(0, self.wake)
 

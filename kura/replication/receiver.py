@@ -28,10 +28,9 @@ from twisted.logger import Logger
 from kura.defer import shielded
 from kura.domain.artifacts import ArtifactAddress, Target, safe_content_type
 from kura.domain.errors import BadFraming, KuraError, PayloadTooLarge
+from kura.storage.interfaces import IArtifactStore, IBlockingRunner
 from kura.storage.metadata import Outcome, WritePolicy
-from kura.storage.runner import BlockingRunner
 from kura.storage.staging import StagedBody, StagingFile
-from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
 from kura.web.admission import Admission, RequestHead
 from kura.web.routing import GiB, Query, RouteSpec
@@ -123,10 +122,10 @@ class Receiver:
     def __init__(
         self,
         *,
-        store: ArtifactStore,
+        store: IArtifactStore,
         metrics: KuraMetrics,
         limiter: BandwidthLimiter,
-        runner: BlockingRunner,
+        runner: IBlockingRunner,
         clock: IReactorTime,
         max_inline_bytes: int,
         max_clock_skew_ms: int,

@@ -1,7 +1,9 @@
 """``ReplicationService``: the MultiService that owns the replication mesh.
 
-Construction only builds objects (the node wires :meth:`replication_targets`
-into the store and :attr:`membership` into the node state). Work starts in
+:class:`PeerMesh` (who the peers are, and how to reach and trust them) is
+built before storage: its membership is the store's replication targets and
+the view readiness reports. :class:`ReplicationService` builds the rest from
+it and the store. Construction only builds objects; work starts in
 :meth:`start_serving`, which the node calls once storage is open: it opens
 the internal listener (TLS when peer mTLS is configured) and starts the
 membership rounds (every 2 s), the outbox worker (on every commit and every
@@ -13,20 +15,27 @@ all of it; outbox rows and catch-up progress are safe to abandon.
 from __future__ import annotations
 
 import datetime
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
+import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IReactorPluggableNameResolver,
+    IReactorSSL,
+    IReactorTCP,
+    IReactorTime,
+)
+from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from kura.config import KuraConfig, ReplicationConfig
 from kura.domain.failpoints import Failpoints
 from kura.lifecycle import NodeState
-from kura.storage.runner import BlockingRunner
-from kura.storage.store import ArtifactStore
+from kura.storage.interfaces import IArtifactStore, IBlockingRunner
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
 from kura.web.admission import RouteMatch
@@ -60,29 +69,88 @@ UNSIGNED_WINDOW = (
 GAUGE_SECONDS = 1.0
 
 
+@attrs.frozen
+class PeerMesh:
+    """Who the peers are, and how to reach and trust them: what exists before storage.
+
+    Attributes:
+        auth: signs and checks peer requests and responses.
+        client: the treq client of peers' internal planes.
+        membership: the peer view; the store's replication targets and the
+            view readiness reports.
+    """
+
+    auth: PeerAuthenticator
+    client: PeerClient
+    membership: Membership
+
+    @classmethod
+    def build(cls, config: KuraConfig, *, reactor: IReactorTime, metrics: KuraMetrics) -> PeerMesh:
+        """The mesh of ``config``: seed peers, DNS discovery, peer authentication and TLS.
+
+        ``reactor`` also provides IReactorTCP (the peer client's connections)
+        and IReactorPluggableNameResolver (DNS discovery).
+        """
+        settings = config.replication
+        auth = PeerAuthenticator(
+            settings.auth, tenant=config.tenant_id, clock=reactor, metrics=metrics
+        )
+        tls = settings.internal_tls
+        client = PeerClient(
+            reactor=IReactorTCP(reactor),
+            tenant_id=config.tenant_id,
+            auth=auth,
+            tls_policy=PeerTLSPolicy(tls) if tls is not None else None,
+        )
+        discovery = None
+        if settings.discovery_dns_name:
+            node = urlsplit(config.node_url)
+            discovery = DnsDiscovery(
+                IReactorPluggableNameResolver(reactor).nameResolver,
+                settings.discovery_dns_name,
+                node.scheme,
+                node.port or config.internal_port,
+            )
+        membership = Membership(
+            clock=reactor,
+            client=client,
+            node_url=config.node_url,
+            tenant_id=config.tenant_id,
+            seeds=settings.peers,
+            discovery=discovery,
+            metrics=metrics,
+        )
+        return cls(auth=auth, client=client, membership=membership)
+
+
 class ReplicationService(MultiService):
-    """Owns membership, the internal plane, outbox delivery, catch-up and the limiter.
+    """Owns the internal plane, outbox delivery, catch-up, the limiter and membership rounds.
 
     Args:
         config: the node configuration (``config.replication`` above all).
-        reactor: the reactor (listeners, timers, the peer client's Agent).
-        store: the node's store.
+        reactor: the reactor: timers, and the listener (IReactorTCP, or
+            IReactorSSL with peer mTLS).
+        peers: the mesh built before the store (:meth:`PeerMesh.build`).
+        store: the node's store (its replication targets are ``peers.membership``).
         state: the node's state (status report; readiness reads membership).
         metrics: the node's metrics.
         traffic: public load, which the limiter backs off against.
         runner: blocking disk work.
+        failpoints: the node's crash points (the outbox passes one).
     """
 
     def __init__(
         self,
         *,
         config: KuraConfig,
-        reactor: Any,
-        store: ArtifactStore,
+        reactor: IReactorTime,
+        peers: PeerMesh,
+        store: IArtifactStore,
         state: NodeState,
         metrics: KuraMetrics,
         traffic: PublicTraffic,
-        runner: BlockingRunner,
+        runner: IBlockingRunner,
+        failpoints: Failpoints,
     ) -> None:
         super().__init__()
         settings = config.replication
@@ -96,35 +164,10 @@ class ReplicationService(MultiService):
             configured_bytes_per_second=settings.bandwidth_limit_bytes_per_second,
             latency_target_ms=settings.public_latency_target_ms,
         )
-        self.auth = PeerAuthenticator(
-            settings.auth, tenant=config.tenant_id, clock=reactor, metrics=metrics
-        )
+        self.auth = peers.auth
+        self.client = peers.client
+        self.membership = peers.membership
         self.digests = BodyDigests(runner)
-        tls = settings.internal_tls
-        self.client = PeerClient(
-            reactor=reactor,
-            tenant_id=config.tenant_id,
-            auth=self.auth,
-            tls_policy=PeerTLSPolicy(tls) if tls is not None else None,
-        )
-        discovery = None
-        if settings.discovery_dns_name:
-            node = urlsplit(config.node_url)
-            discovery = DnsDiscovery(
-                reactor.nameResolver,
-                settings.discovery_dns_name,
-                node.scheme,
-                node.port or config.internal_port,
-            )
-        self.membership = Membership(
-            clock=reactor,
-            client=self.client,
-            node_url=config.node_url,
-            tenant_id=config.tenant_id,
-            seeds=settings.peers,
-            discovery=discovery,
-            metrics=metrics,
-        )
         self.receiver = Receiver(
             store=store,
             metrics=metrics,
@@ -148,6 +191,7 @@ class ReplicationService(MultiService):
         )
         self.gate = InternalGate(
             routes=RouteMatch(self.api.app.url_map, self.api.specs),
+            rules=self.api.head_rules,
             receiver=self.receiver,
             auth=self.auth,
             node_tenant=config.tenant_id,
@@ -175,7 +219,7 @@ class ReplicationService(MultiService):
             metrics=metrics,
             runner=runner,
             digests=self.digests,
-            failpoints=Failpoints(config.failpoints),
+            failpoints=failpoints,
             stall_seconds=stall_seconds,
         )
         self.bootstrap = Bootstrapper(
@@ -191,6 +235,8 @@ class ReplicationService(MultiService):
             stall_seconds=stall_seconds,
             max_inline_bytes=config.max_keyvalue_bytes,
         )
+        # Rows a write just committed are delivered at once, not at the next round.
+        store.add_commit_listener(self.outbox.poke)
         self.membership.listeners.append(self._topology_changed)
         self._rounds = LoopingCall(self._round)
         self._rounds.clock = reactor
@@ -206,10 +252,6 @@ class ReplicationService(MultiService):
         )
         self.limiter.publish(metrics)
 
-    def replication_targets(self) -> list[str]:
-        """The store's write-time targets: one outbox row per target per write."""
-        return self.membership.targets()
-
     # -- start and stop --------------------------------------------------------------------
 
     def start_serving(self) -> IListeningPort:
@@ -223,11 +265,16 @@ class ReplicationService(MultiService):
         tls = settings.internal_tls
         if tls is not None:
             options = server_options(tls, settings.auth.tls_peer_names)
-            port: IListeningPort = self.reactor.listenSSL(
+            port: IListeningPort = IReactorSSL(self.reactor).listenSSL(
                 self.config.internal_port, self.site, options, interface=host
             )
         else:
-            port = self.reactor.listenTCP(self.config.internal_port, self.site, interface=host)
+            # listenTCP is annotated with a bare ServerFactory (of the default
+            # protocol type); a Site's factory type is invariant in its protocol.
+            factory = cast("ServerFactory", self.site)
+            port = IReactorTCP(self.reactor).listenTCP(
+                self.config.internal_port, factory, interface=host
+            )
         address: Any = port.getHost()
         log.info(
             INTERNAL_LISTENING,
@@ -239,16 +286,9 @@ class ReplicationService(MultiService):
         )
         warn_if_insecure(settings, self.config.internal_port)
         self._serving = True
-        committed = self.store.on_committed
-
-        def on_committed() -> None:
-            committed()
-            self.outbox.poke()
-
-        self.store.on_committed = on_committed
         self.outbox.start()
         self._rounds.start(POLL_SECONDS, now=True)
-        self._gauges.start(1.0, now=True)
+        self._gauges.start(GAUGE_SECONDS, now=True)
         return port
 
     def _round(self) -> Deferred[None]:

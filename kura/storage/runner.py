@@ -1,27 +1,31 @@
-"""Where blocking disk work runs: a bounded thread pool, or inline in tests."""
+"""Where blocking disk work runs: a bounded thread pool, or inline in tests.
+
+Both implement :class:`~kura.storage.interfaces.IBlockingRunner`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ParamSpec, Protocol, TypeVar
+from typing import ParamSpec, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from kura.storage.interfaces import IBlockingRunner
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-
-class BlockingRunner(Protocol):
-    """Runs a blocking callable off the reactor thread and reports back."""
-
-    def run(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
-        """Call ``f(*args, **kwargs)`` somewhere it may block; fire with its result."""
+#: The name callers outside storage used before the interface; kept until they
+#: name :class:`IBlockingRunner` (kura/api/app.py still does).
+BlockingRunner = IBlockingRunner
 
 
+@implementer(IBlockingRunner)
 class ThreadPoolRunner:
     """Runs work in a dedicated, bounded :class:`ThreadPool`.
 
@@ -37,6 +41,7 @@ class ThreadPoolRunner:
         return deferToThreadPool(self._reactor, self.pool, f, *args, **kwargs)
 
 
+@implementer(IBlockingRunner)
 class ImmediateRunner:
     """Runs work synchronously on the calling thread (deterministic tests)."""
 

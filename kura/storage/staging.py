@@ -34,7 +34,7 @@ from kura.domain.errors import (
     TmpBudgetExhausted,
 )
 from kura.domain.failpoints import BEFORE_FSYNC, Failpoints
-from kura.storage.runner import BlockingRunner
+from kura.storage.interfaces import IBlockingRunner
 
 #: Buffered bytes that trigger a write to disk.
 FLUSH_AT = 256 * 1024
@@ -170,7 +170,7 @@ class StagingFile:
         self,
         *,
         path: str,
-        runner: BlockingRunner,
+        runner: IBlockingRunner,
         budget: TmpBudget,
         failpoints: Failpoints,
         limit: int,

@@ -33,6 +33,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from kura.domain.artifacts import ArtifactAddress, Manifest
 from kura.domain.errors import InsufficientStorage, KuraError, StorageFault, TooManyRequests
@@ -41,6 +42,7 @@ from kura.domain.failpoints import (
     AFTER_METADATA_COMMIT_BEFORE_ACK,
     Failpoints,
 )
+from kura.storage.interfaces import IArtifactStore, IBlockingRunner, IReplicationTargets
 from kura.storage.layout import Layout, fsync_directory
 from kura.storage.metadata import (
     ApplyResult,
@@ -50,7 +52,6 @@ from kura.storage.metadata import (
     Upload,
     WritePolicy,
 )
-from kura.storage.runner import BlockingRunner
 from kura.storage.staging import StagedBody, StagingFile, TmpBudget, translate_os_error
 
 T = TypeVar("T")
@@ -64,6 +65,21 @@ DAMAGED = "artifact {artifact_id} is damaged ({reason}); forgotten"
 
 #: Approximate per-entry overhead of a cached manifest (object + dict slot).
 _CACHE_ENTRY_OVERHEAD = 400
+
+
+@implementer(IReplicationTargets)
+@attrs.frozen
+class StaticTargets:
+    """A fixed list of replication targets: none for a store without peers."""
+
+    urls: tuple[str, ...] = ()
+
+    def targets(self) -> Sequence[str]:
+        return self.urls
+
+
+#: The targets of a store without peers.
+NO_TARGETS = StaticTargets()
 
 
 @attrs.frozen
@@ -125,6 +141,7 @@ class _Pending:
     done: Deferred[Any]
 
 
+@implementer(IArtifactStore)
 class ArtifactStore:
     """Durable storage for one node (see the module docstring for the contract).
 
@@ -136,45 +153,50 @@ class ArtifactStore:
         capacity_bytes: budget for file-backed artifacts; LRU eviction keeps
             the store under it.
         tmp_budget: the staging ledger.
-        manifest_cache_bytes: memory for the manifest cache.
-        failpoints: crash points for consistency tests.
-        replication_targets: returns the peers a write must reach, read at
-            write time (one outbox row each).
+        manifest_cache_bytes: memory for the manifest cache
+            (``KURA_MANIFEST_CACHE_MAX_BYTES``).
         max_unfinished_uploads: multipart uploads that may be started and
             not yet completed or expired (``KURA_MULTIPART_MAX_UNFINISHED``).
+        failpoints: crash points for consistency tests.
+        replication_targets: the peers a write must reach, asked at write
+            time (one outbox row each); none by default.
+        on_evicted: called with ``(producer, size)`` for every artifact
+            evicted to make room (metrics).
+        on_damaged: called for every artifact forgotten as damaged (a metric).
+
+    Commit listeners (:meth:`add_commit_listener`) hear of every metadata
+    commit.
     """
 
     def __init__(
         self,
         *,
         layout: Layout,
-        runner: BlockingRunner,
+        runner: IBlockingRunner,
         clock: IReactorTime,
         node_tenant: str,
         capacity_bytes: int,
         tmp_budget: TmpBudget,
-        manifest_cache_bytes: int = 32 * 1024 * 1024,
+        manifest_cache_bytes: int,
+        max_unfinished_uploads: int,
         failpoints: Failpoints | None = None,
-        replication_targets: Callable[[], Sequence[str]] = tuple,
-        max_unfinished_uploads: int = 10_000,
+        replication_targets: IReplicationTargets = NO_TARGETS,
+        on_evicted: Callable[[str, int], None] = lambda producer, size: None,
+        on_damaged: Callable[[], None] = lambda: None,
     ) -> None:
         self.layout = layout
         self.node_tenant = node_tenant
         self.capacity_bytes = capacity_bytes
         self.tmp_budget = tmp_budget
         self.metadata = MetadataStore(layout.database, layout.data_dir)
-        self.replication_targets = replication_targets
+        self._replication_targets = replication_targets
         self.outbox_depth = 0
         self.max_unfinished_uploads = max_unfinished_uploads
         #: Multipart uploads started and not completed or expired (its rows).
         self.unfinished_uploads = 0
-        self.on_evicted: Callable[[str, int], None] = lambda producer, size: None
-        # Called after every metadata commit, inside the commit callback: a
-        # hook must not start commits synchronously (with an inline runner
-        # they would run before this batch's waiters resumed); defer instead.
-        self.on_committed: Callable[[], None] = lambda: None
-        #: Called for every artifact forgotten as damaged (a metric).
-        self.on_damaged: Callable[[], None] = lambda: None
+        self._on_evicted = on_evicted
+        self._on_damaged = on_damaged
+        self._commit_listeners: list[Callable[[], None]] = []
         self._runner = runner
         self._clock = clock
         self._failpoints = failpoints or Failpoints()
@@ -242,6 +264,15 @@ class ArtifactStore:
             os.close(self._data_dir_fd)
             self._data_dir_fd = None
 
+    def add_commit_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every metadata commit (the outbox worker wakes on it).
+
+        It runs inside the commit callback, so it must not start commits
+        synchronously (with an inline runner they would run before this
+        batch's waiters resumed): it defers its work instead.
+        """
+        self._commit_listeners.append(listener)
+
     # -- versions and identity -----------------------------------------------------
 
     def now_ms(self) -> int:
@@ -288,7 +319,8 @@ class ArtifactStore:
                     pending.done.errback(_as_domain_error(result))
                 else:
                     pending.done.callback(result)
-            self.on_committed()
+            for listener in self._commit_listeners:
+                listener()
             self._pump()
 
         def failed(failure: Any) -> None:
@@ -389,7 +421,7 @@ class ArtifactStore:
     async def forget_damaged(self, manifest: Manifest, reason: str) -> None:
         """Drop an artifact whose body is missing or not the published one."""
         log.warn(DAMAGED, artifact_id=manifest.artifact_id, reason=reason)
-        self.on_damaged()
+        self._on_damaged()
         await self.remove_local(manifest)
 
     async def remove_local(self, manifest: Manifest) -> None:
@@ -542,7 +574,7 @@ class ArtifactStore:
     ) -> PublishResult:
         # Replicated applies pass their own (empty) targets: a write that
         # arrived from a peer must not be queued to the peers again.
-        targets = tuple(self.replication_targets()) if targets is None else tuple(targets)
+        targets = tuple(self._replication_targets.targets()) if targets is None else tuple(targets)
         now = self.now_ms()
         capacity = self.capacity_bytes
 
@@ -568,7 +600,7 @@ class ArtifactStore:
         for artifact_id, producer, blob_path, size in evicted:
             self._cache.discard(artifact_id)
             garbage.append(blob_path)
-            self.on_evicted(producer, size)
+            self._on_evicted(producer, size)
         if evicted:
             log.info(EVICTED, count=len(evicted), bytes=sum(e[3] for e in evicted))
         if result.outcome is Outcome.APPLIED:
@@ -593,7 +625,7 @@ class ArtifactStore:
         ``targets`` as for :meth:`publish_blob`.
         """
         version = version_ms if version_ms is not None else self.next_version()
-        targets = tuple(self.replication_targets()) if targets is None else tuple(targets)
+        targets = tuple(self._replication_targets.targets()) if targets is None else tuple(targets)
         now = self.now_ms()
         result = await self._commit(
             lambda conn: self.metadata.delete_namespace(conn, namespace_id, version, targets, now)
@@ -739,7 +771,7 @@ class ArtifactStore:
         deleted = await self._commit(lambda conn: self.metadata.delete_outbox(conn, seqs))
         self.outbox_depth = max(0, self.outbox_depth - deleted)
 
-    # -- replication reads (issue 5: receiver and catch-up) ----------------------------
+    # -- replication reads (receiver and catch-up) ------------------------------------
 
     async def apply_preview(
         self, artifact_id: str, namespace_id: str, version_ms: int

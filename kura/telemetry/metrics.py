@@ -287,7 +287,7 @@ class KuraMetrics:
             registry=r,
         )
 
-        # Replication --- (issue 5: outbox, receiver, catch-up, membership, limiter)
+        # Replication --- (outbox, receiver, catch-up, membership, limiter)
         self.replication_requests = Counter(
             "kura_replication_requests",
             "Outbox deliveries by target host, operation and result "

@@ -71,7 +71,7 @@ class Admission:
         spec: the route.
         path_args: values of the URL rule's variables.
         query: the request's query parameters.
-        target: what the request acts on (:func:`~.routes.resolve_target`);
+        target: what the request acts on (:func:`~kura.api.routes.resolve_target`);
             handlers and hooks both read it, nothing re-derives it.
         existing: for write-once uploads, the artifact already stored (the
             request is answered without reading its body).

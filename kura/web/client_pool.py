@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from twisted.internet.interfaces import IReactorTCP
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
 
@@ -13,7 +12,7 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False
 
 
-def quiet_pool(reactor: Any, max_per_host: int) -> HTTPConnectionPool:
+def quiet_pool(reactor: IReactorTCP, max_per_host: int) -> HTTPConnectionPool:
     """A persistent :class:`HTTPConnectionPool` keeping ``max_per_host`` connections per host.
 
     Twisted offers no public way to quiet the pool's connection factory;

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kura.domain.artifacts import Manifest, safe_content_type
-from kura.storage.runner import BlockingRunner
+from kura.storage.interfaces import IBlockingRunner
 
 from .ranges import BodySlice, resolve_range
 
@@ -110,7 +110,7 @@ class FileBodyProducer:
         fd: int,
         offset: int,
         length: int,
-        runner: BlockingRunner,
+        runner: IBlockingRunner,
         clock: IReactorTime,
         send_timeout: float,
         chunk_bytes: int = CHUNK_BYTES,

@@ -4,9 +4,9 @@ Stock twisted.web reads the whole request body (into memory or a temp file
 in the system temp dir) and auto-sends ``100 Continue`` before the
 application sees anything. kura instead:
 
-* admits every request from its head (:mod:`.gate`) before reading a body
-  byte or sending ``100 Continue``; a refused upload is answered at once and
-  its connection closed after a short lingering drain;
+* admits every request from its head (the site's :class:`~.interfaces.IGate`)
+  before reading a body byte or sending ``100 Continue``; a refused upload is
+  answered at once and its connection closed after a short lingering drain;
 * streams accepted artifact bodies into its own staging directory, counted
   against the route limit and the staging budget as they arrive, pausing the
   transport when the disk falls behind;
@@ -46,6 +46,8 @@ from kura.domain.errors import (
     TmpBudgetExhausted,
     TooManyRequests,
 )
+from kura.lifecycle import NodeState
+from kura.storage.interfaces import IArtifactStore
 from kura.storage.staging import StagingFile
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import InflightSlot, PublicTraffic
@@ -70,11 +72,9 @@ LINGER_SECONDS = 2.0
 class KuraRequest(server.Request):
     """A twisted.web request with head-time admission and staged bodies."""
 
-    # Form bodies are never parsed: artifact uploads are opaque bytes.
-    _parsePOSTFormSubmission = False
-
     def __init__(self, channel: Any, queued: Any = http._QUEUED_SENTINEL) -> None:
-        super().__init__(channel, queued)
+        # Form bodies are never parsed into ``args``: request bodies are opaque bytes.
+        super().__init__(channel, queued, parsePOSTFormSubmission=False)
         site = getattr(channel, "site", None)
         assert isinstance(site, KuraSite), "KuraRequest needs a KuraSite channel"
         self._site = site
@@ -102,15 +102,6 @@ class KuraRequest(server.Request):
     @property
     def kura_site(self) -> KuraSite:
         return self._site
-
-    @property
-    def _transport(self) -> Any:
-        """The connection's transport, or ``None`` once the request is done.
-
-        twisted deletes ``request.channel`` when a request finishes, and a
-        paced ingest may schedule a resume that fires after that.
-        """
-        return getattr(getattr(self, "channel", None), "transport", None)
 
     @property
     def client_address(self) -> str:
@@ -218,7 +209,9 @@ class KuraRequest(server.Request):
                 self._skip_body(synchronous)
             return
         if expect_continue and self._has_body() and not self.startedWriting:
-            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            transport = self.channel.transport
+            assert transport is not None, "the connection is open (not _lost)"
+            transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         for chunk in early:
             self.handleContentChunk(chunk)
 
@@ -293,11 +286,15 @@ class KuraRequest(server.Request):
         On HTTP/1.1 the connection's transport. On HTTP/2 the stream itself: a
         paused stream stops giving its flow-control window back, so the client
         stops sending and at most one window waits in memory (pausing the
-        whole connection would stall its other streams).
+        whole connection would stall its other streams). ``None`` once
+        twisted has deleted ``request.channel`` (the request finished): a
+        paced ingest may schedule a resume that fires after that.
         """
         channel = getattr(self, "channel", None)
-        if channel is None or isinstance(channel, http.HTTPChannel):
-            return self._transport
+        if channel is None:
+            return None
+        if isinstance(channel, http.HTTPChannel):
+            return channel.transport
         return channel
 
     def _pause(self, reason: str) -> None:
@@ -500,7 +497,7 @@ class KuraHTTPChannel(http.HTTPChannel):
             (``None``: the idle timeout applies, as in stock twisted.web).
     """
 
-    header_timeout = 30.0
+    header_timeout: float  # set by KuraSite.make_channel, the only maker of these channels
     body_timeout: float | None = None
     _idle_period: float | None = None
     _transfer_encoded = False
@@ -538,8 +535,8 @@ class KuraHTTPChannel(http.HTTPChannel):
     def headerReceived(self, line: bytes) -> bool:
         # Twisted takes "chunked" from one Transfer-Encoding header and lets a
         # second one ("identity") or "identity" with a Content-Length pass;
-        # other parsers frame those differently (TE.TE smuggling, reliability
-        # 1.5). Only one Transfer-Encoding, exactly "chunked", is accepted.
+        # other parsers frame those differently (TE.TE request smuggling).
+        # Only one Transfer-Encoding, exactly "chunked", is accepted.
         name, colon, value = line.partition(b":")
         if colon and name.lower() == b"transfer-encoding":
             if self._transfer_encoded or value.strip(b" \t").lower() != b"chunked":
@@ -667,7 +664,26 @@ def log_access(
 
 
 class KuraSite(server.Site):
-    """The public Site: holds the services kura's requests and channels use."""
+    """A Site of kura's: holds the services its requests and channels use.
+
+    Args:
+        resource: the Klein app's resource.
+        gate: admits each request from its head.
+        store: stages request bodies.
+        state: whether the node drains (responses then close their connection).
+        metrics: request counters.
+        traffic: public in-flight accounting.
+        reactor: time for deadlines and samples.
+        header_timeout: seconds a request head may take from its first byte.
+        idle_timeout: seconds an idle connection stays open.
+        send_timeout: seconds a response may go without write progress.
+        body_timeout: seconds a request body may go without a byte
+            (``None``: the idle timeout applies).
+        upload_slots: the per-client cap on bodies in flight (``None``: none,
+            as on the internal plane, whose clients are peers).
+        trusted_proxies: whose ``X-Forwarded-For`` names the client.
+        access_log: log one event per request (``KURA_ACCESS_LOG``).
+    """
 
     requestFactory = KuraRequest  # type: ignore[assignment]
 
@@ -676,17 +692,18 @@ class KuraSite(server.Site):
         resource: IResource,
         *,
         gate: IGate,
-        store: Any,
-        state: Any,
+        store: IArtifactStore,
+        state: NodeState,
         metrics: KuraMetrics,
         traffic: PublicTraffic,
-        reactor: Any,
+        reactor: IReactorTime,
         header_timeout: float,
         idle_timeout: float,
         send_timeout: float,
         body_timeout: float | None = None,
         upload_slots: UploadSlots | None = None,
         trusted_proxies: TrustedProxies = (),
+        access_log: bool = True,
     ) -> None:
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
         self.gate = gate
@@ -698,10 +715,9 @@ class KuraSite(server.Site):
         self.header_timeout = header_timeout
         self.send_timeout = send_timeout
         self.body_timeout = body_timeout
-        # None: no per-client cap (the internal plane, whose clients are peers).
         self.upload_slots = upload_slots
         self.trusted_proxies = trusted_proxies
-        self.access_log = True
+        self.access_log = access_log
         self.request_ids = RequestIds()
         self.egress = Egress(metrics)
         # Weak: a channel replaced by HTTP/2 after ALPN never reports its loss.

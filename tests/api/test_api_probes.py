@@ -100,7 +100,6 @@ def test_rollout_reports_every_field(node: KuraNode) -> None:
     assert rollout["writer_lock_owned"] is True
     assert rollout["outbox_messages"] == 7
     assert rollout["memory_pressure_state"] == 0
-    assert rollout["fd_timeout_count"] == 0
 
 
 def test_draining_node_refuses_public_work_but_answers_probes(node: KuraNode) -> None:

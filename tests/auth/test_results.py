@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from kura.auth import Allow, Anonymous, Deny, Headers, Principal, SignRequest
@@ -25,6 +27,17 @@ def test_bad_ttls_are_refused(ttl: object) -> None:
     """ttl_seconds must be a non-negative number."""
     with pytest.raises((TypeError, ValueError)):
         Allow(ttl_seconds=ttl)  # type: ignore[arg-type]
+
+
+def test_headers_ttl_is_deprecated() -> None:
+    """Headers(ttl_seconds=...) still builds (it is ignored) but warns, naming the caller."""
+    with pytest.warns(DeprecationWarning, match="ttl_seconds") as caught:
+        headers = Headers({"x-a": "b"}, ttl_seconds=60)
+    assert headers.headers == {"x-a": "b"}
+    assert [w.filename for w in caught] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Headers({"x-a": "b"})
 
 
 @pytest.mark.parametrize("status", [200, 302, 600, "401", True])

@@ -10,8 +10,9 @@ from repl_support import MeshResolver
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
 
-from kura.lifecycle import MembershipView, NodeState
+from kura.lifecycle import IMembershipView, NodeState, SingleNode
 from kura.replication.membership import DnsDiscovery, Membership
 from kura.replication.wire import PeerStatus
 from kura.telemetry.metrics import KuraMetrics
@@ -87,9 +88,9 @@ def poll(view: Membership) -> None:
 def test_it_is_a_membership_view(
     clock: Clock, statuses: FakeStatuses, metrics: KuraMetrics
 ) -> None:
-    """Membership satisfies the protocol readiness renders from."""
-    view: MembershipView = membership(clock, statuses, metrics)
-    assert view.generation == 1
+    """Membership provides the view readiness renders from (as a lone node's stand-in does)."""
+    assert verifyObject(IMembershipView, membership(clock, statuses, metrics))
+    assert verifyObject(IMembershipView, SingleNode())
 
 
 def test_no_candidates_means_discovery_is_complete_at_once(

@@ -135,9 +135,16 @@ def test_rows_for_targets_that_left_for_good_are_dropped(mesh: MemoryMesh) -> No
     """A row for a target that is no longer a replication target is dropped and counted."""
     a, b = pair(mesh)
     gone = "http://127.0.0.99:7443"
-    a.store.replication_targets = lambda: [gone, url_of(1)]
-    assert public(a, "PUT", GRADLE, b"x").status == 201
-    a.store.replication_targets = a.replication.replication_targets
+    # Written while ``gone`` was still a target: one row for it, one for b.
+    put = a.store.put_inline(
+        ArtifactAddress(Producer.GRADLE, "", "g1"),
+        b"x",
+        content_type="application/octet-stream",
+        policy=WritePolicy.LAST_WRITER_WINS,
+        targets=(gone, url_of(1)),
+    )
+    succeeded(Deferred.fromCoroutine(put))
+    assert a.store.outbox_depth == 2
     mesh.run_until(lambda: not a.store.outbox_depth, 10)
     dropped = sample(
         a,

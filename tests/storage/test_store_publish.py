@@ -16,7 +16,7 @@ from kura.storage.layout import Layout
 from kura.storage.metadata import Outcome, WritePolicy
 from kura.storage.runner import ImmediateRunner
 from kura.storage.staging import TmpBudget
-from kura.storage.store import ArtifactStore
+from kura.storage.store import ArtifactStore, StaticTargets
 from kura.testing import Exchange, files_under, request, sample, succeeded
 
 LWW = WritePolicy.LAST_WRITER_WINS
@@ -268,7 +268,9 @@ def test_commit_writes_outbox_rows_in_the_same_transaction(tmp_path: Any) -> Non
         node_tenant="default",
         capacity_bytes=1 << 20,
         tmp_budget=TmpBudget(1 << 20),
-        replication_targets=lambda: ("http://peer-a:7443", "http://peer-b:7443"),
+        manifest_cache_bytes=1 << 20,
+        max_unfinished_uploads=10,
+        replication_targets=StaticTargets(("http://peer-a:7443", "http://peer-b:7443")),
     )
     succeeded(Deferred.fromCoroutine(store.start()))
     address = ArtifactAddress(Producer.XCODE, "x", "action_cache/k")
@@ -284,9 +286,11 @@ def test_commit_writes_outbox_rows_in_the_same_transaction(tmp_path: Any) -> Non
     ]
     assert store.outbox_depth == 4
     # A clean that does not apply (older than the tombstone) queues nothing.
-    store.replication_targets = lambda: ("http://peer-a:7443",)
-    succeeded(Deferred.fromCoroutine(store.delete_namespace("y", version_ms=10**15)))
-    older = store.delete_namespace("y", version_ms=1)
+    peer_a = ("http://peer-a:7443",)
+    succeeded(
+        Deferred.fromCoroutine(store.delete_namespace("y", version_ms=10**15, targets=peer_a))
+    )
+    older = store.delete_namespace("y", version_ms=1, targets=peer_a)
     assert succeeded(Deferred.fromCoroutine(older)) is Outcome.IGNORED_OLDER
     assert len(succeeded(Deferred.fromCoroutine(store.outbox_batch(0, 10)))) == 5
     succeeded(Deferred.fromCoroutine(store.stop()))

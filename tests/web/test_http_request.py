@@ -1,0 +1,85 @@
+"""KuraRequest's departures from twisted.web's Request, checked on a bare KuraSite."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import StringTransport
+from twisted.web import server
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from kura.service import KuraNode
+from kura.testing import parse_responses
+from kura.web.admission import Admission, RequestHead, RouteMatch
+from kura.web.http import KuraSite
+from kura.web.interfaces import IGate
+from kura.web.routing import BodyKind, Query, RouteSpec
+
+FORM_POST = (
+    b"POST /form HTTP/1.1\r\nHost: kura\r\n"
+    b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 7\r\n\r\n"
+    b"a=1&b=2"
+)
+
+
+class Recorder(Resource):
+    """Records what each POST saw: its args and its body."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[dict[bytes, list[bytes]], bytes]] = []
+
+    def render_POST(self, request: IRequest) -> bytes:
+        self.seen.append((dict(request.args), request.content.read()))
+        return b"ok"
+
+
+@implementer(IGate)
+class AdmitAll:
+    """A gate that admits every request to one in-memory-body route."""
+
+    spec = RouteSpec(endpoint="form", template="/form", body=BodyKind.MEMORY, public=False)
+    routes: RouteMatch | None = None
+
+    def classify(self, head: RequestHead) -> tuple[RouteSpec, Mapping[str, str]]:
+        return self.spec, {}
+
+    def admit(self, head: RequestHead) -> Deferred[Admission]:
+        return succeed(Admission(self.spec, {}, Query(head.query)))
+
+
+def post_form(channel: Any) -> None:
+    """Send :data:`FORM_POST` on ``channel``; it must be answered 200."""
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(FORM_POST)
+    responses, _ = parse_responses(transport.value(), [False])
+    assert [r.status for r in responses] == [200]
+
+
+def test_form_encoded_bodies_are_not_parsed_into_args(node: KuraNode) -> None:
+    """A form-encoded POST body stays opaque bytes: it never reaches ``request.args``."""
+    stock = Recorder()
+    post_form(server.Site(stock).buildProtocol(None))
+    assert stock.seen == [({b"a": [b"1"], b"b": [b"2"]}, b"a=1&b=2")]  # what twisted.web does
+    recorder = Recorder()
+    site = KuraSite(
+        recorder,
+        gate=AdmitAll(),
+        store=node.store,
+        state=node.state,
+        metrics=node.metrics,
+        traffic=node.traffic,
+        reactor=node.reactor,
+        header_timeout=30,
+        idle_timeout=60,
+        send_timeout=60,
+    )
+    post_form(site.make_channel())
+    assert recorder.seen == [({}, b"a=1&b=2")]
