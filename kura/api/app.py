@@ -24,7 +24,7 @@ from twisted.web.resource import IResource
 from kura.config import KuraConfig
 from kura.domain.errors import KuraError
 from kura.lifecycle import NodeState
-from kura.storage.runner import BlockingRunner
+from kura.storage.interfaces import IBlockingRunner
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
 from kura.web.errors import as_seen_by_client, classify_failure, respond_with_error
@@ -67,7 +67,7 @@ class PublicAPI:
         store: ArtifactStore,
         state: NodeState,
         metrics: KuraMetrics,
-        runner: BlockingRunner,
+        runner: IBlockingRunner,
         authorization: RequestAuthorization,
     ) -> None:
         self._authorization = authorization

@@ -46,8 +46,8 @@ from kura.domain.errors import (
     ServiceUnavailable,
     TombstonedWrite,
 )
+from kura.storage.interfaces import IBlockingRunner
 from kura.storage.metadata import Outcome, WritePolicy
-from kura.storage.runner import BlockingRunner
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
 from kura.web.download import (
@@ -79,7 +79,7 @@ class StreamedBody:
     fd: int
     body: BodySlice
     spec: RouteSpec
-    runner: BlockingRunner
+    runner: IBlockingRunner
 
     def discard(self) -> None:
         """Close the file without sending anything."""
@@ -151,7 +151,7 @@ class ArtifactService:
     """
 
     def __init__(
-        self, *, store: ArtifactStore, metrics: KuraMetrics, runner: BlockingRunner
+        self, *, store: ArtifactStore, metrics: KuraMetrics, runner: IBlockingRunner
     ) -> None:
         self._store = store
         self._metrics = metrics

@@ -20,10 +20,6 @@ from kura.storage.interfaces import IBlockingRunner
 P = ParamSpec("P")
 T = TypeVar("T")
 
-#: The name callers outside storage used before the interface; kept until they
-#: name :class:`IBlockingRunner` (kura/api/app.py still does).
-BlockingRunner = IBlockingRunner
-
 
 @implementer(IBlockingRunner)
 class ThreadPoolRunner:
