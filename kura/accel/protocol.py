@@ -46,7 +46,7 @@ from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import Children, KuraMetrics
 from kura.telemetry.traffic import InflightSlot, PublicTraffic
 from kura.web.download import ArtifactHead, artifact_head
-from kura.web.errors import REASONS, error_headers, render_error_body
+from kura.web.errors import render_error_response
 from kura.web.http import SERVER_NAME, KuraSite, log_access
 
 from . import transfer as tx
@@ -491,28 +491,21 @@ class SamePortProtocol(Protocol):
             log.failure("authorization failed unexpectedly", failure)
             error = KuraError("Internal server error")
         spec = candidate.spec
-        body = render_error_body(error, spec)
         head = candidate.head
         self._buffer = self._buffer[head.length :]
-        parts = [
-            b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\n"
-            % (
-                error.status,
-                REASONS.get(error.status, b"Error"),
-                SERVER_NAME,
-                accel.dates.value(accel.reactor.seconds()),
-            )
-        ]
-        parts += [b"%s: %s\r\n" % pair for pair in error_headers(error, spec)]
-        parts.append(
-            b"Content-Length: %d\r\nConnection: close\r\nX-Request-Id: %s\r\n\r\n"
-            % (len(body), self._request_id(head))
+        request_id = self._request_id(head)
+        date = accel.dates.value(accel.reactor.seconds())
+        response = render_error_response(
+            error,
+            spec,
+            before=((b"Server", SERVER_NAME), (b"Date", date)),
+            after=((b"X-Request-Id", request_id),),
         )
         transport = self._transport()
-        transport.write(b"".join(parts) + body)
+        transport.write(response)
         accel.requests(spec.template, str(error.status)).inc()
         if accel.site.access_log:
-            log_access(head.method, head.path, error.status, self._request_id(head), spec)
+            log_access(head.method, head.path, error.status, request_id, spec)
         self._closing = True
         transport.loseConnection()
 
