@@ -45,12 +45,14 @@ from kura.lifecycle import NodeState
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import Children, KuraMetrics
 from kura.telemetry.traffic import InflightSlot, PublicTraffic
-from kura.web.download import ArtifactHead, artifact_head
+from kura.web.download import ArtifactHead
 from kura.web.errors import render_error_response
 from kura.web.http import SERVER_NAME, KuraSite, log_access
 
+from . import reasons
 from . import transfer as tx
 from .classify import Candidate, Classifier
+from .decide import Fallback, admit, decide, is_file_backed
 from .handles import HandleCache, Lease
 from .head import MAX_HEAD_BYTES, RequestHead, find_head_end, parse_head
 from .response import DateCache, build_head
@@ -280,7 +282,7 @@ class SamePortProtocol(Protocol):
     def _head_timeout(self) -> None:
         # Twisted would only close when the client went silent; a head that
         # trickles in forever is cut off here, as a whole.
-        self._hand_off("head_timeout")
+        self._hand_off(reasons.HEAD_TIMEOUT)
         if self._channel is not None:
             self._channel.expire_head()
 
@@ -331,28 +333,26 @@ class SamePortProtocol(Protocol):
                 return
             if not accel.config.enabled:
                 # The kill switch: twisted.web serves everything on this port.
-                self._hand_off("disabled")
+                self._hand_off(reasons.DISABLED)
                 return
             end = find_head_end(buffer, self._scanned)
             if end < 0:
                 self._scanned = len(buffer)
                 if len(buffer) > MAX_HEAD_BYTES:
-                    self._hand_off("head_too_large")
+                    self._hand_off(reasons.HEAD_TOO_LARGE)
                 return
             self._scanned = 0
             head = parse_head(buffer)
             if head is None:
-                self._hand_off("ambiguous")
+                self._hand_off(reasons.AMBIGUOUS)
                 return
             decision = accel.classifier.classify(head)
             if isinstance(decision, str):
                 self._hand_off(decision)
                 return
-            if accel.state.draining:
-                self._hand_off("draining")
-                return
-            if accel.permits.tokens == 0:
-                self._hand_off("saturated")
+            refusal = admit(draining=accel.state.draining, permits_free=accel.permits.tokens > 0)
+            if refusal is not None:
+                self._hand_off(refusal.reason)
                 return
             self._serve(decision)
 
@@ -366,7 +366,7 @@ class SamePortProtocol(Protocol):
 
         site = self._accel.site
         connection = build_h2_connection(site, reactor=self._accel.reactor, metrics=site.metrics)
-        self._accel.count_fallback("h2c")
+        self._accel.count_fallback(reasons.H2C)
         self._attach(connection, register_producer=True)
 
     def _attach(self, channel: Any, register_producer: bool = False) -> None:
@@ -411,8 +411,23 @@ class SamePortProtocol(Protocol):
         lookup = Deferred.fromCoroutine(accel.store.manifest(artifact_id))
         lookup.addCallbacks(
             lambda found: self._serve_manifest(candidate, found),
-            lambda failure: self._decline("lookup_error"),
+            lambda failure: self._decline(reasons.LOOKUP_ERROR),
         )
+
+    def _open(self, manifest: Manifest) -> Lease | None:
+        """The artifact's file and, in splice mode, a pipe; ``None`` if either fails
+        (out of descriptors: twisted.web answers, 503)."""
+        handles = self._accel.handles
+        try:
+            lease = handles.borrow(manifest)
+        except OSError:
+            return None
+        try:
+            self._splice_pipe()  # acquired now, so a failure can still fall back
+        except OSError:
+            handles.release(lease)
+            return None
+        return lease
 
     def _decline(self, reason: str) -> None:
         """Fall back after a look at the artifact; nothing has been consumed yet."""
@@ -425,37 +440,16 @@ class SamePortProtocol(Protocol):
         if self._closed:
             self._accel.permits.release()
             return
-        if manifest is None:
-            self._decline("miss")
+        lease = self._open(manifest) if is_file_backed(manifest) else None
+        decision = decide(candidate, manifest, lease)
+        if isinstance(decision, Fallback):
+            if lease is not None:
+                self._accel.handles.release(lease)
+            self._decline(decision.reason)
             return
-        if manifest.inline or manifest.blob_path is None:
-            self._decline("inline")
-            return
-        handles = self._accel.handles
-        try:
-            lease = handles.borrow(manifest)
-        except OSError:
-            self._decline("open")
-            return
-        try:
-            self._splice_pipe()  # acquired now, so a failure can still fall back
-        except OSError:  # out of descriptors: twisted.web answers (503)
-            handles.release(lease)
-            self._decline("open")
-            return
+        response = decision.response
+        assert manifest is not None and lease is not None  # decide() served them
         head = candidate.head
-        try:
-            if lease.size != manifest.size:
-                raise OSError("damaged file")
-            response = artifact_head(
-                manifest, _text(head.get(b"range")), _text(head.get(b"if-range"))
-            )
-        except (OSError, KuraError):
-            # A damaged file or an unsatisfiable range: twisted.web answers it
-            # (after authorization, so a 416 never leaks a size).
-            handles.release(lease)
-            self._decline("range_or_damage")
-            return
         authorization = self._accel.authorization
         if not authorization.needs_check(candidate.spec):
             self._start(candidate, manifest, lease, response, [])
@@ -704,7 +698,3 @@ class _Exchange:
         self.lease = lease
         self.started_at = started_at
         self.first_byte_recorded = first_byte_recorded
-
-
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode("latin-1")
