@@ -22,16 +22,12 @@ sent.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -50,14 +46,18 @@ from kura.web.errors import render_error_response
 from kura.web.http import SERVER_NAME, KuraSite, log_access
 
 from . import reasons
-from . import transfer as tx
 from .classify import Candidate, Classifier
 from .decide import Fallback, admit, decide, is_file_backed
+from .engine import KernelTransferEngine
 from .handles import HandleCache, Lease
 from .head import MAX_HEAD_BYTES, RequestHead, find_head_end, parse_head
+from .interfaces import INCOMPLETE, OK, ITransfer, ITransferEngine
 from .response import DateCache, build_head
 
 log = Logger(namespace="kura.accel")
+
+#: No reservation taken (``None`` is sendfile's reservation).
+_UNRESERVED = object()
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -109,10 +109,15 @@ class Accelerator:
         self.permits = DeferredSemaphore(config.max_concurrent)
         self.handles = HandleCache(store)
         self.connections: set[SamePortProtocol] = set()
-        # Drained splice pipes between transfers. Pooled here rather than kept
-        # per connection, so an idle keep-alive connection holds one
-        # descriptor, not three (10,000 of them would exhaust the fd limit).
-        self.spare_pipes: list[tuple[int, int]] = []
+        self.engine: ITransferEngine = KernelTransferEngine(
+            mode=config.mode,
+            chunk_bytes=config.chunk_bytes,
+            inline_bytes=config.inline_bytes,
+            send_timeout=send_timeout,
+            max_concurrent=config.max_concurrent,
+            reactor=reactor,
+            pool=pool,
+        )
         # One sweep enforces every connection's idle and head deadlines, so a
         # request costs a float assignment instead of scheduling a timer.
         self.sweep_interval = min(1.0, min(header_timeout, idle_timeout) / 4)
@@ -122,7 +127,7 @@ class Accelerator:
         self.request_ids = site.request_ids
         self.fallbacks = Children(metrics.accelerator_fallbacks)
         self.requests = Children(metrics.http_requests)
-        self.serving_paths = metrics.serving_paths.labels(config.mode)
+        self.serving_paths = metrics.serving_paths.labels(self.engine.mode)
         metrics.accelerator_permits_in_use.set_function(
             lambda: float(config.max_concurrent - self.permits.tokens)
         )
@@ -148,23 +153,7 @@ class Accelerator:
         if self._sweeper.running:
             self._sweeper.stop()
         self.handles.clear()
-        while self.spare_pipes:
-            for end in self.spare_pipes.pop():
-                os.close(end)
-
-    def take_pipe(self) -> tuple[int, int]:
-        """A drained splice pipe: a spare one, or a new one."""
-        if self.spare_pipes:
-            return self.spare_pipes.pop()
-        return tx.make_pipe(self.config.chunk_bytes)
-
-    def give_back_pipe(self, pipe: tuple[int, int]) -> None:
-        """Keep a drained pipe for the next transfer (at most one per permit)."""
-        if len(self.spare_pipes) < self.config.max_concurrent:
-            self.spare_pipes.append(pipe)
-        else:
-            for end in pipe:
-                os.close(end)
+        self.engine.close()
 
     def sweep(self) -> None:
         """Act on every connection whose idle or head deadline has passed, and
@@ -219,8 +208,9 @@ class SamePortProtocol(Protocol):
         self._on_deadline: Any = None
         self._head_started_at: float | None = None
         self._channel: Any = None
-        self._pipe: tuple[int, int] | None = None
-        self._transfer: tx.BodyTransfer | None = None
+        # What the engine reserved for this request's transfer (a splice pipe).
+        self._reservation: object = _UNRESERVED
+        self._transfer: ITransfer | None = None
 
     # -- connection events -----------------------------------------------------
 
@@ -246,7 +236,7 @@ class SamePortProtocol(Protocol):
         self._disarm()
         self._accel.connections.discard(self)
         self._stop_transfer()
-        self._close_pipe()
+        self._release_reservation()
         if self._channel is not None:
             self._channel.connectionLost(reason)
 
@@ -372,7 +362,7 @@ class SamePortProtocol(Protocol):
     def _attach(self, channel: Any, register_producer: bool = False) -> None:
         self._disarm()
         self._accel.connections.discard(self)
-        self._close_pipe()
+        self._release_reservation()
         self._channel = channel
         transport = self._transport()
         channel.makeConnection(transport)
@@ -423,7 +413,7 @@ class SamePortProtocol(Protocol):
         except OSError:
             return None
         try:
-            self._splice_pipe()  # acquired now, so a failure can still fall back
+            self._reserve()  # now, so a failure can still fall back
         except OSError:
             handles.release(lease)
             return None
@@ -528,18 +518,6 @@ class SamePortProtocol(Protocol):
             keep_alive=keep_alive,
             extra=extra_headers,
         )
-        transport = self._transport()
-        sock: socket.socket = transport.socket
-        chunk = accel.config.chunk_bytes
-        transfer = tx.BodyTransfer(
-            sock=sock,
-            file_fd=lease.fd,
-            offset=response.body.offset,
-            remaining=response.body.length,
-            head=head_bytes,
-            chunk_bytes=chunk,
-            pipe=self._splice_pipe(),
-        )
         exchange = _Exchange(
             candidate=candidate,
             request_id=request_id,
@@ -552,30 +530,37 @@ class SamePortProtocol(Protocol):
         )
         self._head_started_at = None
         accel.serving_paths.inc()
-        inline = accel.config.inline_bytes
-        # Small bodies leave right here, with no thread hop (see performance.md).
-        result = tx.pump(transfer, budget=inline) if inline else tx.YIELDED
+        reservation, self._reservation = self._reservation, _UNRESERVED
+        transport = self._transport()
+        transfer = accel.engine.start(
+            reservation,
+            transport,
+            head_bytes,
+            lease.fd,
+            response.body.offset,
+            response.body.length,
+            lambda over: self._transfer_done(over, exchange),
+        )
         self._note_first_byte(transfer, exchange)
-        if result in (tx.BLOCKED, tx.YIELDED):
-            self._continue_in_thread(transfer, exchange)
+        if transfer.result is None:
+            # In the background: register so a lost connection stops it.
+            self._pause_reading()
+            self._transfer = transfer
+            transport.registerProducer(self, True)
         else:
-            self._finish(transfer, exchange, result)
+            self._finish(transfer, exchange, transfer.result)
 
-    def _splice_pipe(self) -> tuple[int, int] | None:
-        if self._accel.config.mode != "splice":
-            return None
-        if self._pipe is None:
-            self._pipe = self._accel.take_pipe()
-        return self._pipe
+    def _reserve(self) -> None:
+        if self._reservation is _UNRESERVED:
+            self._reservation = self._accel.engine.reserve()
 
-    def _close_pipe(self) -> None:
-        if self._pipe is not None and self._transfer is None:
-            for end in self._pipe:
-                os.close(end)
-            self._pipe = None
+    def _release_reservation(self) -> None:
+        if self._reservation is not _UNRESERVED:
+            reservation, self._reservation = self._reservation, _UNRESERVED
+            self._accel.engine.release(reservation)
 
-    def _note_first_byte(self, transfer: tx.BodyTransfer, exchange: _Exchange) -> None:
-        if exchange.first_byte_recorded or transfer.head:
+    def _note_first_byte(self, transfer: ITransfer, exchange: _Exchange) -> None:
+        if exchange.first_byte_recorded or not transfer.head_sent:
             return
         exchange.first_byte_recorded = True
         accel = self._accel
@@ -585,70 +570,43 @@ class SamePortProtocol(Protocol):
             route=exchange.candidate.spec.template,
         )
 
-    def _continue_in_thread(self, transfer: tx.BodyTransfer, exchange: _Exchange) -> None:
-        """Hand the rest of the body to a worker thread (see transfer.py)."""
-        accel = self._accel
-        self._pause_reading()
-        transport = self._transport()
-        transport.registerProducer(self, True)
-        transfer.sock = socket.socket(fileno=os.dup(transfer.sock.fileno()))
-        self._transfer = transfer
-        work: Deferred[str] = deferToThreadPool(
-            accel.reactor, accel.pool, tx.run_blocking, transfer, accel.send_timeout
-        )
-
-        def done(result: str | Failure) -> None:
-            self._transfer = None
-            transfer.sock.close()
-            if not self._closed:
-                transport.unregisterProducer()
-            outcome = result if isinstance(result, str) else tx.ERROR
-            self._note_first_byte(transfer, exchange)
-            self._finish(transfer, exchange, outcome)
-
-        work.addBoth(done)
+    def _transfer_done(self, transfer: ITransfer, exchange: _Exchange) -> None:
+        """A transfer that went on in the background is over."""
+        self._transfer = None
+        if not self._closed:
+            self._transport().unregisterProducer()
+        self._note_first_byte(transfer, exchange)
+        self._finish(transfer, exchange, transfer.result)
 
     def _stop_transfer(self) -> None:
-        transfer = self._transfer
-        if transfer is not None and not transfer.stopped:
-            transfer.stopped = True
-            with contextlib.suppress(OSError):
-                transfer.sock.shutdown(socket.SHUT_RDWR)
+        if self._transfer is not None:
+            self._transfer.stop()
 
-    def _finish(self, transfer: tx.BodyTransfer, exchange: _Exchange, result: str) -> None:
+    def _finish(self, transfer: ITransfer, exchange: _Exchange, result: str) -> None:
         accel = self._accel
         accel.handles.release(exchange.lease)
         accel.permits.release()
         exchange.slot.release()
-        if self._pipe is not None:
-            if result == tx.OK:
-                accel.give_back_pipe(self._pipe)
-            else:
-                # Bytes may be left in the pipe: never reuse it.
-                for end in self._pipe:
-                    os.close(end)
-            self._pipe = None
         self._account(transfer, exchange, result)
         self._busy = False
         if self._closed:
-            self._close_pipe()
             return
         transport = self._transport()
-        if result == tx.OK and exchange.keep_alive and not accel.state.draining:
+        if result == OK and exchange.keep_alive and not accel.state.draining:
             self._resume_reading()
             self._advance()
-        elif result in (tx.OK, tx.INCOMPLETE):
+        elif result in (OK, INCOMPLETE):
             # A short body must end the connection: the client would
             # otherwise read the next response as the rest of this one.
             transport.loseConnection()
         else:
             transport.abortConnection()
 
-    def _account(self, transfer: tx.BodyTransfer, exchange: _Exchange, result: str) -> None:
+    def _account(self, transfer: ITransfer, exchange: _Exchange, result: str) -> None:
         accel = self._accel
         spec = exchange.candidate.spec
         elapsed = max(accel.reactor.seconds() - exchange.started_at, 1e-9)
-        status = exchange.status if result in (tx.OK, tx.INCOMPLETE) else 499
+        status = exchange.status if result in (OK, INCOMPLETE) else 499
         accel.requests(spec.template, str(status)).inc()
         accel.metrics.http_request_duration.observe(elapsed)
         producer = spec.producer.value if spec.producer is not None else "unknown"
@@ -656,7 +614,7 @@ class SamePortProtocol(Protocol):
         if accel.site.access_log:
             head = exchange.candidate.head
             log_access(head.method, head.path, status, exchange.request_id, spec)
-        if result == tx.INCOMPLETE:
+        if result == INCOMPLETE:
             log.error(
                 "artifact body ended early; connection closed",
                 route=spec.template,
