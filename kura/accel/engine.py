@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
@@ -32,6 +32,9 @@ from zope.interface import implementer
 from .interfaces import ERROR, OK, ITransferEngine
 from .pipes import Pipe, PipePool, discard
 from .transfer import BLOCKED, YIELDED, BodyTransfer, pump, run_blocking
+
+if TYPE_CHECKING:
+    from .accelerator import AcceleratorSettings
 
 
 @implementer(ITransferEngine)
@@ -68,6 +71,22 @@ class KernelTransferEngine:
         self._reactor = reactor
         self._pool = pool
         self.pipes = PipePool(chunk_bytes, keep=max_concurrent) if mode == "splice" else None
+
+    @classmethod
+    def from_settings(
+        cls, settings: AcceleratorSettings, *, reactor: IReactorFromThreads, pool: ThreadPool
+    ) -> KernelTransferEngine:
+        """The engine the operator configured, running its workers on ``pool``."""
+        config = settings.config
+        return cls(
+            mode=config.mode,
+            chunk_bytes=config.chunk_bytes,
+            inline_bytes=config.inline_bytes,
+            send_timeout=settings.send_timeout,
+            max_concurrent=config.max_concurrent,
+            reactor=reactor,
+            pool=pool,
+        )
 
     def reserve(self) -> Pipe | None:
         return None if self.pipes is None else self.pipes.take()

@@ -24,35 +24,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from kura.api.authorization import RequestAuthorization
-from kura.config import AcceleratorConfig
 from kura.domain.artifacts import Manifest
 from kura.domain.errors import KuraError
-from kura.lifecycle import NodeState
-from kura.storage.store import ArtifactStore
-from kura.telemetry.metrics import Children, KuraMetrics
-from kura.telemetry.traffic import InflightSlot, PublicTraffic
+from kura.telemetry.traffic import InflightSlot
 from kura.web.download import ArtifactHead
 from kura.web.errors import render_error_response
-from kura.web.http import SERVER_NAME, KuraSite, log_access
+from kura.web.http import SERVER_NAME, log_access
 
 from . import reasons
-from .classify import Candidate, Classifier
+from .accelerator import Accelerator
+from .classify import Candidate
 from .decide import Fallback, admit, decide, is_file_backed
-from .engine import KernelTransferEngine
-from .handles import HandleCache, Lease
+from .handles import Lease
 from .head import MAX_HEAD_BYTES, RequestHead, find_head_end, parse_head
-from .interfaces import INCOMPLETE, OK, ITransfer, ITransferEngine
-from .response import DateCache, build_head
+from .interfaces import INCOMPLETE, OK, ITransfer
+from .response import build_head
 
 log = Logger(namespace="kura.accel")
 
@@ -60,118 +53,6 @@ log = Logger(namespace="kura.accel")
 _UNRESERVED = object()
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-ACCELERATOR_READY = (
-    "accelerated file serving {state}: mode={mode} max_concurrent={max_concurrent} "
-    "chunk_bytes={chunk_bytes}"
-)
-
-
-class Accelerator:
-    """What every accelerated connection shares.
-
-    Attributes:
-        permits: at most ``max_concurrent`` accelerated transfers at once;
-            with none free a request falls back instead of waiting.
-        connections: live connections still owned by the accelerator.
-    """
-
-    def __init__(
-        self,
-        *,
-        config: AcceleratorConfig,
-        site: KuraSite,
-        authorization: RequestAuthorization,
-        classifier: Classifier,
-        store: ArtifactStore,
-        state: NodeState,
-        traffic: PublicTraffic,
-        metrics: KuraMetrics,
-        reactor: Any,
-        pool: ThreadPool,
-        header_timeout: float,
-        idle_timeout: float,
-        send_timeout: float,
-    ) -> None:
-        self.config = config
-        self.site = site
-        self.authorization = authorization
-        self.classifier = classifier
-        self.store = store
-        self.state = state
-        self.traffic = traffic
-        self.metrics = metrics
-        self.reactor = reactor
-        self.pool = pool
-        self.header_timeout = header_timeout
-        self.idle_timeout = idle_timeout
-        self.send_timeout = send_timeout
-        self.permits = DeferredSemaphore(config.max_concurrent)
-        self.handles = HandleCache(store)
-        self.connections: set[SamePortProtocol] = set()
-        self.engine: ITransferEngine = KernelTransferEngine(
-            mode=config.mode,
-            chunk_bytes=config.chunk_bytes,
-            inline_bytes=config.inline_bytes,
-            send_timeout=send_timeout,
-            max_concurrent=config.max_concurrent,
-            reactor=reactor,
-            pool=pool,
-        )
-        # One sweep enforces every connection's idle and head deadlines, so a
-        # request costs a float assignment instead of scheduling a timer.
-        self.sweep_interval = min(1.0, min(header_timeout, idle_timeout) / 4)
-        self._sweeper = LoopingCall(self.sweep)
-        self._sweeper.clock = reactor
-        self.dates = DateCache()
-        self.request_ids = site.request_ids
-        self.fallbacks = Children(metrics.accelerator_fallbacks)
-        self.requests = Children(metrics.http_requests)
-        self.serving_paths = metrics.serving_paths.labels(self.engine.mode)
-        metrics.accelerator_permits_in_use.set_function(
-            lambda: float(config.max_concurrent - self.permits.tokens)
-        )
-        metrics.accelerator_cached_descriptors.set_function(lambda: float(len(self.handles)))
-
-    def count_fallback(self, reason: str) -> None:
-        self.fallbacks(reason).inc()
-
-    def log_settings(self) -> None:
-        log.info(
-            ACCELERATOR_READY,
-            state="enabled" if self.config.enabled else "disabled",
-            mode=self.config.mode,
-            max_concurrent=self.config.max_concurrent,
-            chunk_bytes=self.config.chunk_bytes,
-        )
-
-    def start(self) -> None:
-        if not self._sweeper.running:
-            self._sweeper.start(self.sweep_interval, now=False)
-
-    def stop(self) -> None:
-        if self._sweeper.running:
-            self._sweeper.stop()
-        self.handles.clear()
-        self.engine.close()
-
-    def sweep(self) -> None:
-        """Act on every connection whose idle or head deadline has passed, and
-        let go of cached descriptors of deleted files."""
-        self.handles.sweep()
-        now = self.reactor.seconds()
-        for connection in list(self.connections):
-            connection.check_deadline(now)
-
-    def close_idle(self) -> None:
-        """Close every accelerator-owned connection that is between requests."""
-        for connection in list(self.connections):
-            connection.close_if_idle()
-
-    def cut_off(self) -> None:
-        """Abort every accelerator-owned connection, transfers included."""
-        for connection in list(self.connections):
-            connection.abort()
 
 
 class SamePortFactory(ServerFactory):
@@ -219,7 +100,7 @@ class SamePortProtocol(Protocol):
         accel.connections.add(self)
         transport: Any = self.transport
         transport.setTcpNoDelay(True)
-        self._arm(accel.idle_timeout, self._idle_timeout)
+        self._arm(accel.settings.idle_timeout, self._idle_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self._channel is not None:
@@ -262,6 +143,7 @@ class SamePortProtocol(Protocol):
         self._deadline = None
 
     def check_deadline(self, now: float) -> None:
+        """Act if the idle or head deadline has passed (the :class:`~.sweep.Sweeper` asks)."""
         if self._deadline is not None and now >= self._deadline:
             self._deadline = None
             self._on_deadline()
@@ -310,18 +192,18 @@ class SamePortProtocol(Protocol):
             buffer = self._buffer
             if not buffer:
                 self._head_started_at = None
-                self._arm(accel.idle_timeout, self._idle_timeout)
+                self._arm(accel.settings.idle_timeout, self._idle_timeout)
                 return
             if self._head_started_at is None:
                 self._head_started_at = accel.reactor.seconds()
-                self._arm(accel.header_timeout, self._head_timeout)
+                self._arm(accel.settings.header_timeout, self._head_timeout)
             if buffer[:1] == b"P" and (
                 buffer.startswith(H2_PREFACE) or H2_PREFACE.startswith(buffer)
             ):
                 if len(buffer) >= len(H2_PREFACE):
                     self._hand_off_h2()
                 return
-            if not accel.config.enabled:
+            if not accel.settings.config.enabled:
                 # The kill switch: twisted.web serves everything on this port.
                 self._hand_off(reasons.DISABLED)
                 return
@@ -340,7 +222,7 @@ class SamePortProtocol(Protocol):
             if isinstance(decision, str):
                 self._hand_off(decision)
                 return
-            refusal = admit(draining=accel.state.draining, permits_free=accel.permits.tokens > 0)
+            refusal = admit(draining=accel.state.draining, permits_free=accel.permits.available > 0)
             if refusal is not None:
                 self._hand_off(refusal.reason)
                 return
@@ -348,7 +230,7 @@ class SamePortProtocol(Protocol):
 
     def _hand_off(self, reason: str) -> None:
         """Give the connection, and every byte buffered so far, to twisted.web."""
-        self._accel.count_fallback(reason)
+        self._accel.meters.fallback(reason)
         self._attach(self._accel.site.make_channel())
 
     def _hand_off_h2(self) -> None:
@@ -356,7 +238,7 @@ class SamePortProtocol(Protocol):
 
         site = self._accel.site
         connection = build_h2_connection(site, reactor=self._accel.reactor, metrics=site.metrics)
-        self._accel.count_fallback(reasons.H2C)
+        self._accel.meters.fallback(reasons.H2C)
         self._attach(connection, register_producer=True)
 
     def _attach(self, channel: Any, register_producer: bool = False) -> None:
@@ -391,7 +273,7 @@ class SamePortProtocol(Protocol):
         accel = self._accel
         self._busy = True
         self._disarm()
-        accel.permits.acquire()  # a token is free: this fires synchronously
+        accel.permits.take()
         artifact_id = candidate.artifact_id
         manifest = accel.store.cached_manifest(artifact_id)
         if manifest is not None:
@@ -421,14 +303,14 @@ class SamePortProtocol(Protocol):
 
     def _decline(self, reason: str) -> None:
         """Fall back after a look at the artifact; nothing has been consumed yet."""
-        self._accel.permits.release()
+        self._accel.permits.give_back()
         self._busy = False
         if not self._closed:
             self._hand_off(reason)
 
     def _serve_manifest(self, candidate: Candidate, manifest: Manifest | None) -> None:
         if self._closed:
-            self._accel.permits.release()
+            self._accel.permits.give_back()
             return
         lease = self._open(manifest) if is_file_backed(manifest) else None
         decision = decide(candidate, manifest, lease)
@@ -466,7 +348,7 @@ class SamePortProtocol(Protocol):
         """Answer a refused request with its error and close, as twisted.web would."""
         accel = self._accel
         accel.handles.release(lease)
-        accel.permits.release()
+        accel.permits.give_back()
         self._busy = False
         if self._closed:
             return
@@ -487,7 +369,7 @@ class SamePortProtocol(Protocol):
         )
         transport = self._transport()
         transport.write(response)
-        accel.requests(spec.template, str(error.status)).inc()
+        accel.meters.request(spec.template, error.status).inc()
         if accel.site.access_log:
             log_access(head.method, head.path, error.status, request_id, spec)
         self._closing = True
@@ -529,7 +411,7 @@ class SamePortProtocol(Protocol):
             first_byte_recorded=False,
         )
         self._head_started_at = None
-        accel.serving_paths.inc()
+        accel.meters.served.inc()
         reservation, self._reservation = self._reservation, _UNRESERVED
         transport = self._transport()
         transfer = accel.engine.start(
@@ -585,7 +467,7 @@ class SamePortProtocol(Protocol):
     def _finish(self, transfer: ITransfer, exchange: _Exchange, result: str) -> None:
         accel = self._accel
         accel.handles.release(exchange.lease)
-        accel.permits.release()
+        accel.permits.give_back()
         exchange.slot.release()
         self._account(transfer, exchange, result)
         self._busy = False
@@ -607,10 +489,11 @@ class SamePortProtocol(Protocol):
         spec = exchange.candidate.spec
         elapsed = max(accel.reactor.seconds() - exchange.started_at, 1e-9)
         status = exchange.status if result in (OK, INCOMPLETE) else 499
-        accel.requests(spec.template, str(status)).inc()
-        accel.metrics.http_request_duration.observe(elapsed)
+        meters = accel.meters
+        meters.request(spec.template, status).inc()
+        meters.duration.observe(elapsed)
         producer = spec.producer.value if spec.producer is not None else "unknown"
-        accel.site.egress.record(producer, result, transfer.sent, elapsed)
+        accel.egress.record(producer, result, transfer.sent, elapsed)
         if accel.site.access_log:
             head = exchange.candidate.head
             log_access(head.method, head.path, status, exchange.request_id, spec)
