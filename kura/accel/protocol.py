@@ -407,7 +407,9 @@ class SamePortProtocol(Protocol):
             keep_alive=keep_alive,
             slot=accel.traffic.begin(),
             lease=lease,
-            started_at=self._head_started_at or accel.reactor.seconds(),
+            started_at=accel.reactor.seconds()
+            if self._head_started_at is None
+            else self._head_started_at,
             first_byte_recorded=False,
         )
         self._head_started_at = None

@@ -15,8 +15,10 @@ reason              the connection or request went to twisted.web because
 ``ambiguous``       the head is not in the strict subset every parser agrees on
 ``method``          not a ``GET`` over HTTP/1.1
 ``route``           no accelerable route matches the path
-``query``           the query needs decoding or repeats a parameter
-``request``         the route's resolver refuses the target (tenant, ids)
+``query``           the query needs decoding (``%``, ``+``, ``;``) or has a
+                    field without ``=``
+``request``         the route's resolver refuses the target (tenant, ids,
+                    a repeated parameter)
 ``draining``        the node is draining
 ``saturated``       every transfer permit is taken
 ``lookup_error``    looking the artifact up failed
