@@ -5,11 +5,11 @@ is complete (at most 16 KiB, within the head deadline), parses it strictly
 (:mod:`.head`), classifies it with the Klein route table (:mod:`.classify`),
 and then either
 
-* serves it: looks the artifact up, opens its file, takes a permit, writes
-  the response head and moves the body with splice/sendfile — inline on the
-  reactor while the socket accepts it, then on a worker thread
-  (:mod:`.transfer`); afterwards the connection is kept alive when safe and
-  the next request is classified again; or
+* serves it: takes a permit, looks the artifact up, opens its file, lets
+  :func:`.decide.decide` judge it, runs the authorization once, writes the
+  response head and has the transfer engine (:mod:`.engine`) move the body;
+  afterwards the connection is kept alive when safe and the next request is
+  classified again; or
 * hands off: a twisted.web ``HTTPChannel`` for the Klein ``Site`` (or an
   HTTP/2 connection for a prior-knowledge preface) is attached to the
   connection and receives every buffered byte, untouched. From then on the
@@ -18,10 +18,23 @@ and then either
 Any doubt means hand-off, and every hand-off happens before a single byte of
 the request has been consumed, so twisted.web sees exactly what the client
 sent.
+
+A connection is in exactly one :class:`State`::
+
+    IDLE --bytes--> READING_HEAD --servable head--> SERVING --answered, keep-alive--> IDLE
+      |                 |                              |
+      |                 +--anything else, head deadline--+--fall-back--> HANDED_OFF
+      +--idle deadline, drain--+    deny, close, abort--+--> CLOSING
+                                     (any state) connection lost --> CLOSED
+
+The request being served is an :class:`_Exchange`: what it holds (permit,
+file lease, engine reservation, in-flight slot, transfer) is given back in
+one place when it ends, however it ends.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -43,16 +56,34 @@ from .accelerator import Accelerator
 from .classify import Candidate
 from .decide import Fallback, admit, decide, is_file_backed
 from .handles import Lease
-from .head import MAX_HEAD_BYTES, RequestHead, find_head_end, parse_head
+from .head import MAX_HEAD_BYTES, find_head_end, parse_head
 from .interfaces import INCOMPLETE, OK, ITransfer
 from .response import build_head
 
 log = Logger(namespace="kura.accel")
 
-#: No reservation taken (``None`` is sendfile's reservation).
-_UNRESERVED = object()
-
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+#: No reservation held (``None`` is a valid one: sendfile needs no pipe).
+_UNRESERVED = object()
+_NO_HEADERS: list[tuple[bytes, bytes]] = []
+
+
+class State(enum.Enum):
+    """Where a connection is (see the module docstring)."""
+
+    #: Between requests, nothing buffered; the idle deadline runs.
+    IDLE = "idle"
+    #: Part of a request head is buffered; the head deadline runs.
+    READING_HEAD = "reading head"
+    #: One request is being decided or sent (an :class:`_Exchange`).
+    SERVING = "serving"
+    #: twisted.web (or HTTP/2) owns the connection.
+    HANDED_OFF = "handed off"
+    #: The accelerator ended the connection; nothing more is read or answered.
+    CLOSING = "closing"
+    #: The connection is gone.
+    CLOSED = "closed"
 
 
 class SamePortFactory(ServerFactory):
@@ -71,58 +102,107 @@ class SamePortFactory(ServerFactory):
         return SamePortProtocol(self.accelerator)
 
 
+class _Exchange:
+    """One request the accelerator took on, from its permit to its response's end.
+
+    Attributes:
+        candidate: the classified request.
+        started_at: when the first byte of its head arrived.
+        paused: it outlived the step of the request loop that started it (a
+            look-up, a check or a transfer went off the reactor), so the
+            connection reads nothing until it ends; its end resumes reading
+            and the loop.
+        lease: its file, once open.
+        reservation: what the engine reserved for its transfer, until the
+            transfer starts.
+        transfer: its transfer, once started.
+        slot: its public in-flight slot, from the response head on.
+        status, keep_alive, request_id: the response's.
+        first_byte_recorded: its time to first byte was sampled.
+    """
+
+    __slots__ = (
+        "candidate",
+        "first_byte_recorded",
+        "keep_alive",
+        "lease",
+        "paused",
+        "request_id",
+        "reservation",
+        "slot",
+        "started_at",
+        "status",
+        "transfer",
+    )
+
+    def __init__(self, candidate: Candidate, started_at: float) -> None:
+        self.candidate = candidate
+        self.started_at = started_at
+        self.paused = False
+        self.lease: Lease | None = None
+        self.reservation: object = _UNRESERVED
+        self.transfer: ITransfer | None = None
+        self.slot: InflightSlot | None = None
+        self.status = 0
+        self.keep_alive = False
+        self.request_id = b""
+        self.first_byte_recorded = False
+
+
 @implementer(IPushProducer)
 class SamePortProtocol(Protocol):
-    """One client connection (see the module docstring)."""
+    """One client connection (see the module docstring).
+
+    Attributes:
+        state: where the connection is.
+    """
 
     def __init__(self, accelerator: Accelerator) -> None:
         self._accel = accelerator
+        self.state = State.IDLE
         self._buffer = b""
+        # How much of the buffer was searched for the end of the head.
         self._scanned = 0
-        self._busy = False
-        self._advancing = False
-        self._closed = False
-        # Set once the connection must end after what was already answered.
-        self._closing = False
-        self._reading_paused = False
+        # When the idle (IDLE) or head (READING_HEAD) deadline passes; the
+        # Sweeper checks it, so a request schedules no timer.
         self._deadline: float | None = None
-        self._on_deadline: Any = None
-        self._head_started_at: float | None = None
+        self._head_started_at = 0.0
         self._channel: Any = None
-        # What the engine reserved for this request's transfer (a splice pipe).
-        self._reservation: object = _UNRESERVED
-        self._transfer: ITransfer | None = None
+        self._exchange: _Exchange | None = None
 
     # -- connection events -----------------------------------------------------
 
     def connectionMade(self) -> None:
         accel = self._accel
         accel.connections.add(self)
-        transport: Any = self.transport
-        transport.setTcpNoDelay(True)
-        self._arm(accel.settings.idle_timeout, self._idle_timeout)
+        self._transport().setTcpNoDelay(True)
+        self._deadline = accel.reactor.seconds() + accel.settings.idle_timeout
 
     def dataReceived(self, data: bytes) -> None:
-        if self._channel is not None:
+        state = self.state
+        if state is State.HANDED_OFF:
             self._channel.dataReceived(data)
-            return
-        if self._closing:
-            return
-        self._buffer += data
-        if not self._busy:
+        elif state is State.IDLE or state is State.READING_HEAD:
+            self._buffer += data
             self._advance()
+        elif state is State.SERVING:
+            # Already on its way when reading paused: the next request.
+            self._buffer += data
+        # CLOSING: the connection ends after what was answered.
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._closed = True
-        self._disarm()
+        handed_off = self.state is State.HANDED_OFF
+        self.state = State.CLOSED
+        self._deadline = None
         self._accel.connections.discard(self)
+        # An exchange still waiting ends when its look-up, check or transfer
+        # does, and then only gives back what it holds.
         self._stop_transfer()
-        self._release_reservation()
-        if self._channel is not None:
+        if handed_off:
             self._channel.connectionLost(reason)
 
-    # IPushProducer: registered with the transport while a worker thread
-    # writes to the socket, so a lost connection stops the worker.
+    # IPushProducer: registered with the transport while a transfer runs in
+    # the background, so a lost connection stops it.
 
     def pauseProducing(self) -> None:
         """Nothing to do: bodies bypass the transport's write buffer."""
@@ -133,38 +213,42 @@ class SamePortProtocol(Protocol):
     def stopProducing(self) -> None:
         self._stop_transfer()
 
-    # -- deadlines (enforced by Accelerator.sweep) ---------------------------------
-
-    def _arm(self, seconds: float, action: Any) -> None:
-        self._deadline = self._accel.reactor.seconds() + seconds
-        self._on_deadline = action
-
-    def _disarm(self) -> None:
-        self._deadline = None
+    # -- deadlines, drain and cut-off (driven by the Accelerator) ---------------
 
     def check_deadline(self, now: float) -> None:
         """Act if the idle or head deadline has passed (the :class:`~.sweep.Sweeper` asks)."""
-        if self._deadline is not None and now >= self._deadline:
-            self._deadline = None
-            self._on_deadline()
-
-    def _idle_timeout(self) -> None:
-        self._transport().loseConnection()
-
-    def _head_timeout(self) -> None:
-        # Twisted would only close when the client went silent; a head that
-        # trickles in forever is cut off here, as a whole.
-        self._hand_off(reasons.HEAD_TIMEOUT)
-        if self._channel is not None:
+        deadline = self._deadline
+        if deadline is None or now < deadline:
+            return
+        self._deadline = None
+        if self.state is State.IDLE:
+            self._close()
+        elif self.state is State.READING_HEAD:
+            # Twisted would only close when the client went silent; a head
+            # that trickles in forever is cut off here, as a whole.
+            self._hand_off(reasons.HEAD_TIMEOUT)
             self._channel.expire_head()
+
+    def close_if_idle(self) -> None:
+        if self.state is State.IDLE:
+            self._close()
 
     def abort(self) -> None:
         self._stop_transfer()
-        self._transport().abortConnection()
+        if self.state is not State.CLOSED:
+            self.state = State.CLOSING
+            self._deadline = None
+            self._transport().abortConnection()
 
-    def close_if_idle(self) -> None:
-        if not self._busy and not self._buffer and self._channel is None and not self._closed:
-            self._transport().loseConnection()
+    def _close(self) -> None:
+        self.state = State.CLOSING
+        self._deadline = None
+        self._transport().loseConnection()
+
+    def _stop_transfer(self) -> None:
+        exchange = self._exchange
+        if exchange is not None and exchange.transfer is not None:
+            exchange.transfer.stop()
 
     # -- the request loop -----------------------------------------------------------
 
@@ -172,31 +256,26 @@ class SamePortProtocol(Protocol):
         return self.transport
 
     def _advance(self) -> None:
-        """Classify and serve buffered requests until one is pending or handed off.
+        """Classify and serve buffered requests until one is pending or handed off,
+        or nothing is left.
 
-        Re-entrant calls (a response that completed inline asking for the
-        next request) return at once: the running loop picks the next one up,
-        so a thousand pipelined requests do not nest a thousand frames deep.
+        A request answered before :meth:`_serve` returns brings the loop
+        back here, which takes the next one (a thousand pipelined requests do
+        not nest a thousand frames deep). One still pending pauses reading;
+        its end resumes reading and calls this again.
         """
-        if self._advancing:
-            return
-        self._advancing = True
-        try:
-            self._advance_loop()
-        finally:
-            self._advancing = False
-
-    def _advance_loop(self) -> None:
         accel = self._accel
-        while self._channel is None and not (self._busy or self._closed or self._closing):
+        while self.state is State.IDLE or self.state is State.READING_HEAD:
             buffer = self._buffer
             if not buffer:
-                self._head_started_at = None
-                self._arm(accel.settings.idle_timeout, self._idle_timeout)
+                self.state = State.IDLE
+                self._deadline = accel.reactor.seconds() + accel.settings.idle_timeout
                 return
-            if self._head_started_at is None:
-                self._head_started_at = accel.reactor.seconds()
-                self._arm(accel.settings.header_timeout, self._head_timeout)
+            if self.state is State.IDLE:
+                self.state = State.READING_HEAD
+                now = accel.reactor.seconds()
+                self._head_started_at = now
+                self._deadline = now + accel.settings.header_timeout
             if buffer[:1] == b"P" and (
                 buffer.startswith(H2_PREFACE) or H2_PREFACE.startswith(buffer)
             ):
@@ -218,20 +297,26 @@ class SamePortProtocol(Protocol):
             if head is None:
                 self._hand_off(reasons.AMBIGUOUS)
                 return
-            decision = accel.classifier.classify(head)
-            if isinstance(decision, str):
-                self._hand_off(decision)
+            candidate = accel.classifier.classify(head)
+            if isinstance(candidate, str):
+                self._hand_off(candidate)
                 return
             refusal = admit(draining=accel.state.draining, permits_free=accel.permits.available > 0)
             if refusal is not None:
                 self._hand_off(refusal.reason)
                 return
-            self._serve(decision)
+            exchange = self._serve(candidate)
+            if self._exchange is exchange:
+                exchange.paused = True
+                self._transport().pauseProducing()
+                return
 
-    def _hand_off(self, reason: str) -> None:
+    # -- hand-off ------------------------------------------------------------------
+
+    def _hand_off(self, reason: str, *, paused: bool = False) -> None:
         """Give the connection, and every byte buffered so far, to twisted.web."""
         self._accel.meters.fallback(reason)
-        self._attach(self._accel.site.make_channel())
+        self._attach(self._accel.site.make_channel(), paused=paused)
 
     def _hand_off_h2(self) -> None:
         from kura.web.h2 import build_h2_connection  # noqa: PLC0415 - the optional h2 extra
@@ -239,94 +324,81 @@ class SamePortProtocol(Protocol):
         site = self._accel.site
         connection = build_h2_connection(site, reactor=self._accel.reactor, metrics=site.metrics)
         self._accel.meters.fallback(reasons.H2C)
-        self._attach(connection, register_producer=True)
+        self._attach(connection, paused=False, register_producer=True)
 
-    def _attach(self, channel: Any, register_producer: bool = False) -> None:
-        self._disarm()
+    def _attach(self, channel: Any, *, paused: bool, register_producer: bool = False) -> None:
+        self.state = State.HANDED_OFF
+        self._deadline = None
         self._accel.connections.discard(self)
-        self._release_reservation()
         self._channel = channel
         transport = self._transport()
         channel.makeConnection(transport)
         if register_producer:
             transport.registerProducer(channel, True)
-        if self._reading_paused:
-            self._reading_paused = False
+        if paused:
             transport.resumeProducing()
         buffered, self._buffer = self._buffer, b""
         if buffered:
             channel.dataReceived(buffered)
 
-    # -- serving ---------------------------------------------------------------------
+    # -- serving -------------------------------------------------------------------
 
-    def _pause_reading(self) -> None:
-        if not self._reading_paused:
-            self._reading_paused = True
-            self._transport().pauseProducing()
-
-    def _resume_reading(self) -> None:
-        if self._reading_paused and not self._closed:
-            self._reading_paused = False
-            self._transport().resumeProducing()
-
-    def _serve(self, candidate: Candidate) -> None:
+    def _serve(self, candidate: Candidate) -> _Exchange:
+        """Take a permit and look the artifact up (from memory when possible)."""
         accel = self._accel
-        self._busy = True
-        self._disarm()
         accel.permits.take()
-        artifact_id = candidate.artifact_id
-        manifest = accel.store.cached_manifest(artifact_id)
+        self.state = State.SERVING
+        self._deadline = None
+        exchange = self._exchange = _Exchange(candidate, self._head_started_at)
+        manifest = accel.store.cached_manifest(candidate.artifact_id)
         if manifest is not None:
-            self._serve_manifest(candidate, manifest)
-            return
-        self._pause_reading()
-        lookup = Deferred.fromCoroutine(accel.store.manifest(artifact_id))
-        lookup.addCallbacks(
-            lambda found: self._serve_manifest(candidate, found),
-            lambda failure: self._decline(reasons.LOOKUP_ERROR),
-        )
+            self._decide(exchange, manifest)
+        else:
+            lookup = Deferred.fromCoroutine(accel.store.manifest(candidate.artifact_id))
+            lookup.addCallbacks(
+                lambda found: self._decide(exchange, found),
+                lambda failure: self._fall_back(exchange, reasons.LOOKUP_ERROR),
+            )
+        return exchange
 
-    def _open(self, manifest: Manifest) -> Lease | None:
-        """The artifact's file and, in splice mode, a pipe; ``None`` if either fails
-        (out of descriptors: twisted.web answers, 503)."""
-        handles = self._accel.handles
+    def _decide(self, exchange: _Exchange, manifest: Manifest | None) -> None:
+        if self.state is not State.SERVING:  # the connection went away meanwhile
+            self._end(exchange)
+            return
+        lease = self._open(exchange, manifest) if is_file_backed(manifest) else None
+        decision = decide(exchange.candidate, manifest, lease)
+        if isinstance(decision, Fallback):
+            self._fall_back(exchange, decision.reason)
+        else:
+            self._authorize(exchange, decision.response)
+
+    def _open(self, exchange: _Exchange, manifest: Manifest) -> Lease | None:
+        """The artifact's file and the engine's reservation, both or neither.
+
+        Both are taken now, so running out of descriptors falls back
+        (twisted.web answers 503) instead of breaking an authorized response.
+        """
+        accel = self._accel
         try:
-            lease = handles.borrow(manifest)
+            lease = accel.handles.borrow(manifest)
         except OSError:
             return None
         try:
-            self._reserve()  # now, so a failure can still fall back
+            exchange.reservation = accel.engine.reserve()
         except OSError:
-            handles.release(lease)
+            accel.handles.release(lease)
             return None
+        exchange.lease = lease
         return lease
 
-    def _decline(self, reason: str) -> None:
-        """Fall back after a look at the artifact; nothing has been consumed yet."""
-        self._accel.permits.give_back()
-        self._busy = False
-        if not self._closed:
-            self._hand_off(reason)
-
-    def _serve_manifest(self, candidate: Candidate, manifest: Manifest | None) -> None:
-        if self._closed:
-            self._accel.permits.give_back()
-            return
-        lease = self._open(manifest) if is_file_backed(manifest) else None
-        decision = decide(candidate, manifest, lease)
-        if isinstance(decision, Fallback):
-            if lease is not None:
-                self._accel.handles.release(lease)
-            self._decline(decision.reason)
-            return
-        response = decision.response
-        assert manifest is not None and lease is not None  # decide() served them
-        head = candidate.head
+    def _authorize(self, exchange: _Exchange, response: ArtifactHead) -> None:
+        """The servable request's authorization: now, and only now, exactly once."""
         authorization = self._accel.authorization
+        candidate = exchange.candidate
         if not authorization.needs_check(candidate.spec):
-            self._start(candidate, manifest, lease, response, [])
+            self._start(exchange, response, _NO_HEADERS)
             return
-        # The artifact is servable: now (and only now, exactly once) the check.
+        head = candidate.head
         ctx = authorization.context(
             spec=candidate.spec,
             method=head.method.decode("ascii"),
@@ -335,63 +407,30 @@ class SamePortProtocol(Protocol):
             query=candidate.params,
             transport="http",
         )
-
         decided = authorization.check_response(ctx, response.status)
-        if not decided.called:
-            self._pause_reading()
         decided.addCallbacks(
-            lambda extra: self._start(candidate, manifest, lease, response, extra),
-            lambda failure: self._deny(candidate, lease, failure),
+            lambda extra: self._start(exchange, response, extra),
+            lambda failure: self._deny(exchange, failure),
         )
-
-    def _deny(self, candidate: Candidate, lease: Lease, failure: Failure) -> None:
-        """Answer a refused request with its error and close, as twisted.web would."""
-        accel = self._accel
-        accel.handles.release(lease)
-        accel.permits.give_back()
-        self._busy = False
-        if self._closed:
-            return
-        error = failure.value
-        if not isinstance(error, KuraError):
-            log.failure("authorization failed unexpectedly", failure)
-            error = KuraError("Internal server error")
-        spec = candidate.spec
-        head = candidate.head
-        self._buffer = self._buffer[head.length :]
-        request_id = self._request_id(head)
-        date = accel.dates.value(accel.reactor.seconds())
-        response = render_error_response(
-            error,
-            spec,
-            before=((b"Server", SERVER_NAME), (b"Date", date)),
-            after=((b"X-Request-Id", request_id),),
-        )
-        transport = self._transport()
-        transport.write(response)
-        accel.meters.request(spec.template, error.status).inc()
-        if accel.site.access_log:
-            log_access(head.method, head.path, error.status, request_id, spec)
-        self._closing = True
-        transport.loseConnection()
-
-    def _request_id(self, head: RequestHead) -> bytes:
-        return self._accel.request_ids.for_request(head.get(b"x-request-id"))
 
     def _start(
         self,
-        candidate: Candidate,
-        manifest: Manifest,
-        lease: Lease,
+        exchange: _Exchange,
         response: ArtifactHead,
         extra_headers: list[tuple[bytes, bytes]],
     ) -> None:
+        """Write the response head and start the body's transfer."""
+        if self.state is not State.SERVING:  # the connection went away meanwhile
+            self._end(exchange)
+            return
         accel = self._accel
+        candidate = exchange.candidate
         head = candidate.head
         self._buffer = self._buffer[head.length :]
-        accel.store.record_access(manifest.artifact_id)
-        keep_alive = head.keep_alive and not accel.state.draining
-        request_id = self._request_id(head)
+        accel.store.record_access(candidate.artifact_id)
+        exchange.status = response.status
+        exchange.keep_alive = keep_alive = head.keep_alive and not accel.state.draining
+        exchange.request_id = request_id = accel.request_ids.for_request(head.get(b"x-request-id"))
         head_bytes = build_head(
             response.status,
             response.headers,
@@ -400,50 +439,38 @@ class SamePortProtocol(Protocol):
             keep_alive=keep_alive,
             extra=extra_headers,
         )
-        exchange = _Exchange(
-            candidate=candidate,
-            request_id=request_id,
-            status=response.status,
-            keep_alive=keep_alive,
-            slot=accel.traffic.begin(),
-            lease=lease,
-            started_at=accel.reactor.seconds()
-            if self._head_started_at is None
-            else self._head_started_at,
-            first_byte_recorded=False,
-        )
-        self._head_started_at = None
+        exchange.slot = accel.traffic.begin()
         accel.meters.served.inc()
-        reservation, self._reservation = self._reservation, _UNRESERVED
+        reservation, exchange.reservation = exchange.reservation, _UNRESERVED
+        lease = exchange.lease
+        assert lease is not None
+        body = response.body
         transport = self._transport()
-        transfer = accel.engine.start(
+        transfer = exchange.transfer = accel.engine.start(
             reservation,
             transport,
             head_bytes,
             lease.fd,
-            response.body.offset,
-            response.body.length,
-            lambda over: self._transfer_done(over, exchange),
+            body.offset,
+            body.length,
+            self._transfer_done,
         )
-        self._note_first_byte(transfer, exchange)
+        self._note_first_byte(exchange, transfer)
         if transfer.result is None:
-            # In the background: register so a lost connection stops it.
-            self._pause_reading()
-            self._transfer = transfer
-            transport.registerProducer(self, True)
+            transport.registerProducer(self, True)  # a lost connection stops it
         else:
-            self._finish(transfer, exchange, transfer.result)
+            self._finish(exchange, transfer)
 
-    def _reserve(self) -> None:
-        if self._reservation is _UNRESERVED:
-            self._reservation = self._accel.engine.reserve()
+    def _transfer_done(self, transfer: ITransfer) -> None:
+        """A transfer that went on in the background is over."""
+        exchange = self._exchange
+        assert exchange is not None and exchange.transfer is transfer
+        if self.state is not State.CLOSED:
+            self._transport().unregisterProducer()
+        self._note_first_byte(exchange, transfer)
+        self._finish(exchange, transfer)
 
-    def _release_reservation(self) -> None:
-        if self._reservation is not _UNRESERVED:
-            reservation, self._reservation = self._reservation, _UNRESERVED
-            self._accel.engine.release(reservation)
-
-    def _note_first_byte(self, transfer: ITransfer, exchange: _Exchange) -> None:
+    def _note_first_byte(self, exchange: _Exchange, transfer: ITransfer) -> None:
         if exchange.first_byte_recorded or not transfer.head_sent:
             return
         exchange.first_byte_recorded = True
@@ -454,39 +481,76 @@ class SamePortProtocol(Protocol):
             route=exchange.candidate.spec.template,
         )
 
-    def _transfer_done(self, transfer: ITransfer, exchange: _Exchange) -> None:
-        """A transfer that went on in the background is over."""
-        self._transfer = None
-        if not self._closed:
-            self._transport().unregisterProducer()
-        self._note_first_byte(transfer, exchange)
-        self._finish(transfer, exchange, transfer.result)
+    # -- how an exchange ends ----------------------------------------------------------
 
-    def _stop_transfer(self) -> None:
-        if self._transfer is not None:
-            self._transfer.stop()
-
-    def _finish(self, transfer: ITransfer, exchange: _Exchange, result: str) -> None:
+    def _end(self, exchange: _Exchange) -> None:
+        """Give back everything ``exchange`` holds (every exchange ends here once)."""
         accel = self._accel
-        accel.handles.release(exchange.lease)
+        self._exchange = None
+        if exchange.lease is not None:
+            accel.handles.release(exchange.lease)
+        if exchange.reservation is not _UNRESERVED:
+            accel.engine.release(exchange.reservation)
+        if exchange.slot is not None:
+            exchange.slot.release()
         accel.permits.give_back()
-        exchange.slot.release()
-        self._account(transfer, exchange, result)
-        self._busy = False
-        if self._closed:
+
+    def _fall_back(self, exchange: _Exchange, reason: str) -> None:
+        """After a look at the artifact: nothing of the request was consumed yet."""
+        self._end(exchange)
+        if self.state is State.SERVING:
+            self._hand_off(reason, paused=exchange.paused)
+
+    def _finish(self, exchange: _Exchange, transfer: ITransfer) -> None:
+        result = transfer.result
+        self._end(exchange)
+        self._account(exchange, transfer, result)
+        if self.state is not State.SERVING:  # lost or cut off meanwhile
             return
-        transport = self._transport()
-        if result == OK and exchange.keep_alive and not accel.state.draining:
-            self._resume_reading()
-            self._advance()
+        if result == OK and exchange.keep_alive and not self._accel.state.draining:
+            self.state = State.IDLE
+            if exchange.paused:
+                self._transport().resumeProducing()
+                self._advance()
+            # Otherwise the loop that served it is still running and goes on.
         elif result in (OK, INCOMPLETE):
             # A short body must end the connection: the client would
             # otherwise read the next response as the rest of this one.
-            transport.loseConnection()
+            self._close()
         else:
-            transport.abortConnection()
+            self.state = State.CLOSING
+            self._transport().abortConnection()
 
-    def _account(self, transfer: ITransfer, exchange: _Exchange, result: str) -> None:
+    def _deny(self, exchange: _Exchange, failure: Failure) -> None:
+        """Answer a refused request with its error and close, as twisted.web would."""
+        self._end(exchange)
+        if self.state is not State.SERVING:
+            return
+        accel = self._accel
+        error = failure.value
+        if not isinstance(error, KuraError):
+            log.failure("authorization failed unexpectedly", failure)
+            error = KuraError("Internal server error")
+        candidate = exchange.candidate
+        spec = candidate.spec
+        head = candidate.head
+        request_id = accel.request_ids.for_request(head.get(b"x-request-id"))
+        date = accel.dates.value(accel.reactor.seconds())
+        self._transport().write(
+            render_error_response(
+                error,
+                spec,
+                before=((b"Server", SERVER_NAME), (b"Date", date)),
+                after=((b"X-Request-Id", request_id),),
+            )
+        )
+        accel.meters.request(spec.template, error.status).inc()
+        if accel.site.access_log:
+            log_access(head.method, head.path, error.status, request_id, spec)
+        self._buffer = b""
+        self._close()
+
+    def _account(self, exchange: _Exchange, transfer: ITransfer, result: str) -> None:
         accel = self._accel
         spec = exchange.candidate.spec
         elapsed = max(accel.reactor.seconds() - exchange.started_at, 1e-9)
@@ -505,39 +569,3 @@ class SamePortProtocol(Protocol):
                 route=spec.template,
                 sent=transfer.sent,
             )
-
-
-class _Exchange:
-    """Bookkeeping for one accelerated response."""
-
-    __slots__ = (
-        "candidate",
-        "first_byte_recorded",
-        "keep_alive",
-        "lease",
-        "request_id",
-        "slot",
-        "started_at",
-        "status",
-    )
-
-    def __init__(
-        self,
-        *,
-        candidate: Candidate,
-        request_id: bytes,
-        status: int,
-        keep_alive: bool,
-        slot: InflightSlot,
-        lease: Lease,
-        started_at: float,
-        first_byte_recorded: bool,
-    ) -> None:
-        self.candidate = candidate
-        self.request_id = request_id
-        self.status = status
-        self.keep_alive = keep_alive
-        self.slot = slot
-        self.lease = lease
-        self.started_at = started_at
-        self.first_byte_recorded = first_byte_recorded

@@ -18,15 +18,17 @@ from twisted.web.http import datetimeToString
 
 from kura.accel import reasons
 from kura.accel.interfaces import CLIENT_ABORTED, INCOMPLETE, WRITE_TIMEOUT
+from kura.accel.protocol import State
 from kura.accel.testing import FakeTransferEngine
 from kura.domain.artifacts import Manifest
-from kura.domain.errors import StorageFault
+from kura.domain.errors import StorageFault, Unauthorized
 from kura.service import KuraNode
 from kura.testing import request
 from kura.web.http import SERVER_NAME
 from tests.accel.harness import (
     CAS,
     NOTHING_HELD,
+    Client,
     HeldAuthorization,
     Rig,
     StoreStandIn,
@@ -281,8 +283,8 @@ def test_a_failed_look_up_falls_back(node: KuraNode) -> None:
     assert rig.fallbacks(reasons.LOOKUP_ERROR) == 1 and rig.held() == NOTHING_HELD
 
 
-def test_a_slow_look_up_pauses_reading_and_then_serves(node: KuraNode) -> None:
-    """A look-up off the reactor pauses the connection; its answer resumes it."""
+def slow_lookups(node: KuraNode) -> tuple[Rig, list[Deferred[Manifest | None]]]:
+    """A rig whose every manifest look-up waits for the test to fire it."""
     upload(node, "a", BODY)
     lookups: list[Deferred[Manifest | None]] = []
 
@@ -290,7 +292,22 @@ def test_a_slow_look_up_pauses_reading_and_then_serves(node: KuraNode) -> None:
         lookups.append(Deferred())
         return lookups[-1]
 
-    rig = Rig(node, store=StoreStandIn(node.store, lookup))
+    return Rig(node, store=StoreStandIn(node.store, lookup)), lookups
+
+
+def test_a_connection_lost_during_a_look_up_gives_everything_back(node: KuraNode) -> None:
+    """The look-up's late answer finds the connection gone: its permit is returned, nothing sent."""
+    rig, lookups = slow_lookups(node)
+    client = rig.connect()
+    client.send(get(CAS.format("a")))
+    client.lose()
+    lookups[0].callback(node.store.cached_manifest(artifact_id(node, "a")))
+    assert rig.engine.transfers == [] and rig.held() == NOTHING_HELD
+
+
+def test_a_slow_look_up_pauses_reading_and_then_serves(node: KuraNode) -> None:
+    """A look-up off the reactor pauses the connection; its answer resumes it."""
+    rig, lookups = slow_lookups(node)
     client = rig.connect()
     client.send(get(CAS.format("a")))
     assert not client.reading and client.responses() == []
@@ -455,12 +472,13 @@ def test_a_write_timeout_aborts_the_connection(held: Rig) -> None:
 
 
 def test_connection_close_is_honoured_after_the_response(rig: Rig) -> None:
-    """A request asking to close gets ``Connection: close`` and the connection ends."""
+    """``Connection: close`` is answered so and ends the connection; nothing after it is served."""
     client = rig.connect()
-    client.send(get(CAS.format("a"), "Connection: close"))
+    client.send(get(CAS.format("a"), "Connection: close") + get(CAS.format("a")))
     (response,) = client.responses()
     assert response.headers["connection"] == "close" and response.body == BODY
     assert client.closed and not client.aborted
+    assert len(rig.engine.transfers) == 1 and client.protocol.state is State.CLOSING
 
 
 # -- authorization ---------------------------------------------------------------------
@@ -486,11 +504,9 @@ def test_a_deny_is_the_error_response_twisted_web_would_send_then_a_close(
         b'WWW-Authenticate: Bearer realm="kura", Basic realm="kura"\r\n'
         b"Content-Length: %d\r\nConnection: close\r\nX-Request-Id: r-9\r\n\r\n" % len(body) + body
     )
-    assert client.closed and rig.requests(401) == 1
+    assert client.closed and rig.requests(401) == 1 and rig.held() == NOTHING_HELD
     client.send(get(CAS.format("a"), f"Authorization: Bearer {TOKEN}"))
     assert client.raw() == b"" and rig.engine.transfers == []
-    client.lose()
-    assert rig.held() == NOTHING_HELD
 
 
 @pytest.mark.node_environ(KURA_AUTH_WRITE_TOKENS=TOKEN)
@@ -517,3 +533,79 @@ def test_a_slow_check_pauses_reading_and_adds_its_headers(node: KuraNode) -> Non
     (response,) = client.responses()
     assert response.headers["x-policy"] == "checked" and response.body == BODY
     assert client.reading and rig.held() == NOTHING_HELD
+
+
+def slow_checks(node: KuraNode) -> tuple[Rig, HeldAuthorization, Client]:
+    """A rig whose checks wait for the test, and a connection whose GET awaits its check."""
+    upload(node, "a", BODY)
+    checks = HeldAuthorization()
+    rig = Rig(node, authorization=checks)
+    client = rig.connect()
+    client.send(get(CAS.format("a")))
+    assert len(checks.pending) == 1
+    return rig, checks, client
+
+
+def test_a_connection_lost_during_its_check_gives_everything_back(node: KuraNode) -> None:
+    """A check answering after the client left starts nothing and leaks nothing."""
+    rig, checks, client = slow_checks(node)
+    client.lose()
+    checks.pending[0].callback([])
+    assert rig.engine.transfers == [] and rig.held() == NOTHING_HELD
+
+
+def test_a_deny_after_the_client_left_writes_nothing(node: KuraNode) -> None:
+    """A refusal for a client that is gone is not written anywhere."""
+    rig, checks, client = slow_checks(node)
+    client.lose()
+    checks.pending[0].errback(Unauthorized("Invalid token"))
+    assert client.raw() == b"" and rig.held() == NOTHING_HELD
+
+
+def test_a_cut_off_during_a_check_starts_no_transfer(node: KuraNode) -> None:
+    """Aborted while its check runs, the request is dropped when the check answers."""
+    rig, checks, client = slow_checks(node)
+    rig.accelerator.cut_off()
+    checks.pending[0].callback([])
+    assert client.aborted and rig.engine.transfers == [] and rig.held() == NOTHING_HELD
+
+
+def test_a_drain_during_a_check_closes_after_the_response(node: KuraNode) -> None:
+    """A request already admitted is served when draining starts, then the connection closes."""
+    rig, checks, client = slow_checks(node)
+    node.state.start_draining()
+    checks.pending[0].callback([])
+    (response,) = client.responses()
+    assert response.headers["connection"] == "close" and response.body == BODY
+    assert client.closed and rig.held() == NOTHING_HELD
+
+
+# -- the connection's state --------------------------------------------------------------
+
+
+def test_a_connection_is_in_one_state_at_a_time(held: Rig) -> None:
+    """Idle, reading a head, serving, idle again, closing at the idle deadline, closed."""
+    client = held.connect()
+    assert client.protocol.state is State.IDLE
+    raw = get(CAS.format("a"))
+    client.send(raw[:5])
+    assert client.protocol.state is State.READING_HEAD
+    client.send(raw[5:])
+    assert client.protocol.state is State.SERVING
+    held.engine.held[0].complete()
+    assert client.protocol.state is State.IDLE
+    held.clock.advance(held.accelerator.settings.idle_timeout + 1)
+    assert client.protocol.state is State.CLOSING and client.closed
+    client.lose()
+    assert client.protocol.state is State.CLOSED
+    assert held.accelerator.connections == set()
+
+
+def test_a_handed_off_connection_leaves_the_accelerator(rig: Rig) -> None:
+    """After a fall-back the connection is twisted.web's: no deadline, drain or cut-off of ours."""
+    client = rig.connect()
+    client.send(get("/up"))
+    assert client.protocol.state is State.HANDED_OFF
+    assert rig.accelerator.connections == set()
+    rig.accelerator.cut_off()
+    assert not client.aborted
