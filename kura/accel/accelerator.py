@@ -11,9 +11,10 @@ enforces their deadlines, the metric children and the ``Date`` cache.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from kura.api.authorization import RequestAuthorization
@@ -93,7 +94,7 @@ class Collaborators:
     state: NodeState
     traffic: PublicTraffic
     metrics: KuraMetrics
-    reactor: Any
+    reactor: IReactorTime
 
 
 class Permits:
@@ -140,6 +141,8 @@ class Accelerator:
         collaborators: Collaborators,
         engine: ITransferEngine,
     ) -> None:
+        if not ITransferEngine.providedBy(engine):
+            raise TypeError(f"{engine!r} does not provide ITransferEngine")
         self.settings = settings
         self.collaborators = collaborators
         self.engine = engine

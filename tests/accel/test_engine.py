@@ -17,6 +17,7 @@ import pytest
 from twisted.internet.testing import StringTransport
 from zope.interface.verify import verifyObject
 
+from kura.accel.accelerator import Accelerator
 from kura.accel.engine import KernelTransferEngine
 from kura.accel.interfaces import (
     CLIENT_ABORTED,
@@ -27,6 +28,7 @@ from kura.accel.interfaces import (
 )
 from kura.accel.testing import FakeTransfer, FakeTransferEngine
 from kura.accel.transfer import BodyTransfer
+from kura.service import KuraNode
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
 
@@ -102,6 +104,20 @@ def receive(client: socket.socket, size: int) -> bytes:
 
 def transport_of(server: socket.socket) -> Any:
     return type("Transport", (), {"socket": server})()
+
+
+def test_a_node_moves_its_bodies_with_the_configured_kernel_engine(node: KuraNode) -> None:
+    """The composition root gives the accelerator a kernel engine in the configured mode."""
+    engine = node.accelerator.engine
+    assert isinstance(engine, KernelTransferEngine) and verifyObject(ITransferEngine, engine)
+    assert engine.mode == node.config.accelerator.mode == "splice"
+
+
+def test_an_accelerator_refuses_an_engine_that_is_not_one(node: KuraNode) -> None:
+    """The engine is checked against ITransferEngine when the accelerator is built."""
+    base = node.accelerator
+    with pytest.raises(TypeError):
+        Accelerator(base.settings, base.collaborators, object())  # type: ignore[arg-type]
 
 
 def test_both_engines_and_their_transfers_provide_the_interfaces(
