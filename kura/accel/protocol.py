@@ -21,11 +21,15 @@ sent.
 
 A connection is in exactly one :class:`State`::
 
-    IDLE --bytes--> READING_HEAD --servable head--> SERVING --answered, keep-alive--> IDLE
-      |                 |                              |
-      |                 +--anything else, head deadline--+--fall-back--> HANDED_OFF
-      +--idle deadline, drain--+    deny, close, abort--+--> CLOSING
-                                     (any state) connection lost --> CLOSED
+    IDLE --a byte--> READING_HEAD --servable head--> SERVING
+      ^                                                 |
+      +---------------- answered, keep-alive -----------+
+
+    READING_HEAD, SERVING --not served here, head deadline--> HANDED_OFF
+    IDLE --idle deadline, drain--> CLOSING
+    SERVING --deny, Connection: close, short or failed body--> CLOSING
+    IDLE, READING_HEAD, SERVING --cut off--> CLOSING
+    any --connection lost--> CLOSED
 
 The request being served is an :class:`_Exchange`: what it holds (permit,
 file lease, engine reservation, in-flight slot, transfer) is given back in

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import os
 
+import attrs
 import pytest
 from twisted.internet.defer import Deferred, fail
 from twisted.web.http import datetimeToString
 
 from kura.accel import reasons
+from kura.accel.classify import Candidate
+from kura.accel.head import parse_head
 from kura.accel.interfaces import CLIENT_ABORTED, INCOMPLETE, WRITE_TIMEOUT
 from kura.accel.protocol import State
 from kura.accel.testing import FakeTransferEngine
@@ -216,6 +219,16 @@ def test_what_the_accelerator_does_not_serve_twisted_web_answers(
     assert response.status == status
     assert rig.fallbacks(reason) == 1 and rig.served == 0
     assert rig.held() == NOTHING_HELD
+
+
+def test_the_classifier_refuses_other_methods_and_versions(rig: Rig) -> None:
+    """Only GET over HTTP/1.1 is a candidate (the strict parser already passes nothing else)."""
+    head = parse_head(get(CAS.format("a")))
+    assert head is not None
+    classify = rig.accelerator.classifier.classify
+    assert isinstance(classify(head), Candidate)
+    assert classify(attrs.evolve(head, method=b"HEAD")) == reasons.METHOD
+    assert classify(attrs.evolve(head, version=b"HTTP/1.0")) == reasons.METHOD
 
 
 def test_a_head_too_large_is_handed_off_before_it_ends(rig: Rig) -> None:
