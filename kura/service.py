@@ -29,8 +29,10 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from kura import __version__
+from kura.accel.accelerator import Accelerator, AcceleratorSettings, Collaborators
 from kura.accel.classify import Classifier
-from kura.accel.protocol import Accelerator, SamePortFactory
+from kura.accel.engine import KernelTransferEngine
+from kura.accel.protocol import SamePortFactory
 from kura.api.app import PublicAPI
 from kura.api.authorization import RequestAuthorization
 from kura.api.gate import Gate
@@ -191,20 +193,22 @@ class KuraNode(MultiService):
         self.accel_pool = ThreadPool(
             minthreads=0, maxthreads=config.accelerator.max_concurrent, name="kura-accel"
         )
+        accelerator_settings = AcceleratorSettings.from_config(config)
         self.accelerator = Accelerator(
-            config=config.accelerator,
-            site=self.site,
-            authorization=self.authorization,
-            classifier=Classifier(self.gate.routes, config.tenant_id),
-            store=self.store,
-            state=self.state,
-            traffic=self.traffic,
-            metrics=self.metrics,
-            reactor=reactor,
-            pool=self.accel_pool,
-            header_timeout=config.header_timeout_ms / 1000,
-            idle_timeout=config.keepalive_idle_timeout_ms / 1000,
-            send_timeout=config.send_timeout_ms / 1000,
+            accelerator_settings,
+            Collaborators(
+                site=self.site,
+                authorization=self.authorization,
+                classifier=Classifier(self.gate.routes, config.tenant_id),
+                store=self.store,
+                state=self.state,
+                traffic=self.traffic,
+                metrics=self.metrics,
+                reactor=reactor,
+            ),
+            KernelTransferEngine.from_settings(
+                accelerator_settings, reactor=reactor, pool=self.accel_pool
+            ),
         )
         self.ports: dict[str, IListeningPort] = {}
         self.started: Deferred[None] = Deferred()

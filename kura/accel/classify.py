@@ -21,6 +21,7 @@ from kura.domain.errors import KuraError
 from kura.web.admission import RouteMatch
 from kura.web.routing import Query, RouteSpec
 
+from . import reasons
 from .head import RequestHead, parse_query
 
 
@@ -67,9 +68,9 @@ class Classifier:
         self._resolve = functools.lru_cache(maxsize=8192)(self._resolve_target)
 
     def classify(self, head: RequestHead) -> Candidate | str:
-        """A :class:`Candidate`, or the reason (a metric label) to fall back."""
+        """A :class:`Candidate`, or the reason (a :mod:`.reasons` label) to fall back."""
         if head.method != b"GET" or head.version != b"HTTP/1.1":
-            return "method"
+            return reasons.METHOD
         found = self._resolve(head.path, head.query)
         if isinstance(found, str):
             return found
@@ -80,17 +81,17 @@ class Classifier:
     def _resolve_target(self, path: bytes, raw_query: bytes) -> _Resolution | str:
         match = self._routes.match("GET", path)
         if match is None:
-            return "route"
+            return reasons.ROUTE
         spec, path_args = match
         if not spec.accelerable or spec.address is None:
-            return "route"
+            return reasons.ROUTE
         params = parse_query(raw_query)
         if params is None:
-            return "query"
+            return reasons.QUERY
         try:
             target = resolve_target(spec, path_args, Query(params), self._node_tenant)
         except KuraError:
-            return "request"
+            return reasons.REQUEST
         address = target.address
         assert address is not None  # accelerable routes address one artifact
         return _Resolution(spec, path_args, target, params, address.artifact_id(self._node_tenant))

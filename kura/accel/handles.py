@@ -72,6 +72,9 @@ class HandleCache:
         store: opens the files.
         capacity: most descriptors kept open (0 disables the cache); by
             default :func:`default_capacity`, followed as the limit changes.
+
+    Attributes:
+        lent: leases borrowed and not yet released.
     """
 
     def __init__(self, store: ArtifactStore, capacity: int | None = None) -> None:
@@ -79,6 +82,7 @@ class HandleCache:
         self._follow_limit = capacity is None
         self.capacity = default_capacity() if capacity is None else capacity
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
+        self.lent = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -98,6 +102,7 @@ class HandleCache:
             if status.st_nlink > 0:
                 self._entries.move_to_end(key)
                 entry.users += 1
+                self.lent += 1
                 return Lease(entry.fd, status.st_size, entry)
             self._detach(key)
         fd = self._store.open_body(manifest)
@@ -106,6 +111,7 @@ class HandleCache:
         except OSError:
             os.close(fd)
             raise
+        self.lent += 1
         if size > CACHED_FILE_MAX_BYTES or self.capacity == 0:
             return Lease(fd, size, None)
         entry = self._entries[key] = _Entry(fd)
@@ -115,6 +121,7 @@ class HandleCache:
 
     def release(self, lease: Lease) -> None:
         """Give a descriptor back (closing it if nothing else may use it)."""
+        self.lent -= 1
         entry = lease.entry
         if entry is None:
             os.close(lease.fd)

@@ -5,11 +5,11 @@ is complete (at most 16 KiB, within the head deadline), parses it strictly
 (:mod:`.head`), classifies it with the Klein route table (:mod:`.classify`),
 and then either
 
-* serves it: looks the artifact up, opens its file, takes a permit, writes
-  the response head and moves the body with splice/sendfile — inline on the
-  reactor while the socket accepts it, then on a worker thread
-  (:mod:`.transfer`); afterwards the connection is kept alive when safe and
-  the next request is classified again; or
+* serves it: takes a permit, looks the artifact up, opens its file, lets
+  :func:`.decide.decide` judge it, runs the authorization once, writes the
+  response head and has the transfer engine (:mod:`.engine`) move the body;
+  afterwards the connection is kept alive when safe and the next request is
+  classified again; or
 * hands off: a twisted.web ``HTTPChannel`` for the Klein ``Site`` (or an
   HTTP/2 connection for a prior-knowledge preface) is attached to the
   connection and receives every buffered byte, untouched. From then on the
@@ -18,169 +18,76 @@ and then either
 Any doubt means hand-off, and every hand-off happens before a single byte of
 the request has been consumed, so twisted.web sees exactly what the client
 sent.
+
+A connection is in exactly one :class:`State`::
+
+    IDLE --a byte--> READING_HEAD --servable head--> SERVING
+      ^                                                 |
+      +---------------- answered, keep-alive -----------+
+
+    READING_HEAD, SERVING --not served here, head deadline--> HANDED_OFF
+    IDLE --idle deadline, drain--> CLOSING
+    SERVING --deny, Connection: close, short or failed body--> CLOSING
+    IDLE, READING_HEAD, SERVING --cut off--> CLOSING
+    any --connection lost--> CLOSED
+
+The request being served is an :class:`_Exchange`: what it holds (permit,
+file lease, engine reservation, in-flight slot, transfer) is given back in
+one place when it ends, however it ends.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
+import enum
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
-from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from kura.api.authorization import RequestAuthorization
-from kura.config import AcceleratorConfig
 from kura.domain.artifacts import Manifest
 from kura.domain.errors import KuraError
-from kura.lifecycle import NodeState
-from kura.storage.store import ArtifactStore
-from kura.telemetry.metrics import Children, KuraMetrics
-from kura.telemetry.traffic import InflightSlot, PublicTraffic
-from kura.web.download import ArtifactHead, artifact_head
-from kura.web.errors import REASONS, error_headers, render_error_body
-from kura.web.http import SERVER_NAME, KuraSite, log_access
+from kura.telemetry.traffic import InflightSlot
+from kura.web.download import ArtifactHead
+from kura.web.errors import render_error_response
+from kura.web.http import SERVER_NAME, log_access
 
-from . import transfer as tx
-from .classify import Candidate, Classifier
-from .handles import HandleCache, Lease
-from .head import MAX_HEAD_BYTES, RequestHead, find_head_end, parse_head
-from .response import DateCache, build_head
+from . import reasons
+from .accelerator import Accelerator
+from .classify import Candidate
+from .decide import Fallback, admit, decide, is_file_backed
+from .handles import Lease
+from .head import MAX_HEAD_BYTES, find_head_end, parse_head
+from .interfaces import INCOMPLETE, OK, ITransfer
+from .response import build_head
 
 log = Logger(namespace="kura.accel")
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
-ACCELERATOR_READY = (
-    "accelerated file serving {state}: mode={mode} max_concurrent={max_concurrent} "
-    "chunk_bytes={chunk_bytes}"
-)
+#: No reservation held (``None`` is a valid one: sendfile needs no pipe).
+_UNRESERVED = object()
+_NO_HEADERS: list[tuple[bytes, bytes]] = []
 
 
-class Accelerator:
-    """What every accelerated connection shares.
+class State(enum.Enum):
+    """Where a connection is (see the module docstring)."""
 
-    Attributes:
-        permits: at most ``max_concurrent`` accelerated transfers at once;
-            with none free a request falls back instead of waiting.
-        connections: live connections still owned by the accelerator.
-    """
-
-    def __init__(
-        self,
-        *,
-        config: AcceleratorConfig,
-        site: KuraSite,
-        authorization: RequestAuthorization,
-        classifier: Classifier,
-        store: ArtifactStore,
-        state: NodeState,
-        traffic: PublicTraffic,
-        metrics: KuraMetrics,
-        reactor: Any,
-        pool: ThreadPool,
-        header_timeout: float,
-        idle_timeout: float,
-        send_timeout: float,
-    ) -> None:
-        self.config = config
-        self.site = site
-        self.authorization = authorization
-        self.classifier = classifier
-        self.store = store
-        self.state = state
-        self.traffic = traffic
-        self.metrics = metrics
-        self.reactor = reactor
-        self.pool = pool
-        self.header_timeout = header_timeout
-        self.idle_timeout = idle_timeout
-        self.send_timeout = send_timeout
-        self.permits = DeferredSemaphore(config.max_concurrent)
-        self.handles = HandleCache(store)
-        self.connections: set[SamePortProtocol] = set()
-        # Drained splice pipes between transfers. Pooled here rather than kept
-        # per connection, so an idle keep-alive connection holds one
-        # descriptor, not three (10,000 of them would exhaust the fd limit).
-        self.spare_pipes: list[tuple[int, int]] = []
-        # One sweep enforces every connection's idle and head deadlines, so a
-        # request costs a float assignment instead of scheduling a timer.
-        self.sweep_interval = min(1.0, min(header_timeout, idle_timeout) / 4)
-        self._sweeper = LoopingCall(self.sweep)
-        self._sweeper.clock = reactor
-        self.dates = DateCache()
-        self.request_ids = site.request_ids
-        self.fallbacks = Children(metrics.accelerator_fallbacks)
-        self.requests = Children(metrics.http_requests)
-        self.serving_paths = metrics.serving_paths.labels(config.mode)
-        metrics.accelerator_permits_in_use.set_function(
-            lambda: float(config.max_concurrent - self.permits.tokens)
-        )
-        metrics.accelerator_cached_descriptors.set_function(lambda: float(len(self.handles)))
-
-    def count_fallback(self, reason: str) -> None:
-        self.fallbacks(reason).inc()
-
-    def log_settings(self) -> None:
-        log.info(
-            ACCELERATOR_READY,
-            state="enabled" if self.config.enabled else "disabled",
-            mode=self.config.mode,
-            max_concurrent=self.config.max_concurrent,
-            chunk_bytes=self.config.chunk_bytes,
-        )
-
-    def start(self) -> None:
-        if not self._sweeper.running:
-            self._sweeper.start(self.sweep_interval, now=False)
-
-    def stop(self) -> None:
-        if self._sweeper.running:
-            self._sweeper.stop()
-        self.handles.clear()
-        while self.spare_pipes:
-            for end in self.spare_pipes.pop():
-                os.close(end)
-
-    def take_pipe(self) -> tuple[int, int]:
-        """A drained splice pipe: a spare one, or a new one."""
-        if self.spare_pipes:
-            return self.spare_pipes.pop()
-        return tx.make_pipe(self.config.chunk_bytes)
-
-    def give_back_pipe(self, pipe: tuple[int, int]) -> None:
-        """Keep a drained pipe for the next transfer (at most one per permit)."""
-        if len(self.spare_pipes) < self.config.max_concurrent:
-            self.spare_pipes.append(pipe)
-        else:
-            for end in pipe:
-                os.close(end)
-
-    def sweep(self) -> None:
-        """Act on every connection whose idle or head deadline has passed, and
-        let go of cached descriptors of deleted files."""
-        self.handles.sweep()
-        now = self.reactor.seconds()
-        for connection in list(self.connections):
-            connection.check_deadline(now)
-
-    def close_idle(self) -> None:
-        """Close every accelerator-owned connection that is between requests."""
-        for connection in list(self.connections):
-            connection.close_if_idle()
-
-    def cut_off(self) -> None:
-        """Abort every accelerator-owned connection, transfers included."""
-        for connection in list(self.connections):
-            connection.abort()
+    #: Between requests, nothing buffered; the idle deadline runs.
+    IDLE = "idle"
+    #: Part of a request head is buffered; the head deadline runs.
+    READING_HEAD = "reading head"
+    #: One request is being decided or sent (an :class:`_Exchange`).
+    SERVING = "serving"
+    #: twisted.web (or HTTP/2) owns the connection.
+    HANDED_OFF = "handed off"
+    #: The accelerator ended the connection; nothing more is read or answered.
+    CLOSING = "closing"
+    #: The connection is gone.
+    CLOSED = "closed"
 
 
 class SamePortFactory(ServerFactory):
@@ -199,57 +106,107 @@ class SamePortFactory(ServerFactory):
         return SamePortProtocol(self.accelerator)
 
 
+class _Exchange:
+    """One request the accelerator took on, from its permit to its response's end.
+
+    Attributes:
+        candidate: the classified request.
+        started_at: when the first byte of its head arrived.
+        paused: it outlived the step of the request loop that started it (a
+            look-up, a check or a transfer went off the reactor), so the
+            connection reads nothing until it ends; its end resumes reading
+            and the loop.
+        lease: its file, once open.
+        reservation: what the engine reserved for its transfer, until the
+            transfer starts.
+        transfer: its transfer, once started.
+        slot: its public in-flight slot, from the response head on.
+        status, keep_alive, request_id: the response's.
+        first_byte_recorded: its time to first byte was sampled.
+    """
+
+    __slots__ = (
+        "candidate",
+        "first_byte_recorded",
+        "keep_alive",
+        "lease",
+        "paused",
+        "request_id",
+        "reservation",
+        "slot",
+        "started_at",
+        "status",
+        "transfer",
+    )
+
+    def __init__(self, candidate: Candidate, started_at: float) -> None:
+        self.candidate = candidate
+        self.started_at = started_at
+        self.paused = False
+        self.lease: Lease | None = None
+        self.reservation: object = _UNRESERVED
+        self.transfer: ITransfer | None = None
+        self.slot: InflightSlot | None = None
+        self.status = 0
+        self.keep_alive = False
+        self.request_id = b""
+        self.first_byte_recorded = False
+
+
 @implementer(IPushProducer)
 class SamePortProtocol(Protocol):
-    """One client connection (see the module docstring)."""
+    """One client connection (see the module docstring).
+
+    Attributes:
+        state: where the connection is.
+    """
 
     def __init__(self, accelerator: Accelerator) -> None:
         self._accel = accelerator
+        self.state = State.IDLE
         self._buffer = b""
+        # How much of the buffer was searched for the end of the head.
         self._scanned = 0
-        self._busy = False
-        self._advancing = False
-        self._closed = False
-        # Set once the connection must end after what was already answered.
-        self._closing = False
-        self._reading_paused = False
+        # When the idle (IDLE) or head (READING_HEAD) deadline passes; the
+        # Sweeper checks it, so a request schedules no timer.
         self._deadline: float | None = None
-        self._on_deadline: Any = None
-        self._head_started_at: float | None = None
+        self._head_started_at = 0.0
         self._channel: Any = None
-        self._pipe: tuple[int, int] | None = None
-        self._transfer: tx.BodyTransfer | None = None
+        self._exchange: _Exchange | None = None
 
     # -- connection events -----------------------------------------------------
 
     def connectionMade(self) -> None:
         accel = self._accel
         accel.connections.add(self)
-        transport: Any = self.transport
-        transport.setTcpNoDelay(True)
-        self._arm(accel.idle_timeout, self._idle_timeout)
+        self._transport().setTcpNoDelay(True)
+        self._deadline = accel.reactor.seconds() + accel.settings.idle_timeout
 
     def dataReceived(self, data: bytes) -> None:
-        if self._channel is not None:
+        state = self.state
+        if state is State.HANDED_OFF:
             self._channel.dataReceived(data)
-            return
-        if self._closing:
-            return
-        self._buffer += data
-        if not self._busy:
+        elif state is State.IDLE or state is State.READING_HEAD:
+            self._buffer += data
             self._advance()
+        elif state is State.SERVING:
+            # Already on its way when reading paused: the next request.
+            self._buffer += data
+        # CLOSING: the connection ends after what was answered.
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._closed = True
-        self._disarm()
+        handed_off = self.state is State.HANDED_OFF
+        self.state = State.CLOSED
+        self._deadline = None
         self._accel.connections.discard(self)
+        # An exchange still waiting ends when its look-up, check or transfer
+        # does, and then only gives back what it holds.
         self._stop_transfer()
-        self._close_pipe()
-        if self._channel is not None:
+        if handed_off:
             self._channel.connectionLost(reason)
 
-    # IPushProducer: registered with the transport while a worker thread
-    # writes to the socket, so a lost connection stops the worker.
+    # IPushProducer: registered with the transport while a transfer runs in
+    # the background, so a lost connection stops it.
 
     def pauseProducing(self) -> None:
         """Nothing to do: bodies bypass the transport's write buffer."""
@@ -260,37 +217,42 @@ class SamePortProtocol(Protocol):
     def stopProducing(self) -> None:
         self._stop_transfer()
 
-    # -- deadlines (enforced by Accelerator.sweep) ---------------------------------
-
-    def _arm(self, seconds: float, action: Any) -> None:
-        self._deadline = self._accel.reactor.seconds() + seconds
-        self._on_deadline = action
-
-    def _disarm(self) -> None:
-        self._deadline = None
+    # -- deadlines, drain and cut-off (driven by the Accelerator) ---------------
 
     def check_deadline(self, now: float) -> None:
-        if self._deadline is not None and now >= self._deadline:
-            self._deadline = None
-            self._on_deadline()
-
-    def _idle_timeout(self) -> None:
-        self._transport().loseConnection()
-
-    def _head_timeout(self) -> None:
-        # Twisted would only close when the client went silent; a head that
-        # trickles in forever is cut off here, as a whole.
-        self._hand_off("head_timeout")
-        if self._channel is not None:
+        """Act if the idle or head deadline has passed (the :class:`~.sweep.Sweeper` asks)."""
+        deadline = self._deadline
+        if deadline is None or now < deadline:
+            return
+        self._deadline = None
+        if self.state is State.IDLE:
+            self._close()
+        elif self.state is State.READING_HEAD:
+            # Twisted would only close when the client went silent; a head
+            # that trickles in forever is cut off here, as a whole.
+            self._hand_off(reasons.HEAD_TIMEOUT)
             self._channel.expire_head()
+
+    def close_if_idle(self) -> None:
+        if self.state is State.IDLE:
+            self._close()
 
     def abort(self) -> None:
         self._stop_transfer()
-        self._transport().abortConnection()
+        if self.state is not State.CLOSED:
+            self.state = State.CLOSING
+            self._deadline = None
+            self._transport().abortConnection()
 
-    def close_if_idle(self) -> None:
-        if not self._busy and not self._buffer and self._channel is None and not self._closed:
-            self._transport().loseConnection()
+    def _close(self) -> None:
+        self.state = State.CLOSING
+        self._deadline = None
+        self._transport().loseConnection()
+
+    def _stop_transfer(self) -> None:
+        exchange = self._exchange
+        if exchange is not None and exchange.transfer is not None:
+            exchange.transfer.stop()
 
     # -- the request loop -----------------------------------------------------------
 
@@ -298,169 +260,149 @@ class SamePortProtocol(Protocol):
         return self.transport
 
     def _advance(self) -> None:
-        """Classify and serve buffered requests until one is pending or handed off.
+        """Classify and serve buffered requests until one is pending or handed off,
+        or nothing is left.
 
-        Re-entrant calls (a response that completed inline asking for the
-        next request) return at once: the running loop picks the next one up,
-        so a thousand pipelined requests do not nest a thousand frames deep.
+        A request answered before :meth:`_serve` returns brings the loop
+        back here, which takes the next one (a thousand pipelined requests do
+        not nest a thousand frames deep). One still pending pauses reading;
+        its end resumes reading and calls this again.
         """
-        if self._advancing:
-            return
-        self._advancing = True
-        try:
-            self._advance_loop()
-        finally:
-            self._advancing = False
-
-    def _advance_loop(self) -> None:
         accel = self._accel
-        while self._channel is None and not (self._busy or self._closed or self._closing):
+        while self.state is State.IDLE or self.state is State.READING_HEAD:
             buffer = self._buffer
             if not buffer:
-                self._head_started_at = None
-                self._arm(accel.idle_timeout, self._idle_timeout)
+                self.state = State.IDLE
+                self._deadline = accel.reactor.seconds() + accel.settings.idle_timeout
                 return
-            if self._head_started_at is None:
-                self._head_started_at = accel.reactor.seconds()
-                self._arm(accel.header_timeout, self._head_timeout)
+            if self.state is State.IDLE:
+                self.state = State.READING_HEAD
+                now = accel.reactor.seconds()
+                self._head_started_at = now
+                self._deadline = now + accel.settings.header_timeout
             if buffer[:1] == b"P" and (
                 buffer.startswith(H2_PREFACE) or H2_PREFACE.startswith(buffer)
             ):
                 if len(buffer) >= len(H2_PREFACE):
                     self._hand_off_h2()
                 return
-            if not accel.config.enabled:
+            if not accel.settings.config.enabled:
                 # The kill switch: twisted.web serves everything on this port.
-                self._hand_off("disabled")
+                self._hand_off(reasons.DISABLED)
                 return
             end = find_head_end(buffer, self._scanned)
             if end < 0:
                 self._scanned = len(buffer)
                 if len(buffer) > MAX_HEAD_BYTES:
-                    self._hand_off("head_too_large")
+                    self._hand_off(reasons.HEAD_TOO_LARGE)
                 return
             self._scanned = 0
             head = parse_head(buffer)
             if head is None:
-                self._hand_off("ambiguous")
+                self._hand_off(reasons.AMBIGUOUS)
                 return
-            decision = accel.classifier.classify(head)
-            if isinstance(decision, str):
-                self._hand_off(decision)
+            candidate = accel.classifier.classify(head)
+            if isinstance(candidate, str):
+                self._hand_off(candidate)
                 return
-            if accel.state.draining:
-                self._hand_off("draining")
+            refusal = admit(draining=accel.state.draining, permits_free=accel.permits.available > 0)
+            if refusal is not None:
+                self._hand_off(refusal.reason)
                 return
-            if accel.permits.tokens == 0:
-                self._hand_off("saturated")
+            exchange = self._serve(candidate)
+            if self._exchange is exchange:
+                exchange.paused = True
+                self._transport().pauseProducing()
                 return
-            self._serve(decision)
 
-    def _hand_off(self, reason: str) -> None:
+    # -- hand-off ------------------------------------------------------------------
+
+    def _hand_off(self, reason: str, *, paused: bool = False) -> None:
         """Give the connection, and every byte buffered so far, to twisted.web."""
-        self._accel.count_fallback(reason)
-        self._attach(self._accel.site.make_channel())
+        self._accel.meters.fallback(reason)
+        self._attach(self._accel.site.make_channel(), paused=paused)
 
     def _hand_off_h2(self) -> None:
         from kura.web.h2 import build_h2_connection  # noqa: PLC0415 - the optional h2 extra
 
         site = self._accel.site
         connection = build_h2_connection(site, reactor=self._accel.reactor, metrics=site.metrics)
-        self._accel.count_fallback("h2c")
-        self._attach(connection, register_producer=True)
+        self._accel.meters.fallback(reasons.H2C)
+        self._attach(connection, paused=False, register_producer=True)
 
-    def _attach(self, channel: Any, register_producer: bool = False) -> None:
-        self._disarm()
+    def _attach(self, channel: Any, *, paused: bool, register_producer: bool = False) -> None:
+        self.state = State.HANDED_OFF
+        self._deadline = None
         self._accel.connections.discard(self)
-        self._close_pipe()
         self._channel = channel
         transport = self._transport()
         channel.makeConnection(transport)
         if register_producer:
             transport.registerProducer(channel, True)
-        if self._reading_paused:
-            self._reading_paused = False
+        if paused:
             transport.resumeProducing()
         buffered, self._buffer = self._buffer, b""
         if buffered:
             channel.dataReceived(buffered)
 
-    # -- serving ---------------------------------------------------------------------
+    # -- serving -------------------------------------------------------------------
 
-    def _pause_reading(self) -> None:
-        if not self._reading_paused:
-            self._reading_paused = True
-            self._transport().pauseProducing()
-
-    def _resume_reading(self) -> None:
-        if self._reading_paused and not self._closed:
-            self._reading_paused = False
-            self._transport().resumeProducing()
-
-    def _serve(self, candidate: Candidate) -> None:
+    def _serve(self, candidate: Candidate) -> _Exchange:
+        """Take a permit and look the artifact up (from memory when possible)."""
         accel = self._accel
-        self._busy = True
-        self._disarm()
-        accel.permits.acquire()  # a token is free: this fires synchronously
-        artifact_id = candidate.artifact_id
-        manifest = accel.store.cached_manifest(artifact_id)
+        accel.permits.take()
+        self.state = State.SERVING
+        self._deadline = None
+        exchange = self._exchange = _Exchange(candidate, self._head_started_at)
+        manifest = accel.store.cached_manifest(candidate.artifact_id)
         if manifest is not None:
-            self._serve_manifest(candidate, manifest)
-            return
-        self._pause_reading()
-        lookup = Deferred.fromCoroutine(accel.store.manifest(artifact_id))
-        lookup.addCallbacks(
-            lambda found: self._serve_manifest(candidate, found),
-            lambda failure: self._decline("lookup_error"),
-        )
+            self._decide(exchange, manifest)
+        else:
+            lookup = Deferred.fromCoroutine(accel.store.manifest(candidate.artifact_id))
+            lookup.addCallbacks(
+                lambda found: self._decide(exchange, found),
+                lambda failure: self._fall_back(exchange, reasons.LOOKUP_ERROR),
+            )
+        return exchange
 
-    def _decline(self, reason: str) -> None:
-        """Fall back after a look at the artifact; nothing has been consumed yet."""
-        self._accel.permits.release()
-        self._busy = False
-        if not self._closed:
-            self._hand_off(reason)
+    def _decide(self, exchange: _Exchange, manifest: Manifest | None) -> None:
+        if self.state is not State.SERVING:  # the connection went away meanwhile
+            self._end(exchange)
+            return
+        lease = self._open(exchange, manifest) if is_file_backed(manifest) else None
+        decision = decide(exchange.candidate, manifest, lease)
+        if isinstance(decision, Fallback):
+            self._fall_back(exchange, decision.reason)
+        else:
+            self._authorize(exchange, decision.response)
 
-    def _serve_manifest(self, candidate: Candidate, manifest: Manifest | None) -> None:
-        if self._closed:
-            self._accel.permits.release()
-            return
-        if manifest is None:
-            self._decline("miss")
-            return
-        if manifest.inline or manifest.blob_path is None:
-            self._decline("inline")
-            return
-        handles = self._accel.handles
+    def _open(self, exchange: _Exchange, manifest: Manifest) -> Lease | None:
+        """The artifact's file and the engine's reservation, both or neither.
+
+        Both are taken now, so running out of descriptors falls back
+        (twisted.web answers 503) instead of breaking an authorized response.
+        """
+        accel = self._accel
         try:
-            lease = handles.borrow(manifest)
+            lease = accel.handles.borrow(manifest)
         except OSError:
-            self._decline("open")
-            return
+            return None
         try:
-            self._splice_pipe()  # acquired now, so a failure can still fall back
-        except OSError:  # out of descriptors: twisted.web answers (503)
-            handles.release(lease)
-            self._decline("open")
+            exchange.reservation = accel.engine.reserve()
+        except OSError:
+            accel.handles.release(lease)
+            return None
+        exchange.lease = lease
+        return lease
+
+    def _authorize(self, exchange: _Exchange, response: ArtifactHead) -> None:
+        """The servable request's authorization: now, and only now, exactly once."""
+        authorization = self._accel.authorization
+        candidate = exchange.candidate
+        if not authorization.needs_check(candidate.spec):
+            self._start(exchange, response, _NO_HEADERS)
             return
         head = candidate.head
-        try:
-            if lease.size != manifest.size:
-                raise OSError("damaged file")
-            response = artifact_head(
-                manifest, _text(head.get(b"range")), _text(head.get(b"if-range"))
-            )
-        except (OSError, KuraError):
-            # A damaged file or an unsatisfiable range: twisted.web answers it
-            # (after authorization, so a 416 never leaks a size).
-            handles.release(lease)
-            self._decline("range_or_damage")
-            return
-        authorization = self._accel.authorization
-        if not authorization.needs_check(candidate.spec):
-            self._start(candidate, manifest, lease, response, [])
-            return
-        # The artifact is servable: now (and only now, exactly once) the check.
         ctx = authorization.context(
             spec=candidate.spec,
             method=head.method.decode("ascii"),
@@ -469,70 +411,30 @@ class SamePortProtocol(Protocol):
             query=candidate.params,
             transport="http",
         )
-
         decided = authorization.check_response(ctx, response.status)
-        if not decided.called:
-            self._pause_reading()
         decided.addCallbacks(
-            lambda extra: self._start(candidate, manifest, lease, response, extra),
-            lambda failure: self._deny(candidate, lease, failure),
+            lambda extra: self._start(exchange, response, extra),
+            lambda failure: self._deny(exchange, failure),
         )
-
-    def _deny(self, candidate: Candidate, lease: Lease, failure: Failure) -> None:
-        """Answer a refused request with its error and close, as twisted.web would."""
-        accel = self._accel
-        accel.handles.release(lease)
-        accel.permits.release()
-        self._busy = False
-        if self._closed:
-            return
-        error = failure.value
-        if not isinstance(error, KuraError):
-            log.failure("authorization failed unexpectedly", failure)
-            error = KuraError("Internal server error")
-        spec = candidate.spec
-        body = render_error_body(error, spec)
-        head = candidate.head
-        self._buffer = self._buffer[head.length :]
-        parts = [
-            b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\n"
-            % (
-                error.status,
-                REASONS.get(error.status, b"Error"),
-                SERVER_NAME,
-                accel.dates.value(accel.reactor.seconds()),
-            )
-        ]
-        parts += [b"%s: %s\r\n" % pair for pair in error_headers(error, spec)]
-        parts.append(
-            b"Content-Length: %d\r\nConnection: close\r\nX-Request-Id: %s\r\n\r\n"
-            % (len(body), self._request_id(head))
-        )
-        transport = self._transport()
-        transport.write(b"".join(parts) + body)
-        accel.requests(spec.template, str(error.status)).inc()
-        if accel.site.access_log:
-            log_access(head.method, head.path, error.status, self._request_id(head), spec)
-        self._closing = True
-        transport.loseConnection()
-
-    def _request_id(self, head: RequestHead) -> bytes:
-        return self._accel.request_ids.for_request(head.get(b"x-request-id"))
 
     def _start(
         self,
-        candidate: Candidate,
-        manifest: Manifest,
-        lease: Lease,
+        exchange: _Exchange,
         response: ArtifactHead,
         extra_headers: list[tuple[bytes, bytes]],
     ) -> None:
+        """Write the response head and start the body's transfer."""
+        if self.state is not State.SERVING:  # the connection went away meanwhile
+            self._end(exchange)
+            return
         accel = self._accel
+        candidate = exchange.candidate
         head = candidate.head
         self._buffer = self._buffer[head.length :]
-        accel.store.record_access(manifest.artifact_id)
-        keep_alive = head.keep_alive and not accel.state.draining
-        request_id = self._request_id(head)
+        accel.store.record_access(candidate.artifact_id)
+        exchange.status = response.status
+        exchange.keep_alive = keep_alive = head.keep_alive and not accel.state.draining
+        exchange.request_id = request_id = accel.request_ids.for_request(head.get(b"x-request-id"))
         head_bytes = build_head(
             response.status,
             response.headers,
@@ -541,54 +443,39 @@ class SamePortProtocol(Protocol):
             keep_alive=keep_alive,
             extra=extra_headers,
         )
+        exchange.slot = accel.traffic.begin()
+        accel.meters.served.inc()
+        reservation, exchange.reservation = exchange.reservation, _UNRESERVED
+        lease = exchange.lease
+        assert lease is not None
+        body = response.body
         transport = self._transport()
-        sock: socket.socket = transport.socket
-        chunk = accel.config.chunk_bytes
-        transfer = tx.BodyTransfer(
-            sock=sock,
-            file_fd=lease.fd,
-            offset=response.body.offset,
-            remaining=response.body.length,
-            head=head_bytes,
-            chunk_bytes=chunk,
-            pipe=self._splice_pipe(),
+        transfer = exchange.transfer = accel.engine.start(
+            reservation,
+            transport,
+            head_bytes,
+            lease.fd,
+            body.offset,
+            body.length,
+            self._transfer_done,
         )
-        exchange = _Exchange(
-            candidate=candidate,
-            request_id=request_id,
-            status=response.status,
-            keep_alive=keep_alive,
-            slot=accel.traffic.begin(),
-            lease=lease,
-            started_at=self._head_started_at or accel.reactor.seconds(),
-            first_byte_recorded=False,
-        )
-        self._head_started_at = None
-        accel.serving_paths.inc()
-        inline = accel.config.inline_bytes
-        # Small bodies leave right here, with no thread hop (see performance.md).
-        result = tx.pump(transfer, budget=inline) if inline else tx.YIELDED
-        self._note_first_byte(transfer, exchange)
-        if result in (tx.BLOCKED, tx.YIELDED):
-            self._continue_in_thread(transfer, exchange)
+        self._note_first_byte(exchange, transfer)
+        if transfer.result is None:
+            transport.registerProducer(self, True)  # a lost connection stops it
         else:
-            self._finish(transfer, exchange, result)
+            self._finish(exchange, transfer)
 
-    def _splice_pipe(self) -> tuple[int, int] | None:
-        if self._accel.config.mode != "splice":
-            return None
-        if self._pipe is None:
-            self._pipe = self._accel.take_pipe()
-        return self._pipe
+    def _transfer_done(self, transfer: ITransfer) -> None:
+        """A transfer that went on in the background is over."""
+        exchange = self._exchange
+        assert exchange is not None and exchange.transfer is transfer
+        if self.state is not State.CLOSED:
+            self._transport().unregisterProducer()
+        self._note_first_byte(exchange, transfer)
+        self._finish(exchange, transfer)
 
-    def _close_pipe(self) -> None:
-        if self._pipe is not None and self._transfer is None:
-            for end in self._pipe:
-                os.close(end)
-            self._pipe = None
-
-    def _note_first_byte(self, transfer: tx.BodyTransfer, exchange: _Exchange) -> None:
-        if exchange.first_byte_recorded or transfer.head:
+    def _note_first_byte(self, exchange: _Exchange, transfer: ITransfer) -> None:
+        if exchange.first_byte_recorded or not transfer.head_sent:
             return
         exchange.first_byte_recorded = True
         accel = self._accel
@@ -598,120 +485,91 @@ class SamePortProtocol(Protocol):
             route=exchange.candidate.spec.template,
         )
 
-    def _continue_in_thread(self, transfer: tx.BodyTransfer, exchange: _Exchange) -> None:
-        """Hand the rest of the body to a worker thread (see transfer.py)."""
+    # -- how an exchange ends ----------------------------------------------------------
+
+    def _end(self, exchange: _Exchange) -> None:
+        """Give back everything ``exchange`` holds (every exchange ends here once)."""
         accel = self._accel
-        self._pause_reading()
-        transport = self._transport()
-        transport.registerProducer(self, True)
-        transfer.sock = socket.socket(fileno=os.dup(transfer.sock.fileno()))
-        self._transfer = transfer
-        work: Deferred[str] = deferToThreadPool(
-            accel.reactor, accel.pool, tx.run_blocking, transfer, accel.send_timeout
-        )
+        self._exchange = None
+        if exchange.lease is not None:
+            accel.handles.release(exchange.lease)
+        if exchange.reservation is not _UNRESERVED:
+            accel.engine.release(exchange.reservation)
+        if exchange.slot is not None:
+            exchange.slot.release()
+        accel.permits.give_back()
 
-        def done(result: str | Failure) -> None:
-            self._transfer = None
-            transfer.sock.close()
-            if not self._closed:
-                transport.unregisterProducer()
-            outcome = result if isinstance(result, str) else tx.ERROR
-            self._note_first_byte(transfer, exchange)
-            self._finish(transfer, exchange, outcome)
+    def _fall_back(self, exchange: _Exchange, reason: str) -> None:
+        """After a look at the artifact: nothing of the request was consumed yet."""
+        self._end(exchange)
+        if self.state is State.SERVING:
+            self._hand_off(reason, paused=exchange.paused)
 
-        work.addBoth(done)
-
-    def _stop_transfer(self) -> None:
-        transfer = self._transfer
-        if transfer is not None and not transfer.stopped:
-            transfer.stopped = True
-            with contextlib.suppress(OSError):
-                transfer.sock.shutdown(socket.SHUT_RDWR)
-
-    def _finish(self, transfer: tx.BodyTransfer, exchange: _Exchange, result: str) -> None:
-        accel = self._accel
-        accel.handles.release(exchange.lease)
-        accel.permits.release()
-        exchange.slot.release()
-        if self._pipe is not None:
-            if result == tx.OK:
-                accel.give_back_pipe(self._pipe)
-            else:
-                # Bytes may be left in the pipe: never reuse it.
-                for end in self._pipe:
-                    os.close(end)
-            self._pipe = None
-        self._account(transfer, exchange, result)
-        self._busy = False
-        if self._closed:
-            self._close_pipe()
+    def _finish(self, exchange: _Exchange, transfer: ITransfer) -> None:
+        result = transfer.result
+        self._end(exchange)
+        self._account(exchange, transfer, result)
+        if self.state is not State.SERVING:  # lost or cut off meanwhile
             return
-        transport = self._transport()
-        if result == tx.OK and exchange.keep_alive and not accel.state.draining:
-            self._resume_reading()
-            self._advance()
-        elif result in (tx.OK, tx.INCOMPLETE):
+        if result == OK and exchange.keep_alive and not self._accel.state.draining:
+            self.state = State.IDLE
+            if exchange.paused:
+                self._transport().resumeProducing()
+                self._advance()
+            # Otherwise the loop that served it is still running and goes on.
+        elif result in (OK, INCOMPLETE):
             # A short body must end the connection: the client would
             # otherwise read the next response as the rest of this one.
-            transport.loseConnection()
+            self._close()
         else:
-            transport.abortConnection()
+            self.state = State.CLOSING
+            self._transport().abortConnection()
 
-    def _account(self, transfer: tx.BodyTransfer, exchange: _Exchange, result: str) -> None:
+    def _deny(self, exchange: _Exchange, failure: Failure) -> None:
+        """Answer a refused request with its error and close, as twisted.web would."""
+        self._end(exchange)
+        if self.state is not State.SERVING:
+            return
+        accel = self._accel
+        error = failure.value
+        if not isinstance(error, KuraError):
+            log.failure("authorization failed unexpectedly", failure)
+            error = KuraError("Internal server error")
+        candidate = exchange.candidate
+        spec = candidate.spec
+        head = candidate.head
+        request_id = accel.request_ids.for_request(head.get(b"x-request-id"))
+        date = accel.dates.value(accel.reactor.seconds())
+        self._transport().write(
+            render_error_response(
+                error,
+                spec,
+                before=((b"Server", SERVER_NAME), (b"Date", date)),
+                after=((b"X-Request-Id", request_id),),
+            )
+        )
+        accel.meters.request(spec.template, error.status).inc()
+        if accel.site.access_log:
+            log_access(head.method, head.path, error.status, request_id, spec)
+        self._buffer = b""
+        self._close()
+
+    def _account(self, exchange: _Exchange, transfer: ITransfer, result: str) -> None:
         accel = self._accel
         spec = exchange.candidate.spec
         elapsed = max(accel.reactor.seconds() - exchange.started_at, 1e-9)
-        status = exchange.status if result in (tx.OK, tx.INCOMPLETE) else 499
-        accel.requests(spec.template, str(status)).inc()
-        accel.metrics.http_request_duration.observe(elapsed)
+        status = exchange.status if result in (OK, INCOMPLETE) else 499
+        meters = accel.meters
+        meters.request(spec.template, status).inc()
+        meters.duration.observe(elapsed)
         producer = spec.producer.value if spec.producer is not None else "unknown"
-        accel.site.egress.record(producer, result, transfer.sent, elapsed)
+        accel.egress.record(producer, result, transfer.sent, elapsed)
         if accel.site.access_log:
             head = exchange.candidate.head
             log_access(head.method, head.path, status, exchange.request_id, spec)
-        if result == tx.INCOMPLETE:
+        if result == INCOMPLETE:
             log.error(
                 "artifact body ended early; connection closed",
                 route=spec.template,
                 sent=transfer.sent,
             )
-
-
-class _Exchange:
-    """Bookkeeping for one accelerated response."""
-
-    __slots__ = (
-        "candidate",
-        "first_byte_recorded",
-        "keep_alive",
-        "lease",
-        "request_id",
-        "slot",
-        "started_at",
-        "status",
-    )
-
-    def __init__(
-        self,
-        *,
-        candidate: Candidate,
-        request_id: bytes,
-        status: int,
-        keep_alive: bool,
-        slot: InflightSlot,
-        lease: Lease,
-        started_at: float,
-        first_byte_recorded: bool,
-    ) -> None:
-        self.candidate = candidate
-        self.request_id = request_id
-        self.status = status
-        self.keep_alive = keep_alive
-        self.slot = slot
-        self.lease = lease
-        self.started_at = started_at
-        self.first_byte_recorded = first_byte_recorded
-
-
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode("latin-1")

@@ -12,31 +12,42 @@ Descriptors: the worker only uses descriptors the transfer owns (a ``dup`` of
 the connection's socket, the artifact file, its own pipe), which the reactor
 closes after the worker returns, so the worker can never touch a descriptor
 number the reactor closed and reused. To stop a worker early, the reactor
-sets :attr:`BodyTransfer.stopped` and shuts the duplicated socket down.
+calls :meth:`BodyTransfer.stop`, which sets :attr:`BodyTransfer.stopped` and
+shuts the duplicated socket down.
+
+A :class:`BodyTransfer` is the :class:`~.interfaces.ITransfer` the kernel
+engine (:mod:`.engine`) hands the connection.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import select
 import socket
 import time
 
 import attrs
+from zope.interface import implementer
 
-#: Linux ``F_SETPIPE_SZ``: make one pipe hold a whole chunk.
-F_SETPIPE_SZ = 1031
+from .interfaces import CLIENT_ABORTED, ERROR, INCOMPLETE, OK, WRITE_TIMEOUT, ITransfer
+
+__all__ = [
+    "BLOCKED",
+    "CLIENT_ABORTED",
+    "ERROR",
+    "INCOMPLETE",
+    "OK",
+    "WRITE_TIMEOUT",
+    "YIELDED",
+    "BodyTransfer",
+    "pump",
+    "run_blocking",
+]
+
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
-# Terminal results; also the egress metric labels.
-OK = "ok"
-CLIENT_ABORTED = "client_aborted"
-WRITE_TIMEOUT = "write_timeout"
-INCOMPLETE = "incomplete"
-ERROR = "error"
 #: pump() stopped without finishing: the socket would block.
 BLOCKED = "blocked"
 #: pump() stopped without finishing: it used its byte budget.
@@ -45,15 +56,7 @@ YIELDED = "yielded"
 _CLIENT_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN})
 
 
-def make_pipe(chunk_bytes: int) -> tuple[int, int]:
-    """A non-blocking pipe sized for one chunk (as far as the system allows)."""
-    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    # Without the resize the default capacity stands; splice moves smaller pieces.
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(write_end, F_SETPIPE_SZ, chunk_bytes)
-    return read_end, write_end
-
-
+@implementer(ITransfer)
 @attrs.define
 class BodyTransfer:
     """The state of one response being sent (see the module docstring).
@@ -61,7 +64,7 @@ class BodyTransfer:
     Attributes:
         sock: the socket to write to (the transport's, then a ``dup`` once a
             worker takes over).
-        file_fd: the artifact, owned by the transfer.
+        file_fd: the artifact (the caller's, open until the transfer is over).
         offset: next file offset to send.
         remaining: body bytes still to send from the file.
         head: response head bytes not yet sent.
@@ -70,6 +73,7 @@ class BodyTransfer:
         sent: body bytes delivered to the socket so far.
         stopped: set by the reactor thread to make a worker give up; a plain
             attribute (reads and writes of it are atomic under the GIL).
+        result: the outcome once over (set on the reactor thread).
     """
 
     sock: socket.socket
@@ -82,10 +86,22 @@ class BodyTransfer:
     in_pipe: int = 0
     sent: int = 0
     stopped: bool = False
+    result: str | None = None
 
     @property
     def finished(self) -> bool:
         return not self.head and self.remaining == 0 and self.in_pipe == 0
+
+    @property
+    def head_sent(self) -> bool:
+        return not self.head
+
+    def stop(self) -> None:
+        """Make a worker give up (see the module docstring); idempotent."""
+        if self.result is None and not self.stopped:
+            self.stopped = True
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
 
 
 def _send_head(t: BodyTransfer) -> str | None:

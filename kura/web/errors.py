@@ -5,11 +5,17 @@ application/json``, except the 401/403 answers of routes whose clients insist
 on ``text/plain`` (Nx). Unknown exceptions become a 500 and are logged with
 their traceback; a client that went away (``CancelledError``) is not a
 server fault and is not logged as one.
+
+Two writers share these rules: :func:`respond_with_error` sets them on a
+twisted.web request, and :func:`render_error_response` serializes a whole
+closing response for code that writes straight to a transport (the
+accelerator's deny, the channel's 408 when a head takes too long).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
@@ -47,9 +53,23 @@ def error_body(message: str) -> bytes:
     return json.dumps({"message": message}).encode("utf-8")
 
 
-def error_headers(error: KuraError, spec: RouteSpec) -> list[tuple[bytes, bytes]]:
-    """Headers an error response carries besides Content-Length."""
-    plain = spec.plain_auth_errors and error.status in (401, 403)
+class RequestTimeout(KuraError):
+    """A request head did not arrive in time (answered by the channel, then closed)."""
+
+    status = 408
+    close = True
+
+
+def _plain(error: KuraError, spec: RouteSpec | None) -> bool:
+    return spec is not None and spec.plain_auth_errors and error.status in (401, 403)
+
+
+def error_headers(error: KuraError, spec: RouteSpec | None) -> list[tuple[bytes, bytes]]:
+    """Headers an error response carries besides Content-Length.
+
+    ``spec`` is ``None`` for errors that precede routing (a head deadline).
+    """
+    plain = _plain(error, spec)
     headers = [(b"Content-Type", b"text/plain" if plain else b"application/json")]
     if error.retry_after is not None:
         headers.append((b"Retry-After", b"%d" % error.retry_after))
@@ -61,10 +81,42 @@ def error_headers(error: KuraError, spec: RouteSpec) -> list[tuple[bytes, bytes]
     return headers
 
 
-def render_error_body(error: KuraError, spec: RouteSpec) -> bytes:
-    if spec.plain_auth_errors and error.status in (401, 403):
+def render_error_body(error: KuraError, spec: RouteSpec | None) -> bytes:
+    """The body answering ``error`` on ``spec``'s route (``None``: no route)."""
+    if _plain(error, spec):
         return error.message.encode("utf-8", "replace")
     return error_body(error.message)
+
+
+def render_error_response(
+    error: KuraError,
+    spec: RouteSpec | None = None,
+    *,
+    before: Iterable[tuple[bytes, bytes]] = (),
+    after: Iterable[tuple[bytes, bytes]] = (),
+) -> bytes:
+    """A complete HTTP/1.1 response answering ``error``, which closes the connection.
+
+    For writers below twisted.web's ``Request``, which then close the
+    connection. The head is the status line, ``before``, the error's own
+    headers (:func:`error_headers`), ``Content-Length``, ``Connection:
+    close`` and ``after``; the body is :func:`render_error_body`'s.
+
+    Args:
+        error: what to answer.
+        spec: the route the request matched, ``None`` before routing.
+        before: headers placed first (the accelerator's ``Server``, ``Date``).
+        after: headers placed last (the accelerator's ``X-Request-Id``).
+    """
+    body = render_error_body(error, spec)
+    parts = [b"HTTP/1.1 %d %s\r\n" % (error.status, REASONS.get(error.status, b"Error"))]
+    parts += [b"%s: %s\r\n" % header for header in before]
+    parts += [b"%s: %s\r\n" % header for header in error_headers(error, spec)]
+    parts.append(b"Content-Length: %d\r\nConnection: close\r\n" % len(body))
+    parts += [b"%s: %s\r\n" % header for header in after]
+    parts.append(b"\r\n")
+    parts.append(body)
+    return b"".join(parts)
 
 
 def respond_with_error(request: IRequest, error: KuraError, spec: RouteSpec) -> bytes:

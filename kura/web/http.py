@@ -55,7 +55,7 @@ from kura.telemetry.traffic import InflightSlot, PublicTraffic
 from .accounting import Egress
 from .admission import UNMATCHED, Admission, RequestHead
 from .client_address import client_address
-from .errors import error_body
+from .errors import RequestTimeout, render_error_response
 from .interfaces import IGate
 from .request_ids import RequestIds
 from .routing import BodyKind, RouteSpec
@@ -519,11 +519,7 @@ class KuraHTTPChannel(http.HTTPChannel):
         self._head_deadline = None
         transport: Any = self.transport
         log.info("request head deadline passed; closing {peer}", peer=str(transport.getPeer()))
-        body = error_body("Request head not received in time")
-        transport.write(
-            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-        )
+        transport.write(render_error_response(RequestTimeout("Request head not received in time")))
         self.loseConnection()
 
     def _cancel_head_deadline(self) -> None:

@@ -1,0 +1,116 @@
+"""Whether the accelerator serves a classified request itself, or falls back and why.
+
+Two pure steps, so every outcome is tested without a socket or a reactor
+(``tests/accel/test_decide.py``); the connection (:mod:`.protocol`) only
+gathers their inputs and acts on the answer:
+
+* :func:`admit`, before anything is looked up: a draining node and a
+  saturated accelerator leave the request to twisted.web (which answers a
+  draining node's 503, and serves what the accelerator has no permit for);
+* :func:`decide`, once the manifest is known and, for a file-backed
+  artifact, its file is open: :class:`Serve` with the response head, or
+  :class:`Fallback` with the reason (a :mod:`.reasons` label).
+
+Authorization is not decided here: it runs exactly once, after
+:func:`decide` said :class:`Serve` (so every fall-back happens before any
+check ran, and twisted.web's own check is the only one on its path).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, TypeGuard
+
+import attrs
+
+from kura.domain.artifacts import Manifest
+from kura.domain.errors import KuraError
+from kura.web.download import ArtifactHead, artifact_head
+
+from . import reasons
+from .classify import Candidate
+
+
+class OpenedFile(Protocol):
+    """What :func:`decide` needs of an opened artifact file (a :class:`~.handles.Lease`)."""
+
+    @property
+    def size(self) -> int: ...
+
+
+@attrs.frozen
+class Serve:
+    """Serve the request here.
+
+    Attributes:
+        response: status, headers and byte range of the response, exactly
+            as twisted.web would answer (:func:`~kura.web.download.artifact_head`).
+    """
+
+    response: ArtifactHead
+
+
+@attrs.frozen
+class Fallback:
+    """Hand the request, untouched, to twisted.web.
+
+    Attributes:
+        reason: why (the ``reason`` label of ``kura_accelerator_fallbacks_total``).
+    """
+
+    reason: str
+
+
+_DRAINING = Fallback(reasons.DRAINING)
+_SATURATED = Fallback(reasons.SATURATED)
+_MISS = Fallback(reasons.MISS)
+_INLINE = Fallback(reasons.INLINE)
+_OPEN = Fallback(reasons.OPEN)
+_RANGE_OR_DAMAGE = Fallback(reasons.RANGE_OR_DAMAGE)
+
+
+def admit(*, draining: bool, permits_free: bool) -> Fallback | None:
+    """Whether a candidate may go on to its look-up (``None``) or falls back now."""
+    if draining:
+        return _DRAINING
+    if not permits_free:
+        return _SATURATED
+    return None
+
+
+def is_file_backed(manifest: Manifest | None) -> TypeGuard[Manifest]:
+    """Whether ``manifest`` names a body file to open (the only kind served here)."""
+    return manifest is not None and not manifest.inline and manifest.blob_path is not None
+
+
+def decide(
+    candidate: Candidate, manifest: Manifest | None, lease: OpenedFile | None
+) -> Serve | Fallback:
+    """Serve ``candidate`` here, or fall back (see the module docstring).
+
+    Args:
+        candidate: the classified request.
+        manifest: the artifact's manifest, ``None`` when it is not stored.
+        lease: its opened file (only its current size is read), ``None``
+            when the file, or the pipe its transfer needs, could not be
+            opened; only consulted for a file-backed manifest.
+    """
+    if manifest is None:
+        return _MISS
+    if not is_file_backed(manifest):
+        return _INLINE
+    if lease is None:
+        return _OPEN
+    if lease.size != manifest.size:
+        # Damaged: twisted.web opens it again, forgets it and answers 404.
+        return _RANGE_OR_DAMAGE
+    head = candidate.head
+    try:
+        response = artifact_head(manifest, _text(head.get(b"range")), _text(head.get(b"if-range")))
+    except KuraError:
+        # Unsatisfiable: twisted.web answers 416 after authorization.
+        return _RANGE_OR_DAMAGE
+    return Serve(response)
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
