@@ -10,7 +10,7 @@ flushes storage and releases the lock.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
@@ -207,7 +207,11 @@ class KuraNode(MultiService):
                 reactor=reactor,
             ),
             KernelTransferEngine.from_settings(
-                accelerator_settings, reactor=reactor, pool=self.accel_pool
+                # Only a worker thread calls back through it: a real reactor
+                # provides it, and in-memory nodes never send from a thread.
+                accelerator_settings,
+                reactor=cast(IReactorFromThreads, reactor),
+                pool=self.accel_pool,
             ),
         )
         self.ports: dict[str, IListeningPort] = {}
