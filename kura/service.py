@@ -52,7 +52,7 @@ from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
 from kura.tls import public_server_options
 from kura.web.admission import RouteMatch
-from kura.web.http import KuraSite
+from kura.web.site import KuraSite
 from kura.web.upload_slots import UploadSlots
 
 log = Logger(namespace="kura.node")

@@ -23,7 +23,7 @@ from kura.lifecycle import NodeState
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
-from kura.web.http import KuraSite
+from kura.web.site import KuraSite
 
 from .classify import Classifier
 from .handles import HandleCache

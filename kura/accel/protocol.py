@@ -53,7 +53,8 @@ from kura.domain.errors import KuraError
 from kura.telemetry.traffic import InflightSlot
 from kura.web.download import ArtifactHead
 from kura.web.errors import render_error_response
-from kura.web.http import SERVER_NAME, log_access
+from kura.web.request import SERVER_NAME
+from kura.web.site import log_access
 
 from . import reasons
 from .accelerator import Accelerator

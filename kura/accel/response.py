@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from twisted.web.http import datetimeToString
 
-from kura.web.http import SERVER_NAME
+from kura.web.request import SERVER_NAME
 
 _REASONS = {200: b"OK", 206: b"Partial Content"}
 

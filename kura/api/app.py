@@ -7,7 +7,7 @@ and adds them to a Klein app of its own at construction, so the app, its
 ``url_map`` and the specs admission reads all belong to the instance. By the
 time a handler runs, its request has been admitted from the head
 (:mod:`kura.api.gate`) and any upload body has been streamed into staging
-(:mod:`kura.web.http`); handlers only do the work and choose the status.
+(:mod:`kura.web.request`); handlers only do the work and choose the status.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from kura.storage.interfaces import IBlockingRunner
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
 from kura.web.errors import as_seen_by_client, classify_failure, respond_with_error
-from kura.web.http import KuraRequest
+from kura.web.request import KuraRequest
 from kura.web.routing import RouteSpec
 
 from .artifacts import ArtifactService, StreamedBody

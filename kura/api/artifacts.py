@@ -57,8 +57,8 @@ from kura.web.download import (
     TransferFailed,
     artifact_head,
 )
-from kura.web.http import KuraRequest
 from kura.web.ranges import BodySlice
+from kura.web.request import KuraRequest
 from kura.web.routing import RouteSpec
 
 from .handling import admission_of, header

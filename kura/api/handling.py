@@ -1,7 +1,7 @@
 """What every public handler does with its request: its admission, a header, a plain answer.
 
 Handlers run after the head was admitted (:mod:`kura.api.gate`) and any body
-was received (:mod:`kura.web.http`); :func:`admission_of` hands them that verdict
+was received (:mod:`kura.web.request`); :func:`admission_of` hands them that verdict
 or raises what refused the request. :func:`empty` and :func:`json_response`
 set a whole response (status, ``Content-Type``, ``Content-Length``) and return
 its body.
@@ -13,7 +13,7 @@ import json
 
 from kura.domain.artifacts import JSON
 from kura.web.admission import Admission
-from kura.web.http import KuraRequest
+from kura.web.request import KuraRequest
 
 
 async def admission_of(request: KuraRequest) -> Admission:

@@ -15,7 +15,7 @@ from kura.config.access import AccessConfig, token_digest
 from kura.domain.errors import Unauthorized
 from kura.lifecycle import NodeState
 from kura.telemetry.metrics import KuraMetrics
-from kura.web.http import KuraRequest
+from kura.web.request import KuraRequest
 
 from .handling import header, json_response
 from .table import Route, route

@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 
-from kura.web.http import KuraRequest
+from kura.web.request import KuraRequest
 from kura.web.routing import RouteSpec, template_of
 
 from .artifacts import Body

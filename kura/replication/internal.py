@@ -11,7 +11,7 @@ Routes (formats in ``docs/replication.md``):
 * ``GET /_internal/bootstrap/artifacts/{artifact_id}``: the raw body, paced
   by the bandwidth limiter, or 404.
 
-It is served by the same :class:`~kura.web.http.KuraSite` machinery as the
+It is served by the same :class:`~kura.web.site.KuraSite` machinery as the
 public API (head-time admission through :class:`InternalGate`, bodies
 streamed into staging), but every route is ``public=False``: peer traffic
 never counts as public load and is never throttled as such. Every route,
@@ -46,8 +46,8 @@ from kura.storage.interfaces import IArtifactStore, IBlockingRunner
 from kura.telemetry.metrics import KuraMetrics
 from kura.web.admission import UNMATCHED, Admission, RequestHead, RouteMatch
 from kura.web.errors import classify_failure, respond_with_error
-from kura.web.http import KuraRequest
 from kura.web.interfaces import IGate
+from kura.web.request import KuraRequest
 from kura.web.routing import BodyKind, Query, RouteSpec, template_of
 
 from . import wire

@@ -39,7 +39,7 @@ from kura.storage.interfaces import IArtifactStore, IBlockingRunner
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
 from kura.web.admission import RouteMatch
-from kura.web.http import KuraSite
+from kura.web.site import KuraSite
 
 from .bootstrap import Bootstrapper
 from .client import PeerClient

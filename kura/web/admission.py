@@ -1,7 +1,7 @@
 """What admission decides from a request head, for any Klein app served by kura.
 
 A site admits every request from its head before reading a body byte (see
-:mod:`kura.web.http`): its gate (:class:`kura.web.interfaces.IGate`; the public API's
+:mod:`kura.web.request`): its gate (:class:`kura.web.interfaces.IGate`; the public API's
 :class:`kura.api.gate.Gate`, the internal plane's
 :class:`kura.replication.internal.InternalGate`) turns a :class:`RequestHead`
 into an :class:`Admission` or refuses it with a ``KuraError``.

@@ -10,7 +10,7 @@ is the right-most address that is not itself a trusted proxy (nginx's
 client prepends is never reached. A malformed value in the part that is read
 falls back to the TCP peer.
 
-Pure functions only; :class:`kura.web.http.KuraRequest` exposes the result as
+Pure functions only; :class:`kura.web.request.KuraRequest` exposes the result as
 ``request.client_address``.
 """
 

@@ -27,7 +27,7 @@ from kura.domain.artifacts import Manifest
 from kura.domain.errors import StorageFault, Unauthorized
 from kura.service import KuraNode
 from kura.testing import request
-from kura.web.http import SERVER_NAME
+from kura.web.request import SERVER_NAME
 from tests.accel.harness import (
     CAS,
     NOTHING_HELD,

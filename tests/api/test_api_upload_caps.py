@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 
 from kura.service import KuraNode
 from kura.testing import ControlledRunner, Exchange, files_under, request, sample, succeeded
-from kura.web.http import KuraRequest
+from kura.web.request import KuraRequest
 from kura.web.upload_slots import TOO_MANY_UPLOADS
 from tests.api.test_api_limits import CAS, MiB, head, message
 from tests.api.test_api_routes import complete, start_upload

@@ -15,9 +15,9 @@ from zope.interface import implementer
 from kura.service import KuraNode
 from kura.testing import parse_responses
 from kura.web.admission import Admission, RequestHead, RouteMatch
-from kura.web.http import KuraSite
 from kura.web.interfaces import IGate
 from kura.web.routing import BodyKind, Query, RouteSpec
+from kura.web.site import KuraSite
 
 FORM_POST = (
     b"POST /form HTTP/1.1\r\nHost: kura\r\n"

@@ -25,7 +25,7 @@ from kura.web.h2 import KuraH2Connection
 
 def test_the_private_twisted_names_kura_uses_still_exist() -> None:
     """kura/web (http, client_pool, h2) uses these; an upgrade that drops one fails here."""
-    # kura/web/http.py: the request and channel between head and body.
+    # kura/web/request.py: the request and channel between head and body.
     assert http._QUEUED_SENTINEL is not None
     channel = http.HTTPChannel()
     channel.makeConnection(StringTransport())

@@ -19,7 +19,7 @@ from kura.api.handling import admission_of, empty
 from kura.api.table import Route, route
 from kura.domain.artifacts import ArtifactAddress, Producer, is_valid_key
 from kura.domain.errors import BadRequest
-from kura.web.http import KuraRequest
+from kura.web.request import KuraRequest
 from kura.web.routing import Query
 
 from .neighbour import READ, WRITE

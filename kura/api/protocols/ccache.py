@@ -22,7 +22,7 @@ from kura.defer import shielded
 from kura.domain.artifacts import ArtifactAddress, Producer
 from kura.domain.errors import BadRequest
 from kura.storage.store import ArtifactStore
-from kura.web.http import KuraRequest
+from kura.web.request import KuraRequest
 from kura.web.routing import Operation, Query
 
 from .neighbour import READ, WRITE

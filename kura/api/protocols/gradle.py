@@ -19,7 +19,7 @@ from kura.api.handling import empty
 from kura.api.routes import tenant_in_path, tenant_scoped
 from kura.api.table import Route, route
 from kura.domain.artifacts import Producer
-from kura.web.http import KuraRequest
+from kura.web.request import KuraRequest
 from kura.web.routing import BodyKind, MiB, Operation
 
 #: The largest Gradle cache entry (the same for every form).

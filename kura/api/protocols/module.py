@@ -36,7 +36,7 @@ from kura.domain.errors import (
 from kura.storage.metadata import Upload
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
-from kura.web.http import KuraRequest
+from kura.web.request import KuraRequest
 from kura.web.routing import BodyKind, GiB, MiB, Operation, Query
 
 #: Tuist CLIs from this version understand 204 from module start.

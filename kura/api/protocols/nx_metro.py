@@ -15,7 +15,7 @@ from kura.api.handling import empty
 from kura.api.routes import fixed_namespace
 from kura.api.table import Route, route
 from kura.domain.artifacts import Producer
-from kura.web.http import KuraRequest
+from kura.web.request import KuraRequest
 from kura.web.routing import BodyKind, GiB, Operation
 
 BODY_LIMIT = 2 * GiB

@@ -30,7 +30,7 @@ from kura.domain.artifacts import JSON, Producer
 from kura.domain.errors import BadRequest, KuraError, StorageFault
 from kura.storage.metadata import WritePolicy
 from kura.storage.store import ArtifactStore
-from kura.web.http import KuraRequest
+from kura.web.request import KuraRequest
 from kura.web.routing import BodyKind, MiB, Operation
 
 #: The largest Xcode CAS blob.

@@ -1,0 +1,194 @@
+"""The HTTP/1.1 channel of every Klein app kura serves: :class:`KuraHTTPChannel`.
+
+It frames requests as twisted.web's ``HTTPChannel`` does, and adds what a
+cache facing build fleets needs:
+
+* a deadline on the whole request head (twisted's timeout is an idle timer
+  that every trickled byte resets), answered 408;
+* one ``Transfer-Encoding``, exactly ``chunked`` (anything else is a 400:
+  other parsers would frame it differently);
+* admission between head and body (the request's ``head_complete``), and no
+  automatic ``100 Continue``;
+* dropping a refused body, at once or mid-stream, and lingering briefly
+  after answering so the client reads the answer instead of a reset;
+* a body timeout between two body reads, and a drain that closes idle
+  connections.
+
+Its requests are :class:`~.request.KuraRequest` objects (the site's request
+factory); it calls their public ``complete``, ``body_skipped``,
+``fail_body`` and ``head_complete``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+
+from kura.domain.errors import BadFraming
+
+from .errors import RequestTimeout, render_error_response
+
+log = Logger(namespace="kura.http")
+
+#: How long a refused upload's connection keeps draining unread body bytes,
+#: so the client reads our answer instead of a reset.
+LINGER_SECONDS = 2.0
+
+
+class KuraHTTPChannel(http.HTTPChannel):
+    """An ``HTTPChannel`` that admits each request between its head and body.
+
+    Attributes:
+        header_timeout: seconds a request head may take from its first byte.
+        body_timeout: seconds a request body may go without a byte arriving
+            (``None``: the idle timeout applies, as in stock twisted.web).
+    """
+
+    header_timeout: float  # set by KuraSite.make_channel, the only maker of these channels
+    body_timeout: float | None = None
+    _idle_period: float | None = None
+    _transfer_encoded = False
+    reactor: IReactorTime
+    _head_deadline: IDelayedCall | None = None
+    _lingering: IDelayedCall | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._head_deadline is None and not self._handlingRequest and self.line_mode:
+            self._head_deadline = self.reactor.callLater(self.header_timeout, self._head_timeout)
+        super().dataReceived(data)
+
+    def expire_head(self) -> None:
+        """The request head took too long as a whole: answer 408 and close."""
+        self._cancel_head_deadline()
+        self._head_timeout()
+
+    def _head_timeout(self) -> None:
+        self._head_deadline = None
+        transport: Any = self.transport
+        log.info("request head deadline passed; closing {peer}", peer=str(transport.getPeer()))
+        transport.write(render_error_response(RequestTimeout("Request head not received in time")))
+        self.loseConnection()
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            if self._head_deadline.active():
+                self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def headerReceived(self, line: bytes) -> bool:
+        # Twisted takes "chunked" from one Transfer-Encoding header and lets a
+        # second one ("identity") or "identity" with a Content-Length pass;
+        # other parsers frame those differently (TE.TE request smuggling).
+        # Only one Transfer-Encoding, exactly "chunked", is accepted.
+        name, colon, value = line.partition(b":")
+        if colon and name.lower() == b"transfer-encoding":
+            if self._transfer_encoded or value.strip(b" \t").lower() != b"chunked":
+                self._respondToBadRequestAndDisconnect()
+                return False
+            self._transfer_encoded = True
+        return bool(super().headerReceived(line))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # Twisted just drops the connection; answer like any other bad head.
+        self._respondToBadRequestAndDisconnect()
+
+    def allHeadersReceived(self) -> None:
+        # Replaces HTTPChannel.allHeadersReceived: same steps, except that the
+        # request is admitted and 100 Continue is left to the admission.
+        self._cancel_head_deadline()
+        self._transfer_encoded = False
+        request = self.requests[-1]
+        request.parseCookies()
+        self.persistent = self.checkPersistence(request, self._version)
+        request.gotLength(self.length)
+        if self.body_timeout is not None and self.length != 0 and self._idle_period is None:
+            # Between two body reads the body timeout applies, not the idle one.
+            self._idle_period = self.setTimeout(self.body_timeout)
+        expect = request.requestHeaders.getRawHeaders(b"expect")
+        expect_continue = bool(expect) and expect[0].lower() == b"100-continue"
+        request.head_complete(
+            self._command, self._path, expect_continue and self._version == b"HTTP/1.1"
+        )
+
+    def allContentReceived(self) -> None:
+        if self._idle_period is not None:
+            # Back to the idle period first: it is what twisted saves (and
+            # restores once the response is done).
+            self.setTimeout(self._idle_period)
+            self._idle_period = None
+        super().allContentReceived()
+
+    def skip_body(self) -> None:
+        """Called during head processing: treat the request as bodiless and close after."""
+        self.length = 0
+        self._transferDecoder = None
+        self.persistent = False
+
+    def abandon_body(self, request: Any) -> None:
+        """Stop receiving ``request``'s body mid-stream and let it be answered.
+
+        Scheduled (not called from inside the body decoder, which may still
+        be running); a body that completed meanwhile needs nothing.
+        """
+        if not self.requests or self.requests[-1] is not request:
+            return
+        if request.complete:
+            return
+        self.persistent = False
+        self._transferDecoder = None
+        self.allContentReceived()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if self.requests:
+            request = self.requests[-1]
+            if not request.complete:
+                request.fail_body(BadFraming("Malformed request"))
+        super()._respondToBadRequestAndDisconnect()
+
+    def requestDone(self, request: http.Request) -> None:
+        if not self.persistent and getattr(request, "body_skipped", False):
+            self._linger()
+            del self.requests[0]
+            return
+        super().requestDone(request)
+
+    def _linger(self) -> None:
+        """Half-close and drain unread body bytes briefly, then close.
+
+        Closing a socket with unread input makes the kernel send a reset,
+        which can destroy the response before the client reads it.
+        """
+        self.dataReceived = lambda data: None  # type: ignore[method-assign]
+        transport: Any = self.transport
+        # TLS transports cannot half-close; they still drain, then close.
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is not None:
+            half_close()
+        transport.resumeProducing()
+        self._lingering = self.reactor.callLater(LINGER_SECONDS, transport.loseConnection)
+
+    @property
+    def idle(self) -> bool:
+        """No request is being received or answered on this connection."""
+        return not self.requests and not self._handlingRequest
+
+    def drain(self) -> None:
+        """Close now if idle; otherwise close once the current response is done."""
+        self.persistent = False
+        if self.idle:
+            transport: Any = self.transport
+            transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_head_deadline()
+        if self._lingering is not None and self._lingering.active():
+            self._lingering.cancel()
+        channels = getattr(getattr(self, "site", None), "channels", None)
+        if channels is not None:
+            channels.discard(self)
+        super().connectionLost(reason)
