@@ -4,7 +4,8 @@
 chunk on the bandwidth limiter before reading it; it is the request body of
 outbox uploads (an ``IBodyProducer`` for treq) and the response body of the
 catch-up artifact route (a push producer registered on the request). It
-never holds more than one chunk in memory.
+never holds more than one chunk in memory, and reads through the same
+:class:`~kura.storage.reading.BlobRange` as the download fallback.
 
 :class:`StagingSink` receives a fetched catch-up body into a
 :class:`~kura.storage.staging.StagingFile`, pausing the response transport
@@ -17,7 +18,6 @@ is never mistaken for a stalled peer. There is no total deadline.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -31,16 +31,13 @@ from zope.interface import implementer
 
 from kura.domain.errors import BadFraming, KuraError
 from kura.storage.interfaces import IBlockingRunner
+from kura.storage.reading import BlobRange, IncompleteBody
 from kura.storage.staging import StagingFile
 
 from .limiter import BandwidthLimiter
 
 #: Bytes read (and reserved on the limiter) per step.
 CHUNK_BYTES = 256 * 1024
-
-
-class IncompleteBody(Exception):
-    """The file ended before the length its manifest promised."""
 
 
 class Stalled(Exception):
@@ -51,10 +48,9 @@ class Stalled(Exception):
 class PacedFileBody:
     """Streams ``length`` bytes of ``fd`` from offset 0, paced by the limiter.
 
-    The producer owns ``fd``; :meth:`close` (idempotent) releases it and is
-    always called by the owner once the transfer is over, whether or not it
-    ever started. A read in flight keeps the descriptor open until it
-    returns, so a closed number is never read from (or a reused one).
+    The producer owns ``fd`` (through a :class:`~kura.storage.reading.BlobRange`);
+    :meth:`close` (idempotent) releases it and is always called by the owner
+    once the transfer is over, whether or not it ever started.
 
     Attributes:
         length: the body length (``IBodyProducer``).
@@ -75,19 +71,15 @@ class PacedFileBody:
         on_bytes: Callable[[int], None] | None = None,
     ) -> None:
         self.length = length
-        self._fd: int | None = fd
-        self._runner = runner
+        self._range = BlobRange(fd, offset=0, length=length, runner=runner)
         self._clock = clock
         self._limiter = limiter
         self._chunk_bytes = chunk_bytes
         self._on_bytes = on_bytes
-        self._offset = 0
         self._consumer: IConsumer | None = None
         self._done: Deferred[None] | None = None
         self._paused = False
         self._waiting: IDelayedCall | None = None
-        self._reading = False
-        self._closing = False
         self.sent = 0
         self.last_progress = clock.seconds()
 
@@ -116,13 +108,12 @@ class PacedFileBody:
     # -- the loop -------------------------------------------------------------------
 
     def _step(self) -> None:
-        if self._paused or self._busy or self._done is None or self._fd is None:
+        if self._paused or self._busy or self._done is None or self._range.closed:
             return
-        remaining = self.length - self._offset
-        if remaining == 0:
+        if self._range.remaining == 0:
             self._end(None)
             return
-        size = min(self._chunk_bytes, remaining)
+        size = min(self._chunk_bytes, self._range.remaining)
         delay = self._limiter.reserve(size)
         if delay > 0:
             self.last_progress = self._clock.seconds() + delay
@@ -132,25 +123,14 @@ class PacedFileBody:
 
     @property
     def _busy(self) -> bool:
-        return self._reading or self._waiting is not None
+        return self._range.reading or self._waiting is not None
 
     def _read(self, size: int) -> None:
         self._waiting = None
-        if self._fd is None:
-            return
-        self._reading = True
-        d = self._runner.run(os.pread, self._fd, size, self._offset)
-        d.addCallbacks(self._got, self._read_failed)
+        if not self._range.closed:
+            self._range.read(size).addCallbacks(self._got, self._read_failed)
 
     def _got(self, data: bytes) -> None:
-        self._reading = False
-        if self._closing:
-            self._release()
-            return
-        if not data:
-            self._end(IncompleteBody(f"file ended after {self._offset} of {self.length} bytes"))
-            return
-        self._offset += len(data)
         self.sent += len(data)
         self.last_progress = self._clock.seconds()
         assert self._consumer is not None
@@ -160,10 +140,6 @@ class PacedFileBody:
         self._step()
 
     def _read_failed(self, failure: Failure) -> None:
-        self._reading = False
-        if self._closing:
-            self._release()
-            return
         error = failure.value
         self._end(error if isinstance(error, Exception) else IncompleteBody(str(error)))
 
@@ -183,14 +159,7 @@ class PacedFileBody:
             if self._waiting.active():
                 self._waiting.cancel()
             self._waiting = None
-        self._closing = True
-        if not self._reading:
-            self._release()
-
-    def _release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._range.close()
 
 
 class StallWatchdog:

@@ -5,8 +5,9 @@ accelerator serializes exactly those headers and twisted.web sets them on its
 ``Request``, so the two paths answer identically.
 
 :class:`FileBodyProducer` moves a body through twisted.web (TLS, HTTP/2, and
-everything the accelerator declines): it reads fixed chunks with ``pread`` on
-a storage thread and writes them to the request, pausing when the transport's
+everything the accelerator declines): it reads fixed chunks of the blob on a
+storage thread (:class:`kura.storage.reading.BlobRange`) and writes them to
+the request, pausing when the transport's
 buffer is full. It aborts a transfer that makes no write progress for the
 send timeout (twisted.web disables its own timeout once a request is in).
 """
@@ -14,7 +15,6 @@ send timeout (twisted.web disables its own timeout once a request is in).
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import attrs
@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from kura.domain.artifacts import Manifest, safe_content_type
 from kura.storage.interfaces import IBlockingRunner
+from kura.storage.reading import BlobRange, IncompleteBody
 
 from .ranges import BodySlice, resolve_range
 
@@ -97,10 +98,11 @@ class TransferFailed(Exception):
 class FileBodyProducer:
     """Streams ``length`` bytes of ``fd`` from ``offset`` into a request.
 
-    The producer owns ``fd`` and closes it when the transfer ends.
-    :meth:`start` returns a Deferred that fires with the byte count once the
-    last byte was written, or fails with :class:`TransferFailed`. It reads
-    and writes ``chunk_bytes`` at a time.
+    The producer owns ``fd`` (through a :class:`~kura.storage.reading.BlobRange`)
+    and closes it when the transfer ends. :meth:`start` returns a Deferred
+    that fires with the byte count once the last byte was written, or fails
+    with :class:`TransferFailed`. It reads and writes ``chunk_bytes`` at a
+    time.
     """
 
     def __init__(
@@ -116,16 +118,11 @@ class FileBodyProducer:
         chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         self._request = request
-        self._fd: int | None = fd
-        self._descriptor: int | None = fd
-        self._offset = offset
-        self._remaining = length
-        self._runner = runner
+        self._range = BlobRange(fd, offset=offset, length=length, runner=runner)
         self._clock = clock
         self._send_timeout = send_timeout
         self._chunk_bytes = chunk_bytes
         self._paused = False
-        self._reading = False
         self._done: Deferred[int] = Deferred()
         self._watchdog: IDelayedCall | None = None
         self.sent = 0
@@ -136,37 +133,22 @@ class FileBodyProducer:
         return self._done
 
     def _read_next(self) -> None:
-        if self._paused or self._reading or self._fd is None:
+        if self._paused or self._range.reading or self._range.closed:
             return
-        if self._remaining == 0:
+        if self._range.remaining == 0:
             self._finish(None)
             return
-        self._reading = True
-        size = min(self._chunk_bytes, self._remaining)
-        d = self._runner.run(os.pread, self._fd, size, self._offset)
-        d.addCallbacks(self._got, self._read_failed)
+        self._range.read(self._chunk_bytes).addCallbacks(self._got, self._read_failed)
 
     def _got(self, data: bytes) -> None:
-        self._reading = False
-        if self._fd is None:
-            self._close_descriptor()
-            return
-        if not data:
-            # The file is shorter than its manifest: never pretend success.
-            self._finish(TransferFailed("incomplete", self.sent))
-            return
-        self._offset += len(data)
-        self._remaining -= len(data)
         self.sent += len(data)
         self._request.write(data)
         self._read_next()
 
     def _read_failed(self, failure: Failure) -> None:
-        self._reading = False
-        if self._fd is None:
-            self._close_descriptor()
-        else:
-            self._finish(TransferFailed("error", self.sent))
+        # A file shorter than its manifest: never pretend success.
+        result = "incomplete" if failure.check(IncompleteBody) else "error"
+        self._finish(TransferFailed(result, self.sent))
 
     def _finish(self, error: TransferFailed | None) -> None:
         self._close()
@@ -178,19 +160,7 @@ class FileBodyProducer:
 
     def _close(self) -> None:
         self._cancel_watchdog()
-        self._fd = None
-        if not self._reading:
-            self._close_descriptor()
-
-    def _close_descriptor(self) -> None:
-        """Close the file once no read on a storage thread can still be using it.
-
-        Closing under a running ``pread`` would let the descriptor number be
-        reused while that thread still reads through it.
-        """
-        if self._descriptor is not None:
-            os.close(self._descriptor)
-            self._descriptor = None
+        self._range.close()
 
     def _cancel_watchdog(self) -> None:
         if self._watchdog is not None and self._watchdog.active():
@@ -199,7 +169,7 @@ class FileBodyProducer:
 
     def _stalled(self) -> None:
         self._watchdog = None
-        if self._fd is not None:
+        if not self._range.closed:
             self._finish(TransferFailed("write_timeout", self.sent))
 
     # IPushProducer
@@ -224,7 +194,7 @@ class FileBodyProducer:
         still registered). So the failure waits for the request to see the
         loss, unless it already has.
         """
-        if self._fd is None:
+        if self._range.closed:
             return
         self._close()
         failure = TransferFailed("client_aborted", self.sent)

@@ -16,8 +16,9 @@ from twisted.web.client import ResponseDone
 
 from kura.domain.errors import BadFraming
 from kura.domain.failpoints import Failpoints
-from kura.replication.bodies import IncompleteBody, PacedFileBody, StagingSink, StallWatchdog
+from kura.replication.bodies import PacedFileBody, StagingSink, StallWatchdog
 from kura.replication.limiter import BandwidthLimiter
+from kura.storage.reading import IncompleteBody
 from kura.storage.runner import ImmediateRunner
 from kura.storage.staging import StagingFile, TmpBudget
 from kura.telemetry.metrics import KuraMetrics
