@@ -2,8 +2,8 @@
 
 A response starts on the reactor thread (:func:`~.transfer.pump`): a small
 body leaves in two or three syscalls inside ``dataReceived``, with no thread
-hop (performance.md: a thread hop per request costs more than the whole
-4 KiB response). When the socket pushes back (EAGAIN) or the body used the
+hop (a thread hop per request costs more than serving a whole 4 KiB
+response). When the socket pushes back (EAGAIN) or the body used the
 inline budget, the rest runs on the accelerator's bounded thread pool
 (:func:`~.transfer.run_blocking`) on a ``dup`` of the socket, while the
 connection reads nothing; at most ``max_concurrent`` transfers exist at once

@@ -1,17 +1,18 @@
 """The accelerator's strict HTTP/1.1 request-head parser.
 
 The fast path and twisted.web's ``HTTPChannel`` read the same byte stream, so
-any head the two would frame differently is a request-smuggling bug
-(reliability.md 1.5 and D). :func:`parse_head` therefore accepts only a small,
-unambiguous subset: a bodiless ``GET`` that twisted.web 26.10 parses as exactly
-one request with the same method, target and headers, ending exactly at
-:attr:`RequestHead.length`, and that h11 and llhttp accept as well. Everything
-else returns ``None`` and the caller replays the bytes, untouched, into
-twisted.web, which then produces its own answer (including its own 400s).
+any head the two would frame differently is a request-smuggling bug.
+:func:`parse_head` therefore accepts only a small, unambiguous subset: a
+bodiless ``GET`` that twisted.web 26.10 parses as exactly one request with the
+same method, target and headers, ending exactly at :attr:`RequestHead.length`,
+and that h11 and llhttp accept as well. Everything else returns ``None`` and
+the caller replays the bytes, untouched, into twisted.web, which then produces
+its own answer (including its own 400s).
 
-Speed matters (performance.md: a fast path leaves ~8-12 µs of Python per request), so the
-work is done by one precompiled regex over the whole head, ``bytes.split``
-and a short loop over the header lines; there is no per-byte Python loop.
+Speed matters (a fast path has roughly 10 µs of Python per request to spend),
+so the work is done by one precompiled regex over the whole head,
+``bytes.split`` and a short loop over the header lines; there is no per-byte
+Python loop.
 """
 
 from __future__ import annotations

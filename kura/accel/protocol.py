@@ -174,13 +174,17 @@ class SamePortProtocol(Protocol):
         self._head_started_at = 0.0
         self._channel: Any = None
         self._exchange: _Exchange | None = None
+        # The TCP server transport, set by connectionMade: an ITCPTransport,
+        # IPushProducer and IConsumer at once, which no one interface names.
+        self._tcp: Any = None
 
     # -- connection events -----------------------------------------------------
 
     def connectionMade(self) -> None:
         accel = self._accel
         accel.connections.add(self)
-        self._transport().setTcpNoDelay(True)
+        self._tcp = self.transport
+        self._tcp.setTcpNoDelay(True)
         self._deadline = accel.reactor.seconds() + accel.settings.idle_timeout
 
     def dataReceived(self, data: bytes) -> None:
@@ -243,12 +247,12 @@ class SamePortProtocol(Protocol):
         if self.state is not State.CLOSED:
             self.state = State.CLOSING
             self._deadline = None
-            self._transport().abortConnection()
+            self._tcp.abortConnection()
 
     def _close(self) -> None:
         self.state = State.CLOSING
         self._deadline = None
-        self._transport().loseConnection()
+        self._tcp.loseConnection()
 
     def _stop_transfer(self) -> None:
         exchange = self._exchange
@@ -256,9 +260,6 @@ class SamePortProtocol(Protocol):
             exchange.transfer.stop()
 
     # -- the request loop -----------------------------------------------------------
-
-    def _transport(self) -> Any:
-        return self.transport
 
     def _advance(self) -> None:
         """Classify and serve buffered requests until one is pending or handed off,
@@ -313,7 +314,7 @@ class SamePortProtocol(Protocol):
             exchange = self._serve(candidate)
             if self._exchange is exchange:
                 exchange.paused = True
-                self._transport().pauseProducing()
+                self._tcp.pauseProducing()
                 return
 
     # -- hand-off ------------------------------------------------------------------
@@ -336,7 +337,7 @@ class SamePortProtocol(Protocol):
         self._deadline = None
         self._accel.connections.discard(self)
         self._channel = channel
-        transport = self._transport()
+        transport = self._tcp
         channel.makeConnection(transport)
         if register_producer:
             transport.registerProducer(channel, True)
@@ -450,7 +451,7 @@ class SamePortProtocol(Protocol):
         lease = exchange.lease
         assert lease is not None
         body = response.body
-        transport = self._transport()
+        transport = self._tcp
         transfer = exchange.transfer = accel.engine.start(
             reservation,
             transport,
@@ -471,7 +472,7 @@ class SamePortProtocol(Protocol):
         exchange = self._exchange
         assert exchange is not None and exchange.transfer is transfer
         if self.state is not State.CLOSED:
-            self._transport().unregisterProducer()
+            self._tcp.unregisterProducer()
         self._note_first_byte(exchange, transfer)
         self._finish(exchange, transfer)
 
@@ -515,7 +516,7 @@ class SamePortProtocol(Protocol):
         if result == OK and exchange.keep_alive and not self._accel.state.draining:
             self.state = State.IDLE
             if exchange.paused:
-                self._transport().resumeProducing()
+                self._tcp.resumeProducing()
                 self._advance()
             # Otherwise the loop that served it is still running and goes on.
         elif result in (OK, INCOMPLETE):
@@ -524,7 +525,7 @@ class SamePortProtocol(Protocol):
             self._close()
         else:
             self.state = State.CLOSING
-            self._transport().abortConnection()
+            self._tcp.abortConnection()
 
     def _deny(self, exchange: _Exchange, failure: Failure) -> None:
         """Answer a refused request with its error and close, as twisted.web would."""
@@ -541,7 +542,7 @@ class SamePortProtocol(Protocol):
         head = candidate.head
         request_id = accel.request_ids.for_request(head.get(b"x-request-id"))
         date = accel.dates.value(accel.reactor.seconds())
-        self._transport().write(
+        self._tcp.write(
             render_error_response(
                 error,
                 spec,

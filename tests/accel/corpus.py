@@ -1,12 +1,11 @@
 """Request heads for the accelerator's parser: typical servable GETs and smuggling attempts.
 
 Each :class:`Case` says whether :func:`kura.accel.head.parse_head` serves it.
-The malformed ones follow reliability.md 1.5 and D6 (and the Appendix A
-probe): CL.TE, TE.CL, TE.TE obfuscations, duplicate/signed/list/hex
-Content-Length, obs-fold, bare LF/CR, NUL/DEL/obs-text, absolute-form, a
-leading empty line, ``get``, HTTP/1.0 and header bombs. Most of them carry an
-embedded second request (:data:`SMUGGLED`) for another tenant, the request a
-desync would dispatch.
+The malformed ones are the known request-smuggling shapes: CL.TE, TE.CL, TE.TE
+obfuscations, duplicate/signed/list/hex Content-Length, obs-fold, bare LF/CR,
+NUL/DEL/obs-text, absolute-form, a leading empty line, ``get``, HTTP/1.0 and
+header bombs. Most of them carry an embedded second request (:data:`SMUGGLED`)
+for another tenant, the request a desync would dispatch.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ The oracle is twisted.web itself: a real ``HTTPChannel`` on a
 finishes without application logic. h11 and httptools (llhttp) are second
 opinions. For every head that :func:`parse_head` serves, all three must see
 exactly one bodiless GET with the same target and headers, ending at
-``RequestHead.length`` (reliability.md D1/D2).
+``RequestHead.length``.
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def test_corpus_byte_at_a_time(case: Case) -> None:
 
 
 def lax_parse(data: bytes) -> RequestHead:
-    """A deliberately lax parser with upstream Kura's weak spots (reliability.md 1.1.2).
+    """A deliberately lax parser with upstream Kura's weak spots.
 
     It upper-cases the method, collapses duplicate headers (last wins) and
     assumes a GET has no body. Used only to show the oracles catch it.

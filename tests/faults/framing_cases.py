@@ -1,6 +1,6 @@
 """Header bombs and request-smuggling shapes, each carrying an embedded second request.
 
-reliability.md 1.5, C7, D4 and D6. Every case is built so that the embedded
+Every case is built so that the embedded
 request (:func:`embedded`, a GET of a marker id on the CAS route) is
 dispatched *only* by a server that frames the bytes wrongly: where a lenient
 reading exists that is still one request, the declared length swallows the

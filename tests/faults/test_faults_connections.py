@@ -1,8 +1,7 @@
 """Connection-level pressure: 10,000 idle keep-alives, descriptor exhaustion, deep pipelines.
 
-reliability.md C4 (idle keep-alive connections), C5 (the node under
-``prlimit --nofile=256``) and C6 (1,000 pipelined GETs nobody reads), against
-real ``twistd kura`` processes.
+Idle keep-alive connections, the node under ``prlimit --nofile=256`` and
+1,000 pipelined GETs nobody reads, against real ``twistd kura`` processes.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Crash consistency with real processes: a kill -9 loop, the durable-publish order, junk at start.
 
-reliability.md A1/A3 (Jepsen-style history under a SIGKILL nemesis), A4 (the
-fsync/rename/metadata/ack order seen by ``strace``) and A5 (a data directory
-full of junk at start-up). Failpoints per publish step are covered by
+A Jepsen-style history under a SIGKILL nemesis, the fsync/rename/metadata/ack
+order seen by ``strace``, and a data directory full of junk at start-up.
+Failpoints per publish step are covered by
 ``tests/storage/test_store_publish.py`` and ``tests/test_real_node.py``.
 """
 
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.faults
 
 #: Fixed by default so a failing history can be replayed; override to explore.
 SEED = int(os.environ.get("KURA_FAULTS_SEED", "20261127"))
-#: The kill loop's length; raise it for a soak (reliability.md ring C: 1800).
+#: The kill loop's length; raise it for a soak (1800 s).
 SOAK_SECONDS = float(os.environ.get("KURA_FAULTS_SOAK_SECONDS", "60"))
 SIZES = (0, 1, 64 * 1024, 4 * MiB)
 WRITERS = 4

@@ -1,8 +1,8 @@
 """Disks that fill up, a metadata store that cannot grow, and one key written fifty times at once.
 
-reliability.md B7 (data directory on a 16 MiB tmpfs), B12 (the SQLite file's
-filesystem full while artifact bodies still fit) and B10 (concurrent uploads
-of one key with identical bytes), against real ``twistd kura`` processes.
+A data directory on a 16 MiB tmpfs, the SQLite file's filesystem full while
+artifact bodies still fit, and concurrent uploads of one key with identical
+bytes, against real ``twistd kura`` processes.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Framing attacks over TCP, accelerator on and off: header bombs and the smuggling matrix.
 
-reliability.md C7, D4 and D6. Each case (:mod:`tests.faults.framing_cases`)
+Each case (:mod:`tests.faults.framing_cases`)
 is sent on a fresh connection to two real nodes, one with the same-port
 accelerator and one without. Every case must end as a 400-class refusal
 that closes the connection, or as exactly one request; both nodes must answer

@@ -1,4 +1,4 @@
-"""Memory pressure (reliability.md C8): a node inside a 256 MiB memory cgroup under load.
+"""Memory pressure: a node inside a 256 MiB memory cgroup under load.
 
 The node is started inside a cgroup v1 memory group (the kernel enforces the
 limit; page cache from the downloads counts against it too). It must derive

@@ -1,8 +1,8 @@
 """Slow and stalled clients: trickled heads, stalled bodies, downloaders that never read.
 
-reliability.md C1 (slowloris: a whole-head deadline, not an idle timer every
-byte resets), C2 (a body that stops arriving) and C3 (a reader with a tiny
-window that never reads, on the accelerated and the twisted.web path), with
+Slowloris (a whole-head deadline, not an idle timer every byte resets), a
+body that stops arriving, and a reader with a tiny window that never reads
+(on the accelerated and the twisted.web path), with
 short ``KURA_*`` timeouts against real ``twistd kura`` processes.
 """
 

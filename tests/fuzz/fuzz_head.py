@@ -1,4 +1,4 @@
-"""Coverage-guided fuzzing of the accelerator's head parser and classifier (reliability.md D3).
+"""Coverage-guided fuzzing of the accelerator's head parser and classifier.
 
 Off the default test run (pytest does not collect this file); ``make fuzz``
 runs it for ten minutes. Each input is fed to :func:`kura.accel.head.parse_head`
