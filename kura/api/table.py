@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 
 from kura.web.request import KuraRequest
-from kura.web.routing import RouteSpec, template_of
+from kura.web.routing import BodyKind, Operation, RouteSpec, template_of
 
 from .artifacts import Body
 
@@ -52,6 +52,37 @@ def route(endpoint: str, rule: str, method: str, handler: Handler, **fields: Any
     """A :class:`Route` whose spec has ``fields`` and the template of ``rule``."""
     spec = RouteSpec(endpoint=endpoint, template=template_of(rule), **fields)
     return Route(rule, method, spec, handler)
+
+
+def artifact_read(endpoint: str, rule: str, handler: Handler, **fields: Any) -> Route:
+    """A ``GET`` of a stored artifact body.
+
+    The accelerator may serve it, and storage trouble answers a miss (a
+    cache in trouble must never fail a build); a route that differs says so
+    in ``fields``.
+    """
+    fields = {"accelerable": True, "misses_on_fault": True, **fields}
+    return route(endpoint, rule, "GET", handler, operation=Operation.READ, **fields)
+
+
+def artifact_write(
+    endpoint: str, rule: str, method: str, handler: Handler, *, body_limit: int, **fields: Any
+) -> Route:
+    """An upload of an artifact body, staged on disk as it arrives.
+
+    A declared length above ``body_limit`` is refused before any body byte
+    is read, and a body that grows past it is cut off.
+    """
+    return route(
+        endpoint,
+        rule,
+        method,
+        handler,
+        operation=Operation.WRITE,
+        body=BodyKind.STAGED,
+        body_limit=body_limit,
+        **fields,
+    )
 
 
 def specs_of(routes: Iterable[Route]) -> Mapping[str, RouteSpec]:

@@ -16,13 +16,13 @@ from collections.abc import Mapping
 
 from kura.api.artifacts import ArtifactService, Body
 from kura.api.handling import admission_of, empty
-from kura.api.table import Route, route
+from kura.api.table import Route, artifact_read, artifact_write
 from kura.domain.artifacts import ArtifactAddress, Producer, is_valid_key
 from kura.domain.errors import BadRequest
 from kura.web.request import KuraRequest
 from kura.web.routing import Query
 
-from .neighbour import READ, WRITE
+from .neighbour import NEIGHBOUR_BODY_LIMIT
 
 #: SHA-256 of the empty string: Bazel's health probe, present on every cache.
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
@@ -87,34 +87,33 @@ class BazelRoutes:
         """This protocol's rows of the route table."""
         bazel = Producer.BAZEL
         return (
-            route(
+            artifact_read(
                 "bazel_get",
                 "/bazel/<any(ac,cas):kind>/<hash>",
-                "GET",
                 self.get,
                 producer=bazel,
                 address=bazel_any,
-                **READ,
+                tenantless=True,
             ),
-            route(
+            artifact_read(
                 "bazel_instance_get",
                 "/bazel/<instance_name>/<any(ac,cas):kind>/<hash>",
-                "GET",
                 self.get,
                 producer=bazel,
                 address=bazel_any,
-                **READ,
+                tenantless=True,
             ),
-            route(
+            artifact_write(
                 "bazel_ac_put",
                 "/bazel/ac/<hash>",
                 "PUT",
                 self.put,
                 producer=bazel,
                 address=bazel_ac,
-                **WRITE,
+                tenantless=True,
+                body_limit=NEIGHBOUR_BODY_LIMIT,
             ),
-            route(
+            artifact_write(
                 "bazel_cas_put",
                 "/bazel/cas/<hash>",
                 "PUT",
@@ -122,18 +121,20 @@ class BazelRoutes:
                 producer=bazel,
                 address=bazel_cas,
                 verify_digest=True,
-                **WRITE,
+                tenantless=True,
+                body_limit=NEIGHBOUR_BODY_LIMIT,
             ),
-            route(
+            artifact_write(
                 "bazel_instance_ac_put",
                 "/bazel/<instance_name>/ac/<hash>",
                 "PUT",
                 self.put,
                 producer=bazel,
                 address=bazel_ac,
-                **WRITE,
+                tenantless=True,
+                body_limit=NEIGHBOUR_BODY_LIMIT,
             ),
-            route(
+            artifact_write(
                 "bazel_instance_cas_put",
                 "/bazel/<instance_name>/cas/<hash>",
                 "PUT",
@@ -141,7 +142,8 @@ class BazelRoutes:
                 producer=bazel,
                 address=bazel_cas,
                 verify_digest=True,
-                **WRITE,
+                tenantless=True,
+                body_limit=NEIGHBOUR_BODY_LIMIT,
             ),
         )
 

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from kura.api.artifacts import ArtifactService
 from kura.api.audit import audit_delete
 from kura.api.handling import admission_of, empty
-from kura.api.table import Route, route
+from kura.api.table import Route, artifact_read, artifact_write, route
 from kura.defer import shielded
 from kura.domain.artifacts import ArtifactAddress, Producer
 from kura.domain.errors import BadRequest
@@ -25,7 +25,7 @@ from kura.storage.store import ArtifactStore
 from kura.web.request import KuraRequest
 from kura.web.routing import Operation, Query
 
-from .neighbour import READ, WRITE
+from .neighbour import NEIGHBOUR_BODY_LIMIT
 
 CCACHE = "ccache"
 RULE = "/ccache/<path:location>"
@@ -83,16 +83,15 @@ class CcacheRoutes:
         """This protocol's rows of the route table."""
         ccache = Producer.CCACHE
         return (
-            route(
+            artifact_read(
                 "ccache_get",
                 RULE,
-                "GET",
                 self._artifacts.download,
                 producer=ccache,
                 address=ccache_address,
-                **READ,
+                tenantless=True,
             ),
-            route(
+            artifact_write(
                 "ccache_put",
                 RULE,
                 "PUT",
@@ -100,7 +99,8 @@ class CcacheRoutes:
                 producer=ccache,
                 address=ccache_address,
                 overwrites=True,
-                **WRITE,
+                tenantless=True,
+                body_limit=NEIGHBOUR_BODY_LIMIT,
             ),
             route(
                 "ccache_delete",

@@ -17,10 +17,10 @@ from __future__ import annotations
 from kura.api.artifacts import ArtifactService
 from kura.api.handling import empty
 from kura.api.routes import tenant_in_path, tenant_scoped
-from kura.api.table import Route, route
+from kura.api.table import Route, artifact_read, artifact_write
 from kura.domain.artifacts import Producer
 from kura.web.request import KuraRequest
-from kura.web.routing import BodyKind, MiB, Operation
+from kura.web.routing import MiB
 
 #: The largest Gradle cache entry (the same for every form).
 GRADLE_BODY_LIMIT = 100 * MiB
@@ -48,74 +48,56 @@ class GradleRoutes:
         """This protocol's rows of the route table."""
         download = self._artifacts.download
         return (
-            route(
+            artifact_read(
                 "gradle_get",
                 QUERY_FORM,
-                "GET",
                 download,
-                operation=Operation.READ,
                 producer=Producer.GRADLE,
                 address=gradle_query,
-                accelerable=True,
-                misses_on_fault=True,
             ),
-            route(
+            artifact_write(
                 "gradle_put",
                 QUERY_FORM,
                 "PUT",
                 self.put,
-                operation=Operation.WRITE,
                 producer=Producer.GRADLE,
                 address=gradle_query,
-                body=BodyKind.STAGED,
                 body_limit=GRADLE_BODY_LIMIT,
             ),
-            route(
+            artifact_read(
                 "gradle_path_get",
                 PATH_FORM,
-                "GET",
                 download,
-                operation=Operation.READ,
                 producer=Producer.GRADLE,
                 address=gradle_in_path,
                 tenant_arg="tenant",
-                accelerable=True,
-                misses_on_fault=True,
             ),
-            route(
+            artifact_write(
                 "gradle_path_put",
                 PATH_FORM,
                 "PUT",
                 self.put,
-                operation=Operation.WRITE,
                 producer=Producer.GRADLE,
                 address=gradle_in_path,
                 tenant_arg="tenant",
-                body=BodyKind.STAGED,
                 body_limit=GRADLE_BODY_LIMIT,
             ),
-            route(
+            artifact_read(
                 "gradle_tenant_get",
                 TENANT_PATH_FORM,
-                "GET",
                 download,
-                operation=Operation.READ,
                 producer=Producer.GRADLE,
                 address=gradle_tenant_in_path,
                 tenant_arg="tenant",
-                accelerable=True,
-                misses_on_fault=True,
             ),
-            route(
+            artifact_write(
                 "gradle_tenant_put",
                 TENANT_PATH_FORM,
                 "PUT",
                 self.put,
-                operation=Operation.WRITE,
                 producer=Producer.GRADLE,
                 address=gradle_tenant_in_path,
                 tenant_arg="tenant",
-                body=BodyKind.STAGED,
                 body_limit=GRADLE_BODY_LIMIT,
             ),
         )

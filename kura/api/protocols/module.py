@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from kura.api.artifacts import ArtifactService
 from kura.api.handling import admission_of, empty, header, json_response
 from kura.api.routes import module_artifact, module_key
-from kura.api.table import Route, route
+from kura.api.table import Route, artifact_read, artifact_write, route
 from kura.defer import shielded
 from kura.domain.artifacts import JSON, OCTET_STREAM, ArtifactAddress, Producer
 from kura.domain.errors import (
@@ -92,14 +92,12 @@ class ModuleRoutes:
                 producer=Producer.MODULE,
                 address=module_artifact,
             ),
-            route(
+            artifact_write(
                 "module_part",
                 "/api/cache/module/part",
                 "POST",
                 self.part,
-                operation=Operation.WRITE,
                 producer=Producer.MODULE,
-                body=BodyKind.STAGED,
                 body_limit=MAX_PART_BYTES,
                 too_large_message="Part exceeds 10MB limit",
                 needs_upload=True,
@@ -125,15 +123,13 @@ class ModuleRoutes:
                 producer=Producer.MODULE,
                 address=module_artifact,
             ),
-            route(
+            artifact_read(
                 "module_get",
                 "/api/cache/module/<id>",
-                "GET",
                 self._artifacts.download,
-                operation=Operation.READ,
                 producer=Producer.MODULE,
                 address=module_artifact,
-                accelerable=True,
+                misses_on_fault=False,
             ),
         )
 

@@ -12,31 +12,8 @@ they are only ever hashed into artifact ids, never used as file names.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
-from typing import Any
-
-from kura.web.routing import BodyKind, GiB, Operation
+from kura.web.routing import GiB
 
 #: Uploads larger than this are refused with 413 (every neighbour client
 #: treats a failed store as "not stored" and carries on).
 NEIGHBOUR_BODY_LIMIT = 2 * GiB
-
-#: Spec fields of an artifact read.
-READ: Mapping[str, Any] = MappingProxyType(
-    {
-        "operation": Operation.READ,
-        "accelerable": True,
-        "misses_on_fault": True,
-        "tenantless": True,
-    }
-)
-#: Spec fields of an artifact upload.
-WRITE: Mapping[str, Any] = MappingProxyType(
-    {
-        "operation": Operation.WRITE,
-        "body": BodyKind.STAGED,
-        "body_limit": NEIGHBOUR_BODY_LIMIT,
-        "tenantless": True,
-    }
-)

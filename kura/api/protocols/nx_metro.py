@@ -13,10 +13,10 @@ from __future__ import annotations
 from kura.api.artifacts import ArtifactService
 from kura.api.handling import empty
 from kura.api.routes import fixed_namespace
-from kura.api.table import Route, route
+from kura.api.table import Route, artifact_read, artifact_write
 from kura.domain.artifacts import Producer
 from kura.web.request import KuraRequest
-from kura.web.routing import BodyKind, GiB, Operation
+from kura.web.routing import GiB
 
 BODY_LIMIT = 2 * GiB
 
@@ -38,55 +38,43 @@ class NxMetroRoutes:
         """These protocols' rows of the route table."""
         download = self._artifacts.download
         return (
-            route(
+            artifact_read(
                 "nx_get",
                 "/v1/cache/<hash>",
-                "GET",
                 download,
-                operation=Operation.READ,
                 producer=Producer.NX,
                 address=nx_address,
                 tenantless=True,
-                accelerable=True,
-                misses_on_fault=True,
                 plain_auth_errors=True,
             ),
-            route(
+            artifact_write(
                 "nx_put",
                 "/v1/cache/<hash>",
                 "PUT",
                 self.put,
-                operation=Operation.WRITE,
                 producer=Producer.NX,
                 address=nx_address,
                 tenantless=True,
-                body=BodyKind.STAGED,
                 body_limit=BODY_LIMIT,
                 plain_auth_errors=True,
                 trouble_status=409,
             ),
-            route(
+            artifact_read(
                 "metro_get",
                 "/api/metro/cache/<cache_key>",
-                "GET",
                 download,
-                operation=Operation.READ,
                 producer=Producer.METRO,
                 address=metro_address,
                 tenantless=True,
-                accelerable=True,
-                misses_on_fault=True,
             ),
-            route(
+            artifact_write(
                 "metro_put",
                 "/api/metro/cache/<cache_key>",
                 "PUT",
                 self.put,
-                operation=Operation.WRITE,
                 producer=Producer.METRO,
                 address=metro_address,
                 tenantless=True,
-                body=BodyKind.STAGED,
                 body_limit=BODY_LIMIT,
             ),
         )

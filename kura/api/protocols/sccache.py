@@ -19,13 +19,13 @@ from twisted.web.http import datetimeToString
 
 from kura.api.artifacts import ArtifactService
 from kura.api.handling import admission_of, empty
-from kura.api.table import Route, route
+from kura.api.table import Route, artifact_read, artifact_write, route
 from kura.domain.artifacts import ArtifactAddress, Producer, is_valid_key
 from kura.domain.errors import BadRequest
 from kura.web.request import KuraRequest
 from kura.web.routing import BodyKind, Query
 
-from .neighbour import READ, WRITE
+from .neighbour import NEIGHBOUR_BODY_LIMIT
 
 SCCACHE = "sccache"
 SCCACHE_CHECK = ".sccache_check"
@@ -80,23 +80,23 @@ class SccacheRoutes:
         """This protocol's rows of the route table."""
         sccache = Producer.SCCACHE
         return (
-            route(
+            artifact_read(
                 "sccache_get",
                 RULE,
-                "GET",
                 self._artifacts.download,
                 producer=sccache,
                 address=sccache_address,
-                **READ,
+                tenantless=True,
             ),
-            route(
+            artifact_write(
                 "sccache_put",
                 RULE,
                 "PUT",
                 self.put,
                 producer=sccache,
                 address=sccache_address,
-                **WRITE,
+                tenantless=True,
+                body_limit=NEIGHBOUR_BODY_LIMIT,
             ),
             route(
                 "sccache_root_propfind",

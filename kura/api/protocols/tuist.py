@@ -24,7 +24,7 @@ from kura.api.audit import audit_delete
 from kura.api.authorization import RequestAuthorization
 from kura.api.handling import admission_of, empty
 from kura.api.routes import keyvalue_address, keyvalue_get, xcode_cas
-from kura.api.table import Route, route
+from kura.api.table import Route, artifact_read, artifact_write, route
 from kura.defer import shielded
 from kura.domain.artifacts import JSON, Producer
 from kura.domain.errors import BadRequest, KuraError, StorageFault
@@ -63,25 +63,21 @@ class TuistRoutes:
     def routes(self) -> tuple[Route, ...]:
         """This protocol's rows of the route table."""
         return (
-            route(
+            artifact_read(
                 "xcode_cas_get",
                 "/api/cache/cas/<id>",
-                "GET",
                 self._artifacts.download,
-                operation=Operation.READ,
                 producer=Producer.XCODE,
                 address=xcode_cas,
-                accelerable=True,
+                misses_on_fault=False,
             ),
-            route(
+            artifact_write(
                 "xcode_cas_post",
                 "/api/cache/cas/<id>",
                 "POST",
                 self.cas_post,
-                operation=Operation.WRITE,
                 producer=Producer.XCODE,
                 address=xcode_cas,
-                body=BodyKind.STAGED,
                 body_limit=CAS_BODY_LIMIT,
             ),
             route(

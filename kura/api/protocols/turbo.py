@@ -14,13 +14,13 @@ from collections.abc import Mapping
 
 from kura.api.artifacts import ArtifactService
 from kura.api.handling import admission_of, empty, json_response
-from kura.api.table import Route, route
+from kura.api.table import Route, artifact_read, artifact_write, route
 from kura.domain.artifacts import ArtifactAddress, Producer, is_valid_namespace
 from kura.domain.errors import BadRequest
 from kura.web.request import KuraRequest
 from kura.web.routing import BodyKind, MiB, Query
 
-from .neighbour import READ, WRITE
+from .neighbour import NEIGHBOUR_BODY_LIMIT
 
 TURBO = "turbo"
 #: Turborepo's analytics events are small JSON batches.
@@ -81,23 +81,23 @@ class TurboRoutes:
                 body=BodyKind.MEMORY,
                 body_limit=EVENTS_BODY_LIMIT,
             ),
-            route(
+            artifact_read(
                 "turbo_get",
                 ARTIFACT,
-                "GET",
                 self._artifacts.download,
                 producer=turbo,
                 address=turbo_address,
-                **READ,
+                tenantless=True,
             ),
-            route(
+            artifact_write(
                 "turbo_put",
                 ARTIFACT,
                 "PUT",
                 self.put,
                 producer=turbo,
                 address=turbo_address,
-                **WRITE,
+                tenantless=True,
+                body_limit=NEIGHBOUR_BODY_LIMIT,
             ),
         )
 
