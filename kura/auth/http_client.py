@@ -46,6 +46,20 @@ _NETWORK_ERRORS = (
 )
 
 
+@attrs.frozen
+class _Call:
+    """One request to send (and, on a network error, to send once more)."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    query: Mapping[str, str]
+    body: Any
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.url}"
+
+
 class HttpClientError(HostError):
     """The request failed (network, deadline, oversized body)."""
 
@@ -120,53 +134,40 @@ class JsonHttpClient:
                 or the body was larger than :data:`MAX_RESPONSE_BYTES`.
         """
         url = self._config.base_url + ("" if path.startswith("/") else "/") + path
+        call = _Call(method, url, headers or {}, query or {}, body)
         for attempt in (1, 2):
             try:
-                return await self._attempt(method, url, headers, query, body)
+                return await self._attempt(call)
             except _NETWORK_ERRORS as error:
                 self._count("network" if not isinstance(error, net.ConnectError) else "connect")
                 if attempt == 2:
-                    raise HttpClientError(f"{method} {url} failed twice: {error!r}") from None
+                    raise HttpClientError(f"{call} failed twice: {error!r}") from None
             await deferLater(self._clock, RETRY_DELAY_SECONDS, lambda: None)
         raise AssertionError("unreachable")
 
-    async def _attempt(
-        self,
-        method: str,
-        url: str,
-        headers: Mapping[str, str] | None,
-        query: Mapping[str, str] | None,
-        body: Any,
-    ) -> JsonResponse:
-        attempt = Deferred.fromCoroutine(self._exchange(method, url, headers, query, body))
+    async def _attempt(self, call: _Call) -> JsonResponse:
+        attempt = Deferred.fromCoroutine(self._exchange(call))
         attempt.addTimeout(self._config.request_timeout_ms / 1000, self._clock)
         try:
             return await attempt
         except TimeoutError:
             self._count("timeout")
             raise HttpClientError(
-                f"{method} {url} took over {self._config.request_timeout_ms} ms"
+                f"{call} took over {self._config.request_timeout_ms} ms"
             ) from None
         except _TooLarge:
             self._count("too_large")
-            raise HttpClientError(f"{method} {url}: body over {MAX_RESPONSE_BYTES} bytes") from None
+            raise HttpClientError(f"{call}: body over {MAX_RESPONSE_BYTES} bytes") from None
 
-    async def _exchange(
-        self,
-        method: str,
-        url: str,
-        headers: Mapping[str, str] | None,
-        query: Mapping[str, str] | None,
-        body: Any,
-    ) -> JsonResponse:
-        extra: dict[str, Any] = {} if body is None else {"json": body}
+    async def _exchange(self, call: _Call) -> JsonResponse:
+        extra: dict[str, Any] = {} if call.body is None else {"json": call.body}
         sent: dict[bytes | str, bytes | str] = {"accept": "application/json"}
-        sent.update(headers or {})
+        sent.update(call.headers)
         response: IResponse = await self._http.request(
-            method,
-            url,
+            call.method,
+            call.url,
             headers=sent,
-            params=dict(query or {}),
+            params=dict(call.query),
             allow_redirects=False,
             **extra,
         )

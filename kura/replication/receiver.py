@@ -19,6 +19,7 @@ once: the second is ``ignored_equal``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -241,33 +242,21 @@ class Receiver:
         shielded from cancellation (a client that leaves must not interrupt a
         commit that may already be under way).
         """
-        content_type = safe_content_type(message.content_type)
+        # A replica keeps the sender's version and is not replicated again.
+        options: dict[str, Any] = {
+            "content_type": safe_content_type(message.content_type),
+            "policy": WritePolicy.LAST_WRITER_WINS,
+            "version_ms": message.version_ms,
+            "targets": (),
+        }
         if message.inline:
             try:
                 value = await self._runner.run(_read_file, staged.path)
             finally:
                 await self._store.discard(staged)
-            work = Deferred.fromCoroutine(
-                self._store.put_inline(
-                    address,
-                    value,
-                    content_type=content_type,
-                    policy=WritePolicy.LAST_WRITER_WINS,
-                    version_ms=message.version_ms,
-                    targets=(),
-                )
-            )
+            work = Deferred.fromCoroutine(self._store.put_inline(address, value, **options))
         else:
-            work = Deferred.fromCoroutine(
-                self._store.publish_blob(
-                    address,
-                    staged,
-                    content_type=content_type,
-                    policy=WritePolicy.LAST_WRITER_WINS,
-                    version_ms=message.version_ms,
-                    targets=(),
-                )
-            )
+            work = Deferred.fromCoroutine(self._store.publish_blob(address, staged, **options))
         result = await shielded(work)
         self.count(source, ITEM_ARTIFACT, result.outcome)
         return result.outcome
