@@ -606,14 +606,21 @@ end
     return write_lua(directory, name, body, check_status=True)
 
 
-def lua_get_script(directory: str, name: str, paths: Sequence[str]) -> str:
-    """GETs cycling round-robin over ``paths`` (each thread from its own offset)."""
+def lua_get_script(
+    directory: str, name: str, paths: Sequence[str], *, bearer: str | None = None
+) -> str:
+    """GETs cycling round-robin over ``paths`` (each thread from its own offset).
+
+    With ``bearer``, every request carries it as an ``Authorization`` token.
+    """
     listed = ",\n  ".join(lua_string(p) for p in paths)
+    header = f'wrk.headers["Authorization"] = {lua_string("Bearer " + bearer)}' if bearer else ""
     body = f"""
 local paths = {{
   {listed}
 }}
 local i
+{header}
 
 function init(args)
   i = (tid * 7919) % #paths

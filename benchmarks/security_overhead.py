@@ -78,26 +78,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def get_script(directory: str, paths: list[str], token: str | None) -> str:
     """Round-robin GETs, with the bearer token on every request when given."""
-    listed = ",\n  ".join(common.lua_string(p) for p in paths)
-    header = f'wrk.headers["Authorization"] = "Bearer {token}"' if token else ""
-    body = f"""
-local paths = {{
-  {listed}
-}}
-local i
-{header}
-
-function init(args)
-  i = (tid * 7919) % #paths
-end
-
-function request()
-  i = i % #paths + 1
-  return wrk.format("GET", paths[i])
-end
-"""
     name = "get-token" if token else "get-anonymous"
-    return common.write_lua(directory, name, body, check_status=True)
+    return common.lua_get_script(directory, name, paths, bearer=token)
 
 
 def measure_downloads(args: argparse.Namespace, work: str) -> dict[str, list[common.WrkResult]]:

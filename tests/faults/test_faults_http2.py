@@ -36,6 +36,7 @@ from tests.faults.support import (
     wait_for,
     warm_up,
 )
+from tests.support.h2client import H2Requests
 from tests.support.real import RealNode
 
 pytestmark = pytest.mark.faults
@@ -45,7 +46,7 @@ ARTIFACT_MIB = 120
 HUGE_WINDOW = 2**31 - 1
 
 
-class H2Client:
+class H2Client(H2Requests):
     """One h2c prior-knowledge connection on a raw socket, driven with the h2 library.
 
     Args:
@@ -56,39 +57,10 @@ class H2Client:
 
     def __init__(self, port: int, window: int = 65_535) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
-        )
-        self.h2.local_settings = h2.settings.Settings(
-            client=True,
-            initial_values={
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            },
-        )
-        self.h2.initiate_connection()
-        if window > 65_535:
-            self.h2.increment_flow_control_window(window - 65_535)
-        self._next_stream = 1
+        super().__init__(window)
         #: Every event read so far.
         self.events: list[h2.events.Event] = []
         self.flush()
-
-    def get(self, target: str) -> int:
-        """Queue a GET on a new stream (sent by :meth:`flush`); return its id."""
-        stream_id = self._next_stream
-        self._next_stream += 2
-        self.h2.send_headers(
-            stream_id,
-            [
-                (b":method", b"GET"),
-                (b":path", target.encode("ascii")),
-                (b":scheme", b"http"),
-                (b":authority", b"kura"),
-            ],
-            end_stream=True,
-        )
-        return stream_id
 
     def flush(self) -> None:
         self.sock.sendall(self.h2.data_to_send())

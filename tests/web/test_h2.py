@@ -37,6 +37,7 @@ from kura.web.h2 import (
     ResetBudget,
     build_h2_connection,
 )
+from tests.support.h2client import H2Requests
 
 CAS = "/api/cache/cas/{}?tenant_id=default"
 MiB = 1024 * 1024
@@ -88,7 +89,7 @@ class SocketTransport(StringTransport):
         """As a TCP transport (the same-port listener sets it)."""
 
 
-class Client:
+class Client(H2Requests):
     """The client end of one HTTP/2 connection, written with the h2 library.
 
     Args:
@@ -99,19 +100,7 @@ class Client:
     """
 
     def __init__(self, *, window: int = 65_535, acknowledge: bool = True) -> None:
-        self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
-        )
-        self.h2.local_settings = h2.settings.Settings(
-            client=True,
-            initial_values={
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            },
-        )
-        self.h2.initiate_connection()
-        if window > 65_535:
-            self.h2.increment_flow_control_window(window - 65_535)
+        super().__init__(window)
         self.acknowledge = acknowledge
         #: Streams whose window the client never returns (the connection's it does).
         self.starved: set[int] = set()
@@ -121,39 +110,6 @@ class Client:
         self.resets: dict[int, int] = {}
         self.settings: dict[int, int] = {}
         self.terminated: h2.events.ConnectionTerminated | None = None
-        self._next_stream = 1
-
-    def get(self, target: str) -> int:
-        """Send a GET on a new stream; return its id."""
-        stream_id = self._next_stream
-        self._next_stream += 2
-        self.h2.send_headers(
-            stream_id,
-            [
-                (b":method", b"GET"),
-                (b":path", target.encode("ascii")),
-                (b":scheme", b"http"),
-                (b":authority", b"kura"),
-            ],
-            end_stream=True,
-        )
-        return stream_id
-
-    def post_head(self, target: str, length: int) -> int:
-        """Send a POST's headers (its body follows with :meth:`data`); return the stream id."""
-        stream_id = self._next_stream
-        self._next_stream += 2
-        self.h2.send_headers(
-            stream_id,
-            [
-                (b":method", b"POST"),
-                (b":path", target.encode("ascii")),
-                (b":scheme", b"http"),
-                (b":authority", b"kura"),
-                (b"content-length", b"%d" % length),
-            ],
-        )
-        return stream_id
 
     def data(self, stream_id: int, body: bytes, *, end: bool = True) -> None:
         """Send ``body`` on ``stream_id`` in frames of the largest allowed size."""
