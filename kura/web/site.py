@@ -74,6 +74,7 @@ class KuraSite(server.Site):
     """
 
     requestFactory = KuraRequest  # type: ignore[assignment]
+    protocol = KuraHTTPChannel  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -124,18 +125,18 @@ class KuraSite(server.Site):
                 transport.abortConnection()
 
     def make_channel(self) -> KuraHTTPChannel:
-        """A bare HTTP/1.1 channel for this site (the accelerator's fallback)."""
-        channel: Any = KuraHTTPChannel()
-        self.channels.add(channel)
-        channel.factory = self
-        channel.site = self
-        channel.requestFactory = self.requestFactory
-        channel.timeOut = self.timeOut
-        channel.callLater = self.reactor.callLater
+        """A bare HTTP/1.1 channel for this site (the accelerator's fallback).
+
+        ``Site.buildProtocol`` wires it to the site as twisted.web would (its
+        factory, request factory, ``callLater`` and idle timeout); kura adds
+        its deadlines and keeps it for draining.
+        """
+        channel: KuraHTTPChannel = server.Site.buildProtocol(self, None)
         channel.reactor = self.reactor
         channel.header_timeout = self.header_timeout
         channel.body_timeout = self.body_timeout
-        return channel  # type: ignore[no-any-return]
+        self.channels.add(channel)
+        return channel
 
     def buildProtocol(self, addr: Any) -> Any:
         """A protocol for TLS listeners: HTTP/1.1, or HTTP/2 when ALPN picks h2."""
