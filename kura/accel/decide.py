@@ -18,6 +18,7 @@ check ran, and twisted.web's own check is the only one on its path).
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol, TypeGuard
 
 import attrs
@@ -28,6 +29,7 @@ from kura.web.download import ArtifactHead, artifact_head
 
 from . import reasons
 from .classify import Candidate
+from .response import header_fields
 
 
 class OpenedFile(Protocol):
@@ -44,9 +46,12 @@ class Serve:
     Attributes:
         response: status, headers and byte range of the response, exactly
             as twisted.web would answer (:func:`~kura.web.download.artifact_head`).
+        fields: ``response.headers`` serialized as head lines
+            (:func:`~.response.header_fields`).
     """
 
     response: ArtifactHead
+    fields: bytes
 
 
 @attrs.frozen
@@ -104,12 +109,24 @@ def decide(
         # Damaged: twisted.web opens it again, forgets it and answers 404.
         return _RANGE_OR_DAMAGE
     head = candidate.head
+    range_header = head.get(b"range")
+    if_range = head.get(b"if-range")
+    if range_header is None and if_range is None:
+        return _serve_whole(manifest)
     try:
-        response = artifact_head(manifest, _text(head.get(b"range")), _text(head.get(b"if-range")))
+        response = artifact_head(manifest, _text(range_header), _text(if_range))
     except KuraError:
         # Unsatisfiable: twisted.web answers 416 after authorization.
         return _RANGE_OR_DAMAGE
-    return Serve(response)
+    return Serve(response, header_fields(response.headers))
+
+
+@functools.lru_cache(maxsize=4096)
+def _serve_whole(manifest: Manifest) -> Serve:
+    # The common case, a whole artifact, depends on the manifest alone: one
+    # decision (and one serialized head) per artifact version.
+    response = artifact_head(manifest, None, None)
+    return Serve(response, header_fields(response.headers))
 
 
 def _text(value: bytes | None) -> str | None:

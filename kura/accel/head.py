@@ -253,9 +253,9 @@ def parse_head(data: bytes) -> RequestHead | None:
     headers = [(name.lower(), value) for name, value in fields]
     special = [pair for pair in headers if pair[0] in _SPECIAL_HEADERS]
     # Almost every client sends Host as the only special header.
-    if len(special) != 1 or special[0][0] != b"host":
-        if not _special_headers_servable(special):
-            return None
+    lone_host = len(special) == 1 and special[0][0] == b"host"
+    if not lone_host and not _special_headers_servable(special):
+        return None
     path, _, query = target.partition(b"?")
     return RequestHead(b"GET", target, path, query, b"HTTP/1.1", tuple(headers), length)
 

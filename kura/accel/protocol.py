@@ -51,7 +51,6 @@ from zope.interface import implementer
 from kura.domain.artifacts import Manifest
 from kura.domain.errors import KuraError
 from kura.telemetry.traffic import InflightSlot
-from kura.web.download import ArtifactHead
 from kura.web.errors import render_error_response
 from kura.web.request import SERVER_NAME
 from kura.web.site import log_access
@@ -59,11 +58,11 @@ from kura.web.site import log_access
 from . import reasons
 from .accelerator import Accelerator
 from .classify import Candidate
-from .decide import Fallback, admit, decide, is_file_backed
+from .decide import Fallback, Serve, admit, decide, is_file_backed
 from .handles import Lease
 from .head import MAX_HEAD_BYTES, find_head_end, parse_head
 from .interfaces import INCOMPLETE, OK, ITransfer
-from .response import build_head
+from .response import head_from_fields, header_fields
 
 log = Logger(namespace="kura.accel")
 
@@ -376,7 +375,7 @@ class SamePortProtocol(Protocol):
         if isinstance(decision, Fallback):
             self._fall_back(exchange, decision.reason)
         else:
-            self._authorize(exchange, decision.response)
+            self._authorize(exchange, decision)
 
     def _open(self, exchange: _Exchange, manifest: Manifest) -> Lease | None:
         """The artifact's file and the engine's reservation, both or neither.
@@ -397,12 +396,12 @@ class SamePortProtocol(Protocol):
         exchange.lease = lease
         return lease
 
-    def _authorize(self, exchange: _Exchange, response: ArtifactHead) -> None:
+    def _authorize(self, exchange: _Exchange, decision: Serve) -> None:
         """The servable request's authorization: now, and only now, exactly once."""
         authorization = self._accel.authorization
         candidate = exchange.candidate
         if not authorization.needs_check(candidate.spec):
-            self._start(exchange, response, _NO_HEADERS)
+            self._start(exchange, decision, _NO_HEADERS)
             return
         head = candidate.head
         ctx = authorization.context(
@@ -413,16 +412,16 @@ class SamePortProtocol(Protocol):
             query=candidate.params,
             transport="http",
         )
-        decided = authorization.check_response(ctx, response.status)
+        decided = authorization.check_response(ctx, decision.response.status)
         decided.addCallbacks(
-            lambda extra: self._start(exchange, response, extra),
+            lambda extra: self._start(exchange, decision, extra),
             lambda failure: self._deny(exchange, failure),
         )
 
     def _start(
         self,
         exchange: _Exchange,
-        response: ArtifactHead,
+        decision: Serve,
         extra_headers: list[tuple[bytes, bytes]],
     ) -> None:
         """Write the response head and start the body's transfer."""
@@ -432,18 +431,21 @@ class SamePortProtocol(Protocol):
         accel = self._accel
         candidate = exchange.candidate
         head = candidate.head
+        response = decision.response
         self._buffer = self._buffer[head.length :]
         accel.store.record_access(candidate.artifact_id)
-        exchange.status = response.status
+        exchange.status = status = response.status
         exchange.keep_alive = keep_alive = head.keep_alive and not accel.state.draining
         exchange.request_id = request_id = accel.request_ids.for_request(head.get(b"x-request-id"))
-        head_bytes = build_head(
-            response.status,
-            response.headers,
+        fields = decision.fields
+        if extra_headers:
+            fields += header_fields(extra_headers)
+        head_bytes = head_from_fields(
+            status,
+            fields,
             date=accel.dates.value(accel.reactor.seconds()),
             request_id=request_id,
             keep_alive=keep_alive,
-            extra=extra_headers,
         )
         exchange.slot = accel.traffic.begin()
         accel.meters.served.inc()
