@@ -447,7 +447,6 @@ class SamePortProtocol(Protocol):
             request_id=request_id,
             keep_alive=keep_alive,
         )
-        exchange.slot = accel.traffic.begin()
         accel.meters.served.inc()
         reservation, exchange.reservation = exchange.reservation, _UNRESERVED
         lease = exchange.lease
@@ -463,8 +462,12 @@ class SamePortProtocol(Protocol):
             body.length,
             self._transfer_done,
         )
-        self._note_first_byte(exchange, transfer)
         if transfer.result is None:
+            # In flight from here until it ends. (One that ended inside
+            # start() was never in flight across a reactor turn, so taking
+            # no slot for it is the same to every reader of the count.)
+            exchange.slot = accel.traffic.begin()
+            self._note_first_byte(exchange, transfer, accel.reactor.seconds())
             transport.registerProducer(self, True)  # a lost connection stops it
         else:
             self._finish(exchange, transfer)
@@ -475,16 +478,15 @@ class SamePortProtocol(Protocol):
         assert exchange is not None and exchange.transfer is transfer
         if self.state is not State.CLOSED:
             self._tcp.unregisterProducer()
-        self._note_first_byte(exchange, transfer)
         self._finish(exchange, transfer)
 
-    def _note_first_byte(self, exchange: _Exchange, transfer: ITransfer) -> None:
+    def _note_first_byte(self, exchange: _Exchange, transfer: ITransfer, now: float) -> None:
         if exchange.first_byte_recorded or not transfer.head_sent:
             return
         exchange.first_byte_recorded = True
         accel = self._accel
         accel.traffic.record_first_byte(
-            accel.reactor.seconds() - exchange.started_at,
+            now - exchange.started_at,
             transport="http",
             route=exchange.candidate.spec.template,
         )
@@ -511,8 +513,10 @@ class SamePortProtocol(Protocol):
 
     def _finish(self, exchange: _Exchange, transfer: ITransfer) -> None:
         result = transfer.result
+        now = self._accel.reactor.seconds()
+        self._note_first_byte(exchange, transfer, now)
         self._end(exchange)
-        self._account(exchange, transfer, result)
+        self._account(exchange, transfer, result, now)
         if self.state is not State.SERVING:  # lost or cut off meanwhile
             return
         if result == OK and exchange.keep_alive and not self._accel.state.draining:
@@ -558,10 +562,10 @@ class SamePortProtocol(Protocol):
         self._buffer = b""
         self._close()
 
-    def _account(self, exchange: _Exchange, transfer: ITransfer, result: str) -> None:
+    def _account(self, exchange: _Exchange, transfer: ITransfer, result: str, now: float) -> None:
         accel = self._accel
         spec = exchange.candidate.spec
-        elapsed = max(accel.reactor.seconds() - exchange.started_at, 1e-9)
+        elapsed = max(now - exchange.started_at, 1e-9)
         status = exchange.status if result in (OK, INCOMPLETE) else 499
         meters = accel.meters
         meters.request(spec.template, status).inc()
