@@ -68,9 +68,8 @@ _HEAD = re.compile(
     + rb"]+:[\t\x20-\x7e]*\r\n)*)\r\n"
 )
 
-# One header line of a block _HEAD validated: the name, and the value without
-# the SP/HTAB around it.
-_FIELD = re.compile(rb"([^:]+):[\t ]*([^\r]*?)[\t ]*\r\n")
+# One header line of a block _HEAD validated: the name and the raw value.
+_FIELD = re.compile(rb"([^:]+):([^\r]*)\r\n")
 
 # Dot segments and empty segments anywhere in the path: ``//``, ``/./``,
 # ``/../`` and a trailing ``/.`` or ``/..`` (the path ends at '?' or the end).
@@ -245,12 +244,12 @@ def parse_head(data: bytes) -> RequestHead | None:
         return None
 
     # The block is validated: each line is ``name ":" value CRLF`` and names
-    # cannot contain ':', so _FIELD splits exactly where twisted does, and
-    # strips the value's surrounding SP/HTAB as twisted does.
+    # cannot contain ':', so _FIELD splits exactly where twisted does; the
+    # value loses its surrounding SP/HTAB, as in twisted.
     fields = _FIELD.findall(block)
     if len(fields) > MAX_HEADERS:
         return None
-    headers = [(name.lower(), value) for name, value in fields]
+    headers = [(name.lower(), value.strip(b" \t")) for name, value in fields]
     special = [pair for pair in headers if pair[0] in _SPECIAL_HEADERS]
     # Almost every client sends Host as the only special header.
     lone_host = len(special) == 1 and special[0][0] == b"host"
