@@ -18,7 +18,6 @@ check ran, and twisted.web's own check is the only one on its path).
 
 from __future__ import annotations
 
-import functools
 from typing import Protocol, TypeGuard
 
 import attrs
@@ -112,7 +111,18 @@ def decide(
     range_header = head.get(b"range")
     if_range = head.get(b"if-range")
     if range_header is None and if_range is None:
-        return _serve_whole(manifest)
+        # The common case, a whole artifact, depends on the manifest alone:
+        # one decision (and one serialized head) per artifact version, kept
+        # by file name (every version is a new file) and checked by identity
+        # (hashing a manifest costs more than the look-up saves).
+        cached = _WHOLE.get(manifest.blob_path)
+        if cached is not None and cached[0] is manifest:
+            return cached[1]
+        if len(_WHOLE) >= _WHOLE_MAX:
+            _WHOLE.clear()
+        serve = _serve_whole(manifest)
+        _WHOLE[manifest.blob_path] = (manifest, serve)
+        return serve
     try:
         response = artifact_head(manifest, _text(range_header), _text(if_range))
     except KuraError:
@@ -121,10 +131,11 @@ def decide(
     return Serve(response, header_fields(response.headers))
 
 
-@functools.lru_cache(maxsize=4096)
+_WHOLE: dict[str | None, tuple[Manifest, Serve]] = {}
+_WHOLE_MAX = 4096
+
+
 def _serve_whole(manifest: Manifest) -> Serve:
-    # The common case, a whole artifact, depends on the manifest alone: one
-    # decision (and one serialized head) per artifact version.
     response = artifact_head(manifest, None, None)
     return Serve(response, header_fields(response.headers))
 
