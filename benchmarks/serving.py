@@ -264,7 +264,8 @@ def print_sample(s: dict[str, Any]) -> None:
     print(
         f"  {s['server']:<15} {s['size']:>6} c={s['concurrency']:<2} "
         f"{s['rps']:>9,.0f} req/s {s['mb_per_s']:>7,.0f} MB/s  p50 {s['p50_ms']:.2f} ms  "
-        f"p99 {s['p99_ms']:.2f} ms  cpu {s['cpu_s_per_gb']:.2f} s/GB {s['cpu_us_per_request']:.0f} µs/req  errors {s['error_count']}",
+        f"p99 {s['p99_ms']:.2f} ms  cpu {s['cpu_s_per_gb']:.2f} s/GB "
+        f"{s['cpu_us_per_request']:.0f} µs/req  errors {s['error_count']}",
         flush=True,
     )
 
