@@ -108,8 +108,11 @@ def decide(
         # Damaged: twisted.web opens it again, forgets it and answers 404.
         return _RANGE_OR_DAMAGE
     head = candidate.head
-    range_header = head.get(b"range")
-    if_range = head.get(b"if-range")
+    if head.plain:  # no Range, no If-Range
+        range_header = if_range = None
+    else:
+        range_header = head.get(b"range")
+        if_range = head.get(b"if-range")
     if range_header is None and if_range is None:
         # The common case, a whole artifact, depends on the manifest alone:
         # one decision (and one serialized head) per artifact version, kept

@@ -147,6 +147,10 @@ class RequestHead(NamedTuple):
             values with surrounding SP/HTAB removed (as twisted.web stores them).
         length: bytes of the head including the final CRLFCRLF; the next
             request on the connection starts at this offset.
+        plain: the only header of ``_SPECIAL_HEADERS`` is one Host (as
+            nearly every GET): no Range, If-Range, Connection, X-Request-Id
+            or credentials, so callers may skip looking for them. ``False``
+            promises nothing.
     """
 
     method: bytes
@@ -156,6 +160,7 @@ class RequestHead(NamedTuple):
     version: bytes
     headers: tuple[tuple[bytes, bytes], ...]
     length: int
+    plain: bool = False
 
     def get(self, name: bytes) -> bytes | None:
         """The value of header ``name`` (any case) if it appears exactly once.
@@ -256,7 +261,13 @@ def parse_head(data: bytes) -> RequestHead | None:
     if not lone_host and not _special_headers_servable(special):
         return None
     path, _, query = target.partition(b"?")
-    return RequestHead(b"GET", target, path, query, b"HTTP/1.1", tuple(headers), length)
+    # tuple.__new__ directly: the named tuple's own __new__ is a Python function.
+    return _new_head(
+        RequestHead, (b"GET", target, path, query, b"HTTP/1.1", tuple(headers), length, lone_host)
+    )
+
+
+_new_head = tuple.__new__
 
 
 def _special_headers_servable(special: list[tuple[bytes, bytes]]) -> bool:

@@ -457,8 +457,14 @@ class SamePortProtocol(Protocol):
         self._buffer = self._buffer[head.length :]
         accel.store.record_access(candidate.artifact_id)
         exchange.status = status = response.status
-        exchange.keep_alive = keep_alive = head.keep_alive and not accel.state.draining
-        exchange.request_id = request_id = accel.request_ids.for_request(head.get(b"x-request-id"))
+        if head.plain:  # no Connection, no X-Request-Id
+            keep_alive = not accel.state.draining
+            request_id = accel.request_ids.next()
+        else:
+            keep_alive = head.keep_alive and not accel.state.draining
+            request_id = accel.request_ids.for_request(head.get(b"x-request-id"))
+        exchange.keep_alive = keep_alive
+        exchange.request_id = request_id
         fields = decision.fields
         if extra_headers:
             fields += header_fields(extra_headers)

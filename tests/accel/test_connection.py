@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 
-import attrs
 import pytest
 from twisted.internet.defer import Deferred, fail
 from twisted.web.http import datetimeToString
