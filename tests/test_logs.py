@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 from types import SimpleNamespace
 from typing import Any, cast
@@ -120,3 +121,23 @@ def test_batched_observer_renders_json_lines() -> None:
     record = json.loads(out.getvalue())
     assert record["message"] == "hello you" and record["who"] == "you"
     assert record["namespace"] == "kura.test"
+
+
+def test_a_forked_child_gets_its_own_writer_thread() -> None:
+    read_end, write_end = os.pipe()
+    out = os.fdopen(write_end, "w")
+    writer = BatchedLineWriter(out, interval=0.01)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        alive = writer._thread.is_alive()
+        writer.write("from the child\n")
+        writer.close()
+        os._exit(0 if alive else 1)
+    try:
+        _, status = os.waitpid(pid, 0)
+    finally:
+        writer.close()
+        out.close()
+    with os.fdopen(read_end) as received:
+        assert received.read() == "from the child\n"
+    assert os.waitstatus_to_exitcode(status) == 0

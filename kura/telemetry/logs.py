@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import collections
 import json
+import os
 import sys
 import threading
 import time
@@ -143,11 +144,18 @@ class BatchedLineWriter:
         self._dropped = 0
         self._closed = False
         self._stop = threading.Event()
+        self._start_thread()
+        # twistd forks when it daemonizes, after the observer exists; a
+        # child has no writer thread until this makes it one.
+        os.register_at_fork(after_in_child=self._start_thread)
+
+    def _start_thread(self) -> None:
         # Held while lines are taken off the queue and written: keeps the
         # writer thread and close() from interleaving their batches.
         self._drain_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="kura-log-writer", daemon=True)
-        self._thread.start()
+        if not self._closed:
+            self._thread.start()
 
     def write(self, line: str) -> None:
         """Queue ``line`` (a whole line, newline included)."""
