@@ -112,15 +112,22 @@ def test_writer_drops_and_counts_beyond_its_bound() -> None:
     assert len(lines) == 4
 
 
-def test_batched_observer_renders_json_lines() -> None:
+def test_observer_writes_events_at_once_after_the_queued_access_lines() -> None:
     out = io.StringIO()
     writer = BatchedLineWriter(out, interval=3600)
     observer = BatchedJsonObserver(writer)
-    Logger(namespace="kura.test", observer=observer).info("hello {who}", who="you")
-    writer.close()
-    record = json.loads(out.getvalue())
+    try:
+        writer.write("access 1\n")
+        writer.write("access 2\n")
+        assert out.getvalue() == ""
+        Logger(namespace="kura.test", observer=observer).warn("hello {who}", who="you")
+        lines = out.getvalue().splitlines()
+    finally:
+        writer.close()
+    assert lines[:2] == ["access 1", "access 2"]
+    record = json.loads(lines[2])
     assert record["message"] == "hello you" and record["who"] == "you"
-    assert record["namespace"] == "kura.test"
+    assert record["namespace"] == "kura.test" and record["level"] == "warn"
 
 
 def test_a_forked_child_gets_its_own_writer_thread() -> None:

@@ -5,15 +5,16 @@ fields stay structured; the JSON observer keeps every JSON-serializable field
 next to the rendered message, so operators can filter on ``route``,
 ``status`` or ``request_id`` without parsing text.
 
-The node's JSON lines go through a :class:`BatchedLineWriter`: the thread
-that logs only appends the line to a queue, and a writer thread writes
-what has queued up every :data:`FLUSH_INTERVAL` seconds (and everything
-at exit). A busy node logs one access line per request; writing and
-flushing each one on the reactor thread cost a third of the accelerated
-throughput, and a slow disk or a full pipe on stdout must never stop the
-reactor. Access lines, the bulk, can skip ``twisted.logger`` altogether:
-:func:`access_line` renders exactly the line the JSON observer would
-render for the access event, and :func:`access_sink` says where to put it.
+A busy node logs one access line per request; writing and flushing each
+one on the reactor thread cost a third of the accelerated throughput. So
+access lines skip ``twisted.logger`` (:func:`access_line` renders exactly
+the line the JSON observer would render for the access event) and go into
+a :class:`BatchedLineWriter` (:func:`access_sink`): the reactor only
+appends them to a queue, and a writer thread writes what has queued up
+every :data:`FLUSH_INTERVAL` seconds and everything at exit, so a slow disk
+or a full pipe on stdout does not stop the reactor for them. Every other
+event is written at once through the same writer, behind the access lines
+queued before it, as before.
 """
 
 from __future__ import annotations
@@ -212,13 +213,22 @@ def _dropped_line(count: int) -> str:
 
 @implementer(ILogObserver)
 class BatchedJsonObserver:
-    """The JSON-lines observer, writing through a :class:`BatchedLineWriter`."""
+    """The JSON-lines observer sharing a :class:`BatchedLineWriter` with the access lines.
+
+    Each event is written at once, on the thread that logs it, after the
+    access lines queued before it (so the order of lines is kept): other
+    events are rare, and operators and tests expect a warning or an audit
+    record in the log as soon as it happened. Only access lines, one per
+    request, wait for the writer thread.
+    """
 
     def __init__(self, writer: BatchedLineWriter) -> None:
         self.writer = writer
 
     def __call__(self, event: LogEvent) -> None:
-        self.writer.write(event_as_json_line(event))
+        writer = self.writer
+        writer.write(event_as_json_line(event))
+        writer.flush()
 
 
 #: Where access lines go directly (see :func:`access_sink`).
