@@ -6,11 +6,13 @@ otherwise, ``--latency --timeout 60s``), against, in one run:
 
 * ``accel`` — kura, ``KURA_ACCELERATED_FILE_SERVING_ENABLED=true``, mode ``splice``;
 * ``accel-sendfile`` — the same in mode ``sendfile``;
+* ``accel-log`` — ``accel`` with the JSON access log on (the node's default), to
+  compare with ``accel`` in the same run;
 * ``fallback`` — kura with the accelerator off (every request through twisted.web);
 * ``nginx`` — one worker, ``sendfile on; tcp_nopush on; tcp_nodelay on;
   access_log off``, serving the same bytes from files.
 
-kura runs get ``KURA_ACCESS_LOG=false`` when the working tree's
+kura runs other than ``accel-log`` get ``KURA_ACCESS_LOG=false`` when the working tree's
 ``kura/config/node.py`` declares that variable. The artifacts are uploaded into
 each kura node over its API (``POST /api/cache/cas/{id}?tenant_id=default``)
 and fetched with ``GET`` on the same route. Before measuring, one GET per
@@ -42,12 +44,13 @@ from typing import Any
 import _common as common
 
 SIZES = {"4KiB": 4 * common.KiB, "17.9MB": 17_941_067, "64MiB": 64 * common.MiB}
-SERVERS = ("accel", "accel-sendfile", "fallback", "nginx")
+SERVERS = ("accel", "accel-sendfile", "accel-log", "fallback", "nginx")
 ACCEL_ON = "KURA_ACCELERATED_FILE_SERVING_ENABLED"
 ACCEL_MODE = "KURA_ACCELERATED_FILE_SERVING_MODE"
 KURA_SETTINGS = {
     "accel": {ACCEL_ON: "true", ACCEL_MODE: "splice"},
     "accel-sendfile": {ACCEL_ON: "true", ACCEL_MODE: "sendfile"},
+    "accel-log": {ACCEL_ON: "true", ACCEL_MODE: "splice"},
     "fallback": {ACCEL_ON: "false"},
 }
 
@@ -139,9 +142,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def kura_overrides(name: str) -> dict[str, str]:
-    """The environment of kura server ``name`` (access log off when kura supports it)."""
+    """The environment of kura server ``name`` (access log off when kura supports it,
+    except for ``accel-log``, which keeps the default: on)."""
     settings = dict(KURA_SETTINGS[name])
-    if common.kura_knows("KURA_ACCESS_LOG"):
+    if name != "accel-log" and common.kura_knows("KURA_ACCESS_LOG"):
         settings["KURA_ACCESS_LOG"] = "false"
     return settings
 
@@ -260,7 +264,8 @@ def print_sample(s: dict[str, Any]) -> None:
     print(
         f"  {s['server']:<15} {s['size']:>6} c={s['concurrency']:<2} "
         f"{s['rps']:>9,.0f} req/s {s['mb_per_s']:>7,.0f} MB/s  p50 {s['p50_ms']:.2f} ms  "
-        f"p99 {s['p99_ms']:.2f} ms  cpu {s['cpu_s_per_gb']:.2f} s/GB  errors {s['error_count']}",
+        f"p99 {s['p99_ms']:.2f} ms  cpu {s['cpu_s_per_gb']:.2f} s/GB "
+        f"{s['cpu_us_per_request']:.0f} µs/req  errors {s['error_count']}",
         flush=True,
     )
 
@@ -380,6 +385,8 @@ def ratio_section(args: argparse.Namespace, samples: list[dict[str, Any]]) -> li
         for bottom in ("nginx", "fallback")
         if top in args.servers and bottom in args.servers
     ]
+    if "accel-log" in args.servers and "accel" in args.servers:
+        pairs.append(("accel-log", "accel"))
     if not pairs:
         return []
     rows = []

@@ -21,7 +21,7 @@ from twisted.python.components import Componentized
 
 from kura.config import ConfigError, KuraConfig
 from kura.service import KuraNode
-from kura.telemetry.logs import observer_for
+from kura.telemetry.logs import flush_logs, observer_for
 
 #: Option name → the variable it overrides.
 OVERRIDES = {
@@ -72,6 +72,7 @@ class TwistdNode(KuraNode):
         # twistd exits 0 once the reactor stops; a node that could not start
         # must look like the crash it is to its supervisor.
         def exit_failed() -> None:
+            flush_logs()  # os._exit skips atexit, which would write the queued lines
             sys.stdout.flush()
             os._exit(1)
 

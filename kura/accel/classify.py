@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import attrs
 
@@ -25,9 +26,10 @@ from . import reasons
 from .head import RequestHead, parse_query
 
 
-@attrs.frozen
-class Candidate:
+class Candidate(NamedTuple):
     """A request the accelerator may serve, if the artifact turns out servable.
+
+    (A named tuple: one is made per request, see :class:`~.head.RequestHead`.)
 
     Attributes:
         target: what the request acts on, derived exactly as the twisted.web

@@ -28,6 +28,7 @@ from kura.web.download import ArtifactHead, artifact_head
 
 from . import reasons
 from .classify import Candidate
+from .response import header_fields
 
 
 class OpenedFile(Protocol):
@@ -44,9 +45,12 @@ class Serve:
     Attributes:
         response: status, headers and byte range of the response, exactly
             as twisted.web would answer (:func:`~kura.web.download.artifact_head`).
+        fields: ``response.headers`` serialized as head lines
+            (:func:`~.response.header_fields`).
     """
 
     response: ArtifactHead
+    fields: bytes
 
 
 @attrs.frozen
@@ -104,12 +108,39 @@ def decide(
         # Damaged: twisted.web opens it again, forgets it and answers 404.
         return _RANGE_OR_DAMAGE
     head = candidate.head
+    if head.plain:  # no Range, no If-Range
+        range_header = if_range = None
+    else:
+        range_header = head.get(b"range")
+        if_range = head.get(b"if-range")
+    if range_header is None and if_range is None:
+        # The common case, a whole artifact, depends on the manifest alone:
+        # one decision (and one serialized head) per artifact version, kept
+        # by file name (every version is a new file) and checked by identity
+        # (hashing a manifest costs more than the look-up saves).
+        cached = _WHOLE.get(manifest.blob_path)
+        if cached is not None and cached[0] is manifest:
+            return cached[1]
+        if len(_WHOLE) >= _WHOLE_MAX:
+            _WHOLE.clear()
+        serve = _serve_whole(manifest)
+        _WHOLE[manifest.blob_path] = (manifest, serve)
+        return serve
     try:
-        response = artifact_head(manifest, _text(head.get(b"range")), _text(head.get(b"if-range")))
+        response = artifact_head(manifest, _text(range_header), _text(if_range))
     except KuraError:
         # Unsatisfiable: twisted.web answers 416 after authorization.
         return _RANGE_OR_DAMAGE
-    return Serve(response)
+    return Serve(response, header_fields(response.headers))
+
+
+_WHOLE: dict[str | None, tuple[Manifest, Serve]] = {}
+_WHOLE_MAX = 4096
+
+
+def _serve_whole(manifest: Manifest) -> Serve:
+    response = artifact_head(manifest, None, None)
+    return Serve(response, header_fields(response.headers))
 
 
 def _text(value: bytes | None) -> str | None:

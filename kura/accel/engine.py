@@ -12,7 +12,11 @@ connection reads nothing; at most ``max_concurrent`` transfers exist at once
 In splice mode each transfer borrows a pipe from a :class:`~.pipes.PipePool`
 (reserved before authorization, so running out of descriptors can still
 fall back); a pipe goes back to the pool only when its transfer completed,
-since a failed one may have left bytes in it.
+since a failed one may have left bytes in it. A body of at most
+:data:`SENDFILE_MAX_BYTES` goes out with ``sendfile`` in either mode (its
+pipe goes straight back to the pool): through a pipe it costs two syscalls
+instead of one, and a profile of 4 KiB downloads had the splice step at a
+fifth of the reactor's time. The serving-path label stays the mode's.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from .transfer import BLOCKED, YIELDED, BodyTransfer, pump, run_blocking
 
 if TYPE_CHECKING:
     from .accelerator import AcceleratorSettings
+
+#: Bodies up to this size are sent with ``sendfile`` in splice mode too.
+SENDFILE_MAX_BYTES = 64 * 1024
 
 
 @implementer(ITransferEngine)
@@ -105,14 +112,17 @@ class KernelTransferEngine:
         length: int,
         done: Callable[[Any], None],
     ) -> BodyTransfer:
+        if reservation is not None and length <= SENDFILE_MAX_BYTES:
+            self.release(reservation)  # unused, so clean: back to the pool
+            reservation = None
         transfer = BodyTransfer(
-            sock=transport.socket,
-            file_fd=file_fd,
-            offset=offset,
-            remaining=length,
-            head=head,
-            chunk_bytes=self._chunk_bytes,
-            pipe=reservation,  # type: ignore[arg-type]
+            transport.socket,
+            file_fd,
+            offset,
+            length,
+            head,
+            self._chunk_bytes,
+            reservation,  # type: ignore[arg-type]
         )
         inline = self._inline_bytes
         result = pump(transfer, budget=inline) if inline else YIELDED

@@ -18,9 +18,7 @@ Python loop.
 from __future__ import annotations
 
 import re
-from typing import Final
-
-import attrs
+from typing import Final, NamedTuple
 
 __all__ = [
     "MAX_HEADERS",
@@ -69,6 +67,9 @@ _HEAD = re.compile(
     + _TCHAR
     + rb"]+:[\t\x20-\x7e]*\r\n)*)\r\n"
 )
+
+# One header line of a block _HEAD validated: the name and the raw value.
+_FIELD = re.compile(rb"([^:]+):([^\r]*)\r\n")
 
 # Dot segments and empty segments anywhere in the path: ``//``, ``/./``,
 # ``/../`` and a trailing ``/.`` or ``/..`` (the path ends at '?' or the end).
@@ -129,9 +130,12 @@ def find_head_end(buffer: bytes, search_from: int) -> int:
     return index if index < 0 else index + 4
 
 
-@attrs.frozen
-class RequestHead:
+class RequestHead(NamedTuple):
     """A request head the fast path may serve.
+
+    A named tuple: one is made per request, and a tuple is the cheapest
+    immutable record Python has (a frozen ``attrs`` class cost four times as
+    much to create).
 
     Attributes:
         method: the method as sent (always ``b"GET"``).
@@ -143,6 +147,10 @@ class RequestHead:
             values with surrounding SP/HTAB removed (as twisted.web stores them).
         length: bytes of the head including the final CRLFCRLF; the next
             request on the connection starts at this offset.
+        plain: the only header of ``_SPECIAL_HEADERS`` is one Host (as
+            nearly every GET): no Range, If-Range, Connection, X-Request-Id
+            or credentials, so callers may skip looking for them. ``False``
+            promises nothing.
     """
 
     method: bytes
@@ -152,6 +160,7 @@ class RequestHead:
     version: bytes
     headers: tuple[tuple[bytes, bytes], ...]
     length: int
+    plain: bool = False
 
     def get(self, name: bytes) -> bytes | None:
         """The value of header ``name`` (any case) if it appears exactly once.
@@ -239,44 +248,43 @@ def parse_head(data: bytes) -> RequestHead | None:
     if (b"//" in target or b"/." in target) and _BAD_SEGMENT.search(target) is not None:
         return None
 
-    # Each line of the validated block is ``name ":" value CRLF`` and names
-    # cannot contain ':', so partition splits exactly where twisted does.
-    if block.count(b"\r\n") > MAX_HEADERS:
+    # The block is validated: each line is ``name ":" value CRLF`` and names
+    # cannot contain ':', so _FIELD splits exactly where twisted does; the
+    # value loses its surrounding SP/HTAB, as in twisted.
+    fields = _FIELD.findall(block)
+    if len(fields) > MAX_HEADERS:
         return None
-    headers: list[tuple[bytes, bytes]] = []
+    headers = [(name.lower(), value.strip(b" \t")) for name, value in fields]
+    special = [pair for pair in headers if pair[0] in _SPECIAL_HEADERS]
+    # Almost every client sends Host as the only special header.
+    lone_host = len(special) == 1 and special[0][0] == b"host"
+    if not lone_host and not _special_headers_servable(special):
+        return None
+    path, _, query = target.partition(b"?")
+    # tuple.__new__ directly: the named tuple's own __new__ is a Python function.
+    return _new_head(
+        RequestHead, (b"GET", target, path, query, b"HTTP/1.1", tuple(headers), length, lone_host)
+    )
+
+
+_new_head = tuple.__new__
+
+
+def _special_headers_servable(special: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the headers named in ``_SPECIAL_HEADERS`` (in order) are servable."""
     seen: set[bytes] = set()
-    special = _SPECIAL_HEADERS.get
-    for line in block[:-2].split(b"\r\n") if block else ():
-        raw_name, _, raw_value = line.partition(b":")
-        name = raw_name.lower()
-        value = raw_value.strip(b" \t")
-        headers.append((name, value))
-        kind = special(name)
-        if kind is None:
-            continue
-        if kind == _FORBIDDEN or name in seen:
-            return None
+    for name, value in special:
+        if _SPECIAL_HEADERS[name] == _FORBIDDEN or name in seen:
+            return False
         seen.add(name)
         if name == b"content-length":
             if value != b"0":
-                return None
+                return False
         elif name == b"connection" and not _connection_is_unambiguous(value):
-            return None
+            return False
     # HTTP/1.1 requires exactly one Host (RFC 9112 3.2); h11 refuses a request
     # without one while twisted accepts it, so a Host-less head falls back.
-    if b"host" not in seen:
-        return None
-
-    path, _, query = target.partition(b"?")
-    return RequestHead(
-        method=b"GET",
-        target=target,
-        path=path,
-        query=query,
-        version=b"HTTP/1.1",
-        headers=tuple(headers),
-        length=length,
-    )
+    return b"host" in seen
 
 
 def parse_query(raw: bytes) -> dict[str, list[str]] | None:

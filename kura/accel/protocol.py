@@ -51,19 +51,19 @@ from zope.interface import implementer
 from kura.domain.artifacts import Manifest
 from kura.domain.errors import KuraError
 from kura.telemetry.traffic import InflightSlot
-from kura.web.download import ArtifactHead
 from kura.web.errors import render_error_response
 from kura.web.request import SERVER_NAME
+from kura.web.routing import RouteSpec
 from kura.web.site import log_access
 
 from . import reasons
 from .accelerator import Accelerator
 from .classify import Candidate
-from .decide import Fallback, admit, decide, is_file_backed
+from .decide import Fallback, Serve, admit, decide, is_file_backed
 from .handles import Lease
 from .head import MAX_HEAD_BYTES, find_head_end, parse_head
 from .interfaces import INCOMPLETE, OK, ITransfer
-from .response import build_head
+from .response import head_from_fields, header_fields
 
 log = Logger(namespace="kura.accel")
 
@@ -72,6 +72,24 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #: No reservation held (``None`` is a valid one: sendfile needs no pipe).
 _UNRESERVED = object()
 _NO_HEADERS: list[tuple[bytes, bytes]] = []
+
+
+_PRODUCER_LABELS: dict[str, str] = {}
+
+
+def _producer_label(spec: RouteSpec) -> str:
+    """The egress metrics' ``producer`` label of a route.
+
+    Memoized by endpoint (the spec's key): reading an enum member's value
+    is slow, and a frozen attrs spec hashes every field when it is a key.
+    """
+    label = _PRODUCER_LABELS.get(spec.endpoint)
+    if label is None:
+        producer = spec.producer
+        label = _PRODUCER_LABELS[spec.endpoint] = (
+            producer.value if producer is not None else "unknown"
+        )
+    return label
 
 
 class State(enum.Enum):
@@ -282,7 +300,7 @@ class SamePortProtocol(Protocol):
                 now = accel.reactor.seconds()
                 self._head_started_at = now
                 self._deadline = now + accel.settings.header_timeout
-            if buffer[:1] == b"P" and (
+            if buffer[0] == 0x50 and (  # b"P"
                 buffer.startswith(H2_PREFACE) or H2_PREFACE.startswith(buffer)
             ):
                 if len(buffer) >= len(H2_PREFACE):
@@ -307,7 +325,10 @@ class SamePortProtocol(Protocol):
             if isinstance(candidate, str):
                 self._hand_off(candidate)
                 return
-            refusal = admit(draining=accel.state.draining, permits_free=accel.permits.available > 0)
+            permits = accel.permits
+            refusal = admit(
+                draining=accel.state.draining, permits_free=permits.in_use < permits.limit
+            )
             if refusal is not None:
                 self._hand_off(refusal.reason)
                 return
@@ -376,7 +397,7 @@ class SamePortProtocol(Protocol):
         if isinstance(decision, Fallback):
             self._fall_back(exchange, decision.reason)
         else:
-            self._authorize(exchange, decision.response)
+            self._authorize(exchange, decision)
 
     def _open(self, exchange: _Exchange, manifest: Manifest) -> Lease | None:
         """The artifact's file and the engine's reservation, both or neither.
@@ -397,12 +418,12 @@ class SamePortProtocol(Protocol):
         exchange.lease = lease
         return lease
 
-    def _authorize(self, exchange: _Exchange, response: ArtifactHead) -> None:
+    def _authorize(self, exchange: _Exchange, decision: Serve) -> None:
         """The servable request's authorization: now, and only now, exactly once."""
         authorization = self._accel.authorization
         candidate = exchange.candidate
         if not authorization.needs_check(candidate.spec):
-            self._start(exchange, response, _NO_HEADERS)
+            self._start(exchange, decision, _NO_HEADERS)
             return
         head = candidate.head
         ctx = authorization.context(
@@ -413,16 +434,16 @@ class SamePortProtocol(Protocol):
             query=candidate.params,
             transport="http",
         )
-        decided = authorization.check_response(ctx, response.status)
+        decided = authorization.check_response(ctx, decision.response.status)
         decided.addCallbacks(
-            lambda extra: self._start(exchange, response, extra),
+            lambda extra: self._start(exchange, decision, extra),
             lambda failure: self._deny(exchange, failure),
         )
 
     def _start(
         self,
         exchange: _Exchange,
-        response: ArtifactHead,
+        decision: Serve,
         extra_headers: list[tuple[bytes, bytes]],
     ) -> None:
         """Write the response head and start the body's transfer."""
@@ -432,20 +453,28 @@ class SamePortProtocol(Protocol):
         accel = self._accel
         candidate = exchange.candidate
         head = candidate.head
+        response = decision.response
         self._buffer = self._buffer[head.length :]
         accel.store.record_access(candidate.artifact_id)
-        exchange.status = response.status
-        exchange.keep_alive = keep_alive = head.keep_alive and not accel.state.draining
-        exchange.request_id = request_id = accel.request_ids.for_request(head.get(b"x-request-id"))
-        head_bytes = build_head(
-            response.status,
-            response.headers,
+        exchange.status = status = response.status
+        if head.plain:  # no Connection, no X-Request-Id
+            keep_alive = not accel.state.draining
+            request_id = accel.request_ids.next()
+        else:
+            keep_alive = head.keep_alive and not accel.state.draining
+            request_id = accel.request_ids.for_request(head.get(b"x-request-id"))
+        exchange.keep_alive = keep_alive
+        exchange.request_id = request_id
+        fields = decision.fields
+        if extra_headers:
+            fields += header_fields(extra_headers)
+        head_bytes = head_from_fields(
+            status,
+            fields,
             date=accel.dates.value(accel.reactor.seconds()),
             request_id=request_id,
             keep_alive=keep_alive,
-            extra=extra_headers,
         )
-        exchange.slot = accel.traffic.begin()
         accel.meters.served.inc()
         reservation, exchange.reservation = exchange.reservation, _UNRESERVED
         lease = exchange.lease
@@ -461,8 +490,12 @@ class SamePortProtocol(Protocol):
             body.length,
             self._transfer_done,
         )
-        self._note_first_byte(exchange, transfer)
         if transfer.result is None:
+            # In flight from here until it ends. (One that ended inside
+            # start() was never in flight across a reactor turn, so taking
+            # no slot for it is the same to every reader of the count.)
+            exchange.slot = accel.traffic.begin()
+            self._note_first_byte(exchange, transfer, accel.reactor.seconds())
             transport.registerProducer(self, True)  # a lost connection stops it
         else:
             self._finish(exchange, transfer)
@@ -473,16 +506,15 @@ class SamePortProtocol(Protocol):
         assert exchange is not None and exchange.transfer is transfer
         if self.state is not State.CLOSED:
             self._tcp.unregisterProducer()
-        self._note_first_byte(exchange, transfer)
         self._finish(exchange, transfer)
 
-    def _note_first_byte(self, exchange: _Exchange, transfer: ITransfer) -> None:
+    def _note_first_byte(self, exchange: _Exchange, transfer: ITransfer, now: float) -> None:
         if exchange.first_byte_recorded or not transfer.head_sent:
             return
         exchange.first_byte_recorded = True
         accel = self._accel
         accel.traffic.record_first_byte(
-            accel.reactor.seconds() - exchange.started_at,
+            now - exchange.started_at,
             transport="http",
             route=exchange.candidate.spec.template,
         )
@@ -509,8 +541,10 @@ class SamePortProtocol(Protocol):
 
     def _finish(self, exchange: _Exchange, transfer: ITransfer) -> None:
         result = transfer.result
+        now = self._accel.reactor.seconds()
+        self._note_first_byte(exchange, transfer, now)
         self._end(exchange)
-        self._account(exchange, transfer, result)
+        self._account(exchange, transfer, result, now)
         if self.state is not State.SERVING:  # lost or cut off meanwhile
             return
         if result == OK and exchange.keep_alive and not self._accel.state.draining:
@@ -556,15 +590,15 @@ class SamePortProtocol(Protocol):
         self._buffer = b""
         self._close()
 
-    def _account(self, exchange: _Exchange, transfer: ITransfer, result: str) -> None:
+    def _account(self, exchange: _Exchange, transfer: ITransfer, result: str, now: float) -> None:
         accel = self._accel
         spec = exchange.candidate.spec
-        elapsed = max(accel.reactor.seconds() - exchange.started_at, 1e-9)
+        elapsed = max(now - exchange.started_at, 1e-9)
         status = exchange.status if result in (OK, INCOMPLETE) else 499
         meters = accel.meters
         meters.request(spec.template, status).inc()
         meters.duration.observe(elapsed)
-        producer = spec.producer.value if spec.producer is not None else "unknown"
+        producer = _producer_label(spec)
         accel.egress.record(producer, result, transfer.sent, elapsed)
         if accel.site.access_log:
             head = exchange.candidate.head

@@ -35,6 +35,31 @@ class DateCache:
         return self._value
 
 
+def header_fields(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """``headers`` as head lines (``name: value`` CRLF each), in order."""
+    return b"".join([b"%s: %s\r\n" % (name, value) for name, value in headers])
+
+
+_STATUS_LINES: dict[int, bytes] = {}
+_ENDINGS = {True: b"\r\nConnection: keep-alive\r\n\r\n", False: b"\r\nConnection: close\r\n\r\n"}
+
+
+def head_from_fields(
+    status: int, fields: bytes, *, date: bytes, request_id: bytes, keep_alive: bool
+) -> bytes:
+    """:func:`build_head` with the headers already serialized (:func:`header_fields`)."""
+    start = _STATUS_LINES.get(status)
+    if start is None:
+        start = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: " % (
+            status,
+            _REASONS.get(status, b"OK"),
+            SERVER_NAME,
+        )
+    return b"".join(
+        (start, date, b"\r\n", fields, b"X-Request-Id: ", request_id, _ENDINGS[keep_alive])
+    )
+
+
 def build_head(
     status: int,
     headers: Iterable[tuple[bytes, bytes]],
@@ -45,16 +70,10 @@ def build_head(
     extra: Iterable[tuple[bytes, bytes]] = (),
 ) -> bytes:
     """Serialize a response head exactly as twisted.web would for the same headers."""
-    parts = [
-        b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\n"
-        % (status, _REASONS.get(status, b"OK"), SERVER_NAME, date)
-    ]
-    for name, value in headers:
-        parts.append(b"%s: %s\r\n" % (name, value))
-    for name, value in extra:
-        parts.append(b"%s: %s\r\n" % (name, value))
-    parts.append(
-        b"X-Request-Id: %s\r\nConnection: %s\r\n\r\n"
-        % (request_id, b"keep-alive" if keep_alive else b"close")
+    return head_from_fields(
+        status,
+        header_fields(headers) + header_fields(extra),
+        date=date,
+        request_id=request_id,
+        keep_alive=keep_alive,
     )
-    return b"".join(parts)

@@ -28,7 +28,6 @@ import select
 import socket
 import time
 
-import attrs
 from zope.interface import implementer
 
 from .interfaces import CLIENT_ABORTED, ERROR, INCOMPLETE, OK, WRITE_TIMEOUT, ITransfer
@@ -57,9 +56,10 @@ _CLIENT_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, err
 
 
 @implementer(ITransfer)
-@attrs.define
 class BodyTransfer:
     """The state of one response being sent (see the module docstring).
+
+    (A plain class with slots: one is made per response.)
 
     Attributes:
         sock: the socket to write to (the transport's, then a ``dup`` once a
@@ -76,17 +76,47 @@ class BodyTransfer:
         result: the outcome once over (set on the reactor thread).
     """
 
-    sock: socket.socket
-    file_fd: int
-    offset: int
-    remaining: int
-    head: bytes
-    chunk_bytes: int
-    pipe: tuple[int, int] | None = None
-    in_pipe: int = 0
-    sent: int = 0
-    stopped: bool = False
-    result: str | None = None
+    __slots__ = (
+        "chunk_bytes",
+        "file_fd",
+        "head",
+        "in_pipe",
+        "offset",
+        "pipe",
+        "remaining",
+        "result",
+        "sent",
+        "sock",
+        "stopped",
+    )
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        file_fd: int,
+        offset: int,
+        remaining: int,
+        head: bytes,
+        chunk_bytes: int,
+        pipe: tuple[int, int] | None = None,
+    ) -> None:
+        self.sock = sock
+        self.file_fd = file_fd
+        self.offset = offset
+        self.remaining = remaining
+        self.head = head
+        self.chunk_bytes = chunk_bytes
+        self.pipe = pipe
+        self.in_pipe = 0
+        self.sent = 0
+        self.stopped = False
+        self.result: str | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<BodyTransfer offset={self.offset} remaining={self.remaining} "
+            f"head={len(self.head)} sent={self.sent} result={self.result}>"
+        )
 
     @property
     def finished(self) -> bool:
@@ -102,16 +132,6 @@ class BodyTransfer:
             self.stopped = True
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
-
-
-def _send_head(t: BodyTransfer) -> str | None:
-    more = socket.MSG_MORE if t.remaining else 0
-    try:
-        written = t.sock.send(t.head, more)
-    except BlockingIOError:
-        return BLOCKED
-    t.head = t.head[written:]
-    return BLOCKED if t.head else None
 
 
 def _sendfile_step(t: BodyTransfer) -> str | None:
@@ -162,8 +182,17 @@ def pump(t: BodyTransfer, budget: int) -> str:
     step = _splice_step if t.pipe is not None else _sendfile_step
     start = t.sent
     try:
-        if t.head and _send_head(t) == BLOCKED:
-            return BLOCKED
+        head = t.head
+        if head:
+            # _send_head, inlined: every response starts here.
+            try:
+                written = t.sock.send(head, socket.MSG_MORE if t.remaining else 0)
+            except BlockingIOError:
+                return BLOCKED
+            if written < len(head):
+                t.head = head[written:]
+                return BLOCKED
+            t.head = b""
         while t.remaining or t.in_pipe:
             if t.stopped:
                 return CLIENT_ABORTED

@@ -21,6 +21,7 @@ from twisted.web.resource import IResource
 from kura.config.proxies import TrustedProxies
 from kura.lifecycle import NodeState
 from kura.storage.interfaces import IArtifactStore
+from kura.telemetry.logs import access_line, access_sink
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
 
@@ -32,7 +33,8 @@ from .request_ids import RequestIds
 from .routing import RouteSpec
 from .upload_slots import UploadSlots
 
-log = Logger(namespace="kura.http")
+_NAMESPACE = "kura.http"
+log = Logger(namespace=_NAMESPACE)
 
 ACCESS = "{method} {path} {status} {request_id}"
 
@@ -40,7 +42,25 @@ ACCESS = "{method} {path} {status} {request_id}"
 def log_access(
     method: bytes, path: bytes, status: int, request_id: str | bytes, spec: RouteSpec
 ) -> None:
-    """One structured access event; both serving paths log through here."""
+    """One structured access event; both serving paths log through here.
+
+    When the node logs JSON lines, the line goes straight to the log writer
+    (:func:`~kura.telemetry.logs.access_sink`), the same line the event would
+    have become, at a fraction of the cost; otherwise through ``log``.
+    """
+    sink = access_sink()
+    if sink is not None:
+        sink.write(
+            access_line(
+                method.decode("ascii", "replace"),
+                path.decode("ascii", "replace"),
+                status,
+                request_id if isinstance(request_id, str) else request_id.decode("ascii"),
+                spec.template,
+                _NAMESPACE,
+            )
+        )
+        return
     log.info(
         ACCESS,
         method=method.decode("ascii", "replace"),

@@ -25,7 +25,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web import http
 
-from kura.accel.head import RequestHead, find_head_end, parse_head, parse_query
+from kura.accel.head import _SPECIAL_HEADERS, RequestHead, find_head_end, parse_head, parse_query
 from tests.accel.corpus import CASES, SMUGGLED, Case
 
 #: The pipelined control request appended after every served head.
@@ -188,7 +188,18 @@ def check_served(data: bytes, chunks: Sequence[bytes] | None = None) -> RequestH
     assert head.length == find_head_end(data, 0)
     stream = data[: head.length] + NEXT
     assert_oracles_agree(data, head, [stream] if chunks is None else chunks)
+    assert_plain_is_true(head)
     return head
+
+
+def assert_plain_is_true(head: RequestHead) -> None:
+    """``plain`` is set exactly when Host is the one header callers look up by name."""
+    looked_up = [name for name, _ in head.headers if name in _SPECIAL_HEADERS]
+    assert head.plain == (looked_up == [b"host"])
+    if head.plain:
+        assert head.keep_alive
+        for name in (b"range", b"if-range", b"x-request-id", b"authorization", b"cookie"):
+            assert head.get(name) is None
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
