@@ -53,7 +53,9 @@ from kura.telemetry.metrics import KuraMetrics
 from kura.web.download import (
     CHUNK_BYTES,
     H2_CHUNK_BYTES,
+    SMALL_BODY_BYTES,
     FileBodyProducer,
+    SmallFileBody,
     TransferFailed,
     artifact_head,
 )
@@ -96,16 +98,22 @@ class StreamedBody:
         site = request.kura_site
         producer_label = spec.producer.value if spec.producer else "unknown"
         started = site.clock.seconds()
-        body = FileBodyProducer(
-            request=request,
-            fd=self.fd,
-            offset=self.body.offset,
-            length=self.body.length,
-            runner=self.runner,
-            clock=site.clock,
-            send_timeout=site.send_timeout,
-            chunk_bytes=H2_CHUNK_BYTES if request.clientproto == b"HTTP/2" else CHUNK_BYTES,
-        )
+        body: SmallFileBody | FileBodyProducer
+        if self.body.length <= SMALL_BODY_BYTES:
+            body = SmallFileBody(
+                request=request, fd=self.fd, offset=self.body.offset, length=self.body.length
+            )
+        else:
+            body = FileBodyProducer(
+                request=request,
+                fd=self.fd,
+                offset=self.body.offset,
+                length=self.body.length,
+                runner=self.runner,
+                clock=site.clock,
+                send_timeout=site.send_timeout,
+                chunk_bytes=H2_CHUNK_BYTES if request.clientproto == b"HTTP/2" else CHUNK_BYTES,
+            )
 
         def account(result: object) -> object:
             error = result.value if isinstance(result, Failure) else None
