@@ -56,11 +56,32 @@ class KuraHTTPChannel(http.HTTPChannel):
     reactor: IReactorTime
     _head_deadline: IDelayedCall | None = None
     _lingering: IDelayedCall | None = None
+    _host: Any = None
+    _secure: bool | None = None
 
     def dataReceived(self, data: bytes) -> None:
         if self._head_deadline is None and not self._handlingRequest and self.line_mode:
             self._head_deadline = self.reactor.callLater(self.header_timeout, self._head_timeout)
         super().dataReceived(data)
+
+    def getHost(self) -> Any:
+        """The local address, asked of the socket once per connection.
+
+        twisted.web asks for it in every request's constructor, and each ask
+        is a ``getsockname`` system call; a connection's address never changes.
+        """
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def isSecure(self) -> bool:
+        """Whether the connection is TLS, decided once per connection (an
+        interface adaptation that every request would otherwise repeat)."""
+        if self._secure is None:
+            if self.transport is None:
+                return False
+            self._secure = bool(super().isSecure())
+        return self._secure
 
     def expire_head(self) -> None:
         """The request head took too long as a whole: answer 408 and close."""
