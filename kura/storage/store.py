@@ -407,15 +407,29 @@ class ArtifactStore:
             OSError: the file exists but cannot be opened (descriptor
                 exhaustion, permissions): not damage, nothing is forgotten.
         """
+        opened = self.open_published(manifest)
+        if isinstance(opened, str):
+            await self.forget_damaged(manifest, opened)
+            return None
+        return opened
+
+    def open_published(self, manifest: Manifest) -> int | str:
+        """The first step of :meth:`open_intact`, which never waits.
+
+        Returns:
+            The open descriptor (the caller closes it), or, when the file is
+            damage, why: the caller must then :meth:`forget_damaged` it.
+
+        Raises:
+            OSError: the file exists but cannot be opened.
+        """
         try:
             fd = self.open_body(manifest)
         except FileNotFoundError:
-            await self.forget_damaged(manifest, "body file missing")
-            return None
+            return "body file missing"
         if os.fstat(fd).st_size != manifest.size:
             os.close(fd)
-            await self.forget_damaged(manifest, "body file size differs from its manifest")
-            return None
+            return "body file size differs from its manifest"
         return fd
 
     async def forget_damaged(self, manifest: Manifest, reason: str) -> None:

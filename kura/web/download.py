@@ -24,7 +24,7 @@ import os
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -109,9 +109,9 @@ class SmallFileBody:
     """Sends ``length`` (at most :data:`SMALL_BODY_BYTES`) bytes of ``fd`` from
     ``offset`` with one read on the reactor thread and one write.
 
-    The same contract as :class:`FileBodyProducer`: it owns ``fd`` and
-    closes it, :meth:`start` fires with the byte count or fails with
-    :class:`TransferFailed`, and :attr:`sent` counts what was written.
+    Like :class:`FileBodyProducer` it owns ``fd`` and closes it, and
+    :attr:`sent` counts what was written; having nothing to wait for, it
+    sends at once (:meth:`send`) instead of firing a Deferred.
     """
 
     def __init__(self, *, request: Any, fd: int, offset: int, length: int) -> None:
@@ -122,22 +122,29 @@ class SmallFileBody:
         self._length = length
         self.sent = 0
 
-    def start(self) -> Deferred[int]:
+    def send(self) -> int:
+        """Read and write the body; returns its length.
+
+        Raises:
+            TransferFailed: ``client_aborted`` (the client is gone),
+                ``incomplete`` (the file is shorter than promised) or
+                ``error`` (the read failed); nothing was written.
+        """
         try:
             if getattr(self._request, "_disconnected", False):
-                return fail(TransferFailed("client_aborted", 0))
+                raise TransferFailed("client_aborted", 0)
             try:
                 data = read_small(self._fd, self._offset, self._length) if self._length else b""
             except IncompleteBody:
-                return fail(TransferFailed("incomplete", 0))
+                raise TransferFailed("incomplete", 0) from None
             except OSError:
-                return fail(TransferFailed("error", 0))
+                raise TransferFailed("error", 0) from None
         finally:
             os.close(self._fd)
         if data:
             self._request.write(data)
         self.sent = len(data)
-        return succeed(self.sent)
+        return self.sent
 
 
 @implementer(IPushProducer)

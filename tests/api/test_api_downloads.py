@@ -132,14 +132,14 @@ def test_a_small_body_cut_short_on_disk_closes_the_connection(nodes: Any) -> Non
     node = nodes.start()
     request(node, "PUT", GRADLE.format(key="g1"), b"x" * 1000)
     store: Any = node.store
-    opened = store.open_intact
+    opened = store.open_published
 
-    async def open_then_truncate(manifest: Any) -> int | None:
-        fd = await opened(manifest)
+    def open_then_truncate(manifest: Any) -> Any:
+        fd = opened(manifest)
         os.truncate(store.layout.absolute(manifest.blob_path), 10)
         return fd
 
-    store.open_intact = open_then_truncate
+    store.open_published = open_then_truncate
     client = Exchange(node)
     client.send(f"GET {GRADLE.format(key='g1')} HTTP/1.1\r\nHost: kura\r\n\r\n".encode())
     assert client.closed

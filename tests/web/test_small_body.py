@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from kura.testing import failed, succeeded
 from kura.web.download import SMALL_BODY_BYTES, SmallFileBody, TransferFailed
 
 
@@ -41,7 +40,7 @@ def test_the_range_is_written_in_one_write_and_the_file_closed(tmp_path: Path) -
     request = Request()
     body = SmallFileBody(request=request, fd=fd, offset=3, length=5)
 
-    assert succeeded(body.start()) == 5
+    assert body.send() == 5
     assert request.written == [b"34567"]
     assert body.sent == 5
     assert not _is_open(fd)
@@ -51,7 +50,7 @@ def test_an_empty_range_writes_nothing(tmp_path: Path) -> None:
     fd = _open(tmp_path, b"")
     request = Request()
 
-    assert succeeded(SmallFileBody(request=request, fd=fd, offset=0, length=0).start()) == 0
+    assert SmallFileBody(request=request, fd=fd, offset=0, length=0).send() == 0
     assert request.written == []
     assert not _is_open(fd)
 
@@ -61,9 +60,9 @@ def test_a_file_shorter_than_promised_fails_incomplete_and_writes_nothing(tmp_pa
     request = Request()
     body = SmallFileBody(request=request, fd=fd, offset=0, length=10)
 
-    error = failed(body.start())
-    assert isinstance(error, TransferFailed)
-    assert (error.result, error.sent) == ("incomplete", 0)
+    with pytest.raises(TransferFailed) as failed:
+        body.send()
+    assert (failed.value.result, failed.value.sent) == ("incomplete", 0)
     assert request.written == []
     assert not _is_open(fd)
 
@@ -72,9 +71,9 @@ def test_a_client_already_gone_is_client_aborted(tmp_path: Path) -> None:
     fd = _open(tmp_path, b"abc")
     request = Request(disconnected=True)
 
-    error = failed(SmallFileBody(request=request, fd=fd, offset=0, length=3).start())
-    assert isinstance(error, TransferFailed)
-    assert error.result == "client_aborted"
+    with pytest.raises(TransferFailed) as failed:
+        SmallFileBody(request=request, fd=fd, offset=0, length=3).send()
+    assert failed.value.result == "client_aborted"
     assert request.written == []
     assert not _is_open(fd)
 
