@@ -212,8 +212,9 @@ class ArtifactService:
         """
         admitted = await admission_of(request)
         spec = admitted.spec
-        assert admitted.address is not None
-        manifest = await self.find(spec, admitted.address)
+        address = admitted.address
+        assert address is not None
+        manifest = await self.find(spec, address)
         if manifest.inline:
             return await self._inline(request, spec, manifest)
         fd = await self._open(spec, manifest)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import shutil
 import sqlite3
@@ -284,7 +285,7 @@ class ArtifactStore:
         return self._last_version
 
     def artifact_id(self, address: ArtifactAddress) -> str:
-        return address.artifact_id(self.node_tenant)
+        return _artifact_id(address, self.node_tenant)
 
     # -- group commit --------------------------------------------------------------
 
@@ -829,6 +830,12 @@ class ArtifactStore:
     async def tombstones_page(self, after: str | None, limit: int) -> list[tuple[str, int]]:
         """Namespace tombstones in namespace order, strictly after ``after``."""
         return await self._runner.run(self.metadata.tombstones_page, after, limit)
+
+
+@functools.lru_cache(maxsize=8192)
+def _artifact_id(address: ArtifactAddress, node_tenant: str) -> str:
+    # A SHA-256 per request otherwise; clients fetch the same artifacts again and again.
+    return address.artifact_id(node_tenant)
 
 
 def _as_domain_error(error: BaseException) -> BaseException:
