@@ -104,3 +104,18 @@ def test_a_connection_asks_its_socket_for_its_address_once(node: KuraNode) -> No
     assert len(asked) == 1
     assert client.channel.getHost() is client.channel.getHost()
     assert client.channel.isSecure() is False
+
+
+def test_a_head_that_arrives_whole_arms_no_deadline(node: KuraNode) -> None:
+    """The head deadline is armed only for a head still incomplete after a read."""
+    client = Exchange(node)
+    pending = len(node.reactor.getDelayedCalls())
+    client.send(b"GET /up HTTP/1.1\r\nHost: kura\r\n\r\n")
+    assert [r.status for r in client.responses()] == [200]
+    assert len(node.reactor.getDelayedCalls()) == pending
+
+    client.send(b"GET /up HTTP/1.1\r\n")  # a head cut at a line end is incomplete too
+    node.reactor.advance(node.config.header_timeout_ms / 1000)
+    (response,) = client.responses()
+    assert response.status == 408
+    assert client.closed
