@@ -10,7 +10,7 @@ request; handlers use its :class:`Admission` instead of re-deriving anything.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import cast
 
@@ -68,7 +68,7 @@ class Gate:
         self._state = state
         self._node_tenant = node_tenant
         self._outbox_max_depth = outbox_max_depth
-        self._targets: dict[Hashable, Target] = {}
+        self._targets: dict[tuple[str, bytes, bytes], Target] = {}
 
     def classify(self, head: RequestHead) -> tuple[RouteSpec, Mapping[str, str]]:
         """The route a head addresses (``UNMATCHED`` when none)."""
@@ -116,26 +116,25 @@ class Gate:
         if head.declared_length is not None and head.declared_length > limit:
             raise PayloadTooLarge(spec.too_large_message)
         query = Query(head.query)
-        target = self._target(spec, path_args, head.query, query)
+        target = self._target(spec, path_args, head, query)
         if spec.head_check is not None:
             spec.head_check(query)
         return Admission(spec, path_args, query, target)
 
     def _target(
-        self,
-        spec: RouteSpec,
-        path_args: Mapping[str, str],
-        params: Mapping[str, list[str]],
-        query: Query,
+        self, spec: RouteSpec, path_args: Mapping[str, str], head: RequestHead, query: Query
     ) -> Target:
         """:func:`resolve_target`, remembered: build clients fetch the same
         artifacts again and again, and the target is a function of the route,
-        its path arguments and the query (the node tenant is fixed)."""
-        key = (
-            spec.endpoint,
-            tuple(path_args.items()),
-            tuple((name, tuple(values)) for name, values in params.items()),
-        )
+        its path arguments and the query (the node tenant is fixed).
+
+        The route and path arguments follow from the method and path, the
+        query from the raw query, so those are the key; a head that carries
+        decoded parameters without their raw form is resolved every time.
+        """
+        if head.query and not head.raw_query:
+            return resolve_target(spec, path_args, query, self._node_tenant)
+        key = (spec.endpoint, head.path, head.raw_query)
         target = self._targets.get(key)
         if target is None:
             # Refusals (BadRequest, Forbidden) raise here and are not remembered.

@@ -71,6 +71,7 @@ class KuraRequest(server.Request):
         self.rejection: KuraError | None = None
         self.spec: RouteSpec = UNMATCHED
         self.request_id = ""
+        self._request_id = b""
         #: The request is answered without reading its body (the connection
         #: closes after the answer, lingering to drain what the client sent).
         self.body_skipped = False
@@ -340,9 +341,8 @@ class KuraRequest(server.Request):
 
     def process(self) -> None:
         site = self.kura_site
-        self.request_id = site.request_ids.for_request(self.getHeader(b"x-request-id")).decode(
-            "ascii"
-        )
+        self._request_id = site.request_ids.for_request(self.getHeader(b"x-request-id"))
+        self.request_id = self._request_id.decode("ascii")
         site.metrics.http_inflight.inc()
         self.notifyFinish().addBoth(self._finished)
         super().process()
@@ -355,7 +355,7 @@ class KuraRequest(server.Request):
     def _before_head(self) -> None:
         site = self.kura_site
         self.setHeader(b"Server", SERVER_NAME)
-        self.setHeader(b"X-Request-Id", self.request_id.encode("ascii"))
+        self.setHeader(b"X-Request-Id", self._request_id)
         channel = self.channel
         close = site.state.draining or self.body_skipped or self.rejection_closes()
         if self.clientproto == b"HTTP/1.1" and isinstance(channel, HTTPChannel):

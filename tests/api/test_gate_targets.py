@@ -6,7 +6,8 @@ import pytest
 
 from kura.api import gate
 from kura.service import KuraNode
-from kura.testing import request
+from kura.testing import request, succeeded
+from kura.web.admission import RequestHead
 
 CAS = "/api/cache/cas/{id}?tenant_id={tenant}{extra}"
 
@@ -37,3 +38,20 @@ def test_a_full_memo_starts_over(node: KuraNode, monkeypatch: pytest.MonkeyPatch
         assert _get(node, f"miss{index}") == 404
     assert len(node.gate._targets) <= 2
     assert _get(node, "a1") == 200
+
+
+def test_a_head_without_its_raw_query_is_resolved_every_time(node: KuraNode) -> None:
+    """Decoded parameters alone are no memo key: two such heads never share a target."""
+
+    def namespace(name: str) -> str | None:
+        head = RequestHead(
+            method="GET",
+            path=b"/api/cache/cas/a1",
+            query={"tenant_id": ["default"], "namespace_id": [name]},
+            headers={},
+            declared_length=0,
+        )
+        return succeeded(node.gate.admit(head)).target.namespace
+
+    assert namespace("one") == "one"
+    assert namespace("two") == "two"
