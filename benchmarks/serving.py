@@ -10,7 +10,10 @@ otherwise, ``--latency --timeout 60s``), against, in one run:
   compare with ``accel`` in the same run;
 * ``fallback`` — kura with the accelerator off (every request through twisted.web);
 * ``nginx`` — one worker, ``sendfile on; tcp_nopush on; tcp_nodelay on;
-  access_log off``, serving the same bytes from files.
+  access_log off``, serving the same bytes from files;
+* ``static`` — a plain ``twisted.web.static.File`` (default reactor, access
+  log off) serving the same files in a child process: the reference for the
+  fallback path, which also goes through twisted.web.
 
 kura runs other than ``accel-log`` get ``KURA_ACCESS_LOG=false`` when the working tree's
 ``kura/config/node.py`` declares that variable. The artifacts are uploaded into
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -44,7 +48,7 @@ from typing import Any
 import _common as common
 
 SIZES = {"4KiB": 4 * common.KiB, "17.9MB": 17_941_067, "64MiB": 64 * common.MiB}
-SERVERS = ("accel", "accel-sendfile", "accel-log", "fallback", "nginx")
+SERVERS = ("accel", "accel-sendfile", "accel-log", "fallback", "nginx", "static")
 ACCEL_ON = "KURA_ACCELERATED_FILE_SERVING_ENABLED"
 ACCEL_MODE = "KURA_ACCELERATED_FILE_SERVING_MODE"
 KURA_SETTINGS = {
@@ -90,6 +94,8 @@ TARGETS = (
     Target(("4KiB",), "accel", "nginx", 0.25),
     # "Never slower than the fallback in any cell" (all sizes).
     Target(tuple(SIZES), "accel", "fallback", 1.0),
+    # Issue 14: the fallback no slower than twisted.web's own static.File.
+    Target(("4KiB",), "fallback", "static", 0.8),
 )
 
 
@@ -169,8 +175,74 @@ def make_server(
         root = os.path.dirname(fixtures[0].path)
         server = common.NginxServer(f"rep{rep}", work, root, fixtures[0].nginx_path)
         return server, lambda fixture: fixture.nginx_path
+    if name == "static":
+        root = os.path.dirname(fixtures[0].path)
+        static = StaticFileServer(f"static-rep{rep}", work, root, fixtures[0].nginx_path)
+        return static, lambda fixture: fixture.nginx_path
     env = {**environ, **kura_overrides(name)}
     return common.KuraServer(f"{name}-rep{rep}", work, env), lambda f: f.kura_path
+
+
+#: The ``static`` server: twisted.web's own file resource, nothing of kura's.
+STATIC_SERVER = """\
+import sys
+from twisted.internet import reactor
+from twisted.web import server, static
+site = server.Site(static.File(sys.argv[1]))
+site.log = lambda request: None  # access log off, as for nginx and kura
+reactor.listenTCP(int(sys.argv[2]), site, interface="127.0.0.1")
+reactor.run()
+"""
+
+
+class StaticFileServer:
+    """A plain ``twisted.web.static.File`` serving ``root``, in a child process."""
+
+    def __init__(self, name: str, work_dir: str, root: str, probe_path: str) -> None:
+        self.name = name
+        self.root = root
+        self.probe_path = probe_path
+        self.work = os.path.join(work_dir, name)
+        os.makedirs(self.work, exist_ok=True)
+        self._port = common.free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> None:
+        with open(os.path.join(self.work, "output.log"), "ab") as output:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", STATIC_SERVER, self.root, str(self._port)],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            common._wait_for_http("127.0.0.1", self._port, self.probe_path, timeout=15.0)
+        except TimeoutError:
+            raise common.BenchmarkError(f"static.File did not come up: {self.log_tail()}") from None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log_tail(self) -> str:
+        try:
+            with open(os.path.join(self.work, "output.log"), encoding="utf-8") as handle:
+                return handle.read()[-4000:]
+        except FileNotFoundError:
+            return ""
 
 
 def prepare(
@@ -381,12 +453,16 @@ def report(
 def ratio_section(args: argparse.Namespace, samples: list[dict[str, Any]]) -> list[str]:
     pairs = [
         (top, bottom)
-        for top in ("accel", "accel-sendfile")
-        for bottom in ("nginx", "fallback")
+        for top, bottom in (
+            ("accel", "nginx"),
+            ("accel", "fallback"),
+            ("accel-sendfile", "nginx"),
+            ("accel-sendfile", "fallback"),
+            ("fallback", "static"),
+            ("accel-log", "accel"),
+        )
         if top in args.servers and bottom in args.servers
     ]
-    if "accel-log" in args.servers and "accel" in args.servers:
-        pairs.append(("accel-log", "accel"))
     if not pairs:
         return []
     rows = []
@@ -429,9 +505,9 @@ def target_section(args: argparse.Namespace, samples: list[dict[str, Any]]) -> l
                     ]
                 )
     if not rows:
-        return ["(targets need the accel, fallback and nginx servers)", ""]
+        return ["(targets need the accel, fallback and nginx (or static) servers)", ""]
     return [
-        f"### Issue 3 targets: {met} of {total} met (judged on the median ratio)",
+        f"### Targets (issues 3 and 14): {met} of {total} met (judged on the median ratio)",
         "",
         common.markdown_table(["size", "c", "target", "median", "worst rep", "met"], rows),
         "",

@@ -12,7 +12,7 @@ time a handler runs, its request has been admitted from the head
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import cast
 
 from klein import Klein, KleinRenderable
@@ -33,6 +33,7 @@ from kura.web.routing import RouteSpec
 
 from .artifacts import ArtifactService, StreamedBody
 from .authorization import RequestAuthorization
+from .dispatch import MatchedDispatch, Responder
 from .probes import Probes
 from .protocols.bazel import BazelRoutes
 from .protocols.ccache import CcacheRoutes
@@ -91,18 +92,21 @@ class PublicAPI:
         )
         self.specs: Mapping[str, RouteSpec] = specs_of(self.routes)
         self.app = Klein()
+        self._responders: dict[RouteSpec, Responder] = {}
         for row in self.routes:
-            self.app.route(row.rule, methods=[row.method], endpoint=row.spec.endpoint)(
-                self._responder(row.handler)
-            )
+            responder = self._responder(row.handler)
+            self.app.route(row.rule, methods=[row.method], endpoint=row.spec.endpoint)(responder)
+            self._responders[row.spec] = responder
         self.app.handle_errors(Exception)(self._errors)
 
     def resource(self) -> IResource:
-        return self.app.resource()
+        """The app's resource: a request admission matched goes straight to its
+        route's responder (:mod:`kura.api.dispatch`), the rest through Klein."""
+        return MatchedDispatch(self.app.resource(), self._responders, self._render_error)
 
     # -- responses ------------------------------------------------------------------
 
-    def _responder(self, handler: Handler) -> Callable[..., Awaitable[bytes]]:
+    def _responder(self, handler: Handler) -> Responder:
         """What Klein calls for a route: ``handler``, then the response's last steps.
 
         Path arguments are dropped: handlers read them, already validated,

@@ -53,7 +53,9 @@ from kura.telemetry.metrics import KuraMetrics
 from kura.web.download import (
     CHUNK_BYTES,
     H2_CHUNK_BYTES,
+    SMALL_BODY_BYTES,
     FileBodyProducer,
+    SmallFileBody,
     TransferFailed,
     artifact_head,
 )
@@ -92,10 +94,23 @@ class StreamedBody:
         that ends short or stalls leaves the connection unusable: it is
         closed (an HTTP/2 stream that stalls is reset).
         """
-        spec = self.spec
         site = request.kura_site
-        producer_label = spec.producer.value if spec.producer else "unknown"
         started = site.clock.seconds()
+        if self.body.length <= SMALL_BODY_BYTES:
+            small = SmallFileBody(
+                request=request, fd=self.fd, offset=self.body.offset, length=self.body.length
+            )
+            try:
+                small.send()
+            except TransferFailed as failure:
+                self._account(site, failure.result, small.sent, started)
+                self._ended_early(request, failure)
+            except Exception:
+                self._account(site, "error", small.sent, started)
+                raise
+            else:
+                self._account(site, "ok", small.sent, started)
+            return b""
         body = FileBodyProducer(
             request=request,
             fd=self.fd,
@@ -108,6 +123,8 @@ class StreamedBody:
         )
 
         def account(result: object) -> object:
+            # On the transfer itself, not on the awaiting: a cancelled
+            # request is counted once, when its transfer really ends.
             error = result.value if isinstance(result, Failure) else None
             label = (
                 error.result
@@ -116,7 +133,7 @@ class StreamedBody:
                 if isinstance(result, Failure)
                 else "ok"
             )
-            site.egress.record(producer_label, label, body.sent, site.clock.seconds() - started)
+            self._account(site, label, body.sent, started)
             return result
 
         transfer: Deferred[Any] = body.start()
@@ -124,17 +141,24 @@ class StreamedBody:
         try:
             await shielded(transfer)
         except TransferFailed as failure:
-            channel: Any = request.channel
-            if channel is not None:
-                # A short or stalled body must not leave the connection reusable.
-                channel.persistent = False
-                if failure.result == "write_timeout":
-                    # An HTTP/2 stream is its own transport (its .transport
-                    # is None): it is reset, the connection's others go on.
-                    (channel.transport or channel).abortConnection()
-            if failure.result == "incomplete":
-                log.error("artifact body ended early; connection closed", route=spec.template)
+            self._ended_early(request, failure)
         return b""
+
+    def _account(self, site: Any, result: str, sent: int, started: float) -> None:
+        producer = self.spec.producer.value if self.spec.producer else "unknown"
+        site.egress.record(producer, result, sent, site.clock.seconds() - started)
+
+    def _ended_early(self, request: KuraRequest, failure: TransferFailed) -> None:
+        channel: Any = request.channel
+        if channel is not None:
+            # A short or stalled body must not leave the connection reusable.
+            channel.persistent = False
+            if failure.result == "write_timeout":
+                # An HTTP/2 stream is its own transport (its .transport
+                # is None): it is reset, the connection's others go on.
+                (channel.transport or channel).abortConnection()
+        if failure.result == "incomplete":
+            log.error("artifact body ended early; connection closed", route=self.spec.template)
 
 
 #: What a download answers: an inline body (or none, for HEAD), or a file to stream.
@@ -188,8 +212,9 @@ class ArtifactService:
         """
         admitted = await admission_of(request)
         spec = admitted.spec
-        assert admitted.address is not None
-        manifest = await self.find(spec, admitted.address)
+        address = admitted.address
+        assert address is not None
+        manifest = await self.find(spec, address)
         if manifest.inline:
             return await self._inline(request, spec, manifest)
         fd = await self._open(spec, manifest)
@@ -226,11 +251,13 @@ class ArtifactService:
     async def _open(self, spec: RouteSpec, manifest: Manifest) -> int:
         """The open body file of ``manifest`` (the caller closes it)."""
         try:
-            opened = await shielded(Deferred.fromCoroutine(self._store.open_intact(manifest)))
+            opened = self._store.open_published(manifest)
         except OSError as error:
             self.count_read(spec.producer, "error")
             raise self._read_fault(spec, f"cannot open artifact: {error.strerror}") from error
-        if opened is None:
+        if isinstance(opened, str):
+            # Damage (see ArtifactStore.open_intact): forgotten even if the client leaves.
+            await shielded(Deferred.fromCoroutine(self._store.forget_damaged(manifest, opened)))
             self.count_read(spec.producer, "not_found")
             raise NotFound(spec.not_found_message)
         return opened

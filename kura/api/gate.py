@@ -32,6 +32,9 @@ from kura.web.routing import BodyKind, Operation, Query, RouteSpec
 from .authorization import RequestAuthorization
 from .routes import module_key, resolve_target
 
+#: How many resolved targets a gate remembers (cleared when full).
+TARGET_MEMO_SIZE = 8192
+
 #: Methods that write (and are shed when replication falls behind).
 WRITE_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 
@@ -65,6 +68,7 @@ class Gate:
         self._state = state
         self._node_tenant = node_tenant
         self._outbox_max_depth = outbox_max_depth
+        self._targets: dict[tuple[str, bytes, bytes], Target] = {}
 
     def classify(self, head: RequestHead) -> tuple[RouteSpec, Mapping[str, str]]:
         """The route a head addresses (``UNMATCHED`` when none)."""
@@ -112,10 +116,33 @@ class Gate:
         if head.declared_length is not None and head.declared_length > limit:
             raise PayloadTooLarge(spec.too_large_message)
         query = Query(head.query)
-        target = resolve_target(spec, path_args, query, self._node_tenant)
+        target = self._target(spec, path_args, head, query)
         if spec.head_check is not None:
             spec.head_check(query)
         return Admission(spec, path_args, query, target)
+
+    def _target(
+        self, spec: RouteSpec, path_args: Mapping[str, str], head: RequestHead, query: Query
+    ) -> Target:
+        """:func:`resolve_target`, remembered: build clients fetch the same
+        artifacts again and again, and the target is a function of the route,
+        its path arguments and the query (the node tenant is fixed).
+
+        The route and path arguments follow from the method and path, the
+        query from the raw query, so those are the key; a head that carries
+        decoded parameters without their raw form is resolved every time.
+        """
+        if head.query and not head.raw_query:
+            return resolve_target(spec, path_args, query, self._node_tenant)
+        key = (spec.endpoint, head.path, head.raw_query)
+        target = self._targets.get(key)
+        if target is None:
+            # Refusals (BadRequest, Forbidden) raise here and are not remembered.
+            target = resolve_target(spec, path_args, query, self._node_tenant)
+            if len(self._targets) >= TARGET_MEMO_SIZE:
+                self._targets.clear()
+            self._targets[key] = target
+        return target
 
     async def _complete(self, admission: Admission, head: RequestHead) -> Admission:
         """The head-time steps that may wait, in order: the multipart upload,

@@ -23,8 +23,11 @@ async def admission_of(request: KuraRequest) -> Admission:
         KuraError: what refused the request at its head or while its body
             arrived (too large, budget exhausted, denied, ...).
     """
-    assert request.admission is not None
-    admitted = await request.admission
+    admitted = request.admitted
+    if admitted is None:
+        # Still deciding (a hook or a lookup waits), or refused.
+        assert request.admission is not None
+        admitted = await request.admission
     if request.rejection is not None:
         raise request.rejection
     return admitted

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import shutil
 import sqlite3
@@ -284,7 +285,7 @@ class ArtifactStore:
         return self._last_version
 
     def artifact_id(self, address: ArtifactAddress) -> str:
-        return address.artifact_id(self.node_tenant)
+        return _artifact_id(address, self.node_tenant)
 
     # -- group commit --------------------------------------------------------------
 
@@ -407,15 +408,29 @@ class ArtifactStore:
             OSError: the file exists but cannot be opened (descriptor
                 exhaustion, permissions): not damage, nothing is forgotten.
         """
+        opened = self.open_published(manifest)
+        if isinstance(opened, str):
+            await self.forget_damaged(manifest, opened)
+            return None
+        return opened
+
+    def open_published(self, manifest: Manifest) -> int | str:
+        """The first step of :meth:`open_intact`, which never waits.
+
+        Returns:
+            The open descriptor (the caller closes it), or, when the file is
+            damage, why: the caller must then :meth:`forget_damaged` it.
+
+        Raises:
+            OSError: the file exists but cannot be opened.
+        """
         try:
             fd = self.open_body(manifest)
         except FileNotFoundError:
-            await self.forget_damaged(manifest, "body file missing")
-            return None
+            return "body file missing"
         if os.fstat(fd).st_size != manifest.size:
             os.close(fd)
-            await self.forget_damaged(manifest, "body file size differs from its manifest")
-            return None
+            return "body file size differs from its manifest"
         return fd
 
     async def forget_damaged(self, manifest: Manifest, reason: str) -> None:
@@ -815,6 +830,12 @@ class ArtifactStore:
     async def tombstones_page(self, after: str | None, limit: int) -> list[tuple[str, int]]:
         """Namespace tombstones in namespace order, strictly after ``after``."""
         return await self._runner.run(self.metadata.tombstones_page, after, limit)
+
+
+@functools.lru_cache(maxsize=8192)
+def _artifact_id(address: ArtifactAddress, node_tenant: str) -> str:
+    # A SHA-256 per request otherwise; clients fetch the same artifacts again and again.
+    return address.artifact_id(node_tenant)
 
 
 def _as_domain_error(error: BaseException) -> BaseException:

@@ -55,12 +55,47 @@ class KuraHTTPChannel(http.HTTPChannel):
     _transfer_encoded = False
     reactor: IReactorTime
     _head_deadline: IDelayedCall | None = None
+    #: When the first byte of the head being read arrived (``None``: no head is).
+    _head_started: float | None = None
+    _closed = False
     _lingering: IDelayedCall | None = None
+    _host: Any = None
+    _secure: bool | None = None
 
     def dataReceived(self, data: bytes) -> None:
-        if self._head_deadline is None and not self._handlingRequest and self.line_mode:
-            self._head_deadline = self.reactor.callLater(self.header_timeout, self._head_timeout)
+        if (
+            self._head_started is None
+            and self._head_deadline is None
+            and not self._handlingRequest
+            and self.line_mode
+        ):
+            self._head_started = self.reactor.seconds()
         super().dataReceived(data)
+        if self._head_started is not None and self._head_deadline is None and not self._closed:
+            # The head is still incomplete after this read: it gets its deadline,
+            # counted from its first byte. Most heads arrive whole in one read
+            # and never pay for a timer.
+            remaining = self.header_timeout - (self.reactor.seconds() - self._head_started)
+            self._head_deadline = self.reactor.callLater(max(0.0, remaining), self._head_timeout)
+
+    def getHost(self) -> Any:
+        """The local address, asked of the socket once per connection.
+
+        twisted.web asks for it in every request's constructor, and each ask
+        is a ``getsockname`` system call; a connection's address never changes.
+        """
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def isSecure(self) -> bool:
+        """Whether the connection is TLS, decided once per connection (an
+        interface adaptation that every request would otherwise repeat)."""
+        if self._secure is None:
+            if self.transport is None:
+                return False
+            self._secure = bool(super().isSecure())
+        return self._secure
 
     def expire_head(self) -> None:
         """The request head took too long as a whole: answer 408 and close."""
@@ -69,12 +104,14 @@ class KuraHTTPChannel(http.HTTPChannel):
 
     def _head_timeout(self) -> None:
         self._head_deadline = None
+        self._head_started = None
         transport: Any = self.transport
         log.info("request head deadline passed; closing {peer}", peer=str(transport.getPeer()))
         transport.write(render_error_response(RequestTimeout("Request head not received in time")))
         self.loseConnection()
 
     def _cancel_head_deadline(self) -> None:
+        self._head_started = None
         if self._head_deadline is not None:
             if self._head_deadline.active():
                 self._head_deadline.cancel()
@@ -185,6 +222,7 @@ class KuraHTTPChannel(http.HTTPChannel):
             transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._closed = True
         self._cancel_head_deadline()
         if self._lingering is not None and self._lingering.active():
             self._lingering.cancel()

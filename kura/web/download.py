@@ -10,11 +10,17 @@ storage thread (:class:`kura.storage.reading.BlobRange`) and writes them to
 the request, pausing when the transport's
 buffer is full. It aborts a transfer that makes no write progress for the
 send timeout (twisted.web disables its own timeout once a request is in).
+
+:class:`SmallFileBody` sends a body of at most :data:`SMALL_BODY_BYTES` with
+one ``pread`` on the reactor thread and one write: for a few KiB in the page
+cache that is far cheaper than a storage-thread round trip and a registered
+producer (the transport buffers it; its send deadline is the connection's).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import attrs
@@ -25,7 +31,7 @@ from zope.interface import implementer
 
 from kura.domain.artifacts import Manifest, safe_content_type
 from kura.storage.interfaces import IBlockingRunner
-from kura.storage.reading import BlobRange, IncompleteBody
+from kura.storage.reading import BlobRange, IncompleteBody, read_small
 
 from .ranges import BodySlice, resolve_range
 
@@ -34,6 +40,11 @@ CHUNK_BYTES = 512 * 1024
 #: Bytes per read for an HTTP/2 response: a stream queues at most its
 #: high-water mark plus one chunk (kura.web.h2), a hundred streams a connection.
 H2_CHUNK_BYTES = 128 * 1024
+#: Bodies up to this size are read on the reactor thread (:class:`SmallFileBody`).
+#: Measured here: open+fstat+pread+close of a page-cached file costs 4.6 µs at
+#: 4 KiB, 6.3 µs at 64 KiB and 14 µs at 256 KiB, where a storage-thread round
+#: trip costs tens of µs of CPU; 64 KiB keeps a cold read on the reactor short.
+SMALL_BODY_BYTES = 64 * 1024
 
 
 @attrs.frozen
@@ -92,6 +103,48 @@ class TransferFailed(Exception):
         super().__init__(result)
         self.result = result
         self.sent = sent
+
+
+class SmallFileBody:
+    """Sends ``length`` (at most :data:`SMALL_BODY_BYTES`) bytes of ``fd`` from
+    ``offset`` with one read on the reactor thread and one write.
+
+    Like :class:`FileBodyProducer` it owns ``fd`` and closes it, and
+    :attr:`sent` counts what was written; having nothing to wait for, it
+    sends at once (:meth:`send`) instead of firing a Deferred.
+    """
+
+    def __init__(self, *, request: Any, fd: int, offset: int, length: int) -> None:
+        assert length <= SMALL_BODY_BYTES, "a large body goes through FileBodyProducer"
+        self._request = request
+        self._fd = fd
+        self._offset = offset
+        self._length = length
+        self.sent = 0
+
+    def send(self) -> int:
+        """Read and write the body; returns its length.
+
+        Raises:
+            TransferFailed: ``client_aborted`` (the client is gone),
+                ``incomplete`` (the file is shorter than promised) or
+                ``error`` (the read failed); nothing was written.
+        """
+        try:
+            if getattr(self._request, "_disconnected", False):
+                raise TransferFailed("client_aborted", 0)
+            try:
+                data = read_small(self._fd, self._offset, self._length) if self._length else b""
+            except IncompleteBody:
+                raise TransferFailed("incomplete", 0) from None
+            except OSError:
+                raise TransferFailed("error", 0) from None
+        finally:
+            os.close(self._fd)
+        if data:
+            self._request.write(data)
+        self.sent = len(data)
+        return self.sent
 
 
 @implementer(IPushProducer)

@@ -24,6 +24,7 @@ The same request class serves HTTP/1.1 (plain and TLS) and HTTP/2.
 
 from __future__ import annotations
 
+import functools
 import io
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -32,6 +33,10 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web import http, server
+
+# By name: twisted.web.http is a deprecation proxy module, and each ``http.X``
+# lookup through it costs microseconds on every request.
+from twisted.web.http import HTTPChannel
 
 from kura.domain.errors import BadFraming, KuraError, TmpBudgetExhausted, TooManyRequests
 from kura.storage.staging import StagingFile
@@ -66,6 +71,7 @@ class KuraRequest(server.Request):
         self.rejection: KuraError | None = None
         self.spec: RouteSpec = UNMATCHED
         self.request_id = ""
+        self._request_id = b""
         #: The request is answered without reading its body (the connection
         #: closes after the answer, lingering to drain what the client sent).
         self.body_skipped = False
@@ -159,7 +165,7 @@ class KuraRequest(server.Request):
 
     def _transport_name(self) -> str:
         channel: Any = self.channel
-        if not isinstance(channel, http.HTTPChannel):
+        if not isinstance(channel, HTTPChannel):
             return "h2"
         return "https" if self.isSecure() else "http"
 
@@ -292,7 +298,7 @@ class KuraRequest(server.Request):
         channel = getattr(self, "channel", None)
         if channel is None:
             return None
-        if isinstance(channel, http.HTTPChannel):
+        if isinstance(channel, HTTPChannel):
             return channel.transport
         return channel
 
@@ -335,9 +341,8 @@ class KuraRequest(server.Request):
 
     def process(self) -> None:
         site = self.kura_site
-        self.request_id = site.request_ids.for_request(self.getHeader(b"x-request-id")).decode(
-            "ascii"
-        )
+        self._request_id = site.request_ids.for_request(self.getHeader(b"x-request-id"))
+        self.request_id = self._request_id.decode("ascii")
         site.metrics.http_inflight.inc()
         self.notifyFinish().addBoth(self._finished)
         super().process()
@@ -350,10 +355,10 @@ class KuraRequest(server.Request):
     def _before_head(self) -> None:
         site = self.kura_site
         self.setHeader(b"Server", SERVER_NAME)
-        self.setHeader(b"X-Request-Id", self.request_id.encode("ascii"))
+        self.setHeader(b"X-Request-Id", self._request_id)
         channel = self.channel
         close = site.state.draining or self.body_skipped or self.rejection_closes()
-        if self.clientproto == b"HTTP/1.1" and isinstance(channel, http.HTTPChannel):
+        if self.clientproto == b"HTTP/1.1" and isinstance(channel, HTTPChannel):
             if close:
                 channel.persistent = False
             self.setHeader(b"Connection", b"keep-alive" if channel.persistent else b"close")
@@ -421,12 +426,20 @@ class KuraRequest(server.Request):
 
 
 def _decode_query(raw: bytes) -> dict[str, list[str]]:
+    """The request's own copy of the decoded query (clients repeat the same few)."""
+    if not raw:
+        return {}
+    return {name: list(values) for name, values in _parse_query(raw)}
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_query(raw: bytes) -> tuple[tuple[str, tuple[str, ...]], ...]:
     # parse_qs on bytes raises when an escape decodes to a non-ASCII byte
     # (``%c0%ae``, or plain UTF-8 such as ``%ef%bc%8e``), which dropped the
     # connection unanswered. As latin-1 text every byte and every escape stays
     # one character; the result is then read as UTF-8, errors replaced.
     parsed = parse_qs(raw.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
-    return {_utf8(k): [_utf8(v) for v in values] for k, values in parsed.items()}
+    return tuple((_utf8(k), tuple(_utf8(v) for v in values)) for k, values in parsed.items())
 
 
 def _utf8(text: str) -> str:

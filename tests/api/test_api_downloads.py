@@ -7,6 +7,7 @@ from typing import Any
 
 from kura.service import KuraNode
 from kura.testing import ControlledRunner, Exchange, request, sample
+from kura.web.download import SMALL_BODY_BYTES
 
 GRADLE = "/api/cache/gradle/{key}?tenant_id=default"
 
@@ -94,3 +95,54 @@ def test_head_deadline_answers_408_and_closes(nodes: Any) -> None:
     (response,) = client.responses()
     assert response.status == 408
     assert client.closed
+
+
+def test_small_bodies_are_read_without_a_storage_thread(nodes: Any) -> None:
+    """Up to SMALL_BODY_BYTES a body is read on the reactor thread; above, on the runner."""
+    runner = ControlledRunner()
+    node = nodes.start(runner=runner)
+    small, large = b"s" * SMALL_BODY_BYTES, b"l" * (SMALL_BODY_BYTES + 1)
+    request(node, "PUT", GRADLE.format(key="small"), small)
+    request(node, "PUT", GRADLE.format(key="large"), large)
+    runner.hold = lambda f: f is os.pread
+
+    client = Exchange(node)
+    client.send(f"GET {GRADLE.format(key='small')} HTTP/1.1\r\nHost: kura\r\n\r\n".encode())
+    (response,) = client.responses()
+    assert (response.status, response.body) == (200, small)
+    assert response.headers["content-length"] == str(len(small))
+    assert not runner.held
+    assert open_blob_descriptors(node) == 0
+
+    client.send(f"GET {GRADLE.format(key='large')} HTTP/1.1\r\nHost: kura\r\n\r\n".encode())
+    assert runner.held  # the large body waits for a storage thread
+    while runner.held:
+        runner.release()
+    (response,) = client.responses()
+    assert (response.status, response.body) == (200, large)
+    assert open_blob_descriptors(node) == 0
+    labels = {"producer": "gradle", "result": "ok"}
+    assert sample(node, "kura_artifact_egress_completions_total", **labels) == 2
+    assert sample(node, "kura_artifact_reads_total", **labels) == 2
+    assert sample(node, "kura_artifact_egress_bytes_total", **labels) == len(small) + len(large)
+
+
+def test_a_small_body_cut_short_on_disk_closes_the_connection(nodes: Any) -> None:
+    """A small file that ends before its length (changed after open) is never padded."""
+    node = nodes.start()
+    request(node, "PUT", GRADLE.format(key="g1"), b"x" * 1000)
+    store: Any = node.store
+    opened = store.open_published
+
+    def open_then_truncate(manifest: Any) -> Any:
+        fd = opened(manifest)
+        os.truncate(store.layout.absolute(manifest.blob_path), 10)
+        return fd
+
+    store.open_published = open_then_truncate
+    client = Exchange(node)
+    client.send(f"GET {GRADLE.format(key='g1')} HTTP/1.1\r\nHost: kura\r\n\r\n".encode())
+    assert client.closed
+    labels = {"producer": "gradle", "result": "incomplete"}
+    assert sample(node, "kura_artifact_egress_completions_total", **labels) == 1
+    assert open_blob_descriptors(node) == 0

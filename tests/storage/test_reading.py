@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kura.storage.reading import BlobRange, IncompleteBody
+from kura.storage.reading import BlobRange, IncompleteBody, read_small
 from kura.testing import ControlledRunner, failed, succeeded
 
 
@@ -89,3 +89,28 @@ def test_close_is_idempotent_and_read_after_close_is_a_bug(tmp_path: Path) -> No
     assert not _is_open(fd)
     with pytest.raises(AssertionError):
         blob.read(1)
+
+
+def test_read_small_reads_the_range_at_once(tmp_path: Path) -> None:
+    fd = _open(tmp_path, b"0123456789")
+    try:
+        assert read_small(fd, 2, 7) == b"2345678"
+        assert read_small(fd, 0, 0) == b""
+    finally:
+        os.close(fd)
+
+
+def test_read_small_of_a_short_file_is_an_incomplete_body(tmp_path: Path) -> None:
+    fd = _open(tmp_path, b"abc")
+    try:
+        with pytest.raises(IncompleteBody, match="7 bytes short"):
+            read_small(fd, 0, 10)
+    finally:
+        os.close(fd)
+
+
+def test_read_small_raises_the_read_error(tmp_path: Path) -> None:
+    fd = _open(tmp_path, b"abc")
+    os.close(fd)
+    with pytest.raises(OSError):
+        read_small(fd, 0, 3)

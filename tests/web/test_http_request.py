@@ -13,7 +13,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from kura.service import KuraNode
-from kura.testing import parse_responses
+from kura.testing import Exchange, parse_responses
 from kura.web.admission import Admission, RequestHead, RouteMatch
 from kura.web.interfaces import IGate
 from kura.web.routing import BodyKind, Query, RouteSpec
@@ -83,3 +83,39 @@ def test_form_encoded_bodies_are_not_parsed_into_args(node: KuraNode) -> None:
     )
     post_form(site.make_channel())
     assert recorder.seen == [({}, b"a=1&b=2")]
+
+
+def test_a_connection_asks_its_socket_for_its_address_once(node: KuraNode) -> None:
+    """Requests on one connection share its local address and TLS answer: twisted.web
+    asks for both per request (a getsockname and an interface adaptation each)."""
+    client = Exchange(node)
+    asked: list[object] = []
+    get_host = client.transport.getHost
+
+    def counting_get_host() -> Any:
+        asked.append(None)
+        return get_host()
+
+    client.transport.getHost = counting_get_host  # type: ignore[method-assign]
+    get = b"GET /up HTTP/1.1\r\nHost: kura\r\n\r\n"
+    client.send(get * 3)
+    responses = client.responses()
+    assert [r.status for r in responses] == [200, 200, 200]
+    assert len(asked) == 1
+    assert client.channel.getHost() is client.channel.getHost()
+    assert client.channel.isSecure() is False
+
+
+def test_a_head_that_arrives_whole_arms_no_deadline(node: KuraNode) -> None:
+    """The head deadline is armed only for a head still incomplete after a read."""
+    client = Exchange(node)
+    pending = len(node.reactor.getDelayedCalls())
+    client.send(b"GET /up HTTP/1.1\r\nHost: kura\r\n\r\n")
+    assert [r.status for r in client.responses()] == [200]
+    assert len(node.reactor.getDelayedCalls()) == pending
+
+    client.send(b"GET /up HTTP/1.1\r\n")  # a head cut at a line end is incomplete too
+    node.reactor.advance(node.config.header_timeout_ms / 1000)
+    (response,) = client.responses()
+    assert response.status == 408
+    assert client.closed
