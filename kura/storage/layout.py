@@ -16,6 +16,7 @@ in-flight download of the old version intact.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -31,6 +32,22 @@ def fsync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_directory_durably(directory: str) -> None:
+    """Create ``directory`` (and missing parents) so its entry survives power loss.
+
+    A file renamed or created in a directory that was made moments before is
+    only durable once the new directory's own entry is: fsync each parent
+    that gained one (the file's directory itself is fsynced by the caller).
+    """
+    if os.path.isdir(directory):
+        return
+    parent = os.path.dirname(directory)
+    make_directory_durably(parent)
+    with contextlib.suppress(FileExistsError):  # a concurrent publish made it
+        os.mkdir(directory)
+    fsync_directory(parent)
 
 
 @attrs.frozen

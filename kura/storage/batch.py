@@ -1,0 +1,189 @@
+"""Small bodies held in memory, written into ``blobs/`` in batches that share their fsyncs.
+
+A body small enough to be received in memory (``KURA_MEMORY_BODY_MAX_BYTES``)
+skips the staging directory: :class:`BlobBatcher` writes it straight to its
+final, never-before-used name in ``blobs/`` and makes it durable. Bodies that
+arrive while a batch is on the disk wait for the next one, so under load one
+storage-thread hop carries many bodies:
+
+1. every file of the batch is created (``O_EXCL``) and written;
+2. every file is fsynced (``before_fsync`` is hit first). The first fsync
+   commits the filesystem journal transaction that already holds all of them,
+   so the others find little left to do (measured in
+   ``benchmarks/disk_rate.py``: *batch of B files*);
+3. each distinct directory is fsynced once, then
+   ``after_bytes_durable_before_metadata`` is hit.
+
+Only then do the publishes go on to their metadata transaction (the store's
+group commit), and only after that commit are they acknowledged. A file is
+invisible until its manifest commits, so a crash at any step leaves at most
+unreferenced files, which start-up removes as orphans; a body that fails is
+unlinked at once. Writing in place rather than staging and renaming is safe
+for the same reason: nobody looks a blob up by anything but its manifest.
+
+The batcher runs on the reactor thread; :func:`write_batch` is the blocking
+half and runs on a storage thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from kura.domain.failpoints import (
+    AFTER_BYTES_DURABLE_BEFORE_METADATA,
+    BEFORE_FSYNC,
+    Failpoints,
+)
+from kura.storage.interfaces import IBlockingRunner
+from kura.storage.layout import fsync_directory, make_directory_durably
+
+#: Most bodies one batch carries (bounds the descriptors a batch holds open).
+MAX_BATCH = 64
+#: Batches on the disk at once: one being fsynced while the next is written.
+#: (1, 2 and 4 batches of up to 64, and 8 "batches" of one, measured alike at
+#: c=8 within the noise of this machine: the CPU per request, not the disk,
+#: bounds the rate; see docs/benchmarks.md.)
+MAX_IN_FLIGHT = 2
+
+
+@attrs.define
+class _Queued:
+    target: str
+    data: bytes
+    done: Deferred[None]
+
+
+class BlobBatcher:
+    """Writes small bodies durably into their final paths, many per thread hop.
+
+    Args:
+        runner: where the blocking batch runs.
+        failpoints: the publish crash points (hit once per batch).
+        max_batch: most bodies per batch.
+        max_in_flight: batches on the disk at once.
+    """
+
+    def __init__(
+        self,
+        runner: IBlockingRunner,
+        failpoints: Failpoints,
+        max_batch: int = MAX_BATCH,
+        max_in_flight: int = MAX_IN_FLIGHT,
+    ) -> None:
+        self._runner = runner
+        self._failpoints = failpoints
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._queue: list[_Queued] = []
+        self._in_flight = 0
+
+    def write(self, target: str, data: bytes) -> Deferred[None]:
+        """Make ``data`` durable at the absolute path ``target`` (which must not exist).
+
+        Fires once the file and its directory entry are durable; fails with
+        the ``OSError`` (or failpoint fault) that stopped it, in which case
+        the file was removed.
+        """
+        done: Deferred[None] = Deferred()
+        self._queue.append(_Queued(target, data, done))
+        self._pump()
+        return done
+
+    def _pump(self) -> None:
+        while self._queue and self._in_flight < self._max_in_flight:
+            self._start()
+
+    def _start(self) -> None:
+        batch = self._queue[: self._max_batch]
+        del self._queue[: self._max_batch]
+        self._in_flight += 1
+        d = self._runner.run(write_batch, [(q.target, q.data) for q in batch], self._failpoints)
+
+        def written(errors: list[BaseException | None]) -> None:
+            self._in_flight -= 1
+            for queued, error in zip(batch, errors, strict=True):
+                if error is None:
+                    queued.done.callback(None)
+                else:
+                    queued.done.errback(error)
+            self._pump()
+
+        def failed(failure: Failure) -> None:
+            self._in_flight -= 1
+            for queued in batch:
+                queued.done.errback(failure)
+            self._pump()
+
+        d.addCallbacks(written, failed)
+
+
+def write_batch(
+    items: Sequence[tuple[str, bytes]], failpoints: Failpoints
+) -> list[BaseException | None]:
+    """Write each ``(path, data)`` durably (see the module docstring); blocking.
+
+    Returns:
+        Per item ``None`` (durable) or the ``OSError`` that stopped it (its
+        file removed). One item's failure does not fail the others.
+
+    Raises:
+        Exception: a failpoint fired; every file of the batch was removed.
+    """
+    errors: list[BaseException | None] = [None] * len(items)
+    fds: dict[int, int] = {}
+    created: list[int] = []
+    try:
+        try:
+            for index, (path, data) in enumerate(items):
+                try:
+                    make_directory_durably(os.path.dirname(path))
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                    created.append(index)
+                    fds[index] = fd
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                except OSError as error:
+                    errors[index] = error
+            failpoints.hit(BEFORE_FSYNC)
+            for index, fd in fds.items():
+                if errors[index] is None:
+                    try:
+                        os.fsync(fd)
+                    except OSError as error:
+                        errors[index] = error
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        directories: dict[str, list[int]] = {}
+        for index, (path, _) in enumerate(items):
+            if errors[index] is None:
+                directories.setdefault(os.path.dirname(path), []).append(index)
+        for directory, members in directories.items():
+            try:
+                fsync_directory(directory)
+            except OSError as error:
+                for index in members:
+                    errors[index] = error
+        failpoints.hit(AFTER_BYTES_DURABLE_BEFORE_METADATA)
+    except BaseException:
+        # Nothing of this batch will be published: remove it now rather
+        # than at the next start-up.
+        for index in created:
+            _unlink_quietly(items[index][0])
+        raise
+    for index in created:
+        if errors[index] is not None:
+            _unlink_quietly(items[index][0])
+    return errors
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
