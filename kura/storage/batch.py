@@ -41,7 +41,7 @@ from kura.domain.failpoints import (
     Failpoints,
 )
 from kura.storage.interfaces import IBlockingRunner
-from kura.storage.layout import fsync_directory, make_directory_durably
+from kura.storage.layout import Layout, fsync_directory, make_directory_durably
 
 #: Most bodies one batch carries (bounds the descriptors a batch holds open).
 MAX_BATCH = 64
@@ -54,15 +54,19 @@ MAX_IN_FLIGHT = 2
 
 @attrs.define
 class _Queued:
-    target: str
+    artifact_id: str
     data: bytes
-    done: Deferred[None]
+    done: Deferred[str]
 
 
 class BlobBatcher:
     """Writes small bodies durably into their final paths, many per thread hop.
 
+    Every body of a batch goes into one shard directory (its first body's),
+    so the batch needs one directory fsync, not one per body.
+
     Args:
+        layout: where blobs live.
         runner: where the blocking batch runs.
         failpoints: the publish crash points (hit once per batch).
         max_batch: most bodies per batch.
@@ -71,11 +75,13 @@ class BlobBatcher:
 
     def __init__(
         self,
+        layout: Layout,
         runner: IBlockingRunner,
         failpoints: Failpoints,
         max_batch: int = MAX_BATCH,
         max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
+        self._layout = layout
         self._runner = runner
         self._failpoints = failpoints
         self._max_batch = max_batch
@@ -83,15 +89,16 @@ class BlobBatcher:
         self._queue: list[_Queued] = []
         self._in_flight = 0
 
-    def write(self, target: str, data: bytes) -> Deferred[None]:
-        """Make ``data`` durable at the absolute path ``target`` (which must not exist).
+    def write(self, artifact_id: str, data: bytes) -> Deferred[str]:
+        """Make ``data`` durable as a new blob file of ``artifact_id``.
 
-        Fires once the file and its directory entry are durable; fails with
-        the ``OSError`` (or failpoint fault) that stopped it, in which case
-        the file was removed.
+        Fires with the file's path relative to the data directory once the
+        file and its directory entry are durable; fails with the ``OSError``
+        (or failpoint fault) that stopped it, in which case the file was
+        removed.
         """
-        done: Deferred[None] = Deferred()
-        self._queue.append(_Queued(target, data, done))
+        done: Deferred[str] = Deferred()
+        self._queue.append(_Queued(artifact_id, data, done))
         self._pump()
         return done
 
@@ -103,13 +110,18 @@ class BlobBatcher:
         batch = self._queue[: self._max_batch]
         del self._queue[: self._max_batch]
         self._in_flight += 1
-        d = self._runner.run(write_batch, [(q.target, q.data) for q in batch], self._failpoints)
+        shard = batch[0].artifact_id[:2]
+        relative = [self._layout.new_blob_path(q.artifact_id, shard) for q in batch]
+        items = [
+            (self._layout.absolute(path), q.data) for path, q in zip(relative, batch, strict=True)
+        ]
+        d = self._runner.run(write_batch, items, self._failpoints)
 
         def written(errors: list[BaseException | None]) -> None:
             self._in_flight -= 1
-            for queued, error in zip(batch, errors, strict=True):
+            for queued, path, error in zip(batch, relative, errors, strict=True):
                 if error is None:
-                    queued.done.callback(None)
+                    queued.done.callback(path)
                 else:
                     queued.done.errback(error)
             self._pump()

@@ -217,7 +217,7 @@ class ArtifactStore:
         self._runner = runner
         self._clock = clock
         self._failpoints = failpoints or Failpoints()
-        self._blobs = BlobBatcher(runner, self._failpoints)
+        self._blobs = BlobBatcher(layout, runner, self._failpoints)
         self._cache = ManifestCache(manifest_cache_bytes)
         self._queue: list[_Pending] = []
         self._committing = False
@@ -516,11 +516,11 @@ class ArtifactStore:
                 raise InsufficientStorage(
                     f"artifact of {staged.size} bytes exceeds the cache capacity"
                 )
-            relative = self.layout.new_blob_path(artifact_id)
             try:
                 if staged.data is not None:
-                    await self._blobs.write(self.layout.absolute(relative), staged.data)
+                    relative = await self._blobs.write(artifact_id, staged.data)
                 else:
+                    relative = self.layout.new_blob_path(artifact_id)
                     await self._runner.run(self._place, staged.path, relative)
             except OSError as error:
                 raise translate_os_error(error) from error

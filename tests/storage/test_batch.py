@@ -15,6 +15,7 @@ from kura.domain.errors import StorageFault
 from kura.domain.failpoints import Failpoints
 from kura.storage import batch
 from kura.storage.batch import BlobBatcher, write_batch
+from kura.storage.layout import Layout
 from kura.testing import succeeded
 
 
@@ -88,27 +89,56 @@ def test_a_fault_at_either_step_leaves_no_file(tmp_path: Path, point: str) -> No
     assert os.listdir(tmp_path / "d") == []
 
 
+def batcher_in(tmp_path: Path, runner: Any, **options: Any) -> tuple[BlobBatcher, Layout]:
+    layout = Layout(str(tmp_path / "data"), str(tmp_path / "tmp"))
+    return BlobBatcher(layout, runner, options.pop("failpoints", Failpoints()), **options), layout
+
+
+def blobs(layout: Layout) -> list[str]:
+    return sorted(
+        os.path.relpath(os.path.join(root, name), layout.data_dir)
+        for root, _, names in os.walk(layout.blobs)
+        for name in names
+    )
+
+
 def test_bodies_arriving_during_a_batch_share_the_next_hop(tmp_path: Path) -> None:
     """One batch on the disk at a time: the next carries everything queued meanwhile."""
     runner = HeldRunner()
-    batcher = BlobBatcher(runner, Failpoints(), max_batch=64, max_in_flight=1)
-    first = batcher.write(str(tmp_path / "0"), b"0")
-    rest = [batcher.write(str(tmp_path / str(n)), b"%d" % n) for n in range(1, 5)]
+    batcher, layout = batcher_in(tmp_path, runner, max_batch=64, max_in_flight=1)
+    first = batcher.write("aa01", b"0")
+    rest = [batcher.write(f"{n}{n}02", b"%d" % n) for n in range(1, 5)]
     assert len(runner.calls) == 1
     runner.release()
-    assert succeeded(first) is None
+    first_path = succeeded(first)
+    assert first_path.startswith("blobs/aa/aa01-")
     assert len(runner.calls) == 1 and len(runner.calls[0][1][0]) == 4
     runner.release()
-    assert [succeeded(d) for d in rest] == [None] * 4
+    paths = [succeeded(d) for d in rest]
     assert runner.calls == []
-    assert sorted(os.listdir(tmp_path)) == ["0", "1", "2", "3", "4"]
+    assert blobs(layout) == sorted([first_path, *paths])
+    for n, path in enumerate(paths, start=1):
+        assert Path(layout.absolute(path)).read_bytes() == b"%d" % n
+
+
+def test_a_batch_shares_one_shard_directory(tmp_path: Path) -> None:
+    """Every body of a batch goes into its first body's shard: one directory fsync."""
+    runner = HeldRunner()
+    batcher, _ = batcher_in(tmp_path, runner, max_in_flight=1)
+    batcher.write("aa", b"held")
+    done = [batcher.write(artifact_id, b"x") for artifact_id in ("bb1", "cc2", "dd3")]
+    runner.release()
+    runner.release()
+    paths = [succeeded(d) for d in done]
+    assert {os.path.dirname(p) for p in paths} == {"blobs/bb"}
+    assert [os.path.basename(p).split("-")[0] for p in paths] == ["bb1", "cc2", "dd3"]
 
 
 def test_batches_are_capped_and_run_side_by_side(tmp_path: Path) -> None:
     """Up to ``max_in_flight`` batches at once, each of at most ``max_batch`` bodies."""
     runner = HeldRunner()
-    batcher = BlobBatcher(runner, Failpoints(), max_batch=2, max_in_flight=2)
-    done = [batcher.write(str(tmp_path / str(n)), b"x") for n in range(5)]
+    batcher, layout = batcher_in(tmp_path, runner, max_batch=2, max_in_flight=2)
+    done = [batcher.write(f"id{n}", b"x") for n in range(5)]
     assert [len(call[1][0]) for call in runner.calls] == [1, 1]
     runner.release(1)
     assert [len(call[1][0]) for call in runner.calls] == [1, 2]
@@ -116,21 +146,23 @@ def test_batches_are_capped_and_run_side_by_side(tmp_path: Path) -> None:
     assert [len(call[1][0]) for call in runner.calls] == [2, 1]
     while runner.calls:
         runner.release()
-    assert [succeeded(d) for d in done] == [None] * 5
-    assert len(os.listdir(tmp_path)) == 5
+    assert len({succeeded(d) for d in done}) == 5
+    assert len(blobs(layout)) == 5
 
 
 def test_a_failed_batch_fails_each_of_its_writes(tmp_path: Path) -> None:
     """A fault fails every write of its batch, leaves no file, and the next batch runs."""
     runner = HeldRunner()
-    batcher = BlobBatcher(runner, Failpoints([("before_fsync", "error")]), max_in_flight=1)
-    done = [batcher.write(str(tmp_path / str(n)), b"x") for n in range(3)]
+    batcher, layout = batcher_in(
+        tmp_path, runner, failpoints=Failpoints([("before_fsync", "error")]), max_in_flight=1
+    )
+    done = [batcher.write(f"id{n}", b"x") for n in range(3)]
     runner.release()  # [0]
     runner.release()  # [1, 2], queued meanwhile
     for d in done:
         failures: list[Failure] = []
         d.addErrback(failures.append)
         assert failures and failures[0].check(StorageFault)
-    assert os.listdir(tmp_path) == []
-    batcher.write(str(tmp_path / "later"), b"y")  # the batcher is free for the next write
+    assert blobs(layout) == []
+    batcher.write("later", b"y")  # the batcher is free for the next write
     assert len(runner.calls) == 1
