@@ -13,7 +13,6 @@ from twisted.python.failure import Failure
 
 from kura.domain.errors import StorageFault
 from kura.domain.failpoints import Failpoints
-from kura.storage import batch
 from kura.storage.batch import BlobBatcher, write_batch
 from kura.storage.layout import Layout
 from kura.testing import succeeded
@@ -49,7 +48,7 @@ def test_a_batch_writes_every_body_in_place(tmp_path: Path) -> None:
 def test_every_file_and_each_directory_once_is_fsynced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Three files in two directories: three file fsyncs, then two directory fsyncs."""
+    """Three files in two directories: five fsyncs, one per file and one per directory."""
     synced: list[str] = []
     real_fsync = os.fsync
 
@@ -57,15 +56,52 @@ def test_every_file_and_each_directory_once_is_fsynced(
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
-    monkeypatch.setattr(batch.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     for sub in ("ab", "cd"):
         (tmp_path / sub).mkdir()
     items = [
         (str(tmp_path / sub / name), b"b") for sub, name in [("ab", "1"), ("ab", "2"), ("cd", "3")]
     ]
     write_batch(items, Failpoints())
-    assert synced[:3] == [path for path, _ in items]
-    assert sorted(synced[3:]) == [str(tmp_path / "ab"), str(tmp_path / "cd")]
+    expected = [path for path, _ in items] + [str(tmp_path / "ab"), str(tmp_path / "cd")]
+    assert sorted(synced) == sorted(expected)
+
+
+def failing_fsync_of(monkeypatch: pytest.MonkeyPatch, doomed: str) -> None:
+    """Make fsync fail with EIO for the file or directory at ``doomed``."""
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == doomed:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_failed_file_fsync_fails_that_body_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    items = [(str(tmp_path / name), b"x") for name in ("a", "b", "c")]
+    failing_fsync_of(monkeypatch, items[1][0])
+    errors = write_batch(items, Failpoints())
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], OSError) and errors[1].errno == errno.EIO
+    assert sorted(os.listdir(tmp_path)) == ["a", "c"]
+
+
+def test_a_failed_directory_fsync_fails_every_body_in_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for sub in ("ab", "cd"):
+        (tmp_path / sub).mkdir()
+    items = [(str(tmp_path / "ab" / "1"), b"x"), (str(tmp_path / "cd" / "2"), b"y")]
+    failing_fsync_of(monkeypatch, str(tmp_path / "cd"))
+    errors = write_batch(items, Failpoints())
+    assert errors[0] is None
+    assert isinstance(errors[1], OSError) and errors[1].errno == errno.EIO
+    assert os.listdir(tmp_path / "ab") == ["1"]
+    assert os.listdir(tmp_path / "cd") == []
 
 
 def test_one_failing_body_leaves_the_others_and_what_was_there(tmp_path: Path) -> None:
