@@ -12,6 +12,9 @@ Variants (4 KiB bodies unless ``--size``; each runs ``--seconds``):
 * ``batch of B, one thread``: B files written in place, then each fsynced,
   then each distinct directory fsynced once (what one storage-thread
   hop per publish batch costs);
+* ``batch of B, fsyncs side by side``: the same, every fsync of a batch
+  issued at once from a pool of threads (optionally all B files in one shard
+  directory): what kura's small-body batches do (``kura/storage/batch.py``);
 * ``batch of B, N threads``: the same with N threads;
 * ``SQLite WAL, B per commit``: 4 KiB blobs inserted into a WAL database
   with ``synchronous=FULL``, one commit per B rows.
@@ -33,10 +36,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 KiB = 1024
 SHARDS = 256
+_POOL = ThreadPoolExecutor(16)
 
 
 @dataclass(frozen=True)
@@ -115,11 +120,26 @@ def file_rename(directory: str, threads: int, seconds: float, size: int) -> Rate
         writes, elapsed = _run_threads(threads, seconds, step)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return Rate(f"file+rename+dir fsync, {threads} threads", writes, elapsed)
+    label = "thread" if threads == 1 else "threads"
+    return Rate(f"file+rename+dir fsync, {threads} {label}", writes, elapsed)
 
 
-def batched(directory: str, threads: int, batch: int, seconds: float, size: int) -> Rate:
-    """``batch`` files written in place, each fsynced, then each directory fsynced once."""
+def batched(
+    directory: str,
+    threads: int,
+    batch: int,
+    seconds: float,
+    size: int,
+    *,
+    side_by_side: bool = False,
+    one_directory: bool = False,
+) -> Rate:
+    """``batch`` files written in place, each fsynced, then each directory fsynced once.
+
+    ``side_by_side``: every fsync of a batch (files and directories) is issued
+    at once from a pool of threads, as kura's batches do. ``one_directory``:
+    the batch's files share one shard directory, as kura's batches do.
+    """
     root = tempfile.mkdtemp(prefix="disk-rate-", dir=directory)
     try:
         _, shards = _prepare(root)
@@ -131,8 +151,9 @@ def batched(directory: str, threads: int, batch: int, seconds: float, size: int)
             # others find nothing left to do.
             touched = set()
             fds = []
+            first = shards[secrets.randbelow(SHARDS)]
             for _ in range(batch):
-                shard = shards[secrets.randbelow(SHARDS)]
+                shard = first if one_directory else shards[secrets.randbelow(SHARDS)]
                 fd = os.open(
                     os.path.join(shard, secrets.token_hex(8)),
                     os.O_WRONLY | os.O_CREAT | os.O_EXCL,
@@ -141,6 +162,12 @@ def batched(directory: str, threads: int, batch: int, seconds: float, size: int)
                 fds.append(fd)
                 os.write(fd, body)
                 touched.add(shard)
+            if side_by_side:
+                directories = [os.open(d, os.O_RDONLY | os.O_DIRECTORY) for d in touched]
+                list(_POOL.map(os.fsync, fds + directories))
+                for fd in fds + directories:
+                    os.close(fd)
+                return batch
             for fd in fds:
                 os.fsync(fd)
                 os.close(fd)
@@ -152,7 +179,9 @@ def batched(directory: str, threads: int, batch: int, seconds: float, size: int)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     label = "thread" if threads == 1 else "threads"
-    return Rate(f"batch of {batch} files, {threads} {label}", writes, elapsed)
+    how = ", one dir" if one_directory else ""
+    how += ", fsyncs side by side" if side_by_side else ", fsyncs in turn"
+    return Rate(f"batch of {batch} files{how}, {threads} {label}", writes, elapsed)
 
 
 def sqlite_batch(directory: str, batch: int, seconds: float, size: int) -> Rate:
@@ -183,7 +212,7 @@ def sqlite_batch(directory: str, batch: int, seconds: float, size: int) -> Rate:
 
 
 def reference(directory: str, seconds: float = 2.0, size: int = 4 * KiB) -> Rate:
-    """The PUT rows' reference: :func:`file_rename` with 8 threads."""
+    """write + fsync + rename + directory fsync on 8 threads (:func:`file_rename`)."""
     return file_rename(directory, 8, seconds, size)
 
 
@@ -193,6 +222,9 @@ def all_variants(directory: str, seconds: float, size: int, threads: int) -> lis
         file_rename(directory, threads, seconds, size),
         batched(directory, 1, 8, seconds, size),
         batched(directory, 1, 32, seconds, size),
+        batched(directory, 1, 8, seconds, size, side_by_side=True),
+        batched(directory, 1, 8, seconds, size, side_by_side=True, one_directory=True),
+        batched(directory, 2, 8, seconds, size, side_by_side=True, one_directory=True),
         batched(directory, threads, 8, seconds, size),
         sqlite_batch(directory, 8, seconds, size),
         sqlite_batch(directory, 64, seconds, size),
@@ -208,7 +240,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     print(f"durable {args.size}-byte writes in {args.dir}, {args.seconds:g} s per variant")
     for rate in all_variants(args.dir, args.seconds, args.size, args.threads):
-        print(f"  {rate.label:<40} {rate.per_second:>10,.0f} writes/s", flush=True)
+        print(f"  {rate.label:<58} {rate.per_second:>10,.0f} writes/s", flush=True)
     return 0
 
 
