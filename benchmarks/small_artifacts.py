@@ -226,8 +226,8 @@ def report(
         rows,
     )
     reference = (
-        f"disk reference = {disk_rate.reference.__doc__.splitlines()[0]} "
-        f"(benchmarks/disk_rate.py), measured before each repetition's node starts, in the "
+        "disk reference = 4 KiB write + fsync + rename + directory fsync on 8 threads "
+        "(benchmarks/disk_rate.py), measured before each repetition's node starts, in the "
         f"filesystem of its data directory: {common.fmt_spread(list(disk.values()))} writes/s; "
         f"{common.TIMES} disk reference = the row's requests/s over its repetition's reference."
         if disk
