@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import _common as common
+import disk_rate
 
 BODY_SIZE = 4 * common.KiB
 
@@ -56,6 +57,8 @@ OPERATIONS = [
     Operation("Xcode CAS GET", "GET", "/api/cache/cas/"),
     Operation("Gradle GET", "GET", "/api/cache/gradle/"),
 ]
+#: The samples of the disk reference (``disk_rate.reference``) carry this operation.
+DISK_REFERENCE = "disk reference"
 _WRITE_METHOD = {"/api/cache/cas/": "POST", "/api/cache/gradle/": "PUT"}
 
 
@@ -75,8 +78,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--warmup", type=int, default=1, help="unmeasured seconds per operation per node (1)"
     )
+    parser.add_argument(
+        "--operations",
+        choices=["all", "writes", "reads"],
+        default="all",
+        help="which rows to measure (all); 'writes' skips the GET pre-upload",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     return parser.parse_args(argv)
+
+
+def selected(args: argparse.Namespace) -> list[Operation]:
+    """The operations ``--operations`` asks for, in table order."""
+    if args.operations == "all":
+        return OPERATIONS
+    writes = args.operations == "writes"
+    return [op for op in OPERATIONS if op.is_write == writes]
 
 
 def populate(port: int, body: bytes, keys: int, nonce: str) -> dict[str, list[str]]:
@@ -109,16 +126,29 @@ def run(args: argparse.Namespace, machine: list[str]) -> tuple[str, list[dict[st
         with open(body_path, "wb") as handle:
             handle.write(body)
         for rep in range(args.repeat):
+            if any(op.is_write for op in selected(args)):
+                # The disk reference of this repetition, in the filesystem
+                # the node's data directory is on, just before its PUT cells.
+                disk = disk_rate.reference(work)
+                samples.append(
+                    {"operation": DISK_REFERENCE, "repetition": rep, "rps": disk.per_second}
+                )
+                print(f"  rep {rep} disk reference ({disk.label}) {disk.per_second:>9,.0f}/s")
             server = common.KuraServer(f"rep{rep}", work, environ)
             with common.running(server):
                 url = f"http://127.0.0.1:{server.port}/"
-                get_paths = populate(server.port, body, args.keys, secrets.token_hex(4))
+                operations = selected(args)
+                get_paths = (
+                    populate(server.port, body, args.keys, secrets.token_hex(4))
+                    if any(not op.is_write for op in operations)
+                    else {}
+                )
                 if args.warmup > 0:
-                    for op in OPERATIONS:
+                    for op in operations:
                         script = script_for(op, work, f"warm{rep}", body_path, get_paths)
                         common.run_wrk(url, 8, args.warmup, script, server.pid)
                 for concurrency in args.concurrency:
-                    for op in OPERATIONS:
+                    for op in operations:
                         tag = f"r{rep}c{concurrency}"
                         script = script_for(op, work, tag, body_path, get_paths)
                         before = common.serving_paths(server.port)
@@ -152,6 +182,8 @@ def report(
     samples: list[dict[str, Any]],
     machine: list[str],
 ) -> str:
+    disk = {s["repetition"]: s["rps"] for s in samples if s["operation"] == DISK_REFERENCE}
+    samples = [s for s in samples if s["operation"] != DISK_REFERENCE]
     rows = []
     for op in OPERATIONS:
         for concurrency in args.concurrency:
@@ -161,6 +193,7 @@ def report(
             if not cell:
                 continue
             cpu_us = [s["server_cpu_s"] * 1e6 / s["requests"] for s in cell if s["requests"]]
+            ratios = [s["rps"] / disk[s["repetition"]] for s in cell if disk.get(s["repetition"])]
             rows.append(
                 [
                     op.label,
@@ -174,6 +207,7 @@ def report(
                     common.fmt_paths(s["serving_paths"] for s in cell)
                     if not op.is_write
                     else "n/a",
+                    common.fmt_spread(ratios, _fmt_ratio) if op.is_write and ratios else "n/a",
                 ]
             )
     table = common.markdown_table(
@@ -187,8 +221,17 @@ def report(
             "server CPU µs/request",
             "other CPU %",
             "GETs served by",
+            f"{common.TIMES} disk reference",
         ],
         rows,
+    )
+    reference = (
+        "disk reference = 4 KiB write + fsync + rename + directory fsync on 8 threads "
+        "(benchmarks/disk_rate.py), measured before each repetition's node starts, in the "
+        f"filesystem of its data directory: {common.fmt_spread(list(disk.values()))} writes/s; "
+        f"{common.TIMES} disk reference = the row's requests/s over its repetition's reference."
+        if disk
+        else ""
     )
     lines = [
         "## Small artifacts (4 KiB), one kura node",
@@ -202,6 +245,7 @@ def report(
         "",
         table,
         "",
+        *([reference, ""] if reference else []),
         "Command:",
         "",
         "    " + common.command_line(sys.argv, environ),
@@ -213,6 +257,10 @@ def report(
         "",
     ]
     return "\n".join(lines)
+
+
+def _fmt_ratio(value: float) -> str:
+    return f"{value:.2f}"
 
 
 def main(argv: list[str]) -> int:
@@ -228,7 +276,7 @@ def main(argv: list[str]) -> int:
     print()
     print(text)
     print(f"saved {os.path.relpath(md)} and {os.path.relpath(raw)}")
-    errors = sum(s["error_count"] for s in samples)
+    errors = sum(s.get("error_count", 0) for s in samples)
     return 1 if errors else 0
 
 

@@ -115,6 +115,7 @@ class KuraNode(MultiService):
             capacity_bytes=config.cas_capacity_bytes,
             tmp_budget=TmpBudget(config.tmp_dir_max_bytes),
             manifest_cache_bytes=config.manifest_cache_max_bytes,
+            memory_body_bytes=config.memory_body_max_bytes,
             failpoints=failpoints,
             max_unfinished_uploads=config.multipart_max_unfinished,
             replication_targets=self.peers.membership,

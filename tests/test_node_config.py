@@ -116,6 +116,7 @@ def _every_variable(pem: dict[str, str]) -> dict[str, tuple[str, Callable[[KuraC
         "KURA_CAS_CAPACITY_BYTES": ("12345", lambda c: c.cas_capacity_bytes, 12345),
         "KURA_MAX_KEYVALUE_BYTES": ("2048", lambda c: c.max_keyvalue_bytes, 2048),
         "KURA_MANIFEST_CACHE_MAX_BYTES": ("777", lambda c: c.manifest_cache_max_bytes, 777),
+        "KURA_MEMORY_BODY_MAX_BYTES": ("4096", lambda c: c.memory_body_max_bytes, 4096),
         "KURA_STORAGE_THREADS": ("3", lambda c: c.storage_threads, 3),
         "KURA_MULTIPART_UPLOAD_TTL_MS": ("1000", lambda c: c.multipart_upload_ttl_ms, 1000),
         "KURA_MULTIPART_JANITOR_INTERVAL_MS": (
@@ -339,6 +340,7 @@ def test_config_error_names_every_bad_variable_at_once() -> None:
         ({"KURA_PORT": "-1"}, "KURA_PORT"),
         ({"KURA_PORT": "7443"}, "KURA_INTERNAL_PORT"),
         ({"KURA_TMP_DIR_MAX_BYTES": "0"}, "KURA_TMP_DIR_MAX_BYTES"),
+        ({"KURA_MEMORY_BODY_MAX_BYTES": str(256 * 1024 + 1)}, "KURA_MEMORY_BODY_MAX_BYTES"),
         ({"KURA_MEMORY_SOFT_LIMIT_BYTES": "0"}, "KURA_MEMORY_SOFT_LIMIT_BYTES"),
         ({"KURA_CAS_CAPACITY_BYTES": "lots"}, "KURA_CAS_CAPACITY_BYTES"),
         ({"KURA_STORAGE_THREADS": "1000"}, "KURA_STORAGE_THREADS"),

@@ -125,6 +125,11 @@ def test_second_process_on_the_same_data_dir_exits_naming_the_lock(
 
 
 @pytest.mark.parametrize(
+    "kept",
+    [b"k", b"s" * (256 * 1024)],
+    ids=["in-memory-batched", "staged"],
+)
+@pytest.mark.parametrize(
     ("point", "survives"),
     [
         ("before_fsync", False),
@@ -132,13 +137,17 @@ def test_second_process_on_the_same_data_dir_exits_naming_the_lock(
         ("after_metadata_commit_before_ack", True),
     ],
 )
-def test_crash_at_each_publish_step(data_dir: str, point: str, survives: bool) -> None:
-    """Killed at a publish step, a restarted node has the whole artifact or none of it."""
+def test_crash_at_each_publish_step(data_dir: str, point: str, survives: bool, kept: bytes) -> None:
+    """Killed at a publish step, a restarted node has the whole artifact or none of it.
+
+    Both publish paths: a small body written in place in a batch, and a
+    large one staged, then renamed.
+    """
     body = os.urandom(64 * 1024)
     crashing = RealNode(data_dir, KURA_FAILPOINTS=f"{point}:exit").start()
     try:
         call = Http(crashing)
-        assert call("POST", "/api/cache/cas/kept?tenant_id=default", b"k")[0] != 204
+        assert call("POST", "/api/cache/cas/kept?tenant_id=default", kept)[0] != 204
     except (http.client.HTTPException, ConnectionError):
         pass  # the process died under the request
     finally:
@@ -148,7 +157,7 @@ def test_crash_at_each_publish_step(data_dir: str, point: str, survives: bool) -
         call = Http(restarted)
         status, _, got = call("GET", "/api/cache/cas/kept?tenant_id=default")
         if survives:
-            assert (status, got) == (200, b"k")
+            assert (status, got) == (200, kept)
             assert len(files_under(os.path.join(data_dir, "blobs"))) == 1
         else:
             assert status == 404

@@ -126,6 +126,14 @@ MANIFEST_CACHE_MAX_BYTES = _var(
     32 * MiB,
     "Approximate memory for the in-process manifest cache in front of SQLite.",
 )
+MEMORY_BODY_MAX_BYTES = _var(
+    _STORAGE,
+    "KURA_MEMORY_BODY_MAX_BYTES",
+    64 * KiB,
+    "Artifact bodies whose declared Content-Length is at most this are received in memory "
+    "and written into place in batches that share their fsyncs (counted against the "
+    "staging budget like staged bodies); 0 stages every body. At most 256 KiB.",
+)
 STORAGE_THREADS = _var(
     _STORAGE,
     "KURA_STORAGE_THREADS",
@@ -553,6 +561,7 @@ class KuraConfig:
     cas_capacity_bytes: int = 0
     max_keyvalue_bytes: int = MAX_KEYVALUE_BYTES.default
     manifest_cache_max_bytes: int = MANIFEST_CACHE_MAX_BYTES.default
+    memory_body_max_bytes: int = MEMORY_BODY_MAX_BYTES.default
     storage_threads: int = STORAGE_THREADS.default
     multipart_upload_ttl_ms: int = MULTIPART_UPLOAD_TTL_MS.default
     multipart_janitor_interval_ms: int = MULTIPART_JANITOR_INTERVAL_MS.default
@@ -658,6 +667,7 @@ class KuraConfig:
             cas_capacity_bytes=0,
             max_keyvalue_bytes=read.integer(MAX_KEYVALUE_BYTES, minimum=1),
             manifest_cache_max_bytes=read.integer(MANIFEST_CACHE_MAX_BYTES),
+            memory_body_max_bytes=read.integer(MEMORY_BODY_MAX_BYTES, maximum=256 * KiB),
             storage_threads=read.integer(STORAGE_THREADS, minimum=1, maximum=256),
             multipart_upload_ttl_ms=read.integer(MULTIPART_UPLOAD_TTL_MS, minimum=1),
             multipart_janitor_interval_ms=read.integer(MULTIPART_JANITOR_INTERVAL_MS, minimum=1),

@@ -251,7 +251,11 @@ class Receiver:
         }
         if message.inline:
             try:
-                value = await self._runner.run(_read_file, staged.path)
+                value = (
+                    staged.data
+                    if staged.data is not None
+                    else await self._runner.run(_read_file, staged.path)
+                )
             finally:
                 await self._store.discard(staged)
             work = Deferred.fromCoroutine(self._store.put_inline(address, value, **options))

@@ -5,6 +5,8 @@
     <data>/kura.sqlite3           metadata (WAL mode)
     <data>/.kura.writer.lock      single-writer lock
     <data>/blobs/ab/<id>-<rand>   artifact bodies, named from the artifact id
+                                  (``ab``: its first two characters, or for a
+                                  batch of small bodies the first body's)
     <tmp>/uploads/<uuid>          bodies being received (wiped at start-up)
     <tmp>/parts/<upload>/<n>      acknowledged multipart parts (kept)
 
@@ -16,6 +18,7 @@ in-flight download of the old version intact.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -31,6 +34,22 @@ def fsync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_directory_durably(directory: str) -> None:
+    """Create ``directory`` (and missing parents) so its entry survives power loss.
+
+    A file renamed or created in a directory that was made moments before is
+    only durable once the new directory's own entry is: fsync each parent
+    that gained one (the file's directory itself is fsynced by the caller).
+    """
+    if os.path.isdir(directory):
+        return
+    parent = os.path.dirname(directory)
+    make_directory_durably(parent)
+    with contextlib.suppress(FileExistsError):  # a concurrent publish made it
+        os.mkdir(directory)
+    fsync_directory(parent)
 
 
 @attrs.frozen
@@ -72,9 +91,16 @@ class Layout:
     def new_upload_path(self) -> str:
         return os.path.join(self.uploads, uuid.uuid4().hex)
 
-    def new_blob_path(self, artifact_id: str) -> str:
-        """A fresh relative blob path for ``artifact_id`` (see module docstring)."""
-        return os.path.join("blobs", artifact_id[:2], f"{artifact_id}-{secrets.token_hex(6)}")
+    def new_blob_path(self, artifact_id: str, shard: str | None = None) -> str:
+        """A fresh relative blob path for ``artifact_id`` (see module docstring).
+
+        The shard directory is the id's first two characters unless ``shard``
+        names another: a batch of small bodies shares one directory, so one
+        directory fsync covers it. Readers never derive the path from the
+        id; they read it from the manifest.
+        """
+        directory = artifact_id[:2] if shard is None else shard
+        return os.path.join("blobs", directory, f"{artifact_id}-{secrets.token_hex(6)}")
 
     def absolute(self, relative: str) -> str:
         return os.path.join(self.data_dir, relative)

@@ -35,10 +35,24 @@ from typing import Any, TypeVar
 import attrs
 
 from kura.domain.artifacts import Manifest
+from kura.domain.errors import StorageFault
 
 T = TypeVar("T")
 
+#: The schema this release writes (``PRAGMA user_version``). A store written
+#: by an older release is migrated in place at open (:data:`MIGRATIONS`); a
+#: newer one is refused.
 SCHEMA_VERSION = 1
+
+#: ``{version: step}``: each step takes a store from ``version`` to
+#: ``version + 1`` inside the open's transaction. Version 0 is a database
+#: without kura's tables (a new store), which the schema script creates.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+
+
+class SchemaVersionError(StorageFault):
+    """The metadata store was written by a newer release: the node must not start."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS manifests (
@@ -189,14 +203,24 @@ class MetadataStore:
         return conn
 
     def open(self) -> None:
-        """Open (creating if needed) the database and set its durability mode."""
+        """Open (creating if needed) the database and set its durability mode.
+
+        A store written by an older release is migrated in place first.
+
+        Raises:
+            SchemaVersionError: the store's schema version is newer than
+                :data:`SCHEMA_VERSION` (written by a newer release).
+        """
         writer = self._connect()
         writer.execute("PRAGMA journal_mode = WAL")
         # FULL: every commit fsyncs the WAL, so an acknowledged write survives
         # power loss, not only a process kill.
         writer.execute("PRAGMA synchronous = FULL")
-        writer.executescript(_SCHEMA)
-        writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        try:
+            _bring_to_current_schema(writer)
+        except BaseException:
+            writer.close()
+            raise
         self._writer = writer
         self.used_bytes = (
             self._reader()
@@ -620,6 +644,33 @@ class MetadataStore:
 
     def delete_outbox(self, conn: sqlite3.Connection, seqs: Sequence[int]) -> int:
         return conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs]).rowcount
+
+
+def _bring_to_current_schema(conn: sqlite3.Connection) -> None:
+    """Create, migrate or refuse, by the store's ``user_version``, in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if found > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"metadata schema version {found} is newer than this release supports "
+                f"({SCHEMA_VERSION}): the data directory was written by a newer kura; "
+                "run that release (or a newer one) on it"
+            )
+        if found == 0:
+            # A new store: statements in the script are all IF NOT EXISTS.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        else:
+            for version in range(found, SCHEMA_VERSION):
+                MIGRATIONS[version](conn)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _enqueue(

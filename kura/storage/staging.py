@@ -12,6 +12,15 @@ budget and then trickles a byte now and then holds one step, not the budget
 (every other upload would be refused until it disconnected). A declared
 length is still checked against the budget's free space when the file is
 created, so an upload that cannot fit is refused before its first byte.
+
+A body whose declared length is at most ``KURA_MEMORY_BODY_MAX_BYTES``
+(``in_memory``) is kept in memory instead: no staging file, no thread hop
+per chunk, and :meth:`StagingFile.finish` returns its bytes
+(:attr:`StagedBody.data`) for the store to write in place, in a batch
+(:mod:`kura.storage.batch`). It is counted against the staging budget
+exactly like a staged body (the budget caps the bytes of bodies in flight,
+wherever they wait), and it is smaller than :data:`FLUSH_AT`, which a staged
+body may hold in memory before its first write anyway.
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ FLUSH_AT = 256 * 1024
 #: Buffered bytes at which the producer (transport) is paused, and resumed below.
 HIGH_WATER = 4 * 1024 * 1024
 LOW_WATER = 1024 * 1024
+#: Default largest declared length received in memory (``KURA_MEMORY_BODY_MAX_BYTES``).
+MEMORY_BODY_MAX_BYTES = 64 * 1024
 #: Bodies reserve staging budget in steps of this size as their bytes arrive
 #: (a declared length caps the last step).
 RESERVATION_STEP = 1024 * 1024
@@ -98,12 +109,18 @@ def translate_os_error(error: OSError) -> Exception:
 
 @attrs.frozen
 class StagedBody:
-    """A complete, durable (fsynced and closed) staged body."""
+    """A complete body: durable (fsynced and closed) at ``path``, or ``data`` in memory.
+
+    Attributes:
+        data: the bytes of a body received in memory (then ``path`` was
+            never created and nothing is durable yet), else ``None``.
+    """
 
     path: str
     size: int
     sha256: str | None
     reserved: int
+    data: bytes | None = None
 
 
 class _Writer:
@@ -158,6 +175,9 @@ class StagingFile:
             :data:`RESERVATION_STEP` steps as they arrive, the last step
             capped at this length.
         hashed: compute the SHA-256 of the body while writing.
+        in_memory: keep the body in memory (a small declared length; see
+            the module docstring). A body that outgrows ``expected_length``
+            goes to the file after all.
         on_pressure: called with ``True`` to ask the body's producer to pause
             and ``False`` to resume.
 
@@ -176,6 +196,7 @@ class StagingFile:
         limit: int,
         expected_length: int | None = None,
         hashed: bool = False,
+        in_memory: bool = False,
         on_pressure: Callable[[bool], None] | None = None,
     ) -> None:
         if expected_length is not None and expected_length > limit:
@@ -188,6 +209,8 @@ class StagingFile:
         self._limit = limit
         self._expected = expected_length
         self._writer = _Writer(path, hashed)
+        self._hashed = hashed
+        self._in_memory = in_memory and expected_length is not None
         self._on_pressure = on_pressure
         self._buffer: list[bytes] = []
         self._buffered = 0
@@ -231,6 +254,11 @@ class StagingFile:
         self._reserve_received()
         self._buffer.append(data)
         self._buffered += len(data)
+        if self._in_memory:
+            assert self._expected is not None
+            if self.received <= self._expected:
+                return
+            self._in_memory = False  # more than declared: the file takes it all
         if self._buffered >= FLUSH_AT:
             self._flush()
         if self._buffered > HIGH_WATER and not self._paused:
@@ -274,6 +302,8 @@ class StagingFile:
         When this fails, the staged file is removed and its reservation
         released (nobody else would: the caller never got the file).
         """
+        if self._in_memory:
+            return self._finish_in_memory()
         try:
             while self._inflight is not None:
                 await self._inflight
@@ -289,6 +319,12 @@ class StagingFile:
         self._closed = True
         return StagedBody(self.path, self.received, digest, self.reserved)
 
+    def _finish_in_memory(self) -> StagedBody:
+        data = self._take()
+        digest = hashlib.sha256(data).hexdigest() if self._hashed else None
+        self._closed = True
+        return StagedBody(self.path, len(data), digest, self.reserved, data)
+
     def abort(self) -> Deferred[None]:
         """Throw the body away: remove the file and release the reservation."""
         if self._closed:
@@ -301,6 +337,8 @@ class StagingFile:
         def discard(_: object) -> Deferred[None]:
             self._budget.release(self.reserved)
             self.reserved = 0
+            if self._in_memory:
+                return succeed(None)  # no file was ever created
             return self._runner.run(self._writer.discard)
 
         return pending.addBoth(discard)

@@ -6,6 +6,10 @@ point leaves either nothing or the whole artifact:
 1. the body is streamed into a staging file and fsynced (:mod:`.staging`);
 2. it is renamed into ``blobs/`` under a fresh name derived from the id,
    and the directory is fsynced;
+
+   (a body small enough to be received in memory replaces steps 1-2 by one
+   batched write in place: :mod:`.batch`, many bodies per thread hop, each
+   file and each directory fsynced before the commit)
 3. one metadata transaction records the manifest, evicts what capacity
    demands and queues one outbox row per replication target (group
    commit: concurrent publishes share one WAL fsync);
@@ -41,10 +45,12 @@ from kura.domain.errors import InsufficientStorage, KuraError, StorageFault, Too
 from kura.domain.failpoints import (
     AFTER_BYTES_DURABLE_BEFORE_METADATA,
     AFTER_METADATA_COMMIT_BEFORE_ACK,
+    BEFORE_FSYNC,
     Failpoints,
 )
+from kura.storage.batch import BlobBatcher
 from kura.storage.interfaces import IArtifactStore, IBlockingRunner, IReplicationTargets
-from kura.storage.layout import Layout, fsync_directory
+from kura.storage.layout import Layout, fsync_directory, make_directory_durably
 from kura.storage.metadata import (
     ApplyResult,
     MetadataStore,
@@ -53,7 +59,13 @@ from kura.storage.metadata import (
     Upload,
     WritePolicy,
 )
-from kura.storage.staging import StagedBody, StagingFile, TmpBudget, translate_os_error
+from kura.storage.staging import (
+    MEMORY_BODY_MAX_BYTES,
+    StagedBody,
+    StagingFile,
+    TmpBudget,
+    translate_os_error,
+)
 
 T = TypeVar("T")
 
@@ -164,6 +176,9 @@ class ArtifactStore:
         on_evicted: called with ``(producer, size)`` for every artifact
             evicted to make room (metrics).
         on_damaged: called for every artifact forgotten as damaged (a metric).
+        memory_body_bytes: bodies with a declared length up to this are
+            received in memory and written in batches
+            (``KURA_MEMORY_BODY_MAX_BYTES``; 0 stages every body).
 
     Commit listeners (:meth:`add_commit_listener`) hear of every metadata
     commit.
@@ -184,8 +199,10 @@ class ArtifactStore:
         replication_targets: IReplicationTargets = NO_TARGETS,
         on_evicted: Callable[[str, int], None] = lambda producer, size: None,
         on_damaged: Callable[[], None] = lambda: None,
+        memory_body_bytes: int = MEMORY_BODY_MAX_BYTES,
     ) -> None:
         self.layout = layout
+        self.memory_body_bytes = memory_body_bytes
         self.node_tenant = node_tenant
         self.capacity_bytes = capacity_bytes
         self.tmp_budget = tmp_budget
@@ -201,6 +218,7 @@ class ArtifactStore:
         self._runner = runner
         self._clock = clock
         self._failpoints = failpoints or Failpoints()
+        self._blobs = BlobBatcher(layout, runner, self._failpoints)
         self._cache = ManifestCache(manifest_cache_bytes)
         self._queue: list[_Pending] = []
         self._committing = False
@@ -464,7 +482,10 @@ class ArtifactStore:
         hashed: bool = False,
         on_pressure: Callable[[bool], None] | None = None,
     ) -> StagingFile:
-        """Start receiving a body into staging (see :class:`StagingFile`)."""
+        """Start receiving a body into staging (see :class:`StagingFile`).
+
+        A declared length up to :attr:`memory_body_bytes` is received in memory.
+        """
         return StagingFile(
             path=self.layout.new_upload_path(),
             runner=self._runner,
@@ -473,13 +494,15 @@ class ArtifactStore:
             limit=limit,
             expected_length=expected_length,
             hashed=hashed,
+            in_memory=expected_length is not None and expected_length <= self.memory_body_bytes,
             on_pressure=on_pressure,
         )
 
     async def discard(self, staged: StagedBody) -> None:
         """Throw away a finished staged body that will not be published."""
         self.tmp_budget.release(staged.reserved)
-        await self._runner.run(_unlink_quietly, staged.path)
+        if staged.data is None:
+            await self._runner.run(_unlink_quietly, staged.path)
 
     async def publish_blob(
         self,
@@ -508,9 +531,12 @@ class ArtifactStore:
                 raise InsufficientStorage(
                     f"artifact of {staged.size} bytes exceeds the cache capacity"
                 )
-            relative = self.layout.new_blob_path(artifact_id)
             try:
-                await self._runner.run(self._place, staged.path, relative)
+                if staged.data is not None:
+                    relative = await self._blobs.write(artifact_id, staged.data)
+                else:
+                    relative = self.layout.new_blob_path(artifact_id)
+                    await self._runner.run(self._place, staged.path, relative)
             except OSError as error:
                 raise translate_os_error(error) from error
         except BaseException:
@@ -536,7 +562,7 @@ class ArtifactStore:
         """Move a durable staged file into ``blobs/`` and make the rename durable."""
         target = self.layout.absolute(relative)
         directory = os.path.dirname(target)
-        _make_directory_durably(directory)
+        make_directory_durably(directory)
         try:
             os.rename(staged_path, target)
         except OSError as error:
@@ -710,7 +736,10 @@ class ArtifactStore:
         """
         target = self.layout.part_path(upload_id, part_number)
         try:
-            await self._runner.run(_place_part, staged.path, target)
+            if staged.data is not None:
+                await self._runner.run(_write_part, staged.data, target, self._failpoints)
+            else:
+                await self._runner.run(_place_part, staged.path, target)
             replaced = await self._commit(
                 lambda conn: self.metadata.record_part(
                     conn, upload_id, part_number, staged.size, total_limit
@@ -869,26 +898,28 @@ def _copy_durably(source: str, target: str) -> None:
         os.fsync(dst.fileno())
 
 
-def _make_directory_durably(directory: str) -> None:
-    """Create ``directory`` (and missing parents) so its entry survives power loss.
-
-    A file renamed into a directory that was created moments before is only
-    durable once the new directory's own entry is: fsync each parent that
-    gained one (the rename's directory itself is fsynced by the caller).
-    """
-    if os.path.isdir(directory):
-        return
-    parent = os.path.dirname(directory)
-    _make_directory_durably(parent)
-    with contextlib.suppress(FileExistsError):  # a concurrent publish made it
-        os.mkdir(directory)
-    fsync_directory(parent)
-
-
 def _place_part(staged_path: str, target: str) -> None:
     directory = os.path.dirname(target)
-    _make_directory_durably(directory)
+    make_directory_durably(directory)
     os.replace(staged_path, target)
+    fsync_directory(directory)
+
+
+def _write_part(data: bytes, target: str, failpoints: Failpoints) -> None:
+    """A part received in memory: written, fsynced and renamed into place."""
+    directory = os.path.dirname(target)
+    make_directory_durably(directory)
+    staged = f"{target}.new"
+    try:
+        with open(staged, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            failpoints.hit(BEFORE_FSYNC)
+            os.fsync(handle.fileno())
+        os.replace(staged, target)
+    except BaseException:
+        _unlink_quietly(staged)
+        raise
     fsync_directory(directory)
 
 

@@ -18,11 +18,13 @@ def _race(nodes: Nodes, target: str) -> tuple[int, int, bytes]:
     """Two uploads of ``target`` admitted before either is stored; their statuses, what is kept."""
     runner = ControlledRunner()
     node = nodes.start(runner=runner)
-    runner.hold = lambda f: getattr(f, "__qualname__", "") == "_Writer.seal"
+    # Held where the body becomes durable: a small body's batch write (or a
+    # staged body's seal).
+    runner.hold = lambda f: getattr(f, "__qualname__", "") in ("write_batch", "_Writer.seal")
     first, second = Exchange(node), Exchange(node)
     _put(first, target, b"first")
     _put(second, target, b"second")
-    assert len(runner.held) == 2  # both bodies staged, neither published
+    assert len(runner.held) == 2  # both bodies received, neither published
     runner.hold = lambda f: False
     while runner.held:
         runner.release()

@@ -386,6 +386,58 @@ def test_publish_order_is_fsync_rename_dirsync_metadata_then_ack(tmp_path: Path)
     assert created < synced < renamed < dir_synced < wal_synced < acked
 
 
+def test_small_publish_order_is_write_fsync_dirsync_metadata_then_ack(tmp_path: Path) -> None:
+    """strace of a small PUT: created in blobs/, fsync(file) and fsync(dir) < WAL sync < 2xx.
+
+    No staging file and no rename: the file is written under its final name,
+    which nothing refers to before the metadata commit.
+    """
+    data_dir = str(tmp_path / "data")
+    node = RealNode(data_dir).start()
+    try:
+        trace = str(tmp_path / "small.strace")
+        syscalls = "openat,fsync,fdatasync,rename,renameat,renameat2,sendto,sendmsg,write,writev"
+        with Strace(node.process.pid, trace, syscalls, ("-y",)) as strace:
+            assert call(node, "PUT", GRADLE.format("small"), os.urandom(4096))[0] == 201
+        events = _events(strace.lines())
+    finally:
+        node.kill()
+    uploads = os.path.join(data_dir, "tmp", "uploads") + "/"
+    blobs = os.path.join(data_dir, "blobs") + "/"
+    assert not [a for _, n, a in events if n == "openat" and uploads in a and "O_CREAT" in a]
+    assert not [a for _, n, a in events if n.startswith("rename") and blobs in a]
+    created = _first(
+        events, -1, lambda n, a: n == "openat" and blobs in a and "O_CREAT" in a, "blob open"
+    )
+    target = _PATH_ARG.findall(events[[e[0] for e in events].index(created)][2])[0]
+    synced = _first(
+        events,
+        created,
+        lambda n, a: n in ("fsync", "fdatasync") and _fd_path(a) == target,
+        "fsync of the blob file",
+    )
+    # The batch issues the file's and the directory's fsyncs side by side.
+    dir_synced = _first(
+        events,
+        created,
+        lambda n, a: n == "fsync" and _fd_path(a) == os.path.dirname(target),
+        "fsync of the shard directory",
+    )
+    wal_synced = _first(
+        events,
+        max(synced, dir_synced),
+        lambda n, a: n in ("fsync", "fdatasync") and _fd_path(a).endswith("kura.sqlite3-wal"),
+        "metadata (WAL) sync",
+    )
+    acked = _first(
+        events,
+        wal_synced,
+        lambda n, a: n in ("sendto", "sendmsg", "write", "writev") and "HTTP/1.1 201" in a,
+        "the 201 on the socket",
+    )
+    assert created < min(synced, dir_synced) and max(synced, dir_synced) < wal_synced < acked
+
+
 # -- A5: junk in the data directory at start-up ----------------------------------------------
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
@@ -95,3 +97,72 @@ def test_running_out_mid_body_raises_and_abort_gives_everything_back(tmp_path: P
     assert not os.path.exists(tmp_path / "body")
     other.write(b"y" * (STEP - 1))
     succeeded(Deferred.fromCoroutine(other.finish()))
+
+
+def memory_staging(
+    tmp_path: Path, budget: TmpBudget, expected: int, runner: Any, *, hashed: bool = False
+) -> StagingFile:
+    return StagingFile(
+        path=str(tmp_path / "small"),
+        runner=runner,
+        budget=budget,
+        failpoints=Failpoints(),
+        limit=1 << 20,
+        expected_length=expected,
+        hashed=hashed,
+        in_memory=True,
+    )
+
+
+class CountingRunner(ImmediateRunner):
+    """Runs inline and counts the blocking calls (thread hops, in a node)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self, f: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        self.calls += 1
+        return super().run(f, *args, **kwargs)
+
+
+def test_a_small_body_is_kept_in_memory_with_its_budget(tmp_path: Path) -> None:
+    """An in-memory body: no file, no blocking call, its bytes reserved until published."""
+    budget = TmpBudget(8 * STEP)
+    runner = CountingRunner()
+    body = memory_staging(tmp_path, budget, 10, runner, hashed=True)
+    body.write(b"01234")
+    body.write(b"56789")
+    staged = succeeded(Deferred.fromCoroutine(body.finish()))
+    assert staged.data == b"0123456789"
+    assert staged.sha256 == hashlib.sha256(b"0123456789").hexdigest()
+    assert (staged.size, staged.reserved, budget.used) == (10, 10, 10)
+    assert runner.calls == 0
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_in_memory_body_is_still_refused_by_the_budget(tmp_path: Path) -> None:
+    """The budget counts bodies in memory too: a declared length that cannot fit is refused."""
+    with pytest.raises(TmpBudgetExhausted):
+        memory_staging(tmp_path, TmpBudget(5), 10, ImmediateRunner())
+
+
+def test_aborting_an_in_memory_body_releases_its_budget(tmp_path: Path) -> None:
+    budget = TmpBudget(8 * STEP)
+    runner = CountingRunner()
+    body = memory_staging(tmp_path, budget, 10, runner)
+    body.write(b"0123")
+    succeeded(body.abort())
+    assert (budget.used, runner.calls) == (0, 0)
+
+
+def test_a_body_longer_than_declared_goes_to_the_file(tmp_path: Path) -> None:
+    """More bytes than the declared length leave memory for the staging file, all of them."""
+    budget = TmpBudget(8 * STEP)
+    body = memory_staging(tmp_path, budget, 4, ImmediateRunner())
+    body.write(b"0123")
+    body.write(b"4567")
+    staged = succeeded(Deferred.fromCoroutine(body.finish()))
+    assert staged.data is None
+    with open(staged.path, "rb") as handle:
+        assert handle.read() == b"01234567"
+    assert staged.reserved == budget.used >= 8  # every byte is reserved, as for staged bodies

@@ -25,14 +25,26 @@ CAS = "/api/cache/cas/{id}?tenant_id=default"
 BEFORE_COMMIT = ["before_fsync", "after_bytes_durable_before_metadata"]
 AFTER_COMMIT = ["after_metadata_commit_before_ack"]
 
-#: A blob route per upload shape: Content-Length, chunked, multipart.
-UPLOADS = ["cas", "metro-chunked", "module"]
+#: A blob route per upload shape: Content-Length (small: in memory, batched;
+#: large: staged), chunked, multipart.
+UPLOADS = ["cas", "cas-large", "metro-chunked", "module"]
+#: Larger than KURA_MEMORY_BODY_MAX_BYTES: staged, then renamed.
+LARGE = 256 * 1024
+
+
+def sent(shape: str, body: bytes) -> bytes:
+    """The body ``upload`` sends for ``body`` (repeated past the in-memory limit for cas-large)."""
+    return body * (LARGE // len(body) + 1) if shape == "cas-large" else body
 
 
 def upload(node: KuraNode, shape: str, body: bytes) -> tuple[int, str]:
     """Upload ``body`` through ``shape``; return the final status and the GET target."""
     if shape == "cas":
         return request(node, "POST", CAS.format(id="c1"), body).status, CAS.format(id="c1")
+    if shape == "cas-large":
+        return request(node, "POST", CAS.format(id="c1"), sent(shape, body)).status, CAS.format(
+            id="c1"
+        )
     if shape == "metro-chunked":
         client = Exchange(node)
         client.send(
@@ -89,7 +101,7 @@ def test_failure_after_the_commit_keeps_the_whole_artifact(
     reopened = nodes.restart(node)
     response = request(reopened, "GET", target)
     assert response.status == 200
-    assert response.body == body
+    assert response.body == sent(shape, body)
     assert len(files_under(reopened.store.layout.blobs)) == 1
     assert files_under(reopened.store.layout.uploads) == []
 
@@ -294,3 +306,37 @@ def test_commit_writes_outbox_rows_in_the_same_transaction(tmp_path: Any) -> Non
     assert succeeded(Deferred.fromCoroutine(older)) is Outcome.IGNORED_OLDER
     assert len(succeeded(Deferred.fromCoroutine(store.outbox_batch(0, 10)))) == 5
     succeeded(Deferred.fromCoroutine(store.stop()))
+
+
+class RecordingRunner(ImmediateRunner):
+    """Runs inline and records the name of every blocking call."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def run(self, f: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        self.names.append(getattr(f, "__name__", repr(f)))
+        return super().run(f, *args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("size", "memory_limit", "in_memory"),
+    [(4096, "65536", True), (65536, "65536", True), (65537, "65536", False), (10, "0", False)],
+)
+def test_small_bodies_skip_staging_and_publish_in_one_batch_write(
+    nodes: Any, size: int, memory_limit: str, in_memory: bool
+) -> None:
+    """Up to KURA_MEMORY_BODY_MAX_BYTES: no staging file, one batch write, then the commit."""
+    runner = RecordingRunner()
+    node = nodes.start(runner=runner, KURA_MEMORY_BODY_MAX_BYTES=memory_limit)
+    body = os.urandom(size)
+    runner.names.clear()
+    assert request(node, "POST", CAS.format(id="small"), body).status == 204
+    assert ("write_batch" in runner.names) is in_memory
+    assert ("seal" in runner.names) is not in_memory
+    assert runner.names.count("commit") == 1
+    assert node.store.tmp_budget.used == 0
+    assert files_under(node.store.layout.uploads) == []
+    assert request(node, "GET", CAS.format(id="small")).body == body
+    reopened = nodes.restart(node)
+    assert request(reopened, "GET", CAS.format(id="small")).body == body

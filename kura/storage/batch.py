@@ -1,0 +1,246 @@
+"""Small bodies held in memory, written into ``blobs/`` in batches that share their fsyncs.
+
+A body small enough to be received in memory (``KURA_MEMORY_BODY_MAX_BYTES``)
+skips the staging directory: :class:`BlobBatcher` writes it straight to its
+final, never-before-used name in ``blobs/`` and makes it durable. Bodies that
+arrive while a batch is on the disk wait for the next one, so under load one
+storage-thread hop carries many bodies:
+
+1. every file of the batch is created (``O_EXCL``) in one shard directory
+   (the first body's) and written;
+2. ``before_fsync`` is hit, then every file and the directory are fsynced
+   *side by side* (:data:`FSYNC_THREADS`): fsyncs issued together wait on
+   one journal commit, while fsyncs issued one after the other each pay a
+   device cache flush of their own (ext4; measured in
+   ``benchmarks/disk_rate.py`` and by the batch time in the node);
+3. ``after_bytes_durable_before_metadata`` is hit.
+
+Only then do the publishes go on to their metadata transaction (the store's
+group commit), and only after that commit are they acknowledged. A file is
+invisible until its manifest commits, so a crash at any step leaves at most
+unreferenced files, which start-up removes as orphans; a body that fails is
+unlinked at once. Writing in place rather than staging and renaming is safe
+for the same reason: nobody looks a blob up by anything but its manifest.
+
+The batcher runs on the reactor thread; :func:`write_batch` is the blocking
+half and runs on a storage thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from kura.domain.failpoints import (
+    AFTER_BYTES_DURABLE_BEFORE_METADATA,
+    BEFORE_FSYNC,
+    Failpoints,
+)
+from kura.storage.interfaces import IBlockingRunner
+from kura.storage.layout import Layout, make_directory_durably
+
+#: Most bodies one batch carries (bounds the descriptors a batch holds open).
+MAX_BATCH = 64
+#: Threads that run one batch's fsyncs side by side (beside the storage thread).
+FSYNC_THREADS = 8
+#: Batches on the disk at once: one being fsynced while the next is written.
+#: (1, 2 and 4 batches of up to 64, and 8 "batches" of one, measured alike at
+#: c=8 within the noise of this machine: the CPU per request, not the disk,
+#: bounds the rate; see docs/benchmarks.md.)
+MAX_IN_FLIGHT = 2
+
+
+@attrs.define
+class _Queued:
+    artifact_id: str
+    data: bytes
+    done: Deferred[str]
+
+
+class BlobBatcher:
+    """Writes small bodies durably into their final paths, many per thread hop.
+
+    Every body of a batch goes into one shard directory (its first body's),
+    so the batch needs one directory fsync, not one per body.
+
+    Args:
+        layout: where blobs live.
+        runner: where the blocking batch runs.
+        failpoints: the publish crash points (hit once per batch).
+        max_batch: most bodies per batch.
+        max_in_flight: batches on the disk at once.
+    """
+
+    def __init__(
+        self,
+        layout: Layout,
+        runner: IBlockingRunner,
+        failpoints: Failpoints,
+        max_batch: int = MAX_BATCH,
+        max_in_flight: int = MAX_IN_FLIGHT,
+    ) -> None:
+        self._layout = layout
+        self._runner = runner
+        self._failpoints = failpoints
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._queue: list[_Queued] = []
+        self._in_flight = 0
+
+    def write(self, artifact_id: str, data: bytes) -> Deferred[str]:
+        """Make ``data`` durable as a new blob file of ``artifact_id``.
+
+        Fires with the file's path relative to the data directory once the
+        file and its directory entry are durable; fails with the ``OSError``
+        (or failpoint fault) that stopped it, in which case the file was
+        removed.
+        """
+        done: Deferred[str] = Deferred()
+        self._queue.append(_Queued(artifact_id, data, done))
+        self._pump()
+        return done
+
+    def _pump(self) -> None:
+        while self._queue and self._in_flight < self._max_in_flight:
+            self._start()
+
+    def _start(self) -> None:
+        batch = self._queue[: self._max_batch]
+        del self._queue[: self._max_batch]
+        self._in_flight += 1
+        shard = batch[0].artifact_id[:2]
+        relative = [self._layout.new_blob_path(q.artifact_id, shard) for q in batch]
+        items = [
+            (self._layout.absolute(path), q.data) for path, q in zip(relative, batch, strict=True)
+        ]
+        d = self._runner.run(write_batch, items, self._failpoints)
+
+        def written(errors: list[BaseException | None]) -> None:
+            self._in_flight -= 1
+            for queued, path, error in zip(batch, relative, errors, strict=True):
+                if error is None:
+                    queued.done.callback(path)
+                else:
+                    queued.done.errback(error)
+            self._pump()
+
+        def failed(failure: Failure) -> None:
+            self._in_flight -= 1
+            for queued in batch:
+                queued.done.errback(failure)
+            self._pump()
+
+        d.addCallbacks(written, failed)
+
+
+def write_batch(
+    items: Sequence[tuple[str, bytes]], failpoints: Failpoints
+) -> list[BaseException | None]:
+    """Write each ``(path, data)`` durably (see the module docstring); blocking.
+
+    Returns:
+        Per item ``None`` (durable) or the ``OSError`` that stopped it (its
+        file removed). One item's failure does not fail the others.
+
+    Raises:
+        Exception: a failpoint fired; every file of the batch was removed.
+    """
+    errors: list[BaseException | None] = [None] * len(items)
+    fds: dict[int, int] = {}
+    directories: dict[str, list[int]] = {}
+    created: list[int] = []
+    try:
+        try:
+            for index, (path, data) in enumerate(items):
+                try:
+                    directory = os.path.dirname(path)
+                    make_directory_durably(directory)
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                    created.append(index)
+                    fds[index] = fd
+                    directories.setdefault(directory, []).append(index)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                except OSError as error:
+                    errors[index] = error
+            failpoints.hit(BEFORE_FSYNC)
+            _fsync_all(fds, directories, errors)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        failpoints.hit(AFTER_BYTES_DURABLE_BEFORE_METADATA)
+    except BaseException:
+        # Nothing of this batch will be published: remove it now rather
+        # than at the next start-up.
+        for index in created:
+            _unlink_quietly(items[index][0])
+        raise
+    for index in created:
+        if errors[index] is not None:
+            _unlink_quietly(items[index][0])
+    return errors
+
+
+def _fsync_all(
+    fds: dict[int, int], directories: dict[str, list[int]], errors: list[BaseException | None]
+) -> None:
+    """Fsync every written file and each directory, all at once; record failures.
+
+    Issued together, the fsyncs wait on one journal commit; issued one after
+    the other, every fsync after the first finds its inode committed already
+    and still pays a device cache flush (ext4), a few milliseconds each on
+    the virtual disks measured. A directory fsync may run beside its files'
+    fsyncs: the entries it must make durable were created before it began.
+    """
+    jobs: list[tuple[int, list[int]]] = [
+        (fd, [index]) for index, fd in fds.items() if errors[index] is None
+    ]
+    opened: list[int] = []
+    try:
+        for directory, members in directories.items():
+            live = [index for index in members if errors[index] is None]
+            if not live:
+                continue
+            try:
+                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as error:
+                for index in live:
+                    errors[index] = error
+                continue
+            opened.append(fd)
+            jobs.append((fd, live))
+        if not jobs:
+            return
+        # The first fsync runs on this thread, the others beside it.
+        waiting = [(_FSYNCS.submit(os.fsync, fd), members) for fd, members in jobs[1:]]
+        outcomes: list[tuple[BaseException | None, list[int]]] = []
+        try:
+            os.fsync(jobs[0][0])
+            outcomes.append((None, jobs[0][1]))
+        except OSError as first_error:
+            outcomes.append((first_error, jobs[0][1]))
+        for future, members in waiting:
+            outcomes.append((future.exception(), members))
+        for failure, members in outcomes:
+            if failure is not None:
+                for index in members:
+                    errors[index] = failure
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+#: The threads that run a batch's fsyncs side by side (started on first use).
+_FSYNCS = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="kura-fsync")
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -1,0 +1,134 @@
+"""The metadata schema version: checked at open, older stores migrated, newer ones refused."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from kura.domain.errors import StorageFault
+from kura.storage import metadata
+from kura.storage.metadata import SCHEMA_VERSION, MetadataStore, SchemaVersionError
+from tests.support.real import RealNode
+
+#: The schema of release 1 (user_version 1) as this release found it: what a
+#: store written before the version was ever checked holds.
+RELEASE_1_SCHEMA = metadata._SCHEMA
+
+
+def store_of_release_1(path: Path) -> None:
+    """A metadata store as the first release's ``open`` left it, with one blob artifact."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(RELEASE_1_SCHEMA)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(
+        "INSERT INTO manifests VALUES ('a1', 'gradle', 'ns', 'k', 'application/octet-stream', "
+        "0, 'blobs/a1/a1-000000000000', 42, 7, 7, 7)"
+    )
+    conn.close()
+
+
+def user_version(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_a_new_store_gets_the_current_version(tmp_path: Path) -> None:
+    store = MetadataStore(str(tmp_path / "kura.sqlite3"), str(tmp_path))
+    store.open()
+    store.close()
+    assert user_version(tmp_path / "kura.sqlite3") == SCHEMA_VERSION
+
+
+def test_a_store_of_the_current_release_opens_with_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "kura.sqlite3"
+    store_of_release_1(path)
+    store = MetadataStore(str(path), str(tmp_path))
+    store.open()
+    try:
+        manifest = store.get_manifest("a1")
+        assert manifest is not None and manifest.size == 42
+        assert store.used_bytes == 42
+    finally:
+        store.close()
+    assert user_version(path) == SCHEMA_VERSION
+
+
+def test_an_older_store_is_migrated_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release-1 store opened by a release with schema 2 runs the 1 -> 2 step once."""
+
+    def add_checksums(conn: sqlite3.Connection) -> None:
+        conn.execute("ALTER TABLE manifests ADD COLUMN checksum TEXT")
+
+    monkeypatch.setattr(metadata, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(metadata, "MIGRATIONS", {1: add_checksums})
+    path = tmp_path / "kura.sqlite3"
+    store_of_release_1(path)
+    for _ in range(2):  # the second open finds version 2 and migrates nothing
+        store = MetadataStore(str(path), str(tmp_path))
+        store.open()
+        store.close()
+    assert user_version(path) == 2
+    conn = sqlite3.connect(path)
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(manifests)")]
+    assert "checksum" in columns
+    assert conn.execute("SELECT size FROM manifests WHERE artifact_id = 'a1'").fetchone() == (42,)
+    conn.close()
+
+
+def test_a_failed_migration_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def half_done(conn: sqlite3.Connection) -> None:
+        conn.execute("ALTER TABLE manifests ADD COLUMN checksum TEXT")
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(metadata, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(metadata, "MIGRATIONS", {1: half_done})
+    path = tmp_path / "kura.sqlite3"
+    store_of_release_1(path)
+    with pytest.raises(sqlite3.OperationalError):
+        MetadataStore(str(path), str(tmp_path)).open()
+    assert user_version(path) == 1
+    conn = sqlite3.connect(path)
+    assert "checksum" not in [row[1] for row in conn.execute("PRAGMA table_info(manifests)")]
+    conn.close()
+
+
+def test_a_newer_store_is_refused_naming_both_versions(tmp_path: Path) -> None:
+    path = tmp_path / "kura.sqlite3"
+    store_of_release_1(path)
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(SchemaVersionError) as raised:
+        MetadataStore(str(path), str(tmp_path)).open()
+    assert isinstance(raised.value, StorageFault)
+    message = str(raised.value)
+    assert f"version {SCHEMA_VERSION + 1}" in message and f"({SCHEMA_VERSION})" in message
+    assert user_version(path) == SCHEMA_VERSION + 1  # left as it was
+
+
+def test_a_node_on_a_newer_store_does_not_start_and_says_why(tmp_path: Path) -> None:
+    """A real node exits non-zero, its log naming the version found and the one supported."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    store_of_release_1(data_dir / "kura.sqlite3")
+    conn = sqlite3.connect(data_dir / "kura.sqlite3")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    node = RealNode(str(data_dir))
+    try:
+        with pytest.raises(RuntimeError):
+            node.start(timeout=15)
+        assert node.process.returncode != 0
+        assert f"metadata schema version {SCHEMA_VERSION + 1} is newer" in node.log()
+    finally:
+        node.stop()
