@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from kura.auth import OpenAccess
 from kura.auth.context import HeaderInput
-from kura.domain.artifacts import Producer, Target
+from kura.domain.artifacts import Manifest, Producer, Target
 from kura.domain.errors import KuraError, NotFound, PayloadTooLarge, ServiceUnavailable
 from kura.lifecycle import NodeState
 from kura.memory import Pressure
@@ -144,6 +144,21 @@ class Gate:
             self._targets[key] = target
         return target
 
+    async def _existing(self, artifact_id: str, head: RequestHead) -> Manifest | None:
+        """The stored artifact a write-once upload would lose to, if known at the head.
+
+        A body small enough to arrive in memory is cheaper to write than a
+        metadata lookup on a storage thread is to wait for, and most uploads
+        are of new artifacts: for those only a manifest already in memory is
+        consulted, and the commit's own write-once check settles the rest
+        (the upload is then discarded and answered as already stored).
+        """
+        declared = head.declared_length
+        small = declared is not None and declared <= self._store.memory_body_bytes
+        if small and self._store.cached_manifest(artifact_id) is None:
+            return None
+        return await self._store.stored(artifact_id)
+
     async def _complete(self, admission: Admission, head: RequestHead) -> Admission:
         """The head-time steps that may wait, in order: the multipart upload,
         the authorization check (before any existence check, so a caller
@@ -185,7 +200,7 @@ class Gate:
             # Write-once uploads of an artifact (not parts of one) that is
             # already stored are answered from the head.
             assert address is not None
-            existing = await self._store.stored(self._store.artifact_id(address))
+            existing = await self._existing(self._store.artifact_id(address), head)
             if existing is not None and spec.operation is Operation.WRITE:
                 admission = attrs.evolve(admission, existing=existing)
         return admission

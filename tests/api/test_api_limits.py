@@ -411,7 +411,8 @@ def test_critical_memory_pressure_sheds_writes_not_reads(nodes: Any) -> None:
 def test_body_waits_for_a_pending_admission(nodes: Any) -> None:
     """While the existence lookup runs, body bytes are held back and 100 Continue waits."""
     runner = ControlledRunner()
-    node = nodes.start(runner=runner)
+    # Staged bodies: a small in-memory one is not looked up at the head.
+    node = nodes.start(runner=runner, KURA_MEMORY_BODY_MAX_BYTES="0")
     runner.hold = lambda f: getattr(f, "__qualname__", "") == "MetadataStore.get_manifest"
     client = Exchange(node)
     client.send(head("POST", CAS.format(id="c1"), "Content-Length: 10", "Expect: 100-continue"))
@@ -429,13 +430,46 @@ def test_body_waits_for_a_pending_admission(nodes: Any) -> None:
     assert request(node, "GET", CAS.format(id="c1")).body == b"early-late"
 
 
+def test_a_small_upload_of_an_unknown_key_waits_for_no_lookup(nodes: Any) -> None:
+    """A body received in memory is admitted without a metadata read: the commit decides."""
+    runner = ControlledRunner()
+    node = nodes.start(runner=runner)
+    runner.hold = lambda f: getattr(f, "__qualname__", "") == "MetadataStore.get_manifest"
+    client = Exchange(node)
+    client.send(head("POST", CAS.format(id="c1"), "Content-Length: 5") + b"bytes")
+    node.reactor.advance(0)
+    assert runner.held == []
+    (response,) = client.responses()
+    assert response.status == 204
+    runner.hold = lambda f: False
+    assert request(node, "GET", CAS.format(id="c1")).body == b"bytes"
+
+
+def test_a_small_duplicate_unknown_at_the_head_loses_at_the_commit(nodes: Any) -> None:
+    """With a cold manifest cache a small write-once duplicate is written, then loses.
+
+    The stored artifact stays, the new file is removed, and the answer is the
+    one an upload found at the head gets.
+    """
+    node = nodes.start()
+    request(node, "POST", CAS.format(id="c1"), b"original")
+    nodes.stop(node)
+    node = nodes.start()  # a cold manifest cache
+    assert request(node, "POST", CAS.format(id="c1"), b"replaced!").status == 204
+    assert request(node, "GET", CAS.format(id="c1")).body == b"original"
+    assert len(files_under(node.store.layout.blobs)) == 1
+    assert_nothing_staged(node)
+
+
 def test_existing_key_found_by_a_pending_lookup_skips_the_body(nodes: Any) -> None:
     """An upload found to exist only after an asynchronous lookup still leaves its body unread."""
     node = nodes.start()
     request(node, "POST", CAS.format(id="c1"), b"original")
     nodes.stop(node)
     runner = ControlledRunner()
-    node = nodes.start(runner=runner)  # a cold manifest cache: the lookup goes to SQLite
+    # A cold manifest cache, so the lookup goes to SQLite; staged bodies, since
+    # a small in-memory one is not looked up at the head.
+    node = nodes.start(runner=runner, KURA_MEMORY_BODY_MAX_BYTES="0")
     runner.hold = lambda f: getattr(f, "__qualname__", "") == "MetadataStore.get_manifest"
     client = Exchange(node)
     client.send(head("POST", CAS.format(id="c1"), "Content-Length: 9") + b"replaced!")

@@ -174,7 +174,10 @@ def test_an_upload_refused_at_its_head_gives_its_slot_back(nodes: Any) -> None:
 def test_a_client_gone_during_admission_takes_no_slot(nodes: Any) -> None:
     """A client that leaves while its head is still being admitted never holds a slot."""
     runner = ControlledRunner()
-    node = nodes.start(runner=runner, KURA_MAX_UPLOADS_PER_CLIENT="1")
+    # Staged bodies: a small in-memory one is not looked up at the head.
+    node = nodes.start(
+        runner=runner, KURA_MAX_UPLOADS_PER_CLIENT="1", KURA_MEMORY_BODY_MAX_BYTES="0"
+    )
     runner.hold = lambda f: getattr(f, "__qualname__", "") == "MetadataStore.get_manifest"
     client = Exchange(node, peer=CLIENT)
     client.send(head("POST", CAS.format(id="c1"), "Content-Length: 10", "Expect: 100-continue"))
