@@ -411,7 +411,7 @@ class SamePortProtocol(Protocol):
         except OSError:
             return None
         try:
-            exchange.reservation = accel.engine.reserve()
+            exchange.reservation = accel.engine.reserve(lease.size)
         except OSError:
             accel.handles.release(lease)
             return None
