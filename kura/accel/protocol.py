@@ -317,7 +317,7 @@ class SamePortProtocol(Protocol):
                     self._hand_off(reasons.HEAD_TOO_LARGE)
                 return
             self._scanned = 0
-            head = parse_head(buffer)
+            head = parse_head(buffer, end)
             if head is None:
                 self._hand_off(reasons.AMBIGUOUS)
                 return
