@@ -45,6 +45,9 @@ class Candidate(NamedTuple):
     artifact_id: str
 
 
+_new_candidate = tuple.__new__
+
+
 @attrs.frozen
 class _Resolution:
     """What a request target (path and query) resolves to, whatever the rest of the head."""
@@ -76,8 +79,10 @@ class Classifier:
         found = self._resolve(head.path, head.query)
         if isinstance(found, str):
             return found
-        return Candidate(
-            head, found.spec, found.path_args, found.target, found.params, found.artifact_id
+        # tuple.__new__ directly: the named tuple's own __new__ is a Python function.
+        return _new_candidate(
+            Candidate,
+            (head, found.spec, found.path_args, found.target, found.params, found.artifact_id),
         )
 
     def _resolve_target(self, path: bytes, raw_query: bytes) -> _Resolution | str:

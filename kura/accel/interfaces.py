@@ -50,8 +50,10 @@ class ITransferEngine(Interface):
 
     mode = Attribute("The serving-path label of its transfers: ``splice`` or ``sendfile``.")
 
-    def reserve() -> object:
-        """Take what the next transfer needs besides the file (a splice pipe).
+    def reserve(length: int) -> object:
+        """Take what the next transfer, of at most ``length`` body bytes, needs
+        besides the file (a splice pipe, unless the body is small enough for
+        ``sendfile``).
 
         Called while falling back to twisted.web is still possible, so a
         failure here is a fall-back, not a broken response. The reservation

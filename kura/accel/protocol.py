@@ -317,7 +317,7 @@ class SamePortProtocol(Protocol):
                     self._hand_off(reasons.HEAD_TOO_LARGE)
                 return
             self._scanned = 0
-            head = parse_head(buffer)
+            head = parse_head(buffer, end)
             if head is None:
                 self._hand_off(reasons.AMBIGUOUS)
                 return
@@ -389,42 +389,44 @@ class SamePortProtocol(Protocol):
         return exchange
 
     def _decide(self, exchange: _Exchange, manifest: Manifest | None) -> None:
+        """Open the artifact's file, judge the request, then authorize and start it.
+
+        The file and the engine's reservation are taken together, both or
+        neither, before :func:`.decide.decide` runs, so running out of
+        descriptors falls back (twisted.web answers 503) instead of breaking
+        an authorized response.
+        """
         if self.state is not State.SERVING:  # the connection went away meanwhile
             self._end(exchange)
             return
-        lease = self._open(exchange, manifest) if is_file_backed(manifest) else None
+        accel = self._accel
+        lease = None
+        if is_file_backed(manifest):
+            handles = accel.handles
+            try:
+                lease = handles.borrow(manifest)
+            except OSError:
+                pass
+            else:
+                try:
+                    exchange.reservation = accel.engine.reserve(lease.size)
+                except OSError:
+                    handles.release(lease)
+                    lease = None
+                else:
+                    exchange.lease = lease
         decision = decide(exchange.candidate, manifest, lease)
         if isinstance(decision, Fallback):
             self._fall_back(exchange, decision.reason)
-        else:
+        elif accel.authorization.needs_check(exchange.candidate.spec):
             self._authorize(exchange, decision)
-
-    def _open(self, exchange: _Exchange, manifest: Manifest) -> Lease | None:
-        """The artifact's file and the engine's reservation, both or neither.
-
-        Both are taken now, so running out of descriptors falls back
-        (twisted.web answers 503) instead of breaking an authorized response.
-        """
-        accel = self._accel
-        try:
-            lease = accel.handles.borrow(manifest)
-        except OSError:
-            return None
-        try:
-            exchange.reservation = accel.engine.reserve()
-        except OSError:
-            accel.handles.release(lease)
-            return None
-        exchange.lease = lease
-        return lease
+        else:  # open routes: nothing to check
+            self._start(exchange, decision, _NO_HEADERS)
 
     def _authorize(self, exchange: _Exchange, decision: Serve) -> None:
         """The servable request's authorization: now, and only now, exactly once."""
         authorization = self._accel.authorization
         candidate = exchange.candidate
-        if not authorization.needs_check(candidate.spec):
-            self._start(exchange, decision, _NO_HEADERS)
-            return
         head = candidate.head
         ctx = authorization.context(
             spec=candidate.spec,
@@ -542,7 +544,8 @@ class SamePortProtocol(Protocol):
     def _finish(self, exchange: _Exchange, transfer: ITransfer) -> None:
         result = transfer.result
         now = self._accel.reactor.seconds()
-        self._note_first_byte(exchange, transfer, now)
+        if not exchange.first_byte_recorded:
+            self._note_first_byte(exchange, transfer, now)
         self._end(exchange)
         self._account(exchange, transfer, result, now)
         if self.state is not State.SERVING:  # lost or cut off meanwhile

@@ -114,7 +114,7 @@ class FakeTransferEngine:
         """Transfers still waiting for the test."""
         return [transfer for transfer in self.transfers if transfer.result is None]
 
-    def reserve(self) -> object:
+    def reserve(self, length: int) -> object:
         if self.refuse:
             raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
         self.reserved += 1

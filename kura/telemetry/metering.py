@@ -9,7 +9,9 @@ scraped. The API is the subset kura uses (``labels()``, ``inc()``,
 histograms ``_bucket``/``_sum``/``_count``), and they register on an
 injected :class:`~prometheus_client.CollectorRegistry` like any metric.
 
-Contract: update them from the reactor thread only.
+Contract: update them from the reactor thread only. A counter child's
+``value`` is a plain float that the hottest paths may add a non-negative
+amount to directly, sparing the call to ``inc()``.
 """
 
 from __future__ import annotations

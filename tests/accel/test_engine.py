@@ -18,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from zope.interface.verify import verifyObject
 
 from kura.accel.accelerator import Accelerator
-from kura.accel.engine import KernelTransferEngine
+from kura.accel.engine import SENDFILE_MAX_BYTES, KernelTransferEngine
 from kura.accel.interfaces import (
     CLIENT_ABORTED,
     INCOMPLETE,
@@ -131,9 +131,9 @@ def test_both_engines_and_their_transfers_provide_the_interfaces(
     assert verifyObject(ITransferEngine, kernel)
     assert verifyObject(ITransferEngine, fake)
     head = HEAD % 10
-    real = kernel.start(kernel.reserve(), transport_of(server), head, fd, 0, 10, print)
+    real = kernel.start(kernel.reserve(len(body)), transport_of(server), head, fd, 0, 10, print)
     assert isinstance(real, BodyTransfer) and verifyObject(ITransfer, real)
-    recorded = fake.start(fake.reserve(), StringTransport(), head, fd, 0, 10, print)
+    recorded = fake.start(fake.reserve(len(body)), StringTransport(), head, fd, 0, 10, print)
     assert isinstance(recorded, FakeTransfer) and verifyObject(ITransfer, recorded)
     assert receive(client, len(head) + 10) == head + body[:10]
 
@@ -149,7 +149,7 @@ def test_a_small_body_leaves_inline_and_its_pipe_is_kept(
     kernel = engine(threads, mode=mode)
     calls: list[Any] = []
     transfer = kernel.start(
-        kernel.reserve(), transport_of(server), HEAD % 4096, fd, 100, 4096, calls.append
+        kernel.reserve(len(body)), transport_of(server), HEAD % 4096, fd, 100, 4096, calls.append
     )
     assert (transfer.result, transfer.sent, transfer.head_sent) == (OK, 4096, True)
     assert calls == [] and threads.queued == []
@@ -168,7 +168,7 @@ def test_beyond_the_inline_budget_a_worker_finishes_and_reports_once(
     kernel = engine(threads, mode=mode, inline=0)
     calls: list[Any] = []
     transfer = kernel.start(
-        kernel.reserve(), transport_of(server), HEAD % 1000, fd, 0, 1000, calls.append
+        kernel.reserve(len(body)), transport_of(server), HEAD % 1000, fd, 0, 1000, calls.append
     )
     assert transfer.result is None and calls == [] and len(threads.queued) == 1
     threads.run()
@@ -187,7 +187,7 @@ def test_a_stopped_worker_ends_client_aborted_and_its_pipe_is_not_reused(
     kernel = engine(threads, inline=0)
     calls: list[Any] = []
     transfer = kernel.start(
-        kernel.reserve(), transport_of(server), HEAD % 200_000, fd, 0, 200_000, calls.append
+        kernel.reserve(200_000), transport_of(server), HEAD % 200_000, fd, 0, 200_000, calls.append
     )
     transfer.stop()
     transfer.stop()  # idempotent
@@ -204,17 +204,39 @@ def test_a_file_shorter_than_announced_ends_incomplete(
     fd, body = body_file
     kernel = engine(QueuedThreads())
     transfer = kernel.start(
-        kernel.reserve(), transport_of(server), HEAD % 1000, fd, len(body) - 10, 1000, print
+        kernel.reserve(len(body)),
+        transport_of(server),
+        HEAD % 1000,
+        fd,
+        len(body) - 10,
+        1000,
+        print,
     )
     assert (transfer.result, transfer.sent) == (INCOMPLETE, 10)
+
+
+def test_a_file_small_enough_for_sendfile_reserves_no_pipe(
+    pair: tuple[socket.socket, socket.socket], body_file: tuple[int, bytes]
+) -> None:
+    """In splice mode a file of at most 64 KiB needs no pipe: its body goes out with sendfile."""
+    server, client = pair
+    fd, body = body_file
+    kernel = engine(QueuedThreads())
+    reservation = kernel.reserve(SENDFILE_MAX_BYTES)
+    assert reservation is None
+    transfer = kernel.start(reservation, transport_of(server), HEAD % 4096, fd, 0, 4096, print)
+    assert (transfer.result, transfer.sent) == (OK, 4096)
+    assert receive(client, len(HEAD % 4096) + 4096) == HEAD % 4096 + body[:4096]
+    assert len(kernel.pipes) == 0
+    assert kernel.reserve(SENDFILE_MAX_BYTES + 1) is not None
 
 
 def test_a_reservation_nobody_used_goes_back_to_the_pool() -> None:
     """A pipe reserved for a request that fell back is kept for the next one."""
     kernel = engine(QueuedThreads())
-    pipe = kernel.reserve()
+    pipe = kernel.reserve(200_000)
     kernel.release(pipe)
-    assert kernel.reserve() == pipe
+    assert kernel.reserve(200_000) == pipe
     kernel.release(pipe)
     kernel.close()
     assert len(kernel.pipes) == 0
@@ -226,7 +248,7 @@ def test_the_fake_records_what_the_kernel_would_send(body_file: tuple[int, bytes
     fake = FakeTransferEngine(hold=True)
     transport = StringTransport()
     calls: list[Any] = []
-    transfer = fake.start(fake.reserve(), transport, b"HEAD|", fd, 5, 20, calls.append)
+    transfer = fake.start(fake.reserve(len(body)), transport, b"HEAD|", fd, 5, 20, calls.append)
     assert transfer.result is None and fake.held == [transfer] and fake.reserved == 0
     transfer.send_head()
     assert transport.value() == b"HEAD|" and transfer.head_sent

@@ -371,6 +371,24 @@ def test_limits_fall_back() -> None:
     assert parse_head(request(HOST)[:-2]) is None
 
 
+def test_a_known_head_length_gives_the_same_answer() -> None:
+    """parse_head(data, find_head_end(data, 0)) answers as parse_head(data), limits included."""
+    pad = MAX_HEAD_BYTES - len(request(HOST, b"X-Pad: "))
+    cases = [
+        request(HOST) + b"GET /next HTTP/1.1\r\n",
+        request(HOST, b"Range: bytes=0-1", b"Connection: close"),
+        request(HOST, b"X-Pad: " + b"p" * pad),
+        request(HOST, b"X-Pad: " + b"p" * (pad + 1)),
+        request(HOST, *(b"X-%d: v" % i for i in range(MAX_HEADERS))),
+        request(b"Accept: */*"),
+        b"GET / HTTP/1.1\r\n:\r\n\r\n",
+    ]
+    for data in cases:
+        assert parse_head(data, find_head_end(data, 0)) == parse_head(data)
+    assert parse_head(cases[2], find_head_end(cases[2], 0)) is not None
+    assert parse_head(cases[3], find_head_end(cases[3], 0)) is None
+
+
 @pytest.mark.parametrize(
     "data",
     [
