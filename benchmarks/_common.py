@@ -294,18 +294,26 @@ def nginx_config(work: str, root: str, port: int) -> str:
     return NGINX_CONF.format(work=work, root=root, port=port)
 
 
-class NginxServer:
-    """nginx serving the files in ``root`` (one worker, sendfile on, no access log)."""
+class ChildServer:
+    """A reference server in a child process serving the files in ``root``.
 
-    def __init__(self, name: str, work_dir: str, root: str, probe_path: str) -> None:
+    Subclasses start :attr:`process` in :meth:`start` and name the file
+    :meth:`log_tail` reads; the work directory, port and pid are shared.
+    """
+
+    #: The file in the work directory that tells why the server failed.
+    log_name = "output.log"
+
+    def __init__(
+        self, name: str, work_dir: str, root: str, probe_path: str, work_name: str
+    ) -> None:
         self.name = name
         self.root = root
         self.probe_path = probe_path
-        self.work = os.path.join(work_dir, f"nginx-{name}")
+        self.work = os.path.join(work_dir, work_name)
         os.makedirs(self.work, exist_ok=True)
         self._port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
-        self._known_pids: set[int] = set()
 
     @property
     def port(self) -> int:
@@ -315,6 +323,39 @@ class NginxServer:
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+    def _wait_until_up(self, what: str) -> None:
+        try:
+            _wait_for_http("127.0.0.1", self._port, self.probe_path, timeout=15.0)
+        except TimeoutError:
+            raise BenchmarkError(f"{what} did not come up: {self.log_tail()}") from None
+
+    def _terminate(self, sig: int = signal.SIGTERM) -> None:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log_tail(self) -> str:
+        try:
+            with open(os.path.join(self.work, self.log_name), encoding="utf-8") as handle:
+                return handle.read()[-4000:]
+        except FileNotFoundError:
+            return ""
+
+
+class NginxServer(ChildServer):
+    """nginx serving the files in ``root`` (one worker, sendfile on, no access log)."""
+
+    log_name = "error.log"
+
+    def __init__(self, name: str, work_dir: str, root: str, probe_path: str) -> None:
+        super().__init__(name, work_dir, root, probe_path, f"nginx-{name}")
+        self._known_pids: set[int] = set()
 
     @property
     def config_text(self) -> str:
@@ -333,34 +374,50 @@ class NginxServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        try:
-            _wait_for_http("127.0.0.1", self._port, self.probe_path, timeout=15.0)
-        except TimeoutError:
-            raise BenchmarkError(f"nginx did not come up: {self.log_tail()}") from None
+        self._wait_until_up("nginx")
         self._known_pids = set(process_tree(self.process.pid))
 
     def stop(self) -> None:
         if self.process is None:
             return
         self._known_pids |= set(process_tree(self.process.pid))
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # nginx: fast shutdown
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        self._terminate(signal.SIGTERM)  # nginx: fast shutdown
         # A killed master can orphan its worker; end exactly the pids we saw.
         for pid in self._known_pids - {self.process.pid}:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
-    def log_tail(self) -> str:
-        try:
-            with open(os.path.join(self.work, "error.log"), encoding="utf-8") as handle:
-                return handle.read()[-4000:]
-        except FileNotFoundError:
-            return ""
+
+#: The ``static`` server: twisted.web's own file resource, nothing of kura's.
+STATIC_SERVER = """\
+import sys
+from twisted.internet import reactor
+from twisted.web import server, static
+site = server.Site(static.File(sys.argv[1]))
+site.log = lambda request: None  # access log off, as for nginx and kura
+reactor.listenTCP(int(sys.argv[2]), site, interface="127.0.0.1")
+reactor.run()
+"""
+
+
+class StaticFileServer(ChildServer):
+    """A plain ``twisted.web.static.File`` serving ``root``, in a child process."""
+
+    def __init__(self, name: str, work_dir: str, root: str, probe_path: str) -> None:
+        super().__init__(name, work_dir, root, probe_path, name)
+
+    def start(self) -> None:
+        with open(os.path.join(self.work, self.log_name), "ab") as output:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", STATIC_SERVER, self.root, str(self._port)],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        self._wait_until_up("static.File")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self._terminate()
 
 
 def _make_world_readable(root: str) -> None:

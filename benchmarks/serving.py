@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -177,72 +176,10 @@ def make_server(
         return server, lambda fixture: fixture.nginx_path
     if name == "static":
         root = os.path.dirname(fixtures[0].path)
-        static = StaticFileServer(f"static-rep{rep}", work, root, fixtures[0].nginx_path)
+        static = common.StaticFileServer(f"static-rep{rep}", work, root, fixtures[0].nginx_path)
         return static, lambda fixture: fixture.nginx_path
     env = {**environ, **kura_overrides(name)}
     return common.KuraServer(f"{name}-rep{rep}", work, env), lambda f: f.kura_path
-
-
-#: The ``static`` server: twisted.web's own file resource, nothing of kura's.
-STATIC_SERVER = """\
-import sys
-from twisted.internet import reactor
-from twisted.web import server, static
-site = server.Site(static.File(sys.argv[1]))
-site.log = lambda request: None  # access log off, as for nginx and kura
-reactor.listenTCP(int(sys.argv[2]), site, interface="127.0.0.1")
-reactor.run()
-"""
-
-
-class StaticFileServer:
-    """A plain ``twisted.web.static.File`` serving ``root``, in a child process."""
-
-    def __init__(self, name: str, work_dir: str, root: str, probe_path: str) -> None:
-        self.name = name
-        self.root = root
-        self.probe_path = probe_path
-        self.work = os.path.join(work_dir, name)
-        os.makedirs(self.work, exist_ok=True)
-        self._port = common.free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self) -> None:
-        with open(os.path.join(self.work, "output.log"), "ab") as output:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", STATIC_SERVER, self.root, str(self._port)],
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            common._wait_for_http("127.0.0.1", self._port, self.probe_path, timeout=15.0)
-        except TimeoutError:
-            raise common.BenchmarkError(f"static.File did not come up: {self.log_tail()}") from None
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def log_tail(self) -> str:
-        try:
-            with open(os.path.join(self.work, "output.log"), encoding="utf-8") as handle:
-                return handle.read()[-4000:]
-        except FileNotFoundError:
-            return ""
 
 
 def prepare(

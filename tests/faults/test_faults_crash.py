@@ -316,6 +316,12 @@ def _first(events: list[tuple[int, str, str]], after: int, predicate: Any, what:
     raise AssertionError(f"no {what} after line {after}")
 
 
+def _paths(events: list[tuple[int, str, str]], index: int) -> list[str]:
+    """The quoted path arguments of the syscall that starts at log line ``index``."""
+    (args,) = [a for i, _, a in events if i == index]
+    return _PATH_ARG.findall(args)
+
+
 def _fd_path(args: str) -> str:
     match = _FD_PATH.match(args)
     return match[1] if match else ""
@@ -343,7 +349,7 @@ def test_publish_order_is_fsync_rename_dirsync_metadata_then_ack(tmp_path: Path)
     created = _first(
         events, -1, lambda n, a: n == "openat" and uploads in a and "O_CREAT" in a, "staging open"
     )
-    staged = _PATH_ARG.findall(events[[e[0] for e in events].index(created)][2])[0]
+    staged = _paths(events, created)[0]
     synced = _first(
         events,
         created,
@@ -353,7 +359,7 @@ def test_publish_order_is_fsync_rename_dirsync_metadata_then_ack(tmp_path: Path)
     renamed = _first(
         events, synced, lambda n, a: n.startswith("rename") and staged in a, "rename into blobs/"
     )
-    target = _PATH_ARG.findall(events[[e[0] for e in events].index(renamed)][2])[1]
+    target = _paths(events, renamed)[1]
     shard = os.path.dirname(target)
     dir_synced = _first(
         events,
@@ -409,7 +415,7 @@ def test_small_publish_order_is_write_fsync_dirsync_metadata_then_ack(tmp_path: 
     created = _first(
         events, -1, lambda n, a: n == "openat" and blobs in a and "O_CREAT" in a, "blob open"
     )
-    target = _PATH_ARG.findall(events[[e[0] for e in events].index(created)][2])[0]
+    target = _paths(events, created)[0]
     synced = _first(
         events,
         created,

@@ -9,24 +9,11 @@ import pytest
 
 from kura.storage.reading import BlobRange, IncompleteBody, read_small
 from kura.testing import ControlledRunner, failed, succeeded
-
-
-def _open(tmp_path: Path, data: bytes) -> int:
-    path = tmp_path / "blob"
-    path.write_bytes(data)
-    return os.open(path, os.O_RDONLY)
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
+from tests.support.descriptors import is_open, open_blob
 
 
 def test_reads_the_range_chunk_by_chunk(tmp_path: Path) -> None:
-    fd = _open(tmp_path, b"0123456789")
+    fd = open_blob(tmp_path, b"0123456789")
     blob = BlobRange(fd, offset=2, length=7, runner=ControlledRunner())
 
     assert succeeded(blob.read(4)) == b"2345"
@@ -35,11 +22,11 @@ def test_reads_the_range_chunk_by_chunk(tmp_path: Path) -> None:
     assert succeeded(blob.read(100)) == b"678"
     assert blob.remaining == 0
     blob.close()
-    assert not _is_open(fd)
+    assert not is_open(fd)
 
 
 def test_a_short_file_fails_with_incomplete_body(tmp_path: Path) -> None:
-    fd = _open(tmp_path, b"abc")
+    fd = open_blob(tmp_path, b"abc")
     blob = BlobRange(fd, offset=0, length=10, runner=ControlledRunner())
 
     assert succeeded(blob.read(8)) == b"abc"
@@ -50,7 +37,7 @@ def test_a_short_file_fails_with_incomplete_body(tmp_path: Path) -> None:
 
 
 def test_a_read_error_fails_the_read(tmp_path: Path) -> None:
-    fd = _open(tmp_path, b"abc")
+    fd = open_blob(tmp_path, b"abc")
     runner = ControlledRunner()
     runner.hold = lambda f: True
     blob = BlobRange(fd, offset=0, length=3, runner=runner)
@@ -65,7 +52,7 @@ def test_a_read_error_fails_the_read(tmp_path: Path) -> None:
 
 def test_close_during_a_read_waits_for_it_and_never_fires(tmp_path: Path) -> None:
     """Closing under a running pread would let the number be reused mid-read."""
-    fd = _open(tmp_path, b"abcdef")
+    fd = open_blob(tmp_path, b"abcdef")
     runner = ControlledRunner()
     runner.hold = lambda f: True
     blob = BlobRange(fd, offset=0, length=6, runner=runner)
@@ -74,25 +61,25 @@ def test_close_during_a_read_waits_for_it_and_never_fires(tmp_path: Path) -> Non
 
     blob.close()
     assert blob.closed
-    assert _is_open(fd), "closed while a storage thread still reads through it"
+    assert is_open(fd), "closed while a storage thread still reads through it"
 
     runner.release()
-    assert not _is_open(fd)
+    assert not is_open(fd)
     assert results == []
 
 
 def test_close_is_idempotent_and_read_after_close_is_a_bug(tmp_path: Path) -> None:
-    fd = _open(tmp_path, b"abc")
+    fd = open_blob(tmp_path, b"abc")
     blob = BlobRange(fd, offset=0, length=3, runner=ControlledRunner())
     blob.close()
     blob.close()
-    assert not _is_open(fd)
+    assert not is_open(fd)
     with pytest.raises(AssertionError):
         blob.read(1)
 
 
 def test_read_small_reads_the_range_at_once(tmp_path: Path) -> None:
-    fd = _open(tmp_path, b"0123456789")
+    fd = open_blob(tmp_path, b"0123456789")
     try:
         assert read_small(fd, 2, 7) == b"2345678"
         assert read_small(fd, 0, 0) == b""
@@ -101,7 +88,7 @@ def test_read_small_reads_the_range_at_once(tmp_path: Path) -> None:
 
 
 def test_read_small_of_a_short_file_is_an_incomplete_body(tmp_path: Path) -> None:
-    fd = _open(tmp_path, b"abc")
+    fd = open_blob(tmp_path, b"abc")
     try:
         with pytest.raises(IncompleteBody, match="7 bytes short"):
             read_small(fd, 0, 10)
@@ -110,7 +97,7 @@ def test_read_small_of_a_short_file_is_an_incomplete_body(tmp_path: Path) -> Non
 
 
 def test_read_small_raises_the_read_error(tmp_path: Path) -> None:
-    fd = _open(tmp_path, b"abc")
+    fd = open_blob(tmp_path, b"abc")
     os.close(fd)
     with pytest.raises(OSError):
         read_small(fd, 0, 3)

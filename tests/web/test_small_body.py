@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kura.web.download import SMALL_BODY_BYTES, SmallFileBody, TransferFailed
+from tests.support.descriptors import is_open, open_blob
 
 
 class Request:
@@ -21,42 +22,28 @@ class Request:
         self.written.append(data)
 
 
-def _open(tmp_path: Path, data: bytes) -> int:
-    path = tmp_path / "blob"
-    path.write_bytes(data)
-    return os.open(path, os.O_RDONLY)
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
 def test_the_range_is_written_in_one_write_and_the_file_closed(tmp_path: Path) -> None:
-    fd = _open(tmp_path, b"0123456789")
+    fd = open_blob(tmp_path, b"0123456789")
     request = Request()
     body = SmallFileBody(request=request, fd=fd, offset=3, length=5)
 
     assert body.send() == 5
     assert request.written == [b"34567"]
     assert body.sent == 5
-    assert not _is_open(fd)
+    assert not is_open(fd)
 
 
 def test_an_empty_range_writes_nothing(tmp_path: Path) -> None:
-    fd = _open(tmp_path, b"")
+    fd = open_blob(tmp_path, b"")
     request = Request()
 
     assert SmallFileBody(request=request, fd=fd, offset=0, length=0).send() == 0
     assert request.written == []
-    assert not _is_open(fd)
+    assert not is_open(fd)
 
 
 def test_a_file_shorter_than_promised_fails_incomplete_and_writes_nothing(tmp_path: Path) -> None:
-    fd = _open(tmp_path, b"abc")
+    fd = open_blob(tmp_path, b"abc")
     request = Request()
     body = SmallFileBody(request=request, fd=fd, offset=0, length=10)
 
@@ -64,22 +51,22 @@ def test_a_file_shorter_than_promised_fails_incomplete_and_writes_nothing(tmp_pa
         body.send()
     assert (failed.value.result, failed.value.sent) == ("incomplete", 0)
     assert request.written == []
-    assert not _is_open(fd)
+    assert not is_open(fd)
 
 
 def test_a_client_already_gone_is_client_aborted(tmp_path: Path) -> None:
-    fd = _open(tmp_path, b"abc")
+    fd = open_blob(tmp_path, b"abc")
     request = Request(disconnected=True)
 
     with pytest.raises(TransferFailed) as failed:
         SmallFileBody(request=request, fd=fd, offset=0, length=3).send()
     assert failed.value.result == "client_aborted"
     assert request.written == []
-    assert not _is_open(fd)
+    assert not is_open(fd)
 
 
 def test_a_large_body_is_refused(tmp_path: Path) -> None:
-    fd = _open(tmp_path, b"")
+    fd = open_blob(tmp_path, b"")
     try:
         with pytest.raises(AssertionError):
             SmallFileBody(request=Request(), fd=fd, offset=0, length=SMALL_BODY_BYTES + 1)
