@@ -11,6 +11,7 @@ import pytest
 
 from kura.accel import handles as handles_module
 from kura.accel.handles import CACHED_FILE_MAX_BYTES, HandleCache
+from tests.support.descriptors import is_open
 
 
 class FilesStore:
@@ -32,14 +33,6 @@ def artifact(directory: pathlib.Path, name: str, content: bytes) -> Any:
 
 def read(fd: int, size: int = 1 << 21) -> bytes:
     return os.pread(fd, size, 0)
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 @pytest.fixture
