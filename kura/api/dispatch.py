@@ -83,7 +83,7 @@ class MatchedDispatch:
         return NOT_DONE_YET
 
     def _failed(self, failure: Failure, request: Any) -> None:
-        if _over(request):
+        if request.over:
             if not failure.check(CancelledError):
                 log.failure("Unhandled error processing request", failure)
             return
@@ -101,14 +101,9 @@ class MatchedDispatch:
     def _write(body: bytes | None, request: Any) -> None:
         if body is not None:
             request.write(body)
-        if not _over(request):
+        if not request.over:
             request.finish()
 
 
 def _unhandled(failure: Failure) -> None:
     log.failure("Unhandled error writing response", failure)
-
-
-def _over(request: Any) -> bool:
-    """The request finished or its client left (what Klein's ``notifyFinish`` tells it)."""
-    return bool(request.finished or request._disconnected)

@@ -106,6 +106,11 @@ class KuraRequest(server.Request):
         return self._received_at is not None
 
     @property
+    def over(self) -> bool:
+        """Whether nothing more can be written: the response finished or the client left."""
+        return bool(self.finished or self._disconnected)
+
+    @property
     def client_address(self) -> str:
         """Who sent this request, for accounting and logs.
 

@@ -34,6 +34,8 @@ def test_the_private_twisted_names_kura_uses_still_exist() -> None:
     assert channel._handlingRequest is False
     assert channel._transferDecoder is not None
     assert callable(channel._respondToBadRequestAndDisconnect)
+    # kura/web/request.py (KuraRequest.over) and download.py: a request whose client left.
+    assert http.Request(channel)._disconnected is False
     assert "line_mode" in vars(http.HTTPChannel) or hasattr(channel, "line_mode")
     # kura/web/client_pool.py: the pool's connection factory.
     pool = client.HTTPConnectionPool(MemoryReactorClock(), persistent=True)
