@@ -34,7 +34,7 @@ class AcceleratorMeters:
         self.duration = metrics.http_request_duration.labels()
         self.served = metrics.serving_paths.labels(mode)
         self._fallbacks = Children(metrics.accelerator_fallbacks)
-        self._requests = Children(metrics.http_requests)
+        self._requests = metrics.http_requests
         self._request_children: dict[tuple[str, int], Any] = {}
         metrics.accelerator_permits_in_use.set_function(lambda: float(permits.in_use))
         metrics.accelerator_cached_descriptors.set_function(lambda: float(len(handles)))
@@ -47,5 +47,7 @@ class AcceleratorMeters:
         """The ``kura_http_requests_total`` child of ``route`` and ``status``."""
         child = self._request_children.get((route, status))
         if child is None:
-            child = self._request_children[route, status] = self._requests(route, str(status))
+            child = self._request_children[route, status] = self._requests.labels(
+                route, str(status)
+            )
         return child

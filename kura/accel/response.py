@@ -47,7 +47,12 @@ _ENDINGS = {True: b"\r\nConnection: keep-alive\r\n\r\n", False: b"\r\nConnection
 def head_from_fields(
     status: int, fields: bytes, *, date: bytes, request_id: bytes, keep_alive: bool
 ) -> bytes:
-    """:func:`build_head` with the headers already serialized (:func:`header_fields`)."""
+    """Serialize a response head exactly as twisted.web would for the same headers.
+
+    ``fields`` are the artifact's headers already serialized
+    (:func:`header_fields`, kept per artifact version by the decision), with
+    any extension headers appended.
+    """
     start = _STATUS_LINES.get(status)
     if start is None:
         start = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: " % (
@@ -57,23 +62,4 @@ def head_from_fields(
         )
     return b"".join(
         (start, date, b"\r\n", fields, b"X-Request-Id: ", request_id, _ENDINGS[keep_alive])
-    )
-
-
-def build_head(
-    status: int,
-    headers: Iterable[tuple[bytes, bytes]],
-    *,
-    date: bytes,
-    request_id: bytes,
-    keep_alive: bool,
-    extra: Iterable[tuple[bytes, bytes]] = (),
-) -> bytes:
-    """Serialize a response head exactly as twisted.web would for the same headers."""
-    return head_from_fields(
-        status,
-        header_fields(headers) + header_fields(extra),
-        date=date,
-        request_id=request_id,
-        keep_alive=keep_alive,
     )

@@ -35,25 +35,24 @@ class Egress:
         self._metrics = metrics
         self._children: dict[tuple[str, str], _EgressMeters] = {}
 
-    def _meters(self, producer: str, result: str) -> _EgressMeters:
-        meters = self._children.get((producer, result))
-        if meters is None:
-            m = self._metrics
-            meters = self._children[producer, result] = _EgressMeters(
-                reads=m.artifact_reads.labels(producer, result),
-                read_bytes=m.artifact_read_bytes.labels(producer, result),
-                completions=m.egress_completions.labels(producer, result),
-                egress_bytes=m.egress_bytes.labels(producer, result),
-                egress_duration=m.egress_duration.labels(producer),
-                throughput=m.egress_throughput.labels(producer),
-            )
+    def _new_meters(self, producer: str, result: str) -> _EgressMeters:
+        """The children of ``producer`` and ``result``, looked up once and kept."""
+        m = self._metrics
+        meters = self._children[producer, result] = _EgressMeters(
+            reads=m.artifact_reads.labels(producer, result),
+            read_bytes=m.artifact_read_bytes.labels(producer, result),
+            completions=m.egress_completions.labels(producer, result),
+            egress_bytes=m.egress_bytes.labels(producer, result),
+            egress_duration=m.egress_duration.labels(producer),
+            throughput=m.egress_throughput.labels(producer),
+        )
         return meters
 
     def record(self, producer: str, result: str, sent: int, elapsed: float) -> None:
         """Count one finished body transfer of ``sent`` bytes that took ``elapsed`` seconds."""
         meters = self._children.get((producer, result))
         if meters is None:
-            meters = self._meters(producer, result)
+            meters = self._new_meters(producer, result)
         elapsed = max(elapsed, 1e-9)
         # The counters' plain values, added to directly (sent >= 0; see
         # kura.telemetry.metering): four inc() calls cost as much as the rest.

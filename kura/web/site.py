@@ -48,25 +48,21 @@ def log_access(
     (:func:`~kura.telemetry.logs.access_sink`), the same line the event would
     have become, at a fraction of the cost; otherwise through ``log``.
     """
+    method_text = method.decode("ascii", "replace")
+    path_text = path.decode("ascii", "replace")
+    request_text = request_id if isinstance(request_id, str) else request_id.decode("ascii")
     sink = access_sink()
     if sink is not None:
         sink.write(
-            access_line(
-                method.decode("ascii", "replace"),
-                path.decode("ascii", "replace"),
-                status,
-                request_id if isinstance(request_id, str) else request_id.decode("ascii"),
-                spec.template,
-                _NAMESPACE,
-            )
+            access_line(method_text, path_text, status, request_text, spec.template, _NAMESPACE)
         )
         return
     log.info(
         ACCESS,
-        method=method.decode("ascii", "replace"),
-        path=path.decode("ascii", "replace"),
+        method=method_text,
+        path=path_text,
         status=status,
-        request_id=request_id if isinstance(request_id, str) else request_id.decode("ascii"),
+        request_id=request_text,
         route=spec.template,
     )
 
