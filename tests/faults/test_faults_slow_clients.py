@@ -199,6 +199,45 @@ def test_stalled_body_is_closed_by_the_body_timeout(tmp_path: Path) -> None:
         node.kill()
 
 
+def test_stalled_small_bodies_held_in_memory_are_cut_and_release_their_budget(
+    tmp_path: Path,
+) -> None:
+    """Uploads small enough to be received in memory (KURA_MEMORY_BODY_MAX_BYTES) that stall:
+    each reserves its declared length from the staging budget, the body timeout closes
+    every one, others are served meanwhile, and nothing is left staged or published."""
+    node = _node(tmp_path, "accelerated", KURA_BODY_TIMEOUT_MS=str(int(BODY_STALL * 1000)))
+    declared, count = 60_000, 20
+    try:
+        clients = []
+        for index in range(count):
+            client = RawClient(node.port)
+            client.send(
+                f"PUT {GRADLE.format(f'small-{index}')} HTTP/1.1\r\nHost: k\r\n".encode()
+                + f"Content-Length: {declared}\r\n\r\n".encode()
+                + os.urandom(1000),
+                heads=[False],
+            )
+            clients.append(client)
+        started = time.monotonic()
+        wait_for(
+            lambda: metric(node, "kura_tmp_dir_bytes") == count * declared,
+            what="every stalled body holds its declared length",
+        )
+        assert not staged_files(node.data_dir)
+        control_round_trip(node)
+        for client in clients:
+            assert client.server_closed(timeout=BODY_STALL + 5)
+            client.close()
+        assert time.monotonic() - started <= BODY_STALL + 3.0
+        wait_for(lambda: metric(node, "kura_tmp_dir_bytes") == 0, what="the budget released")
+        assert not staged_files(node.data_dir)
+        assert all(
+            call(node, "GET", GRADLE.format(f"small-{index}"))[0] == 404 for index in range(count)
+        )
+    finally:
+        node.kill()
+
+
 @pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
 def test_reader_that_never_reads_is_cut_off_and_releases_everything(
     tmp_path: Path, version: str
