@@ -42,19 +42,46 @@ T = TypeVar("T")
 #: The schema this release writes (``PRAGMA user_version``). A store written
 #: by an older release is migrated in place at open (:data:`MIGRATIONS`); a
 #: newer one is refused.
-SCHEMA_VERSION = 1
-
-#: ``{version: step}``: each step takes a store from ``version`` to
-#: ``version + 1`` inside the open's transaction. Version 0 is a database
-#: without kura's tables (a new store), which the schema script creates.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+SCHEMA_VERSION = 2
 
 
 class SchemaVersionError(StorageFault):
     """The metadata store was written by a newer release: the node must not start."""
 
 
-_SCHEMA = """
+#: What schema 2 added next to release 1's tables: a body digest per
+#: manifest (``manifests.digest``, hex SHA-256, NULL until known), the
+#: tombstones of deleted artifacts, and each peer's catch-up watermark.
+_SCHEMA_2_TABLES = """
+CREATE TABLE IF NOT EXISTS artifact_tombstones (
+    artifact_id   TEXT PRIMARY KEY,
+    namespace_id  TEXT NOT NULL,
+    version_ms    INTEGER NOT NULL,
+    deleted_at_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS artifact_tombstones_by_age ON artifact_tombstones (deleted_at_ms);
+CREATE TABLE IF NOT EXISTS peer_watermarks (
+    peer          TEXT PRIMARY KEY,
+    state         TEXT NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+);
+"""
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Run ``script``'s statements one by one (``executescript`` would commit)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _schema_1_to_2(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE manifests ADD COLUMN digest TEXT")
+    _run_script(conn, _SCHEMA_2_TABLES)
+
+
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS manifests (
     artifact_id    TEXT PRIMARY KEY,
     producer       TEXT NOT NULL,
@@ -66,7 +93,8 @@ CREATE TABLE IF NOT EXISTS manifests (
     size           INTEGER NOT NULL,
     version_ms     INTEGER NOT NULL,
     created_at_ms  INTEGER NOT NULL,
-    last_access_ms INTEGER NOT NULL
+    last_access_ms INTEGER NOT NULL,
+    digest         TEXT
 );
 CREATE INDEX IF NOT EXISTS manifests_by_namespace ON manifests (namespace_id, artifact_id);
 CREATE INDEX IF NOT EXISTS manifests_by_access ON manifests (last_access_ms) WHERE inline = 0;
@@ -101,6 +129,15 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at_ms INTEGER NOT NULL
 );
 """
+    + _SCHEMA_2_TABLES
+)
+
+#: ``{version: step}``: each step takes a store from ``version`` to
+#: ``version + 1`` inside the open's transaction. Version 0 is a database
+#: without kura's tables (a new store), which the schema script creates.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _schema_1_to_2,
+}
 
 _MANIFEST_COLUMNS = (
     "artifact_id, producer, namespace_id, key, content_type, inline, blob_path, size, "
@@ -659,9 +696,7 @@ def _bring_to_current_schema(conn: sqlite3.Connection) -> None:
             )
         if found == 0:
             # A new store: statements in the script are all IF NOT EXISTS.
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            _run_script(conn, _SCHEMA)
         else:
             for version in range(found, SCHEMA_VERSION):
                 MIGRATIONS[version](conn)

@@ -12,9 +12,54 @@ from kura.storage import metadata
 from kura.storage.metadata import SCHEMA_VERSION, MetadataStore, SchemaVersionError
 from tests.support.real import RealNode
 
-#: The schema of release 1 (user_version 1) as this release found it: what a
-#: store written before the version was ever checked holds.
-RELEASE_1_SCHEMA = metadata._SCHEMA
+#: The schema of release 1 (user_version 1), frozen as that release wrote it.
+RELEASE_1_SCHEMA = """
+CREATE TABLE IF NOT EXISTS manifests (
+    artifact_id    TEXT PRIMARY KEY,
+    producer       TEXT NOT NULL,
+    namespace_id   TEXT NOT NULL,
+    key            TEXT NOT NULL,
+    content_type   TEXT NOT NULL,
+    inline         INTEGER NOT NULL,
+    blob_path      TEXT,
+    size           INTEGER NOT NULL,
+    version_ms     INTEGER NOT NULL,
+    created_at_ms  INTEGER NOT NULL,
+    last_access_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS manifests_by_namespace ON manifests (namespace_id, artifact_id);
+CREATE INDEX IF NOT EXISTS manifests_by_access ON manifests (last_access_ms) WHERE inline = 0;
+CREATE TABLE IF NOT EXISTS key_values (
+    artifact_id TEXT PRIMARY KEY,
+    value       BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS namespace_tombstones (
+    namespace_id TEXT PRIMARY KEY,
+    version_ms   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS multipart_uploads (
+    upload_id     TEXT PRIMARY KEY,
+    tenant_id     TEXT NOT NULL,
+    namespace_id  TEXT NOT NULL,
+    category      TEXT NOT NULL,
+    hash          TEXT NOT NULL,
+    name          TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    total_bytes   INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS multipart_parts (
+    upload_id   TEXT NOT NULL,
+    part_number INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    PRIMARY KEY (upload_id, part_number)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    target        TEXT NOT NULL,
+    operation     TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
+"""
 
 
 def store_of_release_1(path: Path) -> None:
@@ -59,23 +104,73 @@ def test_a_store_of_the_current_release_opens_with_its_data(tmp_path: Path) -> N
     assert user_version(path) == SCHEMA_VERSION
 
 
-def test_an_older_store_is_migrated_in_place(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A release-1 store opened by a release with schema 2 runs the 1 -> 2 step once."""
-
-    def add_checksums(conn: sqlite3.Connection) -> None:
-        conn.execute("ALTER TABLE manifests ADD COLUMN checksum TEXT")
-
-    monkeypatch.setattr(metadata, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(metadata, "MIGRATIONS", {1: add_checksums})
+def test_a_release_1_store_gains_schema_2_in_place(tmp_path: Path) -> None:
+    """The real 1 -> 2 step: digests (unknown for old rows), tombstones, watermarks."""
     path = tmp_path / "kura.sqlite3"
     store_of_release_1(path)
     for _ in range(2):  # the second open finds version 2 and migrates nothing
         store = MetadataStore(str(path), str(tmp_path))
         store.open()
         store.close()
-    assert user_version(path) == 2
+    assert user_version(path) == SCHEMA_VERSION == 2
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute(
+            "SELECT size, digest FROM manifests WHERE artifact_id = 'a1'"
+        ).fetchone() == (42, None)
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        assert {"artifact_tombstones", "peer_watermarks"} <= tables
+    finally:
+        conn.close()
+
+
+def test_a_migrated_store_matches_a_new_one(tmp_path: Path) -> None:
+    """Migrating release 1 yields the same tables and columns a new store gets."""
+
+    def shape(path: Path) -> dict[str, list[str]]:
+        conn = sqlite3.connect(path)
+        try:
+            names = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type IN ('table', 'index') "
+                    "AND name NOT LIKE 'sqlite_%' ORDER BY name"
+                )
+            ]
+            return {
+                name: [row[1] for row in conn.execute(f"PRAGMA table_info({name})")]
+                for name in names
+            }
+        finally:
+            conn.close()
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    store_of_release_1(tmp_path / "old" / "kura.sqlite3")
+    for name in ("old", "new"):
+        store = MetadataStore(str(tmp_path / name / "kura.sqlite3"), str(tmp_path / name))
+        store.open()
+        store.close()
+    assert shape(tmp_path / "old" / "kura.sqlite3") == shape(tmp_path / "new" / "kura.sqlite3")
+
+
+def test_an_older_store_is_migrated_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each step runs once, in order, from the version found."""
+
+    def add_checksums(conn: sqlite3.Connection) -> None:
+        conn.execute("ALTER TABLE manifests ADD COLUMN checksum TEXT")
+
+    monkeypatch.setattr(metadata, "SCHEMA_VERSION", 3)
+    monkeypatch.setattr(metadata, "MIGRATIONS", {1: metadata._schema_1_to_2, 2: add_checksums})
+    path = tmp_path / "kura.sqlite3"
+    store_of_release_1(path)
+    for _ in range(2):  # the second open finds version 2 and migrates nothing
+        store = MetadataStore(str(path), str(tmp_path))
+        store.open()
+        store.close()
+    assert user_version(path) == 3
     conn = sqlite3.connect(path)
     columns = [row[1] for row in conn.execute("PRAGMA table_info(manifests)")]
     assert "checksum" in columns
