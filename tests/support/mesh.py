@@ -29,7 +29,7 @@ from kura.replication.peer_auth import (
     request_message,
     sha256_hex,
 )
-from tests.support.real import RealNode
+from tests.support.real import REPO_ROOT, RealNode
 
 T = TypeVar("T")
 
@@ -69,14 +69,23 @@ class MeshNode(RealNode):
         data_dir: the node's data directory.
         host: its loopback address.
         internal_port: the internal port every mesh node shares.
+        source: the tree the node runs (see :class:`RealNode`).
         environ: extra ``KURA_*`` variables (e.g. ``KURA_PEERS``); the
             mesh's peer secret is :data:`MESH_SECRET` unless given.
     """
 
-    def __init__(self, data_dir: str, host: str, internal_port: int, **environ: str) -> None:
+    def __init__(
+        self,
+        data_dir: str,
+        host: str,
+        internal_port: int,
+        source: str = REPO_ROOT,
+        **environ: str,
+    ) -> None:
         port = free_port_on(host)
         super().__init__(
             data_dir,
+            source=source,
             **{
                 "KURA_BIND_HOST": host,
                 "KURA_PORT": str(port),

@@ -40,13 +40,23 @@ class RealNode:
         data_dir: the node's data directory (kept across restarts).
         launcher: a command prefix that ends by exec-ing its arguments (to
             start the node inside a cgroup, say).
+        source: the tree whose ``kura`` the node imports (the working tree;
+            :func:`tests.support.release.previous_release` gives the last
+            release's).
         environ: extra ``KURA_*`` variables.
 
     The node's stdout/stderr go to ``<data_dir>.log``.
     """
 
-    def __init__(self, data_dir: str, launcher: Sequence[str] = (), **environ: str) -> None:
+    def __init__(
+        self,
+        data_dir: str,
+        launcher: Sequence[str] = (),
+        source: str = REPO_ROOT,
+        **environ: str,
+    ) -> None:
         self.data_dir = data_dir
+        self.source = source
         self.launcher = list(launcher)
         self.port = free_port()
         self.internal_port = free_port()
@@ -74,7 +84,7 @@ class RealNode:
         """Start the process and wait until ``/up`` answers."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("KURA_")}
         env.update(self.environ)
-        env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = self.source + os.pathsep + env.get("PYTHONPATH", "")
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         self.process = subprocess.Popen(
