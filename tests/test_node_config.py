@@ -197,6 +197,16 @@ def _every_variable(pem: dict[str, str]) -> dict[str, tuple[str, Callable[[KuraC
             lambda c: c.replication.public_latency_target_ms,
             250,
         ),
+        "KURA_REPLICATION_MIN_BYTES_PER_SECOND": (
+            "1048576",
+            lambda c: c.replication.min_bytes_per_second,
+            1048576,
+        ),
+        "KURA_REPLICATION_BUSY_CPU_PERCENT": (
+            "70",
+            lambda c: c.replication.busy_cpu_percent,
+            70,
+        ),
         "KURA_REPLICATION_UPLOAD_STALL_MS": (
             "7000",
             lambda c: c.replication.upload_stall_ms,

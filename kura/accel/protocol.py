@@ -500,6 +500,7 @@ class SamePortProtocol(Protocol):
             self._note_first_byte(exchange, transfer, accel.reactor.seconds())
             transport.registerProducer(self, True)  # a lost connection stops it
         else:
+            accel.traffic.started += 1  # public demand all the same (the limiter's CPU share)
             self._finish(exchange, transfer)
 
     def _transfer_done(self, transfer: ITransfer) -> None:

@@ -291,6 +291,21 @@ REPLICATION_LATENCY_TARGET_MS = _var(
     100,
     "Public time-to-first-byte target; above it replication backs off. 0 disables the term.",
 )
+REPLICATION_MIN_RATE = _var(
+    _REPL,
+    "KURA_REPLICATION_MIN_BYTES_PER_SECOND",
+    8 * MiB,
+    "Floor of the replication rate however busy the node is (capped at the ceiling), so "
+    "backing off never starves the mesh.",
+)
+REPLICATION_BUSY_CPU_PERCENT = _var(
+    _REPL,
+    "KURA_REPLICATION_BUSY_CPU_PERCENT",
+    85,
+    "Reactor CPU demand (run time plus run-queue wait, % of wall time) at or above which "
+    "replication halves its share every 0.1 s while public requests arrive; below it minus "
+    "15 the share doubles again. 0 disables the CPU term.",
+)
 REPLICATION_UPLOAD_STALL_MS = _var(
     _REPL,
     "KURA_REPLICATION_UPLOAD_STALL_MS",
@@ -500,6 +515,8 @@ class ReplicationConfig:
     outbox_max_depth: int = OUTBOX_MAX_DEPTH.default
     bandwidth_limit_bytes_per_second: int = REPLICATION_BANDWIDTH.default
     public_latency_target_ms: int = REPLICATION_LATENCY_TARGET_MS.default
+    min_bytes_per_second: int = REPLICATION_MIN_RATE.default
+    busy_cpu_percent: int = REPLICATION_BUSY_CPU_PERCENT.default
     upload_stall_ms: int = REPLICATION_UPLOAD_STALL_MS.default
     bootstrap_timeout_ms: int = BOOTSTRAP_TIMEOUT_MS.default
     bootstrap_max_concurrent_peers: int = BOOTSTRAP_MAX_CONCURRENT_PEERS.default
@@ -641,6 +658,8 @@ class KuraConfig:
             outbox_max_depth=read.integer(OUTBOX_MAX_DEPTH, minimum=1),
             bandwidth_limit_bytes_per_second=read.integer(REPLICATION_BANDWIDTH),
             public_latency_target_ms=read.integer(REPLICATION_LATENCY_TARGET_MS),
+            min_bytes_per_second=read.integer(REPLICATION_MIN_RATE),
+            busy_cpu_percent=read.integer(REPLICATION_BUSY_CPU_PERCENT, maximum=100),
             upload_stall_ms=read.integer(REPLICATION_UPLOAD_STALL_MS, minimum=1),
             bootstrap_timeout_ms=read.integer(BOOTSTRAP_TIMEOUT_MS, minimum=1),
             bootstrap_max_concurrent_peers=read.integer(BOOTSTRAP_MAX_CONCURRENT_PEERS, minimum=1),

@@ -36,6 +36,7 @@ from kura.config import KuraConfig, ReplicationConfig
 from kura.domain.failpoints import Failpoints
 from kura.lifecycle import NodeState
 from kura.storage.interfaces import IArtifactStore, IBlockingRunner
+from kura.telemetry.load import LoadSampler
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
 from kura.web.admission import RouteMatch
@@ -163,6 +164,15 @@ class ReplicationService(MultiService):
             traffic=traffic,
             configured_bytes_per_second=settings.bandwidth_limit_bytes_per_second,
             latency_target_ms=settings.public_latency_target_ms,
+            floor_bytes_per_second=settings.min_bytes_per_second,
+            busy_utilisation=settings.busy_cpu_percent / 100,
+        )
+        # The CPU signal the limiter's share follows (see limiter.py).
+        self.load = LoadSampler(clock=reactor, traffic=traffic)
+        self.load.listeners.append(self.limiter.observe)
+        load = self.load
+        metrics.reactor_demand.set_function(
+            lambda: 0.0 if load.last is None else load.last.utilisation
         )
         self.auth = peers.auth
         self.client = peers.client
@@ -289,6 +299,7 @@ class ReplicationService(MultiService):
         self.outbox.start()
         self._rounds.start(POLL_SECONDS, now=True)
         self._gauges.start(GAUGE_SECONDS, now=True)
+        self.load.start()
         return port
 
     def _round(self) -> Deferred[None]:
@@ -320,6 +331,7 @@ class ReplicationService(MultiService):
             for loop in (self._rounds, self._gauges):
                 if loop.running:
                     loop.stop()
+            self.load.stop()
             if self._round_d is not None:
                 self._round_d.cancel()
             await self.outbox.stop()

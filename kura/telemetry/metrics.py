@@ -341,6 +341,23 @@ class KuraMetrics:
             "Replication bandwidth after dividing by public load (0: unlimited).",
             registry=r,
         )
+        self.replication_bandwidth_floor = Gauge(
+            "kura_replication_bandwidth_floor_bytes_per_second",
+            "Rate replication keeps however busy the node is (0: limiter disabled).",
+            registry=r,
+        )
+        self.replication_bandwidth_share = Gauge(
+            "kura_replication_bandwidth_cpu_share",
+            "Share of the replication ceiling the CPU leaves (1: all; halves while public "
+            "requests arrive on a busy CPU).",
+            registry=r,
+        )
+        self.reactor_demand = Gauge(
+            "kura_reactor_cpu_demand",
+            "Reactor thread's run time plus run-queue wait over the last 0.1 s, 0-1 (1: it "
+            "could not take more work).",
+            registry=r,
+        )
         self.replication_latency_target_ms = Gauge(
             "kura_replication_bandwidth_public_latency_target_ms",
             "Public time-to-first-byte target the limiter backs off against.",

@@ -48,6 +48,8 @@ class PublicTraffic:
         self._metrics = metrics
         self._latency = Children(metrics.public_request_latency)
         self.inflight = 0
+        #: Public requests ever begun (the load sampler counts them per interval).
+        self.started = 0
         # Read at scrape time: a request pays nothing for the gauge. (The
         # EWMA gauge is published every second by the replication limiter.)
         metrics.public_http_inflight.set_function(lambda: float(self.inflight))
@@ -58,6 +60,7 @@ class PublicTraffic:
     def begin(self) -> InflightSlot:
         """Count a public request in flight until the slot is released."""
         self.inflight += 1
+        self.started += 1
         return InflightSlot(self)
 
     def _release(self) -> None:

@@ -109,6 +109,18 @@ def test_keep_alive_serves_one_request_after_another(rig: Rig) -> None:
     assert not client.closed and rig.served == 3
 
 
+def test_every_served_request_counts_as_public_demand(rig: Rig) -> None:
+    """Downloads that end inside ``start`` take no in-flight slot, but the load sampler
+    (the replication limiter's CPU share) still counts them as public requests."""
+    client = rig.connect()
+    before = rig.node.traffic.started
+    for _ in range(3):
+        client.send(get(CAS.format("a")))
+        client.responses()
+    assert rig.node.traffic.started - before == 3
+    assert rig.node.traffic.inflight == 0
+
+
 def test_pipelined_requests_are_served_in_order(rig: Rig) -> None:
     """Requests arriving in one write are answered one after the other, in order."""
     upload(rig.node, "b", b"bee")

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry
 from twisted.internet.task import Clock
 
 from kura.replication.limiter import BandwidthLimiter
+from kura.telemetry.load import LoadSample
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
 
@@ -180,3 +181,112 @@ def test_publish_refreshes_the_gauges(
     limiter.publish(metrics)
     assert value("kura_replication_bandwidth_effective_limit_bytes_per_second") == 800
     assert value("kura_public_request_latency_ewma_ms") == 0
+
+
+# -- the CPU share ------------------------------------------------------------------------
+
+
+def shared_limiter(
+    clock: Clock, traffic: PublicTraffic, floor: int = 8 * MiB, busy: float = 0.85
+) -> BandwidthLimiter:
+    return BandwidthLimiter(
+        clock=clock,
+        traffic=traffic,
+        configured_bytes_per_second=512 * MiB,
+        latency_target_ms=100,
+        floor_bytes_per_second=floor,
+        busy_utilisation=busy,
+    )
+
+
+def busy(public: int = 10, demand: float = 0.95) -> LoadSample:
+    return LoadSample(utilisation=demand, public_requests=public, seconds=0.1)
+
+
+def test_a_busy_cpu_serving_public_requests_halves_the_share_down_to_the_floor(
+    clock: Clock, traffic: PublicTraffic
+) -> None:
+    """512 MiB/s to the 8 MiB/s floor in log2(64) = 6 samples, and no lower."""
+    limiter = shared_limiter(clock, traffic)
+    rates = []
+    for _ in range(8):
+        limiter.observe(busy())
+        rates.append(limiter.effective() / MiB)
+    assert rates == [256, 128, 64, 32, 16, 8, 8, 8]
+    assert limiter.share == 1 / 64
+
+
+def test_the_floor_holds_under_every_divisor(clock: Clock, traffic: PublicTraffic) -> None:
+    """Heavy in-flight load on top of a floored share still leaves the floor."""
+    limiter = shared_limiter(clock, traffic)
+    slots = [traffic.begin() for _ in range(63)]
+    for _ in range(10):
+        limiter.observe(busy())
+    assert limiter.effective() == 8 * MiB
+    assert limiter.reserve(8 * MiB) == 0.0
+    assert limiter.reserve(1) == pytest.approx(1.0)  # the first 8 MiB took a second
+    for slot in slots:
+        slot.release()
+
+
+def test_the_share_recovers_once_public_requests_stop(clock: Clock, traffic: PublicTraffic) -> None:
+    """No public request in a sample doubles the share, however busy the CPU (ingest)."""
+    limiter = shared_limiter(clock, traffic)
+    for _ in range(6):
+        limiter.observe(busy())
+    for _ in range(6):
+        limiter.observe(busy(public=0, demand=1.0))
+    assert limiter.share == 1.0
+    assert limiter.effective() == 512 * MiB
+
+
+def test_a_calm_cpu_lets_the_share_grow_and_the_band_holds_it(
+    clock: Clock, traffic: PublicTraffic
+) -> None:
+    """Below busy - 0.15 the share doubles; between the two it stays where it is."""
+    limiter = shared_limiter(clock, traffic)
+    for _ in range(3):
+        limiter.observe(busy())
+    assert limiter.share == 1 / 8
+    limiter.observe(busy(demand=0.80))  # inside the band
+    assert limiter.share == 1 / 8
+    limiter.observe(busy(demand=0.69))
+    assert limiter.share == 1 / 4
+
+
+def test_public_requests_on_an_idle_cpu_take_nothing(clock: Clock, traffic: PublicTraffic) -> None:
+    limiter = shared_limiter(clock, traffic)
+    for _ in range(5):
+        limiter.observe(busy(public=1000, demand=0.3))
+    assert limiter.share == 1.0
+
+
+def test_zero_busy_mark_disables_the_cpu_term(clock: Clock, traffic: PublicTraffic) -> None:
+    limiter = shared_limiter(clock, traffic, busy=0.0)
+    limiter.observe(busy(demand=1.0))
+    assert limiter.share == 1.0
+
+
+def test_a_floor_above_the_ceiling_is_the_ceiling(clock: Clock, traffic: PublicTraffic) -> None:
+    limiter = BandwidthLimiter(
+        clock=clock,
+        traffic=traffic,
+        configured_bytes_per_second=MiB,
+        latency_target_ms=100,
+        floor_bytes_per_second=8 * MiB,
+        busy_utilisation=0.85,
+    )
+    limiter.observe(busy())
+    assert limiter.effective() == MiB
+
+
+def test_publish_reports_the_floor_and_the_share(
+    clock: Clock, traffic: PublicTraffic, metrics: KuraMetrics
+) -> None:
+    limiter = shared_limiter(clock, traffic)
+    limiter.observe(busy())
+    limiter.publish(metrics)
+    value = metrics.registry.get_sample_value
+    assert value("kura_replication_bandwidth_floor_bytes_per_second") == 8 * MiB
+    assert value("kura_replication_bandwidth_cpu_share") == 0.5
+    assert value("kura_replication_bandwidth_effective_limit_bytes_per_second") == 256 * MiB

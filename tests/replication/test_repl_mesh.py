@@ -44,13 +44,15 @@ TENANT = "tenant_id=default"
 
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory: Any) -> Iterator[list[MeshNode]]:
-    """Three nodes, static peers, replication capped at 16 MiB/s, 3 s stall limit."""
+    """Three nodes, static peers, replication at 16 MiB/s (floor 1 MiB/s), 3 s stall limit."""
     root = str(tmp_path_factory.mktemp("mesh"))
     built = mesh(
         root,
         3,
         KURA_REPLICATION_UPLOAD_STALL_MS="3000",
         KURA_REPLICATION_BANDWIDTH_LIMIT_BYTES_PER_SECOND=str(LIMIT),
+        # Below LIMIT / 8, so the in-flight divisor shows in the effective rate.
+        KURA_REPLICATION_MIN_BYTES_PER_SECOND=str(MiB),
         KURA_LOG_FORMAT="text",
     )
     try:
