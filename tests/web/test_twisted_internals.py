@@ -79,3 +79,34 @@ def test_the_private_twisted_names_kura_uses_still_exist() -> None:
     protocol = connection.conn
     dispatch = protocol._frame_dispatch_table[hyperframe.frame.HeadersFrame]
     assert dispatch.__func__ is kura_h2._H2Protocol._receive_headers_frame
+
+
+def test_a_tcp_connection_reads_up_to_its_buffer_size() -> None:
+    """kura/web/ingest.py raises a staged body's ``transport.bufferSize``; the TCP
+    transport reads ``recv(self.bufferSize)`` per turn (a real socket pair)."""
+    import socket
+
+    from twisted.internet import tcp
+
+    assert tcp.Connection.bufferSize == 65536
+    assert "self.bufferSize" in inspect.getsource(tcp.Connection._dataReceived) + inspect.getsource(
+        tcp.Connection.doRead
+    )
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.setblocking(False)
+        sent = theirs.send(b"x" * 300_000)  # what the socket buffers take at once
+        assert sent > 65536
+        received: list[bytes] = []
+
+        class Protocol:
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+
+        connection = tcp.Connection(ours, Protocol())  # type: ignore[arg-type]
+        connection.bufferSize = 1024 * 1024
+        connection.doRead()
+        assert len(received) == 1 and 65536 < len(received[0]) <= sent
+    finally:
+        ours.close()
+        theirs.close()
