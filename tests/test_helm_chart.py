@@ -951,11 +951,54 @@ def test_resources_default_to_one_gibibyte_request_and_limit(default: Rendered) 
     assert resources["requests"]["memory"] == resources["limits"]["memory"] == "1Gi"
 
 
-def test_pod_disruption_budget_keeps_one_node(chart: ChartRenderer, default: Rendered) -> None:
-    """The PDB keeps at least one node up and can be turned off."""
-    assert default.one("PodDisruptionBudget")["spec"]["minAvailable"] == 1
+def test_pod_disruption_budget_lets_one_node_go_at_a_time(
+    chart: ChartRenderer, default: Rendered
+) -> None:
+    """maxUnavailable: 1 (minAvailable: 1 would let two of three go); minAvailable on
+    request; can be turned off."""
+    spec = default.one("PodDisruptionBudget")["spec"]
+    assert spec["maxUnavailable"] == 1 and "minAvailable" not in spec
+    kept = chart.render({"podDisruptionBudget": {"minAvailable": 2}})
+    spec = kept.one("PodDisruptionBudget")["spec"]
+    assert spec["minAvailable"] == 2 and "maxUnavailable" not in spec
     disabled = chart.render({"podDisruptionBudget": {"enabled": False}})
     assert disabled.of_kind("PodDisruptionBudget") == []
+
+
+def test_service_links_are_off(default: Rendered) -> None:
+    """Kubernetes would otherwise inject KURA_PORT=tcp://... for a Service named kura."""
+    assert default.pod["spec"]["enableServiceLinks"] is False
+
+
+def test_pods_spread_across_zones_and_hosts_by_default(
+    chart: ChartRenderer, default: Rendered
+) -> None:
+    constraints = default.pod["spec"]["topologySpreadConstraints"]
+    assert [c["topologyKey"] for c in constraints] == [
+        "topology.kubernetes.io/zone",
+        "kubernetes.io/hostname",
+    ]
+    selector = default.one("StatefulSet")["spec"]["selector"]["matchLabels"]
+    for constraint in constraints:
+        assert constraint["whenUnsatisfiable"] == "ScheduleAnyway"
+        assert constraint["labelSelector"]["matchLabels"] == selector
+    own = [{"maxSkew": 2, "topologyKey": "rack", "whenUnsatisfiable": "DoNotSchedule"}]
+    mine = chart.render({"topologySpreadConstraints": own})
+    assert mine.pod["spec"]["topologySpreadConstraints"] == own
+    off = chart.render({"defaultTopologySpread": False})
+    assert "topologySpreadConstraints" not in off.pod["spec"]
+
+
+def test_an_image_digest_pins_the_image(chart: ChartRenderer, default: Rendered) -> None:
+    assert default.container["image"] == "kura:0.1.0"
+    digest = "sha256:" + "a" * 64
+    pinned = chart.render({"image": {"repository": "r.example/kura", "digest": digest}})
+    assert pinned.container["image"] == f"r.example/kura@{digest}"
+
+
+def test_the_chart_states_the_kubernetes_versions_it_supports() -> None:
+    lines = (CHART_DIR / "Chart.yaml").read_text(encoding="utf-8").splitlines()
+    assert 'kubeVersion: ">=1.25.0-0"' in lines
 
 
 def test_service_account_is_created_without_api_token(default: Rendered) -> None:

@@ -646,7 +646,7 @@ class KuraConfig:
         requested_capacity = read.optional_integer(CAS_CAPACITY_BYTES, minimum=1)
         soft, hard = read.memory_watermarks(measure_memory)
         accelerator = AcceleratorConfig(
-            enabled=read.strict_boolean(ACCEL_ENABLED),
+            enabled=read.boolean(ACCEL_ENABLED),
             mode=read.choice(ACCEL_MODE, ("splice", "sendfile")),
             max_concurrent=read.integer(ACCEL_MAX_CONCURRENT, minimum=1),
             chunk_bytes=read.integer(ACCEL_CHUNK_BYTES, minimum=1),
@@ -679,7 +679,7 @@ class KuraConfig:
             node_url=node_url,
             public_tls=public_tls,
             log_format=read.choice(LOG_FORMAT, ("json", "text")),
-            access_log=read.strict_boolean(ACCESS_LOG),
+            access_log=read.boolean(ACCESS_LOG),
             data_dir=data_dir,
             tmp_dir=read.optional_text(TMP_DIR) or default_tmp_dir(data_dir),
             tmp_dir_max_bytes=read.integer(TMP_DIR_MAX_BYTES, minimum=1),
@@ -727,6 +727,11 @@ class _NodeReader(Reader):
         return soft, hard
 
     def tenant(self, variable: Variable[str]) -> str:
+        if self.set_but_blank(variable):
+            # Unset means the default tenant; set-but-empty is a mistake
+            # (a templating error), not a wish for "default".
+            self.fail(variable, "is set but empty (unset it for the default tenant)")
+            return variable.default
         value = self.text(variable)
         if not value.isascii() or not all(c.isalnum() or c in "-_." for c in value):
             self.fail(variable, "must be ASCII letters, digits, '-', '_' or '.'")
@@ -823,7 +828,7 @@ class _NodeReader(Reader):
                 self.fail(INTERNAL_TLS_PEER_NAMES, f"entry {name!r} is not a DNS name pattern")
         if names and internal_tls is None:
             self.fail(INTERNAL_TLS_PEER_NAMES, "needs peer mTLS (KURA_INTERNAL_TLS_*_PATH)")
-        insecure = self.strict_boolean(INTERNAL_INSECURE)
+        insecure = self.boolean(INTERNAL_INSECURE)
         until = self.timestamp_ms(PEER_ACCEPT_UNSIGNED_UNTIL)
         if until is not None and secret is None:
             self.fail(PEER_ACCEPT_UNSIGNED_UNTIL, "needs KURA_PEER_SECRET (what peers sign with)")
@@ -892,7 +897,24 @@ def render_markdown() -> str:
         "A node needs none of them: `twistd -n kura` starts on the defaults below.",
         "`twistd kura` options (`--port`, `--internal-port`, `--data-dir`, `--tmp-dir`,",
         "`--tenant-id`) override the environment. A bad value stops the node with one",
-        "message naming every offending variable.",
+        "message naming every offending variable; a `KURA_*` variable kura does not read",
+        "(a typo) is named in one warning at start, with the closest known name",
+        "(Kubernetes service-link variables such as `KURA_SERVICE_HOST` are left out).",
+        "`twistd kura --help` lists the most common variables; `--version` prints kura's.",
+        "",
+        "One grammar per kind of value:",
+        "",
+        "* **switches**: `1`, `true`, `yes`, `on` or `0`, `false`, `no`, `off`, any case;",
+        "* **durations** (`..._MS`): milliseconds, or a number with a unit: `250ms`, `30s`,",
+        "  `5m`, `1h`, `1.5s`;",
+        "* **sizes** (`..._BYTES...`): bytes, or a number with a unit: `KiB`, `MiB`, `GiB`,",
+        "  `TiB` (or `Ki`, `Mi`, `Gi`, `Ti`, as Kubernetes writes them) are powers of 1024;",
+        "  `KB`, `MB`, `GB`, `TB` (or `K`, `M`, `G`, `T`) powers of 1000; `B` bytes;",
+        "* **empty values** count as unset (the default), except `KURA_TENANT_ID`: set but",
+        "  empty is an error (unset it for the default tenant);",
+        "* a port set to `tcp://...` is the Kubernetes service link of a Service named like",
+        "  the variable; it is refused with a message saying so (set `enableServiceLinks:",
+        "  false`, as the chart does).",
     ]
     section = None
     for variable in VARIABLES:
