@@ -12,7 +12,12 @@ from __future__ import annotations
 import time
 from typing import Any, cast
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -69,6 +74,17 @@ ACCESS_MODE = "public port guarded by {mode}"
 DRAIN_DEADLINE = "drain deadline passed with {count} public transfers in flight; cutting them off"
 
 
+def process_registry() -> CollectorRegistry:
+    """A node's registry: kura's metrics go on it, next to the standard
+    ``process_*`` (CPU, memory, descriptors) and ``python_*`` (version, GC)
+    collectors every Python exporter has."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
 class KuraNode(MultiService):
     """One kura node (see the module docstring).
 
@@ -95,7 +111,7 @@ class KuraNode(MultiService):
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.metrics = KuraMetrics(registry or CollectorRegistry())
+        self.metrics = KuraMetrics(registry or process_registry())
         self.pool: ThreadPool | None = None
         if runner is None:
             self.pool = ThreadPool(
