@@ -55,7 +55,7 @@ from kura.storage.staging import TmpBudget
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
-from kura.tls import public_server_options
+from kura.tls import public_https_options
 from kura.web.admission import RouteMatch
 from kura.web.site import KuraSite
 from kura.web.upload_slots import UploadSlots
@@ -232,6 +232,7 @@ class KuraNode(MultiService):
             ),
         )
         self.ports: dict[str, IListeningPort] = {}
+
         self.started: Deferred[None] = Deferred()
         self._janitor = LoopingCall(lambda: Deferred.fromCoroutine(self._expire_uploads()))
         self._janitor.clock = reactor
@@ -312,12 +313,16 @@ class KuraNode(MultiService):
             self.config.port, self.public_factory(), backlog=LISTEN_BACKLOG, interface=host
         )
         if self.config.public_tls is not None:
+            options = public_https_options(
+                self.config.public_tls, self.reactor, self.config.tls_reload_interval_ms / 1000
+            )
             self.ports["https"] = IReactorSSL(self.reactor).listenSSL(
                 self.config.https_port,
                 self.site,
-                public_server_options(self.config.public_tls),
+                options,  # type: ignore[arg-type]  # IOpenSSLServerConnectionCreator is accepted
                 interface=host,
             )
+
         # The internal plane; its workers start now that storage is open.
         self.ports["internal"] = self.replication.start_serving()
 

@@ -110,6 +110,7 @@ def _every_variable(pem: dict[str, str]) -> dict[str, tuple[str, Callable[[KuraC
         "KURA_PUBLIC_TLS_CERT_PATH": (pem["cert"], lambda c: c.public_tls.cert_path, pem["cert"]),
         "KURA_PUBLIC_TLS_KEY_PATH": (pem["key"], lambda c: c.public_tls.key_path, pem["key"]),
         "KURA_LOG_FORMAT": ("text", lambda c: c.log_format, "text"),
+        "KURA_TLS_RELOAD_INTERVAL_MS": ("30s", lambda c: c.tls_reload_interval_ms, 30_000),
         "KURA_ACCESS_LOG": ("false", lambda c: c.access_log, False),
         "KURA_DATA_DIR": ("/srv/kura", lambda c: c.data_dir, "/srv/kura"),
         "KURA_TMP_DIR": ("/srv/tmp", lambda c: c.tmp_dir, "/srv/tmp"),

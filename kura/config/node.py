@@ -78,6 +78,13 @@ PUBLIC_TLS_CERT_PATH = _var(
 PUBLIC_TLS_KEY_PATH = _var(
     _NODE, "KURA_PUBLIC_TLS_KEY_PATH", None, "PEM private key for public HTTPS."
 )
+TLS_RELOAD_INTERVAL_MS = _var(
+    _NODE,
+    "KURA_TLS_RELOAD_INTERVAL_MS",
+    10_000,
+    "How often the public TLS and peer mTLS files are checked; changed files (cert-manager "
+    "rotating them in place) are loaded for new connections. 0 never reloads.",
+)
 LOG_FORMAT = _var(
     _NODE, "KURA_LOG_FORMAT", "json", "`json` (one JSON event per line) or `text` on stdout."
 )
@@ -570,6 +577,7 @@ class KuraConfig:
     region: str = REGION.default
     node_url: str = default_node_url("http", INTERNAL_PORT.default)
     public_tls: TlsFiles | None = None
+    tls_reload_interval_ms: int = TLS_RELOAD_INTERVAL_MS.default
     log_format: str = LOG_FORMAT.default
     access_log: bool = ACCESS_LOG.default
     data_dir: str = DATA_DIR.default
@@ -678,6 +686,7 @@ class KuraConfig:
             region=read.text(REGION),
             node_url=node_url,
             public_tls=public_tls,
+            tls_reload_interval_ms=read.integer(TLS_RELOAD_INTERVAL_MS),
             log_format=read.choice(LOG_FORMAT, ("json", "text")),
             access_log=read.boolean(ACCESS_LOG),
             data_dir=data_dir,
