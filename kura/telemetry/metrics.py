@@ -180,6 +180,16 @@ class KuraMetrics:
             "Artifacts forgotten because their body was missing or short.",
             registry=r,
         )
+        self.artifact_tombstones = Gauge(
+            "kura_artifact_tombstones",
+            "Tombstones of deleted artifacts kept (counted at each retention sweep).",
+            registry=r,
+        )
+        self.artifact_tombstones_purged = Counter(
+            "kura_artifact_tombstones_purged",
+            "Tombstones of deleted artifacts forgotten after KURA_TOMBSTONE_RETENTION_MS.",
+            registry=r,
+        )
         self.tmp_dir_bytes = Gauge(
             "kura_tmp_dir_bytes", "Bytes reserved in the staging directory.", registry=r
         )
