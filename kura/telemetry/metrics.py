@@ -301,7 +301,7 @@ class KuraMetrics:
         self.replication_requests = Counter(
             "kura_replication_requests",
             "Outbox deliveries by target host, operation and result "
-            "(ok, error, dropped_stale_target).",
+            "(ok, error, dropped_stale_target, dropped_unsupported).",
             ["target", "operation", "result"],
             registry=r,
         )
@@ -315,7 +315,7 @@ class KuraMetrics:
         self.replication_apply_results = Counter(
             "kura_replication_apply_results",
             "Replicated items applied or ignored, by source (replication, bootstrap), "
-            "item type (artifact, namespace_delete) and outcome.",
+            "item type (artifact, namespace_delete, artifact_delete) and outcome.",
             ["source", "item_type", "outcome"],
             registry=r,
         )
@@ -384,7 +384,7 @@ class KuraMetrics:
         )
         self.bootstrap_applied_items = Counter(
             "kura_bootstrap_applied_items",
-            "Items catch-up applied, by type (artifact, namespace_delete).",
+            "Items catch-up applied, by type (artifact, namespace_delete, artifact_delete).",
             ["item_type"],
             registry=r,
         )

@@ -192,8 +192,14 @@ def test_a_delete_on_one_node_reaches_the_other(mesh: MemoryMesh) -> None:
 
 
 def test_catch_up_does_not_bring_a_deleted_entry_back(mesh: MemoryMesh) -> None:
-    """B misses the delete and still offers the entry; a node joining later never stores it."""
-    a, b = pair(mesh)
+    """B misses the delete and still offers the entry; a node joining later never stores it.
+
+    A and B do not name C, so no outbox row carries the delete to C: only its
+    catch-up can tell it.
+    """
+    a = mesh.add(0, [1])
+    b = mesh.add(1, [0])
+    mesh.run_until(lambda: all(ready(n) and n.state.membership.known_peers for n in (a, b)), 60)
     assert public(a, "PUT", CCACHE, b"doomed").status == 200
     mesh.run_until(lambda: public(b, "GET", CCACHE).status == 200, 10)
     mesh.down.add(host_of(1))
@@ -204,10 +210,11 @@ def test_catch_up_does_not_bring_a_deleted_entry_back(mesh: MemoryMesh) -> None:
     # C applies A's tombstones before any manifest, whichever peer it walks first.
     c = mesh.add(2, [0, 1])
     mesh.run_until(lambda: ready(c) and len(c.state.membership.known_peers) == 2, 60)
-    mesh.run_until(lambda: drained_to(a, 1) and drained_to(a, 2), 70)
+    assert public(c, "GET", CCACHE).status == 404
+    assert sample(c, "kura_bootstrap_applied_items_total", item_type="artifact_delete") == 1
+    mesh.run_until(lambda: drained_to(a, 1), 70)
     for node in (a, b, c):
         assert public(node, "GET", CCACHE).status == 404
-    assert sample(c, "kura_bootstrap_applied_items_total", item_type="artifact_delete") == 1
     assert c.store.metadata.artifact_tombstone_version(ccache_id(c)) is not None
 
 
