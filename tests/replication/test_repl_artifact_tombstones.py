@@ -133,6 +133,38 @@ def test_a_client_delete_queues_one_row_per_peer_and_tombstone_pages_list_it(
         assert wire.ArtifactDeleteMessage.from_json(item).version_ms > 0
 
 
+def test_the_node_purges_tombstones_after_the_retention(tmp_path: object) -> None:
+    """KURA_TOMBSTONE_RETENTION_MS reaches the node's sweep; the gauge and counter follow."""
+    started = memory_node(
+        f"{tmp_path}/data", KURA_TOMBSTONE_RETENTION_MS="60000", KURA_ALLOW_ANONYMOUS_DELETE="true"
+    )
+    try:
+        started.reactor.advance(1_700_000_000)
+        assert request(started, "DELETE", CCACHE).status == 204
+        started.reactor.advance(6)  # one sweep interval (a tenth of the retention)
+        assert sample(started, "kura_artifact_tombstones") == 1
+        started.reactor.advance(60)
+        assert sample(started, "kura_artifact_tombstones_purged_total") == 1
+        assert sample(started, "kura_artifact_tombstones") == 0
+        assert started.store.metadata.artifact_tombstones_page(None, 10) == []
+    finally:
+        started.stopService()
+
+
+def test_a_replicated_tombstone_ages_from_the_delete_not_from_its_arrival(node: KuraNode) -> None:
+    """A tombstone caught up days later is purged when the deleting node purges its own."""
+    node.reactor.advance(1_700_000_000)
+    now = int(node.reactor.seconds() * 1000)
+    old = now - 5 * 86_400_000
+    assert internal(node, "DELETE", artifact_delete(node, old)).status == 204
+    assert internal(node, "DELETE", artifact_delete(node, now + 1000, key="e" * 40)).status == 204
+    aged = {
+        t.version_ms: t.deleted_at_ms
+        for t in node.store.metadata.artifact_tombstones_page(None, 10)
+    }
+    assert aged == {old: old, now + 1000: now}  # never in the future
+
+
 # -- a mesh of in-memory nodes -------------------------------------------------------------------
 
 
