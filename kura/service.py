@@ -53,6 +53,7 @@ from kura.storage.lock import WriterLock, WriterLockHeld
 from kura.storage.runner import ThreadPoolRunner
 from kura.storage.staging import TmpBudget
 from kura.storage.store import ArtifactStore
+from kura.storage.tombstones import TombstoneSweeper
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
 from kura.tls import public_https_options
@@ -236,6 +237,13 @@ class KuraNode(MultiService):
         self.started: Deferred[None] = Deferred()
         self._janitor = LoopingCall(lambda: Deferred.fromCoroutine(self._expire_uploads()))
         self._janitor.clock = reactor
+        self.tombstones = TombstoneSweeper(
+            store=self.store,
+            clock=reactor,
+            retention_ms=config.replication.tombstone_retention_ms,
+            on_purged=self.metrics.artifact_tombstones_purged.inc,
+            on_count=self.metrics.artifact_tombstones.set,
+        )
         self._init_metrics()
 
     def _init_metrics(self) -> None:
@@ -276,6 +284,7 @@ class KuraNode(MultiService):
         self.accelerator.log_settings()
         self._log_access_mode()
         self._janitor.start(self.config.multipart_janitor_interval_ms / 1000, now=True)
+        self.tombstones.start()
         self.memory.start()
         log.info(
             NODE_STARTED,
@@ -370,6 +379,7 @@ class KuraNode(MultiService):
     async def _stop(self) -> None:
         if self._janitor.running:
             self._janitor.stop()
+        self.tombstones.stop()
         self.memory.stop()
         await DeferredList([maybeDeferred(p.stopListening) for p in self.ports.values()])
         self.ports.clear()

@@ -220,6 +220,11 @@ def _every_variable(pem: dict[str, str]) -> dict[str, tuple[str, Callable[[KuraC
             lambda c: c.replication.bootstrap_max_concurrent_peers,
             2,
         ),
+        "KURA_TOMBSTONE_RETENTION_MS": (
+            "86400000",
+            lambda c: c.replication.tombstone_retention_ms,
+            86_400_000,
+        ),
         "KURA_INTERNAL_TLS_CA_CERT_PATH": (
             pem["ca"],
             lambda c: c.replication.internal_tls.ca_path,

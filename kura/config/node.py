@@ -325,6 +325,14 @@ BOOTSTRAP_TIMEOUT_MS = _var(
     1_800_000,
     "Catch-up from one peer fails after this long without progress.",
 )
+TOMBSTONE_RETENTION_MS = _var(
+    _REPL,
+    "KURA_TOMBSTONE_RETENTION_MS",
+    7 * 86_400_000,
+    "How long the tombstone of a deleted artifact (ccache DELETE) is kept, from the delete; "
+    "until then no peer or catch-up can bring the entry back. A node away longer must "
+    "rejoin with an empty data directory (see docs/replication.md).",
+)
 BOOTSTRAP_MAX_CONCURRENT_PEERS = _var(
     _REPL, "KURA_BOOTSTRAP_MAX_CONCURRENT_PEERS", 8, "Peers caught up from at once."
 )
@@ -527,6 +535,7 @@ class ReplicationConfig:
     upload_stall_ms: int = REPLICATION_UPLOAD_STALL_MS.default
     bootstrap_timeout_ms: int = BOOTSTRAP_TIMEOUT_MS.default
     bootstrap_max_concurrent_peers: int = BOOTSTRAP_MAX_CONCURRENT_PEERS.default
+    tombstone_retention_ms: int = TOMBSTONE_RETENTION_MS.default
     internal_tls: TlsFiles | None = None
     auth: PeerAuthConfig = attrs.field(factory=PeerAuthConfig)
 
@@ -671,6 +680,7 @@ class KuraConfig:
             upload_stall_ms=read.integer(REPLICATION_UPLOAD_STALL_MS, minimum=1),
             bootstrap_timeout_ms=read.integer(BOOTSTRAP_TIMEOUT_MS, minimum=1),
             bootstrap_max_concurrent_peers=read.integer(BOOTSTRAP_MAX_CONCURRENT_PEERS, minimum=1),
+            tombstone_retention_ms=read.integer(TOMBSTONE_RETENTION_MS, minimum=1),
             internal_tls=internal_tls,
             auth=read.peer_auth(internal_tls),
         )
