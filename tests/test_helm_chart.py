@@ -1264,3 +1264,72 @@ def test_dashboard_covers_the_operational_signals() -> None:
         "kura_ready_state",
         "kura_drain_state",
     } <= used
+
+
+# -- alerts and offline schema validation ---------------------------------------------------
+
+
+def test_alerts_are_off_by_default_and_read_only_series_kura_exports(
+    chart: ChartRenderer, default: Rendered
+) -> None:
+    """The PrometheusRule renders only when enabled; every kura_* series its alerts read
+    is one kura exports (kubelet_* come from the kubelet), with labels it carries."""
+    assert default.of_kind("PrometheusRule") == []
+    rendered = chart.render({"prometheusRule": {"enabled": True, "labels": {"team": "ci"}}})
+    rule = rendered.one("PrometheusRule")
+    assert rule["metadata"]["labels"]["team"] == "ci"
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert set(alerts) == {
+        "KuraNodeNotReady",
+        "KuraOutboxGrowing",
+        "KuraReplicationLagging",
+        "KuraServerErrors",
+        "KuraMemoryPressure",
+        "KuraDiskNearlyFull",
+    }
+    series = exported_series()
+    for alert in alerts.values():
+        for name, matchers in _METRIC.findall(alert["expr"]):
+            assert name in series, (alert["alert"], name)
+            labels = set(_MATCHER.findall(matchers)) - {"job"}
+            assert labels <= series[name], (alert["alert"], labels)
+    assert 'persistentvolumeclaim=~"cache-kura-[0-9]+"' in alerts["KuraDiskNearlyFull"]["expr"]
+
+
+#: Custom resources whose schemas are not in kubernetes-validate's bundle (the
+#: Prometheus Operator's CRDs are not shipped here): validated by the tests above.
+CUSTOM_RESOURCES = {"ServiceMonitor", "PrometheusRule"}
+
+
+@pytest.mark.parametrize("kubernetes", ["1.25.0", "1.34.0"])
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},
+        merged(
+            EVERYTHING,
+            {
+                "serviceMonitor": {"enabled": True},
+                "prometheusRule": {"enabled": True},
+                "ingress": {"enabled": True},
+                "networkPolicy": {"enabled": True},
+                "dashboards": {"enabled": True},
+            },
+        ),
+    ],
+    ids=["defaults", "mesh-with-tls-and-everything"],
+)
+def test_rendered_objects_pass_the_kubernetes_schemas(
+    chart: ChartRenderer, values: dict[str, Any], kubernetes: str
+) -> None:
+    """Every rendered object validates (strict: no unknown fields) against the
+    Kubernetes OpenAPI schemas of the oldest supported and a recent release, offline."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    rendered = chart.render(values)
+    checked = 0
+    for resource in rendered.objects:
+        if resource["kind"] in CUSTOM_RESOURCES:
+            continue
+        kubernetes_validate.validate(resource, kubernetes, strict=True)
+        checked += 1
+    assert checked >= 6
