@@ -63,6 +63,9 @@ from kura.web.upload_slots import UploadSlots
 
 log = Logger(namespace="kura.node")
 
+#: How often the retention age gauge is refreshed.
+RETENTION_SAMPLE_SECONDS = 60.0
+
 NODE_STARTED = "kura {version} serving tenant {tenant_id} on public port {port}"
 WRITER_LOCK_FAILED = "{message}"
 LISTEN_BACKLOG = 1024
@@ -237,6 +240,8 @@ class KuraNode(MultiService):
         self.started: Deferred[None] = Deferred()
         self._janitor = LoopingCall(lambda: Deferred.fromCoroutine(self._expire_uploads()))
         self._janitor.clock = reactor
+        self._retention = LoopingCall(lambda: Deferred.fromCoroutine(self._sample_retention()))
+        self._retention.clock = reactor
         self.tombstones = TombstoneSweeper(
             store=self.store,
             clock=reactor,
@@ -284,6 +289,7 @@ class KuraNode(MultiService):
         self.accelerator.log_settings()
         self._log_access_mode()
         self._janitor.start(self.config.multipart_janitor_interval_ms / 1000, now=True)
+        self._retention.start(RETENTION_SAMPLE_SECONDS, now=True)
         self.tombstones.start()
         self.memory.start()
         log.info(
@@ -344,6 +350,16 @@ class KuraNode(MultiService):
         address: Any = self.ports["public"].getHost()
         return int(address.port)
 
+    async def _sample_retention(self) -> None:
+        """Refresh ``kura_cas_retention_age_seconds`` (one indexed SQLite read)."""
+        try:
+            oldest = await self.store.oldest_access_ms()
+        except Exception:
+            log.failure("sampling the retention age failed")
+            return
+        age = 0.0 if oldest is None else max(0.0, self.reactor.seconds() - oldest / 1000)
+        self.metrics.cas_retention_age.set(age)
+
     async def _expire_uploads(self) -> None:
         expired = await self.store.expire_uploads(self.config.multipart_upload_ttl_ms)
         if expired:
@@ -377,8 +393,9 @@ class KuraNode(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        if self._janitor.running:
-            self._janitor.stop()
+        for loop in (self._janitor, self._retention):
+            if loop.running:
+                loop.stop()
         self.tombstones.stop()
         self.memory.stop()
         await DeferredList([maybeDeferred(p.stopListening) for p in self.ports.values()])

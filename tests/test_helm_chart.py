@@ -1263,6 +1263,8 @@ def test_dashboard_covers_the_operational_signals() -> None:
         "kura_outbox_messages",
         "kura_ready_state",
         "kura_drain_state",
+        "kura_artifact_reads_total",
+        "kura_cas_retention_age_seconds",
     } <= used
 
 

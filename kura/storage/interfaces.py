@@ -157,6 +157,9 @@ class IArtifactStore(Interface):
     async def purge_artifact_tombstones(deleted_before_ms: int, limit: int) -> int:
         """Forget up to ``limit`` artifact tombstones older than the retention; how many went."""
 
+    async def oldest_access_ms() -> int | None:
+        """When the least recently used file-backed artifact was last used (``None``: none)."""
+
     async def artifact_tombstone_count() -> int:
         """How many artifact tombstones are kept."""
 

@@ -352,6 +352,16 @@ class MetadataStore:
         )
         return [ArtifactTombstone(row[0], row[1], int(row[2]), int(row[3])) for row in rows]
 
+    def oldest_access_ms(self) -> int | None:
+        """When the least recently used file-backed artifact was last read or written
+        (the next to be evicted; ``None`` with none stored). One index step."""
+        row = (
+            self._reader()
+            .execute("SELECT MIN(last_access_ms) FROM manifests WHERE inline = 0")
+            .fetchone()
+        )
+        return None if row[0] is None else int(row[0])
+
     def artifact_tombstone_count(self) -> int:
         return int(self._reader().execute("SELECT COUNT(*) FROM artifact_tombstones").fetchone()[0])
 

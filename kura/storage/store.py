@@ -733,6 +733,10 @@ class ArtifactStore:
             lambda conn: self.metadata.purge_artifact_tombstones(conn, deleted_before_ms, limit)
         )
 
+    async def oldest_access_ms(self) -> int | None:
+        """See :meth:`MetadataStore.oldest_access_ms` (read on a storage thread)."""
+        return await self._runner.run(self.metadata.oldest_access_ms)
+
     async def artifact_tombstone_count(self) -> int:
         return await self._runner.run(self.metadata.artifact_tombstone_count)
 

@@ -163,6 +163,12 @@ class KuraMetrics:
         )
 
         # Storage --------------------------------------------------------------
+        self.cas_retention_age = Gauge(
+            "kura_cas_retention_age_seconds",
+            "How long ago the least recently used stored artifact (the next to be evicted) "
+            "was last used: what the cache currently retains (0 when empty).",
+            registry=r,
+        )
         self.cas_capacity_bytes = Gauge(
             "kura_cas_capacity_bytes", "Configured artifact byte budget.", registry=r
         )

@@ -273,3 +273,18 @@ def test_every_route_answers_a_draining_node_as_documented(node: KuraNode) -> No
 
 def route_fields(spec: Any) -> list[str]:
     return re.findall(r"{(\w+)}", spec.template)
+
+
+def test_the_retention_age_is_how_long_ago_the_next_eviction_was_used(node: KuraNode) -> None:
+    """``kura_cas_retention_age_seconds``: 0 while empty; then the age of the least
+    recently used file-backed artifact, refreshed every minute."""
+    from kura.service import RETENTION_SAMPLE_SECONDS
+
+    clock = node.reactor
+    clock.advance(RETENTION_SAMPLE_SECONDS)
+    assert sample(node, "kura_cas_retention_age_seconds") == 0
+    written_at = clock.seconds()
+    assert request(node, "POST", CAS.format(id="old"), b"x" * 10_000).status == 204
+    clock.advance(10 * RETENTION_SAMPLE_SECONDS)
+    age = sample(node, "kura_cas_retention_age_seconds")
+    assert 9 * RETENTION_SAMPLE_SECONDS <= age <= clock.seconds() - written_at
