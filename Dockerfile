@@ -7,7 +7,13 @@
 # first one runs unchanged in the second (same interpreter path), and the
 # runtime image carries neither the source tree nor pip's build leftovers.
 
-FROM python:3.11-slim-bookworm AS build
+# Pin the base by digest for reproducible images (this build environment
+# cannot resolve registry digests, so the default is the tag):
+#   docker build --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest> .
+# Both stages use the same image, so the virtualenv runs unchanged.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -30,7 +36,7 @@ RUN python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(I
     && twistd --help | grep ' kura ' >/dev/null
 
 
-FROM python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 
 LABEL org.opencontainers.image.title="kura" \
       org.opencontainers.image.description="Build-artifact cache node with a same-port sendfile/splice accelerator" \

@@ -140,10 +140,13 @@ def setup_extras() -> set[str]:
 
 
 def test_every_stage_uses_python_311_slim_bookworm(instructions: list[Instruction]) -> None:
-    """All stages build FROM python:3.11-slim-bookworm, so the venv copied between them runs."""
+    """All stages build FROM one ``PYTHON_IMAGE`` (python:3.11-slim-bookworm unless a
+    digest-pinned reference is given), so the venv copied between them runs."""
     bases = [i.arguments.split()[0] for i in instructions if i.keyword == "FROM"]
     assert bases
-    assert set(bases) == {BASE_IMAGE}
+    assert set(bases) == {"${PYTHON_IMAGE}"}
+    (argument,) = [i for i in instructions if i.keyword == "ARG" and i.stage == -1]
+    assert argument.arguments == f"PYTHON_IMAGE={BASE_IMAGE}"
 
 
 def test_tini_is_installed_and_is_pid_1(instructions: list[Instruction]) -> None:
