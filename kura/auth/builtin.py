@@ -112,6 +112,9 @@ class _BuiltIn:
     def clear_caches(self) -> int:
         return 0
 
+    def start(self) -> None:
+        pass
+
     def close(self) -> Deferred[None]:
         return succeed(None)
 
