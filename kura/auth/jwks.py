@@ -36,7 +36,7 @@ from typing import Any
 import attrs
 import treq
 from jwt import PyJWK, PyJWKSet
-from jwt.exceptions import PyJWKError, PyJWKSetError
+from jwt.exceptions import PyJWTError
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -196,7 +196,7 @@ def _signing_keys(document: Any) -> dict[str, Mapping[str, Any]]:
     try:
         # Validates every key (unusable ones are skipped by PyJWT).
         usable = PyJWKSet.from_dict({"keys": kept})
-    except (PyJWKSetError, PyJWKError) as error:
+    except PyJWTError as error:
         raise FetchFailed(f"no usable signing key: {error}") from None
     found: dict[str, Mapping[str, Any]] = {}
     for parsed in usable.keys:
@@ -322,7 +322,7 @@ class JwksKeys:
             # accepts for a key of the matching type.
             try:
                 cached = PyJWK(dict(raw), algorithm=raw.get("alg") or algorithm)
-            except PyJWKError as error:
+            except PyJWTError as error:
                 raise KeyUnavailable(f"key {kid!r} cannot verify {algorithm}: {error}") from None
             self._parsed[(kid, algorithm)] = cached
         return cached
