@@ -382,7 +382,7 @@ class KuraNode(MultiService):
             self._janitor.stop()
         self.tombstones.stop()
         self.memory.stop()
-        self.authorizer.close()
+        await self.authorizer.close()
         await DeferredList([maybeDeferred(p.stopListening) for p in self.ports.values()])
         self.ports.clear()
         await super().stopService()
