@@ -46,7 +46,12 @@ def build_authorizer(
                     return agent_for(client)
                 return Agent(reactor, connectTimeout=client.connect_timeout_ms / 1000)
 
-            return OidcAccess(access, clock=reactor, agent=agent)
+            return OidcAccess(
+                access,
+                clock=reactor,
+                agent=agent,
+                on_fetched=lambda result: metrics.jwks_fetches.labels("oidc", result).inc(),
+            )
         if access.uses_tokens:
             return TokenAccess(access)
         return OpenAccess(allow_anonymous_delete=access.allow_anonymous_delete)

@@ -39,6 +39,15 @@ from .tokens import JwksJwtVerifier, JwtVerifier, build_verifier
 AgentFactory = Callable[[HttpClientConfig], IAgent]
 
 
+def _fetch_counter(metrics: KuraMetrics, verifier: str) -> Callable[[str], None]:
+    """Counts one verifier's key fetches in ``kura_jwks_fetches_total``."""
+
+    def count(result: str) -> None:
+        metrics.jwks_fetches.labels(verifier, result).inc()
+
+    return count
+
+
 class ExtensionHost:
     """See the module docstring.
 
@@ -81,7 +90,11 @@ class ExtensionHost:
 
         self._verifiers: dict[str, JwtVerifier | JwksJwtVerifier] = {
             rid: build_verifier(
-                f"extension:{rid}", verifier, clock=reactor, agent=jwks_agent(verifier.jwks_url)
+                f"extension:{rid}",
+                verifier,
+                clock=reactor,
+                agent=jwks_agent(verifier.jwks_url),
+                on_fetched=_fetch_counter(metrics, f"extension:{rid}"),
             )
             for rid, verifier in config.jwt_verifiers.items()
         }

@@ -215,6 +215,7 @@ class JwksKeys:
         clock: schedules refreshes and retries, and rate-limits fetches.
         unknown_kid_interval: the minimum time between two fetches triggered
             by unknown ``kid`` values (the last fetch of any kind counts).
+        on_fetched: called with ``"ok"`` or ``"error"`` after each fetch (metrics).
     """
 
     def __init__(
@@ -225,7 +226,9 @@ class JwksKeys:
         source: str,
         clock: IReactorTime,
         unknown_kid_interval: float = UNKNOWN_KID_INTERVAL_SECONDS,
+        on_fetched: Callable[[str], None] = lambda result: None,
     ) -> None:
+        self._on_fetched = on_fetched
         self.name = name
         self.source = source
         self._fetch = fetch
@@ -287,6 +290,7 @@ class JwksKeys:
 
     def _fetched(self, result: float | Failure) -> None:
         waiters, self._inflight = self._inflight or [], None
+        self._on_fetched("error" if isinstance(result, Failure) else "ok")
         if isinstance(result, Failure):
             self._failures += 1
             delay = min(RETRY_MAX_SECONDS, RETRY_MIN_SECONDS * 2 ** (self._failures - 1))

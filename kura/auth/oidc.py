@@ -57,13 +57,19 @@ class OidcAccess:
         config: the access rules (``config.oidc`` must be set).
         clock: token times, key refreshes.
         agent: builds the ``IAgent`` the keys are fetched through.
+        on_fetched: told the result (``ok``/``error``) of each key fetch.
     """
 
     mode = "oidc"
     adds_headers = False
 
     def __init__(
-        self, config: AccessConfig, *, clock: IReactorTime, agent: Callable[[], IAgent]
+        self,
+        config: AccessConfig,
+        *,
+        clock: IReactorTime,
+        agent: Callable[[], IAgent],
+        on_fetched: Callable[[str], None] = lambda result: None,
     ) -> None:
         oidc = config.oidc
         assert oidc is not None
@@ -82,6 +88,7 @@ class OidcAccess:
             clock=clock,
             agent=agent,
             discover_issuer=True,
+            on_fetched=on_fetched,
         )
         assert isinstance(verifier, JwksJwtVerifier)
         self.verifier = verifier

@@ -236,6 +236,7 @@ def build_verifier(
     clock: IReactorTime,
     agent: Callable[[], IAgent],
     discover_issuer: bool = False,
+    on_fetched: Callable[[str], None] = lambda result: None,
 ) -> JwtVerifier | JwksJwtVerifier:
     """The verifier of one configuration: HS* with a secret, else JWKS.
 
@@ -245,8 +246,10 @@ def build_verifier(
             called for a JWKS verifier).
         discover_issuer: without a ``jwks_url``, discover it from the
             issuer's OpenID configuration (the built-in OIDC mode).
+        on_fetched: told the result (``ok``/``error``) of each key fetch.
     """
     if config.jwks_url is None and not discover_issuer:
         return JwtVerifier(config, clock)
     fetch, source = jwks_source(agent(), clock, jwks_url=config.jwks_url, issuer=config.issuer)
-    return JwksJwtVerifier(config, JwksKeys(name, fetch, source=source, clock=clock), clock)
+    keys = JwksKeys(name, fetch, source=source, clock=clock, on_fetched=on_fetched)
+    return JwksJwtVerifier(config, keys, clock)

@@ -32,7 +32,7 @@ from kura.domain.errors import Forbidden, Unauthorized
 from kura.telemetry.metrics import KuraMetrics
 from kura.testing import failed, succeeded
 from tests.auth.jwks_support import AUDIENCE, ISSUER, JwksResource, ec_key, jwks, rsa_key
-from tests.auth.support import context
+from tests.auth.support import context, sample
 from tests.auth.test_jwks import JWKS_URL, Agent
 
 RSA = rsa_key()
@@ -285,6 +285,7 @@ def test_keys_unavailable_fail_closed(clock: Clock, metrics: KuraMetrics) -> Non
         agent_for=lambda client: agent,
     )
     authorizer.start()
+    assert sample(metrics, "kura_jwks_fetches_total", verifier="oidc", result="error") == 1
     token = RSA.sign(clock.seconds())
     ctx = context(headers={"authorization": f"Bearer {token}"})
 
@@ -296,6 +297,7 @@ def test_keys_unavailable_fail_closed(clock: Clock, metrics: KuraMetrics) -> Non
     clock.advance(1)
     agent.inner.flush()
     assert succeeded(check()).kind == "oidc"
+    assert sample(metrics, "kura_jwks_fetches_total", verifier="oidc", result="ok") == 1
     succeeded(authorizer.close())
     assert not clock.getDelayedCalls()
 
@@ -323,6 +325,7 @@ def test_host_verifies_jwks_tokens_asynchronously(clock: Clock, metrics: KuraMet
     agent.inner.flush()
     token = RSA.sign(clock.seconds())
     claims = succeeded(Deferred.fromCoroutine(kura.jwt_verify_async("ci", token)))
+    assert sample(metrics, "kura_jwks_fetches_total", verifier="extension:CI", result="ok") == 1
     assert claims["sub"].startswith("repo:acme/")
     with pytest.raises(AwaitRequired, match="jwt_verify_async"):
         kura.jwt_verify("ci", token)

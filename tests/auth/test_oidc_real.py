@@ -21,7 +21,7 @@ from kura.domain.errors import KuraError
 from kura.telemetry.metrics import KuraMetrics
 from tests.auth.jwks_support import AUDIENCE, ISSUER, JwksResource, ed_key, jwks, rsa_key
 from tests.auth.support import context
-from tests.support.mesh import request
+from tests.support.mesh import metrics, request
 from tests.support.real import RealNode
 
 EXAMPLE = str(Path(__file__).parents[2] / "examples" / "extensions" / "ci_oidc.py")
@@ -171,6 +171,8 @@ def test_real_node_in_oidc_mode(tmp_path: Path, jwks_thread: str) -> None:
         rollout = json.loads(request("GET", node.url + "/status/rollout")[2])
         assert rollout["auth_mode"] == "oidc"
         assert "JWKS oidc fetched" in node.log()
+        fetched = metrics(node)['kura_jwks_fetches_total{result="ok",verifier="oidc"}']
+        assert fetched == 1
     finally:
         node.stop()
     assert os.path.exists(tmp_path / "data")
