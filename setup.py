@@ -27,7 +27,8 @@ setup(
         # allow-lists, constant-time signature checks, issuer/audience
         # validation; the crypto extra brings RS*/PS*/ES*/EdDSA and JWKS
         # parsing (cryptography is in the closure anyway, through twisted[tls]).
-        "PyJWT[crypto]>=2.8",
+        # 2.10.0 matched `iss` partially (CVE-2024-53861).
+        "PyJWT[crypto]>=2.10.1",
     ],
     extras_require={
         # Twisted's HTTP/2 support (ALPN h2 on TLS, prior-knowledge h2c).
