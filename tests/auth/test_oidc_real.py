@@ -4,7 +4,6 @@ real reactor, and a ``twistd kura`` node in the built-in OIDC mode."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -175,4 +174,34 @@ def test_real_node_in_oidc_mode(tmp_path: Path, jwks_thread: str) -> None:
         assert fetched == 1
     finally:
         node.stop()
-    assert os.path.exists(tmp_path / "data")
+
+
+@pytest.mark.realnode
+def test_real_node_with_the_jwks_server_down_at_start(tmp_path: Path, jwks_thread: str) -> None:
+    """The node gets ready without keys, refuses ID tokens (401), and recovers by itself."""
+    import time
+
+    _Jwks.up = False
+    node = RealNode(
+        str(tmp_path / "data"),
+        KURA_AUTH_OIDC_ISSUER=ISSUER,
+        KURA_AUTH_OIDC_AUDIENCE=AUDIENCE,
+        KURA_AUTH_OIDC_JWKS_URL=jwks_thread,
+        KURA_AUTH_OIDC_WRITE_CLAIMS="repository_owner=acme",
+    ).start()
+    try:
+        assert request("GET", node.url + "/ready")[0] == 200
+        url = node.url + "/api/cache/gradle/down-key?tenant_id=default"
+        headers = {"Authorization": f"Bearer {RSA.sign(time.time())}"}
+        assert request("PUT", url, b"early", headers)[0] == 401
+        assert "JWKS oidc fetch failed" in node.log()
+        _Jwks.up = True
+        deadline = time.monotonic() + 20
+        status = 401
+        while status == 401 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            status = request("PUT", url, b"later", headers)[0]
+        assert status in (200, 201, 204)
+        assert request("GET", url, headers=headers)[2] == b"later"
+    finally:
+        node.stop()
