@@ -129,6 +129,7 @@ def succeed_claims(d: Deferred[dict[str, Any]]) -> dict[str, Any]:
 
 @pytest.fixture
 def fx(clock: Clock) -> Fixture:
+    """RSA, EC and Ed25519 keys served and fetched once (t=1000)."""
     fixture = Fixture(clock, [RSA, EC, ED])
     fixture.start()
     return fixture

@@ -186,6 +186,7 @@ class Node:
 
 @pytest.fixture
 def node(clock: Clock, metrics: KuraMetrics) -> Node:
+    """The OIDC authorizer with a static write token too, keys fetched."""
     return Node(clock, metrics, KURA_AUTH_WRITE_TOKENS=STATIC_WRITE)
 
 
