@@ -9,6 +9,8 @@ an OpenID configuration), counting requests; tests serve it in memory
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -18,6 +20,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+from jwt.utils import base64url_encode
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -71,6 +74,22 @@ class SigningKey:
         return jwt.encode(
             payload, self.private, algorithm=self.algorithm, headers={"kid": self.kid}
         )
+
+
+def forged_hs256(secret: bytes, payload: dict[str, Any], kid: str) -> str:
+    """An HS256 token with ``secret`` as HMAC key, built by hand (PyJWT refuses to
+    use a PEM public key as a secret, an algorithm-confusion attacker does not)."""
+    header = {"alg": "HS256", "typ": "JWT", "kid": kid}
+    signing_input = b".".join(
+        base64url_encode(json.dumps(part).encode()) for part in (header, payload)
+    )
+    signature = hmac.new(secret, signing_input, hashlib.sha256).digest()
+    return (signing_input + b"." + base64url_encode(signature)).decode()
+
+
+def unsigned(payload: dict[str, Any], kid: str) -> str:
+    """An ``alg: none`` token."""
+    return jwt.encode(payload, None, algorithm="none", headers={"kid": kid})
 
 
 def rsa_key(kid: str = "rsa-1") -> SigningKey:

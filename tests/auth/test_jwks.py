@@ -8,9 +8,6 @@ test's control.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 from typing import Any
 
 import jwt
@@ -44,6 +41,7 @@ from tests.auth.jwks_support import (
     SigningKey,
     ec_key,
     ed_key,
+    forged_hs256,
     jwks,
     rsa_key,
 )
@@ -168,14 +166,8 @@ def test_leeway_of_sixty_seconds(fx: Fixture) -> None:
 
 def test_hs256_token_signed_with_the_public_key_is_refused(fx: Fixture) -> None:
     """Algorithm confusion: an HS256 token whose HMAC secret is the RSA public PEM fails."""
-    # PyJWT refuses to produce such a token: the attacker builds it by hand.
-    header = {"alg": "HS256", "typ": "JWT", "kid": RSA.kid}
     payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": "x", "exp": 2000}
-    signing_input = b".".join(
-        base64url_encode(json.dumps(part).encode()) for part in (header, payload)
-    )
-    signature = hmac.new(RSA.public_pem(), signing_input, hashlib.sha256).digest()
-    forged = (signing_input + b"." + base64url_encode(signature)).decode()
+    forged = forged_hs256(RSA.public_pem(), payload, RSA.kid)
     assert "not allowed" in fx.refused(forged)
     # Even a verifier that (wrongly) allowed HS256 finds no HMAC key in the set.
     fixture = Fixture(fx.clock, [RSA], jwks_algorithms=("RS256", "HS256"))

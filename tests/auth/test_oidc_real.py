@@ -18,7 +18,16 @@ from twisted.web.server import Site
 from kura.auth import ExtensionAuthorizer, ExtensionConfig, build_authorizer
 from kura.domain.errors import KuraError
 from kura.telemetry.metrics import KuraMetrics
-from tests.auth.jwks_support import AUDIENCE, ISSUER, JwksResource, ed_key, jwks, rsa_key
+from tests.auth.jwks_support import (
+    AUDIENCE,
+    ISSUER,
+    JwksResource,
+    ed_key,
+    forged_hs256,
+    jwks,
+    rsa_key,
+    unsigned,
+)
 from tests.auth.support import context
 from tests.support.mesh import metrics, request
 from tests.support.real import RealNode
@@ -136,7 +145,8 @@ def jwks_thread() -> Iterator[str]:
 
 @pytest.mark.realnode
 def test_real_node_in_oidc_mode(tmp_path: Path, jwks_thread: str) -> None:
-    """A write with a main-branch token is stored; a foreign, forged or read-only one is not."""
+    """A write with a main-branch token is stored; a foreign, forged (HS256 with the
+    public key, alg none, another key), wrong-audience or read-only one is not."""
     import time
 
     node = RealNode(
@@ -166,6 +176,10 @@ def test_real_node_in_oidc_mode(tmp_path: Path, jwks_thread: str) -> None:
         assert put(main[:-4] + ("AAAA" if not main.endswith("AAAA") else "BBBB"), b"x") == 401
         assert put(rsa_key().sign(now), b"poisoned") == 401  # same kid, another key
         assert request("PUT", url, b"poisoned")[0] == 401
+        claims = {"iss": ISSUER, "aud": AUDIENCE, "repository_owner": "acme", "exp": now + 60}
+        claims["ref"] = "refs/heads/main"
+        assert put(forged_hs256(RSA.public_pem(), claims, RSA.kid), b"poisoned") == 401
+        assert put(unsigned(claims, RSA.kid), b"poisoned") == 401
         assert request("GET", url, headers={"Authorization": f"Bearer {main}"})[2] == b"built by CI"
         rollout = json.loads(request("GET", node.url + "/status/rollout")[2])
         assert rollout["auth_mode"] == "oidc"
