@@ -23,9 +23,12 @@ setup(
         "zope.interface>=6.0",
         "prometheus-client>=0.20.0",
         "attrs>=23.1.0",
-        # Extension host JWT verification: explicit algorithm allow-lists,
-        # constant-time signature checks, issuer/audience validation.
-        "PyJWT>=2.8",
+        # JWT verification (extension host, built-in OIDC): explicit algorithm
+        # allow-lists, constant-time signature checks, issuer/audience
+        # validation; the crypto extra brings RS*/PS*/ES*/EdDSA and JWKS
+        # parsing (cryptography is in the closure anyway, through twisted[tls]).
+        # 2.10.0 matched `iss` partially (CVE-2024-53861).
+        "PyJWT[crypto]>=2.10.1",
     ],
     extras_require={
         # Twisted's HTTP/2 support (ALPN h2 on TLS, prior-knowledge h2c).

@@ -67,6 +67,10 @@ NOT_EXPOSED = {
     "KURA_PEER_SECRET_NEXT_FILE": "the chart sets KURA_PEER_SECRET_NEXT from a secretKeyRef",
     "KURA_INTERNAL_BIND_HOST": "a chart's pods have peers: the node binds it like the public port",
     "KURA_MEMORY_BODY_MAX_BYTES": "a performance knob with a measured default; extraEnv sets it",
+    **{
+        f"KURA_AUTH_OIDC_{name}": "the built-in OIDC mode is set through extraEnv for now"
+        for name in ("ISSUER", "AUDIENCE", "JWKS_URL", "ALGORITHMS", "READ_CLAIMS", "WRITE_CLAIMS")
+    },
 }
 #: Set by the chart ahead of its declaration in kura/config/node.py.
 PENDING_DECLARATION = {"KURA_EXTENSION_SCRIPT_PATH"}

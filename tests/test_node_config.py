@@ -271,6 +271,36 @@ def _every_variable(pem: dict[str, str]) -> dict[str, tuple[str, Callable[[KuraC
         ),
         "KURA_AUTH_ANONYMOUS_READ": ("true", lambda c: c.access.anonymous_read, True),
         "KURA_ALLOW_ANONYMOUS_DELETE": ("true", lambda c: c.access.allow_anonymous_delete, True),
+        "KURA_AUTH_OIDC_ISSUER": (
+            "https://token.actions.githubusercontent.com",
+            lambda c: c.access.oidc.issuer,
+            "https://token.actions.githubusercontent.com",
+        ),
+        "KURA_AUTH_OIDC_AUDIENCE": (
+            "kura, cache",
+            lambda c: c.access.oidc.audiences,
+            ("kura", "cache"),
+        ),
+        "KURA_AUTH_OIDC_JWKS_URL": (
+            "https://idp.example/jwks",
+            lambda c: c.access.oidc.jwks_url,
+            "https://idp.example/jwks",
+        ),
+        "KURA_AUTH_OIDC_ALGORITHMS": (
+            "rs256,eddsa",
+            lambda c: c.access.oidc.algorithms,
+            ("RS256", "EdDSA"),
+        ),
+        "KURA_AUTH_OIDC_READ_CLAIMS": (
+            "repository_owner=acme",
+            lambda c: c.access.oidc.read_claims,
+            (("repository_owner", "acme"),),
+        ),
+        "KURA_AUTH_OIDC_WRITE_CLAIMS": (
+            "repository_owner=acme, ref=refs/heads/main",
+            lambda c: c.access.oidc.write_claims,
+            (("repository_owner", "acme"), ("ref", "refs/heads/main")),
+        ),
         "KURA_METRICS_TOKEN": (
             "m" * 16,
             lambda c: c.access.metrics_token,

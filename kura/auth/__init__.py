@@ -22,9 +22,10 @@ from .host import ExtensionHost
 from .http_client import HttpClientError, JsonResponse
 from .interfaces import IExtension, IRequestAuthorizer
 from .loader import LoadedExtension, load_extension
+from .oidc import OidcAccess
 from .results import ALLOW, ANONYMOUS, Allow, Anonymous, Deny, Headers, Principal, SignRequest
 from .signing import constant_time_equals
-from .tokens import TokenInvalid
+from .tokens import AwaitRequired, TokenInvalid
 
 __all__ = [
     "ALLOW",
@@ -33,6 +34,7 @@ __all__ = [
     "AccessConfig",
     "Allow",
     "Anonymous",
+    "AwaitRequired",
     "Deny",
     "ExtensionAuthorizer",
     "ExtensionConfig",
@@ -46,6 +48,7 @@ __all__ = [
     "IRequestAuthorizer",
     "JsonResponse",
     "LoadedExtension",
+    "OidcAccess",
     "OpenAccess",
     "Principal",
     "SignRequest",

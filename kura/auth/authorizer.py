@@ -251,6 +251,11 @@ class ExtensionAuthorizer:
         """Drop every cached result (critical memory pressure); return the count."""
         return self._authenticated.clear() + self._authorized.clear()
 
+    def start(self) -> None:
+        """Start the host's background work (JWKS key fetches)."""
+        if self._host is not None:
+            self._host.start()
+
     def close(self) -> Deferred[None]:
         """Close the host's pooled connections."""
         if self._host is None:

@@ -2,13 +2,14 @@
 
 Which one a node runs (:func:`kura.auth.factory.build_authorizer`):
 
-==========================  ==========================================================
-configuration               authorizer
-==========================  ==========================================================
-an extension                the extension (it replaces everything here)
-tokens (``KURA_AUTH_*``)    :class:`TokenAccess`
-neither                     :class:`OpenAccess` (open mode, warned at start)
-==========================  ==========================================================
+==============================  ======================================================
+configuration                   authorizer
+==============================  ======================================================
+an extension                    the extension (it replaces everything here)
+``KURA_AUTH_OIDC_ISSUER``       :class:`~kura.auth.oidc.OidcAccess` (with any tokens)
+tokens (``KURA_AUTH_*``)        :class:`TokenAccess`
+none of these                   :class:`OpenAccess` (open mode, warned at start)
+==============================  ======================================================
 
 :class:`TokenAccess` answers:
 
@@ -111,6 +112,9 @@ class _BuiltIn:
 
     def clear_caches(self) -> int:
         return 0
+
+    def start(self) -> None:
+        pass
 
     def close(self) -> Deferred[None]:
         return succeed(None)

@@ -4,7 +4,9 @@ An extension receives it through ``setup(host)`` (see
 :mod:`kura.auth.loader`). It mirrors upstream's Lua ``kura`` table:
 
 * :meth:`ExtensionHost.jwt_verify` — HS256/384/512 JWTs with issuer and
-  audience checks (``KURA_EXTENSION_JWT_VERIFIER_<ID>_*``);
+  audience checks (``KURA_EXTENSION_JWT_VERIFIER_<ID>_*``), and
+  :meth:`ExtensionHost.jwt_verify_async`, its coroutine form, which also
+  verifies RS*/PS*/ES*/EdDSA tokens with keys from a JWKS URL;
 * :meth:`ExtensionHost.http_json` — JSON over HTTP with deadlines and one
   retry (``KURA_EXTENSION_HTTP_CLIENT_<ID>_*``);
 * :meth:`ExtensionHost.sign_hmac_base64` — HMAC-SHA256, base64
@@ -32,9 +34,18 @@ from kura.telemetry.metrics import KuraMetrics
 from .errors import UnknownResource
 from .http_client import JsonHttpClient, JsonResponse
 from .signing import constant_time_equals, hmac_sha256_base64
-from .tokens import JwtVerifier
+from .tokens import JwksJwtVerifier, JwtVerifier, build_verifier
 
 AgentFactory = Callable[[HttpClientConfig], IAgent]
+
+
+def _fetch_counter(metrics: KuraMetrics, verifier: str) -> Callable[[str], None]:
+    """Counts one verifier's key fetches in ``kura_jwks_fetches_total``."""
+
+    def count(result: str) -> None:
+        metrics.jwks_fetches.labels(verifier, result).inc()
+
+    return count
 
 
 class ExtensionHost:
@@ -70,8 +81,22 @@ class ExtensionHost:
             def agent_for(client: HttpClientConfig) -> IAgent:
                 return Agent(reactor, connectTimeout=client.connect_timeout_ms / 1000, pool=pool)
 
-        self._verifiers = {
-            rid: JwtVerifier(verifier, reactor) for rid, verifier in config.jwt_verifiers.items()
+        def jwks_agent(url: str | None) -> Callable[[], IAgent]:
+            # The JWKS travels through the same agent factory as the clients.
+            client = HttpClientConfig(
+                base_url=url or "", connect_timeout_ms=5_000, request_timeout_ms=10_000
+            )
+            return lambda: agent_for(client)
+
+        self._verifiers: dict[str, JwtVerifier | JwksJwtVerifier] = {
+            rid: build_verifier(
+                f"extension:{rid}",
+                verifier,
+                clock=reactor,
+                agent=jwks_agent(verifier.jwks_url),
+                on_fetched=_fetch_counter(metrics, f"extension:{rid}"),
+            )
+            for rid, verifier in config.jwt_verifiers.items()
         }
         self._clients = {
             rid: JsonHttpClient(
@@ -81,18 +106,44 @@ class ExtensionHost:
         }
         self._signers = dict(config.signers)
 
+    def _verifier(self, verifier_id: str) -> JwtVerifier | JwksJwtVerifier:
+        verifier = self._verifiers.get(normalize_id(verifier_id))
+        if verifier is None:
+            raise UnknownResource(f"unknown JWT verifier {verifier_id!r}")
+        return verifier
+
     def jwt_verify(self, verifier_id: str, token: str | bytes) -> dict[str, Any]:
-        """The claims of ``token``, checked by verifier ``verifier_id``.
+        """The claims of ``token``, checked by HS* verifier ``verifier_id``.
 
         Raises:
             UnknownResource: no such verifier is configured.
             TokenInvalid: bad signature, algorithm, issuer, audience, expiry,
                 or malformed/non-ASCII input.
+            AwaitRequired: the verifier uses a JWKS URL (its keys may have to
+                be fetched): use :meth:`jwt_verify_async`.
         """
-        verifier = self._verifiers.get(normalize_id(verifier_id))
-        if verifier is None:
-            raise UnknownResource(f"unknown JWT verifier {verifier_id!r}")
-        return verifier.verify(token)
+        return self._verifier(verifier_id).verify(token)
+
+    async def jwt_verify_async(self, verifier_id: str, token: str | bytes) -> dict[str, Any]:
+        """The claims of ``token``, checked by verifier ``verifier_id`` (a coroutine).
+
+        Works for every verifier: HS* ones answer at once; JWKS ones answer
+        at once when they hold the token's key, and otherwise wait for one
+        refresh of the key set (at most one per 30 s, shared by concurrent
+        callers; see :mod:`kura.auth.jwks`).
+
+        Raises:
+            UnknownResource: no such verifier is configured.
+            TokenInvalid: as :meth:`jwt_verify`, plus an unknown key id or no
+                keys fetched yet (fail closed).
+        """
+        return await self._verifier(verifier_id).verify_async(token)
+
+    def start(self) -> None:
+        """Start fetching the JWKS verifiers' keys (at node start)."""
+        for verifier in self._verifiers.values():
+            if isinstance(verifier, JwksJwtVerifier):
+                verifier.keys.start()
 
     async def http_json(
         self,
@@ -151,7 +202,10 @@ class ExtensionHost:
         return constant_time_equals(given, expected)
 
     def close(self) -> Deferred[None]:
-        """Close pooled HTTP connections (at node shutdown)."""
+        """Stop refreshing keys and close pooled HTTP connections (at node shutdown)."""
+        for verifier in self._verifiers.values():
+            if isinstance(verifier, JwksJwtVerifier):
+                verifier.keys.stop()
         if self._pool is None:
             return succeed(None)
         closing: Deferred[None] = self._pool.closeCachedConnections()

@@ -57,7 +57,7 @@ class IRequestAuthorizer(Interface):
     """
 
     mode = Attribute(
-        "How the public port is guarded: ``extension``, ``tokens`` or ``open`` (reported "
+        "How the public port is guarded: ``extension``, ``oidc``, ``tokens`` or ``open`` (reported "
         "in /status/rollout)."
     )
 
@@ -83,6 +83,9 @@ class IRequestAuthorizer(Interface):
 
     def clear_caches() -> int:
         """Drop every cached hook result; return how many were dropped."""
+
+    def start() -> None:
+        """Start background work (the OIDC and JWKS key fetches) at node start."""
 
     def close() -> Any:
         """Release resources (HTTP connections); returns a ``Deferred``."""

@@ -2,12 +2,14 @@
 
 Teams without an extension protect the public port with tokens
 (``KURA_AUTH_TOKENS_FILE``, ``KURA_AUTH_READ_TOKENS``,
-``KURA_AUTH_WRITE_TOKENS``). Tokens are kept only as SHA-256 digests, so a
-memory dump or a log line never holds one, and a token file may list
-``sha256:<hex>`` digests instead of the tokens themselves.
+``KURA_AUTH_WRITE_TOKENS``), with OIDC ID tokens of one issuer
+(``KURA_AUTH_OIDC_*``: a CI's workload identity, no shared secret), or both.
+Tokens are kept only as SHA-256 digests, so a memory dump or a log line
+never holds one, and a token file may list ``sha256:<hex>`` digests instead
+of the tokens themselves.
 
 :class:`AccessConfig` is the parsed, validated form; the authorizers that
-apply it live in :mod:`kura.auth.builtin`.
+apply it live in :mod:`kura.auth.builtin` and :mod:`kura.auth.oidc`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import re
 import attrs
 
 from kura.config.environ import Declarations, Reader, Variable
+from kura.config.extension import http_url_problem, parse_algorithms
 
 _var = Declarations()
 _ACCESS = "Public access"
@@ -59,6 +62,47 @@ STATUS_TOKEN = _var(
     None,
     "When set, `/status/*` answers only `Authorization: Bearer <this token>` "
     "(`/up` and `/ready` stay open for probes).",
+)
+OIDC_ISSUER = _var(
+    _ACCESS,
+    "KURA_AUTH_OIDC_ISSUER",
+    None,
+    "Accept OIDC ID tokens (JWTs signed with the issuer's public keys) of this issuer, e.g. "
+    "`https://token.actions.githubusercontent.com`. Needs KURA_AUTH_OIDC_AUDIENCE and a "
+    "_READ_CLAIMS or _WRITE_CLAIMS rule. Works alongside the static tokens.",
+)
+OIDC_AUDIENCE = _var(
+    _ACCESS,
+    "KURA_AUTH_OIDC_AUDIENCE",
+    None,
+    "Comma-separated; a token's `aud` must name one of them (required with the issuer).",
+)
+OIDC_JWKS_URL = _var(
+    _ACCESS,
+    "KURA_AUTH_OIDC_JWKS_URL",
+    None,
+    "The issuer's JSON Web Key Set; fetched at start, refreshed per its Cache-Control "
+    "(5 min..24 h, default 1 h) and on an unknown `kid` (at most every 30 s).",
+    shown="discovered from <issuer>/.well-known/openid-configuration",
+)
+OIDC_ALGORITHMS = _var(
+    _ACCESS,
+    "KURA_AUTH_OIDC_ALGORITHMS",
+    "RS256,ES256,EdDSA",
+    "Accepted algorithms, among RS256/384/512, PS256/384/512, ES256/384/512 and EdDSA.",
+)
+OIDC_READ_CLAIMS = _var(
+    _ACCESS,
+    "KURA_AUTH_OIDC_READ_CLAIMS",
+    None,
+    "Comma-separated `claim=value` pairs; a token whose claims match all of them may read.",
+)
+OIDC_WRITE_CLAIMS = _var(
+    _ACCESS,
+    "KURA_AUTH_OIDC_WRITE_CLAIMS",
+    None,
+    "Comma-separated `claim=value` pairs; a token whose claims match all of them may read "
+    "and write (cleans and deletes included), e.g. `repository_owner=acme,ref=refs/heads/main`.",
 )
 #: The public access variables, in documentation order.
 ACCESS_VARIABLES = tuple(_var.variables)
@@ -104,6 +148,48 @@ class AccessToken:
         return f"AccessToken({self.scope.value}, {self.name})"
 
 
+#: A claim rule: every ``(claim, value)`` pair must match (an empty rule matches nothing).
+ClaimRule = tuple[tuple[str, str], ...]
+
+
+@attrs.frozen
+class OidcConfig:
+    """The built-in OIDC mode (``KURA_AUTH_OIDC_*``).
+
+    Attributes:
+        issuer: the one issuer accepted (``iss``, exactly).
+        audiences: a token's ``aud`` must name one of them.
+        jwks_url: where the keys are; ``None``: discovered from the issuer.
+        algorithms: accepted signature algorithms (public-key ones only).
+        read_claims: the claims that make a token a read token.
+        write_claims: the claims that make a token a write token.
+    """
+
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_url: str | None = None
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    read_claims: ClaimRule = ()
+    write_claims: ClaimRule = ()
+
+
+def parse_claim_rule(text: str) -> ClaimRule:
+    """``claim=value,claim=value`` as pairs.
+
+    Raises:
+        ValueError: an item without ``=`` or with an empty name or value.
+    """
+    pairs = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        name, equals, value = item.partition("=")
+        if not equals or not name.strip() or not value.strip():
+            raise ValueError(f"must be claim=value pairs, got {item.strip()!r}")
+        pairs.append((name.strip(), value.strip()))
+    return tuple(pairs)
+
+
 @attrs.frozen
 class AccessConfig:
     """The public port's built-in access rules.
@@ -115,6 +201,7 @@ class AccessConfig:
             are allowed.
         metrics_token: digest of the bearer token ``/metrics`` requires.
         status_token: digest of the bearer token ``/status/*`` requires.
+        oidc: the OIDC mode, when ``KURA_AUTH_OIDC_ISSUER`` is set.
     """
 
     tokens: tuple[AccessToken, ...] = ()
@@ -122,10 +209,17 @@ class AccessConfig:
     allow_anonymous_delete: bool = ALLOW_ANONYMOUS_DELETE.default
     metrics_token: bytes | None = None
     status_token: bytes | None = None
+    oidc: OidcConfig | None = None
 
     @property
     def uses_tokens(self) -> bool:
+        """Static tokens are configured."""
         return bool(self.tokens)
+
+    @property
+    def guarded(self) -> bool:
+        """Static tokens or OIDC guard the public port (not open mode)."""
+        return bool(self.tokens) or self.oidc is not None
 
     @classmethod
     def read(cls, read: Reader) -> AccessConfig:
@@ -149,7 +243,59 @@ class AccessConfig:
             allow_anonymous_delete=read.boolean(ALLOW_ANONYMOUS_DELETE),
             metrics_token=_bearer_digest(read, METRICS_TOKEN),
             status_token=_bearer_digest(read, STATUS_TOKEN),
+            oidc=_oidc(read),
         )
+
+
+def _oidc(read: Reader) -> OidcConfig | None:
+    issuer = read.optional_text(OIDC_ISSUER)
+    others = (OIDC_AUDIENCE, OIDC_JWKS_URL, OIDC_READ_CLAIMS, OIDC_WRITE_CLAIMS)
+    if issuer is None:
+        for variable in others:
+            if read.optional_text(variable) is not None:
+                read.fail(variable, "needs KURA_AUTH_OIDC_ISSUER")
+        return None
+    problem = http_url_problem(issuer)
+    if problem is not None:
+        read.fail(OIDC_ISSUER, problem)
+    audiences = tuple(read.items(OIDC_AUDIENCE))
+    if not audiences:
+        # The audience says the token was minted for this cache: without it
+        # a token the issuer minted for any other service would be accepted.
+        read.fail(OIDC_AUDIENCE, "must be set with KURA_AUTH_OIDC_ISSUER")
+    jwks_url = read.optional_text(OIDC_JWKS_URL)
+    if jwks_url is not None and (problem := http_url_problem(jwks_url)) is not None:
+        read.fail(OIDC_JWKS_URL, problem)
+    algorithms = parse_algorithms(OIDC_ALGORITHMS.default)
+    text = read.optional_text(OIDC_ALGORITHMS)
+    if text is not None:
+        try:
+            algorithms = parse_algorithms(text)
+        except ValueError as error:
+            read.fail(OIDC_ALGORITHMS, str(error))
+    rules: dict[str, ClaimRule] = {}
+    for variable in (OIDC_READ_CLAIMS, OIDC_WRITE_CLAIMS):
+        try:
+            rules[variable.name] = parse_claim_rule(read.optional_text(variable) or "")
+        except ValueError as error:
+            read.fail(variable, str(error))
+            rules[variable.name] = ()
+    if not any(rules.values()):
+        # A public issuer signs tokens for anyone who asks (any GitHub
+        # repository can mint one with any audience): the claims must say whose.
+        read.fail(
+            OIDC_ISSUER,
+            "needs KURA_AUTH_OIDC_READ_CLAIMS or KURA_AUTH_OIDC_WRITE_CLAIMS (for example "
+            "repository_owner=<your org>): the issuer signs tokens for others too",
+        )
+    return OidcConfig(
+        issuer=issuer,
+        audiences=audiences,
+        jwks_url=jwks_url,
+        algorithms=algorithms,
+        read_claims=rules[OIDC_READ_CLAIMS.name],
+        write_claims=rules[OIDC_WRITE_CLAIMS.name],
+    )
 
 
 def _tokens(read: Reader, variable: Variable[None], scope: Scope) -> tuple[AccessToken, ...]:

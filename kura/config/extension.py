@@ -6,7 +6,8 @@ variables there are three families keyed by a resource id, which hooks name
 when they call the host (ids are case-insensitive: upper-cased here and in
 every host lookup, as upstream does):
 
-* ``KURA_EXTENSION_JWT_VERIFIER_<ID>_{ALGORITHM,SECRET,ISSUER,AUDIENCES}``
+* ``KURA_EXTENSION_JWT_VERIFIER_<ID>_{ALGORITHM,SECRET,ISSUER,AUDIENCES}`` (HS*), or
+  ``..._{JWKS_URL,ALGORITHMS,ISSUER,AUDIENCES}`` (public keys from a JWKS URL)
 * ``KURA_EXTENSION_HTTP_CLIENT_<ID>_{BASE_URL,CONNECT_TIMEOUT_MS,REQUEST_TIMEOUT_MS}``
 * ``KURA_EXTENSION_SIGNER_<ID>_{ALGORITHM,SECRET}``
 
@@ -103,18 +104,33 @@ JWT_VERIFIER_ALGORITHM = _variable(
 JWT_VERIFIER_SECRET = _variable(
     "KURA_EXTENSION_JWT_VERIFIER_<ID>_SECRET",
     None,
-    "Shared HMAC secret of JWT verifier <ID> (its UTF-8 bytes are the key).",
-    shown="(required)",
+    "Shared HMAC secret of JWT verifier <ID> (its UTF-8 bytes are the key). Required "
+    "unless _JWKS_URL is set (not both).",
+    shown="(required without _JWKS_URL)",
+)
+JWT_VERIFIER_JWKS_URL = _variable(
+    "KURA_EXTENSION_JWT_VERIFIER_<ID>_JWKS_URL",
+    None,
+    "http(s) URL of the JSON Web Key Set whose public keys verify <ID>'s tokens "
+    "(RS*/PS*/ES*/EdDSA, e.g. CI OIDC ID tokens); fetched at start, refreshed per its "
+    "Cache-Control (5 min..24 h, default 1 h) and on an unknown `kid` (at most every 30 s). "
+    "Needs _ISSUER and _AUDIENCES; hooks verify with `await host.jwt_verify_async`.",
+)
+JWT_VERIFIER_ALGORITHMS = _variable(
+    "KURA_EXTENSION_JWT_VERIFIER_<ID>_ALGORITHMS",
+    "RS256,ES256,EdDSA",
+    "With _JWKS_URL: the comma-separated algorithms accepted, among RS256/384/512, "
+    "PS256/384/512, ES256/384/512 and EdDSA (never HS* or none).",
 )
 JWT_VERIFIER_ISSUER = _variable(
     "KURA_EXTENSION_JWT_VERIFIER_<ID>_ISSUER",
     None,
-    "When set, tokens must carry this `iss`.",
+    "When set, tokens must carry this `iss`. Required with _JWKS_URL.",
 )
 JWT_VERIFIER_AUDIENCES = _variable(
     "KURA_EXTENSION_JWT_VERIFIER_<ID>_AUDIENCES",
     None,
-    "Comma-separated; when set, a token's `aud` must name one of them.",
+    "Comma-separated; when set, a token's `aud` must name one of them. Required with _JWKS_URL.",
 )
 HTTP_CLIENT_BASE_URL = _variable(
     "KURA_EXTENSION_HTTP_CLIENT_<ID>_BASE_URL",
@@ -149,6 +165,20 @@ SIGNER_SECRET = _variable(
 EXTENSION_VARIABLES: tuple[Variable[Any], ...] = tuple(_declare.variables)
 
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512")
+#: What a JWKS verifier may accept: public-key algorithms only, so a token's
+#: ``alg`` can never make a public key serve as an HMAC secret.
+JWKS_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
 SIGNER_ALGORITHMS = ("hmac-sha256",)
 
 _JWT_PREFIX = "KURA_EXTENSION_JWT_VERIFIER_"
@@ -167,12 +197,54 @@ def normalize_id(resource_id: str) -> str:
 
 @attrs.frozen
 class JwtVerifierConfig:
-    """One ``KURA_EXTENSION_JWT_VERIFIER_<ID>_*`` group."""
+    """One ``KURA_EXTENSION_JWT_VERIFIER_<ID>_*`` group: a shared ``secret``
+    (HS*), or a ``jwks_url`` with ``algorithms`` (public keys)."""
 
     algorithm: str
-    secret: bytes = attrs.field(repr=False)
+    secret: bytes | None = attrs.field(default=None, repr=False)
     issuer: str | None = None
     audiences: tuple[str, ...] = ()
+    jwks_url: str | None = None
+    jwks_algorithms: tuple[str, ...] = ()
+
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        """The accepted algorithms."""
+        return self.jwks_algorithms if self.jwks_url is not None else (self.algorithm,)
+
+
+def parse_algorithms(text: str) -> tuple[str, ...]:
+    """A comma-separated list of :data:`JWKS_ALGORITHMS` (any case; ``EdDSA``
+    as PyJWT spells it).
+
+    Raises:
+        ValueError: an empty list or an algorithm not allowed.
+    """
+    known = {name.upper(): name for name in JWKS_ALGORITHMS}
+    found: list[str] = []
+    for item in text.split(","):
+        name = item.strip()
+        if not name:
+            continue
+        if name.upper() not in known:
+            raise ValueError(
+                f"must list algorithms among {', '.join(JWKS_ALGORITHMS)}, got {name!r}"
+            )
+        if known[name.upper()] not in found:
+            found.append(known[name.upper()])
+    if not found:
+        raise ValueError("must list at least one algorithm")
+    return tuple(found)
+
+
+def http_url_problem(url: str) -> str | None:
+    """Why ``url`` is not an http(s) URL with a host and no fragment (``None``: it is)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"must be an http:// or https:// URL with a host, got {url!r}"
+    if parts.fragment:
+        return f"must not have a fragment, got {url!r}"
+    return None
 
 
 @attrs.frozen
@@ -298,8 +370,22 @@ def _family_variable(prefix: str, resource: str, field: str) -> Variable[None]:
 
 def _jwt_verifiers(read: Reader, environ: Mapping[str, str]) -> dict[str, JwtVerifierConfig]:
     verifiers = {}
-    fields = ("ALGORITHM", "SECRET", "ISSUER", "AUDIENCES")
+    fields = ("ALGORITHM", "ALGORITHMS", "SECRET", "JWKS_URL", "ISSUER", "AUDIENCES")
     for resource, values in _groups(read, environ, _JWT_PREFIX, fields).items():
+        issuer = values.get("ISSUER", (None, ""))[1] or None
+        audiences = tuple(
+            a.strip() for a in values.get("AUDIENCES", (None, ""))[1].split(",") if a.strip()
+        )
+        secret = values.get("SECRET", (None, ""))[1]
+        jwks_url = values.get("JWKS_URL", (None, ""))[1]
+        if jwks_url:
+            verifier = _jwks_verifier(read, resource, values, jwks_url, issuer, audiences)
+            if verifier is not None:
+                verifiers[resource] = verifier
+            continue
+        if "ALGORITHMS" in values:
+            read.fail(values["ALGORITHMS"][0], "applies only with _JWKS_URL (HS* use _ALGORITHM)")
+            continue
         algorithm = JWT_VERIFIER_ALGORITHM.default
         if "ALGORITHM" in values:
             variable, text = values["ALGORITHM"]
@@ -307,18 +393,62 @@ def _jwt_verifiers(read: Reader, environ: Mapping[str, str]) -> dict[str, JwtVer
             if algorithm not in JWT_ALGORITHMS:
                 read.fail(variable, f"must be one of {', '.join(JWT_ALGORITHMS)}, got {text!r}")
                 continue
-        secret = values.get("SECRET", (None, ""))[1]
         if not secret:
-            read.fail(_family_variable(_JWT_PREFIX, resource, "SECRET"), "must be set")
+            read.fail(
+                _family_variable(_JWT_PREFIX, resource, "SECRET"), "must be set (or _JWKS_URL)"
+            )
             continue
-        issuer = values.get("ISSUER", (None, ""))[1] or None
-        audiences = tuple(
-            a.strip() for a in values.get("AUDIENCES", (None, ""))[1].split(",") if a.strip()
-        )
         verifiers[resource] = JwtVerifierConfig(
             algorithm=algorithm, secret=secret.encode("utf-8"), issuer=issuer, audiences=audiences
         )
     return verifiers
+
+
+def _jwks_verifier(
+    read: Reader,
+    resource: str,
+    values: dict[str, tuple[Variable[None], str]],
+    url: str,
+    issuer: str | None,
+    audiences: tuple[str, ...],
+) -> JwtVerifierConfig | None:
+    """The JWKS form of a verifier group, or ``None`` after reporting why not."""
+    variable = values["JWKS_URL"][0]
+    problems = []
+    for field in ("SECRET", "ALGORITHM"):
+        if field in values:
+            problems.append((values[field][0], "cannot be set with _JWKS_URL"))
+    problem = http_url_problem(url)
+    if problem is not None:
+        problems.append((variable, problem))
+    # A public issuer (GitHub's, GitLab's) signs tokens for everyone: without
+    # the issuer and audience checks any of its tokens would be accepted.
+    if issuer is None:
+        problems.append(
+            (_family_variable(_JWT_PREFIX, resource, "ISSUER"), "must be set with _JWKS_URL")
+        )
+    if not audiences:
+        problems.append(
+            (_family_variable(_JWT_PREFIX, resource, "AUDIENCES"), "must be set with _JWKS_URL")
+        )
+    algorithms: tuple[str, ...] = ()
+    try:
+        algorithms = parse_algorithms(
+            values.get("ALGORITHMS", (None, JWT_VERIFIER_ALGORITHMS.default))[1]
+        )
+    except ValueError as error:
+        problems.append((_family_variable(_JWT_PREFIX, resource, "ALGORITHMS"), str(error)))
+    for bad, text in problems:
+        read.fail(bad, text)
+    if problems:
+        return None
+    return JwtVerifierConfig(
+        algorithm=algorithms[0],
+        issuer=issuer,
+        audiences=audiences,
+        jwks_url=url,
+        jwks_algorithms=algorithms,
+    )
 
 
 def _milliseconds(

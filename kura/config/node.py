@@ -617,8 +617,8 @@ class KuraConfig:
 
     @property
     def open_access(self) -> bool:
-        """Neither tokens nor an extension guard the public port."""
-        return not self.access.uses_tokens and not self.extension.enabled
+        """Neither tokens, OIDC nor an extension guard the public port."""
+        return not self.access.guarded and not self.extension.enabled
 
     @classmethod
     def from_environ(

@@ -302,6 +302,12 @@ class KuraMetrics:
             ["client", "result"],
             registry=r,
         )
+        self.jwks_fetches = Counter(
+            "kura_jwks_fetches",
+            "JWKS key set fetches by verifier (oidc, extension:<ID>) and result (ok, error).",
+            ["verifier", "result"],
+            registry=r,
+        )
 
         # Replication --- (outbox, receiver, catch-up, membership, limiter)
         self.replication_requests = Counter(

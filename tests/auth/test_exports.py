@@ -21,6 +21,7 @@ def test_every_export_is_the_defining_modules_object() -> None:
         "kura.auth.http_client",
         "kura.auth.interfaces",
         "kura.auth.loader",
+        "kura.auth.oidc",
         "kura.auth.results",
         "kura.auth.signing",
         "kura.auth.tokens",

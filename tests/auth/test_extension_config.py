@@ -125,6 +125,6 @@ def test_enabled_without_a_source_and_both_sources_are_errors(tmp_path: Path) ->
 def test_every_variable_is_documented() -> None:
     """Each documented variable has a default and a meaning in the extension section."""
     names = [variable.name for variable in EXTENSION_VARIABLES]
-    assert len(names) == len(set(names)) == 18
+    assert len(names) == len(set(names)) == 20
     assert all(v.name.startswith("KURA_EXTENSION_") and v.meaning for v in EXTENSION_VARIABLES)
     assert {v.section for v in EXTENSION_VARIABLES} == {"Authorization extension"}
