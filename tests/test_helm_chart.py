@@ -43,6 +43,12 @@ ACCEL_VARS = (
 )
 EXTENSION = "def authorize(request):\n    return True\n"
 #: Every optional feature on, to see every variable the chart can set.
+OIDC = {
+    "issuer": "https://token.actions.githubusercontent.com",
+    "audience": "kura",
+    "writeClaims": "repository_owner=acme,ref=refs/heads/main",
+    "readClaims": "repository_owner=acme",
+}
 EVERYTHING: dict[str, Any] = {
     "config": {
         "casCapacityBytes": 100 * GiB,
@@ -52,6 +58,7 @@ EVERYTHING: dict[str, Any] = {
         "replication": {"peers": ["https://seed:7443"]},
     },
     "extension": {"enabled": True, "script": EXTENSION},
+    "auth": {"oidc": OIDC},
     "peerTls": {"enabled": True, "secretName": "kura-peer-tls"},
     "publicTls": {"enabled": True, "secretName": "kura-public-tls"},
     "peerAuth": {"acceptUnsignedUntil": "2026-12-31T00:00:00Z"},
@@ -67,10 +74,6 @@ NOT_EXPOSED = {
     "KURA_PEER_SECRET_NEXT_FILE": "the chart sets KURA_PEER_SECRET_NEXT from a secretKeyRef",
     "KURA_INTERNAL_BIND_HOST": "a chart's pods have peers: the node binds it like the public port",
     "KURA_MEMORY_BODY_MAX_BYTES": "a performance knob with a measured default; extraEnv sets it",
-    **{
-        f"KURA_AUTH_OIDC_{name}": "the built-in OIDC mode is set through extraEnv for now"
-        for name in ("ISSUER", "AUDIENCE", "JWKS_URL", "ALGORITHMS", "READ_CLAIMS", "WRITE_CLAIMS")
-    },
 }
 #: Set by the chart ahead of its declaration in kura/config/node.py.
 PENDING_DECLARATION = {"KURA_EXTENSION_SCRIPT_PATH"}
@@ -1339,3 +1342,16 @@ def test_rendered_objects_pass_the_kubernetes_schemas(
         kubernetes_validate.validate(resource, kubernetes, strict=True)
         checked += 1
     assert checked >= 6
+
+
+def test_oidc_values_reach_the_node(chart: ChartRenderer, tmp_path: Path) -> None:
+    """auth.oidc.* set the KURA_AUTH_OIDC_* variables the node parses; off while the
+    issuer is empty."""
+    assert not any(n.startswith("KURA_AUTH_OIDC_") for n in chart.render().env_names)
+    rendered = chart.render({"auth": {"oidc": OIDC}})
+    env = rendered.env
+    assert env["KURA_AUTH_OIDC_ISSUER"] == OIDC["issuer"]
+    assert env["KURA_AUTH_OIDC_WRITE_CLAIMS"] == OIDC["writeClaims"]
+    config = parse(node_environ(rendered, tmp_path))
+    assert config.access.oidc is not None
+    assert config.access.oidc.issuer == OIDC["issuer"]
