@@ -7,11 +7,13 @@
 # first one runs unchanged in the second (same interpreter path), and the
 # runtime image carries neither the source tree nor pip's build leftovers.
 
-# Pin the base by digest for reproducible images (this build environment
-# cannot resolve registry digests, so the default is the tag):
+# The base, pinned by digest so two builds of one commit start from the same
+# bytes: the multi-platform index of python:3.11-slim-bookworm (Python
+# 3.11.16, bookworm of 2026-08-24) as docker-library/repo-info records it.
+# Move it forward deliberately (security updates), or override it:
 #   docker build --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest> .
 # Both stages use the same image, so the virtualenv runs unchanged.
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:fe556eaffd0d96abd8685b83bb8a69addd0dc730fa193669a7df0d49ddcfac02
 
 FROM ${PYTHON_IMAGE} AS build
 
