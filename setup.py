@@ -12,7 +12,15 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=[*find_packages(include=["kura", "kura.*"]), "twisted.plugins"],
-    package_data={"kura": ["py.typed"], "twisted": ["plugins/kura_plugin.py"]},
+    package_data={
+        "kura": [
+            "py.typed",
+            "reapi/protos/**/*.proto",
+            "reapi/protos/LICENSE",
+            "reapi/gen/**/*.pyi",
+        ],
+        "twisted": ["plugins/kura_plugin.py"],
+    },
     include_package_data=True,
     install_requires=[
         # 26.10 rejects a bare LF inside a header value; older releases let
@@ -26,6 +34,13 @@ setup(
         # Extension host JWT verification: explicit algorithm allow-lists,
         # constant-time signature checks, issuer/audience validation.
         "PyJWT>=2.8",
+        # REAPI v2 over gRPC (kura.reapi): the server, the generated messages
+        # (kura/reapi/gen, made by `make protos` with the matching grpcio-tools),
+        # google.rpc/longrunning/api messages, and zstd compressed-blobs.
+        "grpcio>=1.85.1",
+        "protobuf>=7.35.1",
+        "googleapis-common-protos>=1.70",
+        "zstandard>=0.22",
     ],
     extras_require={
         # Twisted's HTTP/2 support (ALPN h2 on TLS, prior-knowledge h2c).
@@ -45,7 +60,11 @@ setup(
             # Helm's own template engine as a wheel, to render helm/kura in
             # tests (pinned: an alpha release).
             "helm-python-sdk==0.2.2",
+            "types-grpcio>=1.0",
+            "types-protobuf>=5.0",
         ],
+        # `make protos`: regenerate kura/reapi/gen from kura/reapi/protos.
+        "protos": ["grpcio-tools>=1.85.1"],
         # Coverage-guided fuzzing of the accelerator's parser (make fuzz),
         # off the default test run: libFuzzer finds inputs Hypothesis will not.
         "fuzz": ["atheris>=2.3"],

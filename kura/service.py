@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import (
     IListeningPort,
@@ -22,6 +22,7 @@ from twisted.internet.interfaces import (
     IReactorFromThreads,
     IReactorSSL,
     IReactorTCP,
+    IReactorThreads,
     IReactorTime,
 )
 from twisted.internet.task import LoopingCall
@@ -41,6 +42,7 @@ from kura.config import KuraConfig
 from kura.domain.failpoints import Failpoints
 from kura.lifecycle import NodeState
 from kura.memory import MemoryMonitor
+from kura.reapi.server import GrpcListener, ReapiServer
 from kura.replication.service import PeerMesh, ReplicationService
 from kura.storage.interfaces import IBlockingRunner
 from kura.storage.layout import Layout
@@ -215,6 +217,20 @@ class KuraNode(MultiService):
                 pool=self.accel_pool,
             ),
         )
+        # REAPI v2 over gRPC on its own port (kura.reapi; docs/architecture.md).
+        self.grpc: GrpcListener | None = None
+        if config.grpc.enabled:
+            self.reapi = ReapiServer(
+                store=self.store,
+                state=self.state,
+                authorization=self.authorization,
+                metrics=self.metrics,
+                reactor=cast(IReactorFromThreads, reactor),
+                config=config.grpc,
+                node_tenant=config.tenant_id,
+                outbox_max_depth=config.replication.outbox_max_depth,
+            )
+            self.grpc = GrpcListener(self.reapi, config.grpc, config.public_tls)
         self.ports: dict[str, IListeningPort] = {}
         self.started: Deferred[None] = Deferred()
         self._janitor = LoopingCall(lambda: Deferred.fromCoroutine(self._expire_uploads()))
@@ -304,6 +320,8 @@ class KuraNode(MultiService):
             )
         # The internal plane; its workers start now that storage is open.
         self.ports["internal"] = self.replication.start_serving()
+        if self.grpc is not None:
+            self.grpc.start(host)
 
     def public_factory(self) -> Any:
         """The protocol factory of the plain public port: the same-port accelerator."""
@@ -350,6 +368,14 @@ class KuraNode(MultiService):
         if self._janitor.running:
             self._janitor.stop()
         self.memory.stop()
+        if self.grpc is not None:
+            # RPCs in flight finish (they need the reactor, still running here).
+            grace = self.config.drain_completion_timeout_ms / 1000
+            stopped = self.grpc.stop(grace)
+            pool = IReactorThreads(self.reactor).getThreadPool()
+            await threads.deferToThreadPool(
+                cast(IReactorFromThreads, self.reactor), pool, stopped.wait, grace + 5
+            )
         await DeferredList([maybeDeferred(p.stopListening) for p in self.ports.values()])
         self.ports.clear()
         await super().stopService()
