@@ -145,11 +145,12 @@ class ReapiCache:
     async def open_action_result(self, namespace: str, action: Digest) -> Opened | None:
         """Open the stored action result of ``action`` (not yet validated), or ``None``."""
         manifest = await self._manifest(action_address(namespace, action), None)
-        if manifest is None:
+        opened = None if manifest is None else await self._open(manifest)
+        if manifest is None or opened is None:
+            self._on_read("not_found", 0)
             return None
-        opened = await self._open(manifest)
-        if opened is not None:
-            self._store.record_access(manifest.artifact_id)
+        self._store.record_access(manifest.artifact_id)
+        self._on_read("ok", manifest.size)
         return opened
 
     # -- writes -------------------------------------------------------------------------
@@ -164,6 +165,7 @@ class ReapiCache:
     async def put_action_result(self, namespace: str, action: Digest, data: bytes) -> None:
         """Store a serialized ``ActionResult`` for ``action`` (last writer wins)."""
         await self._put(action_address(namespace, action), data, WritePolicy.LAST_WRITER_WINS)
+        self._on_write("ok", len(data))
 
     async def _put(self, address: ArtifactAddress, data: bytes, policy: WritePolicy) -> None:
         staging = self._store.stage(limit=len(data), expected_length=len(data))
