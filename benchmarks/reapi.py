@@ -49,6 +49,10 @@ from kura.reapi.proto import bs_pb2, re_pb2
 BLOB = 4 * common.KiB
 BIG = 64 * common.MiB
 DIGESTS = 10_000
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
 
 
 def digest_of(data: bytes) -> Any:
@@ -91,6 +95,24 @@ def find_missing(cas: Any, blobs: list[bytes], calls: int) -> tuple[float, int]:
     return common.median(times), missing
 
 
+def call_latency(channel: grpc.Channel, stored: bytes, calls: int) -> tuple[float, float]:
+    """Median seconds of GetCapabilities (no reactor hop in open mode) and of
+    FindMissingBlobs of one stored, cached digest (one hop into the reactor)."""
+    capabilities = re_grpc.CapabilitiesStub(channel)
+    cas = re_grpc.ContentAddressableStorageStub(channel)
+    caps_request = re_pb2.GetCapabilitiesRequest()
+    find_request = re_pb2.FindMissingBlobsRequest(blob_digests=[digest_of(stored)])
+    caps_times, find_times = [], []
+    for _ in range(calls):
+        started = time.perf_counter()
+        capabilities.GetCapabilities(caps_request, timeout=30)
+        caps_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        cas.FindMissingBlobs(find_request, timeout=30)
+        find_times.append(time.perf_counter() - started)
+    return common.median(caps_times), common.median(find_times)
+
+
 def batch_rate(channel: grpc.Channel, clients: int, batch: int, duration: float) -> float:
     """4 KiB blobs stored per second by ``clients`` threads of BatchUpdateBlobs."""
     cas = re_grpc.ContentAddressableStorageStub(channel)
@@ -124,20 +146,36 @@ def batch_rate(channel: grpc.Channel, clients: int, batch: int, duration: float)
     return sum(stored) / elapsed
 
 
-def bytestream_read_rate(channel: grpc.Channel, digest: Any, duration: float) -> float:
-    """Bytes per second of whole-blob ByteStream.Reads, one at a time."""
-    bs = bs_grpc.ByteStreamStub(channel)
+def bytestream_read_rate(target: str, digest: Any, duration: float, streams: int) -> float:
+    """Bytes per second of whole-blob ByteStream.Reads by ``streams`` threads, one channel each."""
     name = f"blobs/{digest.hash}/{digest.size_bytes}"
-    total = 0
+    totals = [0] * streams
+    errors: list[BaseException] = []
+    deadline = time.monotonic() + duration
+
+    def reader(index: int) -> None:
+        try:
+            with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+                bs = bs_grpc.ByteStreamStub(channel)
+                while time.monotonic() < deadline:
+                    got = 0
+                    for response in bs.Read(bs_pb2.ReadRequest(resource_name=name), timeout=120):
+                        got += len(response.data)
+                    if got != digest.size_bytes:
+                        raise common.BenchmarkError(f"ByteStream.Read returned {got} bytes")
+                    totals[index] += got
+        except BaseException as error:
+            errors.append(error)
+
     started = time.monotonic()
-    while time.monotonic() - started < duration:
-        got = 0
-        for response in bs.Read(bs_pb2.ReadRequest(resource_name=name), timeout=120):
-            got += len(response.data)
-        if got != digest.size_bytes:
-            raise common.BenchmarkError(f"ByteStream.Read returned {got} bytes")
-        total += got
-    return total / (time.monotonic() - started)
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise common.BenchmarkError(f"ByteStream.Read failed: {errors[0]}")
+    return sum(totals) / (time.monotonic() - started)
 
 
 def write_big(channel: grpc.Channel, data: bytes) -> Any:
@@ -187,11 +225,7 @@ def one_repetition(args: argparse.Namespace, work: str, index: int) -> dict[str,
     sample: dict[str, Any] = {"repetition": index}
     with common.running(server):
         target = server.node.grpc_target
-        options = [
-            ("grpc.max_receive_message_length", 64 * common.MiB),
-            ("grpc.max_send_message_length", 64 * common.MiB),
-        ]
-        with grpc.insecure_channel(target, options=options) as channel:
+        with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
             cas = re_grpc.ContentAddressableStorageStub(channel)
             # FindMissingBlobs: 10,000 absent, then the same 10,000 present.
             blobs = unique_blobs(DIGESTS, f"fm{index}")
@@ -203,6 +237,10 @@ def one_repetition(args: argparse.Namespace, work: str, index: int) -> dict[str,
             sample["find_missing_present_s"], missing = find_missing(cas, blobs, args.calls)
             if missing != 0:
                 raise common.BenchmarkError(f"{missing} stored blobs reported missing")
+            # The cost of one hop into the reactor, per call.
+            sample["capabilities_s"], sample["find_one_s"] = call_latency(
+                channel, blobs[0], args.latency_calls
+            )
             # 4 KiB writes: BatchUpdateBlobs vs single HTTP PUTs.
             sample["batch_update_blobs_per_s"] = batch_rate(
                 channel, args.clients, args.batch, args.duration
@@ -226,16 +264,23 @@ def one_repetition(args: argparse.Namespace, work: str, index: int) -> dict[str,
             if status != 200:
                 raise common.BenchmarkError(f"HTTP PUT of the 64 MiB blob answered {status}")
             common.check_download(server.port, f"/bazel/cas/{digest.hash}", digest.hash, BIG)
-            sample["bytestream_read_mb_s"] = (
-                bytestream_read_rate(channel, digest, args.duration) / 1e6
-            )
-            get = common.lua_get_script(work, f"get-{index}", [f"/bazel/cas/{digest.hash}"])
-            get_result = common.run_wrk(
-                f"http://127.0.0.1:{server.port}", 1, int(args.duration), get, server.pid
-            )
-            if get_result.bad_status or any(get_result.errors.values()):
-                raise common.BenchmarkError(f"HTTP GET errors: {get_result}")
-            sample["http_get_mb_s"] = get_result.bytes_read / get_result.duration_s / 1e6
+            for streams in args.read_concurrency:
+                sample[f"bytestream_read_mb_s_{streams}"] = (
+                    bytestream_read_rate(target, digest, args.duration, streams) / 1e6
+                )
+                get = common.lua_get_script(work, f"get-{index}", [f"/bazel/cas/{digest.hash}"])
+                get_result = common.run_wrk(
+                    f"http://127.0.0.1:{server.port}",
+                    streams,
+                    int(args.duration),
+                    get,
+                    server.pid,
+                )
+                if get_result.bad_status or any(get_result.errors.values()):
+                    raise common.BenchmarkError(f"HTTP GET errors: {get_result}")
+                sample[f"http_get_mb_s_{streams}"] = (
+                    get_result.bytes_read / get_result.duration_s / 1e6
+                )
     print(f"repetition {index}: {sample}", file=sys.stderr)
     return sample
 
@@ -245,7 +290,13 @@ def report(samples: list[dict[str, Any]], args: argparse.Namespace) -> str:
         return common.fmt_spread([s[key] for s in samples], fmt)
 
     ms = lambda seconds: f"{seconds * 1000:.1f}"  # noqa: E731
-    read_ratio = common.median(s["bytestream_read_mb_s"] / s["http_get_mb_s"] for s in samples)
+    us = lambda seconds: f"{seconds * 1e6:.0f}"  # noqa: E731
+    read_ratios = {
+        streams: common.median(
+            s[f"bytestream_read_mb_s_{streams}"] / s[f"http_get_mb_s_{streams}"] for s in samples
+        )
+        for streams in args.read_concurrency
+    }
     write_ratio = common.median(
         s["batch_update_blobs_per_s"] / s["http_put_per_s"] for s in samples
     )
@@ -263,17 +314,32 @@ def report(samples: list[dict[str, Any]], args: argparse.Namespace) -> str:
             "-",
         ],
         [
+            "GetCapabilities, sequential (no reactor hop)",
+            "µs per call",
+            cell("capabilities_s", us),
+            "-",
+        ],
+        [
+            "FindMissingBlobs of 1 stored digest, sequential (one reactor hop)",
+            "µs per call",
+            cell("find_one_s", us),
+            "-",
+        ],
+        [
             f"4 KiB blobs stored: BatchUpdateBlobs ({args.batch}/call) vs single PUT /bazel/ac",
             "blobs/s",
             cell("batch_update_blobs_per_s"),
             cell("http_put_per_s"),
         ],
+    ]
+    rows += [
         [
-            "64 MiB read: ByteStream.Read vs accelerated GET /bazel/cas",
+            f"64 MiB read, {n} at a time: ByteStream.Read vs accelerated GET /bazel/cas",
             "MB/s",
-            cell("bytestream_read_mb_s"),
-            cell("http_get_mb_s"),
-        ],
+            cell(f"bytestream_read_mb_s_{n}"),
+            cell(f"http_get_mb_s_{n}"),
+        ]
+        for n in args.read_concurrency
     ]
     lines = [
         "# REAPI v2 over gRPC vs the Bazel HTTP cache (issue 16)",
@@ -282,7 +348,11 @@ def report(samples: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         common.markdown_table(["measurement", "unit", "gRPC", "HTTP"], rows),
         "",
-        f"- ByteStream.Read / accelerated GET: {read_ratio:.2f}{common.TIMES} (target >= 0.5)",
+        *(
+            f"- ByteStream.Read / accelerated GET, {n} at a time: {r:.2f}{common.TIMES} "
+            "(target >= 0.5)"
+            for n, r in read_ratios.items()
+        ),
         f"- BatchUpdateBlobs / single PUTs: {write_ratio:.2f}{common.TIMES} (target >= 1)",
         f"- {args.repeat} repetitions, median [min{common.DASH}max]; {args.clients} clients "
         f"for writes, {args.duration:.0f} s per throughput cell",
@@ -301,6 +371,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--calls", type=int, default=5, help="FindMissingBlobs calls per case")
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--latency-calls", type=int, default=2000)
+    parser.add_argument(
+        "--read-concurrency",
+        type=common.parse_int_list,
+        default=[1, 4],
+        help="64 MiB readers at once (comma-separated)",
+    )
     parser.add_argument("--batch", type=int, default=256, help="blobs per BatchUpdateBlobs")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
