@@ -17,6 +17,7 @@ setup(
             "py.typed",
             "reapi/protos/**/*.proto",
             "reapi/protos/LICENSE",
+            "reapi/gen/LICENSE",
             "reapi/gen/**/*.pyi",
         ],
         "twisted": ["plugins/kura_plugin.py"],

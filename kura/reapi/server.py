@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
-from typing import Any, NoReturn, TypeVar
+from typing import IO, Any, NoReturn, TypeVar, cast
 
 import attrs
 import grpc
@@ -97,8 +97,10 @@ MAX_SESSIONS = 1024
 SESSION_IDLE_SECONDS = 600.0
 #: Directories per GetTree response.
 TREE_PAGE = 1000
-#: A zstd frame may not expand past this ratio per chunk (bomb guard).
+#: Compression level of compressed-blobs reads (fast: most blobs are build outputs).
 ZSTD_LEVEL = 1
+#: Decompressed output is produced (and bounded) in pieces of this size.
+ZSTD_PIECE = 256 * 1024
 RETRY_SECONDS = 1
 
 
@@ -212,11 +214,57 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+class _Bounded:
+    """Where a zstd stream decompresses to: refuses to grow past ``size`` bytes.
+
+    The decompressor writes its output here in pieces of at most
+    :data:`ZSTD_PIECE` bytes, so a small frame that claims (or expands to)
+    gigabytes is refused after one piece, not after allocating it all.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._received = 0
+        self._pieces: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self._received += len(data)
+        if self._received > self._size:
+            raise DigestMismatch(f"zstd data decompresses to more than {self._size} bytes")
+        self._pieces.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        data = b"".join(self._pieces)
+        self._pieces.clear()
+        return data
+
+    @property
+    def received(self) -> int:
+        return self._received
+
+
+class _ZstdStream:
+    """Incremental, bounded zstd decompression of one upload (handler thread)."""
+
+    def __init__(self, size: int) -> None:
+        self._sink = _Bounded(size)
+        self._writer = zstandard.ZstdDecompressor().stream_writer(
+            cast(IO[bytes], self._sink), write_size=ZSTD_PIECE, write_return_read=True
+        )
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes ``data`` decompresses to (so far)."""
+        try:
+            self._writer.write(data)
+        except zstandard.ZstdError as error:
+            raise InvalidName(f"invalid zstd data: {error}") from error
+        return self._sink.take()
+
+
 def _decompress(data: bytes, size: int) -> bytes:
-    try:
-        out = zstandard.ZstdDecompressor().decompressobj().decompress(data)
-    except zstandard.ZstdError as error:
-        raise InvalidName(f"invalid zstd data: {error}") from error
+    stream = _ZstdStream(size)
+    out = stream.feed(data)
     if len(out) != size:
         raise DigestMismatch(f"zstd data decompresses to {len(out)} bytes, not {size}")
     return out
@@ -761,7 +809,7 @@ class ReapiServer:
         """A ``compressed-blobs/zstd`` upload: not resumable (it always starts at 0)."""
         if first.write_offset != 0:
             raise InvalidName("compressed uploads are not resumable: write_offset must be 0")
-        decompressor = zstandard.ZstdDecompressor().decompressobj()
+        decompressor = _ZstdStream(digest.size)
         upload: BlobUpload = self._call(context, lambda: self._start_upload(digest))
         received = 0
         finished = False
@@ -770,11 +818,7 @@ class ReapiServer:
                 if request.write_offset != received:
                     raise InvalidName(f"write_offset {request.write_offset}, expected {received}")
                 received += len(request.data)
-                try:
-                    data = decompressor.decompress(request.data)
-                except zstandard.ZstdError as error:
-                    raise InvalidName(f"invalid zstd data: {error}") from error
-                self._send(context, upload, data)
+                self._send(context, upload, decompressor.feed(request.data))
                 if request.finish_write:
                     finished = True
                     break

@@ -22,8 +22,9 @@ from tests.reapi.test_reapi_real import (
     fails,
     upload_name,
 )
+from tests.replication.test_repl_tls import _authority, _files, _leaf
 from tests.support.mesh import MESH_SECRET, mesh, start_all, wait_for
-from tests.support.real import RealNode
+from tests.support.real import RealNode, free_port
 
 pytestmark = [pytest.mark.realnode, pytest.mark.timeout(180)]
 
@@ -210,3 +211,26 @@ def test_reapi_writes_replicate_to_the_peer(tmp_path: Path) -> None:
     finally:
         for node in nodes:
             node.kill()
+
+
+def test_with_public_tls_the_grpc_port_speaks_grpcs(tmp_path: Path) -> None:
+    """The public TLS identity serves gRPC too; a plaintext client gets nowhere."""
+    ca = _authority("kura test CA")
+    files = _files(str(tmp_path / "tls"), ca[0], _leaf(ca, "kura.example"))
+    node = RealNode(
+        str(tmp_path / "data"),
+        KURA_PUBLIC_TLS_CERT_PATH=files.cert_path,
+        KURA_PUBLIC_TLS_KEY_PATH=files.key_path,
+        KURA_HTTPS_PORT=str(free_port()),
+    ).start()
+    try:
+        assert files.ca_path is not None
+        credentials = grpc.ssl_channel_credentials(Path(files.ca_path).read_bytes())
+        with grpc.secure_channel(node.grpc_target, credentials) as channel:
+            client = Client(channel, None)
+            assert client.put(b"over grpcs") == [0]
+            assert client.read(blob_name(digest_of(b"over grpcs"))) == b"over grpcs"
+        with grpc.insecure_channel(node.grpc_target) as channel:
+            fails(Code.UNAVAILABLE, Client(channel, None).missing, digest_of(b"x"))
+    finally:
+        assert node.stop() == 0, node.log()
