@@ -231,6 +231,7 @@ class KuraNode(MultiService):
                 outbox_max_depth=config.replication.outbox_max_depth,
             )
             self.grpc = GrpcListener(self.reapi, config.grpc, config.public_tls)
+            self.state.grpc_inflight = lambda: self.reapi.inflight
         self.ports: dict[str, IListeningPort] = {}
         self.started: Deferred[None] = Deferred()
         self._janitor = LoopingCall(lambda: Deferred.fromCoroutine(self._expire_uploads()))

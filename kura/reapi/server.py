@@ -354,6 +354,11 @@ class ReapiServer:
         if size:
             self._bridge.post(lambda: self._metrics.grpc_blob_bytes.labels(direction).inc(size))
 
+    @property
+    def inflight(self) -> int:
+        """gRPC calls in progress."""
+        return self._inflight
+
     def _enter(self, delta: int) -> None:
         with self._inflight_lock:
             self._inflight += delta
