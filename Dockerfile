@@ -7,7 +7,13 @@
 # first one runs unchanged in the second (same interpreter path), and the
 # runtime image carries neither the source tree nor pip's build leftovers.
 
-FROM python:3.11-slim-bookworm AS build
+# Pin the base by digest for reproducible images (this build environment
+# cannot resolve registry digests, so the default is the tag):
+#   docker build --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest> .
+# Both stages use the same image, so the virtualenv runs unchanged.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -19,8 +25,10 @@ WORKDIR /src
 # .dockerignore keeps the context to what packaging needs: setup.py,
 # pyproject.toml, README.md (setup.py reads it), kura/ and twisted/plugins/.
 COPY . .
-# The same install the README documents (the node plus Twisted's HTTP/2).
-RUN pip install '.[h2]'
+# The same install the README documents (the node plus Twisted's HTTP/2),
+# with every runtime dependency at the version constraints.txt pins, so two
+# builds of one commit run the same code.
+RUN pip install -c constraints.txt '.[h2]'
 # Write Twisted's plugin cache now: at run time the root filesystem is
 # read-only, and a stale cache would make every `twistd` start log a
 # failed write instead of finding the kura plugin silently.
@@ -28,7 +36,12 @@ RUN python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(I
     && twistd --help | grep ' kura ' >/dev/null
 
 
-FROM python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
+
+LABEL org.opencontainers.image.title="kura" \
+      org.opencontainers.image.description="Build-artifact cache node with a same-port sendfile/splice accelerator" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.documentation="docs/operations.md"
 
 # tini is PID 1: it reaps zombies and forwards every signal to twistd, so
 # SIGUSR1 (drain) and SIGTERM (drain, then exit 0) reach the node. The Helm

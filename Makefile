@@ -6,13 +6,17 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest fuzz protos clean
+.PHONY: run test lint typecheck pytest fuzz protos clean constraints
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet '.[test,h2]'
+	$(BIN)/pip install --quiet -c constraints.txt '.[test,h2]'
 	touch $(STAMP)
+
+# After changing setup.py's dependencies: pin the runtime closure again.
+constraints: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(BIN)/python tests/support/constraints.py > constraints.txt
 
 # The checkout goes first on the path, so the node and the tests always run the
 # working tree (twistd finds twisted/plugins/kura_plugin.py through it too).

@@ -61,6 +61,9 @@ setup(
             # Helm's own template engine as a wheel, to render helm/kura in
             # tests (pinned: an alpha release).
             "helm-python-sdk==0.2.2",
+            # The Kubernetes OpenAPI schemas, bundled: the rendered chart is
+            # validated offline against the releases it supports.
+            "kubernetes-validate>=1.30",
             "types-grpcio>=1.0",
             "types-protobuf>=5.0",
         ],

@@ -12,7 +12,12 @@ from __future__ import annotations
 import time
 from typing import Any, cast
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
 from twisted.application.service import MultiService
 from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -50,14 +55,18 @@ from kura.storage.lock import WriterLock, WriterLockHeld
 from kura.storage.runner import ThreadPoolRunner
 from kura.storage.staging import TmpBudget
 from kura.storage.store import ArtifactStore
+from kura.storage.tombstones import TombstoneSweeper
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
-from kura.tls import public_server_options
+from kura.tls import public_https_options
 from kura.web.admission import RouteMatch
 from kura.web.site import KuraSite
 from kura.web.upload_slots import UploadSlots
 
 log = Logger(namespace="kura.node")
+
+#: How often the retention age gauge is refreshed.
+RETENTION_SAMPLE_SECONDS = 60.0
 
 NODE_STARTED = "kura {version} serving tenant {tenant_id} on public port {port}"
 WRITER_LOCK_FAILED = "{message}"
@@ -69,6 +78,17 @@ OPEN_MODE = (
 )
 ACCESS_MODE = "public port guarded by {mode}"
 DRAIN_DEADLINE = "drain deadline passed with {count} public transfers in flight; cutting them off"
+
+
+def process_registry() -> CollectorRegistry:
+    """A node's registry: kura's metrics go on it, next to the standard
+    ``process_*`` (CPU, memory, descriptors) and ``python_*`` (version, GC)
+    collectors every Python exporter has."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
 
 
 class KuraNode(MultiService):
@@ -97,7 +117,7 @@ class KuraNode(MultiService):
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.metrics = KuraMetrics(registry or CollectorRegistry())
+        self.metrics = KuraMetrics(registry or process_registry())
         self.pool: ThreadPool | None = None
         if runner is None:
             self.pool = ThreadPool(
@@ -233,9 +253,19 @@ class KuraNode(MultiService):
             self.grpc = GrpcListener(self.reapi, config.grpc, config.public_tls)
             self.state.grpc_inflight = lambda: self.reapi.inflight
         self.ports: dict[str, IListeningPort] = {}
+
         self.started: Deferred[None] = Deferred()
         self._janitor = LoopingCall(lambda: Deferred.fromCoroutine(self._expire_uploads()))
         self._janitor.clock = reactor
+        self._retention = LoopingCall(lambda: Deferred.fromCoroutine(self._sample_retention()))
+        self._retention.clock = reactor
+        self.tombstones = TombstoneSweeper(
+            store=self.store,
+            clock=reactor,
+            retention_ms=config.replication.tombstone_retention_ms,
+            on_purged=self.metrics.artifact_tombstones_purged.inc,
+            on_count=self.metrics.artifact_tombstones.set,
+        )
         self._init_metrics()
 
     def _init_metrics(self) -> None:
@@ -276,6 +306,8 @@ class KuraNode(MultiService):
         self.accelerator.log_settings()
         self._log_access_mode()
         self._janitor.start(self.config.multipart_janitor_interval_ms / 1000, now=True)
+        self._retention.start(RETENTION_SAMPLE_SECONDS, now=True)
+        self.tombstones.start()
         self.memory.start()
         log.info(
             NODE_STARTED,
@@ -313,12 +345,16 @@ class KuraNode(MultiService):
             self.config.port, self.public_factory(), backlog=LISTEN_BACKLOG, interface=host
         )
         if self.config.public_tls is not None:
+            options = public_https_options(
+                self.config.public_tls, self.reactor, self.config.tls_reload_interval_ms / 1000
+            )
             self.ports["https"] = IReactorSSL(self.reactor).listenSSL(
                 self.config.https_port,
                 self.site,
-                public_server_options(self.config.public_tls),
+                options,  # type: ignore[arg-type]  # IOpenSSLServerConnectionCreator is accepted
                 interface=host,
             )
+
         # The internal plane; its workers start now that storage is open.
         self.ports["internal"] = self.replication.start_serving()
         if self.grpc is not None:
@@ -332,6 +368,16 @@ class KuraNode(MultiService):
     def public_port(self) -> int:
         address: Any = self.ports["public"].getHost()
         return int(address.port)
+
+    async def _sample_retention(self) -> None:
+        """Refresh ``kura_cas_retention_age_seconds`` (one indexed SQLite read)."""
+        try:
+            oldest = await self.store.oldest_access_ms()
+        except Exception:
+            log.failure("sampling the retention age failed")
+            return
+        age = 0.0 if oldest is None else max(0.0, self.reactor.seconds() - oldest / 1000)
+        self.metrics.cas_retention_age.set(age)
 
     async def _expire_uploads(self) -> None:
         expired = await self.store.expire_uploads(self.config.multipart_upload_ttl_ms)
@@ -366,8 +412,10 @@ class KuraNode(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        if self._janitor.running:
-            self._janitor.stop()
+        for loop in (self._janitor, self._retention):
+            if loop.running:
+                loop.stop()
+        self.tombstones.stop()
         self.memory.stop()
         if self.grpc is not None:
             # RPCs in flight finish (they need the reactor, still running here).

@@ -10,18 +10,23 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import textwrap
 from collections.abc import Mapping
 from typing import Any, cast
 
 from twisted.application.service import IService
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
 
-from kura.config import ConfigError, KuraConfig
+import kura
+from kura.config import VARIABLES, ConfigError, KuraConfig
+from kura.config.environ import unknown_variables
 from kura.service import KuraNode
 from kura.telemetry.logs import flush_logs, observer_for
+
+log = Logger(namespace="kura.config")
 
 #: Option name → the variable it overrides.
 OVERRIDES = {
@@ -33,8 +38,42 @@ OVERRIDES = {
 }
 
 
+#: The variables ``twistd kura --help`` lists (every one: docs/configuration.md).
+COMMON_VARIABLES = (
+    "KURA_PORT",
+    "KURA_DATA_DIR",
+    "KURA_TENANT_ID",
+    "KURA_CAS_CAPACITY_BYTES",
+    "KURA_PEERS",
+    "KURA_PEER_SECRET",
+    "KURA_NODE_URL",
+    "KURA_PUBLIC_TLS_CERT_PATH",
+    "KURA_AUTH_WRITE_TOKENS",
+    "KURA_EXTENSION_SCRIPT_PATH",
+)
+
+
+def _common_variables() -> str:
+    meanings = {variable.name: variable.meaning for variable in VARIABLES}
+    return "\n".join(
+        f"  {name}\n      {textwrap.shorten(meanings[name], 74, placeholder=' ...')}"
+        for name in COMMON_VARIABLES
+    )
+
+
 class Options(usage.Options):
     """Command-line options of ``twistd kura`` (see docs/configuration.md)."""
+
+    synopsis = "Usage: twistd [twistd options] kura [options]"
+    longdesc = (
+        "Runs a kura cache node. It is configured by KURA_* environment variables, every "
+        "one documented in docs/configuration.md (python -m kura.config prints it); the "
+        "options above override their variables."
+    )
+
+    def getUsage(self, width: int | None = None) -> str:
+        """twistd's usage, then the most common variables (kept as laid out)."""
+        return f"{super().getUsage(width)}\nThe most common variables:\n{_common_variables()}\n"
 
     optParameters = [
         ["port", None, None, "Public HTTP port (KURA_PORT)."],
@@ -43,6 +82,11 @@ class Options(usage.Options):
         ["tmp-dir", None, None, "Staging directory (KURA_TMP_DIR)."],
         ["tenant-id", None, None, "The tenant this node serves (KURA_TENANT_ID)."],
     ]
+
+    def opt_version(self) -> None:
+        """Print kura's version and exit."""
+        print(f"kura {kura.__version__}")
+        raise SystemExit(0)
 
 
 def environment_with(options: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
@@ -109,8 +153,12 @@ def makeService(options: Mapping[str, Any]) -> IService:
     # the reactor before it imports plugins' makeService.
     from twisted.internet import reactor  # noqa: PLC0415
 
+    environ = environment_with(options, os.environ)
+    # Logged before the observer starts: twistd's log beginner buffers them.
+    for warning in unknown_variables(environ, (variable.name for variable in VARIABLES)):
+        log.warn("{warning}", warning=warning)
     try:
-        config = KuraConfig.from_environ(environment_with(options, os.environ))
+        config = KuraConfig.from_environ(environ)
         # Building the node loads the extension: a broken one stops start-up here.
         return TwistdNode(config, cast(IReactorTime, reactor))
     except ConfigError as error:

@@ -28,6 +28,7 @@ import attrs
 import pytest
 
 from kura.config import node as kura_config
+from tests.support import constraints
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_IMAGE = "python:3.11-slim-bookworm"
@@ -139,10 +140,13 @@ def setup_extras() -> set[str]:
 
 
 def test_every_stage_uses_python_311_slim_bookworm(instructions: list[Instruction]) -> None:
-    """All stages build FROM python:3.11-slim-bookworm, so the venv copied between them runs."""
+    """All stages build FROM one ``PYTHON_IMAGE`` (python:3.11-slim-bookworm unless a
+    digest-pinned reference is given), so the venv copied between them runs."""
     bases = [i.arguments.split()[0] for i in instructions if i.keyword == "FROM"]
     assert bases
-    assert set(bases) == {BASE_IMAGE}
+    assert set(bases) == {"${PYTHON_IMAGE}"}
+    (argument,) = [i for i in instructions if i.keyword == "ARG" and i.stage == -1]
+    assert argument.arguments == f"PYTHON_IMAGE={BASE_IMAGE}"
 
 
 def test_tini_is_installed_and_is_pid_1(instructions: list[Instruction]) -> None:
@@ -164,10 +168,12 @@ def test_command_is_the_makefile_start_command(instructions: list[Instruction]) 
 
 
 def test_install_step_is_the_documented_install(instructions: list[Instruction]) -> None:
-    """The image runs `pip install '.[h2]'`: the Makefile's install minus the test extra."""
+    """The image runs `pip install -c constraints.txt '.[h2]'`: the Makefile's install
+    minus the test extra, both pinned by constraints.txt."""
     pip_installs = [c for c in shell_commands(instructions) if c[:2] == ["pip", "install"]]
-    assert pip_installs == [["pip", "install", ".[h2]"]]
+    assert pip_installs == [["pip", "install", "-c", "constraints.txt", ".[h2]"]]
     makefile_install = makefile_recipe("$(STAMP)", "'.[")
+    assert "-c constraints.txt" in " ".join(makefile_install)
     local = next(word for word in makefile_install if word.startswith(".["))
     assert extras_of(".[h2]") == extras_of(local) - {"test"}
     assert extras_of(".[h2]") <= setup_extras()
@@ -422,3 +428,17 @@ def test_build_context_packages_every_kura_module(tmp_path: Path) -> None:
     assert sorted(set(kura_modules()) - shipped) == [], (
         "modules missing from the installed package (a directory without __init__.py?)"
     )
+
+
+def test_constraints_pin_the_runtime_closure_installed_here() -> None:
+    """constraints.txt is what `make constraints` writes for this virtualenv (the CI one
+    is installed with it, so a stale file fails here after a dependency change)."""
+    pinned = (ROOT / "constraints.txt").read_text(encoding="utf-8")
+    assert pinned == constraints.render(), "regenerate it: make constraints"
+    assert "twisted==" in pinned and "h2==" in pinned
+
+
+def test_the_image_carries_oci_labels(instructions: list[Instruction]) -> None:
+    labels = " ".join(i.arguments for i in instructions if i.stage == 1 and i.keyword == "LABEL")
+    for key in ("title", "description", "version", "documentation"):
+        assert f"org.opencontainers.image.{key}=" in labels

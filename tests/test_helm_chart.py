@@ -967,11 +967,54 @@ def test_resources_default_to_one_gibibyte_request_and_limit(default: Rendered) 
     assert resources["requests"]["memory"] == resources["limits"]["memory"] == "1Gi"
 
 
-def test_pod_disruption_budget_keeps_one_node(chart: ChartRenderer, default: Rendered) -> None:
-    """The PDB keeps at least one node up and can be turned off."""
-    assert default.one("PodDisruptionBudget")["spec"]["minAvailable"] == 1
+def test_pod_disruption_budget_lets_one_node_go_at_a_time(
+    chart: ChartRenderer, default: Rendered
+) -> None:
+    """maxUnavailable: 1 (minAvailable: 1 would let two of three go); minAvailable on
+    request; can be turned off."""
+    spec = default.one("PodDisruptionBudget")["spec"]
+    assert spec["maxUnavailable"] == 1 and "minAvailable" not in spec
+    kept = chart.render({"podDisruptionBudget": {"minAvailable": 2}})
+    spec = kept.one("PodDisruptionBudget")["spec"]
+    assert spec["minAvailable"] == 2 and "maxUnavailable" not in spec
     disabled = chart.render({"podDisruptionBudget": {"enabled": False}})
     assert disabled.of_kind("PodDisruptionBudget") == []
+
+
+def test_service_links_are_off(default: Rendered) -> None:
+    """Kubernetes would otherwise inject KURA_PORT=tcp://... for a Service named kura."""
+    assert default.pod["spec"]["enableServiceLinks"] is False
+
+
+def test_pods_spread_across_zones_and_hosts_by_default(
+    chart: ChartRenderer, default: Rendered
+) -> None:
+    constraints = default.pod["spec"]["topologySpreadConstraints"]
+    assert [c["topologyKey"] for c in constraints] == [
+        "topology.kubernetes.io/zone",
+        "kubernetes.io/hostname",
+    ]
+    selector = default.one("StatefulSet")["spec"]["selector"]["matchLabels"]
+    for constraint in constraints:
+        assert constraint["whenUnsatisfiable"] == "ScheduleAnyway"
+        assert constraint["labelSelector"]["matchLabels"] == selector
+    own = [{"maxSkew": 2, "topologyKey": "rack", "whenUnsatisfiable": "DoNotSchedule"}]
+    mine = chart.render({"topologySpreadConstraints": own})
+    assert mine.pod["spec"]["topologySpreadConstraints"] == own
+    off = chart.render({"defaultTopologySpread": False})
+    assert "topologySpreadConstraints" not in off.pod["spec"]
+
+
+def test_an_image_digest_pins_the_image(chart: ChartRenderer, default: Rendered) -> None:
+    assert default.container["image"] == "kura:0.1.0"
+    digest = "sha256:" + "a" * 64
+    pinned = chart.render({"image": {"repository": "r.example/kura", "digest": digest}})
+    assert pinned.container["image"] == f"r.example/kura@{digest}"
+
+
+def test_the_chart_states_the_kubernetes_versions_it_supports() -> None:
+    lines = (CHART_DIR / "Chart.yaml").read_text(encoding="utf-8").splitlines()
+    assert 'kubeVersion: ">=1.25.0-0"' in lines
 
 
 def test_service_account_is_created_without_api_token(default: Rendered) -> None:
@@ -1236,4 +1279,75 @@ def test_dashboard_covers_the_operational_signals() -> None:
         "kura_outbox_messages",
         "kura_ready_state",
         "kura_drain_state",
+        "kura_artifact_reads_total",
+        "kura_cas_retention_age_seconds",
     } <= used
+
+
+# -- alerts and offline schema validation ---------------------------------------------------
+
+
+def test_alerts_are_off_by_default_and_read_only_series_kura_exports(
+    chart: ChartRenderer, default: Rendered
+) -> None:
+    """The PrometheusRule renders only when enabled; every kura_* series its alerts read
+    is one kura exports (kubelet_* come from the kubelet), with labels it carries."""
+    assert default.of_kind("PrometheusRule") == []
+    rendered = chart.render({"prometheusRule": {"enabled": True, "labels": {"team": "ci"}}})
+    rule = rendered.one("PrometheusRule")
+    assert rule["metadata"]["labels"]["team"] == "ci"
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert set(alerts) == {
+        "KuraNodeNotReady",
+        "KuraOutboxGrowing",
+        "KuraReplicationLagging",
+        "KuraServerErrors",
+        "KuraMemoryPressure",
+        "KuraDiskNearlyFull",
+    }
+    series = exported_series()
+    for alert in alerts.values():
+        for name, matchers in _METRIC.findall(alert["expr"]):
+            assert name in series, (alert["alert"], name)
+            labels = set(_MATCHER.findall(matchers)) - {"job"}
+            assert labels <= series[name], (alert["alert"], labels)
+    assert 'persistentvolumeclaim=~"cache-kura-[0-9]+"' in alerts["KuraDiskNearlyFull"]["expr"]
+
+
+#: Custom resources whose schemas are not in kubernetes-validate's bundle (the
+#: Prometheus Operator's CRDs are not shipped here): validated by the tests above.
+CUSTOM_RESOURCES = {"ServiceMonitor", "PrometheusRule"}
+
+
+@pytest.mark.parametrize("kubernetes", ["1.25.0", "1.34.0"])
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},
+        merged(
+            EVERYTHING,
+            {
+                "serviceMonitor": {"enabled": True},
+                "prometheusRule": {"enabled": True},
+                "ingress": {"enabled": True},
+                "networkPolicy": {"enabled": True},
+                "dashboards": {"enabled": True},
+            },
+        ),
+    ],
+    ids=["defaults", "mesh-with-tls-and-everything"],
+)
+def test_rendered_objects_pass_the_kubernetes_schemas(
+    chart: ChartRenderer, values: dict[str, Any], kubernetes: str
+) -> None:
+    """Every rendered object validates (strict: no unknown fields) against the
+    Kubernetes OpenAPI schemas of the oldest supported and a recent release, offline."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    rendered = chart.render(values)
+    checked = 0
+    for resource in rendered.objects:
+        if resource["kind"] in CUSTOM_RESOURCES:
+            continue
+        kubernetes_validate.validate(resource, kubernetes, strict=True)
+        checked += 1
+    assert checked >= 6

@@ -16,8 +16,10 @@ from kura.telemetry.traffic import PublicTraffic
 class FakeDemand:
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.reads = 0
 
     def __call__(self) -> float:
+        self.reads += 1
         return self.seconds
 
 
@@ -51,11 +53,32 @@ def test_every_interval_reports_demand_over_wall_time_and_public_requests() -> N
 
 def test_demand_above_wall_time_is_clamped() -> None:
     """Run time plus run-queue wait can exceed the interval by clock granularity."""
-    load, clock, demand, _, seen = sampler()
+    load, clock, demand, traffic, seen = sampler()
     load.start()
     demand.seconds += 0.2
+    traffic.begin().release()
     clock.advance(SAMPLE_SECONDS)
     assert seen[0].utilisation == 1.0
+
+
+def test_an_idle_node_reads_nothing_and_the_next_busy_interval_starts_over() -> None:
+    """No public request: no /proc read (an idle node makes no system calls); the first
+    busy interval after idling has no baseline (reported 0, read), the next is measured."""
+    load, clock, demand, traffic, seen = sampler()
+    load.start()
+    reads = demand.reads
+    clock.advance(SAMPLE_SECONDS)
+    clock.advance(SAMPLE_SECONDS)
+    assert demand.reads == reads
+    assert [s.utilisation for s in seen] == [0.0, 0.0]
+    traffic.begin().release()
+    demand.seconds += 0.05
+    clock.advance(SAMPLE_SECONDS)
+    assert (seen[-1].utilisation, seen[-1].public_requests) == (0.0, 1)
+    traffic.begin().release()
+    demand.seconds += 0.09
+    clock.advance(SAMPLE_SECONDS)
+    assert seen[-1].utilisation == pytest.approx(0.9)
 
 
 def test_a_busy_thread_reads_near_its_run_time() -> None:

@@ -21,6 +21,7 @@ from kura.config import (
     derive_capacity,
     render_markdown,
 )
+from kura.config.environ import unknown_variables
 from kura.config.extension import EXTENSION_VARIABLES
 from kura.config.node import DATA_DIR, INTERNAL_PORT, LOOPBACK, PORT, TENANT_ID
 from kura.memory import derive_watermarks
@@ -109,6 +110,7 @@ def _every_variable(pem: dict[str, str]) -> dict[str, tuple[str, Callable[[KuraC
         "KURA_PUBLIC_TLS_CERT_PATH": (pem["cert"], lambda c: c.public_tls.cert_path, pem["cert"]),
         "KURA_PUBLIC_TLS_KEY_PATH": (pem["key"], lambda c: c.public_tls.key_path, pem["key"]),
         "KURA_LOG_FORMAT": ("text", lambda c: c.log_format, "text"),
+        "KURA_TLS_RELOAD_INTERVAL_MS": ("30s", lambda c: c.tls_reload_interval_ms, 30_000),
         "KURA_ACCESS_LOG": ("false", lambda c: c.access_log, False),
         "KURA_DATA_DIR": ("/srv/kura", lambda c: c.data_dir, "/srv/kura"),
         "KURA_TMP_DIR": ("/srv/tmp", lambda c: c.tmp_dir, "/srv/tmp"),
@@ -222,6 +224,11 @@ def _every_variable(pem: dict[str, str]) -> dict[str, tuple[str, Callable[[KuraC
             "2",
             lambda c: c.replication.bootstrap_max_concurrent_peers,
             2,
+        ),
+        "KURA_TOMBSTONE_RETENTION_MS": (
+            "86400000",
+            lambda c: c.replication.tombstone_retention_ms,
+            86_400_000,
         ),
         "KURA_INTERNAL_TLS_CA_CERT_PATH": (
             pem["ca"],
@@ -360,7 +367,16 @@ def test_config_error_names_every_bad_variable_at_once() -> None:
         ({"KURA_CAS_CAPACITY_BYTES": "lots"}, "KURA_CAS_CAPACITY_BYTES"),
         ({"KURA_STORAGE_THREADS": "1000"}, "KURA_STORAGE_THREADS"),
         ({"KURA_ACCELERATED_FILE_SERVING_MODE": "mmap"}, "KURA_ACCELERATED_FILE_SERVING_MODE"),
-        ({"KURA_ACCELERATED_FILE_SERVING_ENABLED": "yes"}, "KURA_ACCELERATED_FILE_SERVING_ENABLED"),
+        (
+            {"KURA_ACCELERATED_FILE_SERVING_ENABLED": "sure"},
+            "KURA_ACCELERATED_FILE_SERVING_ENABLED",
+        ),
+        ({"KURA_TENANT_ID": ""}, "KURA_TENANT_ID"),
+        ({"KURA_PORT": "tcp://10.0.0.7:4000"}, "KURA_PORT"),
+        ({"KURA_HEADER_TIMEOUT_MS": "30 parsecs"}, "KURA_HEADER_TIMEOUT_MS"),
+        ({"KURA_HEADER_TIMEOUT_MS": "1.0005s"}, "KURA_HEADER_TIMEOUT_MS"),
+        ({"KURA_TMP_DIR_MAX_BYTES": "12 MiBs"}, "KURA_TMP_DIR_MAX_BYTES"),
+        ({"KURA_OUTBOX_MAX_DEPTH": "10k"}, "KURA_OUTBOX_MAX_DEPTH"),
         ({"KURA_FAILPOINTS": "before_fsync"}, "KURA_FAILPOINTS"),
         ({"KURA_FAILPOINTS": "no_such_point:exit"}, "KURA_FAILPOINTS"),
         ({"KURA_TENANT_ID": "tenant/with/slashes"}, "KURA_TENANT_ID"),
@@ -381,10 +397,78 @@ def test_invalid_value_is_named(environ: dict[str, str], variable: str) -> None:
 
 
 def test_blank_values_count_as_unset() -> None:
-    """A variable set to whitespace takes its default, as if it were absent."""
-    config = parse({"KURA_PORT": "  ", "KURA_TENANT_ID": ""})
+    """A variable set to whitespace takes its default, as if it were absent
+    (except the tenant: an empty one is an error, see test_invalid_value_is_named)."""
+    config = parse({"KURA_PORT": "  ", "KURA_DATA_DIR": ""})
     assert config.port == PORT.default
     assert config.tenant_id == TENANT_ID.default
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        *[("1", True), ("TRUE", True), ("yes", True), ("On", True)],
+        *[("0", False), ("false", False), ("NO", False), ("off", False)],
+    ],
+)
+def test_one_boolean_grammar_for_every_switch(value: str, expected: bool) -> None:
+    """Every boolean takes 1/true/yes/on and 0/false/no/off, in any case."""
+    config = parse(
+        {
+            "KURA_ACCESS_LOG": value,
+            "KURA_ACCELERATED_FILE_SERVING_ENABLED": value,
+            "KURA_ANONYMOUS_READ": value,
+        }
+    )
+    assert config.access_log is expected
+    assert config.accelerator.enabled is expected
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("KURA_HEADER_TIMEOUT_MS", "30s", 30_000),
+        ("KURA_HEADER_TIMEOUT_MS", "1.5s", 1_500),
+        ("KURA_HEADER_TIMEOUT_MS", "250ms", 250),
+        ("KURA_HEADER_TIMEOUT_MS", "2m", 120_000),
+        ("KURA_HEADER_TIMEOUT_MS", "1h", 3_600_000),
+        ("KURA_HEADER_TIMEOUT_MS", "7000", 7_000),
+        ("KURA_TMP_DIR_MAX_BYTES", "512MiB", 512 * 1024**2),
+        ("KURA_TMP_DIR_MAX_BYTES", "512Mi", 512 * 1024**2),
+        ("KURA_TMP_DIR_MAX_BYTES", "2 GiB", 2 * 1024**3),
+        ("KURA_TMP_DIR_MAX_BYTES", "10MB", 10 * 1000**2),
+        ("KURA_TMP_DIR_MAX_BYTES", "3G", 3 * 1000**3),
+        ("KURA_TMP_DIR_MAX_BYTES", "4096", 4096),
+    ],
+)
+def test_durations_and_sizes_take_units(variable: str, value: str, expected: int) -> None:
+    config = parse({variable: value})
+    attribute = {
+        "KURA_HEADER_TIMEOUT_MS": lambda c: c.header_timeout_ms,
+        "KURA_TMP_DIR_MAX_BYTES": lambda c: c.tmp_dir_max_bytes,
+    }[variable]
+    assert attribute(config) == expected
+
+
+def test_unknown_variables_are_named_with_the_closest_known_one() -> None:
+    environ = {
+        "KURA_TENNANT_ID": "acme",
+        "KURA_SOMETHING_ELSE": "1",
+        "KURA_PORT": "4000",
+        "HOME": "/root",
+        # What Kubernetes injects for Services named kura and kura-internal:
+        "KURA_SERVICE_HOST": "10.0.0.7",
+        "KURA_SERVICE_PORT": "4000",
+        "KURA_SERVICE_PORT_HTTP": "4000",
+        "KURA_PORT_4000_TCP": "tcp://10.0.0.7:4000",
+        "KURA_PORT_4000_TCP_ADDR": "10.0.0.7",
+        "KURA_INTERNAL_SERVICE_HOST": "10.0.0.8",
+        "KURA_INTERNAL_PORT_7443_TCP_PROTO": "tcp",
+    }
+    assert unknown_variables(environ, (v.name for v in VARIABLES)) == [
+        "KURA_SOMETHING_ELSE is not a kura variable and is ignored",
+        "KURA_TENNANT_ID is not a kura variable and is ignored; did you mean KURA_TENANT_ID?",
+    ]
 
 
 def test_tmp_dir_follows_the_data_dir() -> None:

@@ -109,6 +109,16 @@ def test_one_round_trip_per_protocol(node: RealNode) -> None:
     assert call("GET", "/ready")[0] == 200
 
 
+def test_metrics_carry_the_standard_process_and_python_series(node: RealNode) -> None:
+    """process_* and python_* as every Python exporter has them; no _created series."""
+    status, _, body = Http(node)("GET", "/metrics")
+    assert status == 200
+    names = {line.split("{")[0].split(" ")[0] for line in body.decode().splitlines()}
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "python_info"} <= names
+    assert {"process_open_fds", "python_gc_collections_total"} <= names
+    assert not [name for name in names if name.endswith("_created")]
+
+
 def test_second_process_on_the_same_data_dir_exits_naming_the_lock(
     node: RealNode, data_dir: str
 ) -> None:

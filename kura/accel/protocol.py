@@ -173,6 +173,16 @@ class _Exchange:
 
 
 @implementer(IPushProducer)
+def not_a_download_or_ambiguous(head: bytes) -> str:
+    """Why a head :func:`parse_head` refused falls back: ``method`` when its
+    request line is not ``GET ... HTTP/1.1`` (a write, a HEAD, HTTP/1.0: simply
+    not a download), ``ambiguous`` when it is one but outside the strict subset."""
+    line = head[: head.find(b"\r\n")]
+    if line.startswith(b"GET ") and line.endswith(b" HTTP/1.1"):
+        return reasons.AMBIGUOUS
+    return reasons.METHOD
+
+
 class SamePortProtocol(Protocol):
     """One client connection (see the module docstring).
 
@@ -319,7 +329,7 @@ class SamePortProtocol(Protocol):
             self._scanned = 0
             head = parse_head(buffer, end)
             if head is None:
-                self._hand_off(reasons.AMBIGUOUS)
+                self._hand_off(not_a_download_or_ambiguous(buffer))
                 return
             candidate = accel.classifier.classify(head)
             if isinstance(candidate, str):

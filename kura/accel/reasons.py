@@ -12,8 +12,10 @@ reason              the connection or request went to twisted.web because
 ``h2c``             the client opened with the HTTP/2 prior-knowledge preface
 ``head_too_large``  the head grew past 16 KiB without ending
 ``head_timeout``    the head did not arrive within the head deadline
-``ambiguous``       the head is not in the strict subset every parser agrees on
-``method``          not a ``GET`` over HTTP/1.1
+``ambiguous``       a ``GET ... HTTP/1.1`` head outside the strict subset every
+                    parser agrees on (a real parse hand-off)
+``method``          not a ``GET`` over HTTP/1.1: a write, a ``HEAD``, HTTP/1.0
+                    (simply not a download)
 ``route``           no accelerable route matches the path
 ``query``           the query needs decoding (``%``, ``+``, ``;``) or has a
                     field without ``=``

@@ -145,8 +145,8 @@ class AccessConfig:
                     read.fail(TOKENS_FILE, f"file {path!r} lists no token")
         return cls(
             tokens=tuple(tokens),
-            anonymous_read=read.strict_boolean(ANONYMOUS_READ),
-            allow_anonymous_delete=read.strict_boolean(ALLOW_ANONYMOUS_DELETE),
+            anonymous_read=read.boolean(ANONYMOUS_READ),
+            allow_anonymous_delete=read.boolean(ALLOW_ANONYMOUS_DELETE),
             metrics_token=_bearer_digest(read, METRICS_TOKEN),
             status_token=_bearer_digest(read, STATUS_TOKEN),
         )

@@ -6,11 +6,26 @@ default (:mod:`kura.config.node`, :mod:`kura.config.access`,
 all). A :class:`Reader` parses values from a mapping, falling back on each
 variable's default, and collects every problem, so the node can refuse to
 start with one message naming all offending variables.
+
+One grammar for every variable of a kind:
+
+* **booleans**: ``1/true/yes/on`` and ``0/false/no/off``, any case;
+* **durations** (names ending ``_MS``): milliseconds, or a number with a
+  unit: ``250ms``, ``30s``, ``5m``, ``1h``, ``1.5s``;
+* **sizes** (names with ``_BYTES``): bytes, or a number with a unit:
+  ``KiB/MiB/GiB/TiB`` (also ``Ki/Mi/Gi/Ti``, as Kubernetes writes them) are
+  powers of 1024, ``KB/MB/GB/TB`` (``K/M/G/T``) powers of 1000, ``B`` bytes.
+
+:func:`unknown_variables` names ``KURA_*`` variables nobody reads (a typo,
+with the closest known name), leaving out the ones Kubernetes injects for a
+Service named ``kura...`` (service links).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+import re
+from collections.abc import Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 import attrs
@@ -90,6 +105,49 @@ class Declarations:
 _TRUE_WORDS = ("1", "true", "yes", "on")
 _FALSE_WORDS = ("0", "false", "no", "off")
 
+_MS_PER_UNIT = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+_BYTES_PER_UNIT = {
+    "b": 1,
+    **{f"{p}": 1000**n for n, p in enumerate("kmgt", start=1)},
+    **{f"{p}b": 1000**n for n, p in enumerate("kmgt", start=1)},
+    **{f"{p}i": 1024**n for n, p in enumerate("kmgt", start=1)},
+    **{f"{p}ib": 1024**n for n, p in enumerate("kmgt", start=1)},
+}
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]+)$")
+#: What Kubernetes injects for a Service named ``kura`` or ``kura-...``
+#: (``KURA_SERVICE_HOST``, ``KURA_PORT_4000_TCP_ADDR`` ...): not typos.
+_SERVICE_LINK = re.compile(
+    r"^KURA_(?:\w+_)?(?:SERVICE_(?:HOST|PORT)(?:_\w+)?|PORT_\d+_(?:TCP|UDP|SCTP)(?:_\w+)?)$"
+)
+#: A service link's value for ``<NAME>_PORT`` (``tcp://10.0.0.7:4000``).
+_SERVICE_LINK_VALUE = re.compile(r"^(?:tcp|udp|sctp)://")
+
+
+def units_of(name: str) -> dict[str, int] | None:
+    """The units a variable's integer may carry, by naming convention (``None``: none)."""
+    if name.endswith("_MS"):
+        return _MS_PER_UNIT
+    if "_BYTES" in name:
+        return _BYTES_PER_UNIT
+    return None
+
+
+def unknown_variables(environ: Iterable[str], known: Iterable[str]) -> list[str]:
+    """One warning per ``KURA_*`` name in ``environ`` that no declaration reads.
+
+    Kubernetes service-link names are left out; a typo names the closest
+    known variable.
+    """
+    names = set(known)
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith("KURA_") or name in names or _SERVICE_LINK.match(name):
+            continue
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.8)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        warnings.append(f"{name} is not a kura variable and is ignored{hint}")
+    return warnings
+
 
 class Reader:
     """Reads variables from a mapping and collects every problem it finds."""
@@ -127,14 +185,15 @@ class Reader:
     def optional_integer(
         self, variable: Variable[Any], *, minimum: int = 0, maximum: int | None = None
     ) -> int | None:
-        """The value as an integer in range, or ``None`` when unset (or invalid: reported)."""
+        """The value as an integer in range, or ``None`` when unset (or invalid: reported).
+
+        Durations and sizes may carry a unit (see the module docstring).
+        """
         value = self._raw(variable)
         if value is None:
             return None
-        try:
-            number = int(value, 10)
-        except ValueError:
-            self.fail(variable, f"must be an integer, got {value!r}")
+        number = self._quantity(variable, value)
+        if number is None:
             return None
         if number < minimum:
             self.fail(variable, f"must be at least {minimum}, got {number}")
@@ -148,18 +207,36 @@ class Reader:
         number = self.optional_integer(variable, minimum=minimum, maximum=maximum)
         return variable.default if number is None else number
 
-    def port(self, variable: Variable[int]) -> int:
-        return self.integer(variable, minimum=0, maximum=65535)
+    def _quantity(self, variable: Variable[Any], value: str) -> int | None:
+        try:
+            return int(value, 10)
+        except ValueError:
+            pass
+        units = units_of(variable.name)
+        match = _QUANTITY.match(value)
+        if units is not None and match is not None and match.group(2).lower() in units:
+            scaled = float(match.group(1)) * units[match.group(2).lower()]
+            if scaled.is_integer():
+                return int(scaled)
+        if units is _MS_PER_UNIT:
+            expected = "a duration in milliseconds or with a unit (250ms, 30s, 5m, 1h)"
+        elif units is _BYTES_PER_UNIT:
+            expected = "a size in bytes or with a unit (512MiB, 4KiB, 1GiB, 10MB)"
+        else:
+            expected = "an integer"
+        self.fail(variable, f"must be {expected}, got {value!r}")
+        return None
 
-    def strict_boolean(self, variable: Variable[bool]) -> bool:
-        """``true`` or ``false`` only."""
+    def port(self, variable: Variable[int]) -> int:
         value = self._raw(variable)
-        if value is None:
+        if value is not None and _SERVICE_LINK_VALUE.match(value):
+            self.fail(
+                variable,
+                f"is {value!r}, which Kubernetes injects for a Service of that name (service "
+                "links): set enableServiceLinks: false on the pod, or set the port explicitly",
+            )
             return variable.default
-        if value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        self.fail(variable, f"must be 'true' or 'false', got {value!r}")
-        return variable.default
+        return self.integer(variable, minimum=0, maximum=65535)
 
     def boolean(self, variable: Variable[bool]) -> bool:
         """Any of ``1/true/yes/on`` and ``0/false/no/off``."""
@@ -170,8 +247,13 @@ class Reader:
             return True
         if value.lower() in _FALSE_WORDS:
             return False
-        self.fail(variable, f"must be one of {'/'.join(_TRUE_WORDS + _FALSE_WORDS)}")
+        self.fail(variable, f"must be one of {'/'.join(_TRUE_WORDS + _FALSE_WORDS)}, got {value!r}")
         return variable.default
+
+    def set_but_blank(self, variable: Variable[Any]) -> bool:
+        """Whether the variable is present with nothing but whitespace in it."""
+        value = self._environ.get(variable.name)
+        return value is not None and not value.strip()
 
     def choice(self, variable: Variable[str], allowed: tuple[str, ...]) -> str:
         value = self.text(variable)

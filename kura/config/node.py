@@ -78,6 +78,13 @@ PUBLIC_TLS_CERT_PATH = _var(
 PUBLIC_TLS_KEY_PATH = _var(
     _NODE, "KURA_PUBLIC_TLS_KEY_PATH", None, "PEM private key for public HTTPS."
 )
+TLS_RELOAD_INTERVAL_MS = _var(
+    _NODE,
+    "KURA_TLS_RELOAD_INTERVAL_MS",
+    10_000,
+    "How often the public TLS and peer mTLS files are checked; changed files (cert-manager "
+    "rotating them in place) are loaded for new connections. 0 never reloads.",
+)
 LOG_FORMAT = _var(
     _NODE, "KURA_LOG_FORMAT", "json", "`json` (one JSON event per line) or `text` on stdout."
 )
@@ -317,6 +324,14 @@ BOOTSTRAP_TIMEOUT_MS = _var(
     "KURA_BOOTSTRAP_TIMEOUT_MS",
     1_800_000,
     "Catch-up from one peer fails after this long without progress.",
+)
+TOMBSTONE_RETENTION_MS = _var(
+    _REPL,
+    "KURA_TOMBSTONE_RETENTION_MS",
+    7 * 86_400_000,
+    "How long the tombstone of a deleted artifact (ccache DELETE) is kept, from the delete; "
+    "until then no peer or catch-up can bring the entry back. A node away longer must "
+    "rejoin with an empty data directory (see docs/replication.md).",
 )
 BOOTSTRAP_MAX_CONCURRENT_PEERS = _var(
     _REPL, "KURA_BOOTSTRAP_MAX_CONCURRENT_PEERS", 8, "Peers caught up from at once."
@@ -567,6 +582,7 @@ class ReplicationConfig:
     upload_stall_ms: int = REPLICATION_UPLOAD_STALL_MS.default
     bootstrap_timeout_ms: int = BOOTSTRAP_TIMEOUT_MS.default
     bootstrap_max_concurrent_peers: int = BOOTSTRAP_MAX_CONCURRENT_PEERS.default
+    tombstone_retention_ms: int = TOMBSTONE_RETENTION_MS.default
     internal_tls: TlsFiles | None = None
     auth: PeerAuthConfig = attrs.field(factory=PeerAuthConfig)
 
@@ -617,6 +633,7 @@ class KuraConfig:
     region: str = REGION.default
     node_url: str = default_node_url("http", INTERNAL_PORT.default)
     public_tls: TlsFiles | None = None
+    tls_reload_interval_ms: int = TLS_RELOAD_INTERVAL_MS.default
     log_format: str = LOG_FORMAT.default
     access_log: bool = ACCESS_LOG.default
     data_dir: str = DATA_DIR.default
@@ -694,7 +711,7 @@ class KuraConfig:
         requested_capacity = read.optional_integer(CAS_CAPACITY_BYTES, minimum=1)
         soft, hard = read.memory_watermarks(measure_memory)
         accelerator = AcceleratorConfig(
-            enabled=read.strict_boolean(ACCEL_ENABLED),
+            enabled=read.boolean(ACCEL_ENABLED),
             mode=read.choice(ACCEL_MODE, ("splice", "sendfile")),
             max_concurrent=read.integer(ACCEL_MAX_CONCURRENT, minimum=1),
             chunk_bytes=read.integer(ACCEL_CHUNK_BYTES, minimum=1),
@@ -711,6 +728,7 @@ class KuraConfig:
             upload_stall_ms=read.integer(REPLICATION_UPLOAD_STALL_MS, minimum=1),
             bootstrap_timeout_ms=read.integer(BOOTSTRAP_TIMEOUT_MS, minimum=1),
             bootstrap_max_concurrent_peers=read.integer(BOOTSTRAP_MAX_CONCURRENT_PEERS, minimum=1),
+            tombstone_retention_ms=read.integer(TOMBSTONE_RETENTION_MS, minimum=1),
             internal_tls=internal_tls,
             auth=read.peer_auth(internal_tls),
         )
@@ -726,8 +744,9 @@ class KuraConfig:
             region=read.text(REGION),
             node_url=node_url,
             public_tls=public_tls,
+            tls_reload_interval_ms=read.integer(TLS_RELOAD_INTERVAL_MS),
             log_format=read.choice(LOG_FORMAT, ("json", "text")),
-            access_log=read.strict_boolean(ACCESS_LOG),
+            access_log=read.boolean(ACCESS_LOG),
             data_dir=data_dir,
             tmp_dir=read.optional_text(TMP_DIR) or default_tmp_dir(data_dir),
             tmp_dir_max_bytes=read.integer(TMP_DIR_MAX_BYTES, minimum=1),
@@ -767,7 +786,7 @@ class _NodeReader(Reader):
     def grpc(self, port: int, internal_port: int) -> GrpcConfig:
         """The gRPC section; its port must not collide with the other listeners."""
         grpc_port = self.port(GRPC_PORT)
-        enabled = self.strict_boolean(GRPC_ENABLED)
+        enabled = self.boolean(GRPC_ENABLED)
         if enabled and grpc_port != 0 and grpc_port in (port, internal_port):
             self.fail(GRPC_PORT, "must differ from KURA_PORT and KURA_INTERNAL_PORT")
         return GrpcConfig(
@@ -790,6 +809,11 @@ class _NodeReader(Reader):
         return soft, hard
 
     def tenant(self, variable: Variable[str]) -> str:
+        if self.set_but_blank(variable):
+            # Unset means the default tenant; set-but-empty is a mistake
+            # (a templating error), not a wish for "default".
+            self.fail(variable, "is set but empty (unset it for the default tenant)")
+            return variable.default
         value = self.text(variable)
         if not value.isascii() or not all(c.isalnum() or c in "-_." for c in value):
             self.fail(variable, "must be ASCII letters, digits, '-', '_' or '.'")
@@ -886,7 +910,7 @@ class _NodeReader(Reader):
                 self.fail(INTERNAL_TLS_PEER_NAMES, f"entry {name!r} is not a DNS name pattern")
         if names and internal_tls is None:
             self.fail(INTERNAL_TLS_PEER_NAMES, "needs peer mTLS (KURA_INTERNAL_TLS_*_PATH)")
-        insecure = self.strict_boolean(INTERNAL_INSECURE)
+        insecure = self.boolean(INTERNAL_INSECURE)
         until = self.timestamp_ms(PEER_ACCEPT_UNSIGNED_UNTIL)
         if until is not None and secret is None:
             self.fail(PEER_ACCEPT_UNSIGNED_UNTIL, "needs KURA_PEER_SECRET (what peers sign with)")
@@ -955,7 +979,24 @@ def render_markdown() -> str:
         "A node needs none of them: `twistd -n kura` starts on the defaults below.",
         "`twistd kura` options (`--port`, `--internal-port`, `--data-dir`, `--tmp-dir`,",
         "`--tenant-id`) override the environment. A bad value stops the node with one",
-        "message naming every offending variable.",
+        "message naming every offending variable; a `KURA_*` variable kura does not read",
+        "(a typo) is named in one warning at start, with the closest known name",
+        "(Kubernetes service-link variables such as `KURA_SERVICE_HOST` are left out).",
+        "`twistd kura --help` lists the most common variables; `--version` prints kura's.",
+        "",
+        "One grammar per kind of value:",
+        "",
+        "* **switches**: `1`, `true`, `yes`, `on` or `0`, `false`, `no`, `off`, any case;",
+        "* **durations** (`..._MS`): milliseconds, or a number with a unit: `250ms`, `30s`,",
+        "  `5m`, `1h`, `1.5s`;",
+        "* **sizes** (`..._BYTES...`): bytes, or a number with a unit: `KiB`, `MiB`, `GiB`,",
+        "  `TiB` (or `Ki`, `Mi`, `Gi`, `Ti`, as Kubernetes writes them) are powers of 1024;",
+        "  `KB`, `MB`, `GB`, `TB` (or `K`, `M`, `G`, `T`) powers of 1000; `B` bytes;",
+        "* **empty values** count as unset (the default), except `KURA_TENANT_ID`: set but",
+        "  empty is an error (unset it for the default tenant);",
+        "* a port set to `tcp://...` is the Kubernetes service link of a Service named like",
+        "  the variable; it is refused with a message saying so (set `enableServiceLinks:",
+        "  false`, as the chart does).",
     ]
     section = None
     for variable in VARIABLES:

@@ -3,8 +3,10 @@
 For each known peer that is neither caught up nor being caught up, a run
 (at most ``KURA_BOOTSTRAP_MAX_CONCURRENT_PEERS`` at once):
 
-1. pages through the peer's **namespace tombstones** and applies them first,
-   so nothing the mesh deleted can be resurrected by step 3;
+1. pages through the peer's **namespace tombstones**, then its **artifact
+   tombstones** (deleted artifacts; a peer of a release without them answers
+   404 and the phase is skipped), and applies them first, so nothing the
+   mesh deleted can be resurrected by step 3;
 2. pages through its **manifests** (artifact-id order);
 3. for every manifest whose version would apply here (decided without the
    body, as the receiver does), fetches ``/_internal/bootstrap/artifacts/{id}``
@@ -51,7 +53,13 @@ from .bodies import StagingSink, Stalled, StallWatchdog
 from .client import PeerClient, PeerError, PeerResponse, drain
 from .limiter import BandwidthLimiter
 from .membership import Membership
-from .receiver import ITEM_ARTIFACT, ITEM_NAMESPACE, SOURCE_BOOTSTRAP, Receiver
+from .receiver import (
+    ITEM_ARTIFACT,
+    ITEM_ARTIFACT_DELETE,
+    ITEM_NAMESPACE,
+    SOURCE_BOOTSTRAP,
+    Receiver,
+)
 
 log = Logger(namespace="kura.replication.bootstrap")
 
@@ -62,9 +70,18 @@ SKIPPED_TOMBSTONE = (
     "catch-up from {peer} skipped the tombstone of namespace {namespace!r}: its version is "
     "further ahead than KURA_MAX_CLOCK_SKEW_MS"
 )
+SKIPPED_ARTIFACT_TOMBSTONE = (
+    "catch-up from {peer} skipped the tombstone of artifact {artifact_id}: its version is "
+    "further ahead than KURA_MAX_CLOCK_SKEW_MS"
+)
+NO_ARTIFACT_TOMBSTONES = (
+    "{peer} serves no artifact tombstones (a release before them); catching up without them"
+)
 
 #: Bodies fetched at once within one page of one peer.
 FETCH_CONCURRENCY = 4
+#: The catch-up phase between namespace tombstones and manifests.
+ARTIFACT_TOMBSTONES = "artifact_tombstones"
 
 
 @attrs.define
@@ -264,6 +281,9 @@ class Bootstrapper:
                 cursor.after = _next_after(page)
                 if cursor.after is None:
                     break
+            cursor.phase = ARTIFACT_TOMBSTONES
+        if cursor.phase == ARTIFACT_TOMBSTONES:
+            await self._catch_up_artifact_tombstones(peer, cursor)
             cursor.phase = "manifests"
         while True:
             page = await self._page(peer, wire.MANIFESTS_PATH, cursor.after)
@@ -279,6 +299,42 @@ class Bootstrapper:
                 break
         del self._cursors[peer]
         return cursor.applied
+
+    async def _catch_up_artifact_tombstones(self, peer: str, cursor: Cursor) -> None:
+        """Apply every artifact tombstone of ``peer``, page by page from ``cursor.after``.
+
+        Runs before the manifests, so a deleted artifact that another peer
+        still offers is refused (``ignored_tombstone``) instead of fetched. A
+        peer without the route (a release before artifact tombstones: 404)
+        has none to give; the phase ends there.
+        """
+        while True:
+            try:
+                page = await self._page(peer, wire.ARTIFACT_TOMBSTONES_PATH, cursor.after)
+            except PeerError as error:
+                if error.status != 404:
+                    raise
+                log.info(NO_ARTIFACT_TOMBSTONES, peer=peer)
+                cursor.after = None
+                return
+            for item in _items(page, "artifact_tombstones"):
+                try:
+                    message = wire.ArtifactDeleteMessage.from_json(item)
+                except ValueError as error:
+                    raise PeerError(f"invalid artifact tombstone page: {error}") from None
+                if self._receiver.version_ahead(message.version_ms):
+                    log.warn(SKIPPED_ARTIFACT_TOMBSTONE, peer=peer, artifact_id=message.artifact_id)
+                    continue
+                outcome = await self._receiver.apply_artifact_delete(
+                    message, source=SOURCE_BOOTSTRAP
+                )
+                if outcome is Outcome.APPLIED:
+                    cursor.applied += 1
+                    self._metrics.bootstrap_applied_items.labels(ITEM_ARTIFACT_DELETE).inc()
+                self._touch(peer)
+            cursor.after = _next_after(page)
+            if cursor.after is None:
+                return
 
     async def _page(self, peer: str, path: str, after: str | None) -> Any:
         page = wire.PageRequest(self._page_limit, after)

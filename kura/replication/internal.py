@@ -6,7 +6,9 @@ Routes (formats in ``docs/replication.md``):
 * ``PUT /_internal/replicate/artifact?producer=&inline=&namespace_id=&key=``
   ``&content_type=&version_ms=`` (:mod:`.receiver`);
 * ``DELETE /_internal/replicate/namespace?namespace_id=&version_ms=``;
+* ``DELETE /_internal/replicate/artifact?artifact_id=&namespace_id=&version_ms=``;
 * ``GET /_internal/bootstrap/namespace_tombstones?limit=&after=``;
+* ``GET /_internal/bootstrap/artifact_tombstones?limit=&after=``;
 * ``GET /_internal/bootstrap/manifests?limit=&after=``;
 * ``GET /_internal/bootstrap/artifacts/{artifact_id}``: the raw body, paced
   by the bandwidth limiter, or 404.
@@ -188,6 +190,15 @@ class InternalGate:
         context = {"peer": peer, "message": message}
         return Admission(spec, path_args, Query(head.query), context=context)
 
+    def admit_artifact_delete(
+        self, spec: RouteSpec, path_args: Mapping[str, str], head: RequestHead, peer: PeerCaller
+    ) -> Admission:
+        """A replicated artifact delete: its message, refused when its version is too far ahead."""
+        message = wire.ArtifactDeleteMessage.parse(head.query)
+        self._receiver.check_version(message.version_ms)
+        context = {"peer": peer, "message": message}
+        return Admission(spec, path_args, Query(head.query), context=context)
+
     def admit_page(
         self, spec: RouteSpec, path_args: Mapping[str, str], head: RequestHead, peer: PeerCaller
     ) -> Admission:
@@ -329,6 +340,18 @@ class InternalAPI:
         await self._receiver.apply_delete(admission.context["message"], source=SOURCE_REPLICATION)
         return self._no_content(request)
 
+    @route(
+        wire.REPLICATE_ARTIFACT_PATH,
+        methods=["DELETE"],
+        head=HeadRule(InternalGate.admit_artifact_delete),
+    )
+    async def replicate_artifact_delete(self, request: KuraRequest) -> bytes:
+        admission = await self._admission(request)
+        await self._receiver.apply_artifact_delete(
+            admission.context["message"], source=SOURCE_REPLICATION
+        )
+        return self._no_content(request)
+
     # -- catch-up -----------------------------------------------------------------------------
 
     @route(wire.TOMBSTONES_PATH, methods=["GET"], head=HeadRule(InternalGate.admit_page))
@@ -339,6 +362,18 @@ class InternalAPI:
         items = [{"namespace_id": ns, "version_ms": version} for ns, version in rows]
         cursor = rows[-1][0] if rows else None
         return self._json(request, wire.page_json("tombstones", items, page.limit, cursor))
+
+    @route(wire.ARTIFACT_TOMBSTONES_PATH, methods=["GET"], head=HeadRule(InternalGate.admit_page))
+    async def bootstrap_artifact_tombstones(self, request: KuraRequest) -> bytes:
+        admission = await self._admission(request)
+        page: wire.PageRequest = admission.context["page"]
+        rows = await self._store.artifact_tombstones_page(page.after, page.limit)
+        items = [
+            wire.ArtifactDeleteMessage(row.artifact_id, row.namespace_id, row.version_ms).to_json()
+            for row in rows
+        ]
+        cursor = rows[-1].artifact_id if rows else None
+        return self._json(request, wire.page_json("artifact_tombstones", items, page.limit, cursor))
 
     @route(wire.MANIFESTS_PATH, methods=["GET"], head=HeadRule(InternalGate.admit_page))
     async def bootstrap_manifests(self, request: KuraRequest) -> bytes:

@@ -14,7 +14,14 @@ per target, the starting target rotating between scans):
   {target}/_internal/replicate/artifact?...`` streams its body from the blob
   file through :class:`~kura.replication.bodies.PacedFileBody` (never loaded
   whole), with ``Content-Length`` set;
-* ``delete_namespace``: ``DELETE {target}/_internal/replicate/namespace?...``.
+* ``delete_namespace``: ``DELETE {target}/_internal/replicate/namespace?...``;
+* ``delete_artifact``: ``DELETE {target}/_internal/replicate/artifact?...``. A
+  peer of a release before artifact tombstones answers 404 (it has no such
+  route): the row is dropped, logged and counted (``dropped_unsupported``),
+  so a long rolling upgrade cannot fill the outbox; that peer learns the
+  tombstone from its catch-up once it runs this release (tombstones are
+  paged before manifests, see :mod:`.bootstrap`), and serves its copy until
+  then, as every release before served a deleted entry.
 
 A 2xx deletes the row (and only a 2xx). Failures back off from 2 s,
 doubling to 60 s, with jitter:
@@ -63,6 +70,13 @@ log = Logger(namespace="kura.replication.outbox")
 DELIVERY_FAILED = "delivery of outbox row {seq} to {target} failed: {error}; retry in {delay:.1f}s"
 DROPPED_STALE = "dropped {count} outbox rows for {target}, no longer a replication target"
 POISON_DROPPED = "outbox row {seq} cannot be delivered ({error}); dropped"
+UNSUPPORTED_DROPPED = (
+    "{target} does not know artifact deletes (answered {status}: a release before them); "
+    "outbox row {seq} dropped, the peer learns the delete when it catches up after its upgrade"
+)
+
+#: How a peer of a release without a route answers it.
+UNKNOWN_ROUTE_STATUSES = frozenset({404, 405})
 
 #: The worker also wakes this often (backoffs expire, peers come back).
 RETRY_SECONDS = 2.0
@@ -389,7 +403,35 @@ class OutboxWorker:
             )
             await self._exchange(d, BytesBody(b""))
             return True
+        if operation == "delete_artifact":
+            return await self._send_artifact_delete(row)
         raise Undeliverable(f"unknown operation {operation!r}")
+
+    async def _send_artifact_delete(self, row: OutboxMessage) -> bool:
+        """Deliver one artifact tombstone; ``False`` when the peer cannot take it (dropped)."""
+        fields = row.operation
+        artifact_id, namespace, version = (
+            fields.get(n) for n in ("artifact_id", "namespace_id", "version_ms")
+        )
+        if not (
+            isinstance(artifact_id, str) and isinstance(namespace, str) and isinstance(version, int)
+        ):
+            raise Undeliverable("artifact delete without artifact_id, namespace_id or version_ms")
+        message = wire.ArtifactDeleteMessage(artifact_id, namespace, version)
+        d = self._client.request(
+            "DELETE", row.target, wire.REPLICATE_ARTIFACT_PATH, message.params()
+        )
+        try:
+            await self._exchange(d, BytesBody(b""))
+        except Refused as error:
+            if error.status not in UNKNOWN_ROUTE_STATUSES:
+                raise
+            log.warn(UNSUPPORTED_DROPPED, target=row.target, status=error.status, seq=row.seq)
+            self._metrics.replication_requests.labels(
+                wire.target_label(row.target), "delete_artifact", "dropped_unsupported"
+            ).inc()
+            return False
+        return True
 
     async def _send_upsert(self, target: str, artifact_id: str) -> bool:
         manifest = await self._store.manifest(artifact_id)

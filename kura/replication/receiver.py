@@ -14,6 +14,13 @@ once: the second is ``ignored_equal``.
 
 ``DELETE /_internal/replicate/namespace`` applies a tombstone (``applied`` or
 ``ignored_older``); a tombstone never moves backwards and is never undone.
+
+``DELETE /_internal/replicate/artifact`` applies one artifact's tombstone
+(a client's ccache ``DELETE`` on a peer): ``applied`` (the stored version, if
+any, is dropped and the tombstone recorded), ``ignored_older`` (an equal or
+newer tombstone is there) or ``ignored_stale`` (a newer version is stored,
+and survives). Unlike a namespace's, it is cleared by a newer write and
+purged after ``KURA_TOMBSTONE_RETENTION_MS``.
 """
 
 from __future__ import annotations
@@ -38,11 +45,12 @@ from kura.web.routing import GiB, Query, RouteSpec
 
 from .limiter import BandwidthLimiter
 from .peer_auth import UNSIGNED, PeerCaller
-from .wire import DeleteMessage, UpsertMessage
+from .wire import ArtifactDeleteMessage, DeleteMessage, UpsertMessage
 
 log = Logger(namespace="kura.replication.receiver")
 
 PEER_CLEAN = "namespace {namespace!r} cleaned from a peer ({source}, version {version})"
+PEER_DELETE = "artifact {artifact_id} deleted from a peer ({source}, version {version})"
 
 #: Largest replicated file-backed body (upstream's 4 x 512 MiB).
 MAX_REPLICATION_BODY_BYTES = 2 * GiB
@@ -51,6 +59,7 @@ SOURCE_REPLICATION = "replication"
 SOURCE_BOOTSTRAP = "bootstrap"
 ITEM_ARTIFACT = "artifact"
 ITEM_NAMESPACE = "namespace_delete"
+ITEM_ARTIFACT_DELETE = "artifact_delete"
 
 
 class LengthRequired(KuraError):
@@ -281,6 +290,29 @@ class Receiver:
             log.info(
                 PEER_CLEAN,
                 namespace=message.namespace_id,
+                version=message.version_ms,
+                source=source,
+            )
+        return outcome
+
+    # -- artifact deletes -----------------------------------------------------------------
+
+    async def apply_artifact_delete(
+        self, message: ArtifactDeleteMessage, *, source: str
+    ) -> Outcome:
+        """Apply one artifact's tombstone (no outbox rows); idempotent."""
+        outcome = await shielded(
+            Deferred.fromCoroutine(
+                self._store.delete_artifact(
+                    message.artifact_id, message.namespace_id, message.version_ms, targets=()
+                )
+            )
+        )
+        self.count(source, ITEM_ARTIFACT_DELETE, outcome)
+        if outcome is Outcome.APPLIED:
+            log.debug(
+                PEER_DELETE,
+                artifact_id=message.artifact_id,
                 version=message.version_ms,
                 source=source,
             )

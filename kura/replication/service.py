@@ -51,7 +51,7 @@ from .membership import POLL_SECONDS, DnsDiscovery, Membership
 from .outbox import OutboxWorker
 from .peer_auth import PeerAuthenticator
 from .receiver import Receiver
-from .tls import PeerTLSPolicy, server_options
+from .tls import PeerTLSPolicy, reloading_server_options
 
 log = Logger(namespace="kura.replication")
 
@@ -101,7 +101,11 @@ class PeerMesh:
             reactor=IReactorTCP(reactor),
             tenant_id=config.tenant_id,
             auth=auth,
-            tls_policy=PeerTLSPolicy(tls) if tls is not None else None,
+            tls_policy=(
+                PeerTLSPolicy(tls, reactor, config.tls_reload_interval_ms / 1000)
+                if tls is not None
+                else None
+            ),
         )
         discovery = None
         if settings.discovery_dns_name:
@@ -274,9 +278,17 @@ class ReplicationService(MultiService):
         host = self.config.internal_bind_host
         tls = settings.internal_tls
         if tls is not None:
-            options = server_options(tls, settings.auth.tls_peer_names)
+            options = reloading_server_options(
+                tls,
+                settings.auth.tls_peer_names,
+                self.reactor,
+                self.config.tls_reload_interval_ms / 1000,
+            )
             port: IListeningPort = IReactorSSL(self.reactor).listenSSL(
-                self.config.internal_port, self.site, options, interface=host
+                self.config.internal_port,
+                self.site,
+                options,  # type: ignore[arg-type]  # IOpenSSLServerConnectionCreator is accepted
+                interface=host,
             )
         else:
             # listenTCP is annotated with a bare ServerFactory (of the default

@@ -24,14 +24,15 @@ from collections.abc import Sequence
 from cryptography import x509
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from kura.config import TlsFiles
-from kura.tls import load_certificates, load_identity
+from kura.tls import Reloading, ReloadingServerOptions, load_certificates, load_identity
 
 
 def _authorities(files: TlsFiles) -> list[ssl.Certificate]:
@@ -93,6 +94,16 @@ class _PeerNameOptions(ssl.CertificateOptions):
         return False
 
 
+def reloading_server_options(
+    files: TlsFiles, peer_names: Sequence[str], clock: IReactorTime, interval: float
+) -> ReloadingServerOptions:
+    """:func:`server_options`, rebuilt when the certificate, key or CA bundle change."""
+    paths = [files.cert_path, files.key_path, *([files.ca_path] if files.ca_path else [])]
+    return ReloadingServerOptions(
+        Reloading(lambda: server_options(files, peer_names), paths, clock, interval)
+    )
+
+
 def server_options(files: TlsFiles, peer_names: Sequence[str] = ()) -> ssl.CertificateOptions:
     """Listener options: present the node certificate, require a client certificate.
 
@@ -118,14 +129,33 @@ def server_options(files: TlsFiles, peer_names: Sequence[str] = ()) -> ssl.Certi
 
 @implementer(IPolicyForHTTPS)
 class PeerTLSPolicy:
-    """Client side of peer mTLS: verify the peer, present our certificate."""
+    """Client side of peer mTLS: verify the peer, present our certificate.
 
-    def __init__(self, files: TlsFiles) -> None:
-        self._client, _ = load_identity(files)
-        self._trust = ssl.trustRootFromCertificates(_authorities(files))
+    Args:
+        files: the node's certificate, key and the CA bundle.
+        clock, interval: with an interval, the files are looked at again
+            (at most that often) and reloaded when they changed
+            (:class:`kura.tls.Reloading`).
+    """
+
+    def __init__(
+        self, files: TlsFiles, clock: IReactorTime | None = None, interval: float = 0.0
+    ) -> None:
+        paths = [files.cert_path, files.key_path, *([files.ca_path] if files.ca_path else [])]
+        self._material = Reloading(
+            lambda: (load_identity(files)[0], ssl.trustRootFromCertificates(_authorities(files))),
+            paths,
+            clock if clock is not None else _NO_CLOCK,
+            interval if clock is not None else 0.0,
+        )
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        client, trust = self._material.get()
         creator: IOpenSSLClientConnectionCreator = ssl.optionsForClientTLS(
-            hostname.decode("ascii"), trustRoot=self._trust, clientCertificate=self._client
+            hostname.decode("ascii"), trustRoot=trust, clientCertificate=client
         )
         return creator
+
+
+#: A policy built without a clock never looks at its files again.
+_NO_CLOCK: IReactorTime = Clock()

@@ -23,6 +23,9 @@ STATUS_PATH = "/_internal/status"
 REPLICATE_ARTIFACT_PATH = "/_internal/replicate/artifact"
 REPLICATE_NAMESPACE_PATH = "/_internal/replicate/namespace"
 TOMBSTONES_PATH = "/_internal/bootstrap/namespace_tombstones"
+#: Deleted artifacts (``DELETE`` on :data:`REPLICATE_ARTIFACT_PATH` replicates
+#: one); a release before them answers 404 on both.
+ARTIFACT_TOMBSTONES_PATH = "/_internal/bootstrap/artifact_tombstones"
 MANIFESTS_PATH = "/_internal/bootstrap/manifests"
 ARTIFACTS_PATH = "/_internal/bootstrap/artifacts"
 
@@ -187,6 +190,66 @@ class DeleteMessage:
     def parse(cls, query: Mapping[str, list[str]]) -> DeleteMessage:
         params = Params(query)
         return cls(_namespace(params), params.integer("version_ms", minimum=1))
+
+
+@attrs.frozen
+class ArtifactDeleteMessage:
+    """``DELETE /_internal/replicate/artifact``: one artifact's tombstone.
+
+    The artifact is named by its id: every node of a mesh serves one tenant,
+    so the sender's id is the receiver's (see :class:`UpsertMessage`).
+    """
+
+    artifact_id: str
+    namespace_id: str
+    version_ms: int
+
+    def params(self) -> list[tuple[str, str]]:
+        return [
+            ("artifact_id", self.artifact_id),
+            ("namespace_id", self.namespace_id),
+            ("version_ms", str(self.version_ms)),
+        ]
+
+    def to_json(self) -> dict[str, object]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def parse(cls, query: Mapping[str, list[str]]) -> ArtifactDeleteMessage:
+        """Parse the receiver's query.
+
+        Raises:
+            BadRequest: a parameter is missing, repeated or invalid.
+        """
+        params = Params(query)
+        artifact_id = params.required("artifact_id")
+        if not is_artifact_id(artifact_id):
+            raise BadRequest("Invalid artifact_id")
+        return cls(artifact_id, _namespace(params), params.integer("version_ms", minimum=1))
+
+    @classmethod
+    def from_json(cls, data: Any) -> ArtifactDeleteMessage:
+        """Parse one item of an artifact tombstone page.
+
+        Raises:
+            ValueError: a field is missing or invalid.
+        """
+        if not isinstance(data, dict):
+            raise ValueError("artifact tombstone must be an object")
+        artifact_id, namespace, version = (
+            data.get(n) for n in ("artifact_id", "namespace_id", "version_ms")
+        )
+        if (
+            not isinstance(artifact_id, str)
+            or not is_artifact_id(artifact_id)
+            or not isinstance(namespace, str)
+            or not is_valid_namespace(namespace)
+            or not isinstance(version, int)
+            or isinstance(version, bool)
+            or not 1 <= version <= MAX_INT64
+        ):
+            raise ValueError("artifact tombstone has no valid artifact_id, namespace_id or version")
+        return cls(artifact_id, namespace, version)
 
 
 @attrs.frozen

@@ -14,7 +14,13 @@ from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:  # the store's own modules import this one
     from kura.domain.artifacts import ArtifactAddress, Manifest
-    from kura.storage.metadata import OutboxMessage, Outcome, Upload, WritePolicy
+    from kura.storage.metadata import (
+        ArtifactTombstone,
+        OutboxMessage,
+        Outcome,
+        Upload,
+        WritePolicy,
+    )
     from kura.storage.staging import StagedBody, StagingFile
     from kura.storage.store import PublishResult
 
@@ -142,6 +148,24 @@ class IArtifactStore(Interface):
     ) -> Outcome:
         """Tombstone a namespace: every artifact in it older than the version goes."""
 
+    async def delete_artifact(
+        artifact_id: str,
+        namespace_id: str,
+        version_ms: int | None = None,
+        *,
+        targets: Sequence[str] | None = None,
+    ) -> Outcome:
+        """Drop one artifact and tombstone it (a client's delete, or a peer's replicated)."""
+
+    async def purge_artifact_tombstones(deleted_before_ms: int, limit: int) -> int:
+        """Forget up to ``limit`` artifact tombstones older than the retention; how many went."""
+
+    async def oldest_access_ms() -> int | None:
+        """When the least recently used file-backed artifact was last used (``None``: none)."""
+
+    async def artifact_tombstone_count() -> int:
+        """How many artifact tombstones are kept."""
+
     def add_commit_listener(listener: Callable[[], None]) -> None:
         """Call ``listener()`` after every metadata commit (it must not commit synchronously)."""
 
@@ -181,3 +205,6 @@ class IArtifactStore(Interface):
 
     async def tombstones_page(after: str | None, limit: int) -> list[tuple[str, int]]:
         """Namespace tombstones in namespace order, strictly after ``after``."""
+
+    async def artifact_tombstones_page(after: str | None, limit: int) -> list[ArtifactTombstone]:
+        """Artifact tombstones in artifact-id order, strictly after ``after``."""

@@ -9,6 +9,11 @@ Tables:
     inline bodies of key-value entries (never files).
 ``namespace_tombstones``
     the version at which each namespace was cleaned; older writes lose.
+``artifact_tombstones``
+    the version at which one artifact was deleted by a client (ccache
+    ``DELETE``); older or equal writes of it lose, a newer one clears it.
+    Kept for ``KURA_TOMBSTONE_RETENTION_MS`` from the delete, then purged
+    (:meth:`MetadataStore.purge_artifact_tombstones`).
 ``multipart_uploads`` / ``multipart_parts``
     module uploads in progress and their acknowledged parts.
 ``outbox``
@@ -195,6 +200,26 @@ class Upload:
 
 
 @attrs.frozen
+class ArtifactTombstone:
+    """One deleted artifact (a row of ``artifact_tombstones``).
+
+    Attributes:
+        artifact_id: the artifact.
+        namespace_id: its namespace.
+        version_ms: the delete's version: writes at or below it lose.
+        deleted_at_ms: when the delete happened, on the clock of the node a
+            client asked (``min(version_ms, now)`` where it is applied, so
+            every node of the mesh ages a tombstone alike); retention counts
+            from it.
+    """
+
+    artifact_id: str
+    namespace_id: str
+    version_ms: int
+    deleted_at_ms: int
+
+
+@attrs.frozen
 class OutboxMessage:
     """One queued replication message for one target peer."""
 
@@ -307,6 +332,38 @@ class MetadataStore:
             .fetchone()
         )
         return None if row is None else int(row[0])
+
+    def artifact_tombstone_version(self, artifact_id: str) -> int | None:
+        row = (
+            self._reader()
+            .execute(
+                "SELECT version_ms FROM artifact_tombstones WHERE artifact_id = ?", (artifact_id,)
+            )
+            .fetchone()
+        )
+        return None if row is None else int(row[0])
+
+    def artifact_tombstones_page(self, after: str | None, limit: int) -> list[ArtifactTombstone]:
+        """Artifact tombstones in artifact-id order, strictly after the cursor ``after``."""
+        rows = self._reader().execute(
+            "SELECT artifact_id, namespace_id, version_ms, deleted_at_ms FROM artifact_tombstones "
+            "WHERE artifact_id > ? ORDER BY artifact_id LIMIT ?",
+            (after or "", limit),
+        )
+        return [ArtifactTombstone(row[0], row[1], int(row[2]), int(row[3])) for row in rows]
+
+    def oldest_access_ms(self) -> int | None:
+        """When the least recently used file-backed artifact was last read or written
+        (the next to be evicted; ``None`` with none stored). One index step."""
+        row = (
+            self._reader()
+            .execute("SELECT MIN(last_access_ms) FROM manifests WHERE inline = 0")
+            .fetchone()
+        )
+        return None if row[0] is None else int(row[0])
+
+    def artifact_tombstone_count(self) -> int:
+        return int(self._reader().execute("SELECT COUNT(*) FROM artifact_tombstones").fetchone()[0])
 
     def blob_paths(self) -> set[str]:
         rows = self._reader().execute("SELECT blob_path FROM manifests WHERE inline = 0")
@@ -463,6 +520,8 @@ class MetadataStore:
         ).fetchone()
         if tombstone is not None and tombstone[0] >= manifest.version_ms:
             return ApplyResult(Outcome.IGNORED_TOMBSTONE, own_file)
+        if _artifact_tombstoned(conn, manifest.artifact_id, manifest.version_ms):
+            return ApplyResult(Outcome.IGNORED_TOMBSTONE, own_file)
         row = conn.execute(
             "SELECT version_ms, inline, blob_path, size FROM manifests WHERE artifact_id = ?",
             (manifest.artifact_id,),
@@ -508,6 +567,11 @@ class MetadataStore:
         else:
             conn.execute("DELETE FROM key_values WHERE artifact_id = ?", (manifest.artifact_id,))
             self.used_bytes += manifest.size
+        # A newer write than the delete: the artifact lives again, here and,
+        # through the outbox, on every peer (theirs clear the same way).
+        conn.execute(
+            "DELETE FROM artifact_tombstones WHERE artifact_id = ?", (manifest.artifact_id,)
+        )
         operation = {
             "type": "upsert_artifact",
             "artifact_id": manifest.artifact_id,
@@ -562,6 +626,91 @@ class MetadataStore:
         }
         _enqueue(conn, targets, operation, now_ms)
         return ApplyResult(Outcome.APPLIED, tuple(unlink))
+
+    def above_artifact_tombstone(self, conn: sqlite3.Connection, manifest: Manifest) -> Manifest:
+        """``manifest``, versioned above its artifact's tombstone when one would refuse it.
+
+        For a client's write (versioned by this node): the client writes after
+        the delete it may have asked for itself, so the write must win even
+        when the tombstone's version came from a peer whose clock runs ahead.
+        """
+        row = conn.execute(
+            "SELECT version_ms FROM artifact_tombstones WHERE artifact_id = ?",
+            (manifest.artifact_id,),
+        ).fetchone()
+        if row is None or row[0] < manifest.version_ms:
+            return manifest
+        return attrs.evolve(manifest, version_ms=int(row[0]) + 1)
+
+    def delete_artifact(
+        self,
+        conn: sqlite3.Connection,
+        tombstone: ArtifactTombstone,
+        targets: Iterable[str],
+        now_ms: int,
+    ) -> ApplyResult:
+        """Tombstone one artifact at ``tombstone.version_ms`` and drop what it covers.
+
+        Last-writer-wins, as for writes: a stored version newer than the
+        delete survives it (``ignored_stale``, nothing recorded); an equal or
+        newer tombstone makes it moot (``ignored_older``). Otherwise the
+        tombstone is recorded (or moved forward), the stored version (if any)
+        is dropped in the same transaction, and one ``delete_artifact`` outbox
+        row is queued per target. An artifact that is not stored here is
+        tombstoned all the same, so a copy still on its way cannot land later.
+        """
+        current = conn.execute(
+            "SELECT version_ms FROM artifact_tombstones WHERE artifact_id = ?",
+            (tombstone.artifact_id,),
+        ).fetchone()
+        if current is not None and current[0] >= tombstone.version_ms:
+            return ApplyResult(Outcome.IGNORED_OLDER)
+        row = conn.execute(
+            "SELECT version_ms, inline, blob_path, size FROM manifests WHERE artifact_id = ?",
+            (tombstone.artifact_id,),
+        ).fetchone()
+        if row is not None and row[0] > tombstone.version_ms:
+            return ApplyResult(Outcome.IGNORED_STALE)
+        conn.execute(
+            "INSERT OR REPLACE INTO artifact_tombstones "
+            "(artifact_id, namespace_id, version_ms, deleted_at_ms) VALUES (?, ?, ?, ?)",
+            (
+                tombstone.artifact_id,
+                tombstone.namespace_id,
+                tombstone.version_ms,
+                tombstone.deleted_at_ms,
+            ),
+        )
+        unlink: tuple[str, ...] = ()
+        if row is not None:
+            _, inline, blob_path, size = row
+            conn.execute("DELETE FROM manifests WHERE artifact_id = ?", (tombstone.artifact_id,))
+            conn.execute("DELETE FROM key_values WHERE artifact_id = ?", (tombstone.artifact_id,))
+            if not inline:
+                unlink = (blob_path,)
+                self.used_bytes -= size
+        operation = {
+            "type": "delete_artifact",
+            "artifact_id": tombstone.artifact_id,
+            "namespace_id": tombstone.namespace_id,
+            "version_ms": tombstone.version_ms,
+        }
+        _enqueue(conn, targets, operation, now_ms)
+        return ApplyResult(Outcome.APPLIED, unlink)
+
+    def purge_artifact_tombstones(
+        self, conn: sqlite3.Connection, deleted_before_ms: int, limit: int
+    ) -> int:
+        """Forget up to ``limit`` artifact tombstones of deletes before ``deleted_before_ms``.
+
+        Oldest first (the ``deleted_at_ms`` index); returns how many went.
+        """
+        return conn.execute(
+            "DELETE FROM artifact_tombstones WHERE artifact_id IN ("
+            "SELECT artifact_id FROM artifact_tombstones WHERE deleted_at_ms < ? "
+            "ORDER BY deleted_at_ms LIMIT ?)",
+            (deleted_before_ms, limit),
+        ).rowcount
 
     def evict(
         self, conn: sqlite3.Connection, capacity: int, incoming: int, keep: str
@@ -706,6 +855,14 @@ def _bring_to_current_schema(conn: sqlite3.Connection) -> None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def _artifact_tombstoned(conn: sqlite3.Connection, artifact_id: str, version_ms: int) -> bool:
+    """Whether a delete at or above ``version_ms`` tombstones the artifact."""
+    row = conn.execute(
+        "SELECT version_ms FROM artifact_tombstones WHERE artifact_id = ?", (artifact_id,)
+    ).fetchone()
+    return row is not None and row[0] >= version_ms
 
 
 def _enqueue(

@@ -53,6 +53,7 @@ from kura.storage.interfaces import IArtifactStore, IBlockingRunner, IReplicatio
 from kura.storage.layout import Layout, fsync_directory, make_directory_durably
 from kura.storage.metadata import (
     ApplyResult,
+    ArtifactTombstone,
     MetadataStore,
     OutboxMessage,
     Outcome,
@@ -491,8 +492,9 @@ class ArtifactStore:
     async def remove_local(self, manifest: Manifest) -> None:
         """Remove one artifact version from this node only (no tombstone, no outbox).
 
-        A newer version written meanwhile is left alone. Peers keep their copy:
-        the replication protocol has no single-artifact delete.
+        A newer version written meanwhile is left alone. Peers keep their
+        copy: this is for damage, not for a client's delete (that is
+        :meth:`delete_artifact`, which tombstones and replicates).
         """
         self._cache.discard(manifest.artifact_id)
         dropped = await self._commit(
@@ -587,7 +589,7 @@ class ArtifactStore:
             version_ms=version_ms if version_ms is not None else self.next_version(),
             created_at_ms=now,
         )
-        return await self._apply(manifest, None, policy, targets)
+        return await self._apply(manifest, None, policy, targets, fresh=version_ms is None)
 
     def _place(self, staged_path: str, relative: str) -> None:
         """Move a durable staged file into ``blobs/`` and make the rename durable."""
@@ -635,7 +637,7 @@ class ArtifactStore:
             version_ms=version_ms if version_ms is not None else self.next_version(),
             created_at_ms=self.now_ms(),
         )
-        return await self._apply(manifest, value, policy, targets)
+        return await self._apply(manifest, value, policy, targets, fresh=version_ms is None)
 
     async def _apply(
         self,
@@ -643,22 +645,29 @@ class ArtifactStore:
         inline_value: bytes | None,
         policy: WritePolicy,
         targets: Sequence[str] | None = None,
+        *,
+        fresh: bool = False,
     ) -> PublishResult:
+        """Commit ``manifest`` (``fresh``: a client's write, versioned here)."""
         # Replicated applies pass their own (empty) targets: a write that
         # arrived from a peer must not be queued to the peers again.
         targets = tuple(self._replication_targets.targets()) if targets is None else tuple(targets)
         now = self.now_ms()
         capacity = self.capacity_bytes
+        written = manifest
 
         def operation(conn: sqlite3.Connection) -> tuple[ApplyResult, list[Any]]:
+            nonlocal written
+            if fresh:
+                # A client writing after a delete wins over its tombstone, even
+                # one a peer whose clock runs ahead versioned.
+                written = self.metadata.above_artifact_tombstone(conn, manifest)
             evicted: list[Any] = []
             if not manifest.inline:
                 evicted = self.metadata.evict(
                     conn, capacity, manifest.size, keep=manifest.artifact_id
                 )
-            result = self.metadata.apply_artifact(
-                conn, manifest, inline_value, policy, targets, now
-            )
+            result = self.metadata.apply_artifact(conn, written, inline_value, policy, targets, now)
             return result, evicted
 
         try:
@@ -676,6 +685,8 @@ class ArtifactStore:
         if evicted:
             log.info(EVICTED, count=len(evicted), bytes=sum(e[3] for e in evicted))
         if result.outcome is Outcome.APPLIED:
+            manifest = written
+            self._last_version = max(self._last_version, manifest.version_ms)
             self._cache.put(manifest)
             self.outbox_depth += len(targets)
             current = manifest
@@ -708,6 +719,57 @@ class ArtifactStore:
         if result.unlink:
             await self._unlink(result.unlink)
         return result.outcome
+
+    async def delete_artifact(
+        self,
+        artifact_id: str,
+        namespace_id: str,
+        version_ms: int | None = None,
+        *,
+        targets: Sequence[str] | None = None,
+    ) -> Outcome:
+        """Delete one artifact mesh-wide: drop it here and leave a tombstone.
+
+        Without ``version_ms`` (a client's delete) the version is a fresh one
+        above the stored version, so the delete always wins over what this
+        node serves. The tombstone and one outbox row per target are written
+        in the transaction that drops the manifest; ``targets`` as for
+        :meth:`publish_blob` (replicated deletes pass ``()``). Outcomes as
+        :meth:`MetadataStore.delete_artifact`.
+        """
+        if version_ms is None:
+            current = await self.manifest(artifact_id)
+            version = self.next_version()
+            if current is not None and current.version_ms >= version:
+                # A replica from a peer whose clock runs ahead: still delete it.
+                version = self._last_version = current.version_ms + 1
+        else:
+            version = version_ms
+        targets = tuple(self._replication_targets.targets()) if targets is None else tuple(targets)
+        now = self.now_ms()
+        tombstone = ArtifactTombstone(artifact_id, namespace_id, version, min(version, now))
+        result = await self._commit(
+            lambda conn: self.metadata.delete_artifact(conn, tombstone, targets, now)
+        )
+        if result.outcome is Outcome.APPLIED:
+            self._cache.discard(artifact_id)
+            self.outbox_depth += len(targets)
+        if result.unlink:
+            await self._unlink(result.unlink)
+        return result.outcome
+
+    async def purge_artifact_tombstones(self, deleted_before_ms: int, limit: int) -> int:
+        """Forget up to ``limit`` tombstones of deletes before ``deleted_before_ms``."""
+        return await self._commit(
+            lambda conn: self.metadata.purge_artifact_tombstones(conn, deleted_before_ms, limit)
+        )
+
+    async def oldest_access_ms(self) -> int | None:
+        """See :meth:`MetadataStore.oldest_access_ms` (read on a storage thread)."""
+        return await self._runner.run(self.metadata.oldest_access_ms)
+
+    async def artifact_tombstone_count(self) -> int:
+        return await self._runner.run(self.metadata.artifact_tombstone_count)
 
     async def _unlink(self, relative_paths: Sequence[str]) -> None:
         paths = [self.layout.absolute(p) for p in relative_paths]
@@ -870,6 +932,9 @@ class ArtifactStore:
         tombstone = self.metadata.tombstone_version(namespace_id)
         if tombstone is not None and tombstone >= version_ms:
             return Outcome.IGNORED_TOMBSTONE
+        deleted = self.metadata.artifact_tombstone_version(artifact_id)
+        if deleted is not None and deleted >= version_ms:
+            return Outcome.IGNORED_TOMBSTONE
         current = self.metadata.get_manifest(artifact_id)
         if current is None:
             return None
@@ -890,6 +955,12 @@ class ArtifactStore:
     async def tombstones_page(self, after: str | None, limit: int) -> list[tuple[str, int]]:
         """Namespace tombstones in namespace order, strictly after ``after``."""
         return await self._runner.run(self.metadata.tombstones_page, after, limit)
+
+    async def artifact_tombstones_page(
+        self, after: str | None, limit: int
+    ) -> list[ArtifactTombstone]:
+        """Artifact tombstones in artifact-id order, strictly after ``after``."""
+        return await self._runner.run(self.metadata.artifact_tombstones_page, after, limit)
 
 
 @functools.lru_cache(maxsize=8192)

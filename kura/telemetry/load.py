@@ -16,7 +16,8 @@ a request happens on that thread, so:
 
 :class:`LoadSampler` reads it every :data:`SAMPLE_SECONDS`, with how many
 public requests began in the interval, and tells its listeners (the
-replication limiter). Cost: one small ``/proc`` read per interval. Without
+replication limiter). Cost: one small ``/proc`` read per interval while public
+requests arrive, none while the node is idle. Without
 schedstat (not Linux, or a kernel without it) the thread's CPU time alone is
 used, which misses waiting for a core.
 """
@@ -93,9 +94,9 @@ class LoadSampler:
         self._loop.clock = clock
         self._mark()
 
-    def _mark(self) -> None:
+    def _mark(self, *, read_demand: bool = True) -> None:
         self._at = self._clock.seconds()
-        self._demand_at = self._demand()
+        self._demand_at = self._demand() if read_demand else None
         self._started_at = self._traffic.started
 
     def start(self) -> None:
@@ -108,14 +109,26 @@ class LoadSampler:
             self._loop.stop()
 
     def sample(self) -> LoadSample | None:
-        """Close the current interval and tell the listeners (``None``: no time passed)."""
+        """Close the current interval and tell the listeners (``None``: no time passed).
+
+        An interval in which no public request began reads nothing (its
+        demand is reported as 0: with no public request the limiter does not
+        need it), so an idle node makes no system call every 0.1 s; the
+        interval after one starts the reading again, and the next is measured.
+        """
         now = self._clock.seconds()
         wall = now - self._at
         if wall <= 0:
             return None
-        utilisation = min(1.0, max(0.0, (self._demand() - self._demand_at) / wall))
-        reading = LoadSample(utilisation, self._traffic.started - self._started_at, wall)
-        self._mark()
+        public = self._traffic.started - self._started_at
+        if public and self._demand_at is not None:
+            utilisation = min(1.0, max(0.0, (self._demand() - self._demand_at) / wall))
+            self._mark()
+        else:
+            # Idle, or the first busy interval after idling (no baseline yet).
+            utilisation = 0.0
+            self._mark(read_demand=bool(public))
+        reading = LoadSample(utilisation, public, wall)
         self.last = reading
         for listener in self.listeners:
             listener(reading)

@@ -163,6 +163,12 @@ class KuraMetrics:
         )
 
         # Storage --------------------------------------------------------------
+        self.cas_retention_age = Gauge(
+            "kura_cas_retention_age_seconds",
+            "How long ago the least recently used stored artifact (the next to be evicted) "
+            "was last used: what the cache currently retains (0 when empty).",
+            registry=r,
+        )
         self.cas_capacity_bytes = Gauge(
             "kura_cas_capacity_bytes", "Configured artifact byte budget.", registry=r
         )
@@ -178,6 +184,16 @@ class KuraMetrics:
         self.damaged_artifacts = Counter(
             "kura_damaged_artifacts",
             "Artifacts forgotten because their body was missing or short.",
+            registry=r,
+        )
+        self.artifact_tombstones = Gauge(
+            "kura_artifact_tombstones",
+            "Tombstones of deleted artifacts kept (counted at each retention sweep).",
+            registry=r,
+        )
+        self.artifact_tombstones_purged = Counter(
+            "kura_artifact_tombstones_purged",
+            "Tombstones of deleted artifacts forgotten after KURA_TOMBSTONE_RETENTION_MS.",
             registry=r,
         )
         self.tmp_dir_bytes = Gauge(
@@ -291,7 +307,7 @@ class KuraMetrics:
         self.replication_requests = Counter(
             "kura_replication_requests",
             "Outbox deliveries by target host, operation and result "
-            "(ok, error, dropped_stale_target).",
+            "(ok, error, dropped_stale_target, dropped_unsupported).",
             ["target", "operation", "result"],
             registry=r,
         )
@@ -305,7 +321,7 @@ class KuraMetrics:
         self.replication_apply_results = Counter(
             "kura_replication_apply_results",
             "Replicated items applied or ignored, by source (replication, bootstrap), "
-            "item type (artifact, namespace_delete) and outcome.",
+            "item type (artifact, namespace_delete, artifact_delete) and outcome.",
             ["source", "item_type", "outcome"],
             registry=r,
         )
@@ -374,7 +390,7 @@ class KuraMetrics:
         )
         self.bootstrap_applied_items = Counter(
             "kura_bootstrap_applied_items",
-            "Items catch-up applied, by type (artifact, namespace_delete).",
+            "Items catch-up applied, by type (artifact, namespace_delete, artifact_delete).",
             ["item_type"],
             registry=r,
         )

@@ -181,11 +181,24 @@ class KuraHTTPChannel(http.HTTPChannel):
         self.allContentReceived()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
+        """Answer a request twisted.web cannot frame (bad chunking, a bad head) and close.
+
+        twisted.web writes a bare ``400 Bad Request``; clients and operators
+        get kura's JSON error instead, with the request's id when it has one.
+        """
+        error = BadFraming("Malformed request")
+        spec = None
+        after: tuple[tuple[bytes, bytes], ...] = ()
         if self.requests:
             request = self.requests[-1]
             if not request.complete:
-                request.fail_body(BadFraming("Malformed request"))
-        super()._respondToBadRequestAndDisconnect()
+                request.fail_body(error)
+            if request.admitted is not None:
+                spec = request.admitted.spec
+            after = ((b"X-Request-Id", request.ensure_request_id().encode("ascii")),)
+        transport: Any = self.transport
+        transport.write(render_error_response(error, spec, after=after))
+        self.loseConnection()
 
     def requestDone(self, request: http.Request) -> None:
         if not self.persistent and getattr(request, "body_skipped", False):

@@ -344,10 +344,21 @@ class KuraRequest(server.Request):
         self.ingest.resume(DISCARD)
         super().requestReceived(command, path, version)
 
+    def ensure_request_id(self) -> str:
+        """The request's id: the client's ``X-Request-Id`` if usable, else a new one.
+
+        Given when the request is processed, or earlier when the channel must
+        answer a body it cannot frame; the same id either way.
+        """
+        if not self._request_id:
+            ids = self.kura_site.request_ids
+            self._request_id = ids.for_request(self.getHeader(b"x-request-id"))
+            self.request_id = self._request_id.decode("ascii")
+        return self.request_id
+
     def process(self) -> None:
         site = self.kura_site
-        self._request_id = site.request_ids.for_request(self.getHeader(b"x-request-id"))
-        self.request_id = self._request_id.decode("ascii")
+        self.ensure_request_id()
         site.metrics.http_inflight.inc()
         self.notifyFinish().addBoth(self._finished)
         super().process()
@@ -415,9 +426,8 @@ class KuraRequest(server.Request):
                 and spec.producer is not None
                 and spec.body is BodyKind.STAGED
             ):
-                self._site.metrics.artifact_writes.labels(
-                    spec.producer.value, "client_aborted"
-                ).inc()
+                # A write cut short is an error (upstream's rule); its status stays 499.
+                self._site.metrics.artifact_writes.labels(spec.producer.value, "error").inc()
         super().connectionLost(reason)
 
     def fail_body(self, error: BadFraming) -> None:

@@ -59,6 +59,7 @@ class StoreSpy:
         )
         self._wrap("remove_local", lambda manifest, *a, **k: [("artifact", manifest.artifact_id)])
         self._wrap("delete_namespace", lambda namespace, *a, **k: [("namespace", namespace)])
+        self._wrap("delete_artifact", lambda artifact_id, *a, **k: [("artifact", artifact_id)])
         self._wrap("start_upload", lambda **k: [("namespace", k["namespace_id"])])
 
     def _id(self, address: Any) -> str:

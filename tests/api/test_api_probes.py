@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Any
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from kura.service import KuraNode
 from kura.testing import Exchange, request, sample
+from tests.api.route_table import public_api
+from tests.support.real import REPO_ROOT
 
 CAS = "/api/cache/cas/{id}?tenant_id=default"
 
@@ -204,3 +210,81 @@ def test_multipart_metrics(node: KuraNode) -> None:
         {"Content-Type": "application/json"},
     )
     assert sample(node, "kura_multipart_uploads") == 0
+
+
+DRAIN_TABLE = re.compile(r"<!-- drain-table.*?-->\n(.*?)<!-- end drain-table -->", re.S)
+#: A value for each path placeholder of the public routes.
+PLACEHOLDERS = {
+    "id": "c1",
+    "cas_id": "c1",
+    "cache_key": "k1",
+    "tenant": "default",
+    "namespace": "ns",
+    "hash": "a" * 64,
+    "kind": "cas",
+    "instance_name": "inst",
+    "location": "ab/cd",
+}
+
+
+def documented_drain_answers() -> tuple[dict[tuple[str, str], int], int]:
+    """``{(method, template): status}`` from docs/operations.md, and the status of the rest."""
+    page = (Path(REPO_ROOT) / "docs" / "operations.md").read_text(encoding="utf-8")
+    match = DRAIN_TABLE.search(page)
+    assert match is not None, "the drain table's markers are gone from docs/operations.md"
+    answers: dict[tuple[str, str], int] = {}
+    otherwise = 0
+    for row in match.group(1).splitlines()[2:]:
+        methods, routes, answer = (cell.strip() for cell in row.strip("|").split("|"))
+        status = int(answer.split()[0])
+        if methods == "any":
+            otherwise = status
+            continue
+        for method in methods.split(", "):
+            for template in re.findall(r"`([^`]+)`", routes):
+                answers[(method, template)] = status
+    return answers, otherwise
+
+
+def test_every_route_answers_a_draining_node_as_documented(node: KuraNode) -> None:
+    """Each public route (and HEAD of each GET) sent to a draining node gets the status
+    docs/operations.md's drain table gives it, with Connection: close."""
+    answers, otherwise = documented_drain_answers()
+    node.drain()
+    checked = 0
+    for route in public_api().routes:
+        spec = route.spec
+        if spec.probe:
+            continue
+        path = spec.template.format(**{name: PLACEHOLDERS[name] for name in route_fields(spec)})
+        target = path + "?tenant_id=default"
+        for method in [route.method] + (["HEAD"] if route.method == "GET" else []):
+            body = b"x" if method in ("PUT", "POST") else b""
+            response = request(node, method, target, body)
+            expected = answers.get((method, spec.template), otherwise)
+            assert (method, spec.template, response.status) == (method, spec.template, expected)
+            assert response.headers["connection"] == "close"
+            checked += 1
+    assert checked > 40
+    documented = set(answers)
+    served = {(m, r.spec.template) for r in public_api().routes for m in (r.method, "HEAD")}
+    assert documented <= served, "the drain table names a route the node does not have"
+
+
+def route_fields(spec: Any) -> list[str]:
+    return re.findall(r"{(\w+)}", spec.template)
+
+
+def test_the_retention_age_is_how_long_ago_the_next_eviction_was_used(node: KuraNode) -> None:
+    """``kura_cas_retention_age_seconds``: 0 while empty; then the age of the least
+    recently used file-backed artifact, refreshed every minute."""
+    from kura.service import RETENTION_SAMPLE_SECONDS
+
+    clock = node.reactor
+    clock.advance(RETENTION_SAMPLE_SECONDS)
+    assert sample(node, "kura_cas_retention_age_seconds") == 0
+    written_at = clock.seconds()
+    assert request(node, "POST", CAS.format(id="old"), b"x" * 10_000).status == 204
+    clock.advance(10 * RETENTION_SAMPLE_SECONDS)
+    age = sample(node, "kura_cas_retention_age_seconds")
+    assert 9 * RETENTION_SAMPLE_SECONDS <= age <= clock.seconds() - written_at

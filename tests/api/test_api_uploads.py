@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 from kura.service import KuraNode
@@ -44,7 +47,7 @@ def server_errors(node: KuraNode) -> float:
 def test_truncated_upload_is_499_and_never_published(
     node: KuraNode, method: str, target: str, producer: str, route: str
 ) -> None:
-    """Content-Length 100 with 7 bytes, then a disconnect: 499, client_aborted, nothing kept."""
+    """Content-Length 100 with 7 bytes, then a disconnect: 499, a write error, nothing kept."""
     client = Exchange(node)
     client.send(
         f"{method} {target} HTTP/1.1\r\nHost: kura\r\nContent-Length: 100\r\n\r\n".encode()
@@ -53,9 +56,7 @@ def test_truncated_upload_is_499_and_never_published(
     assert client.responses() == []
     client.disconnect()
     assert sample(node, "kura_http_requests_total", route=route, status="499") == 1
-    assert (
-        sample(node, "kura_artifact_writes_total", producer=producer, result="client_aborted") == 1
-    )
+    assert sample(node, "kura_artifact_writes_total", producer=producer, result="error") == 1
     assert sample(node, "kura_artifact_writes_total", producer=producer, result="ok") == 0
     assert request(node, "GET", target).status == 404
     assert_no_leftovers(node)
@@ -66,16 +67,16 @@ def test_truncated_upload_is_499_and_never_published(
 
 
 def test_truncated_chunked_upload_is_never_published(node: KuraNode) -> None:
-    """A chunked body cut mid-chunk by a disconnect is counted 499 and dropped."""
+    """A chunked body cut mid-chunk by a disconnect is a 499 and a write error, and dropped."""
     client = Exchange(node)
     client.send(
         b"PUT /api/metro/cache/m1 HTTP/1.1\r\nHost: kura\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"5\r\nhello\r\n20\r\nonly-part"
     )
     client.disconnect()
-    assert (
-        sample(node, "kura_artifact_writes_total", producer="metro", result="client_aborted") == 1
-    )
+    assert sample(node, "kura_artifact_writes_total", producer="metro", result="error") == 1
+    route = "/api/metro/cache/{cache_key}"
+    assert sample(node, "kura_http_requests_total", route=route, status="499") == 1
     assert request(node, "GET", METRO.format(key="m1")).status == 404
     assert_no_leftovers(node)
 
@@ -126,6 +127,10 @@ def test_malformed_chunking_is_400_and_never_published(node: KuraNode, chunk_hea
     )
     written = client.transport.value()
     assert written.startswith(b"HTTP/1.1 400 ")
+    head, _, body = written.partition(b"\r\n\r\n")
+    assert json.loads(body) == {"message": "Malformed request"}
+    assert b"\r\nContent-Type: application/json" in head
+    assert re.search(rb"\r\nX-Request-Id: [0-9a-f]{22}\r\n", head + b"\r\n")
     assert client.closed
     client.disconnect()
     route = "/api/metro/cache/{cache_key}"

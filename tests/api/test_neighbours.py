@@ -146,6 +146,15 @@ def test_ccache_delete_removes_the_entry_idempotently(node: KuraNode) -> None:
     assert request(node, "DELETE", f"/ccache/{CCACHE_KEY}").status == 204
 
 
+@anonymous_deletes
+def test_ccache_put_after_a_delete_is_served(node: KuraNode) -> None:
+    """The delete leaves a tombstone; a later PUT of the key wins over it."""
+    request(node, "PUT", f"/ccache/{CCACHE_KEY}", b"result")
+    assert request(node, "DELETE", f"/ccache/{CCACHE_KEY}").status == 204
+    assert request(node, "PUT", f"/ccache/{CCACHE_KEY}", b"rebuilt").status == 200
+    assert request(node, "GET", f"/ccache/{CCACHE_KEY}").body == b"rebuilt"
+
+
 def test_ccache_put_replaces_an_existing_entry(node: KuraNode) -> None:
     """ccache rewrites manifests in place: a second PUT of a key replaces the first."""
     request(node, "PUT", f"/ccache/{CCACHE_KEY}", b"manifest v1")

@@ -259,3 +259,39 @@ def test_a_peer_name_pattern_stands_for_exactly_one_label(
 ) -> None:
     """``*.`` matches one whole label, never several, nothing, or a wildcard certificate."""
     assert name_matches(name, pattern) is matches
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rotated_peer_identity_is_presented_once_reloaded(
+    tls_node: KuraNode, pki: dict[str, TlsFiles]
+) -> None:
+    """One policy (as a node keeps one) reloads its files: an identity rewritten in
+    place (here with one the node refuses, so the swap shows) is presented by new
+    connections once the interval has passed, not before."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    peer, stranger = pki["peer"], pki["stranger"]
+    policy = PeerTLSPolicy(peer, clock, interval=1.0)
+
+    async def handshake() -> str:
+        client = _client(policy)  # a fresh pool: a new TLS connection
+        try:
+            await client.status(_base(tls_node))
+            return "served"
+        except Exception as error:  # the refused handshake
+            return repr(error)
+        finally:
+            await client.close()
+
+    assert await handshake() == "served"
+    for source, target in (
+        (stranger.cert_path, peer.cert_path),
+        (stranger.key_path, peer.key_path),
+    ):
+        with open(source, "rb") as read, open(target, "wb") as write:
+            write.write(read.read())
+    assert await handshake() == "served"  # not looked at again yet
+    clock.advance(1)
+    refused = await handshake()
+    assert "SSL" in refused or "TLS" in refused

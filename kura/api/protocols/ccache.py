@@ -3,8 +3,10 @@
 The three layouts (``flat``, ``subdirs``, the default, and ``bazel``) name
 the same entry, so changing layouts keeps the cache. ccache rewrites its
 manifests under the same key, so its PUTs are last-writer-wins
-(``RouteSpec.overwrites``). ``DELETE`` is idempotent and removes the node's
-own copy only (see docs/clients.md).
+(``RouteSpec.overwrites``). ``DELETE`` is idempotent and deletes the entry
+mesh-wide: it leaves a tombstone that replicates, so no peer and no
+catch-up brings the entry back, while a later ``PUT`` of the key wins over
+it (see docs/clients.md and docs/replication.md).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from kura.api.table import Route, artifact_read, artifact_write, route
 from kura.defer import shielded
 from kura.domain.artifacts import ArtifactAddress, Producer
 from kura.domain.errors import BadRequest
+from kura.storage.metadata import Outcome
 from kura.storage.store import ArtifactStore
 from kura.web.request import KuraRequest
 from kura.web.routing import Operation, Query
@@ -121,12 +124,16 @@ class CcacheRoutes:
 
     async def delete(self, request: KuraRequest) -> bytes:
         admission = await admission_of(request)
-        assert admission.address is not None
-        manifest = await self._store.manifest(self._store.artifact_id(admission.address))
-        if manifest is not None:
-            # Local only: the replication protocol has no single-artifact
-            # delete (see docs/clients.md); peers keep their copies.
-            await shielded(Deferred.fromCoroutine(self._store.remove_local(manifest)))
+        address = admission.address
+        assert address is not None
+        # Tombstoned even when this node has no copy: one may still be on its
+        # way from a peer, and must not land after the delete.
+        outcome = await shielded(
+            Deferred.fromCoroutine(
+                self._store.delete_artifact(self._store.artifact_id(address), address.namespace)
+            )
+        )
+        if outcome is Outcome.APPLIED:
             audit_delete(request, admission, "delete")
         # Idempotent, as object stores answer it: absent afterwards either way.
         return empty(request, 204)
