@@ -47,7 +47,7 @@ from kura.config import KuraConfig
 from kura.domain.failpoints import Failpoints
 from kura.lifecycle import NodeState
 from kura.memory import MemoryMonitor
-from kura.reapi.server import GrpcListener, ReapiServer
+from kura.reapi.server import GrpcListener, ReapiServer, ReloadingGrpcCredentials
 from kura.replication.service import PeerMesh, ReplicationService
 from kura.storage.interfaces import IBlockingRunner
 from kura.storage.layout import Layout
@@ -250,7 +250,14 @@ class KuraNode(MultiService):
                 node_tenant=config.tenant_id,
                 outbox_max_depth=config.replication.outbox_max_depth,
             )
-            self.grpc = GrpcListener(self.reapi, config.grpc, config.public_tls)
+            grpcs = (
+                None
+                if config.public_tls is None
+                else ReloadingGrpcCredentials(
+                    config.public_tls, reactor, config.tls_reload_interval_ms / 1000
+                )
+            )
+            self.grpc = GrpcListener(self.reapi, config.grpc, grpcs)
             self.state.grpc_inflight = lambda: self.reapi.inflight
         self.ports: dict[str, IListeningPort] = {}
 

@@ -44,7 +44,7 @@ import grpc
 import zstandard
 from google.protobuf import any_pb2
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 
 from kura.api.authorization import RequestAuthorization
@@ -57,6 +57,7 @@ from kura.lifecycle import NodeState
 from kura.memory import Pressure
 from kura.storage.interfaces import IArtifactStore
 from kura.telemetry.metrics import KuraMetrics
+from kura.tls import Reloading, public_server_options
 
 from .bridge import BridgeTimeout, ReactorBridge
 from .cache import BlobUpload, DigestMismatch, Opened, ReapiCache
@@ -1047,16 +1048,56 @@ class ReapiServer:
         ]
 
 
+def _identity_pair(files: TlsFiles) -> tuple[bytes, bytes]:
+    """``(key, chain)`` PEM bytes of the public identity, checked as HTTPS checks them."""
+    public_server_options(files)  # raises on a bad or mismatched pair
+    with open(files.key_path, "rb") as key, open(files.cert_path, "rb") as cert:
+        return key.read(), cert.read()
+
+
+class ReloadingGrpcCredentials:
+    """grpcs credentials that follow the public TLS files (``KURA_TLS_RELOAD_INTERVAL_MS``).
+
+    grpcio asks :meth:`fetch` before each new handshake (from its own
+    threads); it answers a new configuration only when the files changed
+    since the last one, as the HTTPS listener's :class:`~kura.tls.Reloading`
+    does, and ``None`` (keep the current one) otherwise.
+    """
+
+    def __init__(self, files: TlsFiles, clock: IReactorTime, interval: float) -> None:
+        self._lock = threading.Lock()
+        self._reloading = Reloading(
+            lambda: _identity_pair(files), (files.cert_path, files.key_path), clock, interval
+        )
+        self._served = self._reloading.get()
+
+    def fetch(self) -> Any:
+        with self._lock:
+            current = self._reloading.get()
+            if current is self._served:
+                return None
+            self._served = current
+        return grpc.ssl_server_certificate_configuration([current])
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            grpc.ssl_server_certificate_configuration([self._served]), self.fetch
+        )
+
+
 class GrpcListener:
     """``KURA_GRPC_PORT``: a ``grpc.server`` carrying :class:`ReapiServer`.
 
     Args:
         reapi: the services.
         config: threads, concurrency cap, message limits.
-        tls: the public TLS identity: when set the port speaks grpcs only.
+        tls: the public TLS identity: when set the port speaks grpcs only,
+            reloading the files as the HTTPS listener does.
     """
 
-    def __init__(self, reapi: ReapiServer, config: GrpcConfig, tls: TlsFiles | None) -> None:
+    def __init__(
+        self, reapi: ReapiServer, config: GrpcConfig, tls: ReloadingGrpcCredentials | None
+    ) -> None:
         self._reapi = reapi
         self._config = config
         self._tls = tls
@@ -1082,9 +1123,7 @@ class GrpcListener:
         )
         address = f"[{host}]:{self._config.port}" if ":" in host else f"{host}:{self._config.port}"
         if self._tls is not None:
-            with open(self._tls.key_path, "rb") as key, open(self._tls.cert_path, "rb") as cert:
-                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
-            port = server.add_secure_port(address, credentials)
+            port = server.add_secure_port(address, self._tls.credentials())
         else:
             port = server.add_insecure_port(address)
         if port == 0:

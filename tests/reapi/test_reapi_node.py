@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 import urllib.request
 import uuid
@@ -214,7 +215,8 @@ def test_reapi_writes_replicate_to_the_peer(tmp_path: Path) -> None:
 
 
 def test_with_public_tls_the_grpc_port_speaks_grpcs(tmp_path: Path) -> None:
-    """The public TLS identity serves gRPC too; a plaintext client gets nowhere."""
+    """The public TLS identity serves gRPC too (reloaded when its files change);
+    a plaintext client gets nowhere."""
     ca = _authority("kura test CA")
     files = _files(str(tmp_path / "tls"), ca[0], _leaf(ca, "kura.example"))
     node = RealNode(
@@ -222,6 +224,7 @@ def test_with_public_tls_the_grpc_port_speaks_grpcs(tmp_path: Path) -> None:
         KURA_PUBLIC_TLS_CERT_PATH=files.cert_path,
         KURA_PUBLIC_TLS_KEY_PATH=files.key_path,
         KURA_HTTPS_PORT=str(free_port()),
+        KURA_TLS_RELOAD_INTERVAL_MS="100",
     ).start()
     try:
         assert files.ca_path is not None
@@ -232,5 +235,25 @@ def test_with_public_tls_the_grpc_port_speaks_grpcs(tmp_path: Path) -> None:
             assert client.read(blob_name(digest_of(b"over grpcs"))) == b"over grpcs"
         with grpc.insecure_channel(node.grpc_target) as channel:
             fails(Code.UNAVAILABLE, Client(channel, None).missing, digest_of(b"x"))
+        # Rotated in place (as cert-manager does): new connections get the new identity.
+        rotated_ca = _authority("rotated CA")
+        staged = _files(str(tmp_path / "rotated"), rotated_ca[0], _leaf(rotated_ca, "kura.example"))
+        for source, target in (
+            (staged.key_path, files.key_path),
+            (staged.cert_path, files.cert_path),
+        ):
+            os.replace(source, target)
+        assert staged.ca_path is not None
+        rotated = grpc.ssl_channel_credentials(Path(staged.ca_path).read_bytes())
+
+        def serves_the_rotated_identity() -> bool:
+            with grpc.secure_channel(node.grpc_target, rotated) as channel:
+                try:
+                    Client(channel, None).missing(digest_of(b"y"))
+                except grpc.RpcError:
+                    return False
+                return True
+
+        wait_for("the rotated certificate", serves_the_rotated_identity, 10)
     finally:
         assert node.stop() == 0, node.log()
