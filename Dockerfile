@@ -73,9 +73,10 @@ WORKDIR /var/cache/kura
 USER 10001:10001
 
 # 4000: public HTTP (every cache protocol, accelerator, probes, /metrics).
+# 4002: REAPI v2 over gRPC (Bazel grpc://, Buck2; KURA_GRPC_PORT).
 # 7443: the peer plane (/_internal/*). 4443 (public HTTPS) only when TLS is
 # configured, so it is not exposed by default.
-EXPOSE 4000 7443
+EXPOSE 4000 4002 7443
 
 # curl is not in the image; the interpreter is. /up is 200 whenever the
 # process serves HTTP (readiness is /ready, which the orchestrator probes).

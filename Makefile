@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest fuzz clean constraints
+.PHONY: run test lint typecheck pytest fuzz protos clean constraints
 
 $(STAMP): setup.py pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ fuzz: $(STAMP)
 	mkdir -p .fuzz-corpus
 	PYTHONPATH=$(CURDIR) $(BIN)/python tests/fuzz/fuzz_head.py \
 		-max_total_time=$(FUZZ_SECONDS) -max_len=17000 -timeout=10 .fuzz-corpus
+
+# Regenerate kura/reapi/gen (committed) from kura/reapi/protos; see
+# kura/reapi/protos/README.md.
+protos: $(STAMP)
+	$(BIN)/pip install --quiet '.[protos]'
+	$(BIN)/python -m kura.reapi.generate
 
 clean:
 	rm -rf $(VENV) kura-data build *.egg-info .fuzz-corpus

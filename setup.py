@@ -12,7 +12,16 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=[*find_packages(include=["kura", "kura.*"]), "twisted.plugins"],
-    package_data={"kura": ["py.typed"], "twisted": ["plugins/kura_plugin.py"]},
+    package_data={
+        "kura": [
+            "py.typed",
+            "reapi/protos/**/*.proto",
+            "reapi/protos/LICENSE",
+            "reapi/gen/LICENSE",
+            "reapi/gen/**/*.pyi",
+        ],
+        "twisted": ["plugins/kura_plugin.py"],
+    },
     include_package_data=True,
     install_requires=[
         # 26.10 rejects a bare LF inside a header value; older releases let
@@ -29,6 +38,13 @@ setup(
         # parsing (cryptography is in the closure anyway, through twisted[tls]).
         # 2.10.0 matched `iss` partially (CVE-2024-53861).
         "PyJWT[crypto]>=2.10.1",
+        # REAPI v2 over gRPC (kura.reapi): the server, the generated messages
+        # (kura/reapi/gen, made by `make protos` with the matching grpcio-tools),
+        # google.rpc/longrunning/api messages, and zstd compressed-blobs.
+        "grpcio>=1.85.1",
+        "protobuf>=7.35.1",
+        "googleapis-common-protos>=1.70",
+        "zstandard>=0.22",
     ],
     extras_require={
         # Twisted's HTTP/2 support (ALPN h2 on TLS, prior-knowledge h2c).
@@ -51,7 +67,11 @@ setup(
             # The Kubernetes OpenAPI schemas, bundled: the rendered chart is
             # validated offline against the releases it supports.
             "kubernetes-validate>=1.30",
+            "types-grpcio>=1.0",
+            "types-protobuf>=5.0",
         ],
+        # `make protos`: regenerate kura/reapi/gen from kura/reapi/protos.
+        "protos": ["grpcio-tools>=1.85.1"],
         # Coverage-guided fuzzing of the accelerator's parser (make fuzz),
         # off the default test run: libFuzzer finds inputs Hypothesis will not.
         "fuzz": ["atheris>=2.3"],

@@ -66,7 +66,14 @@ TIMES = "\u00d7"
 
 #: KURA_* variables the harness sets itself; the caller's values are ignored.
 _HARNESS_OWNED = frozenset(
-    {"KURA_DATA_DIR", "KURA_PORT", "KURA_INTERNAL_PORT", "KURA_NODE_URL", "KURA_BIND_HOST"}
+    {
+        "KURA_DATA_DIR",
+        "KURA_PORT",
+        "KURA_INTERNAL_PORT",
+        "KURA_GRPC_PORT",
+        "KURA_NODE_URL",
+        "KURA_BIND_HOST",
+    }
 )
 
 

@@ -87,6 +87,8 @@ class NodeState:
         self.memory = memory
         self.draining = False
         self.writer_lock_owned = False
+        #: gRPC (REAPI) calls in progress; the node sets it when it serves gRPC.
+        self.grpc_inflight: Callable[[], int] = lambda: 0
         metrics.ready_state.set_function(lambda: float(self.readiness()[0]))
         metrics.drain_state.set_function(lambda: float(self.draining))
         metrics.traffic_state.set_function(lambda: float(self.state))
@@ -162,7 +164,7 @@ class NodeState:
             "bootstrapped_peers": len(view.bootstrapped_peers),
             "bootstrap_inflight_peers": len(view.bootstrap_inflight_peers),
             "http_inflight_requests": self._traffic.inflight,
-            "grpc_inflight_requests": 0,
+            "grpc_inflight_requests": self.grpc_inflight(),
             "reasons": reasons,
         }
 
@@ -180,7 +182,7 @@ class NodeState:
             "bootstrap_completed_peers": len(view.bootstrapped_peers),
             "bootstrap_inflight_peers": len(view.bootstrap_inflight_peers),
             "http_inflight_requests": self._traffic.inflight,
-            "grpc_inflight_requests": 0,
+            "grpc_inflight_requests": self.grpc_inflight(),
             "outbox_messages": self._outbox_depth(),
             "memory_pressure_state": int(self.memory_pressure),
             "fd_timeout_count": FD_TIMEOUT_COUNT,

@@ -19,7 +19,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 from twisted.application.service import MultiService
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import (
     IListeningPort,
@@ -27,6 +27,7 @@ from twisted.internet.interfaces import (
     IReactorFromThreads,
     IReactorSSL,
     IReactorTCP,
+    IReactorThreads,
     IReactorTime,
 )
 from twisted.internet.task import LoopingCall
@@ -46,6 +47,7 @@ from kura.config import KuraConfig
 from kura.domain.failpoints import Failpoints
 from kura.lifecycle import NodeState
 from kura.memory import MemoryMonitor
+from kura.reapi.server import GrpcListener, ReapiServer, ReloadingGrpcCredentials
 from kura.replication.service import PeerMesh, ReplicationService
 from kura.storage.interfaces import IBlockingRunner
 from kura.storage.layout import Layout
@@ -235,6 +237,28 @@ class KuraNode(MultiService):
                 pool=self.accel_pool,
             ),
         )
+        # REAPI v2 over gRPC on its own port (kura.reapi; docs/architecture.md).
+        self.grpc: GrpcListener | None = None
+        if config.grpc.enabled:
+            self.reapi = ReapiServer(
+                store=self.store,
+                state=self.state,
+                authorization=self.authorization,
+                metrics=self.metrics,
+                reactor=cast(IReactorFromThreads, reactor),
+                config=config.grpc,
+                node_tenant=config.tenant_id,
+                outbox_max_depth=config.replication.outbox_max_depth,
+            )
+            grpcs = (
+                None
+                if config.public_tls is None
+                else ReloadingGrpcCredentials(
+                    config.public_tls, reactor, config.tls_reload_interval_ms / 1000
+                )
+            )
+            self.grpc = GrpcListener(self.reapi, config.grpc, grpcs)
+            self.state.grpc_inflight = lambda: self.reapi.inflight
         self.ports: dict[str, IListeningPort] = {}
 
         self.started: Deferred[None] = Deferred()
@@ -341,6 +365,8 @@ class KuraNode(MultiService):
 
         # The internal plane; its workers start now that storage is open.
         self.ports["internal"] = self.replication.start_serving()
+        if self.grpc is not None:
+            self.grpc.start(host)
 
     def public_factory(self) -> Any:
         """The protocol factory of the plain public port: the same-port accelerator."""
@@ -400,6 +426,14 @@ class KuraNode(MultiService):
         self.tombstones.stop()
         self.memory.stop()
         await self.authorizer.close()
+        if self.grpc is not None:
+            # RPCs in flight finish (they need the reactor, still running here).
+            grace = self.config.drain_completion_timeout_ms / 1000
+            stopped = self.grpc.stop(grace)
+            pool = IReactorThreads(self.reactor).getThreadPool()
+            await threads.deferToThreadPool(
+                cast(IReactorFromThreads, self.reactor), pool, stopped.wait, grace + 5
+            )
         await DeferredList([maybeDeferred(p.stopListening) for p in self.ports.values()])
         self.ports.clear()
         await super().stopService()

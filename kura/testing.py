@@ -76,6 +76,9 @@ def test_config(data_dir: str, **environ: str) -> KuraConfig:
         "KURA_NODE_URL": "http://127.0.0.1:0",
         "KURA_CAS_CAPACITY_BYTES": str(1 << 30),
         "KURA_LOG_FORMAT": "text",
+        # A real gRPC server binds real sockets and threads; in-memory nodes
+        # have neither (tests that want it set KURA_GRPC_ENABLED=true).
+        "KURA_GRPC_ENABLED": "false",
     }
     base.update(environ)
     return KuraConfig.from_environ(base, measure_filesystem=lambda path: 1 << 40)

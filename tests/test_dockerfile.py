@@ -190,10 +190,14 @@ def test_build_stage_prepares_the_plugin_cache(instructions: list[Instruction]) 
 # -- runtime settings -------------------------------------------------------------
 
 
-def test_exposes_the_default_public_and_internal_ports(instructions: list[Instruction]) -> None:
-    """EXPOSE lists exactly KURA_PORT's and KURA_INTERNAL_PORT's defaults (4000 and 7443)."""
+def test_exposes_the_default_public_grpc_internal_ports(instructions: list[Instruction]) -> None:
+    """EXPOSE lists exactly KURA_PORT's, KURA_GRPC_PORT's and KURA_INTERNAL_PORT's defaults."""
     exposed = only(final_stage(instructions), "EXPOSE").arguments.split()
-    assert exposed == [str(kura_config.PORT.default), str(kura_config.INTERNAL_PORT.default)]
+    assert exposed == [
+        str(kura_config.PORT.default),
+        str(kura_config.GRPC_PORT.default),
+        str(kura_config.INTERNAL_PORT.default),
+    ]
 
 
 def test_data_and_tmp_dirs_are_on_the_volume(instructions: list[Instruction]) -> None:

@@ -229,19 +229,34 @@ def ports(entries: list[dict[str, Any]], key: str) -> dict[str, int]:
     return {p["name"]: p[key] for p in entries}
 
 
-def test_default_ports_are_public_http_and_internal_only(default: Rendered) -> None:
-    """The container opens only the node's default ports; the client Service only the public one."""
+def test_default_ports_are_public_http_grpc_and_internal_only(default: Rendered) -> None:
+    """The container opens only the node's default ports; the client Service only public ones."""
     public, internal = kura_config.PORT.default, kura_config.INTERNAL_PORT.default
+    grpc = kura_config.GRPC_PORT.default
     assert ports(default.container["ports"], "containerPort") == {
         "http": public,
         "internal": internal,
+        "grpc": grpc,
     }
     service = default.one("Service", "kura")["spec"]
-    assert ports(service["ports"], "port") == {"http": public}
-    assert {p["targetPort"] for p in service["ports"]} == {"http"}
+    assert ports(service["ports"], "port") == {"http": public, "grpc": grpc}
+    assert {p["targetPort"] for p in service["ports"]} == {"http", "grpc"}
+    assert [p.get("appProtocol") for p in service["ports"]] == [None, "kubernetes.io/h2c"]
     assert default.env["KURA_PORT"] == str(public)
     assert default.env["KURA_INTERNAL_PORT"] == str(internal)
+    assert default.env["KURA_GRPC_PORT"] == str(grpc)
+    assert default.env["KURA_GRPC_ENABLED"] == "true"
     assert "KURA_HTTPS_PORT" not in default.env
+
+
+def test_grpc_can_be_turned_off(chart: ChartRenderer) -> None:
+    """config.grpc.enabled=false closes the port everywhere and tells the node."""
+    rendered = chart.render({"config": {"grpc": {"enabled": False}}})
+    assert "grpc" not in ports(rendered.container["ports"], "containerPort")
+    service = rendered.one("Service", "kura")["spec"]
+    assert "grpc" not in ports(service["ports"], "port")
+    assert rendered.env["KURA_GRPC_ENABLED"] == "false"
+    assert "KURA_GRPC_PORT" not in rendered.env
 
 
 def test_public_tls_adds_the_https_port_and_certificate(chart: ChartRenderer) -> None:
@@ -251,9 +266,10 @@ def test_public_tls_adds_the_https_port_and_certificate(chart: ChartRenderer) ->
         "http": 4000,
         "internal": 7443,
         "https": 4443,
+        "grpc": 4002,
     }
     service = rendered.one("Service", "kura")["spec"]
-    assert ports(service["ports"], "port") == {"http": 4000, "https": 4443}
+    assert ports(service["ports"], "port") == {"http": 4000, "https": 4443, "grpc": 4002}
     env = rendered.env
     assert env["KURA_HTTPS_PORT"] == "4443"
     assert env["KURA_PUBLIC_TLS_CERT_PATH"] == "/etc/kura/public-tls/tls.crt"
@@ -474,7 +490,7 @@ def test_network_policy_admits_the_internal_port_only_from_this_release(
     assert rule_ports(peers) == {7443}
     # A podSelector without a namespaceSelector means: this namespace only.
     assert peers["from"] == [{"podSelector": {"matchLabels": SAME_RELEASE}}]
-    assert rule_ports(public) == {4000}
+    assert rule_ports(public) == {4000, 4002}
     assert "from" not in public  # from anywhere
     assert all(7443 not in rule_ports(r) for r in ingress_rules(default) if r is not peers)
 
@@ -483,7 +499,7 @@ def test_network_policy_follows_ports_and_release(chart: ChartRenderer) -> None:
     """Moved ports, public TLS and another release name reach the policy's rules and selectors."""
     rendered = chart.render(
         {
-            "ports": {"http": 8080, "internal": 9443},
+            "ports": {"http": 8080, "internal": 9443, "grpc": 9002},
             "publicTls": {"enabled": True, "secretName": "kura-public-tls"},
         },
         release="cache-eu",
@@ -494,7 +510,7 @@ def test_network_policy_follows_ports_and_release(chart: ChartRenderer) -> None:
     peers, public = policy["ingress"]
     assert rule_ports(peers) == {9443}
     assert peers["from"] == [{"podSelector": {"matchLabels": release}}]
-    assert rule_ports(public) == {8080, 4443}
+    assert rule_ports(public) == {8080, 4443, 9002}
 
 
 def test_public_ports_can_be_narrowed_with_a_metrics_exception(chart: ChartRenderer) -> None:
@@ -508,7 +524,7 @@ def test_public_ports_can_be_narrowed_with_a_metrics_exception(chart: ChartRende
     peers, public, metrics = ingress_rules(rendered)
     assert rule_ports(peers) == {7443}
     assert public["from"] == [ci]
-    assert rule_ports(public) == {4000}
+    assert rule_ports(public) == {4000, 4002}
     assert metrics["from"] == [prometheus]
     assert rule_ports(metrics) == {4000}
     # metricsFrom alone adds nothing: the http port is already open to everyone.

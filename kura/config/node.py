@@ -417,6 +417,42 @@ MAX_CLOCK_SKEW_MS = _var(
     "it are replays, and replicated versions further ahead are refused.",
 )
 
+# --- gRPC: the Remote Execution API cache (Bazel, Buck2) ------------------------
+_GRPC = "gRPC (REAPI v2)"
+GRPC_ENABLED = _var(
+    _GRPC,
+    "KURA_GRPC_ENABLED",
+    True,
+    "Serve the REAPI v2 cache (ActionCache, CAS, ByteStream, Capabilities) over gRPC on "
+    "KURA_GRPC_PORT; grpcs with the public TLS identity when KURA_PUBLIC_TLS_* are set.",
+)
+GRPC_PORT = _var(
+    _GRPC,
+    "KURA_GRPC_PORT",
+    4002,
+    "gRPC port (0 picks a free one); must differ from KURA_PORT and KURA_INTERNAL_PORT.",
+)
+GRPC_THREADS = _var(
+    _GRPC,
+    "KURA_GRPC_THREADS",
+    32,
+    "Threads of the gRPC server; each RPC in progress holds one (the reactor never blocks).",
+)
+GRPC_MAX_CONCURRENT_RPCS = _var(
+    _GRPC,
+    "KURA_GRPC_MAX_CONCURRENT_RPCS",
+    512,
+    "RPCs accepted at once (running or queued for a thread); more are refused at once with "
+    "RESOURCE_EXHAUSTED.",
+)
+REAPI_MAX_BATCH_BYTES = _var(
+    _GRPC,
+    "KURA_REAPI_MAX_BATCH_BYTES",
+    4 * MiB,
+    "max_batch_total_size_bytes: the largest BatchUpdateBlobs/BatchReadBlobs total; larger "
+    "batches are INVALID_ARGUMENT (clients use ByteStream for big blobs).",
+)
+
 #: Every variable, in documentation order: the node's, then the public access
 #: rules' and the extension's.
 VARIABLES: tuple[Variable[Any], ...] = (
@@ -478,6 +514,17 @@ class AcceleratorConfig:
     max_concurrent: int = ACCEL_MAX_CONCURRENT.default
     chunk_bytes: int = ACCEL_CHUNK_BYTES.default
     inline_bytes: int = ACCEL_INLINE_BYTES.default
+
+
+@attrs.frozen
+class GrpcConfig:
+    """The gRPC (REAPI v2) listener and its limits."""
+
+    enabled: bool = GRPC_ENABLED.default
+    port: int = GRPC_PORT.default
+    threads: int = GRPC_THREADS.default
+    max_concurrent_rpcs: int = GRPC_MAX_CONCURRENT_RPCS.default
+    max_batch_bytes: int = REAPI_MAX_BATCH_BYTES.default
 
 
 @attrs.frozen
@@ -614,6 +661,7 @@ class KuraConfig:
     replication: ReplicationConfig = attrs.field(factory=ReplicationConfig)
     extension: ExtensionConfig = attrs.field(factory=ExtensionConfig)
     access: AccessConfig = attrs.field(factory=AccessConfig)
+    grpc: GrpcConfig = attrs.field(factory=GrpcConfig)
 
     @property
     def open_access(self) -> bool:
@@ -724,6 +772,7 @@ class KuraConfig:
             replication=replication,
             extension=ExtensionConfig.read(read, environ),
             access=AccessConfig.read(read),
+            grpc=read.grpc(port, internal_port),
         )
         read.check_mesh_security(config)
         read.raise_if_failed()
@@ -733,6 +782,20 @@ class KuraConfig:
 
 class _NodeReader(Reader):
     """:class:`Reader` plus the node-specific value kinds (URLs, TLS files)."""
+
+    def grpc(self, port: int, internal_port: int) -> GrpcConfig:
+        """The gRPC section; its port must not collide with the other listeners."""
+        grpc_port = self.port(GRPC_PORT)
+        enabled = self.boolean(GRPC_ENABLED)
+        if enabled and grpc_port != 0 and grpc_port in (port, internal_port):
+            self.fail(GRPC_PORT, "must differ from KURA_PORT and KURA_INTERNAL_PORT")
+        return GrpcConfig(
+            enabled=enabled,
+            port=grpc_port,
+            threads=self.integer(GRPC_THREADS, minimum=1, maximum=1024),
+            max_concurrent_rpcs=self.integer(GRPC_MAX_CONCURRENT_RPCS, minimum=1),
+            max_batch_bytes=self.integer(REAPI_MAX_BATCH_BYTES, minimum=64 * KiB, maximum=64 * MiB),
+        )
 
     def memory_watermarks(self, measure_memory: Callable[[], int]) -> tuple[int, int]:
         """Soft and hard watermarks: as set, or derived from the memory limit."""

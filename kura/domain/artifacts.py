@@ -27,6 +27,8 @@ class Producer(enum.StrEnum):
     CCACHE = "ccache"
     SCCACHE = "sccache"
     TURBO = "turbo"
+    #: REAPI v2 over gRPC (Bazel, Buck2): :mod:`kura.reapi`.
+    REAPI = "reapi"
 
 
 OCTET_STREAM = "application/octet-stream"

@@ -83,6 +83,9 @@ class IArtifactStore(Interface):
     async def manifest(artifact_id: str) -> Manifest | None:
         """The current manifest of ``artifact_id``, or ``None`` when not stored."""
 
+    async def manifests(artifact_ids: Sequence[str]) -> dict[str, Manifest]:
+        """The current manifests of many ids at once, keyed by id; absent ones left out."""
+
     async def stored(artifact_id: str) -> Manifest | None:
         """The manifest of an artifact whose body is really there, else ``None``."""
 

@@ -377,6 +377,37 @@ class ArtifactStore:
             self._cache.put(found)
         return found
 
+    async def manifests(self, artifact_ids: Sequence[str]) -> dict[str, Manifest]:
+        """The current manifests of many ids (absent ones left out), in one thread hop.
+
+        Cached manifests answer first; the rest are read together (REAPI's
+        FindMissingBlobs asks for thousands at once).
+        """
+        found: dict[str, Manifest] = {}
+        unknown: list[str] = []
+        for artifact_id in artifact_ids:
+            cached = self._cache.get(artifact_id)
+            if cached is None:
+                unknown.append(artifact_id)
+            else:
+                found[artifact_id] = cached
+        if not unknown:
+            return found
+        epoch = self._write_epoch
+        try:
+            read = await self._runner.run(self._read_manifests, unknown)
+        except sqlite3.Error as error:
+            raise StorageFault(f"metadata read failed: {error}") from error
+        if epoch == self._write_epoch and not self._committing:
+            for manifest in read:
+                self._cache.put(manifest)
+        found.update((manifest.artifact_id, manifest) for manifest in read)
+        return found
+
+    def _read_manifests(self, artifact_ids: Sequence[str]) -> list[Manifest]:
+        get = self.metadata.get_manifest
+        return [m for m in map(get, artifact_ids) if m is not None]
+
     async def read_inline(self, manifest: Manifest) -> bytes | None:
         try:
             return await self._runner.run(self.metadata.get_inline, manifest.artifact_id)

@@ -431,3 +431,27 @@ class KuraMetrics:
             ["change"],
             registry=r,
         )
+
+        # gRPC (REAPI v2; kura.reapi) -------------------------------------------
+        self.grpc_requests = Counter(
+            "kura_grpc_requests",
+            "gRPC calls by full RPC method and gRPC status code name.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.grpc_request_duration = Histogram(
+            "kura_grpc_request_duration_seconds",
+            "gRPC call duration (to the status), by full RPC method.",
+            ["method"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.grpc_blob_bytes = Counter(
+            "kura_grpc_blob_bytes",
+            "Blob bytes served (read) and stored (write) over gRPC, uncompressed.",
+            ["direction"],
+            registry=r,
+        )
+        self.grpc_inflight_requests = Gauge(
+            "kura_grpc_inflight_requests", "gRPC calls in progress.", registry=r
+        )

@@ -60,10 +60,13 @@ class RealNode:
         self.launcher = list(launcher)
         self.port = free_port()
         self.internal_port = free_port()
+        self.grpc_port = free_port()
         self.environ = {
             "KURA_DATA_DIR": data_dir,
             "KURA_PORT": str(self.port),
             "KURA_INTERNAL_PORT": str(self.internal_port),
+            # REAPI over gRPC is on by default (4002): every node gets its own port.
+            "KURA_GRPC_PORT": str(self.grpc_port),
             "KURA_NODE_URL": f"http://127.0.0.1:{self.internal_port}",
             "KURA_BIND_HOST": "127.0.0.1",
             "KURA_CAS_CAPACITY_BYTES": str(1 << 32),
@@ -75,6 +78,11 @@ class RealNode:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def grpc_target(self) -> str:
+        """The gRPC channel target of the REAPI port."""
+        return f"127.0.0.1:{self.grpc_port}"
 
     @property
     def internal_url(self) -> str:
