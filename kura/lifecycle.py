@@ -1,7 +1,8 @@
 """Node state as the probes report it: joining, serving or draining.
 
 ``/ready`` is 200 only when the writer lock is held, the node is not
-draining, and membership says it is caught up with every known peer.
+draining, no start-up task holds it back (the store scan), and membership
+says it is caught up with every known peer.
 ``/up`` is always 200; ``/status/rollout`` always 200, draining included.
 """
 
@@ -87,6 +88,8 @@ class NodeState:
         self.memory = memory
         self.draining = False
         self.writer_lock_owned = False
+        #: Start-up work that keeps the node unready while it runs (its reasons).
+        self.holds: list[str] = []
         metrics.ready_state.set_function(lambda: float(self.readiness()[0]))
         metrics.drain_state.set_function(lambda: float(self.draining))
         metrics.traffic_state.set_function(lambda: float(self.state))
@@ -94,6 +97,15 @@ class NodeState:
 
     def start_draining(self) -> None:
         self.draining = True
+
+    def hold(self, reason: str) -> None:
+        """Keep ``/ready`` 503 with ``reason`` until :meth:`release` (start-up work)."""
+        if reason not in self.holds:
+            self.holds.append(reason)
+
+    def release(self, reason: str) -> None:
+        if reason in self.holds:
+            self.holds.remove(reason)
 
     @property
     def memory_pressure(self) -> Pressure:
@@ -127,6 +139,7 @@ class NodeState:
             reasons.append("writer lock not held")
         if self.draining:
             reasons.append("draining")
+        reasons += self.holds
         reasons += self._caught_up_reasons()
         return not reasons, reasons
 
