@@ -44,6 +44,10 @@ class IMembershipView(Interface):
     known_peers = Attribute("list[str]: the peers in the view, sorted.")
     bootstrapped_peers = Attribute("list[str]: known peers this node has caught up with.")
     bootstrap_inflight_peers = Attribute("list[str]: known peers being caught up with now.")
+    bootstrap_progress = Attribute(
+        "dict[str, tuple[int, int | None]]: items walked and the pass's total "
+        "(None when unknown) per peer being caught up with."
+    )
 
     def settling() -> bool:
         """Whether the topology changed too recently to call the node caught up."""
@@ -58,9 +62,14 @@ class SingleNode:
     known_peers: list[str] = []
     bootstrapped_peers: list[str] = []
     bootstrap_inflight_peers: list[str] = []
+    bootstrap_progress: dict[str, tuple[int, int | None]] = {}
 
     def settling(self) -> bool:
         return False
+
+
+def _progress(peer: str, done: int, total: int | None) -> str:
+    return f"peer {peer} {done}/{'?' if total is None else total} items"
 
 
 class NodeState:
@@ -126,8 +135,11 @@ class NodeState:
             reasons.append("initial discovery incomplete")
         if view.settling():
             reasons.append("discovery settling")
-        if view.bootstrap_inflight_peers:
-            reasons.append("bootstrap in progress")
+        inflight = view.bootstrap_inflight_peers
+        if inflight:
+            progress = view.bootstrap_progress
+            details = [_progress(peer, *progress[peer]) for peer in inflight if peer in progress]
+            reasons.append("bootstrap in progress" + (": " + "; ".join(details) if details else ""))
         missing = sorted(set(view.known_peers) - set(view.bootstrapped_peers))
         if missing:
             reasons.append(f"bootstrap incomplete for {', '.join(missing)}")

@@ -248,6 +248,7 @@ class ReplicationService(MultiService):
             timeout_seconds=settings.bootstrap_timeout_ms / 1000,
             stall_seconds=stall_seconds,
             max_inline_bytes=config.max_keyvalue_bytes,
+            max_clock_skew_ms=settings.auth.max_clock_skew_ms,
         )
         # Rows a write just committed are delivered at once, not at the next round.
         store.add_commit_listener(self.outbox.poke)

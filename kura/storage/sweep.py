@@ -32,6 +32,7 @@ import contextlib
 import os
 import shutil
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -142,7 +143,7 @@ class StartupSweep:
         )
         return result
 
-    async def _hop(self, f: Callable[..., object], *args: object) -> list[str]:
+    async def _hop(self, f: Callable[..., Any], *args: object) -> Any:
         """One storage-thread hop, after a pause (raises :class:`Stopped` when stopping)."""
         gate = self.gate()
         if gate is not None:
@@ -154,7 +155,7 @@ class StartupSweep:
             await deferLater(self._clock, self._pause, lambda: None)
         if self._stopping:
             raise Stopped()
-        return found  # type: ignore[return-value]
+        return found
 
     async def _sweep_staging(self, directory: str) -> None:
         while True:
