@@ -331,10 +331,10 @@ class Bootstrapper:
                     raise PeerError(f"invalid manifest page: {error}") from None
             session.applied += await self._sync_page(peer, manifests)
             state.page_done(_next_after(page), len(manifests), sum(m.size for m in manifests))
-            self._metrics.bootstrap_walked_items.labels(order).inc(len(manifests))
             # After the page's own commits: the watermark never runs ahead of them.
             await self._store.save_watermark(session.key, state.to_json())
-            self._publish_progress(peer, state, order)
+            self._metrics.bootstrap_walked_items.labels(order).inc(len(manifests))
+            self._publish_progress(peer, state)
         applied, session.applied = session.applied, 0
         return applied
 
@@ -381,7 +381,7 @@ class Bootstrapper:
 
     # -- progress -----------------------------------------------------------------------
 
-    def _publish_progress(self, peer: str, state: Watermark, order: str | None = None) -> None:
+    def _publish_progress(self, peer: str, state: Watermark) -> None:
         done, done_bytes, left, left_bytes = state.progress()
         label = wire.target_label(peer)
         self._metrics.bootstrap_peer_items.labels(label, "done").set(done)
