@@ -37,6 +37,7 @@ readiness only counts catch-ups of the peer's current membership epoch.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -96,18 +97,29 @@ class TombstoneKind:
     """One kind of tombstone a catch-up pages through before any manifest.
 
     Attributes:
-        path: the peer's page route.
+        path: the peer's page route (``limit``/``after`` paging).
         field: the page's list of items.
-        item_type: the ``item_type`` metric label of what it applies.
+        apply: ``apply(bootstrapper, peer, item)`` applies one item and says
+            whether it changed anything here (raises ``PeerError`` for an
+            invalid item).
+        optional: a peer may not have the route yet (a previous release):
+            a 404 means it has none of this kind.
     """
 
     path: str
     field: str
-    item_type: str
+    apply: Callable[[Bootstrapper, str, Any], Awaitable[bool]]
+    optional: bool = False
+
+
+async def _apply_namespace_tombstone(bootstrapper: Bootstrapper, peer: str, item: Any) -> bool:
+    return await bootstrapper.apply_namespace_tombstone(peer, item)
 
 
 #: Every kind, in the order they are applied (all before the manifests).
-TOMBSTONE_KINDS = (TombstoneKind(wire.TOMBSTONES_PATH, "tombstones", ITEM_NAMESPACE),)
+TOMBSTONE_KINDS: tuple[TombstoneKind, ...] = (
+    TombstoneKind(wire.TOMBSTONES_PATH, "tombstones", _apply_namespace_tombstone),
+)
 
 
 @attrs.define
@@ -356,21 +368,32 @@ class Bootstrapper:
         applied = 0
         after: str | None = None
         while True:
-            page = await self._page(peer, kind.path, wire.PageRequest(self._page_limit, after))
+            request = wire.PageRequest(self._page_limit, after)
+            try:
+                page = await self._page(peer, kind.path, request)
+            except PeerError as error:
+                if kind.optional and error.status == 404:
+                    return applied
+                raise
             for item in _items(page, kind.field):
-                message = _tombstone(item)
-                if self._receiver.version_ahead(message.version_ms):
-                    # It would refuse every later write to the namespace.
-                    log.warn(SKIPPED_TOMBSTONE, peer=peer, namespace=message.namespace_id)
-                    continue
-                outcome = await self._receiver.apply_delete(message, source=SOURCE_BOOTSTRAP)
-                if outcome is Outcome.APPLIED:
-                    applied += 1
-                    self._metrics.bootstrap_applied_items.labels(kind.item_type).inc()
+                applied += int(await kind.apply(self, peer, item))
                 self._touch(peer)
             after = _next_after(page)
             if after is None:
                 return applied
+
+    async def apply_namespace_tombstone(self, peer: str, item: Any) -> bool:
+        """Apply one namespace tombstone of a peer's page; return whether it applied."""
+        message = _tombstone(item)
+        if self._receiver.version_ahead(message.version_ms):
+            # It would refuse every later write to the namespace.
+            log.warn(SKIPPED_TOMBSTONE, peer=peer, namespace=message.namespace_id)
+            return False
+        outcome = await self._receiver.apply_delete(message, source=SOURCE_BOOTSTRAP)
+        if outcome is Outcome.APPLIED:
+            self._metrics.bootstrap_applied_items.labels(ITEM_NAMESPACE).inc()
+            return True
+        return False
 
     async def _page(self, peer: str, path: str, page: wire.PageRequest) -> Any:
         data = await self._client.get_json(peer, path, page.params())

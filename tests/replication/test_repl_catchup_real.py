@@ -162,7 +162,8 @@ def test_rolling_upgrade_catch_up_between_releases(tmp_path: Path, old_side: str
             # The previous release answered id-ordered pages: the fallback walked them.
             samples = metrics(c)
             assert samples['kura_bootstrap_walked_items_total{order="id"}'] == count
-            assert "artifact-id order (an earlier release)" in c.log()
+            with open(c.log_path, encoding="utf-8", errors="replace") as handle:
+                assert "artifact-id order (an earlier release)" in handle.read()
         assert os.path.exists(os.path.join(c.data_dir, "kura.sqlite3"))
     finally:
         for node in (a, c):
