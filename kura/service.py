@@ -295,10 +295,11 @@ class KuraNode(MultiService):
 
     async def _start(self) -> None:
         await self.store.start()
-        # With an injected (inline) runner the sweep runs inline too: no pauses.
-        self.sweep = self.store.startup_sweep(pause=PAUSE if self.pool is not None else 0)
         self.state.hold(STORE_SCAN)
         self._listen()
+        # Only once the listeners are open (stopping waits for a sweep that started).
+        # With an injected (inline) runner the sweep runs inline too: no pauses.
+        self.sweep = self.store.startup_sweep(pause=PAUSE if self.pool is not None else 0)
         Deferred.fromCoroutine(self._sweep(self.sweep))
         self.accelerator.log_settings()
         self._log_access_mode()
