@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 from repl_support import MemoryMesh, public, ready, url_of
+from twisted.logger import formatEvent, globalLogPublisher
 
+from kura.replication.bootstrap import PROGRESS, PROGRESS_SECONDS
 from kura.service import KuraNode
 from kura.testing import sample
 
@@ -115,12 +117,22 @@ def test_after_a_full_pass_a_restart_only_walks_what_changed(mesh: MemoryMesh) -
 
 
 def test_readiness_waits_for_the_catch_up_and_names_its_progress(mesh: MemoryMesh) -> None:
-    """/ready stays 503 while the pass runs, with the peer and its items in the reason."""
+    """/ready stays 503 while the pass runs, with the peer and its items in the reason,
+    and a progress line is logged every 10 s."""
     seeded(mesh, 4)
-    c = joiner(mesh, KURA_REPLICATION_BANDWIDTH_LIMIT_BYTES_PER_SECOND="50000")
-    mesh.run_until(lambda: walked(c) >= 2, 60)
-    ready_now, reasons = c.state.readiness()
-    assert not ready_now
-    assert f"bootstrap in progress: peer {url_of(0)} 2/4 items" in reasons
-    mesh.run_until(lambda: caught_up(c), 60)
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        c = joiner(mesh, KURA_REPLICATION_BANDWIDTH_LIMIT_BYTES_PER_SECOND="20000")
+        mesh.run_until(lambda: walked(c) >= 2, 60)
+        ready_now, reasons = c.state.readiness()
+        assert not ready_now
+        assert f"bootstrap in progress: peer {url_of(0)} 2/4 items" in reasons
+        took = mesh.run_until(lambda: caught_up(c), 60)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
     assert walked(c) == 4
+    lines = [formatEvent(e) for e in logged if e.get("log_format") == PROGRESS]
+    assert lines and all(line.startswith(f"catch-up from {url_of(0)}: ") for line in lines)
+    assert "/4 items" in lines[-1] and "(recent order, 1 segment(s))" in lines[-1]
+    assert len(lines) <= took / PROGRESS_SECONDS + 2
