@@ -17,7 +17,8 @@ printing the median and the range of each. Polling is every 10 ms.
 Usage (from the repository root)::
 
     flock -x /tmp/kura-bench.lock .venv/bin/python benchmarks/startup.py \\
-        [--count 1000000] [--repeat 3] [--cache /tmp/kura-startup-store] [--rebuild]
+        [--count 1000000] [--repeat 3] [--cache /tmp/kura-startup-store] [--rebuild] \\
+        [--source OTHER_CHECKOUT]
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def status(url: str) -> tuple[int, dict[str, object]]:
         return error.code, json.loads(error.read())
 
 
-def measure(data_dir: str) -> tuple[float, float]:
+def measure(data_dir: str, source: str = REPO_ROOT) -> tuple[float, float]:
     """One start: seconds to the first ``/up`` 200 and to the first ``/ready`` 200."""
     port, internal = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KURA_")}
@@ -154,7 +155,7 @@ def measure(data_dir: str) -> tuple[float, float]:
         KURA_BIND_HOST="127.0.0.1",
         KURA_CAS_CAPACITY_BYTES=str(1 << 40),
         KURA_LOG_FORMAT="text",
-        PYTHONPATH=REPO_ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+        PYTHONPATH=source + os.pathsep + env.get("PYTHONPATH", ""),
     )
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     log = open(data_dir.rstrip("/") + ".log", "ab")  # noqa: SIM115 - the child's
@@ -208,6 +209,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--cache", default="/tmp/kura-startup-store")
     parser.add_argument("--rebuild", action="store_true")
+    parser.add_argument(
+        "--source",
+        default=REPO_ROOT,
+        help="the tree whose kura runs (another checkout, e.g. a release before issue 15)",
+    )
     args = parser.parse_args()
     root = os.path.join(args.cache, str(args.count))
     data_dir = os.path.join(root, "data")
@@ -220,7 +226,7 @@ def main() -> None:
     ups, readies = [], []
     for run in range(args.repeat):
         plant_orphans(data_dir, args.count)
-        up, ready = measure(data_dir)
+        up, ready = measure(data_dir, args.source)
         left = sum(
             os.path.exists(os.path.join(data_dir, blob_path(artifact_id(args.count + n))))
             for n in range(ORPHANS)
