@@ -9,7 +9,8 @@ the internal listener (TLS when peer mTLS is configured) and starts the
 membership rounds (every 2 s), the outbox worker (on every commit and every
 2 s) and the bandwidth gauges (every second). Catch-ups start whenever a
 round finds a known peer that is not caught up. :meth:`stopService` stops
-all of it; outbox rows and catch-up progress are safe to abandon.
+all of it; outbox rows are safe to abandon and catch-up progress is
+saved per page (a restarted node resumes it).
 """
 
 from __future__ import annotations
