@@ -3,9 +3,11 @@
 For each known peer that is neither caught up nor being caught up, a run
 (at most ``KURA_BOOTSTRAP_MAX_CONCURRENT_PEERS`` at once):
 
-1. pages through the peer's **tombstones** (every kind in
-   :data:`TOMBSTONE_KINDS`; namespace tombstones today) and applies them
-   first, so nothing the mesh deleted can be resurrected by step 3;
+1. pages through the peer's **tombstones**, every kind in
+   :data:`TOMBSTONE_KINDS`: its namespace tombstones, then its artifact
+   tombstones (deleted artifacts; a peer of a release without them answers
+   404 and that kind is skipped), and applies them first, so nothing the
+   mesh deleted can be resurrected by step 3;
 2. pages through its **manifests newest version first**
    (``order=recent``), resuming from the peer's durable watermark
    (:mod:`.watermark`): the first pass lists everything, later passes only
@@ -65,7 +67,13 @@ from .bodies import StagingSink, Stalled, StallWatchdog
 from .client import PeerClient, PeerError, PeerResponse, drain
 from .limiter import BandwidthLimiter
 from .membership import Membership
-from .receiver import ITEM_ARTIFACT, ITEM_NAMESPACE, SOURCE_BOOTSTRAP, Receiver
+from .receiver import (
+    ITEM_ARTIFACT,
+    ITEM_ARTIFACT_DELETE,
+    ITEM_NAMESPACE,
+    SOURCE_BOOTSTRAP,
+    Receiver,
+)
 from .watermark import RECENT, Watermark
 
 log = Logger(namespace="kura.replication.bootstrap")
@@ -77,6 +85,11 @@ SKIPPED_TOMBSTONE = (
     "catch-up from {peer} skipped the tombstone of namespace {namespace!r}: its version is "
     "further ahead than KURA_MAX_CLOCK_SKEW_MS"
 )
+SKIPPED_ARTIFACT_TOMBSTONE = (
+    "catch-up from {peer} skipped the tombstone of artifact {artifact_id}: its version is "
+    "further ahead than KURA_MAX_CLOCK_SKEW_MS"
+)
+NO_TOMBSTONES = "{peer} serves no {kind} (a release before them); catching up without them"
 PROGRESS = (
     "catch-up from {peer}: {done}/{total} items, {done_bytes}/{total_bytes} bytes walked "
     "({order} order, {segments} segment(s))"
@@ -116,9 +129,19 @@ async def _apply_namespace_tombstone(bootstrapper: Bootstrapper, peer: str, item
     return await bootstrapper.apply_namespace_tombstone(peer, item)
 
 
+async def _apply_artifact_tombstone(bootstrapper: Bootstrapper, peer: str, item: Any) -> bool:
+    return await bootstrapper.apply_artifact_tombstone(peer, item)
+
+
 #: Every kind, in the order they are applied (all before the manifests).
 TOMBSTONE_KINDS: tuple[TombstoneKind, ...] = (
     TombstoneKind(wire.TOMBSTONES_PATH, "tombstones", _apply_namespace_tombstone),
+    TombstoneKind(
+        wire.ARTIFACT_TOMBSTONES_PATH,
+        "artifact_tombstones",
+        _apply_artifact_tombstone,
+        optional=True,
+    ),
 )
 
 
@@ -373,6 +396,7 @@ class Bootstrapper:
                 page = await self._page(peer, kind.path, request)
             except PeerError as error:
                 if kind.optional and error.status == 404:
+                    log.info(NO_TOMBSTONES, peer=peer, kind=kind.field.replace("_", " "))
                     return applied
                 raise
             for item in _items(page, kind.field):
@@ -392,6 +416,25 @@ class Bootstrapper:
         outcome = await self._receiver.apply_delete(message, source=SOURCE_BOOTSTRAP)
         if outcome is Outcome.APPLIED:
             self._metrics.bootstrap_applied_items.labels(ITEM_NAMESPACE).inc()
+            return True
+        return False
+
+    async def apply_artifact_tombstone(self, peer: str, item: Any) -> bool:
+        """Apply one artifact tombstone of a peer's page; return whether it applied.
+
+        Applied before the manifests, so a deleted artifact that another peer
+        still offers is refused (``ignored_tombstone``) instead of fetched.
+        """
+        try:
+            message = wire.ArtifactDeleteMessage.from_json(item)
+        except ValueError as error:
+            raise PeerError(f"invalid artifact tombstone page: {error}") from None
+        if self._receiver.version_ahead(message.version_ms):
+            log.warn(SKIPPED_ARTIFACT_TOMBSTONE, peer=peer, artifact_id=message.artifact_id)
+            return False
+        outcome = await self._receiver.apply_artifact_delete(message, source=SOURCE_BOOTSTRAP)
+        if outcome is Outcome.APPLIED:
+            self._metrics.bootstrap_applied_items.labels(ITEM_ARTIFACT_DELETE).inc()
             return True
         return False
 
