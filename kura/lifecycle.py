@@ -1,7 +1,8 @@
 """Node state as the probes report it: joining, serving or draining.
 
 ``/ready`` is 200 only when the writer lock is held, the node is not
-draining, and membership says it is caught up with every known peer.
+draining, no start-up task holds it back (the store scan), and membership
+says it is caught up with every known peer.
 ``/up`` is always 200; ``/status/rollout`` always 200, draining included.
 """
 
@@ -43,6 +44,10 @@ class IMembershipView(Interface):
     known_peers = Attribute("list[str]: the peers in the view, sorted.")
     bootstrapped_peers = Attribute("list[str]: known peers this node has caught up with.")
     bootstrap_inflight_peers = Attribute("list[str]: known peers being caught up with now.")
+    bootstrap_progress = Attribute(
+        "dict[str, tuple[int, int | None]]: items walked and the pass's total "
+        "(None when unknown) per peer being caught up with."
+    )
 
     def settling() -> bool:
         """Whether the topology changed too recently to call the node caught up."""
@@ -57,9 +62,14 @@ class SingleNode:
     known_peers: list[str] = []
     bootstrapped_peers: list[str] = []
     bootstrap_inflight_peers: list[str] = []
+    bootstrap_progress: dict[str, tuple[int, int | None]] = {}
 
     def settling(self) -> bool:
         return False
+
+
+def _progress(peer: str, done: int, total: int | None) -> str:
+    return f"peer {peer} {done}/{'?' if total is None else total} items"
 
 
 class NodeState:
@@ -89,6 +99,8 @@ class NodeState:
         self.writer_lock_owned = False
         #: gRPC (REAPI) calls in progress; the node sets it when it serves gRPC.
         self.grpc_inflight: Callable[[], int] = lambda: 0
+        #: Start-up work that keeps the node unready while it runs (its reasons).
+        self.holds: list[str] = []
         metrics.ready_state.set_function(lambda: float(self.readiness()[0]))
         metrics.drain_state.set_function(lambda: float(self.draining))
         metrics.traffic_state.set_function(lambda: float(self.state))
@@ -96,6 +108,15 @@ class NodeState:
 
     def start_draining(self) -> None:
         self.draining = True
+
+    def hold(self, reason: str) -> None:
+        """Keep ``/ready`` 503 with ``reason`` until :meth:`release` (start-up work)."""
+        if reason not in self.holds:
+            self.holds.append(reason)
+
+    def release(self, reason: str) -> None:
+        if reason in self.holds:
+            self.holds.remove(reason)
 
     @property
     def memory_pressure(self) -> Pressure:
@@ -116,8 +137,11 @@ class NodeState:
             reasons.append("initial discovery incomplete")
         if view.settling():
             reasons.append("discovery settling")
-        if view.bootstrap_inflight_peers:
-            reasons.append("bootstrap in progress")
+        inflight = view.bootstrap_inflight_peers
+        if inflight:
+            progress = view.bootstrap_progress
+            details = [_progress(peer, *progress[peer]) for peer in inflight if peer in progress]
+            reasons.append("bootstrap in progress" + (": " + "; ".join(details) if details else ""))
         missing = sorted(set(view.known_peers) - set(view.bootstrapped_peers))
         if missing:
             reasons.append(f"bootstrap incomplete for {', '.join(missing)}")
@@ -129,6 +153,7 @@ class NodeState:
             reasons.append("writer lock not held")
         if self.draining:
             reasons.append("draining")
+        reasons += self.holds
         reasons += self._caught_up_reasons()
         return not reasons, reasons
 

@@ -1,8 +1,12 @@
 """The node: every component wired together under one ``MultiService``.
 
 Construction only builds objects. :meth:`KuraNode.startService` takes the
-writer lock, opens storage (wiping staging, sweeping orphans) and only then
-opens the listeners, so nothing is served from a half-open store.
+writer lock, opens storage (the metadata store; stale staging is set aside
+with one rename) and then opens the listeners, so nothing is served from a
+half-open store, and start-up does not scale with the store: orphaned blobs
+and stale staging are removed afterwards by a paced background sweep
+(:mod:`kura.storage.sweep`), and ``/ready`` says ``store scan in progress``
+until it ends.
 :meth:`KuraNode.stopService` stops accepting, lets in-flight work finish,
 flushes storage and releases the lock.
 """
@@ -55,6 +59,7 @@ from kura.storage.lock import WriterLock, WriterLockHeld
 from kura.storage.runner import ThreadPoolRunner
 from kura.storage.staging import TmpBudget
 from kura.storage.store import ArtifactStore
+from kura.storage.sweep import PAUSE, StartupSweep, Stopped
 from kura.storage.tombstones import TombstoneSweeper
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
@@ -78,6 +83,8 @@ OPEN_MODE = (
 )
 ACCESS_MODE = "public port guarded by {mode}"
 DRAIN_DEADLINE = "drain deadline passed with {count} public transfers in flight; cutting them off"
+#: The readiness reason while the start-up sweep runs.
+STORE_SCAN = "store scan in progress"
 
 
 def process_registry() -> CollectorRegistry:
@@ -262,6 +269,9 @@ class KuraNode(MultiService):
         self.ports: dict[str, IListeningPort] = {}
 
         self.started: Deferred[None] = Deferred()
+        self.sweep: StartupSweep | None = None
+        #: Fires when the start-up sweep ended (removed everything, failed or stopped).
+        self.swept: Deferred[None] = Deferred()
         self._janitor = LoopingCall(lambda: Deferred.fromCoroutine(self._expire_uploads()))
         self._janitor.clock = reactor
         self._retention = LoopingCall(lambda: Deferred.fromCoroutine(self._sample_retention()))
@@ -309,7 +319,12 @@ class KuraNode(MultiService):
 
     async def _start(self) -> None:
         await self.store.start()
+        self.state.hold(STORE_SCAN)
         self._listen()
+        # Only once the listeners are open (stopping waits for a sweep that started).
+        # With an injected (inline) runner the sweep runs inline too: no pauses.
+        self.sweep = self.store.startup_sweep(pause=PAUSE if self.pool is not None else 0)
+        Deferred.fromCoroutine(self._sweep(self.sweep))
         self.accelerator.log_settings()
         self._log_access_mode()
         self.authorizer.start()  # JWKS key fetches (readiness does not wait)
@@ -324,6 +339,18 @@ class KuraNode(MultiService):
             port=self.public_port,
         )
         self.started.callback(None)
+
+    async def _sweep(self, sweep: StartupSweep) -> None:
+        """Run the start-up sweep; readiness is held until it ends."""
+        try:
+            await sweep.run()
+        except Stopped:
+            pass
+        except Exception:
+            log.failure("start-up sweep failed; orphans stay until the next start")
+        finally:
+            self.state.release(STORE_SCAN)
+            self.swept.callback(None)
 
     def _log_access_mode(self) -> None:
         """Say how the public port is guarded; open mode is a warning at every start."""
@@ -437,6 +464,10 @@ class KuraNode(MultiService):
         await DeferredList([maybeDeferred(p.stopListening) for p in self.ports.values()])
         self.ports.clear()
         await super().stopService()
+        if self.sweep is not None:
+            # It reads the metadata store: it must end before the store closes.
+            self.sweep.stop()
+            await self.swept
         if self.state.writer_lock_owned:
             await self.store.stop()
             if self.pool is not None:

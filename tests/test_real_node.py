@@ -164,6 +164,7 @@ def test_crash_at_each_publish_step(data_dir: str, point: str, survives: bool, k
         assert crashing.process.wait(15) == EXIT_STATUS
     restarted = RealNode(data_dir).start()
     try:
+        restarted.wait_until_swept()  # the orphan, if any, is removed in the background
         call = Http(restarted)
         status, _, got = call("GET", "/api/cache/cas/kept?tenant_id=default")
         if survives:

@@ -3,11 +3,17 @@
 For each known peer that is neither caught up nor being caught up, a run
 (at most ``KURA_BOOTSTRAP_MAX_CONCURRENT_PEERS`` at once):
 
-1. pages through the peer's **namespace tombstones**, then its **artifact
-   tombstones** (deleted artifacts; a peer of a release without them answers
-   404 and the phase is skipped), and applies them first, so nothing the
+1. pages through the peer's **tombstones**, every kind in
+   :data:`TOMBSTONE_KINDS`: its namespace tombstones, then its artifact
+   tombstones (deleted artifacts; a peer of a release without them answers
+   404 and that kind is skipped), and applies them first, so nothing the
    mesh deleted can be resurrected by step 3;
-2. pages through its **manifests** (artifact-id order);
+2. pages through its **manifests newest version first**
+   (``order=recent``), resuming from the peer's durable watermark
+   (:mod:`.watermark`): the first pass lists everything, later passes only
+   what changed since the previous one, less the allowed clock skew. A peer
+   of an earlier release answers artifact-id-ordered pages instead (no
+   ``order`` field), and the run falls back to the whole id walk it knows;
 3. for every manifest whose version would apply here (decided without the
    body, as the receiver does), fetches ``/_internal/bootstrap/artifacts/{id}``
    into staging, paced by the bandwidth limiter, checks its length and
@@ -15,11 +21,16 @@ For each known peer that is neither caught up nor being caught up, a run
 
 A per-artifact gate makes each body download once even when several peers
 offer it: the second waiter re-decides after the first finished and finds
-the version present. A page's cursor advances only once the whole page was
-resolved; a failed run is retried on the next membership round and resumes
-from its cursor while the peer has not left and rejoined. A run fails after
-``KURA_BOOTSTRAP_TIMEOUT_MS`` *without progress* (pages, items or body
-bytes), never for merely taking long.
+the version present. A page's cursor advances, and the watermark is saved
+(a commit right after the items' own), only once the whole page was
+resolved, so it is never ahead of what is durable; a failed run is retried
+on the next membership round and resumes from its cursor, and so does a
+restarted node. A run fails after ``KURA_BOOTSTRAP_TIMEOUT_MS`` *without
+progress* (pages, items or body bytes), never for merely taking long.
+
+Progress is visible: per-peer gauges of items and bytes walked and
+remaining, the readiness reason (``bootstrap in progress: peer X 12/50
+items``) and a log line every :data:`PROGRESS_SECONDS` while runs are going.
 
 A run that ends after its peer left (or left and rejoined) is discarded:
 readiness only counts catch-ups of the peer's current membership epoch.
@@ -27,6 +38,8 @@ readiness only counts catch-ups of the peer's current membership epoch.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -39,6 +52,7 @@ from twisted.internet.defer import (
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -60,6 +74,7 @@ from .receiver import (
     SOURCE_BOOTSTRAP,
     Receiver,
 )
+from .watermark import RECENT, Watermark
 
 log = Logger(namespace="kura.replication.bootstrap")
 
@@ -74,23 +89,69 @@ SKIPPED_ARTIFACT_TOMBSTONE = (
     "catch-up from {peer} skipped the tombstone of artifact {artifact_id}: its version is "
     "further ahead than KURA_MAX_CLOCK_SKEW_MS"
 )
-NO_ARTIFACT_TOMBSTONES = (
-    "{peer} serves no artifact tombstones (a release before them); catching up without them"
+NO_TOMBSTONES = "{peer} serves no {kind} (a release before them); catching up without them"
+PROGRESS = (
+    "catch-up from {peer}: {done}/{total} items, {done_bytes}/{total_bytes} bytes walked "
+    "({order} order, {segments} segment(s))"
+)
+ID_ORDER_FALLBACK = (
+    "peer {peer} answers manifest pages in artifact-id order (an earlier release): "
+    "catching up with a whole id-order walk"
 )
 
 #: Bodies fetched at once within one page of one peer.
 FETCH_CONCURRENCY = 4
-#: The catch-up phase between namespace tombstones and manifests.
-ARTIFACT_TOMBSTONES = "artifact_tombstones"
+#: Seconds between progress log lines while catch-ups run.
+PROGRESS_SECONDS = 10.0
+
+
+@attrs.frozen
+class TombstoneKind:
+    """One kind of tombstone a catch-up pages through before any manifest.
+
+    Attributes:
+        path: the peer's page route (``limit``/``after`` paging).
+        field: the page's list of items.
+        apply: ``apply(bootstrapper, peer, item)`` applies one item and says
+            whether it changed anything here (raises ``PeerError`` for an
+            invalid item).
+        optional: a peer may not have the route yet (a previous release):
+            a 404 means it has none of this kind.
+    """
+
+    path: str
+    field: str
+    apply: Callable[[Bootstrapper, str, Any], Awaitable[bool]]
+    optional: bool = False
+
+
+async def _apply_namespace_tombstone(bootstrapper: Bootstrapper, peer: str, item: Any) -> bool:
+    return await bootstrapper.apply_namespace_tombstone(peer, item)
+
+
+async def _apply_artifact_tombstone(bootstrapper: Bootstrapper, peer: str, item: Any) -> bool:
+    return await bootstrapper.apply_artifact_tombstone(peer, item)
+
+
+#: Every kind, in the order they are applied (all before the manifests).
+TOMBSTONE_KINDS: tuple[TombstoneKind, ...] = (
+    TombstoneKind(wire.TOMBSTONES_PATH, "tombstones", _apply_namespace_tombstone),
+    TombstoneKind(
+        wire.ARTIFACT_TOMBSTONES_PATH,
+        "artifact_tombstones",
+        _apply_artifact_tombstone,
+        optional=True,
+    ),
+)
 
 
 @attrs.define
-class Cursor:
-    """Where a peer's catch-up resumes."""
+class _Session:
+    """A peer's catch-up state within one membership epoch of it."""
 
     epoch: int
-    phase: str = "tombstones"
-    after: str | None = None
+    key: str
+    watermark: Watermark
     applied: int = 0
 
 
@@ -139,6 +200,9 @@ class Bootstrapper:
         max_concurrent_peers: ``KURA_BOOTSTRAP_MAX_CONCURRENT_PEERS``.
         timeout_seconds: ``KURA_BOOTSTRAP_TIMEOUT_MS`` in seconds (no progress).
         stall_seconds: a body fetch with no byte progress this long fails.
+        max_inline_bytes: ``KURA_MAX_KEYVALUE_BYTES``.
+        max_clock_skew_ms: ``KURA_MAX_CLOCK_SKEW_MS``: how far below a
+            watermark the next pass starts.
         page_limit: manifests and tombstones per page.
     """
 
@@ -156,6 +220,7 @@ class Bootstrapper:
         timeout_seconds: float,
         stall_seconds: float,
         max_inline_bytes: int,
+        max_clock_skew_ms: int,
         page_limit: int = wire.DEFAULT_PAGE_LIMIT,
     ) -> None:
         self._store = store
@@ -168,13 +233,16 @@ class Bootstrapper:
         self._timeout = timeout_seconds
         self._stall = stall_seconds
         self._max_inline = max_inline_bytes
+        self._skew_ms = max_clock_skew_ms
         self._page_limit = page_limit
         self._slots = DeferredSemaphore(max_concurrent_peers)
         self._fetch_gate = KeyedLock()
         self._tasks: dict[str, Deferred[None]] = {}
-        self._cursors: dict[str, Cursor] = {}
+        self._sessions: dict[str, _Session] = {}
         self._progress: dict[str, float] = {}
         self._stopping = False
+        self._reporter = LoopingCall(self._report)
+        self._reporter.clock = clock
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -191,10 +259,14 @@ class Bootstrapper:
             d = Deferred.fromCoroutine(self._run(peer))
             if not d.called:
                 self._tasks[peer] = d
+        if self._tasks and not self._reporter.running:
+            self._reporter.start(PROGRESS_SECONDS, now=False)
 
     async def stop(self) -> None:
         """Abort every catch-up in progress (resumable after a restart: idempotent)."""
         self._stopping = True
+        if self._reporter.running:
+            self._reporter.stop()
         pending = list(self._tasks.values())
         for d in pending:
             d.cancel()
@@ -220,6 +292,8 @@ class Bootstrapper:
         finally:
             self._slots.release()
             self._tasks.pop(peer, None)
+            if not self._tasks and self._reporter.running:
+                self._reporter.stop()
 
     async def _attempt(self, peer: str, epoch: int) -> None:
         self._membership.bootstrap_started(peer)
@@ -261,88 +335,153 @@ class Bootstrapper:
             self._progress[peer] = self._clock.seconds()
 
     async def _catch_up(self, peer: str, epoch: int) -> int:
-        cursor = self._cursors.get(peer)
-        if cursor is None or cursor.epoch != epoch:
-            cursor = self._cursors[peer] = Cursor(epoch)
-        if cursor.phase == "tombstones":
-            while True:
-                page = await self._page(peer, wire.TOMBSTONES_PATH, cursor.after)
-                for item in _items(page, "tombstones"):
-                    message = _tombstone(item)
-                    if self._receiver.version_ahead(message.version_ms):
-                        # It would refuse every later write to the namespace.
-                        log.warn(SKIPPED_TOMBSTONE, peer=peer, namespace=message.namespace_id)
-                        continue
-                    outcome = await self._receiver.apply_delete(message, source=SOURCE_BOOTSTRAP)
-                    if outcome is Outcome.APPLIED:
-                        cursor.applied += 1
-                        self._metrics.bootstrap_applied_items.labels(ITEM_NAMESPACE).inc()
-                    self._touch(peer)
-                cursor.after = _next_after(page)
-                if cursor.after is None:
-                    break
-            cursor.phase = ARTIFACT_TOMBSTONES
-        if cursor.phase == ARTIFACT_TOMBSTONES:
-            await self._catch_up_artifact_tombstones(peer, cursor)
-            cursor.phase = "manifests"
-        while True:
-            page = await self._page(peer, wire.MANIFESTS_PATH, cursor.after)
+        session = await self._session(peer, epoch)
+        state = session.watermark
+        self._publish_progress(peer, state)
+        for kind in TOMBSTONE_KINDS:
+            session.applied += await self._tombstones(peer, kind)
+        while state.segments:
+            segment = state.segments[0]
+            order = segment.mode
+            if order == RECENT:
+                request = wire.PageRequest(
+                    self._page_limit, segment.after, wire.ORDER_RECENT, segment.since
+                )
+            else:
+                request = wire.PageRequest(self._page_limit, segment.after)
+            page = await self._page(peer, wire.MANIFESTS_PATH, request)
+            if order == RECENT and page.get("order") != wire.ORDER_RECENT:
+                # A previous release ignored order=: this is an id-ordered page.
+                log.info(ID_ORDER_FALLBACK, peer=peer)
+                state.fall_back_to_id_order()
+                continue
+            if order == RECENT and segment.after is None:
+                segment.total_items = _count(page, "total_items")
+                segment.total_bytes = _count(page, "total_bytes")
             manifests = []
             for item in _items(page, "manifests"):
                 try:
                     manifests.append(wire.PeerManifest.from_json(item))
                 except ValueError as error:
                     raise PeerError(f"invalid manifest page: {error}") from None
-            cursor.applied += await self._sync_page(peer, manifests)
-            cursor.after = _next_after(page)
-            if cursor.after is None:
-                break
-        del self._cursors[peer]
-        return cursor.applied
+            session.applied += await self._sync_page(peer, manifests)
+            state.page_done(_next_after(page), len(manifests), sum(m.size for m in manifests))
+            # After the page's own commits: the watermark never runs ahead of them.
+            await self._store.save_watermark(session.key, state.to_json())
+            self._metrics.bootstrap_walked_items.labels(order).inc(len(manifests))
+            self._publish_progress(peer, state)
+        applied, session.applied = session.applied, 0
+        return applied
 
-    async def _catch_up_artifact_tombstones(self, peer: str, cursor: Cursor) -> None:
-        """Apply every artifact tombstone of ``peer``, page by page from ``cursor.after``.
+    async def _session(self, peer: str, epoch: int) -> _Session:
+        """The peer's state: continued within an epoch, else loaded and resumed."""
+        session = self._sessions.get(peer)
+        now_ms = int(self._clock.seconds() * 1000)
+        if session is not None and session.epoch == epoch:
+            session.watermark.begin(now_ms, self._skew_ms, resumed=False)
+            return session
+        key = self._membership.node_url_of(peer)
+        watermark = Watermark.from_json(await self._store.watermark(key))
+        watermark.begin(now_ms, self._skew_ms, resumed=True)
+        session = self._sessions[peer] = _Session(epoch, key, watermark)
+        return session
 
-        Runs before the manifests, so a deleted artifact that another peer
-        still offers is refused (``ignored_tombstone``) instead of fetched. A
-        peer without the route (a release before artifact tombstones: 404)
-        has none to give; the phase ends there.
-        """
+    async def _tombstones(self, peer: str, kind: TombstoneKind) -> int:
+        """Page through one kind of the peer's tombstones and apply them; return how many."""
+        applied = 0
+        after: str | None = None
         while True:
+            request = wire.PageRequest(self._page_limit, after)
             try:
-                page = await self._page(peer, wire.ARTIFACT_TOMBSTONES_PATH, cursor.after)
+                page = await self._page(peer, kind.path, request)
             except PeerError as error:
-                if error.status != 404:
-                    raise
-                log.info(NO_ARTIFACT_TOMBSTONES, peer=peer)
-                cursor.after = None
-                return
-            for item in _items(page, "artifact_tombstones"):
-                try:
-                    message = wire.ArtifactDeleteMessage.from_json(item)
-                except ValueError as error:
-                    raise PeerError(f"invalid artifact tombstone page: {error}") from None
-                if self._receiver.version_ahead(message.version_ms):
-                    log.warn(SKIPPED_ARTIFACT_TOMBSTONE, peer=peer, artifact_id=message.artifact_id)
-                    continue
-                outcome = await self._receiver.apply_artifact_delete(
-                    message, source=SOURCE_BOOTSTRAP
-                )
-                if outcome is Outcome.APPLIED:
-                    cursor.applied += 1
-                    self._metrics.bootstrap_applied_items.labels(ITEM_ARTIFACT_DELETE).inc()
+                if kind.optional and error.status == 404:
+                    log.info(NO_TOMBSTONES, peer=peer, kind=kind.field.replace("_", " "))
+                    return applied
+                raise
+            for item in _items(page, kind.field):
+                applied += int(await kind.apply(self, peer, item))
                 self._touch(peer)
-            cursor.after = _next_after(page)
-            if cursor.after is None:
-                return
+            after = _next_after(page)
+            if after is None:
+                return applied
 
-    async def _page(self, peer: str, path: str, after: str | None) -> Any:
-        page = wire.PageRequest(self._page_limit, after)
+    async def apply_namespace_tombstone(self, peer: str, item: Any) -> bool:
+        """Apply one namespace tombstone of a peer's page; return whether it applied."""
+        message = _tombstone(item)
+        if self._receiver.version_ahead(message.version_ms):
+            # It would refuse every later write to the namespace.
+            log.warn(SKIPPED_TOMBSTONE, peer=peer, namespace=message.namespace_id)
+            return False
+        outcome = await self._receiver.apply_delete(message, source=SOURCE_BOOTSTRAP)
+        if outcome is Outcome.APPLIED:
+            self._metrics.bootstrap_applied_items.labels(ITEM_NAMESPACE).inc()
+            return True
+        return False
+
+    async def apply_artifact_tombstone(self, peer: str, item: Any) -> bool:
+        """Apply one artifact tombstone of a peer's page; return whether it applied.
+
+        Applied before the manifests, so a deleted artifact that another peer
+        still offers is refused (``ignored_tombstone``) instead of fetched.
+        """
+        try:
+            message = wire.ArtifactDeleteMessage.from_json(item)
+        except ValueError as error:
+            raise PeerError(f"invalid artifact tombstone page: {error}") from None
+        if self._receiver.version_ahead(message.version_ms):
+            log.warn(SKIPPED_ARTIFACT_TOMBSTONE, peer=peer, artifact_id=message.artifact_id)
+            return False
+        outcome = await self._receiver.apply_artifact_delete(message, source=SOURCE_BOOTSTRAP)
+        if outcome is Outcome.APPLIED:
+            self._metrics.bootstrap_applied_items.labels(ITEM_ARTIFACT_DELETE).inc()
+            return True
+        return False
+
+    async def _page(self, peer: str, path: str, page: wire.PageRequest) -> Any:
         data = await self._client.get_json(peer, path, page.params())
         self._touch(peer)
         if not isinstance(data, dict):
             raise PeerError(f"{path} answered something other than an object")
         return data
+
+    # -- progress -----------------------------------------------------------------------
+
+    def _publish_progress(self, peer: str, state: Watermark) -> None:
+        done, done_bytes, left, left_bytes = state.progress()
+        label = wire.target_label(peer)
+        self._metrics.bootstrap_peer_items.labels(label, "done").set(done)
+        self._metrics.bootstrap_peer_bytes.labels(label, "done").set(done_bytes)
+        for gauge, value in (
+            (self._metrics.bootstrap_peer_items, left),
+            (self._metrics.bootstrap_peer_bytes, left_bytes),
+        ):
+            if value is None:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(label, "remaining")
+            else:
+                gauge.labels(label, "remaining").set(value)
+        total = None if left is None else done + left
+        self._membership.bootstrap_progressed(peer, done, total)
+
+    def _report(self) -> None:
+        """The steady progress line of every catch-up under way."""
+        for peer in sorted(self._tasks):
+            session = self._sessions.get(peer)
+            if session is None or peer not in self._progress:
+                continue
+            state = session.watermark
+            done, done_bytes, left, left_bytes = state.progress()
+            log.info(
+                PROGRESS,
+                peer=peer,
+                done=done,
+                total="?" if left is None else done + left,
+                done_bytes=done_bytes,
+                total_bytes="?" if left_bytes is None else done_bytes + left_bytes,
+                order=state.segments[0].mode if state.segments else RECENT,
+                segments=len(state.segments),
+            )
 
     async def _sync_page(self, peer: str, manifests: list[wire.PeerManifest]) -> int:
         """Resolve every manifest of a page; raise the first failure after all ended."""
@@ -501,6 +640,14 @@ def _next_after(page: Any) -> str | None:
     if value is not None and not isinstance(value, str):
         raise PeerError("page has an invalid next_after")
     return value
+
+
+def _count(page: Any, name: str) -> int | None:
+    """A total a recency page announces (``None`` when absent or invalid: unknown)."""
+    value = page.get(name)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
 
 
 def _tombstone(item: Any) -> wire.DeleteMessage:

@@ -9,7 +9,8 @@ Routes (formats in ``docs/replication.md``):
 * ``DELETE /_internal/replicate/artifact?artifact_id=&namespace_id=&version_ms=``;
 * ``GET /_internal/bootstrap/namespace_tombstones?limit=&after=``;
 * ``GET /_internal/bootstrap/artifact_tombstones?limit=&after=``;
-* ``GET /_internal/bootstrap/manifests?limit=&after=``;
+* ``GET /_internal/bootstrap/manifests?limit=&after=`` (artifact-id order)
+  or ``?order=recent&since=&limit=&after=`` (newest version first);
 * ``GET /_internal/bootstrap/artifacts/{artifact_id}``: the raw body, paced
   by the bandwidth limiter, or 404.
 
@@ -379,10 +380,32 @@ class InternalAPI:
     async def bootstrap_manifests(self, request: KuraRequest) -> bytes:
         admission = await self._admission(request)
         page: wire.PageRequest = admission.context["page"]
+        if page.order == wire.ORDER_RECENT:
+            return await self._recent_manifests(request, page)
         manifests = await self._store.manifests_page(page.after, page.limit)
         items = [wire.PeerManifest.of(m).to_json() for m in manifests]
         cursor = manifests[-1].artifact_id if manifests else None
         return self._json(request, wire.page_json("manifests", items, page.limit, cursor))
+
+    async def _recent_manifests(self, request: KuraRequest, page: wire.PageRequest) -> bytes:
+        """A recency page: newest version first, with this node's clock and, first, totals.
+
+        The first page of a walk (no ``after``) carries ``total_items`` and
+        ``total_bytes`` of everything the walk will list, so the fetching
+        node can report what remains.
+        """
+        now_ms = int(self._clock.seconds() * 1000)
+        extra: dict[str, object] = {"order": wire.ORDER_RECENT, "now_ms": now_ms}
+        if page.after is None:
+            count, size = await self._store.manifest_totals(page.since)
+            extra.update(total_items=count, total_bytes=size)
+        manifests = await self._store.recent_manifests_page(
+            page.recent_cursor(), page.since, page.limit
+        )
+        items = [wire.PeerManifest.of(m).to_json() for m in manifests]
+        last = manifests[-1] if manifests else None
+        cursor = None if last is None else wire.recent_cursor(last.version_ms, last.artifact_id)
+        return self._json(request, wire.page_json("manifests", items, page.limit, cursor, **extra))
 
     @route(
         wire.ARTIFACTS_PATH + "/<artifact_id>",

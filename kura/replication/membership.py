@@ -190,6 +190,7 @@ class Membership:
         self._epochs: dict[str, int] = {}
         self._bootstrapped: set[str] = set()
         self._inflight: set[str] = set()
+        self._progress: dict[str, tuple[int, int | None]] = {}
         self._last_change: float | None = None
         self._generation = 1
         self._initial = not self._seeds and discovery is None
@@ -219,6 +220,10 @@ class Membership:
     @property
     def bootstrap_inflight_peers(self) -> list[str]:
         return sorted(self._inflight & self._known)
+
+    @property
+    def bootstrap_progress(self) -> dict[str, tuple[int, int | None]]:
+        return {p: v for p, v in self._progress.items() if p in self._inflight}
 
     def settling(self) -> bool:
         return (
@@ -260,8 +265,23 @@ class Membership:
     def is_known(self, peer: str) -> bool:
         return peer in self._known
 
+    def node_url_of(self, peer: str) -> str:
+        """The node URL ``peer`` reports (stable across its address changes), else ``peer``.
+
+        Catch-up watermarks are kept under it: a pod discovered through DNS
+        comes back on a new IP, and must not cost a full pass.
+        """
+        candidate = self._candidates.get(peer)
+        if candidate is None or candidate.reported_url is None:
+            return wire.normalize_url(peer)
+        return candidate.reported_url
+
     def bootstrap_started(self, peer: str) -> None:
         self._inflight.add(peer)
+
+    def bootstrap_progressed(self, peer: str, done: int, total: int | None) -> None:
+        """Record how far the catch-up with ``peer`` is (the readiness reason shows it)."""
+        self._progress[peer] = (done, total)
 
     def bootstrap_finished(self, peer: str, epoch: int, ok: bool) -> bool:
         """Record the end of a catch-up; returns whether it counted.
@@ -270,6 +290,7 @@ class Membership:
         meanwhile: what it pulled may predate the peer's latest state.
         """
         self._inflight.discard(peer)
+        self._progress.pop(peer, None)
         if not ok:
             return True
         if peer not in self._known or self.epoch(peer) != epoch:

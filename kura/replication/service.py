@@ -9,7 +9,8 @@ the internal listener (TLS when peer mTLS is configured) and starts the
 membership rounds (every 2 s), the outbox worker (on every commit and every
 2 s) and the bandwidth gauges (every second). Catch-ups start whenever a
 round finds a known peer that is not caught up. :meth:`stopService` stops
-all of it; outbox rows and catch-up progress are safe to abandon.
+all of it; outbox rows are safe to abandon and catch-up progress is
+saved per page (a restarted node resumes it).
 """
 
 from __future__ import annotations
@@ -248,6 +249,7 @@ class ReplicationService(MultiService):
             timeout_seconds=settings.bootstrap_timeout_ms / 1000,
             stall_seconds=stall_seconds,
             max_inline_bytes=config.max_keyvalue_bytes,
+            max_clock_skew_ms=settings.auth.max_clock_skew_ms,
         )
         # Rows a write just committed are delivered at once, not at the next round.
         store.add_commit_listener(self.outbox.poke)

@@ -192,6 +192,13 @@ class DeleteMessage:
         return cls(_namespace(params), params.integer("version_ms", minimum=1))
 
 
+#: ``order=`` of a manifests page: newest version first (keyset cursor
+#: ``<version_ms>:<artifact_id>``). A page answered in this order says so in
+#: its ``order`` field; a node of an earlier release ignores the parameter and
+#: answers an artifact-id-ordered page without the field.
+ORDER_RECENT = "recent"
+
+
 @attrs.frozen
 class ArtifactDeleteMessage:
     """``DELETE /_internal/replicate/artifact``: one artifact's tombstone.
@@ -254,20 +261,58 @@ class ArtifactDeleteMessage:
 
 @attrs.frozen
 class PageRequest:
-    """``limit``/``after`` of a catch-up page (``after`` is exclusive)."""
+    """``limit``/``after`` of a catch-up page (``after`` is exclusive).
+
+    Manifest pages also take ``order`` (absent: artifact-id order;
+    :data:`ORDER_RECENT`: newest version first) and, in recency order,
+    ``since`` (only versions strictly above it).
+    """
 
     limit: int
     after: str | None
+    order: str | None = None
+    since: int | None = None
 
     @classmethod
     def parse(cls, query: Mapping[str, list[str]]) -> PageRequest:
         params = Params(query)
         limit = params.integer("limit", minimum=1, default=DEFAULT_PAGE_LIMIT)
-        return cls(min(limit, MAX_PAGE_LIMIT), params.optional("after") or None)
+        order = params.optional("order") or None
+        if order not in (None, ORDER_RECENT):
+            raise BadRequest("Invalid order: expected recent")
+        since = None if params.optional("since") is None else params.integer("since", minimum=0)
+        page = cls(min(limit, MAX_PAGE_LIMIT), params.optional("after") or None, order, since)
+        if order == ORDER_RECENT:
+            page.recent_cursor()  # refuse a malformed cursor before any work
+        return page
 
     def params(self) -> list[tuple[str, str]]:
         base = [("limit", str(self.limit))]
+        if self.order is not None:
+            base.append(("order", self.order))
+        if self.since is not None:
+            base.append(("since", str(self.since)))
         return base if self.after is None else [*base, ("after", self.after)]
+
+    def recent_cursor(self) -> tuple[int, str] | None:
+        """``after`` of a recency page as ``(version_ms, artifact_id)``.
+
+        Raises:
+            BadRequest: ``after`` is not ``<version_ms>:<artifact_id>``.
+        """
+        if self.after is None:
+            return None
+        version, _, artifact_id = self.after.partition(":")
+        if not (version.isascii() and version.isdigit() and len(version) <= 19):
+            raise BadRequest("Invalid after")
+        if not is_artifact_id(artifact_id):
+            raise BadRequest("Invalid after")
+        return int(version), artifact_id
+
+
+def recent_cursor(version_ms: int, artifact_id: str) -> str:
+    """The ``after`` that continues a recency walk below this manifest."""
+    return f"{version_ms}:{artifact_id}"
 
 
 @attrs.frozen
@@ -329,12 +374,15 @@ class PeerManifest:
         return cls(**values)
 
 
-def page_json(name: str, items: list[Any], limit: int, cursor: str | None) -> dict[str, object]:
-    """A page body: ``{name: items, "next_after": cursor}``.
+def page_json(
+    name: str, items: list[Any], limit: int, cursor: str | None, **extra: object
+) -> dict[str, object]:
+    """A page body: ``{name: items, "next_after": cursor, **extra}``.
 
     ``next_after`` is ``None`` on the last page (fewer items than asked for).
+    ``extra`` fields are ignored by nodes that do not know them.
     """
-    return {name: items, "next_after": cursor if len(items) >= limit else None}
+    return {name: items, "next_after": cursor if len(items) >= limit else None, **extra}
 
 
 @attrs.frozen

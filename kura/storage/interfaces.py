@@ -208,3 +208,17 @@ class IArtifactStore(Interface):
 
     async def artifact_tombstones_page(after: str | None, limit: int) -> list[ArtifactTombstone]:
         """Artifact tombstones in artifact-id order, strictly after ``after``."""
+
+    async def recent_manifests_page(
+        before: tuple[int, str] | None, since_ms: int | None, limit: int
+    ) -> list[Manifest]:
+        """Manifests newest version first, strictly below the cursor ``(version_ms, id)``."""
+
+    async def manifest_totals(since_ms: int | None) -> tuple[int, int]:
+        """``(count, bytes)`` of the manifests with a version strictly above ``since_ms``."""
+
+    async def watermark(peer: str) -> str | None:
+        """The durable catch-up state of ``peer`` (opaque JSON text), or ``None``."""
+
+    async def save_watermark(peer: str, state: str) -> None:
+        """Durably record ``peer``'s catch-up state (after what it covers was committed)."""

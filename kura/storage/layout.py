@@ -7,7 +7,8 @@
     <data>/blobs/ab/<id>-<rand>   artifact bodies, named from the artifact id
                                   (``ab``: its first two characters, or for a
                                   batch of small bodies the first body's)
-    <tmp>/uploads/<uuid>          bodies being received (wiped at start-up)
+    <tmp>/uploads/<uuid>          bodies being received (set aside at start-up
+                                  as uploads.stale-<uuid>, then removed)
     <tmp>/parts/<upload>/<n>      acknowledged multipart parts (kept)
 
 A blob's name is its artifact id plus a random suffix, so two versions of one
@@ -21,10 +22,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import uuid
 
 import attrs
+
+#: ``uploads`` + this + a uuid: a staging area set aside at start-up.
+STALE_SUFFIX = ".stale-"
 
 
 def fsync_directory(path: str) -> None:
@@ -76,17 +79,31 @@ class Layout:
         return os.path.join(self.tmp_dir, "parts")
 
     def prepare(self) -> None:
-        """Create the directories and wipe the upload staging area.
+        """Create the directories and set the old upload staging area aside.
 
         Anything in ``uploads/`` belongs to a request that never completed, so
         it is never published and can go (upstream learned this the hard way:
-        leftover staging once filled a disk).
+        leftover staging once filled a disk). Removing it file by file could
+        take long, so it is renamed to ``uploads.stale-<uuid>`` (one rename,
+        whatever it holds) and a fresh ``uploads/`` is made; the start-up
+        sweep (:mod:`.sweep`) deletes the stale directories in the background.
         """
         os.makedirs(self.data_dir, exist_ok=True)
         os.makedirs(self.blobs, exist_ok=True)
-        shutil.rmtree(self.uploads, ignore_errors=True)
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        if os.path.isdir(self.uploads):
+            os.rename(self.uploads, f"{self.uploads}{STALE_SUFFIX}{uuid.uuid4().hex}")
         os.makedirs(self.uploads, exist_ok=True)
         os.makedirs(self.parts, exist_ok=True)
+
+    def stale_staging(self) -> list[str]:
+        """The staging directories set aside by :meth:`prepare` (now or at an earlier start)."""
+        prefix = os.path.basename(self.uploads) + STALE_SUFFIX
+        return sorted(
+            os.path.join(self.tmp_dir, name)
+            for name in os.listdir(self.tmp_dir)
+            if name.startswith(prefix)
+        )
 
     def new_upload_path(self) -> str:
         return os.path.join(self.uploads, uuid.uuid4().hex)

@@ -19,6 +19,8 @@ Tables:
 ``outbox``
     replication messages, written in the same transaction as the data they
     describe.
+``peer_watermarks``
+    each peer's durable catch-up state (:mod:`kura.replication.watermark`).
 
 Everything here is synchronous and runs on a storage thread. Reads use one
 connection per thread; writes are *operations* (callables taking the writer
@@ -56,8 +58,10 @@ class SchemaVersionError(StorageFault):
 
 #: What schema 2 added next to release 1's tables: a body digest per
 #: manifest (``manifests.digest``, hex SHA-256, NULL until known), the
-#: tombstones of deleted artifacts, and each peer's catch-up watermark.
+#: tombstones of deleted artifacts, each peer's catch-up watermark, and the
+#: recency index catch-up pages are served from (newest version first).
 _SCHEMA_2_TABLES = """
+CREATE INDEX IF NOT EXISTS manifests_by_version ON manifests (version_ms, artifact_id);
 CREATE TABLE IF NOT EXISTS artifact_tombstones (
     artifact_id   TEXT PRIMARY KEY,
     namespace_id  TEXT NOT NULL,
@@ -369,6 +373,20 @@ class MetadataStore:
         rows = self._reader().execute("SELECT blob_path FROM manifests WHERE inline = 0")
         return {row[0] for row in rows}
 
+    def blob_paths_for(self, artifact_ids: Sequence[str]) -> set[str]:
+        """The blob paths of those of ``artifact_ids`` that are stored as files."""
+        found: set[str] = set()
+        reader = self._reader()
+        for start in range(0, len(artifact_ids), 500):
+            chunk = artifact_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = reader.execute(
+                f"SELECT blob_path FROM manifests WHERE inline = 0 AND artifact_id IN ({marks})",
+                chunk,
+            )
+            found.update(row[0] for row in rows)
+        return found
+
     def manifests_page(self, after: str | None, limit: int) -> list[Manifest]:
         rows = self._reader().execute(
             f"SELECT {_MANIFEST_COLUMNS} FROM manifests WHERE artifact_id > ? "
@@ -376,6 +394,53 @@ class MetadataStore:
             (after or "", limit),
         )
         return [_manifest(row) for row in rows]
+
+    def recent_manifests_page(
+        self, before: tuple[int, str] | None, since_ms: int | None, limit: int
+    ) -> list[Manifest]:
+        """Manifests newest version first (``version_ms`` DESC, then ``artifact_id`` DESC).
+
+        ``before`` is the exclusive keyset cursor ``(version_ms, artifact_id)``
+        of the previous page's last row; ``since_ms`` keeps only versions
+        strictly above it. Served from ``manifests_by_version``.
+        """
+        floor = -1 if since_ms is None else since_ms
+        if before is None:
+            rows = self._reader().execute(
+                f"SELECT {_MANIFEST_COLUMNS} FROM manifests WHERE version_ms > ? "
+                "ORDER BY version_ms DESC, artifact_id DESC LIMIT ?",
+                (floor, limit),
+            )
+        else:
+            version, artifact_id = before
+            rows = self._reader().execute(
+                f"SELECT {_MANIFEST_COLUMNS} FROM manifests WHERE version_ms > ? "
+                "AND (version_ms, artifact_id) < (?, ?) "
+                "ORDER BY version_ms DESC, artifact_id DESC LIMIT ?",
+                (floor, version, artifact_id, limit),
+            )
+        return [_manifest(row) for row in rows]
+
+    def manifest_totals(self, since_ms: int | None) -> tuple[int, int]:
+        """``(count, bytes)`` of the manifests with a version strictly above ``since_ms``."""
+        row = (
+            self._reader()
+            .execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM manifests WHERE version_ms > ?",
+                (-1 if since_ms is None else since_ms,),
+            )
+            .fetchone()
+        )
+        return int(row[0]), int(row[1])
+
+    def watermark(self, peer: str) -> str | None:
+        """The stored catch-up state of ``peer`` (JSON text), if any."""
+        row = (
+            self._reader()
+            .execute("SELECT state FROM peer_watermarks WHERE peer = ?", (peer,))
+            .fetchone()
+        )
+        return None if row is None else str(row[0])
 
     def tombstones_page(self, after: str | None, limit: int) -> list[tuple[str, int]]:
         """Tombstones in namespace order, strictly after the cursor ``after``."""
@@ -827,6 +892,12 @@ class MetadataStore:
             "DELETE FROM multipart_uploads WHERE upload_id = ?", (upload_id,)
         ).rowcount
         return int(part_bytes) if deleted else None
+
+    def save_watermark(self, conn: sqlite3.Connection, peer: str, state: str, now_ms: int) -> None:
+        conn.execute(
+            "INSERT OR REPLACE INTO peer_watermarks (peer, state, updated_at_ms) VALUES (?, ?, ?)",
+            (peer, state, now_ms),
+        )
 
     def delete_outbox(self, conn: sqlite3.Connection, seqs: Sequence[int]) -> int:
         return conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs]).rowcount

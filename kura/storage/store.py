@@ -16,7 +16,8 @@ point leaves either nothing or the whole artifact:
 4. only then does the caller acknowledge.
 
 A file renamed in step 2 whose transaction never committed is an orphan;
-start-up removes orphans and the whole upload staging area.
+after start-up a paced background sweep (:mod:`.sweep`) removes orphans
+older than the start and the upload staging area set aside at the start.
 
 All methods run on the reactor thread and return Deferreds or coroutines;
 blocking work goes through the injected runner.
@@ -30,6 +31,7 @@ import functools
 import os
 import shutil
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -67,13 +69,13 @@ from kura.storage.staging import (
     TmpBudget,
     translate_os_error,
 )
+from kura.storage.sweep import StartupSweep
 
 T = TypeVar("T")
 
 log = Logger(namespace="kura.storage")
 
 #: Event formats (kept as constants so operators can grep and tests can match).
-ORPHANS_REMOVED = "removed {count} orphaned blob files at start-up"
 EVICTED = "evicted {count} artifacts ({bytes} bytes) to make room"
 DAMAGED = "artifact {artifact_id} is damaged ({reason}); forgotten"
 
@@ -227,19 +229,41 @@ class ArtifactStore:
         self._last_version = 0
         self._accessed: dict[str, int] = {}
         self._data_dir_fd: int | None = None
+        self.started_wall = 0.0
 
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the metadata store, wipe staging and remove orphans."""
-        orphans = await self._runner.run(self._open_and_sweep)
-        if orphans:
-            log.info(ORPHANS_REMOVED, count=orphans)
+        """Open the metadata store and set stale staging aside; no full-disk scan.
+
+        Orphaned blobs and the staging set aside are removed afterwards, in
+        the background, by :meth:`startup_sweep` (the node opens its
+        listeners first). Unfinished multipart parts are reconciled here:
+        there are at most ``max_unfinished_uploads`` of them.
+        """
+        # Files modified before this instant were written by an earlier process.
+        self.started_wall = time.time()
+        await self._runner.run(self._open)
         self.tmp_budget.used = await self._runner.run(self.metadata.staged_part_bytes)
         self.outbox_depth = await self._runner.run(self.metadata.outbox_depth)
         self.unfinished_uploads = await self._runner.run(self.metadata.upload_count)
 
-    def _open_and_sweep(self) -> int:
+    def startup_sweep(self, **pacing: Any) -> StartupSweep:
+        """The background sweep of orphans and stale staging (see :mod:`.sweep`).
+
+        Only files older than :meth:`start` can be orphans, so a publish
+        racing the sweep never loses its file.
+        """
+        return StartupSweep(
+            layout=self.layout,
+            metadata=self.metadata,
+            runner=self._runner,
+            clock=self._clock,
+            cutoff=self.started_wall,
+            **pacing,
+        )
+
+    def _open(self) -> None:
         self.layout.prepare()
         # Blobs are opened relative to this descriptor: one path lookup fewer
         # per download, and immune to the working directory.
@@ -247,22 +271,6 @@ class ArtifactStore:
             self.layout.data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
         )
         self.metadata.open()
-        known = self.metadata.blob_paths()
-        orphans = 0
-        for shard in os.scandir(self.layout.blobs):
-            # Junk must not stop a node from starting: a fsck's lost+found
-            # is left alone, any other stray file is an orphan like the rest.
-            if shard.name == "lost+found":
-                continue
-            if not shard.is_dir(follow_symlinks=False):
-                os.unlink(shard.path)
-                orphans += 1
-                continue
-            for entry in os.scandir(shard.path):
-                relative = os.path.join("blobs", shard.name, entry.name)
-                if relative not in known and not entry.is_dir(follow_symlinks=False):
-                    os.unlink(entry.path)
-                    orphans += 1
         live = self.metadata.live_parts()
         for upload_id in os.listdir(self.layout.parts):
             upload_dir = os.path.join(self.layout.parts, upload_id)
@@ -273,7 +281,6 @@ class ArtifactStore:
                 number = name.removesuffix(".part")
                 if not number.isdigit() or int(number) not in live[upload_id]:
                     os.unlink(os.path.join(upload_dir, name))
-        return orphans
 
     async def stop(self) -> None:
         """Flush recorded access times and close the database."""
@@ -961,6 +968,37 @@ class ArtifactStore:
     ) -> list[ArtifactTombstone]:
         """Artifact tombstones in artifact-id order, strictly after ``after``."""
         return await self._runner.run(self.metadata.artifact_tombstones_page, after, limit)
+
+    async def recent_manifests_page(
+        self, before: tuple[int, str] | None, since_ms: int | None, limit: int
+    ) -> list[Manifest]:
+        """Manifests newest version first, strictly below the keyset cursor ``before``.
+
+        Only versions strictly above ``since_ms`` (when given) are listed.
+        """
+        return await self._runner.run(self.metadata.recent_manifests_page, before, since_ms, limit)
+
+    async def manifest_totals(self, since_ms: int | None) -> tuple[int, int]:
+        """``(count, bytes)`` of the manifests a recency walk above ``since_ms`` lists."""
+        return await self._runner.run(self.metadata.manifest_totals, since_ms)
+
+    # -- catch-up watermarks -------------------------------------------------------------
+
+    async def watermark(self, peer: str) -> str | None:
+        """The durable catch-up state of ``peer`` (opaque JSON text), or ``None``."""
+        try:
+            return await self._runner.run(self.metadata.watermark, peer)
+        except sqlite3.Error as error:
+            raise StorageFault(f"metadata read failed: {error}") from error
+
+    async def save_watermark(self, peer: str, state: str) -> None:
+        """Durably record ``peer``'s catch-up state (joins the next group commit).
+
+        Callers save it only after what it covers was committed, so a
+        watermark is never ahead of what was durably applied.
+        """
+        now = self.now_ms()
+        await self._commit(lambda conn: self.metadata.save_watermark(conn, peer, state, now))
 
 
 @functools.lru_cache(maxsize=8192)

@@ -409,6 +409,26 @@ class KuraMetrics:
         self.bootstrap_inflight_peers = Gauge(
             "kura_bootstrap_inflight_peers", "Peers a catch-up is running against.", registry=r
         )
+        self.bootstrap_peer_items = Gauge(
+            "kura_bootstrap_peer_items",
+            "Manifests of one peer's catch-up pass walked (state=done) and still to walk "
+            "(state=remaining: an estimate from the peer's announced totals; absent when the "
+            "peer cannot say).",
+            ["peer", "state"],
+            registry=r,
+        )
+        self.bootstrap_peer_bytes = Gauge(
+            "kura_bootstrap_peer_bytes",
+            "Bytes of the manifests of one peer's catch-up pass walked and still to walk.",
+            ["peer", "state"],
+            registry=r,
+        )
+        self.bootstrap_walked_items = Counter(
+            "kura_bootstrap_walked_items",
+            "Manifests catch-up walked (resolved here), by page order (recent, id).",
+            ["order"],
+            registry=r,
+        )
         self.bootstrap_completions_discarded = Counter(
             "kura_bootstrap_completions_discarded",
             "Catch-ups that finished after their peer left or rejoined (not counted).",

@@ -132,6 +132,7 @@ _QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
 _LAYOUT = re.compile(
     r"(kura\.sqlite3(-wal|-shm|-journal)?|\.kura\.writer\.lock|blobs|blobs/[0-9a-f]{2}"
     r"|blobs/[0-9a-f]{2}/[0-9a-f]{64}-[0-9a-f]{12}|tmp|tmp/uploads|tmp/uploads/[0-9a-f]{32}"
+    r"|tmp/uploads\.stale-[0-9a-f]{32}(/[0-9a-f]{32})?"
     r"|tmp/parts(/[0-9a-f]{32}(/\d+\.part)?)?)"
 )
 #: Where the node legitimately looks outside its data directory: the system,

@@ -103,30 +103,33 @@ def test_deleted_namespaces_are_not_resurrected(mesh: MemoryMesh) -> None:
 
 
 def test_catch_up_resumes_from_its_cursor(mesh: MemoryMesh) -> None:
-    """A run that failed mid-walk resumes at the page where it stopped."""
+    """A run that failed mid-walk resumes at the page where it stopped (newest first)."""
     a, _ = pair(mesh)
     for n in range(6):
         assert public(a, "PUT", gradle(n), b"r").status == 201
+        mesh.advance(0.01)  # distinct versions
     mesh.run_until(lambda: drained_to(a, 1), 30)
     asked: list[Any] = []
-    real_page = a.store.manifests_page
+    real_page = a.store.recent_manifests_page
     failures = [1]
 
-    async def flaky_page(after: str | None, limit: int) -> Any:
-        asked.append(after)
-        if after is not None and failures:
+    async def flaky_page(before: Any, since: int | None, limit: int) -> Any:
+        asked.append(before)
+        if before is not None and failures:
             failures.pop()
             raise OSError("disk hiccup")
-        return await real_page(after, limit)
+        return await real_page(before, since, limit)
 
-    a.store.manifests_page = flaky_page  # type: ignore[method-assign]
+    a.store.recent_manifests_page = flaky_page  # type: ignore[method-assign]
     c = mesh.add(2, [0])
     c.replication.bootstrap._page_limit = 2
     mesh.run_until(lambda: ready(c) and c.state.membership.known_peers, 60)
     first = asked[1]
     assert asked[:4] == [None, first, first, asked[3]]
-    assert asked[3] > first
+    assert asked[3] < first  # newest first: the walk goes down in versions
     assert runs(c, "error") == 1 and runs(c, "ok") == 1
+    # Nothing was walked twice: 6 manifests, 6 walked.
+    assert sample(c, "kura_bootstrap_walked_items_total", order="recent") == 6
     for n in range(6):
         assert public(c, "GET", gradle(n)).status == 200
 

@@ -105,7 +105,7 @@ def test_a_store_of_the_current_release_opens_with_its_data(tmp_path: Path) -> N
 
 
 def test_a_release_1_store_gains_schema_2_in_place(tmp_path: Path) -> None:
-    """The real 1 -> 2 step: digests (unknown for old rows), tombstones, watermarks."""
+    """The real 1 -> 2 step: digests (unknown for old rows), tombstones, watermarks, recency."""
     path = tmp_path / "kura.sqlite3"
     store_of_release_1(path)
     for _ in range(2):  # the second open finds version 2 and migrates nothing
@@ -119,7 +119,7 @@ def test_a_release_1_store_gains_schema_2_in_place(tmp_path: Path) -> None:
             "SELECT size, digest FROM manifests WHERE artifact_id = 'a1'"
         ).fetchone() == (42, None)
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
-        assert {"artifact_tombstones", "peer_watermarks"} <= tables
+        assert {"artifact_tombstones", "peer_watermarks", "manifests_by_version"} <= tables
     finally:
         conn.close()
 

@@ -162,6 +162,8 @@ def test_start_up_removes_staging_leftovers_and_orphans(nodes: Any) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as handle:
             handle.write(b"junk")
+        # Left by an earlier process: older than this start (see kura/storage/sweep.py).
+        os.utime(path, (1_000_000, 1_000_000))
     reopened = nodes.start()
     for path in planted:
         assert not os.path.exists(path), path

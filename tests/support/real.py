@@ -8,6 +8,7 @@ uses the deterministic helpers in :mod:`kura.testing`.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -119,6 +120,26 @@ class RealNode:
                 pass
             time.sleep(0.05)
         raise TimeoutError(f"node did not come up: {self.log()}")
+
+    def wait_until_swept(self, timeout: float = 30.0) -> None:
+        """Wait until the start-up sweep (orphans, stale staging) has ended.
+
+        ``/up`` answers before it runs; ``/ready`` names it among its reasons
+        (``store scan in progress``) until it ends.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/ready", timeout=5) as response:
+                    reasons = json.loads(response.read())["reasons"]
+            except urllib.error.HTTPError as error:
+                reasons = json.loads(error.read())["reasons"]
+            except (urllib.error.URLError, OSError, ValueError, KeyError):
+                reasons = ["unreachable"]
+            if "store scan in progress" not in reasons and "unreachable" not in reasons:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"the start-up sweep did not end: {self.log()}")
 
     def log(self) -> str:
         try:
