@@ -50,6 +50,7 @@ from .membership import POLL_SECONDS, DnsDiscovery, Membership
 from .outbox import OutboxWorker
 from .peer_auth import PeerAuthenticator
 from .receiver import Receiver
+from .repair import Repairs
 from .tls import PeerTLSPolicy, server_options
 
 log = Logger(namespace="kura.replication")
@@ -235,6 +236,9 @@ class ReplicationService(MultiService):
             stall_seconds=stall_seconds,
             max_inline_bytes=config.max_keyvalue_bytes,
         )
+        self.repairs = Repairs(
+            bootstrap=self.bootstrap, membership=self.membership, metrics=metrics
+        )
         # Rows a write just committed are delivered at once, not at the next round.
         store.add_commit_listener(self.outbox.poke)
         self.membership.listeners.append(self._topology_changed)
@@ -323,6 +327,7 @@ class ReplicationService(MultiService):
             if self._round_d is not None:
                 self._round_d.cancel()
             await self.outbox.stop()
+            await self.repairs.stop()
             await self.bootstrap.stop()
             await self.client.close()
         await super().stopService()

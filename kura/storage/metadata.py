@@ -141,7 +141,7 @@ MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
 
 _MANIFEST_COLUMNS = (
     "artifact_id, producer, namespace_id, key, content_type, inline, blob_path, size, "
-    "version_ms, created_at_ms"
+    "version_ms, created_at_ms, digest"
 )
 
 
@@ -215,6 +215,7 @@ def _manifest(row: Sequence[Any]) -> Manifest:
         size=row[7],
         version_ms=row[8],
         created_at_ms=row[9],
+        digest=row[10],
     )
 
 
@@ -315,6 +316,15 @@ class MetadataStore:
     def manifests_page(self, after: str | None, limit: int) -> list[Manifest]:
         rows = self._reader().execute(
             f"SELECT {_MANIFEST_COLUMNS} FROM manifests WHERE artifact_id > ? "
+            "ORDER BY artifact_id LIMIT ?",
+            (after or "", limit),
+        )
+        return [_manifest(row) for row in rows]
+
+    def blobs_page(self, after: str | None, limit: int) -> list[Manifest]:
+        """File-backed manifests in artifact-id order, strictly after ``after`` (the scrub)."""
+        rows = self._reader().execute(
+            f"SELECT {_MANIFEST_COLUMNS} FROM manifests WHERE inline = 0 AND artifact_id > ? "
             "ORDER BY artifact_id LIMIT ?",
             (after or "", limit),
         )
@@ -483,8 +493,8 @@ class MetadataStore:
                 self.used_bytes -= size
         conn.execute(
             "INSERT OR REPLACE INTO manifests (artifact_id, producer, namespace_id, key, "
-            "content_type, inline, blob_path, size, version_ms, created_at_ms, last_access_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "content_type, inline, blob_path, size, version_ms, created_at_ms, last_access_ms, "
+            "digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 manifest.artifact_id,
                 manifest.producer,
@@ -497,6 +507,7 @@ class MetadataStore:
                 manifest.version_ms,
                 manifest.created_at_ms,
                 now_ms,
+                manifest.digest,
             ),
         )
         if manifest.inline:
@@ -610,6 +621,21 @@ class MetadataStore:
         if not manifest.inline:
             self.used_bytes -= manifest.size
         return manifest
+
+    def fill_digest(
+        self, conn: sqlite3.Connection, artifact_id: str, version_ms: int, digest: str
+    ) -> bool:
+        """Record the digest of a version stored without one (written before schema 2).
+
+        Returns whether that version was still stored without a digest (a
+        newer version, or one that got its digest meanwhile, is left alone).
+        """
+        updated = conn.execute(
+            "UPDATE manifests SET digest = ? "
+            "WHERE artifact_id = ? AND version_ms = ? AND digest IS NULL",
+            (digest, artifact_id, version_ms),
+        ).rowcount
+        return bool(updated)
 
     def record_access(self, conn: sqlite3.Connection, accessed: dict[str, int]) -> None:
         conn.executemany(
