@@ -647,8 +647,7 @@ class ArtifactStore:
             except OSError as error:
                 raise translate_os_error(error) from error
             if staged.data is not None and expected_digest not in (None, digest):
-                # Written in its batch, but never published: remove it now.
-                await self._unlink([relative])
+                await self._unlink([relative])  # written in its batch, never published
                 _check_digest(digest, expected_digest)
         except BaseException:
             await self.discard(staged)

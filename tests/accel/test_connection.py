@@ -384,10 +384,8 @@ def test_a_file_whose_bytes_changed_is_never_served_here(rig: Rig) -> None:
     assert rig.held() == NOTHING_HELD
 
 
-def test_a_large_unverified_file_is_hashed_off_the_reactor_then_served_here(
-    nodes: Nodes,
-) -> None:
-    """Past the inline size the check runs on a storage thread; the request waits, paused."""
+def held_check(nodes: Nodes) -> tuple[ControlledRunner, Rig, Client, bytes]:
+    """A GET of a 100 kB file never verified, waiting for its check on a storage thread."""
     runner = ControlledRunner()
     node = nodes.start(runner=runner)
     body = os.urandom(100_000)
@@ -397,6 +395,14 @@ def test_a_large_unverified_file_is_hashed_off_the_reactor_then_served_here(
     client = rig.connect()
     client.send(get(CAS.format("big")))
     assert len(runner.held) == 1 and client.responses() == []
+    return runner, rig, client, body
+
+
+def test_a_large_unverified_file_is_hashed_off_the_reactor_then_served_here(
+    nodes: Nodes,
+) -> None:
+    """Past the inline size the check runs on a storage thread; the request waits, paused."""
+    runner, rig, client, body = held_check(nodes)
     assert not client.reading and rig.held()["leases"] == 1
     runner.release()
     (response,) = client.responses()
@@ -408,13 +414,7 @@ def test_a_connection_lost_while_its_file_is_checked_gives_everything_back(
     nodes: Nodes,
 ) -> None:
     """The client leaves during the check: permit, lease and reservation all come back."""
-    runner = ControlledRunner()
-    node = nodes.start(runner=runner)
-    upload(node, "big", os.urandom(100_000))
-    runner.hold = lambda f: getattr(f, "__qualname__", "") == "_check_copy"
-    rig = Rig(node)
-    client = rig.connect()
-    client.send(get(CAS.format("big")))
+    runner, rig, client, _ = held_check(nodes)
     client.lose()
     runner.release()
     assert rig.held() == NOTHING_HELD and rig.served == 0
@@ -422,13 +422,7 @@ def test_a_connection_lost_while_its_file_is_checked_gives_everything_back(
 
 def test_a_check_that_cannot_read_the_file_falls_back(nodes: Nodes) -> None:
     """An I/O error while hashing is no verdict: twisted.web is asked, nothing is forgotten."""
-    runner = ControlledRunner()
-    node = nodes.start(runner=runner)
-    upload(node, "big", os.urandom(100_000))
-    runner.hold = lambda f: getattr(f, "__qualname__", "") == "_check_copy"
-    rig = Rig(node)
-    client = rig.connect()
-    client.send(get(CAS.format("big")))
+    runner, rig, client, _ = held_check(nodes)
     _, args, _, waiting = runner.held.pop(0)
     os.close(args[0])
     waiting.errback(OSError(5, "Input/output error"))
