@@ -48,17 +48,19 @@ from kura.api.authorization import RequestAuthorization
 from kura.api.gate import Gate
 from kura.auth import build_authorizer
 from kura.config import KuraConfig
+from kura.domain.artifacts import Manifest
 from kura.domain.failpoints import Failpoints
 from kura.lifecycle import NodeState
 from kura.memory import MemoryMonitor
 from kura.reapi.server import GrpcListener, ReapiServer, ReloadingGrpcCredentials
 from kura.replication.service import PeerMesh, ReplicationService
+from kura.scrub import ScrubService, state_path
 from kura.storage.interfaces import IBlockingRunner
 from kura.storage.layout import Layout
 from kura.storage.lock import WriterLock, WriterLockHeld
 from kura.storage.runner import ThreadPoolRunner
 from kura.storage.staging import TmpBudget
-from kura.storage.store import ArtifactStore
+from kura.storage.store import CORRUPT, WRONG_SIZE, ArtifactStore
 from kura.storage.sweep import PAUSE, StartupSweep, Stopped
 from kura.storage.tombstones import TombstoneSweeper
 from kura.telemetry.metrics import KuraMetrics
@@ -149,7 +151,7 @@ class KuraNode(MultiService):
             max_unfinished_uploads=config.multipart_max_unfinished,
             replication_targets=self.peers.membership,
             on_evicted=self._count_eviction,
-            on_damaged=self.metrics.damaged_artifacts.inc,
+            on_damaged=self._damaged,
         )
         self.traffic = PublicTraffic(reactor, self.metrics)
         self.authorizer = build_authorizer(
@@ -187,6 +189,16 @@ class KuraNode(MultiService):
             failpoints=failpoints,
         )
         self.replication.setServiceParent(self)
+        self.scrub = ScrubService(
+            store=self.store,
+            runner=self.runner,
+            clock=reactor,
+            metrics=self.metrics,
+            bytes_per_second=config.scrub_bytes_per_second,
+            interval_seconds=config.scrub_interval_ms / 1000,
+            state_path=state_path(config.data_dir),
+        )
+        self.scrub.setServiceParent(self)
         self.authorization = RequestAuthorization(self.authorizer, config.tenant_id)
         self.api = PublicAPI(
             config=config,
@@ -293,6 +305,7 @@ class KuraNode(MultiService):
         m.tmp_dir_max_bytes.set(self.config.tmp_dir_max_bytes)
         m.cas_used_bytes.set_function(lambda: float(self.store.metadata.used_bytes))
         m.tmp_dir_bytes.set_function(lambda: float(self.store.tmp_budget.used))
+        m.verified_files.set_function(lambda: float(len(self.store.verifier)))
         m.outbox_messages.set_function(lambda: float(self.store.outbox_depth))
         # From the store's count, which survives restarts (the rows do).
         m.multipart_uploads.set_function(lambda: float(self.store.unfinished_uploads))
@@ -300,6 +313,19 @@ class KuraNode(MultiService):
     def _count_eviction(self, producer: str, size: int) -> None:
         self.metrics.evicted_artifacts.labels(producer).inc()
         self.metrics.evicted_bytes.inc(size)
+
+    def _damaged(self, manifest: Manifest, reason: str) -> None:
+        """An artifact was forgotten as damaged: count it, and ask the peers for it again.
+
+        Only a body that is there but wrong (corrupt, or of another size) is
+        fetched again: a missing file may be an eviction racing a read, which
+        must not bring the artifact back.
+        """
+        self.metrics.damaged_artifacts.inc()
+        if reason == CORRUPT:
+            self.metrics.corrupt_artifacts.inc()
+        if reason in (CORRUPT, WRONG_SIZE):
+            self.replication.repairs.request(manifest)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -325,6 +351,7 @@ class KuraNode(MultiService):
         # With an injected (inline) runner the sweep runs inline too: no pauses.
         self.sweep = self.store.startup_sweep(pause=PAUSE if self.pool is not None else 0)
         Deferred.fromCoroutine(self._sweep(self.sweep))
+        self.scrub.begin()
         self.accelerator.log_settings()
         self._log_access_mode()
         self.authorizer.start()  # JWKS key fetches (readiness does not wait)

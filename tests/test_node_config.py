@@ -127,6 +127,8 @@ def _every_variable(pem: dict[str, str]) -> dict[str, tuple[str, Callable[[KuraC
             2000,
         ),
         "KURA_MULTIPART_MAX_UNFINISHED": ("50", lambda c: c.multipart_max_unfinished, 50),
+        "KURA_SCRUB_BYTES_PER_SECOND": ("0", lambda c: c.scrub_bytes_per_second, 0),
+        "KURA_SCRUB_INTERVAL_MS": ("60000", lambda c: c.scrub_interval_ms, 60000),
         "KURA_FAILPOINTS": (
             "before_fsync:exit, after_metadata_commit_before_ack:error",
             lambda c: c.failpoints,

@@ -94,7 +94,8 @@ def decide(
     Args:
         candidate: the classified request.
         manifest: the artifact's manifest, ``None`` when it is not stored.
-        lease: its opened file (only its current size is read), ``None``
+        lease: its opened file (only its current size is read; its bytes
+            were verified against the manifest's digest before), ``None``
             when the file, or the pipe its transfer needs, could not be
             opened; only consulted for a file-backed manifest.
     """

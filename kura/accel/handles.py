@@ -10,7 +10,10 @@ Correctness never depends on the cache being told about writes. Entries
 are keyed by file name, and every version of an artifact is a new file.
 Every borrow calls ``fstat`` on the descriptor (the accelerator needs the
 size anyway), so a file unlinked or replaced behind kura's back (its inode
-has no links left) is dropped and its path opened afresh. A descriptor is
+has no links left) is dropped and its path opened afresh, and the same
+``fstat`` tells whether the file is still in the state in which its bytes
+were verified against their digest (:mod:`kura.storage.verify`): a lease
+says so, and the accelerator serves only verified files. A descriptor is
 closed only when no transfer holds it, so a worker thread never sees it
 closed under it; all bookkeeping happens on the reactor thread.
 
@@ -55,14 +58,20 @@ class _Entry:
 
 
 class Lease:
-    """A descriptor lent to one transfer; give it back with :meth:`HandleCache.release`."""
+    """A descriptor lent to one transfer; give it back with :meth:`HandleCache.release`.
 
-    __slots__ = ("entry", "fd", "size")
+    Attributes:
+        verified: the file is in the state in which its bytes matched the
+            manifest's digest (no hashing needed before serving it).
+    """
 
-    def __init__(self, fd: int, size: int, entry: _Entry | None) -> None:
+    __slots__ = ("entry", "fd", "size", "verified")
+
+    def __init__(self, fd: int, size: int, entry: _Entry | None, verified: bool) -> None:
         self.fd = fd
         self.size = size
         self.entry = entry
+        self.verified = verified
 
 
 class HandleCache:
@@ -88,7 +97,7 @@ class HandleCache:
         return len(self._entries)
 
     def borrow(self, manifest: Manifest) -> Lease:
-        """An open descriptor of ``manifest``'s file and its current size.
+        """An open descriptor of ``manifest``'s file, its current size and whether it is verified.
 
         Raises:
             OSError: the file is missing or cannot be opened.
@@ -96,6 +105,7 @@ class HandleCache:
         # Keyed by file name: a new version of an artifact is a new file.
         key = manifest.blob_path
         assert key is not None, "only file-backed artifacts have a descriptor"
+        trusted = self._store.verifier.trusted
         entry = self._entries.get(key)
         if entry is not None:
             status = os.fstat(entry.fd)
@@ -103,21 +113,23 @@ class HandleCache:
                 self._entries.move_to_end(key)
                 entry.users += 1
                 self.lent += 1
-                return Lease(entry.fd, status.st_size, entry)
+                return Lease(entry.fd, status.st_size, entry, trusted(manifest, status))
             self._detach(key)
         fd = self._store.open_body(manifest)
         try:
-            size = os.fstat(fd).st_size
+            status = os.fstat(fd)
         except OSError:
             os.close(fd)
             raise
+        size = status.st_size
+        verified = trusted(manifest, status)
         self.lent += 1
         if size > CACHED_FILE_MAX_BYTES or self.capacity == 0:
-            return Lease(fd, size, None)
+            return Lease(fd, size, None, verified)
         entry = self._entries[key] = _Entry(fd)
         entry.users = 1
         self._evict_beyond(self.capacity)
-        return Lease(fd, size, entry)
+        return Lease(fd, size, entry, verified)
 
     def release(self, lease: Lease) -> None:
         """Give a descriptor back (closing it if nothing else may use it)."""

@@ -399,12 +399,15 @@ class SamePortProtocol(Protocol):
         return exchange
 
     def _decide(self, exchange: _Exchange, manifest: Manifest | None) -> None:
-        """Open the artifact's file, judge the request, then authorize and start it.
+        """Open the artifact's file, verify it if need be, judge the request,
+        then authorize and start it.
 
         The file and the engine's reservation are taken together, both or
         neither, before :func:`.decide.decide` runs, so running out of
         descriptors falls back (twisted.web answers 503) instead of breaking
-        an authorized response.
+        an authorized response. Only a file whose bytes were checked against
+        the manifest's digest in its current state is served
+        (:mod:`kura.storage.verify`).
         """
         if self.state is not State.SERVING:  # the connection went away meanwhile
             self._end(exchange)
@@ -425,6 +428,39 @@ class SamePortProtocol(Protocol):
                     lease = None
                 else:
                     exchange.lease = lease
+                    if not lease.verified and lease.size == manifest.size:
+                        self._verify(exchange, manifest, lease)
+                        return
+        self._judge(exchange, manifest, lease)
+
+    def _verify(self, exchange: _Exchange, manifest: Manifest, lease: Lease) -> None:
+        """Check the file's bytes against its digest first (not verified in this state).
+
+        Small files are hashed at once, larger ones on a storage thread (this
+        request waits, reading paused; the connection may go meanwhile). A
+        file that fails is forgotten by the store, and twisted.web answers
+        the miss.
+        """
+        d = Deferred.fromCoroutine(self._accel.store.verify_open(manifest, lease.fd))
+        d.addCallbacks(
+            lambda intact: self._verified(exchange, manifest, lease, intact),
+            lambda failure: self._fall_back(exchange, reasons.OPEN),
+        )
+
+    def _verified(
+        self, exchange: _Exchange, manifest: Manifest, lease: Lease, intact: bool
+    ) -> None:
+        if self.state is not State.SERVING:  # the connection went away meanwhile
+            self._end(exchange)
+        elif not intact:
+            self._fall_back(exchange, reasons.RANGE_OR_DAMAGE)
+        else:
+            lease.verified = True
+            self._judge(exchange, manifest, lease)
+
+    def _judge(self, exchange: _Exchange, manifest: Manifest | None, lease: Lease | None) -> None:
+        """Serve (after authorization when the route needs it) or fall back, as decided."""
+        accel = self._accel
         decision = decide(exchange.candidate, manifest, lease)
         if isinstance(decision, Fallback):
             self._fall_back(exchange, decision.reason)

@@ -26,9 +26,12 @@ reason              the connection or request went to twisted.web because
 ``lookup_error``    looking the artifact up failed
 ``miss``            the artifact is not stored
 ``inline``          the artifact is stored inline, not in a file
-``open``            its file (or a splice pipe) could not be opened
-``range_or_damage`` its file's size differs from the manifest's, or the
-                    range is not satisfiable (twisted.web answers after
+``open``            its file (or a splice pipe) could not be opened, or read
+                    to be verified
+``range_or_damage`` its file's size differs from the manifest's, its bytes
+                    do not match the manifest's digest (the artifact is
+                    forgotten: twisted.web answers the miss), or the range
+                    is not satisfiable (twisted.web answers after
                     authorization, so a 416 never leaks a size)
 =================== =========================================================
 """

@@ -10,8 +10,9 @@ Reads (:meth:`ArtifactService.download`):
 * a missing manifest is the route's 404 (``RouteSpec.not_found_message``);
 * a storage fault is a 503, or a miss for clients that fail a whole build on
   a 5xx (``RouteSpec.misses_on_fault``);
-* a blob file that is gone or has another size than its manifest is damage:
-  the artifact is forgotten and the read is a miss
+* a blob file that is gone, has another size than its manifest or bytes that
+  do not hash to its digest is damage: the artifact is forgotten and the read
+  (GET, HEAD or a range) is a miss
   (:meth:`~kura.storage.store.ArtifactStore.open_intact`);
 * status and headers come from :func:`kura.web.download.artifact_head`, the
   function the accelerator uses too; a file-backed body is returned as a
@@ -40,7 +41,6 @@ from twisted.python.failure import Failure
 from kura.defer import shielded
 from kura.domain.artifacts import OCTET_STREAM, ArtifactAddress, Manifest, Producer
 from kura.domain.errors import (
-    BadRequest,
     KuraError,
     NotFound,
     ServiceUnavailable,
@@ -249,18 +249,17 @@ class ArtifactService:
         return manifest
 
     async def _open(self, spec: RouteSpec, manifest: Manifest) -> int:
-        """The open body file of ``manifest`` (the caller closes it)."""
+        """The open body file of ``manifest``, its bytes verified (the caller closes it)."""
         try:
-            opened = self._store.open_published(manifest)
+            fd = await self._store.open_intact(manifest)
         except OSError as error:
             self.count_read(spec.producer, "error")
             raise self._read_fault(spec, f"cannot open artifact: {error.strerror}") from error
-        if isinstance(opened, str):
-            # Damage (see ArtifactStore.open_intact): forgotten even if the client leaves.
-            await shielded(Deferred.fromCoroutine(self._store.forget_damaged(manifest, opened)))
+        if fd is None:
+            # Damage: forgotten (even if the client left meanwhile), and a miss.
             self.count_read(spec.producer, "not_found")
             raise NotFound(spec.not_found_message)
-        return opened
+        return fd
 
     async def _inline(self, request: KuraRequest, spec: RouteSpec, manifest: Manifest) -> bytes:
         try:
@@ -298,7 +297,7 @@ class ArtifactService:
             Whether this upload was stored (``False``: it was already there).
 
         Raises:
-            BadRequest: the body does not match its SHA-256 digest.
+            DigestMismatch: the body does not match its SHA-256 digest (400).
             TombstonedWrite: the namespace was cleaned while the body arrived.
             KuraError: staging or storage refused the write.
         """
@@ -309,15 +308,19 @@ class ArtifactService:
             return False
         assert admitted.address is not None and request.staging is not None
         policy = WritePolicy.LAST_WRITER_WINS if spec.overwrites else WritePolicy.WRITE_ONCE
+        # A content-addressed key names the body's SHA-256: the store refuses
+        # (DigestMismatch, 400) a body that does not match it.
+        expected = admitted.address.key.rsplit("/", 1)[-1] if spec.verify_digest else None
         try:
             staged = await request.staging.finish()
-            if spec.verify_digest and staged.sha256 != admitted.address.key.rsplit("/", 1)[-1]:
-                await self._store.discard(staged)
-                raise BadRequest("Body does not match its SHA-256 digest")
             result = await shielded(
                 Deferred.fromCoroutine(
                     self._store.publish_blob(
-                        admitted.address, staged, content_type=OCTET_STREAM, policy=policy
+                        admitted.address,
+                        staged,
+                        content_type=OCTET_STREAM,
+                        policy=policy,
+                        expected_digest=expected,
                     )
                 )
             )

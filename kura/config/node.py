@@ -166,6 +166,20 @@ MULTIPART_JANITOR_INTERVAL_MS = _var(
     600_000,
     "How often expired multipart uploads are removed.",
 )
+SCRUB_BYTES_PER_SECOND = _var(
+    _STORAGE,
+    "KURA_SCRUB_BYTES_PER_SECOND",
+    8 * MiB,
+    "The background scrub re-reads stored bodies at this rate, checks each against its "
+    "digest (fills the digests of bodies stored before metadata schema 2), forgets a "
+    "damaged one and fetches it again from a peer; 0 turns the scrub off.",
+)
+SCRUB_INTERVAL_MS = _var(
+    _STORAGE,
+    "KURA_SCRUB_INTERVAL_MS",
+    3_600_000,
+    "Pause between the end of one scrub pass over the store and the start of the next.",
+)
 FAILPOINTS: Variable[tuple[tuple[str, str], ...]] = _var(
     _STORAGE,
     "KURA_FAILPOINTS",
@@ -647,6 +661,8 @@ class KuraConfig:
     multipart_upload_ttl_ms: int = MULTIPART_UPLOAD_TTL_MS.default
     multipart_janitor_interval_ms: int = MULTIPART_JANITOR_INTERVAL_MS.default
     multipart_max_unfinished: int = MULTIPART_MAX_UNFINISHED.default
+    scrub_bytes_per_second: int = SCRUB_BYTES_PER_SECOND.default
+    scrub_interval_ms: int = SCRUB_INTERVAL_MS.default
     failpoints: tuple[tuple[str, str], ...] = FAILPOINTS.default
     header_timeout_ms: int = HEADER_TIMEOUT_MS.default
     keepalive_idle_timeout_ms: int = KEEPALIVE_IDLE_TIMEOUT_MS.default
@@ -758,6 +774,8 @@ class KuraConfig:
             multipart_upload_ttl_ms=read.integer(MULTIPART_UPLOAD_TTL_MS, minimum=1),
             multipart_janitor_interval_ms=read.integer(MULTIPART_JANITOR_INTERVAL_MS, minimum=1),
             multipart_max_unfinished=read.integer(MULTIPART_MAX_UNFINISHED, minimum=1),
+            scrub_bytes_per_second=read.integer(SCRUB_BYTES_PER_SECOND),
+            scrub_interval_ms=read.integer(SCRUB_INTERVAL_MS),
             failpoints=read.failpoints(FAILPOINTS),
             header_timeout_ms=read.integer(HEADER_TIMEOUT_MS, minimum=1),
             keepalive_idle_timeout_ms=read.integer(KEEPALIVE_IDLE_TIMEOUT_MS, minimum=1),

@@ -60,6 +60,14 @@ def is_valid_namespace(namespace: str) -> bool:
     )
 
 
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def is_digest(value: str) -> bool:
+    """Whether ``value`` is a body digest as kura writes them (lowercase hex SHA-256)."""
+    return _DIGEST.fullmatch(value) is not None
+
+
 def safe_content_type(value: str | None) -> str:
     """Return ``value`` if it is a legal, harmless media type, else octet-stream.
 
@@ -98,6 +106,10 @@ class Manifest:
         inline: the body lives in the metadata store (key-value entries);
             otherwise ``blob_path`` (relative to the data dir) holds it.
         version_ms: last-writer-wins version; replicas keep the sender's.
+        digest: the lowercase hex SHA-256 of the body, computed as it was
+            received (every artifact written since metadata schema 2);
+            ``None`` for one written by an earlier release until the scrub
+            (:mod:`kura.storage.scrub`) fills it in.
     """
 
     artifact_id: str
@@ -110,6 +122,7 @@ class Manifest:
     size: int
     version_ms: int
     created_at_ms: int
+    digest: str | None = None
 
     @property
     def etag(self) -> str:

@@ -34,6 +34,10 @@ class BadRequest(KuraError):
     status = 400
 
 
+class DigestMismatch(BadRequest):
+    """A body is not the one its declared SHA-256 digest names; nothing was stored."""
+
+
 class Unauthorized(KuraError):
     """No (valid) credentials.
 

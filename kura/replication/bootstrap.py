@@ -16,8 +16,9 @@ For each known peer that is neither caught up nor being caught up, a run
    ``order`` field), and the run falls back to the whole id walk it knows;
 3. for every manifest whose version would apply here (decided without the
    body, as the receiver does), fetches ``/_internal/bootstrap/artifacts/{id}``
-   into staging, paced by the bandwidth limiter, checks its length and
-   version, and publishes it durably without outbox rows.
+   into staging, paced by the bandwidth limiter, checks its length, version
+   and digest (the response's ``X-Kura-Content-Sha256``, else the page's),
+   and publishes it durably without outbox rows.
 
 A per-artifact gate makes each body download once even when several peers
 offer it: the second waiter re-decides after the first finished and finds
@@ -56,7 +57,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kura.domain.artifacts import ArtifactAddress, Producer
+from kura.domain.artifacts import ArtifactAddress, Producer, is_digest
 from kura.domain.errors import BadFraming
 from kura.storage.interfaces import IArtifactStore
 from kura.storage.metadata import Outcome
@@ -67,6 +68,7 @@ from .bodies import StagingSink, Stalled, StallWatchdog
 from .client import PeerClient, PeerError, PeerResponse, drain
 from .limiter import BandwidthLimiter
 from .membership import Membership
+from .peer_auth import DIGEST_HEADER
 from .receiver import (
     ITEM_ARTIFACT,
     ITEM_ARTIFACT_DELETE,
@@ -536,6 +538,18 @@ class Bootstrapper:
             return True
         return False
 
+    async def fetch_from(self, peer: str, manifest: wire.PeerManifest) -> bool:
+        """Bring ``manifest``'s version from ``peer`` now, if it would apply here.
+
+        A damaged artifact's repair (:mod:`.repair`) takes the catch-up's own
+        way: one fetch per artifact at a time, decided without the body,
+        staged, verified against its digest and published without outbox rows.
+
+        Raises:
+            Exception: the fetch failed (unreachable peer, refused body).
+        """
+        return await self._sync_one(peer, manifest)
+
     async def _fetch(
         self, peer: str, manifest: wire.PeerManifest, address: ArtifactAddress
     ) -> Outcome:
@@ -602,15 +616,17 @@ class Bootstrapper:
             raise
         staged = await staging.finish()
         try:
-            # Only a body the peer signed is published (and only one that is
-            # the body it signed).
-            assert staged.sha256 is not None
-            response.verify(staged.sha256)
+            # Only a body the peer signed is published, and only the body it
+            # declared (the store checks it against this digest).
+            digest = _declared_digest(response) or manifest.digest
+            response.verify(digest or "")
         except BaseException:
             await self._store.discard(staged)
             raise
         message = wire.UpsertMessage.from_manifest(manifest)
-        return await self._receiver.publish(address, message, staged, source=SOURCE_BOOTSTRAP)
+        return await self._receiver.publish(
+            address, message, staged, source=SOURCE_BOOTSTRAP, digest=digest
+        )
 
 
 class _Discard(Protocol):
@@ -619,6 +635,21 @@ class _Discard(Protocol):
     def connectionMade(self) -> None:
         transport: Any = self.transport
         transport.stopProducing()
+
+
+def _declared_digest(response: PeerResponse) -> str | None:
+    """The body digest a catch-up response names (``X-Kura-Content-Sha256``), if any.
+
+    Raises:
+        PeerError: it is repeated or malformed.
+    """
+    values: list[bytes] | None = response.headers.getRawHeaders(DIGEST_HEADER)
+    if not values:
+        return None
+    digest = values[0].decode("latin-1")
+    if len(values) != 1 or not is_digest(digest):
+        raise PeerError("catch-up body has an invalid X-Kura-Content-Sha256")
+    return digest
 
 
 def _stop(request: Deferred[Any], sink: StagingSink) -> None:

@@ -29,7 +29,7 @@ from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
 from kura.web.client_pool import quiet_pool
 
 from . import wire
-from .peer_auth import EMPTY_SHA256, BadSignature, PeerAuthenticator, sha256_hex
+from .peer_auth import DIGEST_HEADER, EMPTY_SHA256, BadSignature, PeerAuthenticator, sha256_hex
 
 #: Seconds a status check or a catch-up page may take in total.
 JSON_TIMEOUT = 30.0
@@ -126,8 +126,9 @@ class PeerClient:
         """Send one signed request; the Deferred is cancellable (the connection is aborted).
 
         Args:
-            body_sha256: the SHA-256 of ``body``, which the peer verifies
-                before it publishes anything.
+            body_sha256: the SHA-256 of ``body`` (``X-Kura-Content-Sha256``,
+                signed when this node signs), which the peer verifies before
+                it publishes anything.
         """
         query = wire.encode_query(params or ())
         signed, nonce = self._auth.request_headers(
@@ -136,6 +137,9 @@ class PeerClient:
         headers = Headers({wire.TENANT_HEADER: [self._tenant], **signed})
         if body is not None:
             headers.setRawHeaders(b"Content-Type", [b"application/octet-stream"])
+            # Declared signed or not: the peer checks the body against it
+            # before publishing (a previous release ignores it unsigned).
+            headers.setRawHeaders(DIGEST_HEADER, [body_sha256.encode("ascii")])
         d: Deferred[Any] = self._http.request(
             method,
             wire.url(target, path, params or ()),

@@ -1,49 +1,33 @@
-"""SHA-256 digests of stored bodies, which signed peer transfers declare up front.
+"""The SHA-256 of stored bodies, which peer transfers declare up front.
 
-A signed upload (outbox) or catch-up body names its digest in a header
-before the first byte, so the sender hashes the stored file first: on a
-storage thread, reading with ``pread`` (the transfer's own offset is never
-touched). Every peer of a write receives the same version, so digests are
-remembered per artifact version and computed once, not once per peer.
+An upload (outbox) or catch-up body names its digest in a header
+(``X-Kura-Content-Sha256``) before the first byte, and the receiving peer
+checks the body against it before publishing. Every artifact stored since
+metadata schema 2 carries its digest in its manifest, computed as its body
+arrived: that one is declared, nothing is read. Only a body stored by an
+earlier release (until the scrub fills its digest in) is hashed here, on a
+storage thread; every peer of a write receives the same version, so those
+digests are remembered per artifact version and computed once, not once per
+peer.
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
-import os
 
 from kura.domain.artifacts import Manifest
 from kura.storage.interfaces import IBlockingRunner
+from kura.storage.verify import hash_descriptor
 
-#: Bytes hashed per read.
-READ_BYTES = 1024 * 1024
-#: Artifact versions whose digests are remembered.
+#: Artifact versions without a stored digest whose digests are remembered.
 CAPACITY = 4096
 
 
-def hash_descriptor(fd: int, length: int) -> str:
-    """The SHA-256 of the first ``length`` bytes of ``fd`` (blocking).
-
-    Raises:
-        EOFError: the file is shorter than ``length``.
-    """
-    hasher = hashlib.sha256()
-    offset = 0
-    while offset < length:
-        chunk = os.pread(fd, min(READ_BYTES, length - offset), offset)
-        if not chunk:
-            raise EOFError(f"file ended after {offset} of {length} bytes")
-        hasher.update(chunk)
-        offset += len(chunk)
-    return hasher.hexdigest()
-
-
 class BodyDigests:
-    """Digests of stored artifact bodies, computed once per version.
+    """Digests of stored artifact bodies: the manifest's, or computed once per version.
 
     Args:
-        runner: where the file is read.
+        runner: where a file is read.
         capacity: versions remembered (least recently used go first).
     """
 
@@ -53,12 +37,14 @@ class BodyDigests:
         self._known: collections.OrderedDict[tuple[str, int, str], str] = collections.OrderedDict()
 
     async def of_file(self, manifest: Manifest, fd: int) -> str:
-        """The digest of ``manifest``'s body, read from ``fd`` (which stays open).
+        """The digest of ``manifest``'s body, read from ``fd`` (which stays open) if need be.
 
         Raises:
             EOFError: the file is shorter than the manifest says.
             OSError: it cannot be read.
         """
+        if manifest.digest is not None:
+            return manifest.digest
         key = (manifest.artifact_id, manifest.version_ms, manifest.blob_path or "")
         digest = self._known.get(key)
         if digest is not None:

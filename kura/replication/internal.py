@@ -57,7 +57,14 @@ from . import wire
 from .bodies import PacedFileBody, StallWatchdog
 from .digests import BodyDigests
 from .limiter import BandwidthLimiter
-from .peer_auth import EMPTY_SHA256, UNSIGNED, PeerAuthenticator, PeerCaller, sha256_hex
+from .peer_auth import (
+    DIGEST_HEADER,
+    EMPTY_SHA256,
+    UNSIGNED,
+    PeerAuthenticator,
+    PeerCaller,
+    sha256_hex,
+)
 from .receiver import MAX_REPLICATION_BODY_BYTES, SOURCE_REPLICATION, Receiver, ReplicaAdmission
 
 log = Logger(namespace="kura.replication.internal")
@@ -426,9 +433,11 @@ class InternalAPI:
             await self._limiter.wait(len(value))
             self._metrics.replication_body_bytes.labels("served").inc(len(value))
             request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(value)])
-            self._sign(request, 200, sha256_hex(value))
+            self._declare(request, manifest.digest or sha256_hex(value))
             return value
         try:
+            # Only a body that still matches its digest is sent (a damaged one
+            # is forgotten here, and the fetching node tries another peer).
             opened = await self._store.open_intact(manifest)
         except OSError as error:
             raise ServiceUnavailable(f"cannot open artifact: {error.strerror}") from error
@@ -436,14 +445,19 @@ class InternalAPI:
             raise NotFound("Artifact not found")
         fd = opened
         try:
-            # The fetching node checks the body against this before publishing.
             digest = await self._digests.of_file(manifest, fd)
         except BaseException:
             os.close(fd)
             raise
         request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % manifest.size])
-        self._sign(request, 200, digest)
+        self._declare(request, digest)
         return await self._send(request, fd, manifest.size)
+
+    def _declare(self, request: KuraRequest, digest: str) -> None:
+        """Name a catch-up body's digest (signed to a signed caller), which the
+        fetching node checks the body against before publishing it."""
+        request.responseHeaders.setRawHeaders(DIGEST_HEADER, [digest.encode("ascii")])
+        self._sign(request, 200, digest)
 
     async def _send(self, request: KuraRequest, fd: int, size: int) -> bytes:
         served = self._metrics.replication_body_bytes.labels("served")

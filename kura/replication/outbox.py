@@ -448,13 +448,15 @@ class OutboxWorker:
                 return False
             await self._limiter.wait(len(value))
             body = BytesBody(value)
-            digest = sha256_hex(value)
+            digest = manifest.digest or sha256_hex(value)
         else:
+            # Only a body that still matches its digest is sent (a damaged
+            # one is forgotten here, and fetched again from a peer).
             fd = await self._store.open_intact(manifest)
             if fd is None:
                 return False  # damaged: forgotten, nothing to replicate
             try:
-                # The peer verifies this before it publishes the body.
+                # The peer verifies the body against this before it publishes it.
                 digest = await self._digests.of_file(manifest, fd)
             except BaseException:
                 os.close(fd)

@@ -51,6 +51,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from kura.config import PeerAuthConfig
+from kura.domain.artifacts import is_digest
 from kura.domain.errors import Unauthorized
 from kura.telemetry.metrics import KuraMetrics
 
@@ -364,7 +365,7 @@ class PeerAuthenticator:
             raise BadSignature("invalid", "missing or malformed time")
         if not (16 <= len(nonce) <= 64 and nonce.isascii() and nonce.isalnum()):
             raise BadSignature("invalid", "missing or malformed nonce")
-        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        if not is_digest(digest):
             raise BadSignature("invalid", "missing or malformed body digest")
         sent_ms = int(time_text)
         now = self._now_ms()

@@ -12,6 +12,14 @@ public write, under last-writer-wins and with *no* outbox rows (peers are
 not re-sent each other's writes). Applying the same message twice stores it
 once: the second is ``ignored_equal``.
 
+Every body is hashed as it lands (on storage threads) and, when its sender
+declared a digest (``X-Kura-Content-Sha256``: signed by a signing peer,
+sent as a plain header by any peer of this release), checked against it
+before it is published: a body that does not match is refused (400,
+``kura_replication_rejected_total{reason="digest_mismatch"}``) and nothing
+is stored. A body from a previous-release peer that declares nothing is
+stored with the digest computed here.
+
 ``DELETE /_internal/replicate/namespace`` applies a tombstone (``applied`` or
 ``ignored_older``); a tombstone never moves backwards and is never undone.
 
@@ -34,8 +42,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from kura.defer import shielded
-from kura.domain.artifacts import ArtifactAddress, Target, safe_content_type
-from kura.domain.errors import BadFraming, KuraError, PayloadTooLarge
+from kura.domain.artifacts import ArtifactAddress, Target, is_digest, safe_content_type
+from kura.domain.errors import BadFraming, BadRequest, DigestMismatch, KuraError, PayloadTooLarge
 from kura.storage.interfaces import IArtifactStore, IBlockingRunner
 from kura.storage.metadata import Outcome, WritePolicy
 from kura.storage.staging import StagedBody, StagingFile
@@ -44,7 +52,7 @@ from kura.web.admission import Admission, RequestHead
 from kura.web.routing import GiB, Query, RouteSpec
 
 from .limiter import BandwidthLimiter
-from .peer_auth import UNSIGNED, PeerCaller
+from .peer_auth import DIGEST_HEADER, UNSIGNED, PeerCaller
 from .wire import ArtifactDeleteMessage, DeleteMessage, UpsertMessage
 
 log = Logger(namespace="kura.replication.receiver")
@@ -82,12 +90,6 @@ class VersionAhead(KuraError):
     close = True
 
 
-class DigestMismatch(KuraError):
-    """A replicated body is not the one its sender signed; nothing is stored."""
-
-    status = 400
-
-
 @attrs.frozen
 class ReplicaAdmission(Admission):
     """An admission that may have decided the write without its body.
@@ -95,19 +97,18 @@ class ReplicaAdmission(Admission):
     Attributes:
         decided: the outcome when the version does not apply (the body is
             skipped and the request answered 204); ``None`` to apply.
+        peer: who signed the request.
+        digest: the SHA-256 the sender declared for the body (signed, or a
+            plain header from an unsigned peer of this release), or ``None``.
     """
 
     decided: Outcome | None = None
     peer: PeerCaller = UNSIGNED
+    digest: str | None = None
 
     @property
     def skips_body(self) -> bool:
         return self.decided is not None or self.existing is not None
-
-    @property
-    def hashes_body(self) -> bool:
-        # A signed body is checked against its signed digest before publishing.
-        return self.peer.signed
 
 
 def _read_file(path: str) -> bytes:
@@ -185,12 +186,13 @@ class Receiver:
         """Decide an upsert from its head (``peer``: who signed it).
 
         Raises:
-            BadRequest: the query is invalid.
+            BadRequest: the query or the declared digest is invalid.
             VersionAhead: the version is too far in the future.
             LengthRequired: no ``Content-Length``.
             PayloadTooLarge: the declared body exceeds the limit.
         """
         message = UpsertMessage.parse(head.query)
+        digest = peer.digest if peer.signed else declared_digest(head.headers)
         self.check_version(message.version_ms)
         if head.declared_length is None:
             raise LengthRequired("Replicated bodies need a Content-Length")
@@ -210,6 +212,7 @@ class Receiver:
             pacer=None if decided is not None else self._limiter,
             decided=decided,
             peer=peer,
+            digest=digest,
         )
 
     async def apply_upsert(self, admission: Admission, staging: StagingFile | None) -> Outcome:
@@ -217,7 +220,7 @@ class Receiver:
 
         Raises:
             BadFraming: the body length differs from the declared one.
-            DigestMismatch: the body is not the one its sender signed.
+            DigestMismatch: the body is not the one its sender declared.
             KuraError: staging or publishing failed; nothing was stored.
         """
         assert isinstance(admission, ReplicaAdmission) and admission.address is not None
@@ -230,12 +233,21 @@ class Receiver:
         if staged.size != admission.context["length"]:
             await self._store.discard(staged)
             raise BadFraming("Replicated body length differs from its Content-Length")
-        if admission.peer.signed and staged.sha256 != admission.peer.digest:
-            await self._store.discard(staged)
-            self._metrics.replication_rejected.labels("digest_mismatch").inc()
-            raise DigestMismatch("Replicated body does not match its signed SHA-256 digest")
+        try:
+            outcome = await self.publish(
+                admission.address,
+                message,
+                staged,
+                source=SOURCE_REPLICATION,
+                digest=admission.digest,
+            )
+        except DigestMismatch:
+            what = "signed" if admission.peer.signed else "declared"
+            raise DigestMismatch(
+                f"Replicated body does not match its {what} SHA-256 digest"
+            ) from None
         self._metrics.replication_body_bytes.labels("received").inc(staged.size)
-        return await self.publish(admission.address, message, staged, source=SOURCE_REPLICATION)
+        return outcome
 
     async def publish(
         self,
@@ -244,12 +256,18 @@ class Receiver:
         staged: StagedBody,
         *,
         source: str,
+        digest: str | None = None,
     ) -> Outcome:
         """Publish a complete staged body as ``message``'s version (no outbox rows).
 
-        The staged body is consumed whatever happens. The publish itself is
-        shielded from cancellation (a client that leaves must not interrupt a
-        commit that may already be under way).
+        The staged body is consumed whatever happens. A body that does not
+        match ``digest`` (what its sender declared) is refused and counted;
+        nothing is stored. The publish itself is shielded from cancellation
+        (a client that leaves must not interrupt a commit that may already
+        be under way).
+
+        Raises:
+            DigestMismatch: the body is not the one ``digest`` names.
         """
         # A replica keeps the sender's version and is not replicated again.
         options: dict[str, Any] = {
@@ -257,6 +275,7 @@ class Receiver:
             "policy": WritePolicy.LAST_WRITER_WINS,
             "version_ms": message.version_ms,
             "targets": (),
+            "expected_digest": digest,
         }
         if message.inline:
             try:
@@ -270,7 +289,11 @@ class Receiver:
             work = Deferred.fromCoroutine(self._store.put_inline(address, value, **options))
         else:
             work = Deferred.fromCoroutine(self._store.publish_blob(address, staged, **options))
-        result = await shielded(work)
+        try:
+            result = await shielded(work)
+        except DigestMismatch:
+            self._metrics.replication_rejected.labels("digest_mismatch").inc()
+            raise
         self.count(source, ITEM_ARTIFACT, result.outcome)
         return result.outcome
 
@@ -317,3 +340,21 @@ class Receiver:
                 source=source,
             )
         return outcome
+
+
+def declared_digest(headers: Mapping[str, list[str]]) -> str | None:
+    """The body digest an unsigned peer declared (``X-Kura-Content-Sha256``), if any.
+
+    Peers of this release send it whether or not they sign; a previous
+    release's unsigned peers do not, and their bodies are stored with the
+    digest computed here.
+
+    Raises:
+        BadRequest: the header is repeated or is not a lowercase hex SHA-256.
+    """
+    values = headers.get(DIGEST_HEADER.decode("ascii").lower())
+    if not values:
+        return None
+    if len(values) != 1 or not is_digest(values[0]):
+        raise BadRequest("Invalid X-Kura-Content-Sha256: expected one lowercase hex SHA-256")
+    return values[0]

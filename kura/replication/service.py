@@ -52,6 +52,7 @@ from .membership import POLL_SECONDS, DnsDiscovery, Membership
 from .outbox import OutboxWorker
 from .peer_auth import PeerAuthenticator
 from .receiver import Receiver
+from .repair import Repairs
 from .tls import PeerTLSPolicy, reloading_server_options
 
 log = Logger(namespace="kura.replication")
@@ -251,6 +252,9 @@ class ReplicationService(MultiService):
             max_inline_bytes=config.max_keyvalue_bytes,
             max_clock_skew_ms=settings.auth.max_clock_skew_ms,
         )
+        self.repairs = Repairs(
+            bootstrap=self.bootstrap, membership=self.membership, metrics=metrics
+        )
         # Rows a write just committed are delivered at once, not at the next round.
         store.add_commit_listener(self.outbox.poke)
         self.membership.listeners.append(self._topology_changed)
@@ -349,6 +353,7 @@ class ReplicationService(MultiService):
             if self._round_d is not None:
                 self._round_d.cancel()
             await self.outbox.stop()
+            await self.repairs.stop()
             await self.bootstrap.stop()
             await self.client.close()
         await super().stopService()

@@ -16,7 +16,7 @@ from urllib.parse import quote, urlsplit
 
 import attrs
 
-from kura.domain.artifacts import Manifest, Producer, is_valid_namespace
+from kura.domain.artifacts import Manifest, Producer, is_digest, is_valid_namespace
 from kura.domain.errors import BadRequest
 
 STATUS_PATH = "/_internal/status"
@@ -317,7 +317,12 @@ def recent_cursor(version_ms: int, artifact_id: str) -> str:
 
 @attrs.frozen
 class PeerManifest:
-    """A manifest as a peer describes it (its local file location left out)."""
+    """A manifest as a peer describes it (its local file location left out).
+
+    Attributes:
+        digest: the body's SHA-256, when the peer knows it (absent from a
+            previous release's pages, and for bodies stored without one).
+    """
 
     artifact_id: str
     producer: str
@@ -327,6 +332,7 @@ class PeerManifest:
     inline: bool
     size: int
     version_ms: int
+    digest: str | None = None
 
     @classmethod
     def of(cls, manifest: Manifest) -> PeerManifest:
@@ -339,10 +345,12 @@ class PeerManifest:
             inline=manifest.inline,
             size=manifest.size,
             version_ms=manifest.version_ms,
+            digest=manifest.digest,
         )
 
     def to_json(self) -> dict[str, object]:
-        return attrs.asdict(self)
+        """The page item; ``digest`` only when known (a previous release ignores it)."""
+        return attrs.asdict(self, filter=lambda field, value: value is not None)
 
     @classmethod
     def from_json(cls, data: Any) -> PeerManifest:
@@ -371,7 +379,10 @@ class PeerManifest:
             values[name] = value
         if not is_artifact_id(values["artifact_id"]) or values["size"] < 0:
             raise ValueError("manifest has an invalid id or size")
-        return cls(**values)
+        digest = data.get("digest")
+        if digest is not None and not (isinstance(digest, str) and is_digest(digest)):
+            raise ValueError("manifest field digest is invalid")
+        return cls(**values, digest=digest)
 
 
 def page_json(

@@ -7,7 +7,9 @@ arrive while a batch is on the disk wait for the next one, so under load one
 storage-thread hop carries many bodies:
 
 1. every file of the batch is created (``O_EXCL``) in one shard directory
-   (the first body's) and written;
+   (the first body's) and written, and every body is hashed (SHA-256, the
+   digest stored with its artifact: here, on the storage thread, rather than
+   on the reactor that received it);
 2. ``before_fsync`` is hit, then every file and the directory are fsynced
    *side by side* (:data:`FSYNC_THREADS`): fsyncs issued together wait on
    one journal commit, while fsyncs issued one after the other each pay a
@@ -29,6 +31,7 @@ half and runs on a storage thread.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +63,7 @@ MAX_IN_FLIGHT = 2
 class _Queued:
     artifact_id: str
     data: bytes
-    done: Deferred[str]
+    done: Deferred[tuple[str, str]]
 
 
 class BlobBatcher:
@@ -93,15 +96,15 @@ class BlobBatcher:
         self._queue: list[_Queued] = []
         self._in_flight = 0
 
-    def write(self, artifact_id: str, data: bytes) -> Deferred[str]:
+    def write(self, artifact_id: str, data: bytes) -> Deferred[tuple[str, str]]:
         """Make ``data`` durable as a new blob file of ``artifact_id``.
 
-        Fires with the file's path relative to the data directory once the
-        file and its directory entry are durable; fails with the ``OSError``
-        (or failpoint fault) that stopped it, in which case the file was
-        removed.
+        Fires with the file's path relative to the data directory and the
+        hex SHA-256 of ``data`` once the file and its directory entry are
+        durable; fails with the ``OSError`` (or failpoint fault) that
+        stopped it, in which case the file was removed.
         """
-        done: Deferred[str] = Deferred()
+        done: Deferred[tuple[str, str]] = Deferred()
         self._queue.append(_Queued(artifact_id, data, done))
         self._pump()
         return done
@@ -121,13 +124,13 @@ class BlobBatcher:
         ]
         d = self._runner.run(write_batch, items, self._failpoints)
 
-        def written(errors: list[BaseException | None]) -> None:
+        def written(results: list[str | BaseException]) -> None:
             self._in_flight -= 1
-            for queued, path, error in zip(batch, relative, errors, strict=True):
-                if error is None:
-                    queued.done.callback(path)
+            for queued, path, result in zip(batch, relative, results, strict=True):
+                if isinstance(result, BaseException):
+                    queued.done.errback(result)
                 else:
-                    queued.done.errback(error)
+                    queued.done.callback((path, result))
             self._pump()
 
         def failed(failure: Failure) -> None:
@@ -141,17 +144,19 @@ class BlobBatcher:
 
 def write_batch(
     items: Sequence[tuple[str, bytes]], failpoints: Failpoints
-) -> list[BaseException | None]:
+) -> list[str | BaseException]:
     """Write each ``(path, data)`` durably (see the module docstring); blocking.
 
     Returns:
-        Per item ``None`` (durable) or the ``OSError`` that stopped it (its
-        file removed). One item's failure does not fail the others.
+        Per item the hex SHA-256 of its data (durable), or the ``OSError``
+        that stopped it (its file removed). One item's failure does not fail
+        the others.
 
     Raises:
         Exception: a failpoint fired; every file of the batch was removed.
     """
     errors: list[BaseException | None] = [None] * len(items)
+    digests: list[str] = []
     fds: dict[int, int] = {}
     directories: dict[str, list[int]] = {}
     created: list[int] = []
@@ -170,6 +175,8 @@ def write_batch(
                         view = view[os.write(fd, view) :]
                 except OSError as error:
                     errors[index] = error
+                # hashlib lets go of the GIL for all but the smallest bodies.
+                digests.append(hashlib.sha256(data).hexdigest())
             failpoints.hit(BEFORE_FSYNC)
             _fsync_all(fds, directories, errors)
         finally:
@@ -185,7 +192,9 @@ def write_batch(
     for index in created:
         if errors[index] is not None:
             _unlink_quietly(items[index][0])
-    return errors
+    return [
+        digest if error is None else error for digest, error in zip(digests, errors, strict=True)
+    ]
 
 
 def _fsync_all(

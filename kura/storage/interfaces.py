@@ -96,16 +96,18 @@ class IArtifactStore(Interface):
         """Open a file-backed artifact's body (the caller closes it); ``OSError`` if it cannot."""
 
     async def open_intact(manifest: Manifest) -> int | None:
-        """Open the body if it is the published file (the caller closes it), else ``None``.
+        """Open the body if it is the published one (the caller closes it), else ``None``.
 
-        Raises ``OSError`` when the file exists but cannot be opened.
+        Missing, of another size or not matching its digest: the artifact is
+        forgotten as damaged. Raises ``OSError`` when the file exists but
+        cannot be opened or read.
         """
 
     def record_access(artifact_id: str) -> None:
         """Note a read for the LRU order."""
 
-    async def remove_local(manifest: Manifest) -> None:
-        """Remove one artifact version from this node only (no tombstone, no outbox)."""
+    async def remove_local(manifest: Manifest) -> bool:
+        """Remove one artifact version from this node only; whether it was stored."""
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -113,7 +115,7 @@ class IArtifactStore(Interface):
         *,
         limit: int,
         expected_length: int | None = None,
-        hashed: bool = False,
+        hashed: bool = True,
         on_pressure: Callable[[bool], None] | None = None,
     ) -> StagingFile:
         """Start receiving a body into staging, counted against ``limit`` and the budget."""

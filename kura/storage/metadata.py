@@ -150,7 +150,7 @@ MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
 
 _MANIFEST_COLUMNS = (
     "artifact_id, producer, namespace_id, key, content_type, inline, blob_path, size, "
-    "version_ms, created_at_ms"
+    "version_ms, created_at_ms, digest"
 )
 
 
@@ -244,6 +244,7 @@ def _manifest(row: Sequence[Any]) -> Manifest:
         size=row[7],
         version_ms=row[8],
         created_at_ms=row[9],
+        digest=row[10],
     )
 
 
@@ -442,6 +443,15 @@ class MetadataStore:
         )
         return None if row is None else str(row[0])
 
+    def blobs_page(self, after: str | None, limit: int) -> list[Manifest]:
+        """File-backed manifests in artifact-id order, strictly after ``after`` (the scrub)."""
+        rows = self._reader().execute(
+            f"SELECT {_MANIFEST_COLUMNS} FROM manifests WHERE inline = 0 AND artifact_id > ? "
+            "ORDER BY artifact_id LIMIT ?",
+            (after or "", limit),
+        )
+        return [_manifest(row) for row in rows]
+
     def tombstones_page(self, after: str | None, limit: int) -> list[tuple[str, int]]:
         """Tombstones in namespace order, strictly after the cursor ``after``."""
         reader = self._reader()
@@ -607,8 +617,8 @@ class MetadataStore:
                 self.used_bytes -= size
         conn.execute(
             "INSERT OR REPLACE INTO manifests (artifact_id, producer, namespace_id, key, "
-            "content_type, inline, blob_path, size, version_ms, created_at_ms, last_access_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "content_type, inline, blob_path, size, version_ms, created_at_ms, last_access_ms, "
+            "digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 manifest.artifact_id,
                 manifest.producer,
@@ -621,6 +631,7 @@ class MetadataStore:
                 manifest.version_ms,
                 manifest.created_at_ms,
                 now_ms,
+                manifest.digest,
             ),
         )
         if manifest.inline:
@@ -824,6 +835,21 @@ class MetadataStore:
         if not manifest.inline:
             self.used_bytes -= manifest.size
         return manifest
+
+    def fill_digest(
+        self, conn: sqlite3.Connection, artifact_id: str, version_ms: int, digest: str
+    ) -> bool:
+        """Record the digest of a version stored without one (written before schema 2).
+
+        Returns whether that version was still stored without a digest (a
+        newer version, or one that got its digest meanwhile, is left alone).
+        """
+        updated = conn.execute(
+            "UPDATE manifests SET digest = ? "
+            "WHERE artifact_id = ? AND version_ms = ? AND digest IS NULL",
+            (digest, artifact_id, version_ms),
+        ).rowcount
+        return bool(updated)
 
     def record_access(self, conn: sqlite3.Connection, accessed: dict[str, int]) -> None:
         conn.executemany(

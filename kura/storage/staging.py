@@ -21,6 +21,12 @@ per chunk, and :meth:`StagingFile.finish` returns its bytes
 exactly like a staged body (the budget caps the bytes of bodies in flight,
 wherever they wait), and it is smaller than :data:`FLUSH_AT`, which a staged
 body may hold in memory before its first write anyway.
+
+A staged body is hashed (SHA-256) as it is written, on the storage thread
+that writes each chunk: its digest is stored with the artifact and checked
+against what a peer or a content-addressed key declared, without reading the
+file again. A body held in memory is hashed where it is written, in its
+batch (:func:`kura.storage.batch.write_batch`), also on a storage thread.
 """
 
 from __future__ import annotations
@@ -112,6 +118,9 @@ class StagedBody:
     """A complete body: durable (fsynced and closed) at ``path``, or ``data`` in memory.
 
     Attributes:
+        sha256: the hex SHA-256 of a staged file, computed as it was written;
+            ``None`` for a body held in memory (hashed where it is written)
+            or one staged without hashing (a multipart part).
         data: the bytes of a body received in memory (then ``path`` was
             never created and nothing is durable yet), else ``None``.
     """
@@ -174,7 +183,9 @@ class StagingFile:
             its first byte), but is not reserved: bytes are reserved in
             :data:`RESERVATION_STEP` steps as they arrive, the last step
             capped at this length.
-        hashed: compute the SHA-256 of the body while writing.
+        hashed: compute the SHA-256 of the body while writing it (every
+            body that becomes an artifact; a multipart part need not be, its
+            assembled body is hashed when the upload completes).
         in_memory: keep the body in memory (a small declared length; see
             the module docstring). A body that outgrows ``expected_length``
             goes to the file after all.
@@ -195,7 +206,7 @@ class StagingFile:
         failpoints: Failpoints,
         limit: int,
         expected_length: int | None = None,
-        hashed: bool = False,
+        hashed: bool = True,
         in_memory: bool = False,
         on_pressure: Callable[[bool], None] | None = None,
     ) -> None:
@@ -209,7 +220,6 @@ class StagingFile:
         self._limit = limit
         self._expected = expected_length
         self._writer = _Writer(path, hashed)
-        self._hashed = hashed
         self._in_memory = in_memory and expected_length is not None
         self._on_pressure = on_pressure
         self._buffer: list[bytes] = []
@@ -321,9 +331,9 @@ class StagingFile:
 
     def _finish_in_memory(self) -> StagedBody:
         data = self._take()
-        digest = hashlib.sha256(data).hexdigest() if self._hashed else None
         self._closed = True
-        return StagedBody(self.path, len(data), digest, self.reserved, data)
+        # Hashed where it is written, on a storage thread (not here, on the reactor).
+        return StagedBody(self.path, len(data), None, self.reserved, data)
 
     def abort(self) -> Deferred[None]:
         """Throw the body away: remove the file and release the reservation."""

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import functools
+import hashlib
 import os
 import shutil
 import sqlite3
@@ -42,8 +44,15 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from kura.defer import shielded
 from kura.domain.artifacts import ArtifactAddress, Manifest
-from kura.domain.errors import InsufficientStorage, KuraError, StorageFault, TooManyRequests
+from kura.domain.errors import (
+    DigestMismatch,
+    InsufficientStorage,
+    KuraError,
+    StorageFault,
+    TooManyRequests,
+)
 from kura.domain.failpoints import (
     AFTER_BYTES_DURABLE_BEFORE_METADATA,
     AFTER_METADATA_COMMIT_BEFORE_ACK,
@@ -70,6 +79,7 @@ from kura.storage.staging import (
     translate_os_error,
 )
 from kura.storage.sweep import StartupSweep
+from kura.storage.verify import INLINE_HASH_BYTES, BodyVerifier, sha256_of
 
 T = TypeVar("T")
 
@@ -78,6 +88,11 @@ log = Logger(namespace="kura.storage")
 #: Event formats (kept as constants so operators can grep and tests can match).
 EVICTED = "evicted {count} artifacts ({bytes} bytes) to make room"
 DAMAGED = "artifact {artifact_id} is damaged ({reason}); forgotten"
+
+#: Why a stored artifact is damaged (``on_damaged``'s second argument).
+MISSING = "body file missing"
+WRONG_SIZE = "body file size differs from its manifest"
+CORRUPT = "body does not match its digest"
 
 #: Approximate per-entry overhead of a cached manifest (object + dict slot).
 _CACHE_ENTRY_OVERHEAD = 400
@@ -116,7 +131,13 @@ class ManifestCache:
 
     @staticmethod
     def _cost(manifest: Manifest) -> int:
-        return _CACHE_ENTRY_OVERHEAD + len(manifest.key) + len(manifest.namespace_id)
+        digest = manifest.digest
+        return (
+            _CACHE_ENTRY_OVERHEAD
+            + len(manifest.key)
+            + len(manifest.namespace_id)
+            + (len(digest) if digest is not None else 0)
+        )
 
     def get(self, artifact_id: str) -> Manifest | None:
         manifest = self._entries.get(artifact_id)
@@ -178,7 +199,10 @@ class ArtifactStore:
             time (one outbox row each); none by default.
         on_evicted: called with ``(producer, size)`` for every artifact
             evicted to make room (metrics).
-        on_damaged: called for every artifact forgotten as damaged (a metric).
+        on_damaged: called with ``(manifest, reason)`` for every artifact
+            forgotten as damaged (:data:`MISSING`, :data:`WRONG_SIZE`,
+            :data:`CORRUPT`), once it is forgotten: a metric, and a repair
+            from a peer.
         memory_body_bytes: bodies with a declared length up to this are
             received in memory and written in batches
             (``KURA_MEMORY_BODY_MAX_BYTES``; 0 stages every body).
@@ -201,7 +225,7 @@ class ArtifactStore:
         failpoints: Failpoints | None = None,
         replication_targets: IReplicationTargets = NO_TARGETS,
         on_evicted: Callable[[str, int], None] = lambda producer, size: None,
-        on_damaged: Callable[[], None] = lambda: None,
+        on_damaged: Callable[[Manifest, str], None] = lambda manifest, reason: None,
         memory_body_bytes: int = MEMORY_BODY_MAX_BYTES,
     ) -> None:
         self.layout = layout
@@ -222,6 +246,8 @@ class ArtifactStore:
         self._clock = clock
         self._failpoints = failpoints or Failpoints()
         self._blobs = BlobBatcher(layout, runner, self._failpoints)
+        #: Which blob files were checked against their digests (serving paths).
+        self.verifier = BodyVerifier(runner)
         self._cache = ManifestCache(manifest_cache_bytes)
         self._queue: list[_Pending] = []
         self._committing = False
@@ -442,7 +468,8 @@ class ArtifactStore:
 
         Existence answers (write-once uploads, module HEAD/start) use this, so
         an artifact whose file vanished behind our back is forgotten and can
-        be uploaded again instead of being reported as present forever.
+        be uploaded again instead of being reported as present forever. (Its
+        bytes are checked when they are read: :meth:`verify_open`.)
         """
         manifest = await self.manifest(artifact_id)
         if manifest is None or manifest.inline or manifest.blob_path is None:
@@ -450,29 +477,40 @@ class ArtifactStore:
         path = self.layout.absolute(manifest.blob_path)
         if await self._runner.run(os.path.exists, path):
             return manifest
-        await self.forget_damaged(manifest, "body file missing")
+        await self.forget_damaged(manifest, MISSING)
         return None
 
     async def open_intact(self, manifest: Manifest) -> int | None:
-        """Open ``manifest``'s body file if it is the file that was published.
+        """Open ``manifest``'s body file if it is the body that was published.
 
-        Blobs are write-once, so a missing file, or one of any other size
-        (truncated, or grown behind our back), is damage: the artifact is
-        forgotten (:meth:`forget_damaged`) and ``None`` returned, which every
-        reader answers as a miss. The caller closes the descriptor.
+        Blobs are write-once, so a missing file, one of any other size
+        (truncated, or grown behind our back) or one whose bytes do not hash
+        to the manifest's digest (:meth:`verify_open`) is damage: the
+        artifact is forgotten (:meth:`forget_damaged`) and ``None``
+        returned, which every reader answers as a miss. The caller closes
+        the descriptor.
 
         Raises:
-            OSError: the file exists but cannot be opened (descriptor
-                exhaustion, permissions): not damage, nothing is forgotten.
+            OSError: the file exists but cannot be opened or read
+                (descriptor exhaustion, permissions, I/O errors): not
+                damage, nothing is forgotten.
         """
         opened = self.open_published(manifest)
         if isinstance(opened, str):
-            await self.forget_damaged(manifest, opened)
+            await shielded(Deferred.fromCoroutine(self.forget_damaged(manifest, opened)))
+            return None
+        try:
+            intact = await self.verify_open(manifest, opened)
+        except BaseException:
+            os.close(opened)
+            raise
+        if not intact:
+            os.close(opened)
             return None
         return opened
 
     def open_published(self, manifest: Manifest) -> int | str:
-        """The first step of :meth:`open_intact`, which never waits.
+        """The first step of :meth:`open_intact`, which never waits: open and check the size.
 
         Returns:
             The open descriptor (the caller closes it), or, when the file is
@@ -484,24 +522,56 @@ class ArtifactStore:
         try:
             fd = self.open_body(manifest)
         except FileNotFoundError:
-            return "body file missing"
+            return MISSING
         if os.fstat(fd).st_size != manifest.size:
             os.close(fd)
-            return "body file size differs from its manifest"
+            return WRONG_SIZE
         return fd
 
-    async def forget_damaged(self, manifest: Manifest, reason: str) -> None:
-        """Drop an artifact whose body is missing or not the published one."""
-        log.warn(DAMAGED, artifact_id=manifest.artifact_id, reason=reason)
-        self._on_damaged()
-        await self.remove_local(manifest)
+    async def verify_open(self, manifest: Manifest, fd: int) -> bool:
+        """Whether the open body file ``fd`` of ``manifest`` still holds its published bytes.
 
-    async def remove_local(self, manifest: Manifest) -> None:
+        The second step of :meth:`open_intact`: free when the file was
+        verified in its current state (see :mod:`kura.storage.verify`),
+        otherwise its bytes are hashed (on a storage thread unless small).
+        A file that does not match its digest is forgotten as damaged, even
+        if the caller is cancelled meanwhile. ``fd`` stays the caller's.
+
+        Raises:
+            OSError: the file cannot be read.
+        """
+        if self.verifier.trusted(manifest, os.fstat(fd)):
+            return True
+        # The verdict stands even if the caller is cancelled meanwhile.
+        return await shielded(Deferred.fromCoroutine(self._verify(manifest, fd)))
+
+    async def _verify(self, manifest: Manifest, fd: int) -> bool:
+        check = await self.verifier.check(manifest, fd)
+        if not check.intact:
+            await self.forget_damaged(manifest, CORRUPT)
+        return check.intact
+
+    async def forget_damaged(self, manifest: Manifest, reason: str) -> None:
+        """Drop an artifact whose body is missing or not the published one.
+
+        ``on_damaged`` hears of it once it is forgotten (once, however many
+        readers found the damage).
+        """
+        if manifest.blob_path is not None:
+            self.verifier.forget(manifest.blob_path)
+        if await self.remove_local(manifest):
+            log.warn(DAMAGED, artifact_id=manifest.artifact_id, reason=reason)
+            self._on_damaged(manifest, reason)
+
+    async def remove_local(self, manifest: Manifest) -> bool:
         """Remove one artifact version from this node only (no tombstone, no outbox).
 
         A newer version written meanwhile is left alone. Peers keep their
         copy: this is for damage, not for a client's delete (that is
         :meth:`delete_artifact`, which tombstones and replicates).
+
+        Returns:
+            Whether that version was stored (and is now removed).
         """
         self._cache.discard(manifest.artifact_id)
         dropped = await self._commit(
@@ -511,6 +581,33 @@ class ArtifactStore:
         )
         if dropped is not None and dropped.blob_path:
             await self._unlink([dropped.blob_path])
+        return dropped is not None
+
+    async def fill_digest(self, manifest: Manifest, digest: str) -> Manifest | None:
+        """Record the digest of a version stored without one (the scrub's upgrade path).
+
+        Returns the manifest with its digest, or ``None`` when that version
+        is gone or got a digest meanwhile.
+        """
+        filled = await self._commit(
+            lambda conn: self.metadata.fill_digest(
+                conn, manifest.artifact_id, manifest.version_ms, digest
+            )
+        )
+        if not filled:
+            return None
+        updated = attrs.evolve(manifest, digest=digest)
+        cached = self._cache.get(manifest.artifact_id)
+        if cached is not None and cached.version_ms == manifest.version_ms:
+            self._cache.put(updated)
+        return updated
+
+    async def blobs_page(self, after: str | None, limit: int) -> list[Manifest]:
+        """File-backed manifests in artifact-id order, strictly after ``after`` (the scrub)."""
+        try:
+            return await self._runner.run(self.metadata.blobs_page, after, limit)
+        except sqlite3.Error as error:
+            raise StorageFault(f"metadata read failed: {error}") from error
 
     # -- writes -----------------------------------------------------------------
 
@@ -519,7 +616,7 @@ class ArtifactStore:
         *,
         limit: int,
         expected_length: int | None = None,
-        hashed: bool = False,
+        hashed: bool = True,
         on_pressure: Callable[[bool], None] | None = None,
     ) -> StagingFile:
         """Start receiving a body into staging (see :class:`StagingFile`).
@@ -553,14 +650,21 @@ class ArtifactStore:
         policy: WritePolicy,
         version_ms: int | None = None,
         targets: Sequence[str] | None = None,
+        expected_digest: str | None = None,
     ) -> PublishResult:
         """Publish a durable staged body as the artifact at ``address``.
 
         The staged file is consumed whatever happens, and its budget
         reservation released. ``targets`` overrides the replication targets
-        (replicated applies pass ``()`` so they queue no outbox rows).
+        (replicated applies pass ``()`` so they queue no outbox rows). The
+        body's SHA-256 (computed as it was staged, or as its batch was
+        written) is stored with the manifest; when ``expected_digest`` is
+        given (a peer's declared digest, a content-addressed key) a body that
+        does not match it is refused before anything is published.
 
         Raises:
+            DigestMismatch: the body does not match ``expected_digest``;
+                nothing was stored.
             InsufficientStorage: the artifact alone exceeds the capacity, or
                 the disk is full.
             StorageFault: an I/O or metadata failure; nothing was published.
@@ -573,12 +677,18 @@ class ArtifactStore:
                 )
             try:
                 if staged.data is not None:
-                    relative = await self._blobs.write(artifact_id, staged.data)
+                    relative, digest = await self._blobs.write(artifact_id, staged.data)
                 else:
+                    assert staged.sha256 is not None, "a published body is hashed as it is staged"
+                    digest = staged.sha256
+                    _check_digest(digest, expected_digest)
                     relative = self.layout.new_blob_path(artifact_id)
                     await self._runner.run(self._place, staged.path, relative)
             except OSError as error:
                 raise translate_os_error(error) from error
+            if staged.data is not None and expected_digest not in (None, digest):
+                await self._unlink([relative])  # written in its batch, never published
+                _check_digest(digest, expected_digest)
         except BaseException:
             await self.discard(staged)
             raise
@@ -595,6 +705,7 @@ class ArtifactStore:
             size=staged.size,
             version_ms=version_ms if version_ms is not None else self.next_version(),
             created_at_ms=now,
+            digest=digest,
         )
         return await self._apply(manifest, None, policy, targets, fresh=version_ms is None)
 
@@ -627,11 +738,21 @@ class ArtifactStore:
         policy: WritePolicy,
         version_ms: int | None = None,
         targets: Sequence[str] | None = None,
+        expected_digest: str | None = None,
     ) -> PublishResult:
         """Store a small body inline in the metadata store (key-value entries).
 
-        ``targets`` as for :meth:`publish_blob`.
+        ``targets`` and ``expected_digest`` as for :meth:`publish_blob`; the
+        value's SHA-256 is stored with it.
+
+        Raises:
+            DigestMismatch: ``value`` does not match ``expected_digest``.
         """
+        if len(value) <= INLINE_HASH_BYTES:
+            digest = sha256_of(value)
+        else:
+            digest = await self._runner.run(sha256_of, value)
+        _check_digest(digest, expected_digest)
         manifest = Manifest(
             artifact_id=self.artifact_id(address),
             producer=address.producer.value,
@@ -643,6 +764,7 @@ class ArtifactStore:
             size=len(value),
             version_ms=version_ms if version_ms is not None else self.next_version(),
             created_at_ms=self.now_ms(),
+            digest=digest,
         )
         return await self._apply(manifest, value, policy, targets, fresh=version_ms is None)
 
@@ -867,14 +989,14 @@ class ArtifactStore:
         size = sum(upload.parts[n] for n in parts)
         self.tmp_budget.reserve(size)
         try:
-            await self._runner.run(_assemble, sources, staging)
+            digest = await self._runner.run(_assemble, sources, staging)
         except OSError as error:
             self.tmp_budget.release(size)
             await self._runner.run(_unlink_quietly, staging)
             raise translate_os_error(error) from error
         result = await self.publish_blob(
             address,
-            StagedBody(staging, size, None, reserved=size),
+            StagedBody(staging, size, digest, reserved=size),
             content_type=content_type,
             policy=WritePolicy.WRITE_ONCE,
         )
@@ -1063,21 +1185,39 @@ def _write_part(data: bytes, target: str, failpoints: Failpoints) -> None:
     fsync_directory(directory)
 
 
-def _assemble(sources: Sequence[str], target: str) -> None:
-    """Concatenate ``sources`` into ``target`` in the kernel, then fsync it."""
+def _assemble(sources: Sequence[str], target: str) -> str:
+    """Concatenate ``sources`` into ``target``, fsync it, and return its SHA-256.
+
+    The bytes pass through this thread once, to be hashed on their way (the
+    digest of the assembled body is stored with it).
+    """
+    hasher = hashlib.sha256()
+    buffer = bytearray(_ASSEMBLY_CHUNK)
     out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         for source in sources:
-            src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                remaining = os.fstat(src).st_size
+            with open(source, "rb", buffering=0) as part:
+                remaining = os.fstat(part.fileno()).st_size
                 while remaining:
-                    copied = os.copy_file_range(src, out, remaining)
-                    if copied == 0:
-                        raise OSError(5, f"part {source} ended early")
-                    remaining -= copied
-            finally:
-                os.close(src)
+                    count = part.readinto(buffer)
+                    if not count:
+                        raise OSError(errno.EIO, f"part {source} ended early")
+                    view = memoryview(buffer)[: min(count, remaining)]
+                    remaining -= len(view)
+                    hasher.update(view)
+                    while view:
+                        view = view[os.write(out, view) :]
         os.fsync(out)
     finally:
         os.close(out)
+    return hasher.hexdigest()
+
+
+#: Bytes copied per read when a multipart upload is assembled.
+_ASSEMBLY_CHUNK = 1024 * 1024
+
+
+def _check_digest(digest: str, expected: str | None) -> None:
+    """Raise :class:`DigestMismatch` unless ``digest`` is ``expected`` (or nothing is)."""
+    if expected is not None and digest != expected:
+        raise DigestMismatch("Body does not match its SHA-256 digest")

@@ -183,7 +183,8 @@ class KuraMetrics:
         )
         self.damaged_artifacts = Counter(
             "kura_damaged_artifacts",
-            "Artifacts forgotten because their body was missing or short.",
+            "Artifacts forgotten because their body was missing, of another size than its "
+            "manifest, or did not match its digest.",
             registry=r,
         )
         self.artifact_tombstones = Gauge(
@@ -195,6 +196,51 @@ class KuraMetrics:
             "kura_artifact_tombstones_purged",
             "Tombstones of deleted artifacts forgotten after KURA_TOMBSTONE_RETENTION_MS.",
             registry=r,
+        )
+        self.corrupt_artifacts = Counter(
+            "kura_corrupt_artifacts",
+            "Artifacts forgotten because their body did not match its digest (found when "
+            "it was read to be served or sent, or by the scrub); also in "
+            "kura_damaged_artifacts_total.",
+            registry=r,
+        )
+        self.verified_files = Gauge(
+            "kura_verified_files",
+            "Blob files whose bytes were checked against their digest in their current "
+            "state (serving them hashes nothing until the file changes).",
+            registry=r,
+        )
+        self.artifact_repairs = Counter(
+            "kura_artifact_repairs",
+            "Damaged artifacts (corrupt or of the wrong size) asked of peers again, by "
+            "result (fetched; unavailable: no peer had the version; dropped: too many "
+            "waiting).",
+            ["result"],
+            registry=r,
+        )
+        self.scrub_checked_artifacts = Counter(
+            "kura_scrub_checked_artifacts",
+            "Stored artifact bodies the scrub read and checked.",
+            registry=r,
+        )
+        self.scrub_checked_bytes = Counter(
+            "kura_scrub_checked_bytes", "Body bytes the scrub read and hashed.", registry=r
+        )
+        self.scrub_damaged_artifacts = Counter(
+            "kura_scrub_damaged_artifacts",
+            "Damaged artifacts the scrub found (and forgot), by reason (corrupt: bytes not "
+            "matching the digest; missing; wrong_size).",
+            ["reason"],
+            registry=r,
+        )
+        self.scrub_filled_digests = Counter(
+            "kura_scrub_filled_digests",
+            "Digests the scrub computed for artifacts stored without one (written before "
+            "metadata schema 2).",
+            registry=r,
+        )
+        self.scrub_passes = Counter(
+            "kura_scrub_passes", "Complete scrub passes over the store.", registry=r
         )
         self.tmp_dir_bytes = Gauge(
             "kura_tmp_dir_bytes", "Bytes reserved in the staging directory.", registry=r
@@ -335,7 +381,7 @@ class KuraMetrics:
             "kura_replication_rejected",
             "Replicated items refused before applying, by reason (clock_skew: a version "
             "further ahead than KURA_MAX_CLOCK_SKEW_MS; digest_mismatch: a body that does "
-            "not match its signed digest).",
+            "not match the digest its sender declared, signed or not).",
             ["reason"],
             registry=r,
         )

@@ -108,8 +108,14 @@ class Admission:
 
     @property
     def hashes_body(self) -> bool:
-        """Stage the body with its SHA-256 computed (checked before publishing)."""
-        return self.spec.verify_digest
+        """Stage the body with its SHA-256 computed as it arrives.
+
+        Every body that becomes an artifact is (its digest is stored with it,
+        and checked against a ``verify_digest`` key or a peer's declared
+        digest before publishing); a multipart part is not, the assembled
+        body is hashed when its upload completes.
+        """
+        return not self.spec.needs_upload
 
 
 class RouteMatch:

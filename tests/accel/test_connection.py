@@ -25,7 +25,7 @@ from kura.accel.testing import FakeTransferEngine
 from kura.domain.artifacts import Manifest
 from kura.domain.errors import StorageFault, Unauthorized
 from kura.service import KuraNode
-from kura.testing import request
+from kura.testing import ControlledRunner, request
 from kura.web.request import SERVER_NAME
 from tests.accel.harness import (
     CAS,
@@ -39,6 +39,8 @@ from tests.accel.harness import (
     get,
     upload,
 )
+from tests.conftest import Nodes
+from tests.support.corruption import flip_byte
 
 BODY = os.urandom(4096)
 
@@ -387,6 +389,66 @@ def test_a_damaged_file_falls_back_to_twisted_web_which_forgets_it(rig: Rig) -> 
     (response,) = client.responses()
     assert response.status == 404
     assert rig.fallbacks(reasons.RANGE_OR_DAMAGE) == 1 and rig.held() == NOTHING_HELD
+
+
+def test_a_file_whose_bytes_changed_is_never_served_here(rig: Rig) -> None:
+    """A byte flipped in place: not sent; the store forgets it and twisted.web answers 404."""
+    flip_byte(blob_path(rig.node, "a"), offset=2000)
+    client = rig.connect()
+    client.send(get(CAS.format("a")) + get(CAS.format("a"), "Range: bytes=0-9"))
+    assert [r.status for r in client.responses()] == [404, 404]
+    assert rig.fallbacks(reasons.RANGE_OR_DAMAGE) == 1 and rig.served == 0
+    assert rig.metric("kura_corrupt_artifacts_total") == 1
+    assert rig.held() == NOTHING_HELD
+
+
+def held_check(nodes: Nodes) -> tuple[ControlledRunner, Rig, Client, bytes]:
+    """A GET of a 100 kB file never verified, waiting for its check on a storage thread."""
+    runner = ControlledRunner()
+    node = nodes.start(runner=runner)
+    body = os.urandom(100_000)
+    upload(node, "big", body)
+    runner.hold = lambda f: getattr(f, "__qualname__", "") == "_check_copy"
+    rig = Rig(node)
+    client = rig.connect()
+    client.send(get(CAS.format("big")))
+    assert len(runner.held) == 1 and client.responses() == []
+    return runner, rig, client, body
+
+
+def test_a_large_unverified_file_is_hashed_off_the_reactor_then_served_here(
+    nodes: Nodes,
+) -> None:
+    """Past the inline size the check runs on a storage thread; the request waits, paused."""
+    runner, rig, client, body = held_check(nodes)
+    assert not client.reading and rig.held()["leases"] == 1
+    runner.release()
+    (response,) = client.responses()
+    assert response.status == 200 and response.body == body
+    assert rig.served == 1 and client.reading and rig.held() == NOTHING_HELD
+
+
+def test_a_connection_lost_while_its_file_is_checked_gives_everything_back(
+    nodes: Nodes,
+) -> None:
+    """The client leaves during the check: permit, lease and reservation all come back."""
+    runner, rig, client, _ = held_check(nodes)
+    client.lose()
+    runner.release()
+    assert rig.held() == NOTHING_HELD and rig.served == 0
+
+
+def test_a_check_that_cannot_read_the_file_falls_back(nodes: Nodes) -> None:
+    """An I/O error while hashing is no verdict: twisted.web is asked, nothing is forgotten."""
+    runner, rig, client, _ = held_check(nodes)
+    _, args, _, waiting = runner.held.pop(0)
+    os.close(args[0])
+    waiting.errback(OSError(5, "Input/output error"))
+    assert rig.fallbacks(reasons.OPEN) == 1
+    assert rig.metric("kura_damaged_artifacts_total") == 0
+    runner.release()  # twisted.web's own check, which reads fine
+    (response,) = client.responses()
+    assert response.status == 200
 
 
 # -- deadlines -------------------------------------------------------------------------

@@ -11,24 +11,30 @@ import pytest
 
 from kura.accel import handles as handles_module
 from kura.accel.handles import CACHED_FILE_MAX_BYTES, HandleCache
+from kura.storage.runner import ImmediateRunner
+from kura.storage.verify import BodyVerifier, sha256_of, stamp_of
 from tests.support.descriptors import is_open
 
 
 class FilesStore:
-    """Stands in for ArtifactStore.open_body: opens ``manifest.path``, counting opens."""
+    """Stands in for ArtifactStore.open_body (opens ``manifest.path``, counting opens)
+    and its verifier."""
 
     def __init__(self) -> None:
         self.opens = 0
+        self.verifier = BodyVerifier(ImmediateRunner())
 
     def open_body(self, manifest: Any) -> int:
         self.opens += 1
         return os.open(manifest.path, os.O_RDONLY | os.O_CLOEXEC)
 
 
-def artifact(directory: pathlib.Path, name: str, content: bytes) -> Any:
+def artifact(directory: pathlib.Path, name: str, content: bytes, digest: str | None = None) -> Any:
     path = directory / name
     path.write_bytes(content)
-    return SimpleNamespace(artifact_id=name, blob_path=name, path=str(path))
+    return SimpleNamespace(
+        artifact_id=name, blob_path=name, path=str(path), size=len(content), digest=digest
+    )
 
 
 def read(fd: int, size: int = 1 << 21) -> bytes:
@@ -60,7 +66,9 @@ def test_a_new_version_is_a_new_file_and_never_served_from_the_old_descriptor(
     cache = HandleCache(store, capacity=8)  # type: ignore[arg-type]
     v1 = artifact(tmp_path, "a-1", b"same")
     cache.release(cache.borrow(v1))
-    v2 = SimpleNamespace(artifact_id="a", blob_path="a-2", path=str(tmp_path / "a-2"))
+    v2 = SimpleNamespace(
+        artifact_id="a", blob_path="a-2", path=str(tmp_path / "a-2"), size=2, digest=None
+    )
     (tmp_path / "a-2").write_bytes(b"SAME")  # same size, other bytes, old file still linked
     lease = cache.borrow(v2)
     assert read(lease.fd) == b"SAME"
@@ -162,3 +170,29 @@ def test_default_capacity_is_a_sixteenth_of_the_descriptor_limit(
     assert handles_module.default_capacity() == 16
     monkeypatch.setattr(handles_module.resource, "getrlimit", lambda kind: (1 << 20, 1 << 20))
     assert handles_module.default_capacity() == handles_module.MAX_ENTRIES
+
+
+def test_a_lease_says_whether_the_file_is_verified_in_its_current_state(
+    tmp_path: pathlib.Path, store: FilesStore
+) -> None:
+    """Verified means: remembered in exactly this state; any change (a write) undoes it,
+    and a manifest without a digest has nothing to check."""
+    cache = HandleCache(store, capacity=8)  # type: ignore[arg-type]
+    a = artifact(tmp_path, "a", b"alpha", digest=sha256_of(b"alpha"))
+    lease = cache.borrow(a)
+    assert not lease.verified
+    store.verifier.remember("a", stamp_of(os.fstat(lease.fd)))
+    cache.release(lease)
+    lease = cache.borrow(a)  # the cached descriptor, fstat again
+    assert lease.verified
+    cache.release(lease)
+    with open(a.path, "r+b") as handle:
+        handle.write(b"A")
+    os.utime(a.path, ns=(0, 0))  # a new mtime and ctime, whatever the clock's granularity
+    lease = cache.borrow(a)
+    assert not lease.verified
+    cache.release(lease)
+    b = artifact(tmp_path, "b", b"beta")
+    lease = cache.borrow(b)
+    assert lease.verified
+    cache.release(lease)

@@ -128,18 +128,19 @@ def test_small_bodies_are_read_without_a_storage_thread(nodes: Any) -> None:
 
 
 def test_a_small_body_cut_short_on_disk_closes_the_connection(nodes: Any) -> None:
-    """A small file that ends before its length (changed after open) is never padded."""
+    """A small file that ends before its length (changed after it was opened and
+    verified) is never padded."""
     node = nodes.start()
     request(node, "PUT", GRADLE.format(key="g1"), b"x" * 1000)
     store: Any = node.store
-    opened = store.open_published
+    verify_open = store.verify_open
 
-    def open_then_truncate(manifest: Any) -> Any:
-        fd = opened(manifest)
+    async def verify_then_truncate(manifest: Any, fd: int) -> bool:
+        intact = await verify_open(manifest, fd)
         os.truncate(store.layout.absolute(manifest.blob_path), 10)
-        return fd
+        return bool(intact)
 
-    store.open_published = open_then_truncate
+    store.verify_open = verify_then_truncate
     client = Exchange(node)
     client.send(f"GET {GRADLE.format(key='g1')} HTTP/1.1\r\nHost: kura\r\n\r\n".encode())
     assert client.closed

@@ -266,3 +266,22 @@ def warm_up(node: RealNode, concurrency: int = 16) -> None:
         thread.start()
     for thread in threads:
         thread.join(30)
+
+
+def verified(node: RealNode, target: str, timeout: float = 10.0) -> None:
+    """Have ``node`` verify the artifact at ``target`` and remember it (HEAD until it does).
+
+    A body is hashed against its digest before it is first served, and the
+    check is remembered only once the file has been unchanged for
+    ``kura.storage.verify.RACY_SECONDS`` (its stamp could hide a change made
+    in the same timestamp tick): until then every read hashes it again. A
+    test that measures what a read costs takes its baseline after this.
+    """
+    before = metric(node, "kura_verified_files")
+    wait_for(
+        lambda: (
+            call(node, "HEAD", target)[0] == 200 and metric(node, "kura_verified_files") > before
+        ),
+        timeout=timeout,
+        what=f"{target} verified and remembered",
+    )

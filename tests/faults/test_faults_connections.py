@@ -31,6 +31,7 @@ from tests.faults.support import (
     held_fds,
     metric,
     process,
+    verified,
     wait_for,
     warm_up,
 )
@@ -212,6 +213,7 @@ def test_descriptor_exhaustion_is_503_and_recovers_without_a_leak(tmp_path: Path
         body = os.urandom(64 * 1024)
         assert call(node, "POST", CAS.format("held"), body)[0] == 204
         assert call(node, "POST", CAS.format("cold"), body)[0] == 204
+        verified(node, CAS.format("held"))  # serving it needs no descriptor to hash it
         assert call(node, "GET", CAS.format("held"))[0] == 200
         warm_up(node)
         fds_before = held_fds(node)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,14 @@ class HeldRunner:
             d.errback(Failure())
 
 
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def test_a_batch_writes_every_body_in_place(tmp_path: Path) -> None:
-    """Each body lands byte-exact at its path; missing directories are made."""
+    """Each body lands byte-exact at its path, hashed on the way; missing directories are made."""
     items = [(str(tmp_path / "blobs" / "ab" / f"f{n}"), b"x" * n) for n in range(3)]
-    assert write_batch(items, Failpoints()) == [None, None, None]
+    assert write_batch(items, Failpoints()) == [sha(data) for _, data in items]
     for path, data in items:
         assert Path(path).read_bytes() == data
 
@@ -85,7 +90,7 @@ def test_a_failed_file_fsync_fails_that_body_alone(
     items = [(str(tmp_path / name), b"x") for name in ("a", "b", "c")]
     failing_fsync_of(monkeypatch, items[1][0])
     errors = write_batch(items, Failpoints())
-    assert errors[0] is None and errors[2] is None
+    assert errors[0] == errors[2] == sha(b"x")
     assert isinstance(errors[1], OSError) and errors[1].errno == errno.EIO
     assert sorted(os.listdir(tmp_path)) == ["a", "c"]
 
@@ -98,7 +103,7 @@ def test_a_failed_directory_fsync_fails_every_body_in_it(
     items = [(str(tmp_path / "ab" / "1"), b"x"), (str(tmp_path / "cd" / "2"), b"y")]
     failing_fsync_of(monkeypatch, str(tmp_path / "cd"))
     errors = write_batch(items, Failpoints())
-    assert errors[0] is None
+    assert errors[0] == sha(b"x")
     assert isinstance(errors[1], OSError) and errors[1].errno == errno.EIO
     assert os.listdir(tmp_path / "ab") == ["1"]
     assert os.listdir(tmp_path / "cd") == []
@@ -110,7 +115,7 @@ def test_one_failing_body_leaves_the_others_and_what_was_there(tmp_path: Path) -
     taken.write_bytes(b"someone else's")
     items = [(str(tmp_path / "a"), b"a"), (str(taken), b"mine"), (str(tmp_path / "b"), b"b")]
     errors = write_batch(items, Failpoints())
-    assert errors[0] is None and errors[2] is None
+    assert (errors[0], errors[2]) == (sha(b"a"), sha(b"b"))
     assert isinstance(errors[1], OSError) and errors[1].errno == errno.EEXIST
     assert taken.read_bytes() == b"someone else's"
     assert sorted(os.listdir(tmp_path)) == ["a", "b", "taken"]
@@ -146,11 +151,11 @@ def test_bodies_arriving_during_a_batch_share_the_next_hop(tmp_path: Path) -> No
     rest = [batcher.write(f"{n}{n}02", b"%d" % n) for n in range(1, 5)]
     assert len(runner.calls) == 1
     runner.release()
-    first_path = succeeded(first)
-    assert first_path.startswith("blobs/aa/aa01-")
+    first_path, first_digest = succeeded(first)
+    assert first_path.startswith("blobs/aa/aa01-") and first_digest == sha(b"0")
     assert len(runner.calls) == 1 and len(runner.calls[0][1][0]) == 4
     runner.release()
-    paths = [succeeded(d) for d in rest]
+    paths = [succeeded(d)[0] for d in rest]
     assert runner.calls == []
     assert blobs(layout) == sorted([first_path, *paths])
     for n, path in enumerate(paths, start=1):
@@ -165,7 +170,7 @@ def test_a_batch_shares_one_shard_directory(tmp_path: Path) -> None:
     done = [batcher.write(artifact_id, b"x") for artifact_id in ("bb1", "cc2", "dd3")]
     runner.release()
     runner.release()
-    paths = [succeeded(d) for d in done]
+    paths = [succeeded(d)[0] for d in done]
     assert {os.path.dirname(p) for p in paths} == {"blobs/bb"}
     assert [os.path.basename(p).split("-")[0] for p in paths] == ["bb1", "cc2", "dd3"]
 

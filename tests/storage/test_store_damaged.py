@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
+
+import pytest
 
 from kura.service import KuraNode
 from kura.testing import ControlledRunner, Exchange, files_under, request, sample
+from tests.support.corruption import flip_byte
 
 GRADLE = "/api/cache/gradle/{key}?tenant_id=default"
 
@@ -97,3 +101,77 @@ def test_missing_file_does_not_block_a_fresh_upload(node: KuraNode) -> None:
     assert request(node, "GET", GRADLE.format(key="g1")).body == b"fresh"
     module = "/api/cache/module/m?tenant_id=default&hash=h1&name=n1"
     assert request(node, "HEAD", module).status == 404
+
+
+# -- bytes that no longer match the digest ----------------------------------------------
+
+
+@pytest.mark.parametrize("size", [100, 200_000], ids=["small", "large"])
+@pytest.mark.parametrize(
+    ("method", "headers"),
+    [("GET", {}), ("HEAD", {}), ("GET", {"Range": "bytes=0-9"})],
+    ids=["get", "head", "range"],
+)
+def test_a_flipped_byte_is_never_served_the_artifact_is_forgotten(
+    node: KuraNode, size: int, method: str, headers: dict[str, str]
+) -> None:
+    """One byte changed in place: GET, HEAD and ranges all miss; the record and file go."""
+    request(node, "PUT", GRADLE.format(key="g1"), os.urandom(size))
+    path = blob_path(node)
+    flip_byte(path, offset=size // 2)
+    response = request(node, method, GRADLE.format(key="g1"), headers=headers)
+    assert response.status == 404
+    assert method == "HEAD" or response.json() == {"message": "Artifact not found"}
+    assert sample(node, "kura_damaged_artifacts_total") == 1
+    assert sample(node, "kura_corrupt_artifacts_total") == 1
+    assert not os.path.exists(path)
+    assert node.store.metadata.used_bytes == 0
+    assert request(node, "GET", GRADLE.format(key="g1")).status == 404
+    # No peer to fetch it from: it stays a miss, and an upload stores it afresh.
+    assert sample(node, "kura_artifact_repairs_total", result="unavailable") == 1
+    assert request(node, "PUT", GRADLE.format(key="g1"), b"fresh").status == 201
+    assert request(node, "GET", GRADLE.format(key="g1")).body == b"fresh"
+
+
+def test_a_byte_flipped_after_a_verified_read_is_caught_at_the_next_read(node: KuraNode) -> None:
+    """A file served (and remembered as verified) that changes later is hashed again."""
+    node.store.verifier.wall = lambda: time.time() + 3600  # nothing racy: remembered
+    body = os.urandom(50_000)
+    request(node, "PUT", GRADLE.format(key="g1"), body)
+    assert request(node, "GET", GRADLE.format(key="g1")).body == body
+    assert len(node.store.verifier) == 1
+    assert request(node, "GET", GRADLE.format(key="g1")).body == body
+    flip_byte(blob_path(node))
+    assert request(node, "GET", GRADLE.format(key="g1")).status == 404
+    assert sample(node, "kura_corrupt_artifacts_total") == 1
+    assert len(node.store.verifier) == 0
+
+
+def test_a_verified_file_is_served_without_hashing_it_again(nodes: Any) -> None:
+    """Once remembered, a read only compares the file's stamp: no storage-thread read."""
+    runner = ControlledRunner()
+    node = nodes.start(runner=runner)
+    node.store.verifier.wall = lambda: time.time() + 3600
+    body = os.urandom(200_000)
+    request(node, "PUT", GRADLE.format(key="g1"), body)
+    assert request(node, "GET", GRADLE.format(key="g1")).body == body
+    assert runner.calls.count("_check_copy") == 1
+    for _ in range(3):
+        assert request(node, "GET", GRADLE.format(key="g1")).body == body
+    assert runner.calls.count("_check_copy") == 1
+
+
+def test_a_client_that_leaves_during_the_check_still_gets_damage_forgotten(nodes: Any) -> None:
+    """The hash runs on a storage thread; the client going away does not stop the verdict."""
+    runner = ControlledRunner()
+    node = nodes.start(runner=runner)
+    request(node, "PUT", GRADLE.format(key="g1"), os.urandom(200_000))
+    flip_byte(blob_path(node))
+    runner.hold = lambda f: getattr(f, "__qualname__", "") == "_check_copy"
+    client = Exchange(node)
+    client.send(f"GET {GRADLE.format(key='g1')} HTTP/1.1\r\nHost: kura\r\n\r\n".encode())
+    assert len(runner.held) == 1
+    client.disconnect()
+    runner.release()
+    assert sample(node, "kura_corrupt_artifacts_total") == 1
+    assert files_under(node.store.layout.blobs) == []
