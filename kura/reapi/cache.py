@@ -12,10 +12,12 @@ last-writer-wins, like the Bazel HTTP cache's.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from twisted.internet.defer import Deferred, succeed
 
 from kura.domain.artifacts import OCTET_STREAM, ArtifactAddress, Manifest
+from kura.domain.errors import DigestMismatch as StoreDigestMismatch
 from kura.storage.interfaces import IArtifactStore
 from kura.storage.metadata import WritePolicy
 from kura.storage.staging import StagedBody, StagingFile
@@ -189,6 +191,10 @@ class ReapiCache:
             ),
         )
 
+    def _mismatch(self, message: str) -> NoReturn:
+        self._on_write("digest_mismatch", 0)
+        raise DigestMismatch(message)
+
     async def finish_upload(self, namespace: str, upload: BlobUpload) -> None:
         """Verify the received body against its digest and publish it.
 
@@ -197,17 +203,19 @@ class ReapiCache:
         """
         staged: StagedBody = await upload.staging.finish()
         digest = upload.digest
-        if staged.size != digest.size or staged.sha256 != digest.hash:
+        if staged.size != digest.size:
             await self._store.discard(staged)
-            self._on_write("digest_mismatch", 0)
-            raise DigestMismatch(
-                f"uploaded data ({staged.size} bytes, sha256 {staged.sha256}) does not match "
-                f"digest {digest}"
+            self._mismatch(f"uploaded data ({staged.size} bytes) does not match digest {digest}")
+        try:
+            # The store checks the hash, computed as the body was staged or as
+            # its batch was written, before anything is published.
+            await self._store.publish_blob(
+                blob_address(namespace, digest),
+                staged,
+                content_type=OCTET_STREAM,
+                policy=WritePolicy.WRITE_ONCE,
+                expected_digest=digest.hash,
             )
-        await self._store.publish_blob(
-            blob_address(namespace, digest),
-            staged,
-            content_type=OCTET_STREAM,
-            policy=WritePolicy.WRITE_ONCE,
-        )
+        except StoreDigestMismatch:
+            self._mismatch(f"uploaded data does not match the sha256 of digest {digest}")
         self._on_write("ok", staged.size)

@@ -131,8 +131,14 @@ class IArtifactStore(Interface):
         policy: WritePolicy,
         version_ms: int | None = None,
         targets: Sequence[str] | None = None,
+        expected_digest: str | None = None,
     ) -> PublishResult:
-        """Publish a staged body durably; ``targets`` overrides the replication targets."""
+        """Publish a staged body durably; ``targets`` overrides the replication targets.
+
+        Raises:
+            DigestMismatch: the body's SHA-256 is not ``expected_digest``;
+                nothing was stored.
+        """
 
     async def put_inline(
         address: ArtifactAddress,
