@@ -323,9 +323,9 @@ REPLICATION_BUSY_CPU_PERCENT = _var(
     _REPL,
     "KURA_REPLICATION_BUSY_CPU_PERCENT",
     85,
-    "Reactor CPU demand (run time plus run-queue wait, % of wall time) at or above which "
+    "Reactor utilisation (% of wall time not waiting in its poll) at or above which "
     "replication halves its share every 0.1 s while public requests arrive; below it minus "
-    "15 the share doubles again. 0 disables the CPU term.",
+    "15 the share doubles again. 0 disables the term.",
 )
 REPLICATION_UPLOAD_STALL_MS = _var(
     _REPL,

@@ -16,13 +16,13 @@ ceiling).
 **The share** answers what the divisor cannot see: a node that is CPU-bound
 serving short requests keeps in-flight at its clients' concurrency and TTFB
 far below the target while replication ingest takes half its CPU. Every
-0.1 s the load sampler (:mod:`kura.telemetry.load`) reports the reactor
-thread's CPU demand (run time plus run-queue wait, over wall time) and
-whether public requests arrived; then (multiplicative decrease,
-multiplicative recovery)::
+0.1 s the load sampler (:mod:`kura.telemetry.load`) reports the reactor's
+utilisation (the share of wall time it was not waiting in its poll: busy,
+or waiting for a core or the GIL) and whether public requests arrived;
+then (multiplicative decrease, multiplicative recovery)::
 
-    public requests and demand >= busy         ->  share = max(floor / configured, share / 2)
-    no public request, or demand < busy - 0.15 ->  share = min(1, share * 2)
+    public requests and utilisation >= busy         ->  share = max(floor / configured, share / 2)
+    no public request, or utilisation < busy - 0.15 ->  share = min(1, share * 2)
     otherwise                                  ->  share unchanged
 
 ``busy`` is ``KURA_REPLICATION_BUSY_CPU_PERCENT`` / 100. From full speed the
@@ -53,7 +53,7 @@ from kura.telemetry.load import LoadSample
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
 
-#: The share grows again once demand is this far below the busy mark
+#: The share grows again once utilisation is this far below the busy mark
 #: (a band, so the share does not flap on every sample).
 CALM_BAND = 0.15
 #: Shorter waits are not worth a timer: the caller goes at once, and the
@@ -75,7 +75,7 @@ class BandwidthLimiter:
         latency_target_ms: the public TTFB target; 0 disables the latency term.
         floor_bytes_per_second: the rate replication keeps under any load
             (capped at the ceiling; at least one byte per second).
-        busy_utilisation: reactor CPU demand (0-1) at which the share halves;
+        busy_utilisation: reactor utilisation (0-1) at which the share halves;
             0 disables the CPU term (the share stays 1).
     """
 

@@ -37,7 +37,7 @@ from kura.config import KuraConfig, ReplicationConfig
 from kura.domain.failpoints import Failpoints
 from kura.lifecycle import NodeState
 from kura.storage.interfaces import IArtifactStore, IBlockingRunner
-from kura.telemetry.load import LoadSampler
+from kura.telemetry.load import LoadSampler, poll_timer
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
 from kura.web.admission import RouteMatch
@@ -174,10 +174,10 @@ class ReplicationService(MultiService):
             busy_utilisation=settings.busy_cpu_percent / 100,
         )
         # The CPU signal the limiter's share follows (see limiter.py).
-        self.load = LoadSampler(clock=reactor, traffic=traffic)
+        self.load = LoadSampler(clock=reactor, traffic=traffic, demand=poll_timer(reactor))
         self.load.listeners.append(self.limiter.observe)
         load = self.load
-        metrics.reactor_demand.set_function(
+        metrics.reactor_utilisation.set_function(
             lambda: 0.0 if load.last is None else load.last.utilisation
         )
         self.auth = peers.auth

@@ -1,31 +1,30 @@
-"""How much the reactor thread wants the CPU, and whether public requests are asking.
+"""How busy the reactor is, and whether public requests are asking for it.
 
 Replication must yield when public traffic needs the machine. The public
 in-flight count and the time-to-first-byte average (:mod:`.traffic`) do not
 see a node that is CPU-bound serving ~1 ms requests: in flight stays at the
 clients' concurrency and TTFB stays far below any fixed target while
-throughput halves. What does see it is the reactor thread's **demand**: the
-time it ran plus the time it was runnable but waited for a core (Linux
-``/proc/thread-self/schedstat``), over wall time. Everything Python does for
-a request happens on that thread, so:
+throughput halves. What does see it is the reactor's **utilisation**: the
+share of wall time it spent *not* waiting in its poll for something to do.
+Everything Python does for a request happens on the reactor thread, so near
+1.0 it cannot take more work, whatever keeps it: running requests, waiting
+for a core (storage threads writing and fsyncing replication ingest, other
+processes), or waiting for the GIL (hashing threads) -- waits that CPU
+counters of the thread alone do not show.
 
-* near 1.0 it cannot take more work, whether it is busy itself or waiting
-  while storage threads (replication ingest's writes, fsyncs), transfer
-  threads or other processes hold the cores it may run on;
-* an idle reactor reads near 0 however busy the disk is.
-
-:class:`LoadSampler` reads it every :data:`SAMPLE_SECONDS`, with how many
-public requests began in the interval, and tells its listeners (the
-replication limiter). Cost: one small ``/proc`` read per interval while public
-requests arrive, none while the node is idle. Without
-schedstat (not Linux, or a kernel without it) the thread's CPU time alone is
-used, which misses waiting for a core.
+:func:`poll_timer` measures it by timing the reactor's ``epoll.poll`` (two
+clock reads per reactor iteration). :class:`LoadSampler` reads the
+cumulative idle time every :data:`SAMPLE_SECONDS`, with how many public
+requests began in the interval, and tells its listeners (the replication
+limiter). A reactor without an epoll poller falls back to the thread's CPU
+time, which misses the waiting.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -36,20 +35,44 @@ from kura.telemetry.traffic import PublicTraffic
 #: How often demand is sampled. Short enough for the limiter to react within
 #: a few tenths of a second, long enough that one sample is not noise.
 SAMPLE_SECONDS = 0.1
-SCHEDSTAT = "/proc/thread-self/schedstat"
 
 
-def thread_demand_seconds(path: str = SCHEDSTAT) -> float:
-    """The calling thread's run time plus run-queue wait, in seconds.
+class _TimedPoller:
+    """An ``epoll`` whose ``poll`` adds the time it waited to :attr:`idle`."""
 
-    Falls back to its CPU time when ``path`` cannot be read.
+    def __init__(self, poller: Any) -> None:
+        self._poller = poller
+        self.idle = 0.0
+
+    def poll(self, timeout: float = -1, maxevents: int = -1) -> Any:
+        started = time.monotonic()
+        try:
+            return self._poller.poll(timeout, maxevents)
+        finally:
+            self.idle += time.monotonic() - started
+
+    def __getattr__(self, name: str) -> Any:
+        # register, modify, unregister, close, fileno: the epoll's own.
+        return getattr(self._poller, name)
+
+
+def poll_timer(reactor: Any) -> Callable[[], float]:
+    """Seconds of work (wall time *not* spent waiting in the poll) of ``reactor``'s
+    thread so far: a counter whose growth over an interval is its busy time.
+
+    For Twisted's epoll reactor the poller is wrapped once (its private
+    ``_poller``, pinned by ``tests/web/test_twisted_internals.py``); for any
+    other reactor the calling thread's CPU time stands in.
     """
-    try:
-        with open(path, "rb") as handle:
-            ran, waited = handle.read().split()[:2]
-        return (int(ran) + int(waited)) / 1e9
-    except (OSError, ValueError):
-        return time.thread_time()
+    poller = getattr(reactor, "_poller", None)
+    if poller is None or not hasattr(poller, "poll"):
+        return time.thread_time
+    if not isinstance(poller, _TimedPoller):
+        poller = reactor._poller = _TimedPoller(poller)
+    timed = poller
+    origin = time.monotonic()
+    idle_at_origin = timed.idle
+    return lambda: (time.monotonic() - origin) - (timed.idle - idle_at_origin)
 
 
 @attrs.frozen
@@ -57,8 +80,8 @@ class LoadSample:
     """One interval's reading.
 
     Attributes:
-        utilisation: the reactor thread's demand over the interval, 0.0-1.0
-            (clamped: a sample can exceed 1.0 by clock granularity).
+        utilisation: the share of the interval the reactor was busy (not
+            waiting in its poll), 0.0-1.0.
         public_requests: public requests that began in the interval.
         seconds: the interval's wall time.
     """
@@ -69,13 +92,13 @@ class LoadSample:
 
 
 class LoadSampler:
-    """Samples the reactor thread's demand (see the module docstring).
+    """Samples the reactor's utilisation (see the module docstring).
 
     Args:
         clock: drives the sampling (and its wall time).
         traffic: counts public requests as they begin.
-        demand: the calling thread's demand in seconds; called only on the
-            reactor thread, so it reads the reactor's (injected by tests).
+        demand: the reactor's busy seconds so far (:func:`poll_timer`;
+            injected by tests).
     """
 
     def __init__(
@@ -83,7 +106,7 @@ class LoadSampler:
         *,
         clock: IReactorTime,
         traffic: PublicTraffic,
-        demand: Callable[[], float] = thread_demand_seconds,
+        demand: Callable[[], float] = time.thread_time,
     ) -> None:
         self._clock = clock
         self._traffic = traffic
@@ -94,9 +117,9 @@ class LoadSampler:
         self._loop.clock = clock
         self._mark()
 
-    def _mark(self, *, read_demand: bool = True) -> None:
+    def _mark(self) -> None:
         self._at = self._clock.seconds()
-        self._demand_at = self._demand() if read_demand else None
+        self._demand_at = self._demand()
         self._started_at = self._traffic.started
 
     def start(self) -> None:
@@ -109,26 +132,16 @@ class LoadSampler:
             self._loop.stop()
 
     def sample(self) -> LoadSample | None:
-        """Close the current interval and tell the listeners (``None``: no time passed).
-
-        An interval in which no public request began reads nothing (its
-        demand is reported as 0: with no public request the limiter does not
-        need it), so an idle node makes no system call every 0.1 s; the
-        interval after one starts the reading again, and the next is measured.
-        """
+        """Close the current interval and tell the listeners (``None``: no time passed)."""
         now = self._clock.seconds()
         wall = now - self._at
         if wall <= 0:
             return None
-        public = self._traffic.started - self._started_at
-        if public and self._demand_at is not None:
-            utilisation = min(1.0, max(0.0, (self._demand() - self._demand_at) / wall))
-            self._mark()
-        else:
-            # Idle, or the first busy interval after idling (no baseline yet).
-            utilisation = 0.0
-            self._mark(read_demand=bool(public))
-        reading = LoadSample(utilisation, public, wall)
+        busy = self._demand() - self._demand_at
+        reading = LoadSample(
+            min(1.0, max(0.0, busy / wall)), self._traffic.started - self._started_at, wall
+        )
+        self._mark()
         self.last = reading
         for listener in self.listeners:
             listener(reading)

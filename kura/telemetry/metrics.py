@@ -420,10 +420,10 @@ class KuraMetrics:
             "requests arrive on a busy CPU).",
             registry=r,
         )
-        self.reactor_demand = Gauge(
-            "kura_reactor_cpu_demand",
-            "Reactor thread's run time plus run-queue wait over the last 0.1 s, 0-1 (1: it "
-            "could not take more work).",
+        self.reactor_utilisation = Gauge(
+            "kura_reactor_utilisation",
+            "Share of the last 0.1 s the reactor was busy (not waiting in its poll), 0-1 "
+            "(1: it could not take more work).",
             registry=r,
         )
         self.replication_latency_target_ms = Gauge(
