@@ -39,28 +39,20 @@ from collections.abc import Iterator
 from typing import Any
 
 from benchmarks import _common as common
+from benchmarks.replication_stress import cas_path, exists, gradle_path
 from tests.support.mesh import HOSTS, MeshNode, is_ready, metrics, request, shared_port, wait_for
 
 KiB = 1024
 MiB = 1024 * KiB
-TENANT = "tenant_id=default"
 #: The receiver's core; everything else runs on the other one.
 RECEIVER_CORE = 0
 OTHER_CORE = 1
 EFFECTIVE = "kura_replication_bandwidth_effective_limit_bytes_per_second"
 
 
-def cas_path(key: str) -> str:
-    return f"/api/cache/cas/{key}?{TENANT}"
-
-
-def gradle_path(key: str) -> str:
-    return f"/api/cache/gradle/{key}?{TENANT}"
-
-
 def has(node: MeshNode, key: str, size: int) -> bool:
-    status, headers, _ = request("GET", node.url + gradle_path(key), headers={"Range": "bytes=-1"})
-    return status == 206 and headers.get("content-range", "").endswith(f"/{size}")
+    """Whether Gradle artifact ``key`` is stored on ``node`` with ``size`` bytes."""
+    return exists(node, gradle_path(key), size)
 
 
 @contextlib.contextmanager
@@ -72,23 +64,19 @@ def pair(
     hosts = list(HOSTS[:2])
     port = shared_port(hosts)
     urls = [f"http://{host}:{port}" for host in hosts]
-    a = MeshNode(
-        os.path.join(root, "a"),
-        hosts[0],
-        port,
-        KURA_PEERS=urls[1] if peered else "",
-        KURA_INTERNAL_BIND_HOST=hosts[0],
-        **environ,
-    )
+
+    def node(name: str, index: int) -> MeshNode:
+        return MeshNode(
+            os.path.join(root, name),
+            hosts[index],
+            port,
+            KURA_PEERS=urls[1 - index] if peered else "",
+            KURA_INTERNAL_BIND_HOST=hosts[index],
+            **environ,
+        )
+
+    a, b = node("a", 0), node("b", 1)
     a.launcher = ["taskset", "-c", str(RECEIVER_CORE)]
-    b = MeshNode(
-        os.path.join(root, "b"),
-        hosts[1],
-        port,
-        KURA_PEERS=urls[0] if peered else "",
-        KURA_INTERNAL_BIND_HOST=hosts[1],
-        **environ,
-    )
     a.start()
     b.start()
     try:
