@@ -32,7 +32,7 @@ from twisted.internet.task import LoopingCall
 
 from kura.telemetry.traffic import PublicTraffic
 
-#: How often demand is sampled. Short enough for the limiter to react within
+#: How often utilisation is sampled. Short enough for the limiter to react within
 #: a few tenths of a second, long enough that one sample is not noise.
 SAMPLE_SECONDS = 0.1
 

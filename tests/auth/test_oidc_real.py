@@ -204,6 +204,7 @@ def test_real_node_with_the_jwks_server_down_at_start(tmp_path: Path, jwks_threa
         KURA_AUTH_OIDC_WRITE_CLAIMS="repository_owner=acme",
     ).start()
     try:
+        node.wait_until_swept()  # readiness waits for the start-up sweep, not for keys
         assert request("GET", node.url + "/ready")[0] == 200
         url = node.url + "/api/cache/gradle/down-key?tenant_id=default"
         headers = {"Authorization": f"Bearer {RSA.sign(time.time())}"}
