@@ -61,7 +61,7 @@ def poll_timer(reactor: Any) -> Callable[[], float]:
     thread so far: a counter whose growth over an interval is its busy time.
 
     For Twisted's epoll reactor the poller is wrapped once (its private
-    ``_poller``, pinned by ``tests/web/test_twisted_internals.py``); for any
+    ``_poller``, pinned by ``tests/test_load.py``); for any
     other reactor the calling thread's CPU time stands in.
     """
     poller = getattr(reactor, "_poller", None)
