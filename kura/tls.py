@@ -166,7 +166,6 @@ def public_https_options(
     files: TlsFiles, clock: IReactorTime, interval: float
 ) -> ReloadingServerOptions:
     """The public HTTPS listener's options, reloaded when its files change."""
-    paths = (files.cert_path, files.key_path)
     return ReloadingServerOptions(
-        Reloading(lambda: public_server_options(files), paths, clock, interval)
+        Reloading(lambda: public_server_options(files), files.paths, clock, interval)
     )

@@ -549,6 +549,11 @@ class TlsFiles:
     key_path: str
     ca_path: str | None = None
 
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """Every file of the identity (what a reload watches)."""
+        return (self.cert_path, self.key_path, *((self.ca_path,) if self.ca_path else ()))
+
 
 #: The shortest peer secret accepted (HMAC-SHA256 keys shorter than the hash
 #: output weaken it).

@@ -1066,9 +1066,7 @@ class ReloadingGrpcCredentials:
 
     def __init__(self, files: TlsFiles, clock: IReactorTime, interval: float) -> None:
         self._lock = threading.Lock()
-        self._reloading = Reloading(
-            lambda: _identity_pair(files), (files.cert_path, files.key_path), clock, interval
-        )
+        self._reloading = Reloading(lambda: _identity_pair(files), files.paths, clock, interval)
         self._served = self._reloading.get()
 
     def fetch(self) -> Any:

@@ -98,9 +98,8 @@ def reloading_server_options(
     files: TlsFiles, peer_names: Sequence[str], clock: IReactorTime, interval: float
 ) -> ReloadingServerOptions:
     """:func:`server_options`, rebuilt when the certificate, key or CA bundle change."""
-    paths = [files.cert_path, files.key_path, *([files.ca_path] if files.ca_path else [])]
     return ReloadingServerOptions(
-        Reloading(lambda: server_options(files, peer_names), paths, clock, interval)
+        Reloading(lambda: server_options(files, peer_names), files.paths, clock, interval)
     )
 
 
@@ -141,10 +140,9 @@ class PeerTLSPolicy:
     def __init__(
         self, files: TlsFiles, clock: IReactorTime | None = None, interval: float = 0.0
     ) -> None:
-        paths = [files.cert_path, files.key_path, *([files.ca_path] if files.ca_path else [])]
         self._material = Reloading(
             lambda: (load_identity(files)[0], ssl.trustRootFromCertificates(_authorities(files))),
-            paths,
+            files.paths,
             clock if clock is not None else _NO_CLOCK,
             interval if clock is not None else 0.0,
         )
