@@ -24,21 +24,19 @@ CLIENT = "Bazel 2.1.0 (HTTP cache)"
 pytestmark = [pytest.mark.conformance, pytest.mark.timeout(900)]
 
 
-def test_bazel_second_build_is_a_remote_cache_hit(
-    kura: RealNode, toolchain: Toolchain, tmp_path: Path, evidence: list[str]
-) -> None:
-    """After ``bazel clean`` the genrule's action comes from kura: "1 remote cache hit"."""
+def genrule_workspace(toolchain: Toolchain, tmp_path: Path, message: str) -> tuple[Path, list[str]]:
+    """A workspace whose one genrule writes ``message``, and Bazel's startup arguments."""
     node_modules = toolchain.npm().require()
     root = tmp_path / "workspace"
     write_files(
         root,
         {
             "WORKSPACE": "",
-            "BUILD": """
+            "BUILD": f"""
                 genrule(
                     name = "hello",
                     outs = ["hello.txt"],
-                    cmd = "echo 'hello from kura conformance' > $@",
+                    cmd = "echo '{message}' > $@",
                 )
             """,
         },
@@ -49,6 +47,14 @@ def test_bazel_second_build_is_a_remote_cache_hit(
         "--nohome_rc",
         "--nosystem_rc",
     ]
+    return root, startup
+
+
+def test_bazel_second_build_is_a_remote_cache_hit(
+    kura: RealNode, toolchain: Toolchain, tmp_path: Path, evidence: list[str]
+) -> None:
+    """After ``bazel clean`` the genrule's action comes from kura: "1 remote cache hit"."""
+    root, startup = genrule_workspace(toolchain, tmp_path, "hello from kura conformance")
     build = [
         *startup,
         "build",
@@ -107,27 +113,7 @@ def test_bazel_over_grpc_second_build_is_a_remote_cache_hit(
     tests/reapi/test_reapi_real.py.
     """
     kura = open_kura
-    node_modules = toolchain.npm().require()
-    root = tmp_path / "workspace"
-    write_files(
-        root,
-        {
-            "WORKSPACE": "",
-            "BUILD": """
-                genrule(
-                    name = "hello",
-                    outs = ["hello.txt"],
-                    cmd = "echo 'hello from kura over gRPC' > $@",
-                )
-            """,
-        },
-    )
-    startup = [
-        str(node_modules / ".bin" / "bazel"),
-        f"--output_user_root={tmp_path / 'bazel-root'}",
-        "--nohome_rc",
-        "--nosystem_rc",
-    ]
+    root, startup = genrule_workspace(toolchain, tmp_path, "hello from kura over gRPC")
     build = [
         *startup,
         "build",
