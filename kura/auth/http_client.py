@@ -64,8 +64,28 @@ class HttpClientError(HostError):
     """The request failed (network, deadline, oversized body)."""
 
 
-class _TooLarge(Exception):
-    pass
+class BodyTooLarge(Exception):
+    """A response body grew past the reader's limit (it was not read further)."""
+
+
+async def read_bounded(response: IResponse, limit: int) -> bytes:
+    """The whole body of ``response``, refusing one over ``limit`` bytes.
+
+    Raises:
+        BodyTooLarge: the body passed ``limit``.
+    """
+    chunks: list[bytes] = []
+    size = 0
+
+    def collect(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > limit:
+            raise BodyTooLarge()
+        chunks.append(data)
+
+    await treq.collect(response, collect)
+    return b"".join(chunks)
 
 
 @attrs.frozen
@@ -155,7 +175,7 @@ class JsonHttpClient:
             raise HttpClientError(
                 f"{call} took over {self._config.request_timeout_ms} ms"
             ) from None
-        except _TooLarge:
+        except BodyTooLarge:
             self._count("too_large")
             raise HttpClientError(f"{call}: body over {MAX_RESPONSE_BYTES} bytes") from None
 
@@ -171,19 +191,8 @@ class JsonHttpClient:
             allow_redirects=False,
             **extra,
         )
-        chunks: list[bytes] = []
-        size = 0
-
-        def collect(data: bytes) -> None:
-            nonlocal size
-            size += len(data)
-            if size > MAX_RESPONSE_BYTES:
-                raise _TooLarge()
-            chunks.append(data)
-
-        await treq.collect(response, collect)
+        raw = await read_bounded(response, MAX_RESPONSE_BYTES)
         self._count(f"{response.code // 100}xx")
-        raw = b"".join(chunks)
         return JsonResponse(
             status=response.code,
             headers={

@@ -34,7 +34,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
-import treq
 from jwt import PyJWK, PyJWKSet
 from jwt.exceptions import PyJWTError
 from treq.client import HTTPClient
@@ -45,6 +44,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent, IResponse
 
 from .errors import HostError
+from .http_client import BodyTooLarge, read_bounded
 
 log = Logger(namespace="kura.auth")
 
@@ -104,21 +104,14 @@ async def fetch_json(http: HTTPClient, url: str, clock: IReactorTime) -> Documen
     async def exchange() -> Document:
         accept: dict[bytes | str, bytes | str] = {"accept": "application/json"}
         response: IResponse = await http.get(url, headers=accept, allow_redirects=False)
-        chunks: list[bytes] = []
-        size = 0
-
-        def collect(data: bytes) -> None:
-            nonlocal size
-            size += len(data)
-            if size > MAX_DOCUMENT_BYTES:
-                raise FetchFailed(f"body over {MAX_DOCUMENT_BYTES} bytes")
-            chunks.append(data)
-
-        await treq.collect(response, collect)
+        try:
+            raw = await read_bounded(response, MAX_DOCUMENT_BYTES)
+        except BodyTooLarge:
+            raise FetchFailed(f"body over {MAX_DOCUMENT_BYTES} bytes") from None
         if response.code != 200:
             raise FetchFailed(f"GET {url} answered {response.code}")
         try:
-            body = json.loads(b"".join(chunks))
+            body = json.loads(raw)
         except ValueError:
             raise FetchFailed(f"GET {url} is not JSON") from None
         values = response.headers.getRawHeaders(b"cache-control") or []
