@@ -24,6 +24,7 @@ from zope.interface import implementer
 from kura.auth import TokenInvalid
 from kura.auth.jwks import (
     DEFAULT_MAX_AGE_SECONDS,
+    MAX_DOCUMENT_BYTES,
     MAX_MAX_AGE_SECONDS,
     MIN_MAX_AGE_SECONDS,
     UNKNOWN_KID_INTERVAL_SECONDS,
@@ -386,3 +387,13 @@ def test_discovery_finds_the_jwks_uri(clock: Clock) -> None:
     assert any("does not name issuer" in str(e.get("reason")) for e in events)
     keys.stop()
     other.stop()
+
+
+def test_an_oversized_key_set_is_refused_unread(clock: Clock) -> None:
+    """A JWKS document over MAX_DOCUMENT_BYTES is a failed fetch (the keys stay unloaded)."""
+    fixture = Fixture(clock, [RSA])
+    fixture.server.document = {"keys": [], "padding": "x" * MAX_DOCUMENT_BYTES}
+    with capturedLogs() as events:
+        fixture.start()
+    assert any(f"body over {MAX_DOCUMENT_BYTES} bytes" in str(e) for e in events)
+    assert not fixture.keys.loaded
