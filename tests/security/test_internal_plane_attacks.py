@@ -71,6 +71,11 @@ def sample(node: RealNode, name: str) -> float:
     return metrics(node).get(name, 0.0)
 
 
+def artifact_delete_url(node: MeshNode, artifact_id: str, version: int) -> str:
+    message = wire.ArtifactDeleteMessage(artifact_id, "", version)
+    return wire.url(node.internal_url, wire.REPLICATE_ARTIFACT_PATH, message.params())
+
+
 def test_a_single_node_keeps_its_internal_plane_on_loopback(tmp_path: Any) -> None:
     """Bound to every interface, a node without peers still listens internally on 127.0.0.1."""
     node = RealNode(f"{tmp_path}/single", KURA_BIND_HOST="0.0.0.0").start()
@@ -109,7 +114,8 @@ def test_an_explicitly_insecure_mesh_warns_at_start(tmp_path: Any) -> None:
 
 
 def test_unauthenticated_peer_requests_are_refused(pair: list[MeshNode]) -> None:
-    """Writes, tombstones and catch-up reads without the mesh secret are all 401."""
+    """Writes, tombstones (namespace and artifact) and catch-up reads (pages in both
+    orders, tombstone pages, bodies) without the mesh secret are all 401."""
     a, b = pair
     assert request("PUT", a.url + GRADLE, b"the real artifact")[0] == 201
     artifact_id = ArtifactAddress(Producer.GRADLE, "", "pinned").artifact_id("default")
@@ -117,8 +123,12 @@ def test_unauthenticated_peer_requests_are_refused(pair: list[MeshNode]) -> None
     attacks: list[tuple[str, str, bytes]] = [
         ("PUT", upsert_url(b, "pinned", INT64_MAX - 1), b"poison"),
         ("DELETE", delete_url(b, "", INT64_MAX - 1), b""),
+        ("DELETE", artifact_delete_url(b, artifact_id, INT64_MAX - 1), b""),
         ("GET", f"{b.internal_url}{wire.ARTIFACTS_PATH}/{artifact_id}", b""),
         ("GET", f"{b.internal_url}{wire.MANIFESTS_PATH}", b""),
+        ("GET", f"{b.internal_url}{wire.MANIFESTS_PATH}?order=recent", b""),
+        ("GET", f"{b.internal_url}{wire.TOMBSTONES_PATH}", b""),
+        ("GET", f"{b.internal_url}{wire.ARTIFACT_TOMBSTONES_PATH}", b""),
         ("GET", f"{b.internal_url}{wire.STATUS_PATH}", b""),
     ]
     for method, url, body in attacks:
@@ -131,7 +141,7 @@ def test_unauthenticated_peer_requests_are_refused(pair: list[MeshNode]) -> None
     wait_for("replicated", lambda: request("GET", b.url + GRADLE)[2] == b"the real artifact", 30)
     assert request("PUT", b.url + f"/api/cache/gradle/after?{TENANT}", b"later")[0] == 201
     refused = 'kura_peer_auth_total{result="unsigned",side="server"}'
-    assert sample(b, refused) >= 5
+    assert sample(b, refused) >= len(attacks)
 
 
 def test_a_replayed_signed_request_is_refused(pair: list[MeshNode]) -> None:
