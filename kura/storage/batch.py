@@ -1,10 +1,11 @@
 """Small bodies held in memory, written into ``blobs/`` in batches that share their fsyncs.
 
 A body small enough to be received in memory (``KURA_MEMORY_BODY_MAX_BYTES``)
-skips the staging directory: :class:`BlobBatcher` writes it straight to its
-final, never-before-used name in ``blobs/`` and makes it durable. Bodies that
-arrive while a batch is on the disk wait for the next one, so under load one
-storage-thread hop carries many bodies:
+skips the staging directory: it is written straight to its final,
+never-before-used name in ``blobs/`` by the storage-thread hop that then
+commits its manifest (the store's group commit, :mod:`.store`). Bodies that
+arrive while a commit is on the disk wait for the next one, so under load one
+hop carries many bodies. :func:`write_batch` is the first half of that hop:
 
 1. every file of the batch is created (``O_EXCL``) in one shard directory
    (the first body's) and written, and every body is hashed (SHA-256, the
@@ -17,15 +18,12 @@ storage-thread hop carries many bodies:
    ``benchmarks/disk_rate.py`` and by the batch time in the node);
 3. ``after_bytes_durable_before_metadata`` is hit.
 
-Only then do the publishes go on to their metadata transaction (the store's
-group commit), and only after that commit are they acknowledged. A file is
+Only then does the same hop run the metadata transaction that records their
+manifests, and only after that commit are they acknowledged. A file is
 invisible until its manifest commits, so a crash at any step leaves at most
 unreferenced files, which start-up removes as orphans; a body that fails is
 unlinked at once. Writing in place rather than staging and renaming is safe
 for the same reason: nobody looks a blob up by anything but its manifest.
-
-The batcher runs on the reactor thread; :func:`write_batch` is the blocking
-half and runs on a storage thread.
 """
 
 from __future__ import annotations
@@ -36,110 +34,17 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-import attrs
-from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
-
 from kura.domain.failpoints import (
     AFTER_BYTES_DURABLE_BEFORE_METADATA,
     BEFORE_FSYNC,
     Failpoints,
 )
-from kura.storage.interfaces import IBlockingRunner
-from kura.storage.layout import Layout, make_directory_durably
+from kura.storage.layout import make_directory_durably
 
 #: Most bodies one batch carries (bounds the descriptors a batch holds open).
 MAX_BATCH = 64
 #: Threads that run one batch's fsyncs side by side (beside the storage thread).
 FSYNC_THREADS = 8
-#: Batches on the disk at once: one being fsynced while the next is written.
-#: (1, 2 and 4 batches of up to 64, and 8 "batches" of one, measured alike at
-#: c=8 within the noise of this machine: the CPU per request, not the disk,
-#: bounds the rate; see docs/benchmarks.md.)
-MAX_IN_FLIGHT = 2
-
-
-@attrs.define
-class _Queued:
-    artifact_id: str
-    data: bytes
-    done: Deferred[tuple[str, str]]
-
-
-class BlobBatcher:
-    """Writes small bodies durably into their final paths, many per thread hop.
-
-    Every body of a batch goes into one shard directory (its first body's),
-    so the batch needs one directory fsync, not one per body.
-
-    Args:
-        layout: where blobs live.
-        runner: where the blocking batch runs.
-        failpoints: the publish crash points (hit once per batch).
-        max_batch: most bodies per batch.
-        max_in_flight: batches on the disk at once.
-    """
-
-    def __init__(
-        self,
-        layout: Layout,
-        runner: IBlockingRunner,
-        failpoints: Failpoints,
-        max_batch: int = MAX_BATCH,
-        max_in_flight: int = MAX_IN_FLIGHT,
-    ) -> None:
-        self._layout = layout
-        self._runner = runner
-        self._failpoints = failpoints
-        self._max_batch = max_batch
-        self._max_in_flight = max_in_flight
-        self._queue: list[_Queued] = []
-        self._in_flight = 0
-
-    def write(self, artifact_id: str, data: bytes) -> Deferred[tuple[str, str]]:
-        """Make ``data`` durable as a new blob file of ``artifact_id``.
-
-        Fires with the file's path relative to the data directory and the
-        hex SHA-256 of ``data`` once the file and its directory entry are
-        durable; fails with the ``OSError`` (or failpoint fault) that
-        stopped it, in which case the file was removed.
-        """
-        done: Deferred[tuple[str, str]] = Deferred()
-        self._queue.append(_Queued(artifact_id, data, done))
-        self._pump()
-        return done
-
-    def _pump(self) -> None:
-        while self._queue and self._in_flight < self._max_in_flight:
-            self._start()
-
-    def _start(self) -> None:
-        batch = self._queue[: self._max_batch]
-        del self._queue[: self._max_batch]
-        self._in_flight += 1
-        shard = batch[0].artifact_id[:2]
-        relative = [self._layout.new_blob_path(q.artifact_id, shard) for q in batch]
-        items = [
-            (self._layout.absolute(path), q.data) for path, q in zip(relative, batch, strict=True)
-        ]
-        d = self._runner.run(write_batch, items, self._failpoints)
-
-        def written(results: list[str | BaseException]) -> None:
-            self._in_flight -= 1
-            for queued, path, result in zip(batch, relative, results, strict=True):
-                if isinstance(result, BaseException):
-                    queued.done.errback(result)
-                else:
-                    queued.done.callback((path, result))
-            self._pump()
-
-        def failed(failure: Failure) -> None:
-            self._in_flight -= 1
-            for queued in batch:
-                queued.done.errback(failure)
-            self._pump()
-
-        d.addCallbacks(written, failed)
 
 
 def write_batch(

@@ -7,13 +7,17 @@ point leaves either nothing or the whole artifact:
 2. it is renamed into ``blobs/`` under a fresh name derived from the id,
    and the directory is fsynced;
 
-   (a body small enough to be received in memory replaces steps 1-2 by one
-   batched write in place: :mod:`.batch`, many bodies per thread hop, each
-   file and each directory fsynced before the commit)
 3. one metadata transaction records the manifest, evicts what capacity
    demands and queues one outbox row per replication target (group
    commit: concurrent publishes share one WAL fsync);
 4. only then does the caller acknowledge.
+
+A body small enough to be received in memory skips steps 1-2: it rides the
+group commit itself. The storage-thread hop that runs a commit first writes
+every such body of the batch in place and fsyncs them together
+(:func:`.batch.write_batch`), then runs the transaction that records their
+manifests: one hop per batch of small writes, and no reactor round trip
+between a body becoming durable and its manifest being recorded.
 
 A file renamed in step 2 whose transaction never committed is an orphan;
 after start-up a paced background sweep (:mod:`.sweep`) removes orphans
@@ -59,7 +63,7 @@ from kura.domain.failpoints import (
     BEFORE_FSYNC,
     Failpoints,
 )
-from kura.storage.batch import BlobBatcher
+from kura.storage.batch import MAX_BATCH, write_batch
 from kura.storage.interfaces import IArtifactStore, IBlockingRunner, IReplicationTargets
 from kura.storage.layout import Layout, fsync_directory, make_directory_durably
 from kura.storage.metadata import (
@@ -176,6 +180,29 @@ class ManifestCache:
 class _Pending:
     operation: Callable[[sqlite3.Connection], Any]
     done: Deferred[Any]
+    #: A small body to make durable in the commit's hop, before the transaction.
+    body: _SmallBody | None = None
+
+
+@attrs.define
+class _SmallBody:
+    """A body received in memory, written into ``blobs/`` by the hop that commits it.
+
+    ``relative`` is chosen when its hop starts; ``digest`` (or ``error``) is
+    set on the storage thread once the write is over, before the
+    transaction whose operation reads it.
+    """
+
+    artifact_id: str
+    data: bytes
+    relative: str = ""
+    digest: str | None = None
+    error: BaseException | None = None
+
+    @property
+    def written(self) -> bool:
+        """Its file exists (it was written and is durable)."""
+        return self.digest is not None
 
 
 @implementer(IArtifactStore)
@@ -245,7 +272,6 @@ class ArtifactStore:
         self._runner = runner
         self._clock = clock
         self._failpoints = failpoints or Failpoints()
-        self._blobs = BlobBatcher(layout, runner, self._failpoints)
         #: Which blob files were checked against their digests (serving paths).
         self.verifier = BodyVerifier(runner)
         self._cache = ManifestCache(manifest_cache_bytes)
@@ -341,10 +367,16 @@ class ArtifactStore:
 
     # -- group commit --------------------------------------------------------------
 
-    def _commit(self, operation: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
-        """Queue ``operation`` for the next metadata transaction."""
+    def _commit(
+        self, operation: Callable[[sqlite3.Connection], T], body: _SmallBody | None = None
+    ) -> Deferred[T]:
+        """Queue ``operation`` for the next metadata transaction.
+
+        With ``body``, the same hop writes it durably first (``operation``
+        reads its digest, or raises its error).
+        """
         done: Deferred[T] = Deferred()
-        self._queue.append(_Pending(operation, done))
+        self._queue.append(_Pending(operation, done, body))
         self._pump()
         return done
 
@@ -355,14 +387,23 @@ class ArtifactStore:
     def _pump(self) -> None:
         if self._committing or not self._queue:
             return
-        batch, self._queue = self._queue, []
+        batch, self._queue = _take_batch(self._queue)
+        bodies = [pending.body for pending in batch if pending.body is not None]
+        if bodies:
+            # One shard directory for the whole batch: one directory fsync.
+            shard = bodies[0].artifact_id[:2]
+            for body in bodies:
+                body.relative = self.layout.new_blob_path(body.artifact_id, shard)
         # Recorded reads go first, so that eviction in this very batch sees
         # them (the LRU order is what the reads made it).
         recency = [self._access_operation()] if self._accessed else []
         operations = [*recency, *(pending.operation for pending in batch)]
         self._committing = True
         self._write_epoch += 1
-        d = self._runner.run(self.metadata.commit, operations)
+        if bodies:
+            d = self._runner.run(self._write_and_commit, bodies, operations)
+        else:
+            d = self._runner.run(self.metadata.commit, operations)
 
         def committed(results: list[Any]) -> None:
             self._committing = False
@@ -384,6 +425,29 @@ class ArtifactStore:
             self._pump()
 
         d.addCallbacks(committed, failed)
+
+    def _write_and_commit(
+        self, bodies: Sequence[_SmallBody], operations: Sequence[Callable[[sqlite3.Connection], T]]
+    ) -> list[T | Exception]:
+        """Make ``bodies`` durable, then run the transaction (blocking; one storage hop).
+
+        A body that could not be written carries its error into the
+        transaction, where its operation raises it; the other operations
+        commit. A failpoint firing in the batch (``before_fsync``,
+        ``after_bytes_durable_before_metadata``) fails every body of it, and
+        its files are already gone.
+        """
+        paths = [(self.layout.absolute(body.relative), body.data) for body in bodies]
+        try:
+            outcomes: Sequence[str | BaseException] = write_batch(paths, self._failpoints)
+        except Exception as error:
+            outcomes = [error] * len(bodies)
+        for body, outcome in zip(bodies, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                body.error = outcome
+            else:
+                body.digest = outcome
+        return self.metadata.commit(operations)
 
     # -- reads ------------------------------------------------------------------
 
@@ -675,20 +739,20 @@ class ArtifactStore:
                 raise InsufficientStorage(
                     f"artifact of {staged.size} bytes exceeds the cache capacity"
                 )
-            try:
-                if staged.data is not None:
-                    relative, digest = await self._blobs.write(artifact_id, staged.data)
-                else:
-                    assert staged.sha256 is not None, "a published body is hashed as it is staged"
-                    digest = staged.sha256
-                    _check_digest(digest, expected_digest)
-                    relative = self.layout.new_blob_path(artifact_id)
-                    await self._runner.run(self._place, staged.path, relative)
-            except OSError as error:
-                raise translate_os_error(error) from error
-            if staged.data is not None and expected_digest not in (None, digest):
-                await self._unlink([relative])  # written in its batch, never published
+            body = None
+            if staged.data is not None:
+                # Written by the hop that commits its manifest (see _write_and_commit).
+                body = _SmallBody(artifact_id, staged.data)
+                relative, digest = None, None
+            else:
+                assert staged.sha256 is not None, "a published body is hashed as it is staged"
+                digest = staged.sha256
                 _check_digest(digest, expected_digest)
+                relative = self.layout.new_blob_path(artifact_id)
+                try:
+                    await self._runner.run(self._place, staged.path, relative)
+                except OSError as error:
+                    raise translate_os_error(error) from error
         except BaseException:
             await self.discard(staged)
             raise
@@ -707,7 +771,15 @@ class ArtifactStore:
             created_at_ms=now,
             digest=digest,
         )
-        return await self._apply(manifest, None, policy, targets, fresh=version_ms is None)
+        return await self._apply(
+            manifest,
+            None,
+            policy,
+            targets,
+            fresh=version_ms is None,
+            body=body,
+            expected_digest=expected_digest,
+        )
 
     def _place(self, staged_path: str, relative: str) -> None:
         """Move a durable staged file into ``blobs/`` and make the rename durable."""
@@ -776,8 +848,16 @@ class ArtifactStore:
         targets: Sequence[str] | None = None,
         *,
         fresh: bool = False,
+        body: _SmallBody | None = None,
+        expected_digest: str | None = None,
     ) -> PublishResult:
-        """Commit ``manifest`` (``fresh``: a client's write, versioned here)."""
+        """Commit ``manifest`` (``fresh``: a client's write, versioned here).
+
+        With ``body`` (a small body not written yet), the commit's hop
+        writes it first, and ``manifest`` gets its path and digest there;
+        a body that does not match ``expected_digest`` is refused
+        (:class:`DigestMismatch`) and its file removed.
+        """
         # Replicated applies pass their own (empty) targets: a write that
         # arrived from a peer must not be queued to the peers again.
         targets = tuple(self._replication_targets.targets()) if targets is None else tuple(targets)
@@ -787,10 +867,16 @@ class ArtifactStore:
 
         def operation(conn: sqlite3.Connection) -> tuple[ApplyResult, list[Any]]:
             nonlocal written
+            if body is not None:
+                if body.error is not None:
+                    raise body.error
+                assert body.digest is not None
+                _check_digest(body.digest, expected_digest)
+                written = attrs.evolve(written, blob_path=body.relative, digest=body.digest)
             if fresh:
                 # A client writing after a delete wins over its tombstone, even
                 # one a peer whose clock runs ahead versioned.
-                written = self.metadata.above_artifact_tombstone(conn, manifest)
+                written = self.metadata.above_artifact_tombstone(conn, written)
             evicted: list[Any] = []
             if not manifest.inline:
                 evicted = self.metadata.evict(
@@ -800,9 +886,11 @@ class ArtifactStore:
             return result, evicted
 
         try:
-            result, evicted = await self._commit(operation)
+            result, evicted = await self._commit(operation, body)
         except BaseException:
-            if manifest.blob_path is not None:
+            if body is not None and body.written:
+                await self._unlink([body.relative])  # durable, never published
+            elif manifest.blob_path is not None:
                 await self._unlink([manifest.blob_path])
             raise
         self._failpoints.hit(AFTER_METADATA_COMMIT_BEFORE_ACK)
@@ -1121,6 +1209,22 @@ class ArtifactStore:
         """
         now = self.now_ms()
         await self._commit(lambda conn: self.metadata.save_watermark(conn, peer, state, now))
+
+
+def _take_batch(queue: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
+    """The next commit's operations, in order, and what waits for the one after.
+
+    Everything queued goes, except that one hop writes at most
+    :data:`~.batch.MAX_BATCH` small bodies (they hold descriptors open
+    together); the operations from the first body over the cap wait.
+    """
+    bodies = 0
+    for index, pending in enumerate(queue):
+        if pending.body is not None:
+            bodies += 1
+            if bodies > MAX_BATCH:
+                return queue[:index], queue[index:]
+    return queue, []
 
 
 @functools.lru_cache(maxsize=8192)

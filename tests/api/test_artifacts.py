@@ -18,13 +18,17 @@ def _race(nodes: Nodes, target: str) -> tuple[int, int, bytes]:
     """Two uploads of ``target`` admitted before either is stored; their statuses, what is kept."""
     runner = ControlledRunner()
     node = nodes.start(runner=runner)
-    # Held where the body becomes durable: a small body's batch write (or a
-    # staged body's seal).
-    runner.hold = lambda f: getattr(f, "__qualname__", "") in ("write_batch", "_Writer.seal")
+    # Held where the body becomes durable: the hop that writes a small body
+    # and commits it (or a staged body's seal).
+    held = ("ArtifactStore._write_and_commit", "_Writer.seal")
+    runner.hold = lambda f: getattr(f, "__qualname__", "") in held
     first, second = Exchange(node), Exchange(node)
     _put(first, target, b"first")
     _put(second, target, b"second")
-    assert len(runner.held) == 2  # both bodies received, neither published
+    # Both bodies received, neither published: the first's hop is held, the
+    # second waits for the next commit.
+    assert len(runner.held) == 1
+    assert first.responses() == [] and second.responses() == []
     runner.hold = lambda f: False
     while runner.held:
         runner.release()

@@ -1,4 +1,5 @@
-"""Small bodies written in place in batches: durable, all-or-nothing per body, shared hops."""
+"""Small bodies written in place in batches: durable, all-or-nothing per body, and
+carried by the hop that commits their manifests (one hop per batch)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,17 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
-from kura.domain.errors import StorageFault
+from kura.domain.artifacts import ArtifactAddress, Manifest, Producer
+from kura.domain.errors import DigestMismatch, StorageFault
 from kura.domain.failpoints import Failpoints
-from kura.storage.batch import BlobBatcher, write_batch
+from kura.storage.batch import MAX_BATCH, write_batch
 from kura.storage.layout import Layout
+from kura.storage.metadata import WritePolicy
+from kura.storage.staging import StagedBody, TmpBudget
+from kura.storage.store import ArtifactStore, PublishResult
 from kura.testing import succeeded
 
 
@@ -130,9 +136,54 @@ def test_a_fault_at_either_step_leaves_no_file(tmp_path: Path, point: str) -> No
     assert os.listdir(tmp_path / "d") == []
 
 
-def batcher_in(tmp_path: Path, runner: Any, **options: Any) -> tuple[BlobBatcher, Layout]:
-    layout = Layout(str(tmp_path / "data"), str(tmp_path / "tmp"))
-    return BlobBatcher(layout, runner, options.pop("failpoints", Failpoints()), **options), layout
+class Started:
+    """An :class:`ArtifactStore` on a :class:`HeldRunner`, opened."""
+
+    def __init__(self, tmp_path: Path, failpoints: Failpoints | None = None) -> None:
+        self.runner = HeldRunner()
+        self.layout = Layout(str(tmp_path / "data"), str(tmp_path / "tmp"))
+        self.store = ArtifactStore(
+            layout=self.layout,
+            runner=self.runner,  # type: ignore[arg-type]
+            clock=MemoryReactorClock(),
+            node_tenant="default",
+            capacity_bytes=1 << 30,
+            tmp_budget=TmpBudget(1 << 30),
+            manifest_cache_bytes=1 << 20,
+            max_unfinished_uploads=10,
+            failpoints=failpoints,
+        )
+        started = Deferred.fromCoroutine(self.store.start())
+        while self.runner.calls:
+            self.runner.release()
+        succeeded(started)
+
+    def publish(
+        self, key: str, data: bytes, expected: str | None = None
+    ) -> Deferred[PublishResult]:
+        """Publish ``data`` as received in memory (no staging file)."""
+        staged = StagedBody(path="", size=len(data), reserved=0, sha256=None, data=data)
+        return Deferred.fromCoroutine(
+            self.store.publish_blob(
+                ArtifactAddress(Producer.GRADLE, "ns", key),
+                staged,
+                content_type="application/octet-stream",
+                policy=WritePolicy.LAST_WRITER_WINS,
+                expected_digest=expected,
+            )
+        )
+
+    def hops(self) -> list[str]:
+        return [getattr(f, "__name__", repr(f)) for f, _, _ in self.runner.calls]
+
+    def bodies_in(self, index: int = 0) -> int:
+        """How many small bodies the held hop ``index`` writes."""
+        _, args, _ = self.runner.calls[index]
+        return len(args[0]) if self.hops()[index] == "_write_and_commit" else 0
+
+    def manifest(self, key: str) -> Manifest | None:
+        address = ArtifactAddress(Producer.GRADLE, "ns", key)
+        return self.store.cached_manifest(self.store.artifact_id(address))
 
 
 def blobs(layout: Layout) -> list[str]:
@@ -143,67 +194,90 @@ def blobs(layout: Layout) -> list[str]:
     )
 
 
-def test_bodies_arriving_during_a_batch_share_the_next_hop(tmp_path: Path) -> None:
-    """One batch on the disk at a time: the next carries everything queued meanwhile."""
-    runner = HeldRunner()
-    batcher, layout = batcher_in(tmp_path, runner, max_batch=64, max_in_flight=1)
-    first = batcher.write("aa01", b"0")
-    rest = [batcher.write(f"{n}{n}02", b"%d" % n) for n in range(1, 5)]
-    assert len(runner.calls) == 1
-    runner.release()
-    first_path, first_digest = succeeded(first)
-    assert first_path.startswith("blobs/aa/aa01-") and first_digest == sha(b"0")
-    assert len(runner.calls) == 1 and len(runner.calls[0][1][0]) == 4
-    runner.release()
-    paths = [succeeded(d)[0] for d in rest]
-    assert runner.calls == []
-    assert blobs(layout) == sorted([first_path, *paths])
-    for n, path in enumerate(paths, start=1):
-        assert Path(layout.absolute(path)).read_bytes() == b"%d" % n
+def test_one_hop_writes_a_small_body_and_commits_its_manifest(tmp_path: Path) -> None:
+    """No second hop and no reactor round trip between the durable body and its manifest."""
+    node = Started(tmp_path)
+    done = node.publish("k", b"body")
+    assert node.hops() == ["_write_and_commit"]
+    node.runner.release()
+    assert node.runner.calls == []
+    manifest = succeeded(done).manifest
+    assert manifest.digest == sha(b"body") and manifest.blob_path is not None
+    assert Path(node.layout.absolute(manifest.blob_path)).read_bytes() == b"body"
+    assert node.manifest("k") == manifest
+
+
+def test_bodies_arriving_during_a_commit_share_the_next_hop(tmp_path: Path) -> None:
+    """One commit on the disk at a time: the next carries every body queued meanwhile."""
+    node = Started(tmp_path)
+    first = node.publish("aa01", b"0")
+    rest = [node.publish(f"k{n}", b"%d" % n) for n in range(1, 5)]
+    assert node.hops() == ["_write_and_commit"] and node.bodies_in() == 1
+    node.runner.release()
+    assert succeeded(first).manifest.digest == sha(b"0")
+    assert node.hops() == ["_write_and_commit"] and node.bodies_in() == 4
+    node.runner.release()
+    manifests = [succeeded(d).manifest for d in rest]
+    assert node.runner.calls == []
+    assert len(blobs(node.layout)) == 5
+    for n, manifest in enumerate(manifests, start=1):
+        assert manifest.blob_path is not None
+        assert Path(node.layout.absolute(manifest.blob_path)).read_bytes() == b"%d" % n
 
 
 def test_a_batch_shares_one_shard_directory(tmp_path: Path) -> None:
     """Every body of a batch goes into its first body's shard: one directory fsync."""
-    runner = HeldRunner()
-    batcher, _ = batcher_in(tmp_path, runner, max_in_flight=1)
-    batcher.write("aa", b"held")
-    done = [batcher.write(artifact_id, b"x") for artifact_id in ("bb1", "cc2", "dd3")]
-    runner.release()
-    runner.release()
-    paths = [succeeded(d)[0] for d in done]
-    assert {os.path.dirname(p) for p in paths} == {"blobs/bb"}
-    assert [os.path.basename(p).split("-")[0] for p in paths] == ["bb1", "cc2", "dd3"]
+    node = Started(tmp_path)
+    node.publish("held", b"held")
+    done = [node.publish(key, b"x") for key in ("bb1", "cc2", "dd3")]
+    node.runner.release()
+    node.runner.release()
+    paths = [succeeded(d).manifest.blob_path for d in done]
+    assert len({os.path.dirname(p or "") for p in paths}) == 1
 
 
-def test_batches_are_capped_and_run_side_by_side(tmp_path: Path) -> None:
-    """Up to ``max_in_flight`` batches at once, each of at most ``max_batch`` bodies."""
-    runner = HeldRunner()
-    batcher, layout = batcher_in(tmp_path, runner, max_batch=2, max_in_flight=2)
-    done = [batcher.write(f"id{n}", b"x") for n in range(5)]
-    assert [len(call[1][0]) for call in runner.calls] == [1, 1]
-    runner.release(1)
-    assert [len(call[1][0]) for call in runner.calls] == [1, 2]
-    runner.release()
-    assert [len(call[1][0]) for call in runner.calls] == [2, 1]
-    while runner.calls:
-        runner.release()
-    assert len({succeeded(d) for d in done}) == 5
-    assert len(blobs(layout)) == 5
+def test_a_hop_writes_at_most_max_batch_bodies(tmp_path: Path) -> None:
+    """Bodies over the cap (and what was queued after them) wait for the next hop."""
+    node = Started(tmp_path)
+    node.publish("held", b"held")
+    done = [node.publish(f"k{n}", b"x") for n in range(MAX_BATCH + 3)]
+    node.runner.release()
+    assert node.bodies_in() == MAX_BATCH
+    node.runner.release()
+    assert node.bodies_in() == 3
+    node.runner.release()
+    assert node.runner.calls == []
+    assert len({succeeded(d).manifest.blob_path for d in done}) == MAX_BATCH + 3
 
 
-def test_a_failed_batch_fails_each_of_its_writes(tmp_path: Path) -> None:
-    """A fault fails every write of its batch, leaves no file, and the next batch runs."""
-    runner = HeldRunner()
-    batcher, layout = batcher_in(
-        tmp_path, runner, failpoints=Failpoints([("before_fsync", "error")]), max_in_flight=1
-    )
-    done = [batcher.write(f"id{n}", b"x") for n in range(3)]
-    runner.release()  # [0]
-    runner.release()  # [1, 2], queued meanwhile
+def test_a_failed_batch_fails_each_of_its_writes_and_leaves_no_file(tmp_path: Path) -> None:
+    """A fault in the batch fails every body of it; the commit queue goes on."""
+    node = Started(tmp_path, Failpoints([("before_fsync", "error")]))
+    done = [node.publish(f"k{n}", b"x") for n in range(3)]
+    node.runner.release()  # [k0]
+    node.runner.release()  # [k1, k2], queued meanwhile
+    while node.runner.calls:  # the unlinks of what failed (nothing left to remove)
+        node.runner.release()
     for d in done:
         failures: list[Failure] = []
         d.addErrback(failures.append)
         assert failures and failures[0].check(StorageFault)
-    assert blobs(layout) == []
-    batcher.write("later", b"y")  # the batcher is free for the next write
-    assert len(runner.calls) == 1
+    assert blobs(node.layout) == []
+    assert node.manifest("k0") is None
+
+
+def test_a_body_that_does_not_match_its_digest_is_refused_and_removed(tmp_path: Path) -> None:
+    """The digest is checked in the transaction; the written file goes, nothing is published."""
+    node = Started(tmp_path)
+    wrong = node.publish("k", b"body", expected=sha(b"other"))
+    right = node.publish("k2", b"body", expected=sha(b"body"))
+    node.runner.release()  # k, alone
+    node.runner.release()  # k2 (queued meanwhile)
+    while node.runner.calls:  # the unlink of the refused body
+        node.runner.release()
+    failures: list[Failure] = []
+    wrong.addErrback(failures.append)
+    assert failures and failures[0].check(DigestMismatch)
+    assert node.manifest("k") is None
+    manifest = succeeded(right).manifest
+    assert blobs(node.layout) == [manifest.blob_path]

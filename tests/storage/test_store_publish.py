@@ -328,15 +328,16 @@ class RecordingRunner(ImmediateRunner):
 def test_small_bodies_skip_staging_and_publish_in_one_batch_write(
     nodes: Any, size: int, memory_limit: str, in_memory: bool
 ) -> None:
-    """Up to KURA_MEMORY_BODY_MAX_BYTES: no staging file, one batch write, then the commit."""
+    """Up to KURA_MEMORY_BODY_MAX_BYTES: no staging file; the commit's hop writes the body."""
     runner = RecordingRunner()
     node = nodes.start(runner=runner, KURA_MEMORY_BODY_MAX_BYTES=memory_limit)
     body = os.urandom(size)
     runner.names.clear()
     assert request(node, "POST", CAS.format(id="small"), body).status == 204
-    assert ("write_batch" in runner.names) is in_memory
+    # In memory: one hop writes the body and commits its manifest.
+    assert ("_write_and_commit" in runner.names) is in_memory
     assert ("seal" in runner.names) is not in_memory
-    assert runner.names.count("commit") == 1
+    assert runner.names.count("commit") + runner.names.count("_write_and_commit") == 1
     assert node.store.tmp_budget.used == 0
     assert files_under(node.store.layout.uploads) == []
     assert request(node, "GET", CAS.format(id="small")).body == body
