@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -277,6 +277,8 @@ class ArtifactStore:
         self._cache = ManifestCache(manifest_cache_bytes)
         self._queue: list[_Pending] = []
         self._committing = False
+        #: Fired when no commit is queued or on the disk (:meth:`stop` waits).
+        self._settled_waiters: list[Deferred[None]] = []
         self._write_epoch = 0
         self._last_version = 0
         self._accessed: dict[str, int] = {}
@@ -335,9 +337,15 @@ class ArtifactStore:
                     os.unlink(os.path.join(upload_dir, name))
 
     async def stop(self) -> None:
-        """Flush recorded access times and close the database."""
+        """Flush recorded access times, let queued commits finish, close the database.
+
+        The writer connection is closed only once no transaction is queued
+        or running on a storage thread: closing a SQLite connection while
+        another thread executes on it is undefined behaviour (a crash).
+        """
         if self._accessed:
             await self._commit(self._access_operation())
+        await self._settled()
         await self._runner.run(self.metadata.close)
         if self._data_dir_fd is not None:
             os.close(self._data_dir_fd)
@@ -384,8 +392,21 @@ class ArtifactStore:
         accessed, self._accessed = self._accessed, {}
         return lambda conn: self.metadata.record_access(conn, accessed)
 
+    def _settled(self) -> Deferred[None]:
+        """A Deferred that fires once no commit is queued or on the disk."""
+        if not self._committing and not self._queue:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._settled_waiters.append(waiter)
+        return waiter
+
     def _pump(self) -> None:
-        if self._committing or not self._queue:
+        if self._committing:
+            return
+        if not self._queue:
+            waiters, self._settled_waiters = self._settled_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
             return
         batch, self._queue = _take_batch(self._queue)
         bodies = [pending.body for pending in batch if pending.body is not None]

@@ -17,7 +17,7 @@ from kura.storage.metadata import Outcome, WritePolicy
 from kura.storage.runner import ImmediateRunner
 from kura.storage.staging import TmpBudget
 from kura.storage.store import ArtifactStore, StaticTargets
-from kura.testing import Exchange, files_under, request, sample, succeeded
+from kura.testing import ControlledRunner, Exchange, files_under, request, sample, succeeded
 
 LWW = WritePolicy.LAST_WRITER_WINS
 
@@ -273,19 +273,24 @@ def test_client_versions_strictly_increase(node: KuraNode) -> None:
     assert node.store.next_version() >= 100_000
 
 
-def test_commit_writes_outbox_rows_in_the_same_transaction(tmp_path: Any) -> None:
-    """A write queues one outbox row per replication target in the transaction of its data."""
-    store = ArtifactStore(
+def bare_store(tmp_path: Any, runner: Any, targets: tuple[str, ...] = ()) -> ArtifactStore:
+    """An :class:`ArtifactStore` on its own (no node), with ``runner`` for its hops."""
+    return ArtifactStore(
         layout=Layout(str(tmp_path / "data"), str(tmp_path / "data" / "tmp")),
-        runner=ImmediateRunner(),
+        runner=runner,
         clock=MemoryReactorClock(),
         node_tenant="default",
         capacity_bytes=1 << 20,
         tmp_budget=TmpBudget(1 << 20),
         manifest_cache_bytes=1 << 20,
         max_unfinished_uploads=10,
-        replication_targets=StaticTargets(("http://peer-a:7443", "http://peer-b:7443")),
+        replication_targets=StaticTargets(targets),
     )
+
+
+def test_commit_writes_outbox_rows_in_the_same_transaction(tmp_path: Any) -> None:
+    """A write queues one outbox row per replication target in the transaction of its data."""
+    store = bare_store(tmp_path, ImmediateRunner(), ("http://peer-a:7443", "http://peer-b:7443"))
     succeeded(Deferred.fromCoroutine(store.start()))
     address = ArtifactAddress(Producer.XCODE, "x", "action_cache/k")
     put = store.put_inline(address, b"{}", content_type="application/json", policy=LWW)
@@ -343,3 +348,23 @@ def test_small_bodies_skip_staging_and_publish_in_one_batch_write(
     assert request(node, "GET", CAS.format(id="small")).body == body
     reopened = nodes.restart(node)
     assert request(reopened, "GET", CAS.format(id="small")).body == body
+
+
+def test_stop_closes_the_database_only_after_the_commit_in_flight(tmp_path: Any) -> None:
+    """A transaction running on a storage thread finishes before the writer is closed."""
+    runner = ControlledRunner()
+    store = bare_store(tmp_path, runner)
+    succeeded(Deferred.fromCoroutine(store.start()))
+    runner.hold = lambda f: getattr(f, "__qualname__", "") == "MetadataStore.commit"
+    address = ArtifactAddress(Producer.XCODE, "x", "action_cache/k")
+    put = Deferred.fromCoroutine(
+        store.put_inline(address, b"{}", content_type="application/json", policy=LWW)
+    )
+    stopped = Deferred.fromCoroutine(store.stop())
+    assert [f.__qualname__ for f, *_ in runner.held] == ["MetadataStore.commit"]
+    assert "MetadataStore.close" not in runner.calls
+    assert not stopped.called
+    runner.release()
+    succeeded(put)
+    succeeded(stopped)
+    assert runner.calls[-1] == "MetadataStore.close"
