@@ -366,6 +366,12 @@ class KuraRequest(server.Request):
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
             self._before_head()
+            channel = self.channel
+            if isinstance(channel, KuraHTTPChannel):
+                # The head goes out together with this first body write.
+                with channel.coalescing():
+                    super().write(data)
+                return
         super().write(data)
 
     def _before_head(self) -> None:

@@ -119,3 +119,32 @@ def test_a_head_that_arrives_whole_arms_no_deadline(node: KuraNode) -> None:
     (response,) = client.responses()
     assert response.status == 408
     assert client.closed
+
+
+def test_a_response_head_leaves_with_its_first_body_bytes(node: KuraNode) -> None:
+    """Head and body are one write (one segment for a small response); a HEAD's
+    head and a bodiless answer's head are one write each, all in order."""
+    client = Exchange(node)
+    cas = "/api/cache/cas/coalesced?tenant_id=default"
+    assert client.request("POST", cas, b"x" * 5000).status == 204
+    writes: list[bytes] = []
+    write = client.transport.write
+
+    def recording(data: bytes) -> None:
+        writes.append(data)
+        write(data)
+
+    client.transport.write = recording  # type: ignore[method-assign]
+    client.send(f"GET {cas} HTTP/1.1\r\nHost: kura\r\n\r\n".encode(), heads=[False])
+    (got,) = client.responses()
+    assert got.status == 200 and got.body == b"x" * 5000
+    assert len(writes) == 1 and writes[0].endswith(b"\r\n\r\n" + b"x" * 5000)
+
+    writes.clear()
+    client.send(f"HEAD {cas} HTTP/1.1\r\nHost: kura\r\n\r\n".encode(), heads=[True])
+    client.send(b"GET /api/cache/cas/missing?tenant_id=default HTTP/1.1\r\nHost: kura\r\n\r\n")
+    head, missing = client.responses()
+    assert (head.status, head.body, missing.status) == (200, b"", 404)
+    assert len(writes) == 2
+    assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and writes[0].endswith(b"\r\n\r\n")
+    assert writes[1].startswith(b"HTTP/1.1 404 ") and b'"message"' in writes[1]
