@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Mapping
 from typing import Any
 
@@ -148,3 +149,26 @@ def test_a_response_head_leaves_with_its_first_body_bytes(node: KuraNode) -> Non
     assert len(writes) == 2
     assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and writes[0].endswith(b"\r\n\r\n")
     assert writes[1].startswith(b"HTTP/1.1 404 ") and b'"message"' in writes[1]
+
+
+def test_a_finished_request_is_freed_without_the_cyclic_collector(node: KuraNode) -> None:
+    """Nothing a request owns points back at it: once answered it is freed by its
+    reference count, not left in a cycle for the collector (a hit, a miss, a PUT)."""
+    from kura.web.request import KuraRequest
+
+    client = Exchange(node)
+    cas = "/api/cache/cas/freed?tenant_id=default"
+    gc.collect()
+    gc.disable()
+    try:
+        assert client.request("POST", cas, b"x" * 100).status == 204
+        assert client.request("GET", cas).status == 200
+        assert client.request("GET", "/api/cache/cas/nothing?tenant_id=default").status == 404
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [found for found in gc.garbage if isinstance(found, KuraRequest)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
