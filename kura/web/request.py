@@ -30,6 +30,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
+from urllib.parse import unquote_to_bytes as unquote
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
@@ -359,11 +360,27 @@ class KuraRequest(server.Request):
         return self.request_id
 
     def process(self) -> None:
+        """Find the resource and render it, as ``server.Request.process`` does,
+        minus what kura's responses do not use on every request: twisted's
+        ``Server`` header (kura's is set here, once), a freshly formatted
+        ``Date`` (one per second, from the site's clock) and content encoders
+        (kura's resources have none)."""
         site = self.kura_site
         self.ensure_request_id()
         site.metrics.http_inflight.inc()
         self.notifyFinish().addBoth(self._finished)
-        super().process()
+        self.site = site
+        self.setHeader(b"Server", SERVER_NAME)
+        self.setHeader(b"Date", site.dates.value(site.clock.seconds()))
+        self.prepath = []
+        self.postpath = [unquote(segment) for segment in self.path[1:].split(b"/")]
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            self.render(site.getResourceFor(self))
+        except BaseException:
+            self.processingFailed(Failure())
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
@@ -378,7 +395,6 @@ class KuraRequest(server.Request):
 
     def _before_head(self) -> None:
         site = self.kura_site
-        self.setHeader(b"Server", SERVER_NAME)
         self.setHeader(b"X-Request-Id", self._request_id)
         channel = self.channel
         close = site.state.draining or self.body_skipped or self.rejection_closes()

@@ -172,3 +172,23 @@ def test_a_finished_request_is_freed_without_the_cyclic_collector(node: KuraNode
         gc.garbage.clear()
         gc.enable()
     assert left == []
+
+
+def test_responses_carry_one_server_header_and_the_clocks_date(node: KuraNode) -> None:
+    """``Server: kura`` once, and ``Date`` from the site's clock, formatted again
+    only when the second changes."""
+    from twisted.web.http import datetimeToString
+
+    node.reactor.advance(1_000_000_000.25 - node.reactor.seconds())
+    client = Exchange(node)
+    first = client.request("GET", "/up")
+    node.reactor.advance(0.5)
+    same_second = client.request("GET", "/up")
+    node.reactor.advance(0.5)
+    next_second = client.request("GET", "/up")
+    assert first.headers["date"] == datetimeToString(1_000_000_000).decode()
+    assert same_second.headers["date"] == first.headers["date"]
+    assert next_second.headers["date"] == datetimeToString(1_000_000_001).decode()
+    client.send(b"GET /up HTTP/1.1\r\nHost: kura\r\n\r\n")
+    raw = client.transport.value()
+    assert raw.count(b"\r\nServer: ") == 1 and b"\r\nServer: kura\r\n" in raw
