@@ -14,7 +14,7 @@ cache facing build fleets needs:
 * a body timeout between two body reads, and a drain that closes idle
   connections;
 * responses written without a reactor turn (:mod:`.sending`), a response's
-  head and its first body bytes in one ``send`` (:meth:`KuraHTTPChannel.coalescing`).
+  head and its first body bytes in one ``send`` (:meth:`KuraHTTPChannel.write_coalesced`).
 
 Its requests are :class:`~.request.KuraRequest` objects (the site's request
 factory); it calls their public ``complete``, ``body_skipped``,
@@ -23,8 +23,7 @@ factory); it calls their public ``complete``, ``body_skipped``,
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -108,17 +107,17 @@ class KuraHTTPChannel(http.HTTPChannel):
 
     # -- responses -----------------------------------------------------------------
 
-    @contextmanager
-    def coalescing(self) -> Iterator[None]:
-        """Within this block a response head is held back and sent with the
-        first body bytes written after it (one ``send``, one TCP segment for a
-        small response, instead of a head segment the body waits behind).
-        Whatever is still held when the block ends is sent then: nothing
-        outlives the block, so no other write can overtake a held head.
+    def write_coalesced(self, write: Callable[[bytes], None], data: bytes) -> None:
+        """Call ``write(data)`` (a request's first write) with the response head
+        held back until the first body bytes, which it is sent with (one
+        ``send``, one TCP segment for a small response, instead of a head
+        segment the body waits behind). A head still held when ``write``
+        returns (no body) is sent then: nothing outlives the call, so no other
+        write can overtake a held head.
         """
         self._coalescing = True
         try:
-            yield
+            write(data)
         finally:
             self._coalescing = False
             head, self._held_head = self._held_head, None

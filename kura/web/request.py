@@ -388,8 +388,7 @@ class KuraRequest(server.Request):
             channel = self.channel
             if isinstance(channel, KuraHTTPChannel):
                 # The head goes out together with this first body write.
-                with channel.coalescing():
-                    super().write(data)
+                channel.write_coalesced(super().write, data)
                 return
         super().write(data)
 
