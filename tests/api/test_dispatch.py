@@ -45,6 +45,20 @@ def logged_errors() -> Iterator[list[dict[str, Any]]]:
     globalLogPublisher.removeObserver(observe)
 
 
+def waiting_get(nodes: Any) -> tuple[KuraNode, ControlledRunner, Exchange]:
+    """A node, its runner and a client whose GET of a stored artifact waits on
+    the (held) manifest read: its responder is suspended at its first wait."""
+    runner = ControlledRunner()
+    node = nodes.start(runner=runner)
+    request(node, "POST", CAS.format(id="a1"), b"body")
+    node.store.drop_manifest_cache()
+    lookup = node.store.metadata.get_manifest
+    runner.hold = lambda f: f == lookup
+    client = Exchange(node)
+    client.send(f"GET {CAS.format(id='a1')} HTTP/1.1\r\nHost: kura\r\n\r\n".encode())
+    return node, runner, client
+
+
 def test_matched_routes_skip_klein_and_the_rest_go_through_it(
     node: KuraNode, klein_renders: list[bytes]
 ) -> None:
@@ -69,14 +83,7 @@ def test_a_client_leaving_a_waiting_responder_cancels_it_quietly(
 ) -> None:
     """The responder waiting on storage is cancelled when its client leaves; nothing is
     written to the gone request and nothing is logged as an error."""
-    runner = ControlledRunner()
-    node = nodes.start(runner=runner)
-    request(node, "POST", CAS.format(id="a1"), b"body")
-    node.store.drop_manifest_cache()
-    lookup = node.store.metadata.get_manifest
-    runner.hold = lambda f: f == lookup
-    client = Exchange(node)
-    client.send(f"GET {CAS.format(id='a1')} HTTP/1.1\r\nHost: kura\r\n\r\n".encode())
+    node, runner, client = waiting_get(nodes)
     assert runner.held  # the manifest lookup waits
 
     client.disconnect()
@@ -122,13 +129,7 @@ def test_a_responder_resumes_with_what_it_waited_for(
 ) -> None:
     """A responder that waits (a manifest read on the storage thread) is handed on at
     its first wait and answers with the result once it arrives."""
-    runner = ControlledRunner()
-    node = nodes.start(runner=runner)
-    request(node, "POST", CAS.format(id="a1"), b"body")
-    node.store.drop_manifest_cache()
-    runner.hold = lambda f: f == node.store.metadata.get_manifest
-    client = Exchange(node)
-    client.send(f"GET {CAS.format(id='a1')} HTTP/1.1\r\nHost: kura\r\n\r\n".encode())
+    _, runner, client = waiting_get(nodes)
     assert len(deferred_renders) == 1 and client.responses() == []
 
     while runner.held:
@@ -142,13 +143,7 @@ def test_a_failure_after_a_wait_reaches_the_error_handler(
 ) -> None:
     """What the awaited work raised is thrown back into the responder: the client
     gets kura's JSON error, and the failure is logged once."""
-    runner = ControlledRunner()
-    node = nodes.start(runner=runner)
-    request(node, "POST", CAS.format(id="a1"), b"body")
-    node.store.drop_manifest_cache()
-    runner.hold = lambda f: f == node.store.metadata.get_manifest
-    client = Exchange(node)
-    client.send(f"GET {CAS.format(id='a1')} HTTP/1.1\r\nHost: kura\r\n\r\n".encode())
+    _, runner, client = waiting_get(nodes)
     (_, args, kwargs, waiting) = runner.held.pop(0)
 
     def broken(*args: Any, **kwargs: Any) -> None:
