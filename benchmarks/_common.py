@@ -234,16 +234,20 @@ def kura_knows(variable: str) -> bool:
 
 
 class KuraServer:
-    """A ``twistd kura`` node with a fresh data directory under ``work_dir``."""
+    """A ``twistd kura`` node with a fresh data directory under ``work_dir``
+    (running the kura of ``source``, a checkout, when given)."""
 
-    def __init__(self, name: str, work_dir: str, environ: Mapping[str, str]) -> None:
-        from tests.support.real import RealNode
+    def __init__(
+        self, name: str, work_dir: str, environ: Mapping[str, str], source: str | None = None
+    ) -> None:
+        from tests.support.real import REPO_ROOT, RealNode
 
         self.name = name
         self.environ = dict(environ)
         data_dir = os.path.join(work_dir, f"kura-{name}", "data")
         os.makedirs(os.path.dirname(data_dir), exist_ok=True)
-        self.node = RealNode(data_dir, **self.environ)
+        # ``source``: another checkout's kura (a baseline), else this one's.
+        self.node = RealNode(data_dir, source=os.path.abspath(source or REPO_ROOT), **self.environ)
 
     @property
     def port(self) -> int:

@@ -13,7 +13,10 @@ otherwise, ``--latency --timeout 60s``), against, in one run:
   access_log off``, serving the same bytes from files;
 * ``static`` — a plain ``twisted.web.static.File`` (default reactor, access
   log off) serving the same files in a child process: the reference for the
-  fallback path, which also goes through twisted.web.
+  fallback path, which also goes through twisted.web;
+* ``fallback-base`` — ``fallback``, but running the kura of another checkout
+  (``--baseline DIR``, e.g. a ``git archive`` of the commit before a change),
+  so that before and after are measured in the same run.
 
 kura runs other than ``accel-log`` get ``KURA_ACCESS_LOG=false`` when the working tree's
 ``kura/config/node.py`` declares that variable. The artifacts are uploaded into
@@ -47,7 +50,7 @@ from typing import Any
 import _common as common
 
 SIZES = {"4KiB": 4 * common.KiB, "17.9MB": 17_941_067, "64MiB": 64 * common.MiB}
-SERVERS = ("accel", "accel-sendfile", "accel-log", "fallback", "nginx", "static")
+SERVERS = ("accel", "accel-sendfile", "accel-log", "fallback", "fallback-base", "nginx", "static")
 ACCEL_ON = "KURA_ACCELERATED_FILE_SERVING_ENABLED"
 ACCEL_MODE = "KURA_ACCELERATED_FILE_SERVING_MODE"
 KURA_SETTINGS = {
@@ -55,6 +58,7 @@ KURA_SETTINGS = {
     "accel-sendfile": {ACCEL_ON: "true", ACCEL_MODE: "sendfile"},
     "accel-log": {ACCEL_ON: "true", ACCEL_MODE: "splice"},
     "fallback": {ACCEL_ON: "false"},
+    "fallback-base": {ACCEL_ON: "false"},
 }
 
 
@@ -143,7 +147,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--warmup", type=int, default=1, help="unmeasured seconds per size per server start (1)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="the checkout whose kura the fallback-base server runs (required for it)",
+    )
+    args = parser.parse_args(argv)
+    if "fallback-base" in args.servers and not args.baseline:
+        parser.error("the fallback-base server needs --baseline DIR")
+    return args
 
 
 def kura_overrides(name: str) -> dict[str, str]:
@@ -167,7 +179,12 @@ def make_fixtures(work: str, labels: list[str]) -> list[Fixture]:
 
 
 def make_server(
-    name: str, work: str, rep: int, fixtures: list[Fixture], environ: dict[str, str]
+    name: str,
+    work: str,
+    rep: int,
+    fixtures: list[Fixture],
+    environ: dict[str, str],
+    baseline: str | None = None,
 ) -> tuple[common.Server, Callable[[Fixture], str]]:
     """The server ``name`` (not started) and how to address a fixture on it."""
     if name == "nginx":
@@ -179,7 +196,8 @@ def make_server(
         static = common.StaticFileServer(f"static-rep{rep}", work, root, fixtures[0].nginx_path)
         return static, lambda fixture: fixture.nginx_path
     env = {**environ, **kura_overrides(name)}
-    return common.KuraServer(f"{name}-rep{rep}", work, env), lambda f: f.kura_path
+    source = baseline if name == "fallback-base" else None
+    return common.KuraServer(f"{name}-rep{rep}", work, env, source), lambda f: f.kura_path
 
 
 def prepare(
@@ -207,7 +225,7 @@ def run(args: argparse.Namespace, machine: list[str]) -> tuple[str, list[dict[st
             order = args.servers[shift:] + args.servers[:shift]
             print(f"repetition {rep + 1}/{args.repeat}: {', '.join(order)}", flush=True)
             for name in order:
-                server, path_of = make_server(name, work, rep, fixtures, environ)
+                server, path_of = make_server(name, work, rep, fixtures, environ, args.baseline)
                 with common.running(server):
                     prepare(server, fixtures, path_of)
                     samples += measure(args, name, server, rep, fixtures, path_of, script)
@@ -396,6 +414,8 @@ def ratio_section(args: argparse.Namespace, samples: list[dict[str, Any]]) -> li
             ("accel-sendfile", "nginx"),
             ("accel-sendfile", "fallback"),
             ("fallback", "static"),
+            ("fallback-base", "static"),
+            ("fallback", "fallback-base"),
             ("accel-log", "accel"),
         )
         if top in args.servers and bottom in args.servers

@@ -29,7 +29,6 @@ from .classify import Classifier
 from .handles import HandleCache
 from .interfaces import ITransferEngine
 from .meters import AcceleratorMeters
-from .response import DateCache
 from .sweep import Sweeper, sweep_interval
 
 if TYPE_CHECKING:
@@ -168,7 +167,7 @@ class Accelerator:
         self.meters = AcceleratorMeters(
             collaborators.metrics, mode=engine.mode, permits=self.permits, handles=self.handles
         )
-        self.dates = DateCache()
+        self.dates = collaborators.site.dates
 
     def log_settings(self) -> None:
         config = self.settings.config

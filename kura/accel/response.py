@@ -10,29 +10,11 @@ them: ``Server``, ``Date``, the artifact headers, ``X-Request-Id``,
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
-
-from twisted.web.http import datetimeToString
 
 from kura.web.request import SERVER_NAME
 
 _REASONS = {200: b"OK", 206: b"Partial Content"}
-
-
-class DateCache:
-    """The ``Date`` value, formatted at most once per second."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._value = b""
-
-    def value(self, now: float | None = None) -> bytes:
-        second = int(time.time() if now is None else now)
-        if second != self._second:
-            self._second = second
-            self._value = datetimeToString(second)
-        return self._value
 
 
 def header_fields(headers: Iterable[tuple[bytes, bytes]]) -> bytes:

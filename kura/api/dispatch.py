@@ -15,11 +15,15 @@ responders (which answer bytes or raise): the result is written and the
 request finished; a failure goes to the app's error handler, unless the
 request already finished (the client left: the responder is cancelled, as
 Klein cancels it, and a failure other than that cancellation is logged).
+The responder runs at once, inside ``render``, up to its first real wait; an
+answer that never waits (most of them) is written without a Deferred, and
+only one that does wait is handed to ``Deferred.fromCoroutine`` from there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Mapping
+import functools
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -73,7 +77,19 @@ class MatchedDispatch:
         entry = self._responders.get(id(getattr(request, "spec", None)))
         if entry is None or entry[0] is not request.spec:
             return self._klein.render(request)
-        rendering = Deferred.fromCoroutine(entry[1](request))
+        responder = entry[1](request)
+        # Run the responder here, up to its first real wait: most answers
+        # (a hit read on this thread, a miss, an error) never wait, and then
+        # need no Deferred, no cancellation hook and no callbacks at all.
+        try:
+            waiting = responder.send(None)
+        except StopIteration as done:
+            self._written(done.value, request)
+            return NOT_DONE_YET
+        except Exception:
+            self._failed(Failure(), request)
+            return NOT_DONE_YET
+        rendering = Deferred.fromCoroutine(_resume(responder, waiting))
         # The client left: stop the responder where it waits (as Klein does).
         request.notifyFinish().addErrback(lambda _: rendering.cancel())
         rendering.addCallbacks(
@@ -82,7 +98,20 @@ class MatchedDispatch:
         rendering.addErrback(_unhandled)
         return NOT_DONE_YET
 
+    def _written(self, body: bytes | None, request: Any) -> None:
+        """:meth:`_write`, for an answer that never waited (nothing else would log)."""
+        try:
+            self._write(body, request)
+        except Exception:
+            _unhandled(Failure())
+
     def _failed(self, failure: Failure, request: Any) -> None:
+        try:
+            self._answer_failure(failure, request)
+        except Exception:
+            _unhandled(Failure())
+
+    def _answer_failure(self, failure: Failure, request: Any) -> None:
         if request.over:
             if not failure.check(CancelledError):
                 log.failure("Unhandled error processing request", failure)
@@ -103,6 +132,26 @@ class MatchedDispatch:
             request.write(body)
         if not request.over:
             request.finish()
+
+
+def _resume(responder: Coroutine[Any, Any, bytes], waiting: object) -> Generator[Any, Any, bytes]:
+    """The rest of ``responder``, which already ran up to awaiting ``waiting``.
+
+    A generator Twisted drives like the coroutine itself (``Deferred.fromCoroutine``
+    accepts both): it waits for what the responder waits for, then hands the
+    result (or the failure, a cancellation included) back to the responder.
+    """
+    while True:
+        try:
+            result = yield waiting
+        except BaseException as error:  # the responder decides, cancellation included
+            step: Callable[[], Any] = functools.partial(responder.throw, error)
+        else:
+            step = functools.partial(responder.send, result)
+        try:
+            waiting = step()
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
 
 def _unhandled(failure: Failure) -> None:

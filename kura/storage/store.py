@@ -584,22 +584,24 @@ class ArtifactStore:
         if isinstance(opened, str):
             await shielded(Deferred.fromCoroutine(self.forget_damaged(manifest, opened)))
             return None
+        fd, status = opened
         try:
-            intact = await self.verify_open(manifest, opened)
+            intact = await self.verify_open(manifest, fd, status)
         except BaseException:
-            os.close(opened)
+            os.close(fd)
             raise
         if not intact:
-            os.close(opened)
+            os.close(fd)
             return None
-        return opened
+        return fd
 
-    def open_published(self, manifest: Manifest) -> int | str:
+    def open_published(self, manifest: Manifest) -> tuple[int, os.stat_result] | str:
         """The first step of :meth:`open_intact`, which never waits: open and check the size.
 
         Returns:
-            The open descriptor (the caller closes it), or, when the file is
-            damage, why: the caller must then :meth:`forget_damaged` it.
+            The open descriptor (the caller closes it) and its ``fstat``, or,
+            when the file is damage, why: the caller must then
+            :meth:`forget_damaged` it.
 
         Raises:
             OSError: the file exists but cannot be opened.
@@ -608,12 +610,15 @@ class ArtifactStore:
             fd = self.open_body(manifest)
         except FileNotFoundError:
             return MISSING
-        if os.fstat(fd).st_size != manifest.size:
+        status = os.fstat(fd)
+        if status.st_size != manifest.size:
             os.close(fd)
             return WRONG_SIZE
-        return fd
+        return fd, status
 
-    async def verify_open(self, manifest: Manifest, fd: int) -> bool:
+    async def verify_open(
+        self, manifest: Manifest, fd: int, status: os.stat_result | None = None
+    ) -> bool:
         """Whether the open body file ``fd`` of ``manifest`` still holds its published bytes.
 
         The second step of :meth:`open_intact`: free when the file was
@@ -621,11 +626,13 @@ class ArtifactStore:
         otherwise its bytes are hashed (on a storage thread unless small).
         A file that does not match its digest is forgotten as damaged, even
         if the caller is cancelled meanwhile. ``fd`` stays the caller's.
+        ``status`` is ``fd``'s ``fstat`` when the caller just took it (one
+        system call fewer per read), else it is taken here.
 
         Raises:
             OSError: the file cannot be read.
         """
-        if self.verifier.trusted(manifest, os.fstat(fd)):
+        if self.verifier.trusted(manifest, os.fstat(fd) if status is None else status):
             return True
         # The verdict stands even if the caller is cancelled meanwhile.
         return await shielded(Deferred.fromCoroutine(self._verify(manifest, fd)))

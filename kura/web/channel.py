@@ -12,7 +12,9 @@ cache facing build fleets needs:
 * dropping a refused body, at once or mid-stream, and lingering briefly
   after answering so the client reads the answer instead of a reset;
 * a body timeout between two body reads, and a drain that closes idle
-  connections.
+  connections;
+* responses written without a reactor turn (:mod:`.sending`), a response's
+  head and its first body bytes in one ``send`` (:meth:`KuraHTTPChannel.write_coalesced`).
 
 Its requests are :class:`~.request.KuraRequest` objects (the site's request
 factory); it calls their public ``complete``, ``body_skipped``,
@@ -21,6 +23,7 @@ factory); it calls their public ``complete``, ``body_skipped``,
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -28,10 +31,12 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.http_headers import Headers
 
 from kura.domain.errors import BadFraming
 
 from .errors import RequestTimeout, render_error_response
+from .sending import send_now
 
 log = Logger(namespace="kura.http")
 
@@ -61,6 +66,9 @@ class KuraHTTPChannel(http.HTTPChannel):
     _lingering: IDelayedCall | None = None
     _host: Any = None
     _secure: bool | None = None
+    #: Set while a request writes its head: the head waits for the body's first bytes.
+    _coalescing = False
+    _held_head: bytes | None = None
 
     def dataReceived(self, data: bytes) -> None:
         if (
@@ -96,6 +104,48 @@ class KuraHTTPChannel(http.HTTPChannel):
                 return False
             self._secure = bool(super().isSecure())
         return self._secure
+
+    # -- responses -----------------------------------------------------------------
+
+    def write_coalesced(self, write: Callable[[bytes], None], data: bytes) -> None:
+        """Call ``write(data)`` (a request's first write) with the response head
+        held back until the first body bytes, which it is sent with (one
+        ``send``, one TCP segment for a small response, instead of a head
+        segment the body waits behind). A head still held when ``write``
+        returns (no body) is sent then: nothing outlives the call, so no other
+        write can overtake a held head.
+        """
+        self._coalescing = True
+        try:
+            write(data)
+        finally:
+            self._coalescing = False
+            head, self._held_head = self._held_head, None
+            if head is not None:
+                send_now(self.transport, head)
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        """Serialize the head as twisted.web does; hold it while coalescing,
+        else send it now (:func:`.sending.send_now`)."""
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)  # sanitizes pairs
+            return
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        if self._coalescing:
+            self._held_head = b"".join(parts)
+        else:
+            send_now(self.transport, b"".join(parts))
+
+    def write(self, data: bytes) -> None:
+        head, self._held_head = self._held_head, None
+        send_now(self.transport, data if head is None else head + data)
+
+    def writeSequence(self, iovec: Iterable[bytes]) -> None:
+        self.write(b"".join(iovec))
 
     def expire_head(self) -> None:
         """The request head took too long as a whole: answer 408 and close."""

@@ -1,7 +1,7 @@
 """The twisted.web site of every Klein app kura serves: :class:`KuraSite`.
 
 It holds what its requests and channels share (the gate, the store, the
-clock and deadlines, the metrics, request ids and egress accounting, the
+clock and deadlines, the metrics, request ids, the `Date` value and egress accounting, the
 upload slots and trusted proxies), builds the channels (the accelerator's
 fallback takes them from :meth:`KuraSite.make_channel`) and logs one
 structured access event per request (:func:`log_access`, the one both
@@ -27,6 +27,7 @@ from kura.telemetry.traffic import PublicTraffic
 
 from .accounting import Egress
 from .channel import KuraHTTPChannel
+from .dates import DateCache
 from .interfaces import IGate
 from .request import KuraRequest
 from .request_ids import RequestIds
@@ -124,6 +125,7 @@ class KuraSite(server.Site):
         self.trusted_proxies = trusted_proxies
         self.access_log = access_log
         self.request_ids = RequestIds()
+        self.dates = DateCache()
         self.egress = Egress(metrics)
         # Weak: a channel replaced by HTTP/2 after ALPN never reports its loss.
         self.channels: weakref.WeakSet[KuraHTTPChannel] = weakref.WeakSet()

@@ -135,8 +135,8 @@ def test_a_small_body_cut_short_on_disk_closes_the_connection(nodes: Any) -> Non
     store: Any = node.store
     verify_open = store.verify_open
 
-    async def verify_then_truncate(manifest: Any, fd: int) -> bool:
-        intact = await verify_open(manifest, fd)
+    async def verify_then_truncate(manifest: Any, fd: int, *status: Any) -> bool:
+        intact = await verify_open(manifest, fd, *status)
         os.truncate(store.layout.absolute(manifest.blob_path), 10)
         return bool(intact)
 

@@ -262,7 +262,7 @@ def test_bytes_changed_in_transit_are_refused_by_the_receiver(
     flip_byte(blob_of(a, "g1"))
     store: Any = a.store
 
-    async def blind(manifest: Any, fd: int) -> bool:
+    async def blind(manifest: Any, fd: int, *status: Any) -> bool:
         return True
 
     store.verify_open = blind

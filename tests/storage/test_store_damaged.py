@@ -175,3 +175,23 @@ def test_a_client_that_leaves_during_the_check_still_gets_damage_forgotten(nodes
     runner.release()
     assert sample(node, "kura_corrupt_artifacts_total") == 1
     assert files_under(node.store.layout.blobs) == []
+
+
+def test_a_verified_read_asks_the_file_system_once(
+    node: KuraNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The size check and the verified-state check share one ``fstat`` of the open file."""
+    node.store.verifier.wall = lambda: time.time() + 3600
+    body = os.urandom(5000)
+    request(node, "PUT", GRADLE.format(key="g1"), body)
+    assert request(node, "GET", GRADLE.format(key="g1")).body == body  # verified and remembered
+    calls: list[int] = []
+    fstat = os.fstat
+
+    def counting(fd: int) -> os.stat_result:
+        calls.append(fd)
+        return fstat(fd)
+
+    monkeypatch.setattr(os, "fstat", counting)
+    assert request(node, "GET", GRADLE.format(key="g1")).body == body
+    assert len(calls) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Mapping
 from typing import Any
 
@@ -119,3 +120,82 @@ def test_a_head_that_arrives_whole_arms_no_deadline(node: KuraNode) -> None:
     (response,) = client.responses()
     assert response.status == 408
     assert client.closed
+
+
+def test_a_response_head_leaves_with_its_first_body_bytes(node: KuraNode) -> None:
+    """Head and body are one write (one segment for a small response); a HEAD's
+    head and a bodiless answer's head are one write each, all in order."""
+    client = Exchange(node)
+    cas = "/api/cache/cas/coalesced?tenant_id=default"
+    assert client.request("POST", cas, b"x" * 5000).status == 204
+    writes: list[bytes] = []
+    write = client.transport.write
+
+    def recording(data: bytes) -> None:
+        writes.append(data)
+        write(data)
+
+    client.transport.write = recording  # type: ignore[method-assign]
+    client.send(f"GET {cas} HTTP/1.1\r\nHost: kura\r\n\r\n".encode(), heads=[False])
+    (got,) = client.responses()
+    assert got.status == 200 and got.body == b"x" * 5000
+    assert len(writes) == 1 and writes[0].endswith(b"\r\n\r\n" + b"x" * 5000)
+
+    writes.clear()
+    client.send(f"HEAD {cas} HTTP/1.1\r\nHost: kura\r\n\r\n".encode(), heads=[True])
+    client.send(b"GET /api/cache/cas/missing?tenant_id=default HTTP/1.1\r\nHost: kura\r\n\r\n")
+    head, missing = client.responses()
+    assert (head.status, head.body, missing.status) == (200, b"", 404)
+    assert len(writes) == 2
+    assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and writes[0].endswith(b"\r\n\r\n")
+    assert writes[1].startswith(b"HTTP/1.1 404 ") and b'"message"' in writes[1]
+
+
+def test_a_finished_request_is_freed_without_the_cyclic_collector(node: KuraNode) -> None:
+    """Nothing a request owns points back at it: once answered it is freed by its
+    reference count, not left in a cycle for the collector (a hit, a miss, a PUT)."""
+    from kura.web.request import KuraRequest
+
+    client = Exchange(node)
+    cas = "/api/cache/cas/freed?tenant_id=default"
+    gc.collect()
+    gc.disable()
+    try:
+        assert client.request("POST", cas, b"x" * 100).status == 204
+        assert client.request("GET", cas).status == 200
+        assert client.request("GET", "/api/cache/cas/nothing?tenant_id=default").status == 404
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        # This test's requests only (another test's may be collected meanwhile).
+        left = [
+            found
+            for found in gc.garbage
+            if isinstance(found, KuraRequest)
+            and found.uri.startswith(b"/api/cache/cas/")
+            and (b"/freed?" in found.uri or b"/nothing?" in found.uri)
+        ]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
+
+
+def test_responses_carry_one_server_header_and_the_clocks_date(node: KuraNode) -> None:
+    """``Server: kura`` once, and ``Date`` from the site's clock, formatted again
+    only when the second changes."""
+    from twisted.web.http import datetimeToString
+
+    node.reactor.advance(1_000_000_000.25 - node.reactor.seconds())
+    client = Exchange(node)
+    first = client.request("GET", "/up")
+    node.reactor.advance(0.5)
+    same_second = client.request("GET", "/up")
+    node.reactor.advance(0.5)
+    next_second = client.request("GET", "/up")
+    assert first.headers["date"] == datetimeToString(1_000_000_000).decode()
+    assert same_second.headers["date"] == first.headers["date"]
+    assert next_second.headers["date"] == datetimeToString(1_000_000_001).decode()
+    client.send(b"GET /up HTTP/1.1\r\nHost: kura\r\n\r\n")
+    raw = client.transport.value()
+    assert raw.count(b"\r\nServer: ") == 1 and b"\r\nServer: kura\r\n" in raw

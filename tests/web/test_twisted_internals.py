@@ -110,3 +110,66 @@ def test_a_tcp_connection_reads_up_to_its_buffer_size() -> None:
     finally:
         ours.close()
         theirs.close()
+
+
+def test_a_tcp_connection_queues_writes_in_the_fields_send_now_reads() -> None:
+    """kura/web/sending.py sends directly only when these private fields say the
+    transport is idle: ``dataBuffer``/``offset`` (being written) and
+    ``_tempDataBuffer``/``_tempDataLen`` (queued), ``_writeDisconnected``, and
+    the producer fields a pull producer's ``resumeProducing`` depends on."""
+    import socket
+
+    from twisted.internet import abstract, tcp
+    from twisted.internet.testing import MemoryReactor
+
+    for name, value in (
+        ("TLS", False),
+        ("_writeDisconnected", False),
+        ("disconnecting", 0),
+        ("dataBuffer", b""),
+        ("offset", 0),
+        ("producer", None),
+        ("streamingProducer", False),
+    ):
+        assert getattr(tcp.Connection, name) == value, name
+    # A pull producer is asked for more only when doWrite drained the buffer.
+    drained = inspect.getsource(abstract.FileDescriptor.doWrite)
+    assert "(not self.streamingProducer) or self.producerPaused" in drained
+    ours, theirs = socket.socketpair()
+    try:
+        connection = tcp.Connection(ours, object(), MemoryReactor())  # type: ignore[arg-type]
+        connection.connected = 1
+        connection.write(b"abc")
+        connection.writeSequence([b"de"])
+        assert connection._tempDataBuffer == [b"abc", b"de"]
+        assert connection._tempDataLen == 5
+        assert connection.socket is ours
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_request_reaches_its_channel_only_through_write_headers_and_write() -> None:
+    """kura/web/channel.py holds the head back in ``writeHeaders`` and sends it with
+    the first ``write``/``writeSequence``: twisted.web's ``Request.write`` must
+    keep calling exactly those, head first, with a ``Headers`` object."""
+    calls: list[tuple[str, object]] = []
+
+    class Channel(http.HTTPChannel):
+        def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: object) -> None:
+            calls.append(("head", type(headers)))
+
+        def write(self, data: bytes) -> None:
+            calls.append(("write", data))
+
+        def writeSequence(self, iovec: object) -> None:
+            calls.append(("sequence", b"".join(iovec)))  # type: ignore[arg-type]
+
+    channel = Channel()
+    channel.makeConnection(StringTransport())
+    request = http.Request(channel)
+    request.method = b"GET"
+    request.clientproto = b"HTTP/1.1"
+    request.setHeader(b"Content-Length", b"4")
+    request.write(b"body")
+    assert calls == [("head", http.Headers), ("write", b"body")]
