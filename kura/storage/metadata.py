@@ -1003,32 +1003,18 @@ class MetadataStore:
             (peer, state, now_ms),
         )
 
-    def enqueue_object_upload(
-        self,
-        conn: sqlite3.Connection,
-        kind: str,
-        artifact_id: str,
-        namespace_id: str,
-        version_ms: int,
-        now_ms: int,
-    ) -> None:
-        """Queue one write or delete for the object store (due at once)."""
-        conn.execute(
-            "INSERT INTO object_uploads (kind, artifact_id, namespace_id, version_ms, due_ms, "
-            "created_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
-            (kind, artifact_id, namespace_id, version_ms, now_ms, now_ms),
-        )
-
     def delete_object_uploads(self, conn: sqlite3.Connection, seqs: Sequence[int]) -> int:
         return conn.executemany(
             "DELETE FROM object_uploads WHERE seq = ?", [(s,) for s in seqs]
         ).rowcount
 
-    def postpone_object_upload(self, conn: sqlite3.Connection, seq: int, due_ms: int) -> None:
-        """Count a failed attempt and move the row's turn to ``due_ms``."""
-        conn.execute(
+    def postpone_object_uploads(
+        self, conn: sqlite3.Connection, due: Sequence[tuple[int, int]]
+    ) -> None:
+        """Count a failed attempt of each ``(seq, due_ms)`` row and move its turn to ``due_ms``."""
+        conn.executemany(
             "UPDATE object_uploads SET attempts = attempts + 1, due_ms = ? WHERE seq = ?",
-            (due_ms, seq),
+            [(due_ms, seq) for seq, due_ms in due],
         )
 
     def delete_outbox(self, conn: sqlite3.Connection, seqs: Sequence[int]) -> int:
@@ -1075,4 +1061,24 @@ def _enqueue(
     conn.executemany(
         "INSERT INTO outbox (target, operation, created_at_ms) VALUES (?, ?, ?)",
         [(target, payload, now_ms) for target in targets],
+    )
+
+
+def enqueue_object_upload(
+    conn: sqlite3.Connection,
+    kind: str,
+    artifact_id: str,
+    namespace_id: str,
+    version_ms: int,
+    now_ms: int,
+) -> None:
+    """Queue one write or delete for the object store, due at once (an operation).
+
+    A module function: the queue's hooks (:class:`kura.objectstore.queue.UploadQueue`)
+    run inside another operation's transaction, on its connection.
+    """
+    conn.execute(
+        "INSERT INTO object_uploads (kind, artifact_id, namespace_id, version_ms, due_ms, "
+        "created_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+        (kind, artifact_id, namespace_id, version_ms, now_ms, now_ms),
     )
