@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, succeed
 
 from kura.domain.artifacts import OCTET_STREAM, ArtifactAddress, Manifest
 from kura.domain.errors import DigestMismatch as StoreDigestMismatch
+from kura.objectstore.readthrough import ReadThroughFetch
 from kura.storage.interfaces import IArtifactStore
 from kura.storage.metadata import WritePolicy
 from kura.storage.staging import StagedBody, StagingFile
@@ -81,6 +82,9 @@ class ReapiCache:
         on_blob_read: called with ``(result, size)`` for every blob looked
             up for reading (``ok``/``not_found``): the artifact read metrics.
         on_blob_write: called with ``(result, size)`` for every blob write.
+        read_through: asks the object store for a blob or action result
+            missing here (reads only: ``FindMissingBlobs`` answers from this
+            node, so a client uploads again what only the store holds).
     """
 
     def __init__(
@@ -89,8 +93,10 @@ class ReapiCache:
         *,
         on_blob_read: Callable[[str, int], None] = lambda result, size: None,
         on_blob_write: Callable[[str, int], None] = lambda result, size: None,
+        read_through: ReadThroughFetch | None = None,
     ) -> None:
         self._store = store
+        self._read_through = read_through
         self._on_read = on_blob_read
         self._on_write = on_blob_write
 
@@ -122,6 +128,8 @@ class ReapiCache:
         manifest = self._store.cached_manifest(artifact_id) or await self._store.manifest(
             artifact_id
         )
+        if manifest is None and self._read_through is not None:
+            manifest = await self._read_through(address)
         if manifest is None or (size is not None and manifest.size != size):
             return None
         return manifest
