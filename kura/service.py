@@ -52,7 +52,7 @@ from kura.domain.artifacts import Manifest
 from kura.domain.failpoints import Failpoints
 from kura.lifecycle import NodeState
 from kura.memory import MemoryMonitor
-from kura.objectstore.client import connect
+from kura.objectstore.client import S3Store, connect
 from kura.objectstore.tier import ObjectTier
 from kura.reapi.server import GrpcListener, ReapiServer, ReloadingGrpcCredentials
 from kura.replication.service import PeerMesh, ReplicationService
@@ -116,6 +116,11 @@ class KuraNode(MultiService):
         registry: the Prometheus registry (a fresh one by default).
         runner: where blocking disk work runs (a bounded thread pool by
             default; tests pass an inline runner).
+        object_store: the object-store client when ``KURA_OBJECT_STORE_URL``
+            is set (built from the configuration and the AWS credential
+            chain by default; tests pass an in-memory one). With an injected
+            ``runner`` the tier's requests run on it too, else on the tier's
+            own threads.
 
     Raises:
         ObjectStoreSetupError: the object-store tier is configured but no
@@ -128,6 +133,7 @@ class KuraNode(MultiService):
         reactor: IReactorTime,
         registry: CollectorRegistry | None = None,
         runner: IBlockingRunner | None = None,
+        object_store: S3Store | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -149,9 +155,10 @@ class KuraNode(MultiService):
         if config.object_store.enabled:
             self.object_tier = ObjectTier(
                 config=config.object_store,
-                client=connect(config.object_store),
+                client=object_store or connect(config.object_store),
                 reactor=reactor,
                 metrics=self.metrics,
+                runner=None if self.pool is not None else runner,
             )
         self.store = ArtifactStore(
             layout=Layout(config.data_dir, config.tmp_dir),

@@ -32,10 +32,13 @@ class ObjectTier:
         client: the blocking S3 client (:func:`kura.objectstore.client.connect`).
         reactor: time, and the hop back from the tier's threads.
         metrics: the node's metrics.
+        runner: where store requests run; the tier's own thread pool by
+            default (deterministic tests pass an inline runner).
 
     Attributes:
         queue: the store's write hooks (pass it to the artifact store).
-        pool: the tier's own threads (every store request runs there).
+        pool: the tier's own threads (every store request runs there), unless
+            a runner was given.
     """
 
     def __init__(
@@ -45,13 +48,15 @@ class ObjectTier:
         client: S3Store,
         reactor: IReactorTime,
         metrics: KuraMetrics,
+        runner: IBlockingRunner | None = None,
     ) -> None:
         self.config = config
         self.queue = UploadQueue(config.upload_queue_max)
-        self.pool = ThreadPool(minthreads=0, maxthreads=config.threads, name="kura-objectstore")
-        self.calls = StoreCalls(
-            client, ThreadPoolRunner(IReactorFromThreads(reactor), self.pool), reactor, metrics
-        )
+        self.pool: ThreadPool | None = None
+        if runner is None:
+            self.pool = ThreadPool(minthreads=0, maxthreads=config.threads, name="kura-objectstore")
+            runner = ThreadPoolRunner(IReactorFromThreads(reactor), self.pool)
+        self.calls = StoreCalls(client, runner, reactor, metrics)
         self._reactor = reactor
         self._metrics = metrics
         self.uploader: Uploader | None = None
@@ -97,7 +102,8 @@ class ObjectTier:
     async def start(self) -> None:
         """Start the threads, the uploader and the follower (the store is open)."""
         assert self.uploader is not None and self.follower is not None
-        self.pool.start()
+        if self.pool is not None:
+            self.pool.start()
         await self.uploader.start()
         self.follower.start()
 
@@ -107,4 +113,5 @@ class ObjectTier:
             self.follower.stop()
         if self.uploader is not None:
             await self.uploader.stop()
-        self.pool.stop()
+        if self.pool is not None:
+            self.pool.stop()
