@@ -11,10 +11,10 @@ last-writer-wins, like the Bazel HTTP cache's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import NoReturn
+from collections.abc import Awaitable, Callable, Sequence
+from typing import NoReturn, TypeVar
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 
 from kura.domain.artifacts import OCTET_STREAM, ArtifactAddress, Manifest
 from kura.domain.errors import DigestMismatch as StoreDigestMismatch
@@ -24,6 +24,8 @@ from kura.storage.metadata import WritePolicy
 from kura.storage.staging import StagedBody, StagingFile
 
 from .names import Digest, InvalidName, action_address, blob_address
+
+T = TypeVar("T")
 
 #: A blob opened for reading: a descriptor (the caller closes it) or an inline body.
 Opened = int | bytes
@@ -122,6 +124,33 @@ class ReapiCache:
             else:
                 self._store.record_access(artifact_id)
         return missing
+
+    async def missing_after_read_through(
+        self, namespace: str, digests: Sequence[Digest]
+    ) -> list[Digest]:
+        """As :meth:`missing`, but blobs missing here are read through from the
+        object store first (concurrently); only what neither holds is missing.
+
+        For the outputs of an action result about to be served: the client
+        downloads them next, so fetching them now costs nothing extra.
+        ``FindMissingBlobs`` keeps :meth:`missing` (a client about to upload
+        must not make the node download).
+        """
+        missing = await self.missing(namespace, digests)
+        fetch = self._read_through
+        if not missing or fetch is None:
+            return missing
+        fetched = await gatherResults(
+            [
+                Deferred.fromCoroutine(_awaited(fetch(blob_address(namespace, digest))))
+                for digest in missing
+            ]
+        )
+        return [
+            digest
+            for digest, manifest in zip(missing, fetched, strict=True)
+            if manifest is None or manifest.size != digest.size
+        ]
 
     async def _manifest(self, address: ArtifactAddress, size: int | None) -> Manifest | None:
         artifact_id = self._store.artifact_id(address)
@@ -227,3 +256,7 @@ class ReapiCache:
         except StoreDigestMismatch:
             self._mismatch(f"uploaded data does not match the sha256 of digest {digest}")
         self._on_write("ok", staged.size)
+
+
+async def _awaited(awaitable: Awaitable[T]) -> T:
+    return await awaitable

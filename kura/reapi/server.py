@@ -530,7 +530,10 @@ class ReapiServer:
         if opened is None:
             raise RpcAbort(grpc.StatusCode.NOT_FOUND, f"no action result for {action}")
         result = re_pb2.ActionResult.FromString(_read_all(opened))
-        missing = self._missing(context, namespace, self._referenced(context, namespace, result))
+        referenced = self._referenced(context, namespace, result)
+        missing: list[Digest] = referenced and self._call(
+            context, lambda: self.cache.missing_after_read_through(namespace, referenced)
+        )
         if missing:
             # Served as a miss: a hit whose outputs are gone would fail the build.
             raise RpcAbort(

@@ -316,3 +316,57 @@ def test_bad_configuration_stops_the_node_with_one_message(
     with pytest.raises(RuntimeError, match="node exited"):
         node.start(timeout=30)
     assert message in node.log()
+
+
+def test_a_large_body_goes_up_in_parts_and_comes_back_whole(
+    moto_s3: MotoS3, bucket: str, nodes: Callable[..., RealNode]
+) -> None:
+    """Above the threshold a body is a multipart upload (16 MiB parts, SHA-256 each); a
+    fresh node reads it through intact."""
+    env = tier_environ(moto_s3.endpoint, bucket, KURA_OBJECT_STORE_MULTIPART_THRESHOLD_BYTES="5MiB")
+    writer = nodes("writer", **env)
+    body = hashlib.sha256(b"seed").digest() * (20 * 1024 * 1024 // 32)  # 20 MiB: two parts
+    assert put(writer, "big", body) == 204
+    wait_for("the upload", lambda: drained(writer), timeout=60)
+    (key,) = moto_s3.keys(bucket, "cache/ns/")
+    head = moto_s3.client.head_object(Bucket=bucket, Key=key)
+    assert head["ETag"].strip('"').endswith("-2")  # S3's mark of a two-part upload
+    assert head["Metadata"]["kura-sha256"] == hashlib.sha256(body).hexdigest()
+    reader = nodes("reader", **env)
+    status, served = get(reader, "big")
+    assert status == 200 and served == body
+
+
+def test_reapi_reads_read_through(
+    moto_s3: MotoS3, bucket: str, nodes: Callable[..., RealNode]
+) -> None:
+    """A blob and an action result written over gRPC on one node are read over gRPC on a
+    fresh one (GetActionResult, whose outputs are read through to validate it, and ByteStream)."""
+    import grpc
+
+    from kura.reapi.proto import re_pb2
+    from tests.reapi.test_reapi_real import Client, blob_name, digest_of
+
+    env = tier_environ(moto_s3.endpoint, bucket)
+    writer, reader = nodes("writer", **env), nodes("reader", **env)
+    blob = b"compiled object" * 1000
+    action = digest_of(b"an action")
+    result = re_pb2.ActionResult(stdout_raw=b"ok")
+    with grpc.insecure_channel(writer.grpc_target) as channel:
+        client = Client(channel, None)
+        assert client.put(blob, instance="") == [0]
+        # The action result refers to the blob, so that reads find it complete.
+        result.output_files.add(path="out.o", digest=digest_of(blob))
+        client.call(
+            client.ac.UpdateActionResult,
+            re_pb2.UpdateActionResultRequest(action_digest=action, action_result=result),
+        )
+    wait_for("the uploads", lambda: drained(writer))
+    with grpc.insecure_channel(reader.grpc_target) as channel:
+        client = Client(channel, None)
+        fetched = client.call(
+            client.ac.GetActionResult, re_pb2.GetActionResultRequest(action_digest=action)
+        )
+        assert fetched.stdout_raw == b"ok"
+        assert client.read(blob_name(digest_of(blob), instance="")) == blob
+    assert metrics(reader)['kura_object_store_read_through_total{result="hit"}'] >= 2
