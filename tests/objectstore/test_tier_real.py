@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.objectstore.conftest import MotoS3, tier_environ
 from tests.support.mesh import get_json, metrics, request, wait_for
 from tests.support.real import RealNode
+from tests.support.s3 import MotoS3, tier_environ
 
 pytestmark = pytest.mark.realnode
 
