@@ -78,8 +78,11 @@ class UploadQueue:
         cap: the most rows the queue holds (``KURA_OBJECT_STORE_UPLOAD_QUEUE_MAX``).
 
     Attributes:
-        depth: rows in the queue. Changed only inside commits (one writer at
-            a time) and recounted by the uploader after each pass.
+        depth: rows in the queue. Changed only inside commits, which run one
+            at a time on the writer connection: counted up as rows are
+            queued, and recounted in the transaction that deletes uploaded
+            rows (so a write whose transaction failed after its row was
+            counted is corrected there).
     """
 
     def __init__(self, cap: int) -> None:
@@ -214,11 +217,8 @@ class Uploader:
             )
             done, failed = await self._process(rows)
             if done:
-                await self._store.commit(
-                    lambda conn: self._store.metadata.delete_object_uploads(conn, done)
-                )
+                await self._store.commit(lambda conn: self._forget(conn, done))
                 self.uploaded += len(done)
-            self._queue.depth = await self._storage.run(self._store.metadata.object_upload_count)
         except Exception:
             log.failure("object-store upload pass failed")
             failed = True
@@ -229,6 +229,10 @@ class Uploader:
         else:
             self._failures = 0
             self._schedule(0 if len(rows) == BATCH else IDLE_POLL_SECONDS)
+
+    def _forget(self, conn: sqlite3.Connection, seqs: Sequence[int]) -> None:
+        """Delete uploaded rows and recount the queue (an operation: inside a commit)."""
+        self._queue.depth = self._store.metadata.delete_object_uploads(conn, seqs)
 
     async def _process(self, rows: Sequence[ObjectUpload]) -> tuple[list[int], bool]:
         """Put ``rows`` in the store: uploads side by side, each delete alone.

@@ -1004,9 +1004,9 @@ class MetadataStore:
         )
 
     def delete_object_uploads(self, conn: sqlite3.Connection, seqs: Sequence[int]) -> int:
-        return conn.executemany(
-            "DELETE FROM object_uploads WHERE seq = ?", [(s,) for s in seqs]
-        ).rowcount
+        """Delete uploaded rows; returns the rows left (counted in the same transaction)."""
+        conn.executemany("DELETE FROM object_uploads WHERE seq = ?", [(s,) for s in seqs])
+        return int(conn.execute("SELECT COUNT(*) FROM object_uploads").fetchone()[0])
 
     def postpone_object_uploads(
         self, conn: sqlite3.Connection, due: Sequence[tuple[int, int]]

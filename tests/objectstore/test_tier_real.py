@@ -15,6 +15,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -154,9 +155,11 @@ def test_a_node_killed_before_uploading_uploads_after_restart(
     node = RealNode(str(tmp_path / "a"), **tier_environ(down.endpoint, bucket))
     node.start()
     try:
-        for index in range(5):
-            assert put(node, f"k{index}", b"body %d" % index) == 204
-        assert queued(node) == 5
+        # Side by side, while the uploader fails and retries: the count stays exact.
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda i: put(node, f"k{i}", b"body %d" % i), range(40)))
+        assert statuses == [204] * 40
+        assert queued(node) == 40
         assert get(node, "k3") == (200, b"body 3")  # local reads go on
     finally:
         node.kill()
@@ -164,7 +167,7 @@ def test_a_node_killed_before_uploading_uploads_after_restart(
     restarted.start()
     try:
         wait_for("the queue to drain", lambda: drained(restarted), timeout=60)
-        assert len(moto_s3.keys(bucket, "cache/ns/")) == 5
+        assert len(moto_s3.keys(bucket, "cache/ns/")) == 40
     finally:
         restarted.kill()
 
