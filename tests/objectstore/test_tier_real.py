@@ -54,6 +54,16 @@ def drained(node: RealNode) -> bool:
     return queued(node) == 0
 
 
+def comes_back(store: MotoS3, bucket: str, node: RealNode) -> None:
+    """Start ``store`` (away until now) with ``bucket``; wait until ``node`` drained its queue.
+
+    The caller stops ``store``.
+    """
+    store.start()
+    store.client.create_bucket(Bucket=bucket)
+    wait_for("the queue to drain", lambda: drained(node), timeout=90)
+
+
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[Callable[..., RealNode]]:
     """Starts nodes (``make(name, **environ)``); every one is killed at the end."""
@@ -188,10 +198,8 @@ def test_a_store_that_goes_away_and_comes_back(
     assert queued(node) == 3
     failed_put = 'kura_object_store_requests_total{operation="put",result="error"}'
     wait_for("a failed put", lambda: metrics(node).get(failed_put))
-    later.start()
     try:
-        later.client.create_bucket(Bucket=bucket)
-        wait_for("the queue to drain", lambda: drained(node), timeout=90)
+        comes_back(later, bucket, node)
         assert len(later.keys(bucket, "cache/ns/")) == 3
     finally:
         later.stop()
@@ -263,10 +271,8 @@ def test_eviction_never_drops_what_the_store_lacks(
         assert put(node, f"e{index}", body) == 204
     for index in range(4):
         assert get(node, f"e{index}") == (200, body)
-    later.start()
     try:
-        later.client.create_bucket(Bucket=bucket)
-        wait_for("the queue to drain", lambda: drained(node), timeout=90)
+        comes_back(later, bucket, node)
         for index in range(4, 8):  # now eviction may make room
             assert put(node, f"e{index}", body) == 204
         assert metrics(node).get("kura_evicted_bytes_total", 0) > 0
