@@ -15,9 +15,12 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 from twisted.internet.testing import MemoryReactorClock
+from zope.interface.verify import verifyObject
 
 from kura.objectstore import naming
+from kura.objectstore.queue import UploadQueue
 from kura.service import KuraNode
+from kura.storage.interfaces import IWriteHooks
 from kura.storage.runner import ImmediateRunner
 from kura.testing import ControlledRunner, Exchange, request, sample, succeeded
 from kura.testing import test_config as config_for
@@ -228,3 +231,8 @@ def test_a_tombstone_in_the_store_removes_a_local_copy(tier: TierNodes) -> None:
     assert sample(reader, "kura_object_store_tombstones_applied_total") == 1
     reader.reactor.advance(1)  # seen already: not applied twice
     assert sample(reader, "kura_object_store_tombstones_applied_total") == 1
+
+
+def test_the_upload_queue_provides_the_stores_write_hooks() -> None:
+    """UploadQueue is a verified IWriteHooks (what ArtifactStore calls inside its commits)."""
+    assert verifyObject(IWriteHooks, UploadQueue(cap=1))
