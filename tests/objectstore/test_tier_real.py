@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -62,21 +62,6 @@ def comes_back(store: MotoS3, bucket: str, node: RealNode) -> None:
     store.start()
     store.client.create_bucket(Bucket=bucket)
     wait_for("the queue to drain", lambda: drained(node), timeout=90)
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[Callable[..., RealNode]]:
-    """Starts nodes (``make(name, **environ)``); every one is killed at the end."""
-    started: list[RealNode] = []
-
-    def make(name: str, **environ: str) -> RealNode:
-        node = RealNode(str(tmp_path / name), **environ)
-        started.append(node)
-        return node.start()
-
-    yield make
-    for node in started:
-        node.kill()
 
 
 def test_a_write_is_uploaded_with_its_manifest_and_checksum(
