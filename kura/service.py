@@ -177,7 +177,7 @@ class KuraNode(MultiService):
             write_hooks=None if self.object_tier is None else self.object_tier.queue,
         )
         if self.object_tier is not None:
-            self.object_tier.attach(self.store, self.runner)
+            self.object_tier.attach(self.store, self.runner, failpoints)
         self.traffic = PublicTraffic(reactor, self.metrics)
         self.authorizer = build_authorizer(
             config.extension, reactor=reactor, metrics=self.metrics, access=config.access

@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from kura.domain.artifacts import Manifest
 from kura.domain.errors import ServiceUnavailable
+from kura.domain.failpoints import AFTER_OBJECT_UPLOAD_BEFORE_DEQUEUE, Failpoints
 from kura.objectstore import naming
 from kura.objectstore.calls import StoreCalls
 from kura.objectstore.client import ObjectMissing
@@ -143,6 +144,7 @@ class Uploader:
         prefix: the key prefix in the bucket.
         storage: the storage threads (metadata reads).
         clock: schedules passes and backoffs.
+        failpoints: crash points (``after_object_upload_before_dequeue``).
         jitter: a number in [0, 1) (injected for tests).
     """
 
@@ -155,9 +157,11 @@ class Uploader:
         prefix: str,
         storage: IBlockingRunner,
         clock: IReactorTime,
+        failpoints: Failpoints | None = None,
         jitter: Callable[[], float] = random.random,
     ) -> None:
         self._store = store
+        self._failpoints = failpoints or Failpoints()
         self._queue = queue
         self._calls = calls
         self._prefix = prefix
@@ -217,6 +221,8 @@ class Uploader:
             )
             done, failed = await self._process(rows)
             if done:
+                # A crash here puts the same objects again after the restart.
+                self._failpoints.hit(AFTER_OBJECT_UPLOAD_BEFORE_DEQUEUE)
                 await self._store.commit(lambda conn: self._forget(conn, done))
                 self.uploaded += len(done)
         except Exception:

@@ -13,6 +13,7 @@ from twisted.python.threadpool import ThreadPool
 
 from kura.config.objectstore import ObjectStoreConfig
 from kura.domain.artifacts import ArtifactAddress, Manifest
+from kura.domain.failpoints import Failpoints
 from kura.objectstore.calls import StoreCalls
 from kura.objectstore.client import S3Store
 from kura.objectstore.queue import Uploader, UploadQueue
@@ -64,7 +65,9 @@ class ObjectTier:
         self.follower: TombstoneFollower | None = None
         metrics.object_store_uploads.set_function(lambda: float(self.queue.depth))
 
-    def attach(self, store: ArtifactStore, storage: IBlockingRunner) -> None:
+    def attach(
+        self, store: ArtifactStore, storage: IBlockingRunner, failpoints: Failpoints
+    ) -> None:
         """Build the parts that work on ``store`` (built with :attr:`queue` as its hooks)."""
         prefix = self.config.prefix or ""
         self.uploader = Uploader(
@@ -74,6 +77,7 @@ class ObjectTier:
             prefix=prefix,
             storage=storage,
             clock=self._reactor,
+            failpoints=failpoints,
         )
         results = self._metrics.object_store_read_through
         self.read_through = ReadThrough(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from kura.domain.failpoints import EXIT_STATUS
 from tests.support.mesh import get_json, metrics, request, wait_for
 from tests.support.real import RealNode
 from tests.support.s3 import MotoS3, tier_environ
@@ -163,6 +164,38 @@ def test_a_node_killed_before_uploading_uploads_after_restart(
     try:
         wait_for("the queue to drain", lambda: drained(restarted), timeout=60)
         assert len(moto_s3.keys(bucket, "cache/ns/")) == 40
+    finally:
+        restarted.kill()
+
+
+def test_a_crash_after_the_upload_before_its_row_is_deleted_uploads_again(
+    moto_s3: MotoS3, bucket: str, tmp_path: Path
+) -> None:
+    """Killed after the store took a large body and before its queue row went, the
+    restarted node puts it again: the object is whole and the queue empties."""
+    env = tier_environ(moto_s3.endpoint, bucket, KURA_OBJECT_STORE_MULTIPART_THRESHOLD_BYTES="5MiB")
+    body = os.urandom(1024) * (12 * 1024)  # 12 MiB: a multipart upload
+    crashing = RealNode(
+        str(tmp_path / "a"), **env, KURA_FAILPOINTS="after_object_upload_before_dequeue:exit"
+    )
+    crashing.start()
+    try:
+        assert put(crashing, "big", body) == 204
+        assert crashing.process.wait(30) == EXIT_STATUS
+    finally:
+        crashing.kill()
+    (key,) = moto_s3.keys(bucket, "cache/ns/")
+    first = moto_s3.client.head_object(Bucket=bucket, Key=key)["LastModified"]
+    restarted = RealNode(str(tmp_path / "a"), **env)
+    restarted.start()
+    try:
+        wait_for("the queue to drain", lambda: drained(restarted), timeout=60)
+        samples = metrics(restarted)
+        assert samples['kura_object_store_requests_total{operation="put",result="ok"}'] >= 1
+        head = moto_s3.client.head_object(Bucket=bucket, Key=key)
+        assert head["LastModified"] >= first
+        stored = moto_s3.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert stored == body
     finally:
         restarted.kill()
 
