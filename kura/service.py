@@ -177,7 +177,12 @@ class KuraNode(MultiService):
             write_hooks=None if self.object_tier is None else self.object_tier.queue,
         )
         if self.object_tier is not None:
-            self.object_tier.attach(self.store, self.runner, failpoints)
+            self.object_tier.attach(
+                self.store,
+                self.runner,
+                failpoints,
+                max_clock_skew_ms=config.replication.auth.max_clock_skew_ms,
+            )
         self.traffic = PublicTraffic(reactor, self.metrics)
         self.authorizer = build_authorizer(
             config.extension, reactor=reactor, metrics=self.metrics, access=config.access

@@ -58,6 +58,9 @@ class ReadThrough:
         storage: the storage threads (reading a fetched key-value body).
         clock: the deadline's clock.
         deadline_seconds: how long a caller waits (``KURA_OBJECT_STORE_READ_DEADLINE_MS``).
+        max_clock_skew_ms: ``KURA_MAX_CLOCK_SKEW_MS``: an object versioned further
+            ahead of this node's clock is refused (a miss), as a replicated write
+            would be: last writer wins must not be won by a clock gone wrong.
         on_result: called with each fetch's result label (metrics).
     """
 
@@ -70,8 +73,10 @@ class ReadThrough:
         storage: IBlockingRunner,
         clock: IReactorTime,
         deadline_seconds: float,
+        max_clock_skew_ms: int,
         on_result: Callable[[str], None] = lambda result: None,
     ) -> None:
+        self._max_skew_ms = max_clock_skew_ms
         self._store = store
         self._calls = calls
         self._prefix = prefix
@@ -151,6 +156,15 @@ class ReadThrough:
         except ValueError as error:
             log.warn("object {key} is not kura's: {error}", key=key, error=str(error))
             self._on_result("error")
+            return None
+        if stored.version_ms > self._clock.seconds() * 1000 + self._max_skew_ms:
+            log.warn(
+                "object {key} is versioned {version} ms, more than {skew} ms ahead; a miss",
+                key=key,
+                version=stored.version_ms,
+                skew=self._max_skew_ms,
+            )
+            self._on_result("future")
             return None
         if fetched.sha256 != stored.digest:
             log.error(CORRUPT_OBJECT, key=key, actual=fetched.sha256, expected=stored.digest)

@@ -66,9 +66,17 @@ class ObjectTier:
         metrics.object_store_uploads.set_function(lambda: float(self.queue.depth))
 
     def attach(
-        self, store: ArtifactStore, storage: IBlockingRunner, failpoints: Failpoints
+        self,
+        store: ArtifactStore,
+        storage: IBlockingRunner,
+        failpoints: Failpoints,
+        max_clock_skew_ms: int,
     ) -> None:
-        """Build the parts that work on ``store`` (built with :attr:`queue` as its hooks)."""
+        """Build the parts that work on ``store`` (built with :attr:`queue` as its hooks).
+
+        ``max_clock_skew_ms`` bounds how far ahead an object's version may be
+        (``KURA_MAX_CLOCK_SKEW_MS``, as for replicated writes).
+        """
         prefix = self.config.prefix or ""
         self.uploader = Uploader(
             store=store,
@@ -87,6 +95,7 @@ class ObjectTier:
             storage=storage,
             clock=self._reactor,
             deadline_seconds=self.config.read_deadline_ms / 1000,
+            max_clock_skew_ms=max_clock_skew_ms,
             on_result=lambda result: results.labels(result).inc(),
         )
         self.follower = TombstoneFollower(

@@ -545,7 +545,7 @@ class KuraMetrics:
         self.object_store_read_through = Counter(
             "kura_object_store_read_through",
             "Local misses asked of the object store, by result (hit, miss, corrupt, "
-            "deadline, error, stale).",
+            "deadline, error, stale, future).",
             ["result"],
             registry=r,
         )

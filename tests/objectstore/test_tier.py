@@ -236,3 +236,15 @@ def test_a_tombstone_in_the_store_removes_a_local_copy(tier: TierNodes) -> None:
 def test_the_upload_queue_provides_the_stores_write_hooks() -> None:
     """UploadQueue is a verified IWriteHooks (what ArtifactStore calls inside its commits)."""
     assert verifyObject(IWriteHooks, UploadQueue(cap=1))
+
+
+def test_an_object_versioned_far_ahead_is_a_miss(tier: TierNodes) -> None:
+    """An object whose version is past KURA_MAX_CLOCK_SKEW_MS ahead is not taken (404)."""
+    writer = tier.start("writer")
+    assert put(writer, "g1", b"bytes") == 201
+    writer.reactor.advance(0)
+    ((key, (metadata, body)),) = tier.s3.objects.items()
+    tier.s3.objects[key] = ({**metadata, naming.VERSION: str(10**15)}, body)
+    reader = tier.start("reader", KURA_MAX_CLOCK_SKEW_MS="60000")
+    assert request(reader, "GET", GRADLE.format(key="g1")).status == 404
+    assert sample(reader, "kura_object_store_read_through_total", result="future") == 1
