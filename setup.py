@@ -45,6 +45,11 @@ setup(
         "protobuf>=7.35.1",
         "googleapis-common-protos>=1.70",
         "zstandard>=0.22",
+        # The object-store tier (kura.objectstore): AWS's own maintained
+        # client core -- SigV4 signing, the standard credential chain
+        # (environment, shared files, web identity for IRSA pods), retries,
+        # checksum headers and multipart -- without boto3's resource layer.
+        "botocore>=1.34",
     ],
     extras_require={
         # Twisted's HTTP/2 support (ALPN h2 on TLS, prior-knowledge h2c).
@@ -69,6 +74,9 @@ setup(
             "kubernetes-validate>=1.30",
             "types-grpcio>=1.0",
             "types-protobuf>=5.0",
+            # A real S3 API for tests/objectstore: moto's standalone server,
+            # started on loopback by a fixture.
+            "moto[server]>=5.0",
         ],
         # `make protos`: regenerate kura/reapi/gen from kura/reapi/protos.
         "protos": ["grpcio-tools>=1.85.1"],

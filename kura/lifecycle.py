@@ -99,6 +99,8 @@ class NodeState:
         self.writer_lock_owned = False
         #: gRPC (REAPI) calls in progress; the node sets it when it serves gRPC.
         self.grpc_inflight: Callable[[], int] = lambda: 0
+        #: Writes and deletes queued for the object store; set when the tier is on.
+        self.object_store_uploads: Callable[[], int] = lambda: 0
         #: Start-up work that keeps the node unready while it runs (its reasons).
         self.holds: list[str] = []
         metrics.ready_state.set_function(lambda: float(self.readiness()[0]))
@@ -209,6 +211,7 @@ class NodeState:
             "http_inflight_requests": self._traffic.inflight,
             "grpc_inflight_requests": self.grpc_inflight(),
             "outbox_messages": self._outbox_depth(),
+            "object_store_uploads": self.object_store_uploads(),
             "memory_pressure_state": int(self.memory_pressure),
             "fd_timeout_count": FD_TIMEOUT_COUNT,
             # How the public port and the internal plane are guarded.

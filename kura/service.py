@@ -52,6 +52,8 @@ from kura.domain.artifacts import Manifest
 from kura.domain.failpoints import Failpoints
 from kura.lifecycle import NodeState
 from kura.memory import MemoryMonitor
+from kura.objectstore.client import S3Store, connect
+from kura.objectstore.tier import ObjectTier
 from kura.reapi.server import GrpcListener, ReapiServer, ReloadingGrpcCredentials
 from kura.replication.service import PeerMesh, ReplicationService
 from kura.scrub import ScrubService, state_path
@@ -114,6 +116,15 @@ class KuraNode(MultiService):
         registry: the Prometheus registry (a fresh one by default).
         runner: where blocking disk work runs (a bounded thread pool by
             default; tests pass an inline runner).
+        object_store: the object-store client when ``KURA_OBJECT_STORE_URL``
+            is set (built from the configuration and the AWS credential
+            chain by default; tests pass an in-memory one). With an injected
+            ``runner`` the tier's requests run on it too, else on the tier's
+            own threads.
+
+    Raises:
+        ObjectStoreSetupError: the object-store tier is configured but no
+            AWS credentials were found (the node must not start).
     """
 
     def __init__(
@@ -122,6 +133,7 @@ class KuraNode(MultiService):
         reactor: IReactorTime,
         registry: CollectorRegistry | None = None,
         runner: IBlockingRunner | None = None,
+        object_store: S3Store | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -138,6 +150,16 @@ class KuraNode(MultiService):
         failpoints = Failpoints(config.failpoints)
         # Before the store: the membership is its replication targets.
         self.peers = PeerMesh.build(config, reactor=reactor, metrics=self.metrics)
+        # Before the store too: the tier's upload queue hears of every client write.
+        self.object_tier: ObjectTier | None = None
+        if config.object_store.enabled:
+            self.object_tier = ObjectTier(
+                config=config.object_store,
+                client=object_store or connect(config.object_store),
+                reactor=reactor,
+                metrics=self.metrics,
+                runner=None if self.pool is not None else runner,
+            )
         self.store = ArtifactStore(
             layout=Layout(config.data_dir, config.tmp_dir),
             runner=self.runner,
@@ -152,7 +174,15 @@ class KuraNode(MultiService):
             replication_targets=self.peers.membership,
             on_evicted=self._count_eviction,
             on_damaged=self._damaged,
+            write_hooks=None if self.object_tier is None else self.object_tier.queue,
         )
+        if self.object_tier is not None:
+            self.object_tier.attach(
+                self.store,
+                self.runner,
+                failpoints,
+                max_clock_skew_ms=config.replication.auth.max_clock_skew_ms,
+            )
         self.traffic = PublicTraffic(reactor, self.metrics)
         self.authorizer = build_authorizer(
             config.extension, reactor=reactor, metrics=self.metrics, access=config.access
@@ -207,6 +237,7 @@ class KuraNode(MultiService):
             metrics=self.metrics,
             runner=self.runner,
             authorization=self.authorization,
+            read_through=None if self.object_tier is None else self.object_tier.fetch,
         )
         self.gate = Gate(
             routes=RouteMatch(self.api.app.url_map, self.api.specs),
@@ -268,6 +299,7 @@ class KuraNode(MultiService):
                 config=config.grpc,
                 node_tenant=config.tenant_id,
                 outbox_max_depth=config.replication.outbox_max_depth,
+                read_through=None if self.object_tier is None else self.object_tier.fetch,
             )
             grpcs = (
                 None
@@ -345,6 +377,10 @@ class KuraNode(MultiService):
 
     async def _start(self) -> None:
         await self.store.start()
+        if self.object_tier is not None:
+            await self.object_tier.start()
+            tier = self.object_tier
+            self.state.object_store_uploads = lambda: tier.queue.depth
         self.state.hold(STORE_SCAN)
         self._listen()
         # Only once the listeners are open (stopping waits for a sweep that started).
@@ -495,6 +531,8 @@ class KuraNode(MultiService):
             # It reads the metadata store: it must end before the store closes.
             self.sweep.stop()
             await self.swept
+        if self.object_tier is not None:
+            await self.object_tier.stop()
         if self.state.writer_lock_owned:
             await self.store.stop()
             if self.pool is not None:

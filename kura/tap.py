@@ -23,6 +23,7 @@ from twisted.python.components import Componentized
 import kura
 from kura.config import VARIABLES, ConfigError, KuraConfig
 from kura.config.environ import unknown_variables
+from kura.objectstore.client import ObjectStoreSetupError
 from kura.service import KuraNode
 from kura.telemetry.logs import flush_logs, observer_for
 
@@ -147,7 +148,8 @@ def makeService(options: Mapping[str, Any]) -> IService:
     """Build the node from the environment and ``options``.
 
     Exits with a message naming every bad variable when the configuration
-    is invalid.
+    is invalid, or saying what is missing when the object store is
+    configured without credentials.
     """
     # Imported here: importing the reactor installs it, and twistd picks
     # the reactor before it imports plugins' makeService.
@@ -163,3 +165,5 @@ def makeService(options: Mapping[str, Any]) -> IService:
         return TwistdNode(config, cast(IReactorTime, reactor))
     except ConfigError as error:
         raise SystemExit(f"kura: invalid configuration: {error}") from None
+    except ObjectStoreSetupError as error:
+        raise SystemExit(f"kura: object store: {error}") from None

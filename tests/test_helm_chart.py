@@ -64,6 +64,12 @@ EVERYTHING: dict[str, Any] = {
     "peerAuth": {"acceptUnsignedUntil": "2026-12-31T00:00:00Z"},
     "metrics": {"token": {"existingSecret": "kura-scrape"}},
     "status": {"token": {"existingSecret": "kura-status"}},
+    "objectStore": {
+        "url": "s3://kura-cache/ci",
+        "endpoint": "https://minio.internal:9000",
+        "region": "eu-west-1",
+        "credentials": {"existingSecret": "kura-s3"},
+    },
 }
 #: Declared by kura/config/node.py but deliberately not set by the chart.
 NOT_EXPOSED = {
@@ -1371,3 +1377,41 @@ def test_oidc_values_reach_the_node(chart: ChartRenderer, tmp_path: Path) -> Non
     config = parse(node_environ(rendered, tmp_path))
     assert config.access.oidc is not None
     assert config.access.oidc.issuer == OIDC["issuer"]
+
+
+def test_the_object_store_tier_is_off_unless_a_bucket_is_given(
+    default: Rendered, chart: ChartRenderer
+) -> None:
+    """No objectStore.url, no KURA_OBJECT_STORE_* and no AWS credentials in the pod."""
+    assert not any(name.startswith(("KURA_OBJECT_STORE_", "AWS_")) for name in default.env_names)
+    rendered = chart.render({"objectStore": {"url": "s3://kura-cache/ci"}})
+    assert rendered.env["KURA_OBJECT_STORE_URL"] == "s3://kura-cache/ci"
+    assert rendered.env["KURA_OBJECT_STORE_READ_DEADLINE_MS"] == "5000"
+    assert "KURA_OBJECT_STORE_ENDPOINT" not in rendered.env_names
+
+
+def test_object_store_keys_come_from_a_secret_or_from_the_pod_identity(
+    chart: ChartRenderer,
+) -> None:
+    """credentials.existingSecret wires the AWS keys; without it (IRSA) the service
+    account carries the role annotation and the pod gets no static keys."""
+    keyed = chart.render(
+        {"objectStore": {"url": "s3://kura-cache", "credentials": {"existingSecret": "s3"}}}
+    )
+    assert keyed.secret_env["AWS_ACCESS_KEY_ID"] == {"name": "s3", "key": "AWS_ACCESS_KEY_ID"}
+    assert keyed.secret_env["AWS_SECRET_ACCESS_KEY"] == {
+        "name": "s3",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
+    role = {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/kura"}
+    irsa = chart.render(
+        {"objectStore": {"url": "s3://kura-cache"}, "serviceAccount": {"annotations": role}}
+    )
+    assert not any(name.startswith("AWS_") for name in irsa.env_names)
+    assert irsa.one("ServiceAccount")["metadata"]["annotations"] == role
+
+
+def test_a_bad_object_store_url_is_refused_by_the_schema(chart: ChartRenderer) -> None:
+    """The values schema refuses a URL that is not s3://BUCKET/PREFIX."""
+    with pytest.raises(Exception, match="objectStore"):
+        chart.render({"objectStore": {"url": "https://bucket.example"}})

@@ -318,6 +318,37 @@ def _every_variable(pem: dict[str, str]) -> dict[str, tuple[str, Callable[[KuraC
             lambda c: c.access.status_token,
             hashlib.sha256(b"t" * 16).digest(),
         ),
+        "KURA_OBJECT_STORE_URL": (
+            "s3://kura-cache/ci/",
+            lambda c: (c.object_store.bucket, c.object_store.prefix),
+            ("kura-cache", "ci"),
+        ),
+        "KURA_OBJECT_STORE_ENDPOINT": (
+            "https://minio.internal:9000",
+            lambda c: c.object_store.endpoint,
+            "https://minio.internal:9000",
+        ),
+        "KURA_OBJECT_STORE_TOMBSTONE_POLL_MS": (
+            "2s",
+            lambda c: c.object_store.tombstone_poll_ms,
+            2000,
+        ),
+        "KURA_OBJECT_STORE_READ_DEADLINE_MS": (
+            "750ms",
+            lambda c: c.object_store.read_deadline_ms,
+            750,
+        ),
+        "KURA_OBJECT_STORE_UPLOAD_QUEUE_MAX": (
+            "5000",
+            lambda c: c.object_store.upload_queue_max,
+            5000,
+        ),
+        "KURA_OBJECT_STORE_MULTIPART_THRESHOLD_BYTES": (
+            "8MiB",
+            lambda c: c.object_store.multipart_threshold_bytes,
+            8 * 1024 * 1024,
+        ),
+        "KURA_OBJECT_STORE_THREADS": ("6", lambda c: c.object_store.threads, 6),
     }
 
 

@@ -24,6 +24,7 @@ from twisted.web.resource import IResource
 from kura.config import KuraConfig
 from kura.domain.errors import KuraError
 from kura.lifecycle import NodeState
+from kura.objectstore.readthrough import ReadThroughFetch
 from kura.storage.interfaces import IBlockingRunner
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
@@ -57,6 +58,11 @@ class PublicAPI:
         app: the Klein app serving ``routes``; its ``url_map`` is the one
             route matcher of both serving paths.
 
+    Args:
+        read_through: asks the object store for a local miss (the tier's
+            :meth:`~kura.objectstore.readthrough.ReadThrough.fetch`); none
+            without the tier.
+
     Raises:
         ValueError: two routes share an endpoint name.
     """
@@ -70,10 +76,13 @@ class PublicAPI:
         metrics: KuraMetrics,
         runner: IBlockingRunner,
         authorization: RequestAuthorization,
+        read_through: ReadThroughFetch | None = None,
     ) -> None:
         self._authorization = authorization
         self._metrics = metrics
-        artifacts = ArtifactService(store=store, metrics=metrics, runner=runner)
+        artifacts = ArtifactService(
+            store=store, metrics=metrics, runner=runner, read_through=read_through
+        )
         self.routes: tuple[Route, ...] = (
             *TuistRoutes(
                 artifacts,

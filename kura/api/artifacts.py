@@ -7,6 +7,9 @@ acts on is the one the hooks were shown (:func:`kura.api.routes.resolve_target`)
 
 Reads (:meth:`ArtifactService.download`):
 
+* a missing manifest is asked of the object store first, when the tier is
+  on (read-through: it answers within its deadline, a manifest now stored
+  here or a miss, never an error);
 * a missing manifest is the route's 404 (``RouteSpec.not_found_message``);
 * a storage fault is a 503, or a miss for clients that fail a whole build on
   a 5xx (``RouteSpec.misses_on_fault``);
@@ -46,6 +49,7 @@ from kura.domain.errors import (
     ServiceUnavailable,
     TombstonedWrite,
 )
+from kura.objectstore.readthrough import ReadThroughFetch
 from kura.storage.interfaces import IBlockingRunner
 from kura.storage.metadata import Outcome, WritePolicy
 from kura.storage.store import ArtifactStore
@@ -172,14 +176,21 @@ class ArtifactService:
         store: the node's artifact store.
         metrics: where reads, writes and the serving path are counted.
         runner: the storage threads file bodies are read on.
+        read_through: asks the object store for a local miss; none without the tier.
     """
 
     def __init__(
-        self, *, store: ArtifactStore, metrics: KuraMetrics, runner: IBlockingRunner
+        self,
+        *,
+        store: ArtifactStore,
+        metrics: KuraMetrics,
+        runner: IBlockingRunner,
+        read_through: ReadThroughFetch | None = None,
     ) -> None:
         self._store = store
         self._metrics = metrics
         self._runner = runner
+        self._read_through = read_through
 
     # -- counting -------------------------------------------------------------------
 
@@ -237,12 +248,15 @@ class ArtifactService:
         return StreamedBody(fd, head.body, spec, self._runner)
 
     async def find(self, spec: RouteSpec, address: ArtifactAddress) -> Manifest:
-        """The manifest of ``address``; a miss or a fault is counted and raised."""
+        """The manifest of ``address`` (read through on a local miss); a miss or a
+        fault is counted and raised."""
         try:
             manifest = await self._store.manifest(self._store.artifact_id(address))
         except KuraError as error:
             self.count_read(spec.producer, "error")
             raise self._read_fault(spec, error.message) from error
+        if manifest is None and self._read_through is not None:
+            manifest = await self._read_through(address)
         if manifest is None:
             self.count_read(spec.producer, "not_found")
             raise NotFound(spec.not_found_message)

@@ -30,6 +30,7 @@ import attrs
 from kura.config.access import ACCESS_VARIABLES, AccessConfig
 from kura.config.environ import Declarations, Reader, Variable
 from kura.config.extension import EXTENSION_VARIABLES, ExtensionConfig
+from kura.config.objectstore import OBJECT_STORE_VARIABLES, ObjectStoreConfig
 from kura.config.proxies import TrustedProxies, parse_trusted_proxies
 from kura.domain.failpoints import KNOWN as KNOWN_FAILPOINTS
 from kura.memory import derive_watermarks, memory_limit
@@ -468,11 +469,12 @@ REAPI_MAX_BATCH_BYTES = _var(
 )
 
 #: Every variable, in documentation order: the node's, then the public access
-#: rules' and the extension's.
+#: rules', the extension's and the object-store tier's.
 VARIABLES: tuple[Variable[Any], ...] = (
     *_var.variables,
     *ACCESS_VARIABLES,
     *EXTENSION_VARIABLES,
+    *OBJECT_STORE_VARIABLES,
 )
 
 
@@ -683,6 +685,7 @@ class KuraConfig:
     extension: ExtensionConfig = attrs.field(factory=ExtensionConfig)
     access: AccessConfig = attrs.field(factory=AccessConfig)
     grpc: GrpcConfig = attrs.field(factory=GrpcConfig)
+    object_store: ObjectStoreConfig = attrs.field(factory=ObjectStoreConfig)
 
     @property
     def open_access(self) -> bool:
@@ -796,6 +799,7 @@ class KuraConfig:
             extension=ExtensionConfig.read(read, environ),
             access=AccessConfig.read(read),
             grpc=read.grpc(port, internal_port),
+            object_store=ObjectStoreConfig.read(read),
         )
         read.check_mesh_security(config)
         read.raise_if_failed()

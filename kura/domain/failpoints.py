@@ -19,12 +19,15 @@ BEFORE_FSYNC = "before_fsync"
 AFTER_BYTES_DURABLE_BEFORE_METADATA = "after_bytes_durable_before_metadata"
 AFTER_METADATA_COMMIT_BEFORE_ACK = "after_metadata_commit_before_ack"
 BEFORE_OUTBOX_DELETE_AFTER_PEER_ACK = "before_outbox_delete_after_peer_ack"
+#: The object store holds a pass's uploads; their queue rows are not deleted yet.
+AFTER_OBJECT_UPLOAD_BEFORE_DEQUEUE = "after_object_upload_before_dequeue"
 KNOWN = frozenset(
     {
         BEFORE_FSYNC,
         AFTER_BYTES_DURABLE_BEFORE_METADATA,
         AFTER_METADATA_COMMIT_BEFORE_ACK,
         BEFORE_OUTBOX_DELETE_AFTER_PEER_ACK,
+        AFTER_OBJECT_UPLOAD_BEFORE_DEQUEUE,
     }
 )
 

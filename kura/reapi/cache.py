@@ -11,18 +11,21 @@ last-writer-wins, like the Bazel HTTP cache's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import NoReturn
+from collections.abc import Awaitable, Callable, Sequence
+from typing import NoReturn, TypeVar
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 
 from kura.domain.artifacts import OCTET_STREAM, ArtifactAddress, Manifest
 from kura.domain.errors import DigestMismatch as StoreDigestMismatch
+from kura.objectstore.readthrough import ReadThroughFetch
 from kura.storage.interfaces import IArtifactStore
 from kura.storage.metadata import WritePolicy
 from kura.storage.staging import StagedBody, StagingFile
 
 from .names import Digest, InvalidName, action_address, blob_address
+
+T = TypeVar("T")
 
 #: A blob opened for reading: a descriptor (the caller closes it) or an inline body.
 Opened = int | bytes
@@ -81,6 +84,9 @@ class ReapiCache:
         on_blob_read: called with ``(result, size)`` for every blob looked
             up for reading (``ok``/``not_found``): the artifact read metrics.
         on_blob_write: called with ``(result, size)`` for every blob write.
+        read_through: asks the object store for a blob or action result
+            missing here (reads only: ``FindMissingBlobs`` answers from this
+            node, so a client uploads again what only the store holds).
     """
 
     def __init__(
@@ -89,8 +95,10 @@ class ReapiCache:
         *,
         on_blob_read: Callable[[str, int], None] = lambda result, size: None,
         on_blob_write: Callable[[str, int], None] = lambda result, size: None,
+        read_through: ReadThroughFetch | None = None,
     ) -> None:
         self._store = store
+        self._read_through = read_through
         self._on_read = on_blob_read
         self._on_write = on_blob_write
 
@@ -117,11 +125,40 @@ class ReapiCache:
                 self._store.record_access(artifact_id)
         return missing
 
+    async def missing_after_read_through(
+        self, namespace: str, digests: Sequence[Digest]
+    ) -> list[Digest]:
+        """As :meth:`missing`, but blobs missing here are read through from the
+        object store first (concurrently); only what neither holds is missing.
+
+        For the outputs of an action result about to be served: the client
+        downloads them next, so fetching them now costs nothing extra.
+        ``FindMissingBlobs`` keeps :meth:`missing` (a client about to upload
+        must not make the node download).
+        """
+        missing = await self.missing(namespace, digests)
+        fetch = self._read_through
+        if not missing or fetch is None:
+            return missing
+        fetched = await gatherResults(
+            [
+                Deferred.fromCoroutine(_awaited(fetch(blob_address(namespace, digest))))
+                for digest in missing
+            ]
+        )
+        return [
+            digest
+            for digest, manifest in zip(missing, fetched, strict=True)
+            if manifest is None or manifest.size != digest.size
+        ]
+
     async def _manifest(self, address: ArtifactAddress, size: int | None) -> Manifest | None:
         artifact_id = self._store.artifact_id(address)
         manifest = self._store.cached_manifest(artifact_id) or await self._store.manifest(
             artifact_id
         )
+        if manifest is None and self._read_through is not None:
+            manifest = await self._read_through(address)
         if manifest is None or (size is not None and manifest.size != size):
             return None
         return manifest
@@ -219,3 +256,7 @@ class ReapiCache:
         except StoreDigestMismatch:
             self._mismatch(f"uploaded data does not match the sha256 of digest {digest}")
         self._on_write("ok", staged.size)
+
+
+async def _awaited(awaitable: Awaitable[T]) -> T:
+    return await awaitable

@@ -55,6 +55,7 @@ from kura.config.node import GrpcConfig, TlsFiles
 from kura.domain.errors import KuraError, ServiceUnavailable
 from kura.lifecycle import NodeState
 from kura.memory import Pressure
+from kura.objectstore.readthrough import ReadThroughFetch
 from kura.storage.interfaces import IArtifactStore
 from kura.telemetry.metrics import KuraMetrics
 from kura.tls import Reloading, public_server_options
@@ -300,6 +301,7 @@ class ReapiServer:
         config: the gRPC section of the configuration.
         node_tenant: ``server_tenant_id`` of every hook context.
         outbox_max_depth: writes are shed at this replication backlog.
+        read_through: asks the object store for what is missing here.
     """
 
     def __init__(
@@ -313,6 +315,7 @@ class ReapiServer:
         config: GrpcConfig,
         node_tenant: str,
         outbox_max_depth: int,
+        read_through: ReadThroughFetch | None = None,
     ) -> None:
         self._store = store
         self._state = state
@@ -328,6 +331,7 @@ class ReapiServer:
             store,
             on_blob_read=lambda result, size: reads.labels("reapi", result).inc(),
             on_blob_write=lambda result, size: writes.labels("reapi", result).inc(),
+            read_through=read_through,
         )
         self._sessions: dict[str, _Session] = {}
         self._sessions_lock = threading.Lock()
@@ -526,7 +530,10 @@ class ReapiServer:
         if opened is None:
             raise RpcAbort(grpc.StatusCode.NOT_FOUND, f"no action result for {action}")
         result = re_pb2.ActionResult.FromString(_read_all(opened))
-        missing = self._missing(context, namespace, self._referenced(context, namespace, result))
+        referenced = self._referenced(context, namespace, result)
+        missing: list[Digest] = referenced and self._call(
+            context, lambda: self.cache.missing_after_read_through(namespace, referenced)
+        )
         if missing:
             # Served as a miss: a hit whose outputs are gone would fail the build.
             raise RpcAbort(

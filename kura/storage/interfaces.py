@@ -13,6 +13,8 @@ from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:  # the store's own modules import this one
+    import sqlite3
+
     from kura.domain.artifacts import ArtifactAddress, Manifest
     from kura.storage.metadata import (
         ArtifactTombstone,
@@ -56,6 +58,32 @@ class IReplicationTargets(Interface):
 
     def targets() -> Sequence[str]:
         """The internal base URLs of the peers a write made now must reach."""
+
+
+class IWriteHooks(Interface):
+    """What the store tells a tier behind it about client writes and deletes.
+
+    Each method runs on the storage thread that commits, inside the metadata
+    transaction of the write it hears of (after it applied), on the writer
+    connection ``conn``: what it records commits or rolls back with that
+    write. Raising refuses the write (its changes roll back and the caller
+    gets the error). Only writes and deletes a client asked of this node are
+    told: replicated ones, and those the tier itself applies, are not.
+    Implemented by :class:`kura.objectstore.queue.UploadQueue`.
+    """
+
+    def artifact_written(conn: sqlite3.Connection, manifest: Manifest, now_ms: int) -> None:
+        """``manifest`` was published."""
+
+    def namespace_deleted(
+        conn: sqlite3.Connection, namespace_id: str, version_ms: int, now_ms: int
+    ) -> None:
+        """``namespace_id`` was cleaned at ``version_ms``."""
+
+    def artifact_deleted(
+        conn: sqlite3.Connection, tombstone: ArtifactTombstone, now_ms: int
+    ) -> None:
+        """One artifact was deleted (``tombstone`` recorded)."""
 
 
 class IArtifactStore(Interface):

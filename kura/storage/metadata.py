@@ -21,6 +21,11 @@ Tables:
     describe.
 ``peer_watermarks``
     each peer's durable catch-up state (:mod:`kura.replication.watermark`).
+``object_uploads``
+    the object-store tier's durable upload queue (:mod:`kura.objectstore`):
+    one row per client write or delete still to be put in the store,
+    written in the transaction that publishes it; an artifact with a row
+    here is never evicted.
 
 Everything here is synchronous and runs on a storage thread. Reads use one
 connection per thread; writes are *operations* (callables taking the writer
@@ -49,7 +54,7 @@ T = TypeVar("T")
 #: The schema this release writes (``PRAGMA user_version``). A store written
 #: by an older release is migrated in place at open (:data:`MIGRATIONS`); a
 #: newer one is refused.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class SchemaVersionError(StorageFault):
@@ -77,6 +82,25 @@ CREATE TABLE IF NOT EXISTS peer_watermarks (
 """
 
 
+#: What schema 3 added: the object-store tier's upload queue. ``kind`` is
+#: ``artifact``, ``delete_artifact`` or ``delete_namespace``; ``artifact_id``
+#: is empty for a namespace clean. Rows are taken in ``seq`` order once
+#: ``due_ms`` has passed; a failed attempt moves ``due_ms`` on (backoff).
+_SCHEMA_3_TABLES = """
+CREATE TABLE IF NOT EXISTS object_uploads (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind          TEXT NOT NULL,
+    artifact_id   TEXT NOT NULL,
+    namespace_id  TEXT NOT NULL,
+    version_ms    INTEGER NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    due_ms        INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS object_uploads_by_artifact ON object_uploads (artifact_id);
+"""
+
+
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
     """Run ``script``'s statements one by one (``executescript`` would commit)."""
     for statement in script.split(";"):
@@ -87,6 +111,10 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 def _schema_1_to_2(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE manifests ADD COLUMN digest TEXT")
     _run_script(conn, _SCHEMA_2_TABLES)
+
+
+def _schema_2_to_3(conn: sqlite3.Connection) -> None:
+    _run_script(conn, _SCHEMA_3_TABLES)
 
 
 _SCHEMA = (
@@ -139,6 +167,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 """
     + _SCHEMA_2_TABLES
+    + _SCHEMA_3_TABLES
 )
 
 #: ``{version: step}``: each step takes a store from ``version`` to
@@ -146,6 +175,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 #: without kura's tables (a new store), which the schema script creates.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _schema_1_to_2,
+    2: _schema_2_to_3,
 }
 
 _MANIFEST_COLUMNS = (
@@ -221,6 +251,33 @@ class ArtifactTombstone:
     namespace_id: str
     version_ms: int
     deleted_at_ms: int
+
+
+@attrs.frozen
+class ObjectUpload:
+    """One row of the object-store upload queue (``object_uploads``).
+
+    Attributes:
+        seq: its place in the queue.
+        kind: :data:`UPLOAD_ARTIFACT`, :data:`UPLOAD_DELETE_ARTIFACT` or
+            :data:`UPLOAD_DELETE_NAMESPACE`.
+        artifact_id: the artifact ("" for a namespace clean).
+        namespace_id: its namespace.
+        version_ms: the version written or deleted.
+        attempts: failed attempts so far (the backoff grows with them).
+    """
+
+    seq: int
+    kind: str
+    artifact_id: str
+    namespace_id: str
+    version_ms: int
+    attempts: int
+
+
+UPLOAD_ARTIFACT = "artifact"
+UPLOAD_DELETE_ARTIFACT = "delete_artifact"
+UPLOAD_DELETE_NAMESPACE = "delete_namespace"
 
 
 @attrs.frozen
@@ -478,6 +535,22 @@ class MetadataStore:
             (after_seq, limit),
         )
         return [OutboxMessage(row[0], row[1], json.loads(row[2])) for row in rows]
+
+    def object_upload_count(self) -> int:
+        return int(self._reader().execute("SELECT COUNT(*) FROM object_uploads").fetchone()[0])
+
+    def object_uploads_due(self, now_ms: int, limit: int) -> list[ObjectUpload]:
+        """Up to ``limit`` queued uploads whose time has come, oldest first."""
+        rows = self._reader().execute(
+            "SELECT seq, kind, artifact_id, namespace_id, version_ms, attempts "
+            "FROM object_uploads WHERE due_ms <= ? ORDER BY seq LIMIT ?",
+            (now_ms, limit),
+        )
+        return [ObjectUpload(*row) for row in rows]
+
+    def next_object_upload_due(self) -> int | None:
+        row = self._reader().execute("SELECT MIN(due_ms) FROM object_uploads").fetchone()
+        return None if row[0] is None else int(row[0])
 
     def get_upload(self, upload_id: str) -> Upload | None:
         reader = self._reader()
@@ -793,8 +866,11 @@ class MetadataStore:
     ) -> list[tuple[str, str, str, int]]:
         """Drop least-recently-used blobs until ``incoming`` more bytes fit.
 
-        ``keep`` (the artifact being written) is never chosen. Eviction is
-        local: it writes no tombstone and no outbox message.
+        ``keep`` (the artifact being written) is never chosen, nor is an
+        artifact still queued for the object store (``object_uploads``):
+        with the tier on, the local disk is a cache of the store, and only
+        what the store already holds may leave it. Eviction is local: it
+        writes no tombstone and no outbox message.
 
         Returns:
             ``(artifact_id, producer, blob_path, size)`` of every evicted artifact.
@@ -802,8 +878,10 @@ class MetadataStore:
         evicted: list[tuple[str, str, str, int]] = []
         while self.used_bytes + incoming > capacity:
             victims = conn.execute(
-                "SELECT artifact_id, producer, blob_path, size FROM manifests "
-                "WHERE inline = 0 AND artifact_id != ? ORDER BY last_access_ms LIMIT 64",
+                "SELECT artifact_id, producer, blob_path, size FROM manifests AS m "
+                "WHERE inline = 0 AND artifact_id != ? AND NOT EXISTS "
+                "(SELECT 1 FROM object_uploads AS u WHERE u.artifact_id = m.artifact_id) "
+                "ORDER BY last_access_ms LIMIT 64",
                 (keep,),
             ).fetchall()
             if not victims:
@@ -925,6 +1003,20 @@ class MetadataStore:
             (peer, state, now_ms),
         )
 
+    def delete_object_uploads(self, conn: sqlite3.Connection, seqs: Sequence[int]) -> int:
+        """Delete uploaded rows; returns the rows left (counted in the same transaction)."""
+        conn.executemany("DELETE FROM object_uploads WHERE seq = ?", [(s,) for s in seqs])
+        return int(conn.execute("SELECT COUNT(*) FROM object_uploads").fetchone()[0])
+
+    def postpone_object_uploads(
+        self, conn: sqlite3.Connection, due: Sequence[tuple[int, int]]
+    ) -> None:
+        """Count a failed attempt of each ``(seq, due_ms)`` row and move its turn to ``due_ms``."""
+        conn.executemany(
+            "UPDATE object_uploads SET attempts = attempts + 1, due_ms = ? WHERE seq = ?",
+            [(due_ms, seq) for seq, due_ms in due],
+        )
+
     def delete_outbox(self, conn: sqlite3.Connection, seqs: Sequence[int]) -> int:
         return conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs]).rowcount
 
@@ -969,4 +1061,24 @@ def _enqueue(
     conn.executemany(
         "INSERT INTO outbox (target, operation, created_at_ms) VALUES (?, ?, ?)",
         [(target, payload, now_ms) for target in targets],
+    )
+
+
+def enqueue_object_upload(
+    conn: sqlite3.Connection,
+    kind: str,
+    artifact_id: str,
+    namespace_id: str,
+    version_ms: int,
+    now_ms: int,
+) -> None:
+    """Queue one write or delete for the object store, due at once (an operation).
+
+    A module function: the queue's hooks (:class:`kura.objectstore.queue.UploadQueue`)
+    run inside another operation's transaction, on its connection.
+    """
+    conn.execute(
+        "INSERT INTO object_uploads (kind, artifact_id, namespace_id, version_ms, due_ms, "
+        "created_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+        (kind, artifact_id, namespace_id, version_ms, now_ms, now_ms),
     )

@@ -64,7 +64,12 @@ from kura.domain.failpoints import (
     Failpoints,
 )
 from kura.storage.batch import MAX_BATCH, write_batch
-from kura.storage.interfaces import IArtifactStore, IBlockingRunner, IReplicationTargets
+from kura.storage.interfaces import (
+    IArtifactStore,
+    IBlockingRunner,
+    IReplicationTargets,
+    IWriteHooks,
+)
 from kura.storage.layout import Layout, fsync_directory, make_directory_durably
 from kura.storage.metadata import (
     ApplyResult,
@@ -233,6 +238,8 @@ class ArtifactStore:
         memory_body_bytes: bodies with a declared length up to this are
             received in memory and written in batches
             (``KURA_MEMORY_BODY_MAX_BYTES``; 0 stages every body).
+        write_hooks: told of every client write and delete inside its
+            transaction (the object-store tier's upload queue); none by default.
 
     Commit listeners (:meth:`add_commit_listener`) hear of every metadata
     commit.
@@ -254,8 +261,10 @@ class ArtifactStore:
         on_evicted: Callable[[str, int], None] = lambda producer, size: None,
         on_damaged: Callable[[Manifest, str], None] = lambda manifest, reason: None,
         memory_body_bytes: int = MEMORY_BODY_MAX_BYTES,
+        write_hooks: IWriteHooks | None = None,
     ) -> None:
         self.layout = layout
+        self._write_hooks = write_hooks
         self.memory_body_bytes = memory_body_bytes
         self.node_tenant = node_tenant
         self.capacity_bytes = capacity_bytes
@@ -387,6 +396,14 @@ class ArtifactStore:
         self._queue.append(_Pending(operation, done, body))
         self._pump()
         return done
+
+    def commit(self, operation: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
+        """Run ``operation`` (on the writer connection) in the next group commit.
+
+        For the tiers beside the store that keep rows of their own (the
+        object-store upload queue); errors as :meth:`_commit`'s.
+        """
+        return self._commit(operation)
 
     def _access_operation(self) -> Callable[[sqlite3.Connection], None]:
         accessed, self._accessed = self._accessed, {}
@@ -911,6 +928,8 @@ class ArtifactStore:
                     conn, capacity, manifest.size, keep=manifest.artifact_id
                 )
             result = self.metadata.apply_artifact(conn, written, inline_value, policy, targets, now)
+            if fresh and result.outcome is Outcome.APPLIED and self._write_hooks is not None:
+                self._write_hooks.artifact_written(conn, written, now)
             return result, evicted
 
         try:
@@ -953,11 +972,17 @@ class ArtifactStore:
         ``targets`` as for :meth:`publish_blob`.
         """
         version = version_ms if version_ms is not None else self.next_version()
+        hooks = self._write_hooks if targets is None else None  # a client's clean
         targets = tuple(self._replication_targets.targets()) if targets is None else tuple(targets)
         now = self.now_ms()
-        result = await self._commit(
-            lambda conn: self.metadata.delete_namespace(conn, namespace_id, version, targets, now)
-        )
+
+        def operation(conn: sqlite3.Connection) -> ApplyResult:
+            result = self.metadata.delete_namespace(conn, namespace_id, version, targets, now)
+            if hooks is not None and result.outcome is Outcome.APPLIED:
+                hooks.namespace_deleted(conn, namespace_id, version, now)
+            return result
+
+        result = await self._commit(operation)
         self._cache.discard_namespace(namespace_id)
         if result.outcome is Outcome.APPLIED:
             self.outbox_depth += len(targets)
@@ -990,12 +1015,18 @@ class ArtifactStore:
                 version = self._last_version = current.version_ms + 1
         else:
             version = version_ms
+        hooks = self._write_hooks if targets is None else None  # a client's delete
         targets = tuple(self._replication_targets.targets()) if targets is None else tuple(targets)
         now = self.now_ms()
         tombstone = ArtifactTombstone(artifact_id, namespace_id, version, min(version, now))
-        result = await self._commit(
-            lambda conn: self.metadata.delete_artifact(conn, tombstone, targets, now)
-        )
+
+        def operation(conn: sqlite3.Connection) -> ApplyResult:
+            result = self.metadata.delete_artifact(conn, tombstone, targets, now)
+            if hooks is not None and result.outcome is Outcome.APPLIED:
+                hooks.artifact_deleted(conn, tombstone, now)
+            return result
+
+        result = await self._commit(operation)
         if result.outcome is Outcome.APPLIED:
             self._cache.discard(artifact_id)
             self.outbox_depth += len(targets)

@@ -521,3 +521,36 @@ class KuraMetrics:
         self.grpc_inflight_requests = Gauge(
             "kura_grpc_inflight_requests", "gRPC calls in progress.", registry=r
         )
+
+        # Object store (kura.objectstore) ---------------------------------------
+        self.object_store_requests = Counter(
+            "kura_object_store_requests",
+            "Object-store requests by operation (put, get, head, delete, list) and result "
+            "(ok, missing, error).",
+            ["operation", "result"],
+            registry=r,
+        )
+        self.object_store_request_duration = Histogram(
+            "kura_object_store_request_duration_seconds",
+            "Object-store request duration (queueing for a client thread included), by operation.",
+            ["operation"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.object_store_uploads = Gauge(
+            "kura_object_store_uploads",
+            "Writes and deletes waiting in the durable queue to be put in the object store.",
+            registry=r,
+        )
+        self.object_store_read_through = Counter(
+            "kura_object_store_read_through",
+            "Local misses asked of the object store, by result (hit, miss, corrupt, "
+            "deadline, error, stale, future).",
+            ["result"],
+            registry=r,
+        )
+        self.object_store_tombstones_applied = Counter(
+            "kura_object_store_tombstones_applied",
+            "Tombstones learned from the object store that changed this node.",
+            registry=r,
+        )

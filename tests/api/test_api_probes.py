@@ -56,6 +56,7 @@ ROLLOUT_FIELDS = {
     "http_inflight_requests",
     "grpc_inflight_requests",
     "outbox_messages",
+    "object_store_uploads",
     "memory_pressure_state",
     "fd_timeout_count",
 }

@@ -112,7 +112,7 @@ def test_a_release_1_store_gains_schema_2_in_place(tmp_path: Path) -> None:
         store = MetadataStore(str(path), str(tmp_path))
         store.open()
         store.close()
-    assert user_version(path) == SCHEMA_VERSION == 2
+    assert user_version(path) == SCHEMA_VERSION == 3
     conn = sqlite3.connect(path)
     try:
         assert conn.execute(
@@ -122,6 +122,31 @@ def test_a_release_1_store_gains_schema_2_in_place(tmp_path: Path) -> None:
         assert {"artifact_tombstones", "peer_watermarks", "manifests_by_version"} <= tables
     finally:
         conn.close()
+
+
+def test_a_schema_2_store_gains_the_upload_queue_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real 2 -> 3 step: the store of the release before the object-store
+    tier keeps its data and gains an empty upload queue."""
+    path = tmp_path / "kura.sqlite3"
+    store_of_release_1(path)
+    with monkeypatch.context() as release_2:
+        release_2.setattr(metadata, "SCHEMA_VERSION", 2)
+        release_2.setattr(metadata, "MIGRATIONS", {1: metadata._schema_1_to_2})
+        store = MetadataStore(str(path), str(tmp_path))
+        store.open()
+        store.close()
+    assert user_version(path) == 2
+    store = MetadataStore(str(path), str(tmp_path))
+    store.open()
+    try:
+        assert user_version(path) == 3
+        assert store.object_upload_count() == 0
+        manifest = store.get_manifest("a1")
+        assert manifest is not None and manifest.size == 42
+    finally:
+        store.close()
 
 
 def test_a_migrated_store_matches_a_new_one(tmp_path: Path) -> None:
@@ -162,15 +187,15 @@ def test_an_older_store_is_migrated_in_place(
     def add_checksums(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE manifests ADD COLUMN checksum TEXT")
 
-    monkeypatch.setattr(metadata, "SCHEMA_VERSION", 3)
-    monkeypatch.setattr(metadata, "MIGRATIONS", {1: metadata._schema_1_to_2, 2: add_checksums})
+    monkeypatch.setattr(metadata, "SCHEMA_VERSION", 4)
+    monkeypatch.setattr(metadata, "MIGRATIONS", {**metadata.MIGRATIONS, 3: add_checksums})
     path = tmp_path / "kura.sqlite3"
     store_of_release_1(path)
-    for _ in range(2):  # the second open finds version 2 and migrates nothing
+    for _ in range(2):  # the second open finds version 4 and migrates nothing
         store = MetadataStore(str(path), str(tmp_path))
         store.open()
         store.close()
-    assert user_version(path) == 3
+    assert user_version(path) == 4
     conn = sqlite3.connect(path)
     columns = [row[1] for row in conn.execute("PRAGMA table_info(manifests)")]
     assert "checksum" in columns

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from kura.storage.metadata import SCHEMA_VERSION
 from tests.storage.test_schema_version import user_version
 from tests.support.real import RealNode
 from tests.support.release import previous_release
@@ -49,4 +50,4 @@ def test_a_store_written_by_the_previous_release_serves_after_the_upgrade(
         assert get(new, "new") == b"n" * 10
     finally:
         new.stop()
-    assert user_version(data_dir / "kura.sqlite3") == 2
+    assert user_version(data_dir / "kura.sqlite3") == SCHEMA_VERSION
