@@ -166,7 +166,12 @@ class Accelerator:
             self.handles,
         )
         self.meters = AcceleratorMeters(
-            collaborators.metrics, mode=engine.mode, permits=self.permits, handles=self.handles
+            collaborators.metrics,
+            mode=engine.mode,
+            permits=self.permits,
+            handles=self.handles,
+            egress=self.egress,
+            traffic=self.traffic,
         )
         self.dates = DateCache()
 
