@@ -19,7 +19,7 @@ from kura.api.routes import xcode_cas
 from kura.service import KuraNode
 from kura.testing import Response
 from kura.web.routing import Query
-from tests.support.real import RawClient
+from tests.support.real import RawClient, until
 
 T = TypeVar("T")
 MiB = 1024 * 1024
@@ -159,7 +159,7 @@ async def test_client_abort_mid_transfer_is_499_and_frees_the_permit(start_node:
         client.reset()
 
     await in_thread(scenario)
-    await _until(lambda: node.accelerator.permits.in_use == 0)
+    await until(lambda: node.accelerator.permits.in_use == 0)
     assert egress(node, "client_aborted") == 1
     assert metric(node, "kura_http_requests_total", route="/api/cache/cas/{id}", status="499") == 1
     assert metric(node, "kura_http_requests_total", route="/api/cache/cas/{id}", status="500") == 0
@@ -214,18 +214,6 @@ async def test_truncated_file_closes_the_connection_as_incomplete(start_node: An
     received, closed = await in_thread(scenario)
     assert closed and received < len(body)
     assert egress(node, "incomplete") == 1
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait (on the reactor clock) until ``condition`` holds."""
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    waited = 0.0
-    while not condition():
-        assert waited < timeout, "condition not reached"
-        await deferLater(reactor, 0.01)
-        waited += 0.01
 
 
 @pytest_twisted.ensureDeferred

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kura.testing import Response, parse_responses
@@ -260,3 +260,15 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait, on the real reactor, until ``condition`` holds (polled every 10 ms)."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    waited = 0.0
+    while not condition():
+        assert waited < timeout, "condition not reached"
+        await deferLater(reactor, 0.01)
+        waited += 0.01
