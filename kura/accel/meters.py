@@ -164,7 +164,11 @@ class RouteMeters:
             histogram.counts[index] += 1
             histogram.sum += seconds
             histogram.count += 1
-        self._throughput.observe(sent / seconds)
+        throughput = self._throughput
+        rate = sent / seconds
+        throughput.counts[bisect_left(throughput.bounds, rate)] += 1
+        throughput.sum += rate
+        throughput.count += 1
         traffic = self._traffic
         traffic.started += 1
         traffic.smooth_first_byte(seconds, now)

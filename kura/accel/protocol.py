@@ -282,24 +282,27 @@ class SamePortProtocol(Protocol):
         its end resumes reading and calls this again.
         """
         accel = self._accel
+        # One clock read per turn of the reactor: it stamps the arrival of
+        # every head that starts in these bytes and the idle deadline after
+        # them (they are microseconds apart).
+        now = accel.reactor.seconds()
         while self.state is State.IDLE or self.state is State.READING_HEAD:
             buffer = self._buffer
             if not buffer:
                 self.state = State.IDLE
-                self._deadline = accel.reactor.seconds() + accel.settings.idle_timeout
+                self._deadline = now + accel.idle_timeout
                 return
             if self.state is State.IDLE:
                 self.state = State.READING_HEAD
-                now = accel.reactor.seconds()
                 self._head_started_at = now
-                self._deadline = now + accel.settings.header_timeout
+                self._deadline = now + accel.header_timeout
             if buffer[0] == 0x50 and (  # b"P"
                 buffer.startswith(H2_PREFACE) or H2_PREFACE.startswith(buffer)
             ):
                 if len(buffer) >= len(H2_PREFACE):
                     self._hand_off_h2()
                 return
-            if not accel.settings.config.enabled:
+            if not accel.enabled:
                 # The kill switch: twisted.web serves everything on this port.
                 self._hand_off(reasons.DISABLED)
                 return
@@ -319,10 +322,11 @@ class SamePortProtocol(Protocol):
                 self._hand_off(candidate)
                 return
             permits = accel.permits
-            refusal = admit(
-                draining=accel.state.draining, permits_free=permits.in_use < permits.limit
-            )
-            if refusal is not None:
+            draining = accel.state.draining
+            permits_free = permits.in_use < permits.limit
+            if draining or not permits_free:
+                refusal = admit(draining=draining, permits_free=permits_free)
+                assert refusal is not None
                 self._hand_off(refusal.reason)
                 return
             manifest = accel.store.cached_manifest(candidate.artifact_id)
@@ -419,7 +423,7 @@ class SamePortProtocol(Protocol):
             self._took_on(candidate, manifest, transfer, request_id, now)
             return True
         self._buffer = self._buffer[head.length :]
-        accel.store.record_access(candidate.artifact_id)
+        accel.store.record_access(candidate.artifact_id, now)
         spec = candidate.spec
         accel.meters.route(spec).count_whole(body.length, now - self._head_started_at, now)
         if accel.site.access_log:
