@@ -134,13 +134,7 @@ class KernelTransferEngine:
         return transfer
 
     def send(
-        self,
-        transport: Any,
-        head: bytes,
-        file_fd: int,
-        offset: int,
-        length: int,
-        done: Callable[[Any], None],
+        self, transport: Any, head: bytes, file_fd: int, length: int, done: Callable[[Any], None]
     ) -> BodyTransfer | None:
         sock = transport.socket
         written = sent = 0
@@ -149,14 +143,14 @@ class KernelTransferEngine:
             try:
                 written = sock.send(head, socket.MSG_MORE if length else 0)
                 if written == len(head) and length:
-                    sent = os.sendfile(sock.fileno(), file_fd, offset, length)
+                    sent = os.sendfile(sock.fileno(), file_fd, 0, length)
             except OSError:
                 pass  # pump() meets it again below and tells what it means
             if written == len(head) and sent == length:
                 return None
         # Pushed back, short or failed: the general machinery takes it from here.
         transfer = BodyTransfer(
-            sock, file_fd, offset + sent, length - sent, head[written:], self._chunk_bytes
+            sock, file_fd, sent, length - sent, head[written:], self._chunk_bytes
         )
         transfer.sent = sent
         self._run(transfer, done)

@@ -90,15 +90,11 @@ class ITransferEngine(Interface):
         """
 
     def send(
-        transport: Any,
-        head: bytes,
-        file_fd: int,
-        offset: int,
-        length: int,
-        done: Callable[[Any], None],
+        transport: Any, head: bytes, file_fd: int, length: int, done: Callable[[Any], None]
     ) -> ITransfer | None:
-        """Send a small response (no reservation: ``length`` is at most what
-        ``sendfile`` sends in one go) right now, if the socket takes it.
+        """Send ``head``, then the whole of a small file (``length`` bytes,
+        at most what ``sendfile`` sends in one go; no reservation), right now
+        if the socket takes it.
 
         The same contract as :meth:`start`, except for the common case: when
         the head and the whole body left at once, it returns ``None`` and

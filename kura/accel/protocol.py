@@ -399,12 +399,11 @@ class SamePortProtocol(Protocol):
         if fd < 0:
             return False
         decision = serve_whole(manifest)
-        response = decision.response
-        if response.status != 200:
+        if decision.response.status != 200:
             return False
         request_id = accel.request_ids.next()
         now = accel.reactor.seconds()
-        body = response.body
+        length = manifest.size  # the whole file (ready_fd checked its size)
         transfer = accel.engine.send(
             self._tcp,
             head_from_fields(
@@ -415,8 +414,7 @@ class SamePortProtocol(Protocol):
                 keep_alive=True,  # admit() let it in: the node is not draining
             ),
             fd,
-            body.offset,
-            body.length,
+            length,
             self._transfer_done,
         )
         if transfer is not None:
@@ -425,7 +423,7 @@ class SamePortProtocol(Protocol):
         self._buffer = self._buffer[head.length :]
         accel.store.record_access(candidate.artifact_id, now)
         spec = candidate.spec
-        accel.meters.route(spec).count_whole(body.length, now - self._head_started_at, now)
+        accel.meters.route(spec).count_whole(length, now - self._head_started_at, now)
         if accel.site.access_log:
             log_access(head.method, head.path, 200, request_id, spec)
         self.state = State.IDLE  # the loop takes the next request

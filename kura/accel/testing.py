@@ -143,19 +143,13 @@ class FakeTransferEngine:
         return transfer
 
     def send(
-        self,
-        transport: Any,
-        head: bytes,
-        file_fd: int,
-        offset: int,
-        length: int,
-        done: Callable[[Any], None],
+        self, transport: Any, head: bytes, file_fd: int, length: int, done: Callable[[Any], None]
     ) -> FakeTransfer | None:
-        """As :meth:`start` without a reservation; a transfer that completed
-        is recorded in :attr:`transfers` but not returned (``None``), as the
-        kernel engine makes none."""
+        """As :meth:`start` of the whole file without a reservation; a transfer
+        that completed is recorded in :attr:`transfers` but not returned
+        (``None``), as the kernel engine makes none."""
         self.reserved += 1
-        transfer = self.start(self, transport, head, file_fd, offset, length, done)
+        transfer = self.start(self, transport, head, file_fd, 0, length, done)
         return None if transfer.result == OK else transfer
 
     def close(self) -> None:

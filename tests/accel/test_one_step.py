@@ -20,12 +20,11 @@ from typing import Any, TypeVar
 
 import pytest
 import pytest_twisted
-from twisted.internet.threads import deferToThread
 
 from kura.service import KuraNode
 from kura.storage import verify
-from kura.testing import Response
-from tests.support.real import RawClient, until
+from kura.testing import Response, sample
+from tests.support.real import RawClient, call, in_thread, until
 
 T = TypeVar("T")
 CAS = "/api/cache/cas/{}?tenant_id=default"
@@ -33,22 +32,8 @@ CCACHE = "/ccache/" + "89178b0daf" + "0" * 30
 ROUTE = "/api/cache/cas/{id}"
 
 
-async def in_thread(work: Callable[[], T]) -> T:
-    result: T = await deferToThread(work)
-    return result
-
-
-def call(node: KuraNode, method: str, target: str, body: bytes) -> Response:
-    client = RawClient(node.public_port)
-    head = f"{method} {target} HTTP/1.1\r\nHost: k\r\nContent-Length: {len(body)}\r\n\r\n"
-    client.send(head.encode() + body, heads=[False])
-    [response] = client.read_responses(1)
-    client.close()
-    return response
-
-
 def metric(node: KuraNode, name: str, **labels: str) -> float:
-    return node.metrics.registry.get_sample_value(name, labels) or 0.0
+    return sample(node, name, **labels)
 
 
 def egress(node: KuraNode, result: str) -> float:
@@ -92,8 +77,8 @@ async def test_keep_alive_alternates_the_one_step_and_threaded_paths(start_node:
     small, large = os.urandom(4096), os.urandom(3 * 1024 * 1024)
 
     def scenario() -> tuple[list[Response], bool]:
-        assert call(node, "POST", CAS.format("small"), small).status == 204
-        assert call(node, "POST", CAS.format("large"), large).status == 204
+        assert call(node.public_port, "POST", CAS.format("small"), small).status == 204
+        assert call(node.public_port, "POST", CAS.format("large"), large).status == 204
         client = RawClient(node.public_port)
         responses = []
         for key in ("small", "small", "large", "small"):
@@ -140,13 +125,13 @@ async def test_a_body_replaced_between_two_requests_is_never_served_stale(
     first, second = os.urandom(4096), os.urandom(4096)
 
     def scenario() -> list[Response]:
-        assert call(node, "PUT", CCACHE, first).status in (200, 201, 204)
+        assert call(node.public_port, "PUT", CCACHE, first).status in (200, 201, 204)
         client = RawClient(node.public_port)
         responses = []
         for _ in range(2):
             client.get(CCACHE)
             responses += client.read_responses(1)
-        assert call(node, "PUT", CCACHE, second).status in (200, 201, 204)
+        assert call(node.public_port, "PUT", CCACHE, second).status in (200, 201, 204)
         for _ in range(2):
             client.get(CCACHE)
             responses += client.read_responses(1)
@@ -174,7 +159,7 @@ async def test_a_client_that_stops_reading_gets_every_response_once_it_reads(
     count = 200
 
     def scenario() -> list[Response]:
-        assert call(node, "POST", CAS.format("pushed"), body).status == 204
+        assert call(node.public_port, "POST", CAS.format("pushed"), body).status == 204
         warm = RawClient(node.public_port)
         warm.get(CAS.format("pushed"))  # opens the file: the GETs below are one-step
         assert warm.read_responses(1)[0].body == body
@@ -207,7 +192,7 @@ async def test_a_client_that_stops_reading_and_resets_frees_everything(
     body = os.urandom(60 * 1024)
 
     def scenario() -> None:
-        assert call(node, "POST", CAS.format("dropped"), body).status == 204
+        assert call(node.public_port, "POST", CAS.format("dropped"), body).status == 204
         warm = RawClient(node.public_port)
         warm.get(CAS.format("dropped"))
         warm.read_responses(1)
