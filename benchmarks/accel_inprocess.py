@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kura.accel.protocol import SamePortFactory, SamePortProtocol
 from kura.storage import verify
+from kura.telemetry.logs import observer_for
 from kura.testing import memory_node, request
 
 TARGET = "/api/cache/cas/bench?tenant_id=default"
@@ -96,10 +97,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--paths", default="one-step,general", help="comma list of one-step, general (both)"
     )
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="the JSON access log on, its lines written to /dev/null (the node's default)",
+    )
     args = parser.parse_args(argv)
     verify.RACY_SECONDS = 0.0  # steady state: the file was verified long ago
     with tempfile.TemporaryDirectory() as data:
-        node = memory_node(data, KURA_ACCESS_LOG="false")
+        if args.access_log:
+            observer_for("json", open(os.devnull, "w"))  # noqa: SIM115 - for the process's life
+        node = memory_node(data, KURA_ACCESS_LOG="true" if args.access_log else "false")
         body = os.urandom(args.size)
         stored = request(node, "POST", TARGET, body)
         assert stored.status == 204, stored
@@ -124,6 +132,7 @@ def main(argv: list[str]) -> int:
             f"{path:<9} {statistics.median(values):6.2f} µs/request "
             f"[{min(values):.2f}-{max(values):.2f}] CPU, {args.size} B body, "
             f"{args.repeat} x {args.number} requests"
+            + (", JSON access log on" if args.access_log else "")
         )
     return 0
 
