@@ -252,15 +252,6 @@ def parse_head(data: bytes, length: int = -1) -> RequestHead | None:
     if (b"//" in target or b"/." in target) and _BAD_SEGMENT.search(target) is not None:
         return None
 
-    path, _, query = target.partition(b"?")
-    if block.count(b"\r\n") == 1 and block[:5].lower() == b"host:":
-        # Host alone, the commonest head of all: the same result as the
-        # loop below, without the regex split and the special-header scan.
-        host = ((b"host", block[5:-2].strip(b" \t")),)
-        return _new_head(
-            RequestHead, (b"GET", target, path, query, b"HTTP/1.1", host, length, True)
-        )
-
     # The block is validated: each line is ``name ":" value CRLF`` and names
     # cannot contain ':', so _FIELD splits exactly where twisted does; the
     # value loses its surrounding SP/HTAB, as in twisted.
@@ -279,6 +270,7 @@ def parse_head(data: bytes, length: int = -1) -> RequestHead | None:
     lone_host = len(special) == 1 and special[0][0] == b"host"
     if not lone_host and not _special_headers_servable(special):
         return None
+    path, _, query = target.partition(b"?")
     # tuple.__new__ directly: the named tuple's own __new__ is a Python function.
     return _new_head(
         RequestHead, (b"GET", target, path, query, b"HTTP/1.1", tuple(headers), length, lone_host)

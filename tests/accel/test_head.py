@@ -128,8 +128,8 @@ def test_parse_head_serves_a_typical_get() -> None:
     ],
 )
 def test_a_host_only_head_parses_as_any_other(line: bytes, value: bytes) -> None:
-    """A head whose only header is Host (parsed without the general header
-    loop) has the same parts as when another header follows it."""
+    """A head whose only header is Host has the same parts as when another
+    header follows it (however Host is spelt)."""
     alone = parse_head(request(line))
     followed = parse_head(request(line, b"X-Other: 1"))
     assert alone is not None and followed is not None
