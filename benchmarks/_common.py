@@ -411,24 +411,46 @@ reactor.run()
 """
 
 
-class StaticFileServer(ChildServer):
-    """A plain ``twisted.web.static.File`` serving ``root``, in a child process."""
+class PythonFileServer(ChildServer):
+    """A Python reference server serving ``root`` in a child process.
 
-    def __init__(self, name: str, work_dir: str, root: str, probe_path: str) -> None:
+    Args:
+        program: the interpreter's arguments before ``ROOT PORT``: ``-c``
+            and :data:`STATIC_SERVER` (the ``static`` server) or the path of
+            ``benchmarks/accel_prototype.py`` (the ``proto`` server).
+        what: how a failure to come up names it.
+    """
+
+    def __init__(
+        self, name: str, work_dir: str, root: str, probe_path: str, program: list[str], what: str
+    ) -> None:
         super().__init__(name, work_dir, root, probe_path, name)
+        self._program = program
+        self._what = what
 
     def start(self) -> None:
         with open(os.path.join(self.work, self.log_name), "ab") as output:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", STATIC_SERVER, self.root, str(self._port)],
+                [sys.executable, *self._program, self.root, str(self._port)],
                 stdout=output,
                 stderr=subprocess.STDOUT,
             )
-        self._wait_until_up("static.File")
+        self._wait_until_up(self._what)
 
     def stop(self) -> None:
         if self.process is not None:
             self._terminate()
+
+
+def static_file_server(name: str, work_dir: str, root: str, probe_path: str) -> PythonFileServer:
+    """A plain ``twisted.web.static.File`` serving ``root``."""
+    return PythonFileServer(name, work_dir, root, probe_path, ["-c", STATIC_SERVER], "static.File")
+
+
+def prototype_server(name: str, work_dir: str, root: str, probe_path: str) -> PythonFileServer:
+    """The accelerator's minimal prototype (``benchmarks/accel_prototype.py``) serving ``root``."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "accel_prototype.py")
+    return PythonFileServer(name, work_dir, root, probe_path, [script], "the prototype")
 
 
 def _make_world_readable(root: str) -> None:

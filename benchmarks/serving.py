@@ -16,7 +16,10 @@ otherwise, ``--latency --timeout 60s``), against, in one run:
   fallback path, which also goes through twisted.web;
 * ``fallback-base`` — ``fallback``, but running the kura of another checkout
   (``--baseline DIR``, e.g. a ``git archive`` of the commit before a change),
-  so that before and after are measured in the same run.
+  so that before and after are measured in the same run;
+* ``proto`` — the accelerator's minimal prototype (``benchmarks/accel_prototype.py``:
+  head end, path, cached descriptor, ``send`` + ``sendfile``, nothing else) on
+  the same reactor: the floor of the accelerator's design in Python/Twisted.
 
 kura runs other than ``accel-log`` get ``KURA_ACCESS_LOG=false`` when the working tree's
 ``kura/config/node.py`` declares that variable. The artifacts are uploaded into
@@ -50,7 +53,16 @@ from typing import Any
 import _common as common
 
 SIZES = {"4KiB": 4 * common.KiB, "17.9MB": 17_941_067, "64MiB": 64 * common.MiB}
-SERVERS = ("accel", "accel-sendfile", "accel-log", "fallback", "fallback-base", "nginx", "static")
+SERVERS = (
+    "accel",
+    "accel-sendfile",
+    "accel-log",
+    "fallback",
+    "fallback-base",
+    "nginx",
+    "static",
+    "proto",
+)
 ACCEL_ON = "KURA_ACCELERATED_FILE_SERVING_ENABLED"
 ACCEL_MODE = "KURA_ACCELERATED_FILE_SERVING_MODE"
 KURA_SETTINGS = {
@@ -191,10 +203,11 @@ def make_server(
         root = os.path.dirname(fixtures[0].path)
         server = common.NginxServer(f"rep{rep}", work, root, fixtures[0].nginx_path)
         return server, lambda fixture: fixture.nginx_path
-    if name == "static":
+    if name in ("static", "proto"):
         root = os.path.dirname(fixtures[0].path)
-        static = common.StaticFileServer(f"static-rep{rep}", work, root, fixtures[0].nginx_path)
-        return static, lambda fixture: fixture.nginx_path
+        build = common.static_file_server if name == "static" else common.prototype_server
+        child = build(f"{name}-rep{rep}", work, root, fixtures[0].nginx_path)
+        return child, lambda fixture: fixture.nginx_path
     env = {**environ, **kura_overrides(name)}
     source = baseline if name == "fallback-base" else None
     return common.KuraServer(f"{name}-rep{rep}", work, env, source), lambda f: f.kura_path
@@ -417,6 +430,7 @@ def ratio_section(args: argparse.Namespace, samples: list[dict[str, Any]]) -> li
             ("fallback-base", "static"),
             ("fallback", "fallback-base"),
             ("accel-log", "accel"),
+            ("accel", "proto"),
         )
         if top in args.servers and bottom in args.servers
     ]

@@ -143,6 +143,10 @@ class Accelerator:
         if not ITransferEngine.providedBy(engine):
             raise TypeError(f"{engine!r} does not provide ITransferEngine")
         self.settings = settings
+        # The settings the request loop reads, one attribute away.
+        self.enabled = settings.config.enabled
+        self.header_timeout = settings.header_timeout
+        self.idle_timeout = settings.idle_timeout
         self.collaborators = collaborators
         self.engine = engine
         # The collaborators, one attribute away on the hot path.
@@ -165,7 +169,12 @@ class Accelerator:
             self.handles,
         )
         self.meters = AcceleratorMeters(
-            collaborators.metrics, mode=engine.mode, permits=self.permits, handles=self.handles
+            collaborators.metrics,
+            mode=engine.mode,
+            permits=self.permits,
+            handles=self.handles,
+            egress=self.egress,
+            traffic=self.traffic,
         )
         self.dates = collaborators.site.dates
 

@@ -115,18 +115,7 @@ def decide(
         range_header = head.get(b"range")
         if_range = head.get(b"if-range")
     if range_header is None and if_range is None:
-        # The common case, a whole artifact, depends on the manifest alone:
-        # one decision (and one serialized head) per artifact version, kept
-        # by file name (every version is a new file) and checked by identity
-        # (hashing a manifest costs more than the look-up saves).
-        cached = _WHOLE.get(manifest.blob_path)
-        if cached is not None and cached[0] is manifest:
-            return cached[1]
-        if len(_WHOLE) >= _WHOLE_MAX:
-            _WHOLE.clear()
-        serve = _serve_whole(manifest)
-        _WHOLE[manifest.blob_path] = (manifest, serve)
-        return serve
+        return serve_whole(manifest)
     try:
         response = artifact_head(manifest, _text(range_header), _text(if_range))
     except KuraError:
@@ -139,9 +128,23 @@ _WHOLE: dict[str | None, tuple[Manifest, Serve]] = {}
 _WHOLE_MAX = 4096
 
 
-def _serve_whole(manifest: Manifest) -> Serve:
+def serve_whole(manifest: Manifest) -> Serve:
+    """How a request for the whole of a file-backed artifact, with no
+    Range or If-Range, is served: it depends on the manifest alone.
+
+    One decision (and one serialized head) per artifact version, kept by
+    file name (every version is a new file) and checked by identity
+    (hashing a manifest costs more than the look-up saves).
+    """
+    cached = _WHOLE.get(manifest.blob_path)
+    if cached is not None and cached[0] is manifest:
+        return cached[1]
+    if len(_WHOLE) >= _WHOLE_MAX:
+        _WHOLE.clear()
     response = artifact_head(manifest, None, None)
-    return Serve(response, header_fields(response.headers))
+    serve = Serve(response, header_fields(response.headers))
+    _WHOLE[manifest.blob_path] = (manifest, serve)
+    return serve
 
 
 def _text(value: bytes | None) -> str | None:

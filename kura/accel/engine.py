@@ -130,17 +130,44 @@ class KernelTransferEngine:
             self._chunk_bytes,
             reservation,  # type: ignore[arg-type]
         )
+        self._run(transfer, done)
+        return transfer
+
+    def send(
+        self, transport: Any, head: bytes, file_fd: int, length: int, done: Callable[[Any], None]
+    ) -> BodyTransfer | None:
+        sock = transport.socket
+        written = sent = 0
+        if length <= self._inline_bytes:
+            # Two syscalls and no object: the whole point of this method.
+            try:
+                written = sock.send(head, socket.MSG_MORE if length else 0)
+                if written == len(head) and length:
+                    sent = os.sendfile(sock.fileno(), file_fd, 0, length)
+            except OSError:
+                pass  # pump() meets it again below and tells what it means
+            if written == len(head) and sent == length:
+                return None
+        # Pushed back, short or failed: the general machinery takes it from here.
+        transfer = BodyTransfer(
+            sock, file_fd, sent, length - sent, head[written:], self._chunk_bytes
+        )
+        transfer.sent = sent
+        self._run(transfer, done)
+        return transfer
+
+    def close(self) -> None:
+        if self.pipes is not None:
+            self.pipes.close()
+
+    def _run(self, transfer: BodyTransfer, done: Callable[[BodyTransfer], None]) -> None:
+        """Go on with ``transfer`` on the reactor within the inline budget, then on a worker."""
         inline = self._inline_bytes
         result = pump(transfer, budget=inline) if inline else YIELDED
         if result in (BLOCKED, YIELDED):
             self._continue_in_thread(transfer, done)
         else:
             self._over(transfer, result)
-        return transfer
-
-    def close(self) -> None:
-        if self.pipes is not None:
-            self.pipes.close()
 
     def _continue_in_thread(
         self, transfer: BodyTransfer, done: Callable[[BodyTransfer], None]

@@ -131,6 +131,40 @@ class HandleCache:
         self._evict_beyond(self.capacity)
         return Lease(fd, size, entry, verified)
 
+    def ready_fd(self, manifest: Manifest) -> int:
+        """The cached descriptor of ``manifest``'s file if it may be served at
+        once, else -1.
+
+        At once means: already open here, still linked, of the manifest's
+        size and verified in its current state (one dict look-up and one
+        ``fstat``; nothing is opened, hashed or detached: :meth:`borrow`
+        does all that for the requests this refuses). The descriptor is not
+        lent: it stays valid only until control returns to the reactor. To
+        keep it longer, call :meth:`adopt` before returning.
+        """
+        key = manifest.blob_path
+        entry = self._entries.get(key)  # type: ignore[arg-type]
+        if entry is None:
+            return -1
+        status = os.fstat(entry.fd)
+        if (
+            status.st_nlink == 0
+            or status.st_size != manifest.size
+            or not self._store.verifier.trusted(manifest, status)
+        ):
+            return -1
+        self._entries.move_to_end(key)  # type: ignore[arg-type]
+        return entry.fd
+
+    def adopt(self, manifest: Manifest) -> Lease:
+        """A lease on the descriptor :meth:`ready_fd` just returned for
+        ``manifest`` (in the same reactor step: the entry is still cached),
+        for a response that goes on after this step."""
+        entry = self._entries[manifest.blob_path]  # type: ignore[index]
+        entry.users += 1
+        self.lent += 1
+        return Lease(entry.fd, manifest.size, entry, True)
+
     def release(self, lease: Lease) -> None:
         """Give a descriptor back (closing it if nothing else may use it)."""
         self.lent -= 1

@@ -89,5 +89,21 @@ class ITransferEngine(Interface):
             called once, on the reactor thread, when it is over.
         """
 
+    def send(
+        transport: Any, head: bytes, file_fd: int, length: int, done: Callable[[Any], None]
+    ) -> ITransfer | None:
+        """Send ``head``, then the whole of a small file (``length`` bytes,
+        at most what ``sendfile`` sends in one go; no reservation), right now
+        if the socket takes it.
+
+        The same contract as :meth:`start`, except for the common case: when
+        the head and the whole body left at once, it returns ``None`` and
+        no transfer exists (nothing was made for it). Otherwise it returns
+        the transfer, over (a failure) or going on in the background.
+        ``file_fd`` may stop being valid when control returns to the
+        reactor unless the caller holds it for a returned transfer whose
+        ``result`` is ``None``.
+        """
+
     def close() -> None:
         """Release what is kept between transfers (spare pipes)."""

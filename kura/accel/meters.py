@@ -3,18 +3,46 @@
 ``metric.labels(...)`` validates and looks up its arguments on every call;
 the accelerator serves tens of thousands of small responses a second, so it
 keeps the children it uses. The gauges are read at scrape time.
+
+A whole response sent in one step (:meth:`.protocol.SamePortProtocol._serve_now`)
+is counted by :meth:`RouteMeters.count_whole`: the same metrics, with the
+same values, as a response counted piece by piece (request counter, serving
+path, duration, egress, time to first byte), in one call that updates the
+children's plain numbers directly (:mod:`kura.telemetry.metering`).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
 from kura.telemetry.metrics import Children, KuraMetrics
+from kura.telemetry.traffic import PublicTraffic
+from kura.web.accounting import Egress
+from kura.web.routing import RouteSpec
 
 from .handles import HandleCache
+from .interfaces import OK
 
 if TYPE_CHECKING:
     from .accelerator import Permits
+
+_PRODUCER_LABELS: dict[str, str] = {}
+
+
+def producer_label(spec: RouteSpec) -> str:
+    """The egress metrics' ``producer`` label of a route.
+
+    Memoized by endpoint (the spec's key): reading an enum member's value
+    is slow, and a frozen attrs spec hashes every field when it is a key.
+    """
+    label = _PRODUCER_LABELS.get(spec.endpoint)
+    if label is None:
+        producer = spec.producer
+        label = _PRODUCER_LABELS[spec.endpoint] = (
+            producer.value if producer is not None else "unknown"
+        )
+    return label
 
 
 class AcceleratorMeters:
@@ -28,7 +56,14 @@ class AcceleratorMeters:
     """
 
     def __init__(
-        self, metrics: KuraMetrics, *, mode: str, permits: Permits, handles: HandleCache
+        self,
+        metrics: KuraMetrics,
+        *,
+        mode: str,
+        permits: Permits,
+        handles: HandleCache,
+        egress: Egress,
+        traffic: PublicTraffic,
     ) -> None:
         # The unlabelled histogram's one child (its observe() looks it up each time).
         self.duration = metrics.http_request_duration.labels()
@@ -36,6 +71,9 @@ class AcceleratorMeters:
         self._fallbacks = Children(metrics.accelerator_fallbacks)
         self._requests = metrics.http_requests
         self._request_children: dict[tuple[str, int], Any] = {}
+        self._egress = egress
+        self._traffic = traffic
+        self._routes: dict[str, RouteMeters] = {}
         metrics.accelerator_permits_in_use.set_function(lambda: float(permits.in_use))
         metrics.accelerator_cached_descriptors.set_function(lambda: float(len(handles)))
 
@@ -51,3 +89,86 @@ class AcceleratorMeters:
                 route, str(status)
             )
         return child
+
+    def route(self, spec: RouteSpec) -> RouteMeters:
+        """The :class:`RouteMeters` of ``spec`` (made once per route)."""
+        meters = self._routes.get(spec.endpoint)
+        if meters is None:
+            meters = self._routes[spec.endpoint] = RouteMeters(
+                self, spec, egress=self._egress, traffic=self._traffic
+            )
+        return meters
+
+
+class RouteMeters:
+    """Every metric child one whole ``200`` response of a route updates.
+
+    Args:
+        meters: the accelerator's metrics.
+        spec: the route.
+        egress: the node's egress metrics.
+        traffic: public traffic (time to first byte, requests begun).
+    """
+
+    __slots__ = (
+        "_bytes",
+        "_completions",
+        "_duration",
+        "_egress_duration",
+        "_latency",
+        "_read_bytes",
+        "_reads",
+        "_requests",
+        "_served",
+        "_throughput",
+        "_traffic",
+    )
+
+    def __init__(
+        self, meters: AcceleratorMeters, spec: RouteSpec, *, egress: Egress, traffic: PublicTraffic
+    ) -> None:
+        children = egress.children(producer_label(spec), OK)
+        self._requests = meters.request(spec.template, 200)
+        self._served = meters.served
+        self._reads = children.reads
+        self._read_bytes = children.read_bytes
+        self._completions = children.completions
+        self._bytes = children.egress_bytes
+        self._throughput = children.throughput
+        self._traffic = traffic
+        self._duration = meters.duration
+        self._egress_duration = children.egress_duration
+        self._latency = traffic.latency_child("http", spec.template)
+        # The three durations share one bisect, so they must share bounds.
+        bounds = self._duration.bounds
+        if self._egress_duration.bounds != bounds or self._latency.bounds != bounds:
+            raise ValueError("duration histograms with different buckets")
+
+    def count_whole(self, sent: int, seconds: float, now: float) -> None:
+        """Count a ``200`` response whose head and ``sent`` body bytes (all of
+        it) left at ``now``, ``seconds`` after its head began arriving.
+
+        Its duration, egress duration and time to first byte are all
+        ``seconds``; the request counts as public traffic begun (but never
+        in flight: it was over within one reactor step).
+        """
+        seconds = max(seconds, 1e-9)
+        self._requests.value += 1
+        self._served.value += 1
+        self._reads.value += 1
+        self._completions.value += 1
+        self._read_bytes.value += sent
+        self._bytes.value += sent
+        index = bisect_left(self._duration.bounds, seconds)
+        for histogram in (self._duration, self._egress_duration, self._latency):
+            histogram.counts[index] += 1
+            histogram.sum += seconds
+            histogram.count += 1
+        throughput = self._throughput
+        rate = sent / seconds
+        throughput.counts[bisect_left(throughput.bounds, rate)] += 1
+        throughput.sum += rate
+        throughput.count += 1
+        traffic = self._traffic
+        traffic.started += 1
+        traffic.smooth_first_byte(seconds, now)

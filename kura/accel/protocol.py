@@ -53,16 +53,17 @@ from kura.domain.errors import KuraError
 from kura.telemetry.traffic import InflightSlot
 from kura.web.errors import render_error_response
 from kura.web.request import SERVER_NAME
-from kura.web.routing import RouteSpec
 from kura.web.site import log_access
 
 from . import reasons
 from .accelerator import Accelerator
 from .classify import Candidate
-from .decide import Fallback, Serve, admit, decide, is_file_backed
+from .decide import Fallback, Serve, admit, decide, is_file_backed, serve_whole
+from .engine import SENDFILE_MAX_BYTES
 from .handles import Lease
 from .head import MAX_HEAD_BYTES, find_head_end, parse_head
 from .interfaces import INCOMPLETE, OK, ITransfer
+from .meters import producer_label
 from .response import head_from_fields, header_fields
 
 log = Logger(namespace="kura.accel")
@@ -72,24 +73,6 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #: No reservation held (``None`` is a valid one: sendfile needs no pipe).
 _UNRESERVED = object()
 _NO_HEADERS: list[tuple[bytes, bytes]] = []
-
-
-_PRODUCER_LABELS: dict[str, str] = {}
-
-
-def _producer_label(spec: RouteSpec) -> str:
-    """The egress metrics' ``producer`` label of a route.
-
-    Memoized by endpoint (the spec's key): reading an enum member's value
-    is slow, and a frozen attrs spec hashes every field when it is a key.
-    """
-    label = _PRODUCER_LABELS.get(spec.endpoint)
-    if label is None:
-        producer = spec.producer
-        label = _PRODUCER_LABELS[spec.endpoint] = (
-            producer.value if producer is not None else "unknown"
-        )
-    return label
 
 
 class State(enum.Enum):
@@ -299,24 +282,27 @@ class SamePortProtocol(Protocol):
         its end resumes reading and calls this again.
         """
         accel = self._accel
+        # One clock read per turn of the reactor: it stamps the arrival of
+        # every head that starts in these bytes and the idle deadline after
+        # them (they are microseconds apart).
+        now = accel.reactor.seconds()
         while self.state is State.IDLE or self.state is State.READING_HEAD:
             buffer = self._buffer
             if not buffer:
                 self.state = State.IDLE
-                self._deadline = accel.reactor.seconds() + accel.settings.idle_timeout
+                self._deadline = now + accel.idle_timeout
                 return
             if self.state is State.IDLE:
                 self.state = State.READING_HEAD
-                now = accel.reactor.seconds()
                 self._head_started_at = now
-                self._deadline = now + accel.settings.header_timeout
+                self._deadline = now + accel.header_timeout
             if buffer[0] == 0x50 and (  # b"P"
                 buffer.startswith(H2_PREFACE) or H2_PREFACE.startswith(buffer)
             ):
                 if len(buffer) >= len(H2_PREFACE):
                     self._hand_off_h2()
                 return
-            if not accel.settings.config.enabled:
+            if not accel.enabled:
                 # The kill switch: twisted.web serves everything on this port.
                 self._hand_off(reasons.DISABLED)
                 return
@@ -336,14 +322,18 @@ class SamePortProtocol(Protocol):
                 self._hand_off(candidate)
                 return
             permits = accel.permits
-            refusal = admit(
-                draining=accel.state.draining, permits_free=permits.in_use < permits.limit
-            )
-            if refusal is not None:
+            draining = accel.state.draining
+            permits_free = permits.in_use < permits.limit
+            if draining or not permits_free:
+                refusal = admit(draining=draining, permits_free=permits_free)
+                assert refusal is not None
                 self._hand_off(refusal.reason)
                 return
-            exchange = self._serve(candidate)
-            if self._exchange is exchange:
+            manifest = accel.store.cached_manifest(candidate.artifact_id)
+            if manifest is None or not self._serve_now(candidate, manifest):
+                self._serve(candidate, manifest)
+            exchange = self._exchange
+            if exchange is not None:  # still pending: it resumes the loop when it ends
                 exchange.paused = True
                 self._tcp.pauseProducing()
                 return
@@ -380,14 +370,96 @@ class SamePortProtocol(Protocol):
 
     # -- serving -------------------------------------------------------------------
 
-    def _serve(self, candidate: Candidate) -> _Exchange:
-        """Take a permit and look the artifact up (from memory when possible)."""
+    def _serve_now(self, candidate: Candidate, manifest: Manifest) -> bool:
+        """Serve the commonest request in one step, if it is one: the whole of a
+        small artifact whose file is open in the handle cache, verified, for a
+        plain head (no Range, no Connection, no X-Request-Id, no credentials)
+        on an open route.
+
+        Its answer is exactly the general path's (the same cached decision,
+        head and metrics); what it skips is the bookkeeping of a request
+        that may wait: no permit, exchange, lease or transfer object exists
+        unless the socket pushes back (then the request becomes an ordinary
+        exchange holding the descriptor, as if :meth:`_start` had begun it).
+        Sending a small body from the page cache never blocks the reactor.
+
+        Returns:
+            Whether it took the request on (``False``: nothing was done).
+        """
+        accel = self._accel
+        head = candidate.head
+        if (
+            not head.plain
+            or manifest.size > SENDFILE_MAX_BYTES
+            or not is_file_backed(manifest)
+            or accel.authorization.needs_check(candidate.spec)
+        ):
+            return False
+        fd = accel.handles.ready_fd(manifest)
+        if fd < 0:
+            return False
+        decision = serve_whole(manifest)
+        if decision.response.status != 200:
+            return False
+        request_id = accel.request_ids.next()
+        now = accel.reactor.seconds()
+        length = manifest.size  # the whole file (ready_fd checked its size)
+        transfer = accel.engine.send(
+            self._tcp,
+            head_from_fields(
+                200,
+                decision.fields,
+                date=accel.dates.value(now),
+                request_id=request_id,
+                keep_alive=True,  # admit() let it in: the node is not draining
+            ),
+            fd,
+            length,
+            self._transfer_done,
+        )
+        if transfer is not None:
+            self._took_on(candidate, manifest, transfer, request_id, now)
+            return True
+        self._buffer = self._buffer[head.length :]
+        accel.store.record_access(candidate.artifact_id, now)
+        spec = candidate.spec
+        accel.meters.route(spec).count_whole(length, now - self._head_started_at, now)
+        if accel.site.access_log:
+            log_access(head.method, head.path, 200, request_id, spec)
+        self.state = State.IDLE  # the loop takes the next request
+        return True
+
+    def _took_on(
+        self,
+        candidate: Candidate,
+        manifest: Manifest,
+        transfer: ITransfer,
+        request_id: bytes,
+        now: float,
+    ) -> None:
+        """A one-step response that did not end at once becomes an exchange
+        (it failed, or the rest goes on in the background holding the file)."""
+        accel = self._accel
+        accel.permits.take()  # admit() saw one free
+        self.state = State.SERVING
+        self._deadline = None
+        exchange = self._exchange = _Exchange(candidate, self._head_started_at)
+        if transfer.result is None:
+            exchange.lease = accel.handles.adopt(manifest)
+        exchange.status = 200
+        exchange.keep_alive = True
+        exchange.request_id = request_id
+        self._buffer = self._buffer[candidate.head.length :]
+        accel.store.record_access(candidate.artifact_id)
+        self._launched(exchange, transfer, now)
+
+    def _serve(self, candidate: Candidate, manifest: Manifest | None) -> _Exchange:
+        """Take a permit and look the artifact up (``manifest``: from memory, if it was)."""
         accel = self._accel
         accel.permits.take()
         self.state = State.SERVING
         self._deadline = None
         exchange = self._exchange = _Exchange(candidate, self._head_started_at)
-        manifest = accel.store.cached_manifest(candidate.artifact_id)
         if manifest is not None:
             self._decide(exchange, manifest)
         else:
@@ -523,28 +595,34 @@ class SamePortProtocol(Protocol):
             request_id=request_id,
             keep_alive=keep_alive,
         )
-        accel.meters.served.inc()
         reservation, exchange.reservation = exchange.reservation, _UNRESERVED
         lease = exchange.lease
         assert lease is not None
         body = response.body
-        transport = self._tcp
-        transfer = exchange.transfer = accel.engine.start(
+        transfer = accel.engine.start(
             reservation,
-            transport,
+            self._tcp,
             head_bytes,
             lease.fd,
             body.offset,
             body.length,
             self._transfer_done,
         )
+        self._launched(exchange, transfer, accel.reactor.seconds())
+
+    def _launched(self, exchange: _Exchange, transfer: ITransfer, now: float) -> None:
+        """The engine took ``exchange``'s response: follow it in the background,
+        or finish it if it is over already."""
+        accel = self._accel
+        accel.meters.served.inc()
+        exchange.transfer = transfer
         if transfer.result is None:
             # In flight from here until it ends. (One that ended inside
             # start() was never in flight across a reactor turn, so taking
             # no slot for it is the same to every reader of the count.)
             exchange.slot = accel.traffic.begin()
-            self._note_first_byte(exchange, transfer, accel.reactor.seconds())
-            transport.registerProducer(self, True)  # a lost connection stops it
+            self._note_first_byte(exchange, transfer, now)
+            self._tcp.registerProducer(self, True)  # a lost connection stops it
         else:
             accel.traffic.started += 1  # public demand all the same (the limiter's CPU share)
             self._finish(exchange, transfer)
@@ -648,7 +726,7 @@ class SamePortProtocol(Protocol):
         meters = accel.meters
         meters.request(spec.template, status).inc()
         meters.duration.observe(elapsed)
-        producer = _producer_label(spec)
+        producer = producer_label(spec)
         accel.egress.record(producer, result, transfer.sent, elapsed)
         if accel.site.access_log:
             head = exchange.candidate.head

@@ -561,9 +561,12 @@ class ArtifactStore:
         assert manifest.blob_path is not None and self._data_dir_fd is not None
         return os.open(manifest.blob_path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._data_dir_fd)
 
-    def record_access(self, artifact_id: str) -> None:
-        """Note a read for the LRU order (persisted with the next commit)."""
-        self._accessed[artifact_id] = self.now_ms()
+    def record_access(self, artifact_id: str, now: float | None = None) -> None:
+        """Note a read for the LRU order (persisted with the next commit).
+
+        ``now``: the store's clock, in seconds, when the caller just read it.
+        """
+        self._accessed[artifact_id] = self.now_ms() if now is None else int(now * 1000)
 
     async def stored(self, artifact_id: str) -> Manifest | None:
         """The manifest of an artifact whose body is really there, else ``None``.

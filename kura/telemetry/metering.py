@@ -11,7 +11,11 @@ injected :class:`~prometheus_client.CollectorRegistry` like any metric.
 
 Contract: update them from the reactor thread only. A counter child's
 ``value`` is a plain float that the hottest paths may add a non-negative
-amount to directly, sparing the call to ``inc()``.
+amount to directly, sparing the call to ``inc()``. Likewise a histogram
+child exposes ``bounds``, ``counts``, ``sum`` and ``count``: observing ``v``
+is ``counts[bisect_left(bounds, v)] += 1``, ``sum += v``, ``count += 1``, and
+children with the same bounds observing the same value may share the bisect
+(:class:`kura.accel.meters.RouteMeters` does).
 """
 
 from __future__ import annotations
@@ -44,17 +48,26 @@ class _CounterChild:
 
 
 class _HistogramChild:
-    __slots__ = ("_bounds", "count", "counts", "sum")
+    """One labelled histogram (see the module docstring for direct updates).
+
+    Attributes:
+        bounds: the upper bucket bounds, ascending, without ``+Inf``.
+        counts: observations per bucket, not cumulative; the last is ``+Inf``'s.
+        sum: of every observed value.
+        count: observations.
+    """
+
+    __slots__ = ("bounds", "count", "counts", "sum")
 
     def __init__(self, bounds: Sequence[float]) -> None:
-        self._bounds = bounds
+        self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
         self.count = 0
 
     def observe(self, value: float) -> None:
         # bisect_left: a value equal to a bound belongs to that bucket (le).
-        self.counts[bisect.bisect_left(self._bounds, value)] += 1
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
         self.count += 1
 

@@ -13,6 +13,7 @@ Two signals describe how busy the public side is:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -81,12 +82,23 @@ class PublicTraffic:
     def record_first_byte(self, seconds: float, *, transport: str, route: str) -> None:
         """Sample a time to first byte (the response head was just written)."""
         self._latency(transport, route).observe(seconds)
+        self.smooth_first_byte(seconds, self._clock.seconds())
+
+    def latency_child(self, transport: str, route: str) -> Any:
+        """The time-to-first-byte histogram child of ``transport`` and ``route``.
+
+        For a caller that observes it directly and then calls
+        :meth:`smooth_first_byte` (the accelerator's one-step path).
+        """
+        return self._latency(transport, route)
+
+    def smooth_first_byte(self, seconds: float, now: float) -> None:
+        """Fold a time to first byte, sampled at ``now``, into the EWMA only
+        (its histogram is the caller's, see :meth:`latency_child`)."""
         sample_us = seconds * 1_000_000
-        if self._ewma_us is None:
-            self._ewma_us = sample_us
-        else:
-            self._ewma_us = (self._ewma_us * 7 + sample_us) / 8
-        self._last_sample_at = self._clock.seconds()
+        ewma = self._ewma_us
+        self._ewma_us = sample_us if ewma is None else (ewma * 7 + sample_us) / 8
+        self._last_sample_at = now
 
     @property
     def latency_ewma_ms(self) -> float | None:

@@ -48,11 +48,20 @@ class Egress:
         )
         return meters
 
-    def record(self, producer: str, result: str, sent: int, elapsed: float) -> None:
-        """Count one finished body transfer of ``sent`` bytes that took ``elapsed`` seconds."""
+    def children(self, producer: str, result: str) -> _EgressMeters:
+        """The metric children one transfer of ``producer`` ending with ``result`` updates.
+
+        For a caller that keeps them and updates them directly, as
+        :meth:`record` does (:class:`kura.accel.meters.RouteMeters`).
+        """
         meters = self._children.get((producer, result))
         if meters is None:
             meters = self._new_meters(producer, result)
+        return meters
+
+    def record(self, producer: str, result: str, sent: int, elapsed: float) -> None:
+        """Count one finished body transfer of ``sent`` bytes that took ``elapsed`` seconds."""
+        meters = self.children(producer, result)
         elapsed = max(elapsed, 1e-9)
         # The counters' plain values, added to directly (sent >= 0; see
         # kura.telemetry.metering): four inc() calls cost as much as the rest.

@@ -118,6 +118,33 @@ def test_parse_head_serves_a_typical_get() -> None:
 
 
 @pytest.mark.parametrize(
+    ("line", "value"),
+    [
+        (b"Host: kura", b"kura"),
+        (b"HOST:kura:4000", b"kura:4000"),
+        (b"hOsT: \t k \t ", b"k"),
+        (b"Host:", b""),
+        (b"Host: a:b:c", b"a:b:c"),
+    ],
+)
+def test_a_host_only_head_parses_as_any_other(line: bytes, value: bytes) -> None:
+    """A head whose only header is Host has the same parts as when another
+    header follows it (however Host is spelt)."""
+    alone = parse_head(request(line))
+    followed = parse_head(request(line, b"X-Other: 1"))
+    assert alone is not None and followed is not None
+    assert alone.headers == ((b"host", value),) == followed.headers[:1]
+    assert alone.plain and followed.plain
+    assert alone[:5] == followed[:5]
+
+
+@pytest.mark.parametrize("line", [b"Hostx: kura", b"Hos: kura", b"X-Host: kura"])
+def test_a_lone_header_that_is_not_host_falls_back(line: bytes) -> None:
+    """A lone header merely resembling Host is no Host: the head falls back."""
+    assert parse_head(request(line)) is None
+
+
+@pytest.mark.parametrize(
     "raw",
     [b"/", b"/a", b"/a?", b"/a/b.c/.d/..e/...", b"/a?x=/b", b"/~user!$&'()*+,;=:@"],
 )

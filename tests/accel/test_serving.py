@@ -8,40 +8,28 @@ bytes on the wire are exactly what the test wrote.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
 import pytest_twisted
-from twisted.internet.threads import deferToThread
 
 from kura.api.routes import xcode_cas
 from kura.service import KuraNode
-from kura.testing import Response
+from kura.testing import Response, sample
 from kura.web.routing import Query
-from tests.support.real import RawClient
+from tests.support.real import RawClient, call, in_thread, until
 
 T = TypeVar("T")
 MiB = 1024 * 1024
 CAS = "/api/cache/cas/{}?tenant_id=default"
 
 
-async def in_thread(work: Callable[[], T]) -> T:
-    result: T = await deferToThread(work)
-    return result
-
-
 def upload(node: KuraNode, key: str, body: bytes) -> Response:
-    client = RawClient(node.public_port)
-    head = f"POST {CAS.format(key)} HTTP/1.1\r\nHost: k\r\nContent-Length: {len(body)}\r\n\r\n"
-    client.send(head.encode() + body, heads=[False])
-    [response] = client.read_responses(1)
-    client.close()
-    return response
+    return call(node.public_port, "POST", CAS.format(key), body)
 
 
 def metric(node: KuraNode, name: str, **labels: str) -> float:
-    return node.metrics.registry.get_sample_value(name, labels) or 0.0
+    return sample(node, name, **labels)
 
 
 def egress(node: KuraNode, result: str) -> float:
@@ -159,7 +147,7 @@ async def test_client_abort_mid_transfer_is_499_and_frees_the_permit(start_node:
         client.reset()
 
     await in_thread(scenario)
-    await _until(lambda: node.accelerator.permits.in_use == 0)
+    await until(lambda: node.accelerator.permits.in_use == 0)
     assert egress(node, "client_aborted") == 1
     assert metric(node, "kura_http_requests_total", route="/api/cache/cas/{id}", status="499") == 1
     assert metric(node, "kura_http_requests_total", route="/api/cache/cas/{id}", status="500") == 0
@@ -214,18 +202,6 @@ async def test_truncated_file_closes_the_connection_as_incomplete(start_node: An
     received, closed = await in_thread(scenario)
     assert closed and received < len(body)
     assert egress(node, "incomplete") == 1
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait (on the reactor clock) until ``condition`` holds."""
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    waited = 0.0
-    while not condition():
-        assert waited < timeout, "condition not reached"
-        await deferLater(reactor, 0.01)
-        waited += 0.01
 
 
 @pytest_twisted.ensureDeferred

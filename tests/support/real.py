@@ -17,8 +17,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from kura.testing import Response, parse_responses
 
@@ -260,3 +260,36 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait, on the real reactor, until ``condition`` holds (polled every 10 ms)."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    waited = 0.0
+    while not condition():
+        assert waited < timeout, "condition not reached"
+        await deferLater(reactor, 0.01)
+        waited += 0.01
+
+
+T = TypeVar("T")
+
+
+async def in_thread(work: Callable[[], T]) -> T:
+    """Run blocking client ``work`` on a worker thread while the reactor serves."""
+    from twisted.internet.threads import deferToThread
+
+    result: T = await deferToThread(work)
+    return result
+
+
+def call(port: int, method: str, target: str, body: bytes) -> Response:
+    """One request with a body on a fresh connection (blocking)."""
+    client = RawClient(port)
+    head = f"{method} {target} HTTP/1.1\r\nHost: k\r\nContent-Length: {len(body)}\r\n\r\n"
+    client.send(head.encode() + body, heads=[False])
+    [response] = client.read_responses(1)
+    client.close()
+    return response
