@@ -203,7 +203,8 @@ class IArtifactStore(Interface):
         """How many artifact tombstones are kept."""
 
     def add_commit_listener(listener: Callable[[], None]) -> None:
-        """Call ``listener()`` after every metadata commit (it must not commit synchronously)."""
+        """Call ``listener()`` after every commit that may have queued rows for the
+        tiers beside the store (outbox, write hooks); it must not commit synchronously."""
 
     # -- multipart uploads ------------------------------------------------------------------
 

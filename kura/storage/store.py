@@ -187,6 +187,9 @@ class _Pending:
     done: Deferred[Any]
     #: A small body to make durable in the commit's hop, before the transaction.
     body: _SmallBody | None = None
+    #: Whether the operation may queue rows for a tier beside the store
+    #: (outbox rows, a write hook's): only then do commit listeners hear of it.
+    queues_rows: bool = True
 
 
 @attrs.define
@@ -242,7 +245,8 @@ class ArtifactStore:
             transaction (the object-store tier's upload queue); none by default.
 
     Commit listeners (:meth:`add_commit_listener`) hear of every metadata
-    commit.
+    commit that may have queued rows for them (a write with replication
+    targets or write hooks, and every other kind of commit).
     """
 
     def __init__(
@@ -361,7 +365,8 @@ class ArtifactStore:
             self._data_dir_fd = None
 
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
-        """Call ``listener()`` after every metadata commit (the outbox worker wakes on it).
+        """Call ``listener()`` after every metadata commit that may have queued
+        rows for it (the outbox worker and the upload queue wake on it).
 
         It runs inside the commit callback, so it must not start commits
         synchronously (with an inline runner they would run before this
@@ -385,15 +390,23 @@ class ArtifactStore:
     # -- group commit --------------------------------------------------------------
 
     def _commit(
-        self, operation: Callable[[sqlite3.Connection], T], body: _SmallBody | None = None
+        self,
+        operation: Callable[[sqlite3.Connection], T],
+        body: _SmallBody | None = None,
+        *,
+        queues_rows: bool = True,
     ) -> Deferred[T]:
         """Queue ``operation`` for the next metadata transaction.
 
         With ``body``, the same hop writes it durably first (``operation``
-        reads its digest, or raises its error).
+        reads its digest, or raises its error). ``queues_rows=False``
+        promises that it queues no rows for the tiers beside the store
+        (no replication target, no write hook): a batch of such operations
+        is not announced to the commit listeners, whose wake-ups would
+        each cost a scan on a storage thread for nothing.
         """
         done: Deferred[T] = Deferred()
-        self._queue.append(_Pending(operation, done, body))
+        self._queue.append(_Pending(operation, done, body, queues_rows))
         self._pump()
         return done
 
@@ -451,8 +464,9 @@ class ArtifactStore:
                     pending.done.errback(_as_domain_error(result))
                 else:
                     pending.done.callback(result)
-            for listener in self._commit_listeners:
-                listener()
+            if any(pending.queues_rows for pending in batch):
+                for listener in self._commit_listeners:
+                    listener()
             self._pump()
 
         def failed(failure: Any) -> None:
@@ -736,7 +750,7 @@ class ArtifactStore:
         A declared length up to :attr:`memory_body_bytes` is received in memory.
         """
         return StagingFile(
-            path=self.layout.new_upload_path(),
+            path=self.layout.new_upload_path,
             runner=self._runner,
             budget=self.tmp_budget,
             failpoints=self._failpoints,
@@ -936,7 +950,11 @@ class ArtifactStore:
             return result, evicted
 
         try:
-            result, evicted = await self._commit(operation, body)
+            result, evicted = await self._commit(
+                operation,
+                body,
+                queues_rows=bool(targets) or (fresh and self._write_hooks is not None),
+            )
         except BaseException:
             if body is not None and body.written:
                 await self._unlink([body.relative])  # durable, never published

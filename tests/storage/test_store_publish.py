@@ -315,6 +315,26 @@ def test_commit_writes_outbox_rows_in_the_same_transaction(tmp_path: Any) -> Non
     succeeded(Deferred.fromCoroutine(store.stop()))
 
 
+@pytest.mark.parametrize(("targets", "heard"), [((), 0), (("http://peer-a:7443",), 1)])
+def test_commit_listeners_hear_of_writes_that_queue_rows_for_them(
+    tmp_path: Any, targets: tuple[str, ...], heard: int
+) -> None:
+    """A write with nowhere to replicate wakes no listener; one with a target does."""
+    store = bare_store(tmp_path, ImmediateRunner(), targets)
+    succeeded(Deferred.fromCoroutine(store.start()))
+    commits: list[int] = []
+    store.add_commit_listener(lambda: commits.append(1))
+    address = ArtifactAddress(Producer.XCODE, "x", "action_cache/k")
+    put = store.put_inline(address, b"{}", content_type="application/json", policy=LWW)
+    succeeded(Deferred.fromCoroutine(put))
+    assert len(commits) == heard
+    assert store.outbox_depth == len(targets)
+    # Other commits (here a namespace clean) are always announced.
+    succeeded(Deferred.fromCoroutine(store.delete_namespace("x")))
+    assert len(commits) == heard + 1
+    succeeded(Deferred.fromCoroutine(store.stop()))
+
+
 class RecordingRunner(ImmediateRunner):
     """Runs inline and records the name of every blocking call."""
 
