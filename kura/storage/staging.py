@@ -113,6 +113,10 @@ def translate_os_error(error: OSError) -> Exception:
     return StorageFault(f"storage I/O error: {error.strerror or error}")
 
 
+#: The ``path`` of a :class:`StagedBody` received in memory: it has no file.
+NO_FILE = ""
+
+
 @attrs.frozen
 class StagedBody:
     """A complete body: durable (fsynced and closed) at ``path``, or ``data`` in memory.
@@ -121,8 +125,8 @@ class StagedBody:
         sha256: the hex SHA-256 of a staged file, computed as it was written;
             ``None`` for a body held in memory (hashed where it is written)
             or one staged without hashing (a multipart part).
-        data: the bytes of a body received in memory (then ``path`` was
-            never created and nothing is durable yet), else ``None``.
+        data: the bytes of a body received in memory (then ``path`` is
+            :data:`NO_FILE` and nothing is durable yet), else ``None``.
     """
 
     path: str
@@ -135,10 +139,18 @@ class StagedBody:
 class _Writer:
     """The blocking half: owns the file descriptor, lives on storage threads."""
 
-    def __init__(self, path: str, hashed: bool) -> None:
-        self.path = path
+    def __init__(self, path: str | Callable[[], str], hashed: bool) -> None:
+        self._path = path
         self.fd: int | None = None
         self.hasher = hashlib.sha256() if hashed else None
+
+    @property
+    def path(self) -> str:
+        """The staging file's name, chosen when first asked for (most small
+        bodies never need one)."""
+        if not isinstance(self._path, str):
+            self._path = self._path()
+        return self._path
 
     def append(self, chunk: bytes) -> None:
         if self.fd is None:
@@ -166,15 +178,17 @@ class _Writer:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if isinstance(self._path, str):  # else no file was ever named
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
 
 
 class StagingFile:
     """A request body on its way into staging.
 
     Args:
-        path: where to stage (a fresh name under ``<tmp>/uploads``).
+        path: where to stage (a fresh name under ``<tmp>/uploads``), or a
+            function that names it when the body first needs a file.
         runner: where blocking writes run.
         budget: the staging ledger to reserve against.
         limit: the route's maximum body size; more is :class:`PayloadTooLarge`.
@@ -200,7 +214,7 @@ class StagingFile:
     def __init__(
         self,
         *,
-        path: str,
+        path: str | Callable[[], str],
         runner: IBlockingRunner,
         budget: TmpBudget,
         failpoints: Failpoints,
@@ -333,7 +347,7 @@ class StagingFile:
         data = self._take()
         self._closed = True
         # Hashed where it is written, on a storage thread (not here, on the reactor).
-        return StagedBody(self.path, len(data), None, self.reserved, data)
+        return StagedBody(NO_FILE, len(data), None, self.reserved, data)
 
     def abort(self) -> Deferred[None]:
         """Throw the body away: remove the file and release the reservation."""

@@ -98,11 +98,29 @@ def test_running_out_mid_body_raises_and_abort_gives_everything_back(tmp_path: P
     succeeded(Deferred.fromCoroutine(other.finish()))
 
 
+class Names:
+    """Names staging files on demand and counts how often it was asked."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.given = 0
+
+    def __call__(self) -> str:
+        self.given += 1
+        return str(self.tmp_path / f"small-{self.given}")
+
+
 def memory_staging(
-    tmp_path: Path, budget: TmpBudget, expected: int, runner: Any, *, hashed: bool = False
+    tmp_path: Path,
+    budget: TmpBudget,
+    expected: int,
+    runner: Any,
+    *,
+    hashed: bool = False,
+    names: Names | None = None,
 ) -> StagingFile:
     return StagingFile(
-        path=str(tmp_path / "small"),
+        path=names or Names(tmp_path),
         runner=runner,
         budget=budget,
         failpoints=Failpoints(),
@@ -129,7 +147,8 @@ def test_a_small_body_is_kept_in_memory_with_its_budget(tmp_path: Path) -> None:
     hashes it on a storage thread), its bytes reserved until published."""
     budget = TmpBudget(8 * STEP)
     runner = CountingRunner()
-    body = memory_staging(tmp_path, budget, 10, runner, hashed=True)
+    names = Names(tmp_path)
+    body = memory_staging(tmp_path, budget, 10, runner, hashed=True, names=names)
     body.write(b"01234")
     body.write(b"56789")
     staged = succeeded(Deferred.fromCoroutine(body.finish()))
@@ -138,6 +157,7 @@ def test_a_small_body_is_kept_in_memory_with_its_budget(tmp_path: Path) -> None:
     assert (staged.size, staged.reserved, budget.used) == (10, 10, 10)
     assert runner.calls == 0
     assert os.listdir(tmp_path) == []
+    assert names.given == 0  # not even a name was made up for it
 
 
 def test_an_in_memory_body_is_still_refused_by_the_budget(tmp_path: Path) -> None:
@@ -158,11 +178,13 @@ def test_aborting_an_in_memory_body_releases_its_budget(tmp_path: Path) -> None:
 def test_a_body_longer_than_declared_goes_to_the_file(tmp_path: Path) -> None:
     """More bytes than the declared length leave memory for the staging file, all of them."""
     budget = TmpBudget(8 * STEP)
-    body = memory_staging(tmp_path, budget, 4, ImmediateRunner())
+    names = Names(tmp_path)
+    body = memory_staging(tmp_path, budget, 4, ImmediateRunner(), names=names)
     body.write(b"0123")
     body.write(b"4567")
     staged = succeeded(Deferred.fromCoroutine(body.finish()))
     assert staged.data is None
+    assert (names.given, staged.path) == (1, str(tmp_path / "small-1"))
     with open(staged.path, "rb") as handle:
         assert handle.read() == b"01234567"
     assert staged.reserved == budget.used >= 8  # every byte is reserved, as for staged bodies
