@@ -16,12 +16,18 @@ Pure functions only; :class:`kura.web.request.KuraRequest` exposes the result as
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
 from kura.config.proxies import IPAddress, TrustedProxies
 
+#: A node sees the same few peers (and proxies) again and again: parsing an
+#: address costs more than the rest of the decision.
+_PARSED = 4096
 
+
+@functools.lru_cache(maxsize=_PARSED)
 def _parse(text: str) -> IPAddress | None:
     try:
         address = ipaddress.ip_address(text.strip())
@@ -32,6 +38,11 @@ def _parse(text: str) -> IPAddress | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+@functools.lru_cache(maxsize=_PARSED)
+def _text(address: IPAddress) -> str:
+    return str(address)
 
 
 def _trusted(address: IPAddress, trusted: TrustedProxies) -> bool:
@@ -64,7 +75,7 @@ def client_address(peer: str, forwarded_for: Sequence[str], trusted: TrustedProx
     if tcp_peer is None:
         return peer
     if not trusted or not forwarded_for or not _trusted(tcp_peer, trusted):
-        return str(tcp_peer)
+        return _text(tcp_peer)
     # Only entries right of (and including) the first untrusted one are read:
     # the client cannot make a value it prepends matter, neither as its
     # address nor by being malformed.
@@ -72,8 +83,8 @@ def client_address(peer: str, forwarded_for: Sequence[str], trusted: TrustedProx
     for entry in reversed(_entries(forwarded_for)):
         hop = _parse(entry)
         if hop is None:
-            return str(tcp_peer)
+            return _text(tcp_peer)
         address = hop
         if not _trusted(hop, trusted):
             break
-    return str(address)
+    return _text(address)
