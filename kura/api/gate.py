@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from kura.auth import OpenAccess
 from kura.auth.context import HeaderInput
-from kura.domain.artifacts import Manifest, Producer, Target
+from kura.domain.artifacts import Producer, Target
 from kura.domain.errors import KuraError, NotFound, PayloadTooLarge, ServiceUnavailable
 from kura.lifecycle import NodeState
 from kura.memory import Pressure
@@ -89,7 +89,7 @@ class Gate:
         if (
             spec.needs_upload
             or self.authorization.needs_check(spec)
-            or (spec.body is BodyKind.STAGED and spec.address is not None)
+            or self._looks_up_existing(admission, head)
         ):
             return Deferred.fromCoroutine(self._complete(admission, head))
         return succeed(admission)
@@ -144,20 +144,25 @@ class Gate:
             self._targets[key] = target
         return target
 
-    async def _existing(self, artifact_id: str, head: RequestHead) -> Manifest | None:
-        """The stored artifact a write-once upload would lose to, if known at the head.
+    def _looks_up_existing(self, admission: Admission, head: RequestHead) -> bool:
+        """Whether the head must ask the store if a write-once upload exists.
 
-        A body small enough to arrive in memory is cheaper to write than a
-        metadata lookup on a storage thread is to wait for, and most uploads
-        are of new artifacts: for those only a manifest already in memory is
-        consulted, and the commit's own write-once check settles the rest
-        (the upload is then discarded and answered as already stored).
+        Only write-once uploads of an artifact (not parts of one) ask. A body
+        small enough to arrive in memory is cheaper to write than a metadata
+        lookup on a storage thread is to wait for, and most uploads are of
+        new artifacts: for those only a manifest already in memory counts,
+        and the commit's own write-once check settles the rest (the upload
+        is then discarded and answered as already stored).
         """
+        spec = admission.spec
+        address = admission.address
+        if spec.body is not BodyKind.STAGED or spec.address is None or spec.overwrites:
+            return False
+        assert address is not None, "a route that addresses an artifact has a target"
         declared = head.declared_length
-        small = declared is not None and declared <= self._store.memory_body_bytes
-        if small and self._store.cached_manifest(artifact_id) is None:
-            return None
-        return await self._store.stored(artifact_id)
+        if declared is None or declared > self._store.memory_body_bytes:
+            return True
+        return self._store.cached_manifest(self._store.artifact_id(address)) is not None
 
     async def _complete(self, admission: Admission, head: RequestHead) -> Admission:
         """The head-time steps that may wait, in order: the multipart upload,
@@ -195,12 +200,11 @@ class Gate:
             else:
                 caller = await authorization.check(ctx)
                 admission = attrs.evolve(admission, caller=caller, hook_context=ctx)
-        address = admission.address
-        if spec.body is BodyKind.STAGED and spec.address is not None and not spec.overwrites:
-            # Write-once uploads of an artifact (not parts of one) that is
-            # already stored are answered from the head.
-            assert address is not None
-            existing = await self._existing(self._store.artifact_id(address), head)
+        if self._looks_up_existing(admission, head):
+            # A write-once upload of an artifact already stored is answered
+            # from the head.
+            assert admission.address is not None
+            existing = await self._store.stored(self._store.artifact_id(admission.address))
             if existing is not None and spec.operation is Operation.WRITE:
                 admission = attrs.evolve(admission, existing=existing)
         return admission

@@ -55,3 +55,39 @@ def test_a_head_without_its_raw_query_is_resolved_every_time(node: KuraNode) -> 
 
     assert namespace("one") == "one"
     assert namespace("two") == "two"
+
+
+def _upload_head(id: str, length: int) -> RequestHead:
+    return RequestHead(
+        method="POST",
+        path=f"/api/cache/cas/{id}".encode(),
+        query={"tenant_id": ["default"]},
+        raw_query=b"tenant_id=default",
+        headers={},
+        declared_length=length,
+    )
+
+
+def test_a_small_upload_of_an_unknown_artifact_is_admitted_at_once(
+    node: KuraNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No lookup, no coroutine: the commit's write-once check settles a duplicate."""
+
+    def no_waiting(*args: object) -> None:
+        raise AssertionError("the head waited for something")
+
+    monkeypatch.setattr(node.store, "stored", no_waiting)
+    monkeypatch.setattr(node.gate, "_complete", no_waiting)
+    assert succeeded(node.gate.admit(_upload_head("new", 10))).existing is None
+
+
+def test_a_write_once_upload_of_a_known_artifact_is_answered_from_the_head(
+    node: KuraNode,
+) -> None:
+    assert (
+        request(node, "POST", CAS.format(id="a1", tenant="default", extra=""), b"x").status == 204
+    )
+    assert succeeded(node.gate.admit(_upload_head("a1", 1))).existing is not None
+    # A body too large to arrive in memory always asks the store.
+    large = node.store.memory_body_bytes + 1
+    assert succeeded(node.gate.admit(_upload_head("a1", large))).existing is not None
