@@ -923,6 +923,7 @@ class ArtifactStore:
         # Replicated applies pass their own (empty) targets: a write that
         # arrived from a peer must not be queued to the peers again.
         targets = tuple(self._replication_targets.targets()) if targets is None else tuple(targets)
+        hooks = self._write_hooks if fresh else None  # told of a client's writes only
         now = self.now_ms()
         capacity = self.capacity_bytes
         written = manifest
@@ -945,15 +946,15 @@ class ArtifactStore:
                     conn, capacity, manifest.size, keep=manifest.artifact_id
                 )
             result = self.metadata.apply_artifact(conn, written, inline_value, policy, targets, now)
-            if fresh and result.outcome is Outcome.APPLIED and self._write_hooks is not None:
-                self._write_hooks.artifact_written(conn, written, now)
+            if hooks is not None and result.outcome is Outcome.APPLIED:
+                hooks.artifact_written(conn, written, now)
             return result, evicted
 
         try:
             result, evicted = await self._commit(
                 operation,
                 body,
-                queues_rows=bool(targets) or (fresh and self._write_hooks is not None),
+                queues_rows=bool(targets) or hooks is not None,
             )
         except BaseException:
             if body is not None and body.written:
