@@ -3,8 +3,10 @@
 Serving verifies a blob file when it is first opened and whenever its stamp
 (inode, size, ctime, mtime) moved (:mod:`kura.storage.verify`); what never
 moves a stamp, bytes rotting below the filesystem, is found here. The
-:class:`ScrubService` walks the file-backed artifacts in artifact-id order, a
-page at a time, reads each body on a storage thread, and
+:class:`ScrubService` walks the blobs (bodies in files, and the small bodies
+kept in the metadata database, whose pages SQLite does not check by itself)
+in artifact-id order, a page at a time, reads each body on a storage thread,
+and
 
 * checks it against its digest: a body that is missing, of another size or
   whose bytes do not match is damage, forgotten like any other
@@ -127,8 +129,29 @@ def _scan_small(path: str, size: int, wall: Callable[[], float]) -> Scanned:
         os.close(fd)
 
 
-def _scan_smalls(items: list[tuple[str, int]], wall: Callable[[], float]) -> list[Scanned]:
-    return [_scan_small(path, size, wall) for path, size in items]
+def _scan_stored(value: bytes | None, size: int) -> Scanned:
+    """Hash a body kept in the metadata database (``None``: its row is gone)."""
+    if value is None:
+        return Scanned(MISSING)
+    if len(value) != size:
+        return Scanned(WRONG_SIZE)
+    return Scanned(None, hashlib.sha256(value).hexdigest(), read=size)
+
+
+def _scan_smalls(
+    items: list[tuple[str | None, str, int]],
+    wall: Callable[[], float],
+    read_stored: Callable[[str], bytes | None],
+) -> list[Scanned]:
+    """Read and hash small bodies, each given as (the path of its file, or
+    ``None`` for a body kept in the database; its artifact id; its size)
+    (blocking)."""
+    return [
+        _scan_small(path, size, wall)
+        if path is not None
+        else _scan_stored(read_stored(artifact_id), size)
+        for path, artifact_id, size in items
+    ]
 
 
 def _open(path: str, size: int) -> tuple[int, os.stat_result] | str:
@@ -272,7 +295,7 @@ class ScrubService(Service):
         batch: list[Manifest] = []
         charged = 0
         for manifest in page:
-            if manifest.size > self._unit:
+            if manifest.size > self._unit and not manifest.in_database:
                 await self._scrub_batch(batch, charged)
                 batch, charged = [], 0
                 await self._scrub_large(manifest)
@@ -287,8 +310,10 @@ class ScrubService(Service):
     async def _scrub_batch(self, batch: list[Manifest], charged: int) -> None:
         if not batch:
             return
-        items = [(self._path(m), m.size) for m in batch]
-        found = await self._runner.run(_scan_smalls, items, self.wall)
+        items = [(None if m.in_database else self._path(m), m.artifact_id, m.size) for m in batch]
+        found = await self._runner.run(
+            _scan_smalls, items, self.wall, self._store.metadata.get_inline
+        )
         for manifest, scanned in zip(batch, found, strict=True):
             await self._judge(manifest, scanned)
         await self._pace(charged)
@@ -340,7 +365,6 @@ class ScrubService(Service):
         metrics.scrub_checked_bytes.inc(scanned.read)
         self._tally.artifacts += 1
         self._tally.bytes += scanned.read
-        assert manifest.blob_path is not None
         if scanned.damage is None and manifest.digest in (None, scanned.digest):
             assert scanned.digest is not None
             if manifest.digest is None:
@@ -348,13 +372,17 @@ class ScrubService(Service):
                     return  # replaced, removed or filled meanwhile
                 metrics.scrub_filled_digests.inc()
                 self._tally.filled += 1
-            if scanned.stamp is not None:
+            if scanned.stamp is not None and manifest.blob_path is not None:
                 self._store.verifier.remember(manifest.blob_path, scanned.stamp)
             return
         # Damage, unless what is stored is no longer this version (replaced or
-        # evicted while it was read: its file may be gone for a good reason).
+        # evicted while it was read: its body may be gone for a good reason).
         current = await self._store.manifest(manifest.artifact_id)
-        if current is None or current.blob_path != manifest.blob_path:
+        if (
+            current is None
+            or current.version_ms != manifest.version_ms
+            or current.blob_path != manifest.blob_path
+        ):
             return
         reason = scanned.damage or CORRUPT
         metrics.scrub_damaged_artifacts.labels(_REASON_LABELS[reason]).inc()

@@ -169,6 +169,7 @@ class KuraNode(MultiService):
             tmp_budget=TmpBudget(config.tmp_dir_max_bytes),
             manifest_cache_bytes=config.manifest_cache_max_bytes,
             memory_body_bytes=config.memory_body_max_bytes,
+            body_cache_bytes=config.body_cache_max_bytes,
             failpoints=failpoints,
             max_unfinished_uploads=config.multipart_max_unfinished,
             replication_targets=self.peers.membership,
@@ -194,6 +195,7 @@ class KuraNode(MultiService):
             metrics=self.metrics,
             on_critical=[
                 ("manifest_cache_drop", self.store.drop_manifest_cache),
+                ("body_cache_drop", self.store.bodies.clear),
                 ("extension_cache_drop", self.authorizer.clear_caches),
             ],
         )

@@ -119,6 +119,7 @@ def _every_variable(pem: dict[str, str]) -> dict[str, tuple[str, Callable[[KuraC
         "KURA_MAX_KEYVALUE_BYTES": ("2048", lambda c: c.max_keyvalue_bytes, 2048),
         "KURA_MANIFEST_CACHE_MAX_BYTES": ("777", lambda c: c.manifest_cache_max_bytes, 777),
         "KURA_MEMORY_BODY_MAX_BYTES": ("4096", lambda c: c.memory_body_max_bytes, 4096),
+        "KURA_BODY_CACHE_MAX_BYTES": ("8192", lambda c: c.body_cache_max_bytes, 8192),
         "KURA_STORAGE_THREADS": ("3", lambda c: c.storage_threads, 3),
         "KURA_MULTIPART_UPLOAD_TTL_MS": ("1000", lambda c: c.multipart_upload_ttl_ms, 1000),
         "KURA_MULTIPART_JANITOR_INTERVAL_MS": (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,10 @@ from tests.support.corruption import flip_byte
 
 GRADLE = "/api/cache/gradle/{}?tenant_id=default"
 KV = json.dumps({"cas_id": "c1", "entries": [{"value": "v"}]}).encode()
+#: Small bodies in files, as a store written before metadata schema 4 keeps them.
+FILES = {"KURA_MEMORY_BODY_MAX_BYTES": "0"}
+#: The scrub reads small bodies wherever they are kept: in the database, or in files.
+LAYOUTS = pytest.mark.parametrize("node", [{}, FILES], ids=["database", "files"], indirect=True)
 
 
 def sha(data: bytes) -> str:
@@ -87,9 +92,15 @@ class Scrub:
 
 
 @pytest.fixture
-def node(nodes: Nodes) -> KuraNode:
-    """A node whose own scrub is off: the tests run theirs on their clock."""
-    return nodes.start(KURA_SCRUB_BYTES_PER_SECOND="0")
+def node(nodes: Nodes, request: pytest.FixtureRequest) -> KuraNode:
+    """A node whose own scrub is off: the tests run theirs on their clock.
+
+    ``@pytest.mark.node_environ(...)`` or an indirect parameter (:data:`LAYOUTS`)
+    adds to its environment.
+    """
+    marker = request.node.get_closest_marker("node_environ")
+    environ = {**(marker.kwargs if marker else {}), **getattr(request, "param", {})}
+    return nodes.start(KURA_SCRUB_BYTES_PER_SECOND="0", **environ)
 
 
 @pytest.fixture
@@ -100,6 +111,7 @@ def scrubs() -> Iterator[list[Scrub]]:
         scrub.stop()
 
 
+@LAYOUTS
 def test_small_bodies_are_read_together_at_the_configured_rate(
     node: KuraNode, scrubs: list[Scrub]
 ) -> None:
@@ -165,6 +177,7 @@ def test_passes_repeat_after_the_interval(node: KuraNode, scrubs: list[Scrub]) -
     assert scrub.artifacts == 2
 
 
+@pytest.mark.node_environ(**FILES)
 def test_a_corrupted_body_is_found_forgotten_and_asked_for_again(
     node: KuraNode, scrubs: list[Scrub]
 ) -> None:
@@ -186,6 +199,39 @@ def test_a_corrupted_body_is_found_forgotten_and_asked_for_again(
     assert request(node, "GET", GRADLE.format("intact")).body == intact
 
 
+def test_a_rotten_body_in_the_database_is_found_and_forgotten_without_being_held(
+    node: KuraNode, scrubs: list[Scrub]
+) -> None:
+    """A small body kept in the database is checked too (SQLite does not
+    checksum its pages): a changed row is damage, a missing one too, and the
+    scrub's reads never fill the serving paths' body cache."""
+    intact, rotten, gone = os.urandom(3000), os.urandom(3000), os.urandom(3000)
+    for key, body in (("intact", intact), ("rotten", rotten), ("gone", gone)):
+        request(node, "PUT", GRADLE.format(key), body)
+    node.store.bodies.clear()
+    conn = sqlite3.connect(node.store.layout.database)
+    with conn:
+        conn.execute(
+            "UPDATE key_values SET value = ? WHERE artifact_id = ?",
+            (bytes(3000), manifest_of(node, "rotten").artifact_id),
+        )
+        conn.execute(
+            "DELETE FROM key_values WHERE artifact_id = ?", (manifest_of(node, "gone").artifact_id,)
+        )
+    conn.close()
+    scrub = Scrub(node, rate=10_000_000).start()
+    scrubs.append(scrub)
+    scrub.clock.advance(10)
+    assert scrub.passes == 1 and scrub.artifacts == 3
+    assert scrub.value("kura_scrub_damaged_artifacts_total", reason="corrupt") == 1
+    assert scrub.value("kura_scrub_damaged_artifacts_total", reason="missing") == 1
+    assert manifest_of(node, "rotten") is None and manifest_of(node, "gone") is None
+    assert len(node.store.bodies) == 0
+    assert request(node, "GET", GRADLE.format("rotten")).status == 404
+    assert request(node, "GET", GRADLE.format("intact")).body == intact
+
+
+@pytest.mark.node_environ(**FILES)
 def test_missing_and_truncated_bodies_are_damage_too(node: KuraNode, scrubs: list[Scrub]) -> None:
     """The scrub forgets what is gone or short, counted by reason."""
     request(node, "PUT", GRADLE.format("gone"), b"g" * 1000)
@@ -201,6 +247,7 @@ def test_missing_and_truncated_bodies_are_damage_too(node: KuraNode, scrubs: lis
     assert sample(node, "kura_damaged_artifacts_total") == 2
 
 
+@pytest.mark.node_environ(**FILES)
 def test_digests_missing_from_older_stores_are_filled_in(
     node: KuraNode, scrubs: list[Scrub]
 ) -> None:

@@ -39,6 +39,18 @@ class OpenedFile(Protocol):
 
 
 @attrs.frozen
+class HeldBody:
+    """A body kept in the database and held in memory (:mod:`kura.storage.bodies`):
+    what :func:`decide` reads of it is its size, as of an opened file."""
+
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+@attrs.frozen
 class Serve:
     """Serve the request here.
 
@@ -82,7 +94,8 @@ def admit(*, draining: bool, permits_free: bool) -> Fallback | None:
 
 
 def is_file_backed(manifest: Manifest | None) -> TypeGuard[Manifest]:
-    """Whether ``manifest`` names a body file to open (the only kind served here)."""
+    """Whether ``manifest`` names a body file to open (otherwise its body is in
+    the database: served from memory when held, else by twisted.web)."""
     return manifest is not None and not manifest.inline and manifest.blob_path is not None
 
 
@@ -97,14 +110,17 @@ def decide(
         lease: its opened file (only its current size is read; its bytes
             were verified against the manifest's digest before), ``None``
             when the file, or the pipe its transfer needs, could not be
-            opened; only consulted for a file-backed manifest.
+            opened; or, for a body kept in the database, the body held in
+            memory (:class:`HeldBody`), ``None`` when it is not held.
     """
     if manifest is None:
         return _MISS
-    if not is_file_backed(manifest):
+    if manifest.inline:
         return _INLINE
     if lease is None:
-        return _OPEN
+        # A file (or the pipe its transfer needs) that could not be opened;
+        # a body kept in the database that is not held in memory.
+        return _OPEN if is_file_backed(manifest) else _INLINE
     if lease.size != manifest.size:
         # Damaged: twisted.web opens it again, forgets it and answers 404.
         return _RANGE_OR_DAMAGE
@@ -124,7 +140,7 @@ def decide(
     return Serve(response, header_fields(response.headers))
 
 
-_WHOLE: dict[str | None, tuple[Manifest, Serve]] = {}
+_WHOLE: dict[str, tuple[Manifest, Serve]] = {}
 _WHOLE_MAX = 4096
 
 
@@ -133,17 +149,19 @@ def serve_whole(manifest: Manifest) -> Serve:
     Range or If-Range, is served: it depends on the manifest alone.
 
     One decision (and one serialized head) per artifact version, kept by
-    file name (every version is a new file) and checked by identity
-    (hashing a manifest costs more than the look-up saves).
+    file name (every version is a new file), or by id for a body kept in
+    the database, and checked by identity (hashing a manifest costs more
+    than the look-up saves).
     """
-    cached = _WHOLE.get(manifest.blob_path)
+    key = manifest.blob_path or manifest.artifact_id
+    cached = _WHOLE.get(key)
     if cached is not None and cached[0] is manifest:
         return cached[1]
     if len(_WHOLE) >= _WHOLE_MAX:
         _WHOLE.clear()
     response = artifact_head(manifest, None, None)
     serve = Serve(response, header_fields(response.headers))
-    _WHOLE[manifest.blob_path] = (manifest, serve)
+    _WHOLE[key] = (manifest, serve)
     return serve
 
 

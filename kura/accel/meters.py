@@ -68,6 +68,8 @@ class AcceleratorMeters:
         # The unlabelled histogram's one child (its observe() looks it up each time).
         self.duration = metrics.http_request_duration.labels()
         self.served = metrics.serving_paths.labels(mode)
+        #: Bodies kept in the database, sent from memory with the head.
+        self.served_from_memory = metrics.serving_paths.labels("memory")
         self._fallbacks = Children(metrics.accelerator_fallbacks)
         self._requests = metrics.http_requests
         self._request_children: dict[tuple[str, int], Any] = {}
@@ -120,6 +122,7 @@ class RouteMeters:
         "_reads",
         "_requests",
         "_served",
+        "_served_from_memory",
         "_throughput",
         "_traffic",
     )
@@ -130,6 +133,7 @@ class RouteMeters:
         children = egress.children(producer_label(spec), OK)
         self._requests = meters.request(spec.template, 200)
         self._served = meters.served
+        self._served_from_memory = meters.served_from_memory
         self._reads = children.reads
         self._read_bytes = children.read_bytes
         self._completions = children.completions
@@ -144,9 +148,12 @@ class RouteMeters:
         if self._egress_duration.bounds != bounds or self._latency.bounds != bounds:
             raise ValueError("duration histograms with different buckets")
 
-    def count_whole(self, sent: int, seconds: float, now: float) -> None:
+    def count_whole(
+        self, sent: int, seconds: float, now: float, *, from_memory: bool = False
+    ) -> None:
         """Count a ``200`` response whose head and ``sent`` body bytes (all of
-        it) left at ``now``, ``seconds`` after its head began arriving.
+        it) left at ``now``, ``seconds`` after its head began arriving
+        (``from_memory``: a body kept in the database, sent with its head).
 
         Its duration, egress duration and time to first byte are all
         ``seconds``; the request counts as public traffic begun (but never
@@ -154,7 +161,7 @@ class RouteMeters:
         """
         seconds = max(seconds, 1e-9)
         self._requests.value += 1
-        self._served.value += 1
+        (self._served_from_memory if from_memory else self._served).value += 1
         self._reads.value += 1
         self._completions.value += 1
         self._read_bytes.value += sent

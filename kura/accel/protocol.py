@@ -58,7 +58,16 @@ from kura.web.site import log_access
 from . import reasons
 from .accelerator import Accelerator
 from .classify import Candidate
-from .decide import Fallback, Serve, admit, decide, is_file_backed, serve_whole
+from .decide import (
+    Fallback,
+    HeldBody,
+    OpenedFile,
+    Serve,
+    admit,
+    decide,
+    is_file_backed,
+    serve_whole,
+)
 from .engine import SENDFILE_MAX_BYTES
 from .handles import Lease
 from .head import MAX_HEAD_BYTES, find_head_end, parse_head
@@ -119,6 +128,10 @@ class _Exchange:
             connection reads nothing until it ends; its end resumes reading
             and the loop.
         lease: its file, once open.
+        held: its body, when it is kept in the database and held in memory
+            (sent with the response head: no file, no pipe).
+        body_in_head: how many body bytes ride in the response head (a held
+            body's), counted as sent once the head has left.
         reservation: what the engine reserved for its transfer, until the
             transfer starts.
         transfer: its transfer, once started.
@@ -128,8 +141,10 @@ class _Exchange:
     """
 
     __slots__ = (
+        "body_in_head",
         "candidate",
         "first_byte_recorded",
+        "held",
         "keep_alive",
         "lease",
         "paused",
@@ -146,6 +161,8 @@ class _Exchange:
         self.started_at = started_at
         self.paused = False
         self.lease: Lease | None = None
+        self.held: HeldBody | None = None
+        self.body_in_head = 0
         self.reservation: object = _UNRESERVED
         self.transfer: ITransfer | None = None
         self.slot: InflightSlot | None = None
@@ -372,9 +389,10 @@ class SamePortProtocol(Protocol):
 
     def _serve_now(self, candidate: Candidate, manifest: Manifest) -> bool:
         """Serve the commonest request in one step, if it is one: the whole of a
-        small artifact whose file is open in the handle cache, verified, for a
-        plain head (no Range, no Connection, no X-Request-Id, no credentials)
-        on an open route.
+        small artifact whose file is open in the handle cache, verified, or
+        whose body (kept in the database) is held in memory, for a plain head
+        (no Range, no Connection, no X-Request-Id, no credentials) on an open
+        route.
 
         Its answer is exactly the general path's (the same cached decision,
         head and metrics); what it skips is the bookkeeping of a request
@@ -391,31 +409,35 @@ class SamePortProtocol(Protocol):
         if (
             not head.plain
             or manifest.size > SENDFILE_MAX_BYTES
-            or not is_file_backed(manifest)
+            or manifest.inline  # key-value entries are never accelerated
             or accel.authorization.needs_check(candidate.spec)
         ):
             return False
-        fd = accel.handles.ready_fd(manifest)
-        if fd < 0:
-            return False
+        if manifest.in_database:
+            # The body rides in the head's send; no file is involved.
+            body = accel.store.bodies.get(manifest)
+            if body is None:
+                return False  # twisted.web reads it (and holds it for next time)
+            fd, file_bytes = -1, 0
+        else:
+            fd = accel.handles.ready_fd(manifest)
+            if fd < 0:
+                return False
+            body, file_bytes = b"", manifest.size  # the whole file (ready_fd checked its size)
         decision = serve_whole(manifest)
         if decision.response.status != 200:
             return False
         request_id = accel.request_ids.next()
         now = accel.reactor.seconds()
-        length = manifest.size  # the whole file (ready_fd checked its size)
+        head_bytes = head_from_fields(
+            200,
+            decision.fields,
+            date=accel.dates.value(now),
+            request_id=request_id,
+            keep_alive=True,  # admit() let it in: the node is not draining
+        )
         transfer = accel.engine.send(
-            self._tcp,
-            head_from_fields(
-                200,
-                decision.fields,
-                date=accel.dates.value(now),
-                request_id=request_id,
-                keep_alive=True,  # admit() let it in: the node is not draining
-            ),
-            fd,
-            length,
-            self._transfer_done,
+            self._tcp, head_bytes + body, fd, file_bytes, self._transfer_done
         )
         if transfer is not None:
             self._took_on(candidate, manifest, transfer, request_id, now)
@@ -423,7 +445,9 @@ class SamePortProtocol(Protocol):
         self._buffer = self._buffer[head.length :]
         accel.store.record_access(candidate.artifact_id, now)
         spec = candidate.spec
-        accel.meters.route(spec).count_whole(length, now - self._head_started_at, now)
+        accel.meters.route(spec).count_whole(
+            manifest.size, now - self._head_started_at, now, from_memory=fd < 0
+        )
         if accel.site.access_log:
             log_access(head.method, head.path, 200, request_id, spec)
         self.state = State.IDLE  # the loop takes the next request
@@ -444,14 +468,16 @@ class SamePortProtocol(Protocol):
         self.state = State.SERVING
         self._deadline = None
         exchange = self._exchange = _Exchange(candidate, self._head_started_at)
-        if transfer.result is None:
+        if manifest.in_database:
+            exchange.body_in_head = manifest.size
+        elif transfer.result is None:
             exchange.lease = accel.handles.adopt(manifest)
         exchange.status = 200
         exchange.keep_alive = True
         exchange.request_id = request_id
         self._buffer = self._buffer[candidate.head.length :]
         accel.store.record_access(candidate.artifact_id)
-        self._launched(exchange, transfer, now)
+        self._launched(exchange, transfer, now, from_memory=manifest.in_database)
 
     def _serve(self, candidate: Candidate, manifest: Manifest | None) -> _Exchange:
         """Take a permit and look the artifact up (``manifest``: from memory, if it was)."""
@@ -471,21 +497,23 @@ class SamePortProtocol(Protocol):
         return exchange
 
     def _decide(self, exchange: _Exchange, manifest: Manifest | None) -> None:
-        """Open the artifact's file, verify it if need be, judge the request,
-        then authorize and start it.
+        """Open the artifact's file, verify it if need be (or take its body
+        from memory, for one kept in the database), judge the request, then
+        authorize and start it.
 
-        The file and the engine's reservation are taken together, both or
-        neither, before :func:`.decide.decide` runs, so running out of
-        descriptors falls back (twisted.web answers 503) instead of breaking
-        an authorized response. Only a file whose bytes were checked against
-        the manifest's digest in its current state is served
-        (:mod:`kura.storage.verify`).
+        The file (or held body) and the engine's reservation are taken
+        together, both or neither, before :func:`.decide.decide` runs, so
+        running out of descriptors falls back (twisted.web answers 503)
+        instead of breaking an authorized response. Only a file whose bytes
+        were checked against the manifest's digest in its current state is
+        served (:mod:`kura.storage.verify`); a held body was checked when it
+        was stored or read back.
         """
         if self.state is not State.SERVING:  # the connection went away meanwhile
             self._end(exchange)
             return
         accel = self._accel
-        lease = None
+        lease: OpenedFile | None = None
         if is_file_backed(manifest):
             handles = accel.handles
             try:
@@ -503,6 +531,17 @@ class SamePortProtocol(Protocol):
                     if not lease.verified and lease.size == manifest.size:
                         self._verify(exchange, manifest, lease)
                         return
+        elif manifest is not None and not manifest.inline:
+            # A body kept in the database: served only when held in memory
+            # (known good); otherwise twisted.web reads it, and holds it.
+            data = accel.store.bodies.get(manifest)
+            if data is not None:
+                try:
+                    exchange.reservation = accel.engine.reserve(len(data))
+                except OSError:
+                    pass
+                else:
+                    lease = exchange.held = HeldBody(data)
         self._judge(exchange, manifest, lease)
 
     def _verify(self, exchange: _Exchange, manifest: Manifest, lease: Lease) -> None:
@@ -530,7 +569,9 @@ class SamePortProtocol(Protocol):
             lease.verified = True
             self._judge(exchange, manifest, lease)
 
-    def _judge(self, exchange: _Exchange, manifest: Manifest | None, lease: Lease | None) -> None:
+    def _judge(
+        self, exchange: _Exchange, manifest: Manifest | None, lease: OpenedFile | None
+    ) -> None:
         """Serve (after authorization when the route needs it) or fall back, as decided."""
         accel = self._accel
         decision = decide(exchange.candidate, manifest, lease)
@@ -595,10 +636,19 @@ class SamePortProtocol(Protocol):
             request_id=request_id,
             keep_alive=keep_alive,
         )
+        body = response.body
         reservation, exchange.reservation = exchange.reservation, _UNRESERVED
+        held = exchange.held
+        if held is not None:  # the body rides in the head's send
+            exchange.body_in_head = body.length
+            data = held.data[body.offset : body.offset + body.length]
+            transfer = accel.engine.start(
+                reservation, self._tcp, head_bytes + data, -1, 0, 0, self._transfer_done
+            )
+            self._launched(exchange, transfer, accel.reactor.seconds(), from_memory=True)
+            return
         lease = exchange.lease
         assert lease is not None
-        body = response.body
         transfer = accel.engine.start(
             reservation,
             self._tcp,
@@ -610,11 +660,14 @@ class SamePortProtocol(Protocol):
         )
         self._launched(exchange, transfer, accel.reactor.seconds())
 
-    def _launched(self, exchange: _Exchange, transfer: ITransfer, now: float) -> None:
-        """The engine took ``exchange``'s response: follow it in the background,
-        or finish it if it is over already."""
+    def _launched(
+        self, exchange: _Exchange, transfer: ITransfer, now: float, *, from_memory: bool = False
+    ) -> None:
+        """The engine took ``exchange``'s response (``from_memory``: a body kept
+        in the database, sent with its head): follow it in the background, or
+        finish it if it is over already."""
         accel = self._accel
-        accel.meters.served.inc()
+        (accel.meters.served_from_memory if from_memory else accel.meters.served).inc()
         exchange.transfer = transfer
         if transfer.result is None:
             # In flight from here until it ends. (One that ended inside
@@ -727,7 +780,8 @@ class SamePortProtocol(Protocol):
         meters.request(spec.template, status).inc()
         meters.duration.observe(elapsed)
         producer = producer_label(spec)
-        accel.egress.record(producer, result, transfer.sent, elapsed)
+        sent = transfer.sent + (exchange.body_in_head if transfer.head_sent else 0)
+        accel.egress.record(producer, result, sent, elapsed)
         if accel.site.access_log:
             head = exchange.candidate.head
             log_access(head.method, head.path, status, exchange.request_id, spec)
@@ -735,5 +789,5 @@ class SamePortProtocol(Protocol):
             log.error(
                 "artifact body ended early; connection closed",
                 route=spec.template,
-                sent=transfer.sent,
+                sent=sent,
             )

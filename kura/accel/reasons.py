@@ -25,7 +25,9 @@ reason              the connection or request went to twisted.web because
 ``saturated``       every transfer permit is taken
 ``lookup_error``    looking the artifact up failed
 ``miss``            the artifact is not stored
-``inline``          the artifact is stored inline, not in a file
+``inline``          the artifact's body is in the database and not held in
+                    memory (a key-value entry, or a small blob twisted.web
+                    reads back, and holds for the next request)
 ``open``            its file (or a splice pipe) could not be opened, or read
                     to be verified
 ``range_or_damage`` its file's size differs from the manifest's, its bytes

@@ -19,7 +19,9 @@ Reads (:meth:`ArtifactService.download`):
   (:meth:`~kura.storage.store.ArtifactStore.open_intact`);
 * status and headers come from :func:`kura.web.download.artifact_head`, the
   function the accelerator uses too; a file-backed body is returned as a
-  :class:`StreamedBody`, sent once the response head is final.
+  :class:`StreamedBody`, sent once the response head is final, and a body
+  kept in the database (a small blob) as its bytes, checked against its
+  digest when read back (:meth:`~kura.storage.store.ArtifactStore.read_inline`).
 
 Writes (:meth:`ArtifactService.publish`) follow the route's write policy:
 write-once (an artifact already stored wins; the gate answers most of those
@@ -58,6 +60,7 @@ from kura.web.download import (
     CHUNK_BYTES,
     H2_CHUNK_BYTES,
     SMALL_BODY_BYTES,
+    ArtifactHead,
     FileBodyProducer,
     SmallFileBody,
     TransferFailed,
@@ -70,6 +73,11 @@ from kura.web.routing import RouteSpec
 from .handling import admission_of, header
 
 log = Logger(namespace="kura.api")
+
+
+def egress_label(spec: RouteSpec) -> str:
+    """The ``producer`` label of a route's egress metrics."""
+    return spec.producer.value if spec.producer else "unknown"
 
 
 @attrs.define
@@ -149,8 +157,7 @@ class StreamedBody:
         return b""
 
     def _account(self, site: Any, result: str, sent: int, started: float) -> None:
-        producer = self.spec.producer.value if self.spec.producer else "unknown"
-        site.egress.record(producer, result, sent, site.clock.seconds() - started)
+        site.egress.record(egress_label(self.spec), result, sent, site.clock.seconds() - started)
 
     def _ended_early(self, request: KuraRequest, failure: TransferFailed) -> None:
         channel: Any = request.channel
@@ -228,13 +235,13 @@ class ArtifactService:
         manifest = await self.find(spec, address)
         if manifest.inline:
             return await self._inline(request, spec, manifest)
+        if manifest.in_database:
+            return await self._stored_in_database(request, spec, manifest)
         fd = await self._open(spec, manifest)
         try:
-            head = artifact_head(manifest, header(request, b"range"), header(request, b"if-range"))
-        except KuraError as error:
+            head = self._head(request, spec, manifest)
+        except KuraError:
             os.close(fd)
-            if error.status == 416:
-                self.count_read(spec.producer, "range_not_satisfiable")
             raise
         self._store.record_access(manifest.artifact_id)
         request.setResponseCode(head.status)
@@ -246,6 +253,37 @@ class ArtifactService:
             return b""
         self._metrics.serving_paths.labels("fallback").inc()
         return StreamedBody(fd, head.body, spec, self._runner)
+
+    def _head(self, request: KuraRequest, spec: RouteSpec, manifest: Manifest) -> ArtifactHead:
+        """The response head of a blob, for the request's Range and If-Range."""
+        try:
+            return artifact_head(manifest, header(request, b"range"), header(request, b"if-range"))
+        except KuraError as error:
+            if error.status == 416:
+                self.count_read(spec.producer, "range_not_satisfiable")
+            raise
+
+    async def _stored_in_database(
+        self, request: KuraRequest, spec: RouteSpec, manifest: Manifest
+    ) -> bytes:
+        """A small blob kept in the metadata database: the head of any blob
+        (ranges, validators), its bytes from memory or one storage read,
+        counted as a transfer that ends as it is written (as a small file's)."""
+        site = request.kura_site
+        started = site.clock.seconds()
+        head = self._head(request, spec, manifest)
+        value = await self._read_inline(spec, manifest)
+        self._store.record_access(manifest.artifact_id)
+        request.setResponseCode(head.status)
+        for name, value_ in head.headers:
+            request.setHeader(name, value_)
+        if request.method == b"HEAD":
+            self.count_read(spec.producer, "ok")
+            return b""
+        body = head.body
+        site.egress.record(egress_label(spec), "ok", body.length, site.clock.seconds() - started)
+        self._metrics.serving_paths.labels("fallback").inc()
+        return value[body.offset : body.offset + body.length]
 
     async def find(self, spec: RouteSpec, address: ArtifactAddress) -> Manifest:
         """The manifest of ``address`` (read through on a local miss); a miss or a
@@ -276,6 +314,17 @@ class ArtifactService:
         return fd
 
     async def _inline(self, request: KuraRequest, spec: RouteSpec, manifest: Manifest) -> bytes:
+        value = await self._read_inline(spec, manifest)
+        self._store.record_access(manifest.artifact_id)
+        self.count_read(spec.producer, "ok", len(value))
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", manifest.content_type.encode("ascii", "replace"))
+        request.setHeader(b"Content-Length", b"%d" % len(value))
+        return value
+
+    async def _read_inline(self, spec: RouteSpec, manifest: Manifest) -> bytes:
+        """The body of ``manifest`` kept in the database; a miss or a fault is
+        counted and raised."""
         try:
             value = await self._store.read_inline(manifest)
         except KuraError as error:
@@ -284,11 +333,6 @@ class ArtifactService:
         if value is None:
             self.count_read(spec.producer, "not_found")
             raise NotFound(spec.not_found_message)
-        self._store.record_access(manifest.artifact_id)
-        self.count_read(spec.producer, "ok", len(value))
-        request.setResponseCode(200)
-        request.setHeader(b"Content-Type", manifest.content_type.encode("ascii", "replace"))
-        request.setHeader(b"Content-Length", b"%d" % len(value))
         return value
 
     def _read_fault(self, spec: RouteSpec, detail: str) -> KuraError:

@@ -139,8 +139,17 @@ MEMORY_BODY_MAX_BYTES = _var(
     "KURA_MEMORY_BODY_MAX_BYTES",
     64 * KiB,
     "Artifact bodies whose declared Content-Length is at most this are received in memory "
-    "and written into place in batches that share their fsyncs (counted against the "
-    "staging budget like staged bodies); 0 stages every body. At most 256 KiB.",
+    "and stored in the metadata database with their manifest, one WAL fsync per group "
+    "commit (counted against the staging budget like staged bodies until then); larger "
+    "bodies are files. 0 stages every body into a file. At most 256 KiB.",
+)
+BODY_CACHE_MAX_BYTES = _var(
+    _STORAGE,
+    "KURA_BODY_CACHE_MAX_BYTES",
+    64 * MiB,
+    "Memory for the bodies stored in the metadata database (small artifacts, key-value "
+    "entries) that the serving paths answer from without a storage read; emptied under "
+    "critical memory pressure. 0 turns it off.",
 )
 STORAGE_THREADS = _var(
     _STORAGE,
@@ -664,6 +673,7 @@ class KuraConfig:
     max_keyvalue_bytes: int = MAX_KEYVALUE_BYTES.default
     manifest_cache_max_bytes: int = MANIFEST_CACHE_MAX_BYTES.default
     memory_body_max_bytes: int = MEMORY_BODY_MAX_BYTES.default
+    body_cache_max_bytes: int = BODY_CACHE_MAX_BYTES.default
     storage_threads: int = STORAGE_THREADS.default
     multipart_upload_ttl_ms: int = MULTIPART_UPLOAD_TTL_MS.default
     multipart_janitor_interval_ms: int = MULTIPART_JANITOR_INTERVAL_MS.default
@@ -778,6 +788,7 @@ class KuraConfig:
             max_keyvalue_bytes=read.integer(MAX_KEYVALUE_BYTES, minimum=1),
             manifest_cache_max_bytes=read.integer(MANIFEST_CACHE_MAX_BYTES),
             memory_body_max_bytes=read.integer(MEMORY_BODY_MAX_BYTES, maximum=256 * KiB),
+            body_cache_max_bytes=read.integer(BODY_CACHE_MAX_BYTES),
             storage_threads=read.integer(STORAGE_THREADS, minimum=1, maximum=256),
             multipart_upload_ttl_ms=read.integer(MULTIPART_UPLOAD_TTL_MS, minimum=1),
             multipart_janitor_interval_ms=read.integer(MULTIPART_JANITOR_INTERVAL_MS, minimum=1),

@@ -103,8 +103,12 @@ class Manifest:
 
     Attributes:
         artifact_id: see :func:`artifact_id`.
-        inline: the body lives in the metadata store (key-value entries);
-            otherwise ``blob_path`` (relative to the data dir) holds it.
+        inline: a key-value entry (never evicted; its body in the metadata
+            store, like every body without a ``blob_path``).
+        blob_path: the file (relative to the data dir) that holds the body;
+            ``None`` when the body is in the metadata store
+            (:attr:`in_database`: key-value entries, and since metadata
+            schema 4 blobs small enough to be received in memory).
         version_ms: last-writer-wins version; replicas keep the sender's.
         digest: the lowercase hex SHA-256 of the body, computed as it was
             received (every artifact written since metadata schema 2);
@@ -123,6 +127,11 @@ class Manifest:
     version_ms: int
     created_at_ms: int
     digest: str | None = None
+
+    @property
+    def in_database(self) -> bool:
+        """The body is kept in the metadata store, not in a file."""
+        return self.blob_path is None
 
     @property
     def etag(self) -> str:

@@ -303,7 +303,7 @@ class Uploader:
         key = naming.artifact_key(self._prefix, manifest.namespace_id, manifest.artifact_id)
         metadata = naming.manifest_metadata(manifest)
         client = self._calls.client
-        if manifest.inline:
+        if manifest.in_database:
             value = await self._store.read_inline(manifest)
             if value is None:
                 return

@@ -164,7 +164,7 @@ class ReapiCache:
         return manifest
 
     async def _open(self, manifest: Manifest) -> Opened | None:
-        if manifest.inline:
+        if manifest.in_database:
             return await self._store.read_inline(manifest)
         return await self._store.open_intact(manifest)
 

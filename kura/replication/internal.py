@@ -426,7 +426,7 @@ class InternalAPI:
             raise NotFound("Artifact not found")
         request.responseHeaders.setRawHeaders(wire.VERSION_HEADER, [b"%d" % manifest.version_ms])
         request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/octet-stream"])
-        if manifest.inline:
+        if manifest.in_database:
             value = await self._store.read_inline(manifest)
             if value is None:
                 raise NotFound("Artifact not found")

@@ -442,7 +442,7 @@ class OutboxWorker:
         except ValueError:
             raise Undeliverable(f"unknown producer {manifest.producer!r}") from None
         body: PacedFileBody | BytesBody
-        if manifest.inline:
+        if manifest.in_database:
             value = await self._store.read_inline(manifest)
             if value is None:
                 return False

@@ -118,7 +118,8 @@ class IArtifactStore(Interface):
         """The manifest of an artifact whose body is really there, else ``None``."""
 
     async def read_inline(manifest: Manifest) -> bytes | None:
-        """The value of an inline (key-value) artifact, or ``None`` when gone."""
+        """The body of an artifact kept in the database (``manifest.in_database``:
+        key-value entries, small blobs), or ``None`` when gone or damaged."""
 
     def open_body(manifest: Manifest) -> int:
         """Open a file-backed artifact's body (the caller closes it); ``OSError`` if it cannot."""
@@ -197,7 +198,7 @@ class IArtifactStore(Interface):
         """Forget up to ``limit`` artifact tombstones older than the retention; how many went."""
 
     async def oldest_access_ms() -> int | None:
-        """When the least recently used file-backed artifact was last used (``None``: none)."""
+        """When the least recently used blob was last used (``None``: none)."""
 
     async def artifact_tombstone_count() -> int:
         """How many artifact tombstones are kept."""

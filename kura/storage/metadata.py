@@ -6,7 +6,10 @@ Tables:
     one row per artifact; indexed by namespace (the namespace index) and by
     last access (the LRU order for eviction).
 ``key_values``
-    inline bodies of key-value entries (never files).
+    the bodies kept in the database rather than in files: those of
+    key-value entries, and (since schema 4) those of blobs small enough to be
+    received in memory, written in the transaction that records their
+    manifest. A manifest without a ``blob_path`` has its body here.
 ``namespace_tombstones``
     the version at which each namespace was cleaned; older writes lose.
 ``artifact_tombstones``
@@ -54,7 +57,7 @@ T = TypeVar("T")
 #: The schema this release writes (``PRAGMA user_version``). A store written
 #: by an older release is migrated in place at open (:data:`MIGRATIONS`); a
 #: newer one is refused.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class SchemaVersionError(StorageFault):
@@ -117,6 +120,13 @@ def _schema_2_to_3(conn: sqlite3.Connection) -> None:
     _run_script(conn, _SCHEMA_3_TABLES)
 
 
+def _schema_3_to_4(conn: sqlite3.Connection) -> None:
+    """No table changes: from version 4 on, a blob manifest (``inline = 0``)
+    may have no ``blob_path``, its body in ``key_values``. The version bump
+    is what keeps a release that would look for its file from opening the
+    store; every artifact a version-3 store holds stays as it is."""
+
+
 _SCHEMA = (
     """
 CREATE TABLE IF NOT EXISTS manifests (
@@ -176,6 +186,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _schema_1_to_2,
     2: _schema_2_to_3,
+    3: _schema_3_to_4,
 }
 
 _MANIFEST_COLUMNS = (
@@ -309,8 +320,9 @@ class MetadataStore:
     """Synchronous access to the metadata database (call from storage threads).
 
     Attributes:
-        used_bytes: bytes of file-backed artifacts; changed only by committed
-            operations, read by the reactor for capacity decisions and gauges.
+        used_bytes: bytes of the artifacts eviction may drop (blobs, in files
+            or in the database); changed only by committed operations, read
+            by the reactor for capacity decisions and gauges.
     """
 
     def __init__(self, path: str, data_dir: str) -> None:
@@ -415,8 +427,9 @@ class MetadataStore:
         return [ArtifactTombstone(row[0], row[1], int(row[2]), int(row[3])) for row in rows]
 
     def oldest_access_ms(self) -> int | None:
-        """When the least recently used file-backed artifact was last read or written
-        (the next to be evicted; ``None`` with none stored). One index step."""
+        """When the least recently used blob (in a file or in the database) was
+        last read or written (the next to be evicted; ``None`` with none
+        stored). One index step."""
         row = (
             self._reader()
             .execute("SELECT MIN(last_access_ms) FROM manifests WHERE inline = 0")
@@ -428,7 +441,7 @@ class MetadataStore:
         return int(self._reader().execute("SELECT COUNT(*) FROM artifact_tombstones").fetchone()[0])
 
     def blob_paths(self) -> set[str]:
-        rows = self._reader().execute("SELECT blob_path FROM manifests WHERE inline = 0")
+        rows = self._reader().execute("SELECT blob_path FROM manifests WHERE blob_path IS NOT NULL")
         return {row[0] for row in rows}
 
     def blob_paths_for(self, artifact_ids: Sequence[str]) -> set[str]:
@@ -439,7 +452,8 @@ class MetadataStore:
             chunk = artifact_ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             rows = reader.execute(
-                f"SELECT blob_path FROM manifests WHERE inline = 0 AND artifact_id IN ({marks})",
+                "SELECT blob_path FROM manifests "
+                f"WHERE blob_path IS NOT NULL AND artifact_id IN ({marks})",
                 chunk,
             )
             found.update(row[0] for row in rows)
@@ -501,10 +515,11 @@ class MetadataStore:
         return None if row is None else str(row[0])
 
     def blobs_page(self, after: str | None, limit: int) -> list[Manifest]:
-        """File-backed manifests in artifact-id order, strictly after ``after`` (the scrub)."""
+        """Blob manifests (bodies in files or in the database) in artifact-id
+        order, strictly after ``after`` (the scrub)."""
         rows = self._reader().execute(
-            f"SELECT {_MANIFEST_COLUMNS} FROM manifests WHERE inline = 0 AND artifact_id > ? "
-            "ORDER BY artifact_id LIMIT ?",
+            f"SELECT {_MANIFEST_COLUMNS} FROM manifests "
+            "WHERE inline = 0 AND artifact_id > ? ORDER BY artifact_id LIMIT ?",
             (after or "", limit),
         )
         return [_manifest(row) for row in rows]
@@ -656,12 +671,15 @@ class MetadataStore:
         targets: Iterable[str],
         now_ms: int,
     ) -> ApplyResult:
-        """Store ``manifest`` (and its inline body) unless something newer wins.
+        """Store ``manifest`` (and ``inline_value``, its body when it is kept in
+        the database: exactly when ``manifest.in_database``) unless something
+        newer wins.
 
         The new blob file, when there is one, is already durable in place;
         when the write does not apply, it is returned for unlinking.
         """
-        own_file = () if manifest.inline or manifest.blob_path is None else (manifest.blob_path,)
+        assert (inline_value is not None) == manifest.in_database
+        own_file = () if manifest.blob_path is None else (manifest.blob_path,)
         tombstone = conn.execute(
             "SELECT version_ms FROM namespace_tombstones WHERE namespace_id = ?",
             (manifest.namespace_id,),
@@ -677,7 +695,7 @@ class MetadataStore:
         replaced: tuple[str, ...] = ()
         if row is not None:
             version, inline, blob_path, size = row
-            intact = bool(inline) or os.path.exists(os.path.join(self._data_dir, blob_path))
+            intact = blob_path is None or os.path.exists(os.path.join(self._data_dir, blob_path))
             if intact:
                 if policy is WritePolicy.WRITE_ONCE:
                     return ApplyResult(Outcome.EXISTING, own_file)
@@ -685,8 +703,9 @@ class MetadataStore:
                     return ApplyResult(Outcome.IGNORED_STALE, own_file)
                 if version == manifest.version_ms:
                     return ApplyResult(Outcome.IGNORED_EQUAL, own_file)
-            if not inline:
+            if blob_path is not None:
                 replaced = (blob_path,)
+            if not inline:
                 self.used_bytes -= size
         conn.execute(
             "INSERT OR REPLACE INTO manifests (artifact_id, producer, namespace_id, key, "
@@ -707,14 +726,14 @@ class MetadataStore:
                 manifest.digest,
             ),
         )
-        if manifest.inline:
-            assert inline_value is not None
+        if inline_value is not None:
             conn.execute(
                 "INSERT OR REPLACE INTO key_values (artifact_id, value) VALUES (?, ?)",
                 (manifest.artifact_id, inline_value),
             )
         else:
             conn.execute("DELETE FROM key_values WHERE artifact_id = ?", (manifest.artifact_id,))
+        if not manifest.inline:  # key-value entries are not counted against the capacity
             self.used_bytes += manifest.size
         # A newer write than the delete: the artifact lives again, here and,
         # through the outbox, on every peer (theirs clear the same way).
@@ -765,8 +784,9 @@ class MetadataStore:
         for artifact_id, inline, blob_path, size in doomed:
             conn.execute("DELETE FROM manifests WHERE artifact_id = ?", (artifact_id,))
             conn.execute("DELETE FROM key_values WHERE artifact_id = ?", (artifact_id,))
-            if not inline:
+            if blob_path is not None:
                 unlink.append(blob_path)
+            if not inline:
                 self.used_bytes -= size
         operation = {
             "type": "delete_namespace",
@@ -835,8 +855,9 @@ class MetadataStore:
             _, inline, blob_path, size = row
             conn.execute("DELETE FROM manifests WHERE artifact_id = ?", (tombstone.artifact_id,))
             conn.execute("DELETE FROM key_values WHERE artifact_id = ?", (tombstone.artifact_id,))
-            if not inline:
+            if blob_path is not None:
                 unlink = (blob_path,)
+            if not inline:
                 self.used_bytes -= size
         operation = {
             "type": "delete_artifact",
@@ -863,7 +884,7 @@ class MetadataStore:
 
     def evict(
         self, conn: sqlite3.Connection, capacity: int, incoming: int, keep: str
-    ) -> list[tuple[str, str, str, int]]:
+    ) -> list[tuple[str, str, str | None, int]]:
         """Drop least-recently-used blobs until ``incoming`` more bytes fit.
 
         ``keep`` (the artifact being written) is never chosen, nor is an
@@ -873,9 +894,11 @@ class MetadataStore:
         writes no tombstone and no outbox message.
 
         Returns:
-            ``(artifact_id, producer, blob_path, size)`` of every evicted artifact.
+            ``(artifact_id, producer, blob_path, size)`` of every evicted
+            artifact (``blob_path`` ``None``: its body was in the database,
+            and is gone with the transaction).
         """
-        evicted: list[tuple[str, str, str, int]] = []
+        evicted: list[tuple[str, str, str | None, int]] = []
         while self.used_bytes + incoming > capacity:
             victims = conn.execute(
                 "SELECT artifact_id, producer, blob_path, size FROM manifests AS m "
@@ -888,6 +911,8 @@ class MetadataStore:
                 break
             for artifact_id, producer, blob_path, size in victims:
                 conn.execute("DELETE FROM manifests WHERE artifact_id = ?", (artifact_id,))
+                if blob_path is None:
+                    conn.execute("DELETE FROM key_values WHERE artifact_id = ?", (artifact_id,))
                 self.used_bytes -= size
                 evicted.append((artifact_id, producer, blob_path, size))
                 if self.used_bytes + incoming <= capacity:

@@ -16,8 +16,8 @@ created, so an upload that cannot fit is refused before its first byte.
 A body whose declared length is at most ``KURA_MEMORY_BODY_MAX_BYTES``
 (``in_memory``) is kept in memory instead: no staging file, no thread hop
 per chunk, and :meth:`StagingFile.finish` returns its bytes
-(:attr:`StagedBody.data`) for the store to write in place, in a batch
-(:mod:`kura.storage.batch`). It is counted against the staging budget
+(:attr:`StagedBody.data`) for the store to keep in the metadata database
+with its manifest (metadata schema 4). It is counted against the staging budget
 exactly like a staged body (the budget caps the bytes of bodies in flight,
 wherever they wait), and it is smaller than :data:`FLUSH_AT`, which a staged
 body may hold in memory before its first write anyway.
@@ -25,8 +25,8 @@ body may hold in memory before its first write anyway.
 A staged body is hashed (SHA-256) as it is written, on the storage thread
 that writes each chunk: its digest is stored with the artifact and checked
 against what a peer or a content-addressed key declared, without reading the
-file again. A body held in memory is hashed where it is written, in its
-batch (:func:`kura.storage.batch.write_batch`), also on a storage thread.
+file again. A body held in memory is hashed in the transaction that
+stores it, also on a storage thread.
 """
 
 from __future__ import annotations

@@ -12,12 +12,13 @@ point leaves either nothing or the whole artifact:
    commit: concurrent publishes share one WAL fsync);
 4. only then does the caller acknowledge.
 
-A body small enough to be received in memory skips steps 1-2: it rides the
-group commit itself. The storage-thread hop that runs a commit first writes
-every such body of the batch in place and fsyncs them together
-(:func:`.batch.write_batch`), then runs the transaction that records their
-manifests: one hop per batch of small writes, and no reactor round trip
-between a body becoming durable and its manifest being recorded.
+A body small enough to be received in memory skips steps 1-2: it is stored
+in the metadata database itself (``key_values``, metadata schema 4), in the
+transaction that records its manifest, so one WAL fsync per group commit
+makes the bytes and the metadata of every small write in it durable at once
+(where a file per body cost a file creation, its fsync and a directory
+fsync). Its digest is computed on the storage thread, in that transaction.
+The serving paths answer such bodies from memory (:mod:`.bodies`).
 
 A file renamed in step 2 whose transaction never committed is an orphan;
 after start-up a paced background sweep (:mod:`.sweep`) removes orphans
@@ -63,7 +64,7 @@ from kura.domain.failpoints import (
     BEFORE_FSYNC,
     Failpoints,
 )
-from kura.storage.batch import MAX_BATCH, write_batch
+from kura.storage.bodies import BODY_CACHE_MAX_BYTES, BodyCache
 from kura.storage.interfaces import (
     IArtifactStore,
     IBlockingRunner,
@@ -181,36 +182,21 @@ class ManifestCache:
             self.discard(artifact_id)
 
 
+#: Most artifact bodies one transaction stores (``key_values`` rows): bounds
+#: the bytes a group commit writes to the WAL at once.
+MAX_BODIES_PER_COMMIT = 64
+
+
 @attrs.define
 class _Pending:
     operation: Callable[[sqlite3.Connection], Any]
     done: Deferred[Any]
-    #: A small body to make durable in the commit's hop, before the transaction.
-    body: _SmallBody | None = None
+    #: The operation stores a body in the transaction (counted against
+    #: :data:`MAX_BODIES_PER_COMMIT`).
+    carries_body: bool = False
     #: Whether the operation may queue rows for a tier beside the store
     #: (outbox rows, a write hook's): only then do commit listeners hear of it.
     queues_rows: bool = True
-
-
-@attrs.define
-class _SmallBody:
-    """A body received in memory, written into ``blobs/`` by the hop that commits it.
-
-    ``relative`` is chosen when its hop starts; ``digest`` (or ``error``) is
-    set on the storage thread once the write is over, before the
-    transaction whose operation reads it.
-    """
-
-    artifact_id: str
-    data: bytes
-    relative: str = ""
-    digest: str | None = None
-    error: BaseException | None = None
-
-    @property
-    def written(self) -> bool:
-        """Its file exists (it was written and is durable)."""
-        return self.digest is not None
 
 
 @implementer(IArtifactStore)
@@ -222,8 +208,8 @@ class ArtifactStore:
         runner: where blocking disk work runs.
         clock: time source for versions and access times.
         node_tenant: the node's tenant, part of every artifact id.
-        capacity_bytes: budget for file-backed artifacts; LRU eviction keeps
-            the store under it.
+        capacity_bytes: budget for blobs (key-value entries are not
+            counted); LRU eviction keeps the store under it.
         tmp_budget: the staging ledger.
         manifest_cache_bytes: memory for the manifest cache
             (``KURA_MANIFEST_CACHE_MAX_BYTES``).
@@ -239,8 +225,10 @@ class ArtifactStore:
             :data:`CORRUPT`), once it is forgotten: a metric, and a repair
             from a peer.
         memory_body_bytes: bodies with a declared length up to this are
-            received in memory and written in batches
-            (``KURA_MEMORY_BODY_MAX_BYTES``; 0 stages every body).
+            received in memory and stored in the metadata database
+            (``KURA_MEMORY_BODY_MAX_BYTES``; 0 stages every body to a file).
+        body_cache_bytes: memory for bodies stored in the database
+            (``KURA_BODY_CACHE_MAX_BYTES``, :mod:`.bodies`).
         write_hooks: told of every client write and delete inside its
             transaction (the object-store tier's upload queue); none by default.
 
@@ -265,6 +253,7 @@ class ArtifactStore:
         on_evicted: Callable[[str, int], None] = lambda producer, size: None,
         on_damaged: Callable[[Manifest, str], None] = lambda manifest, reason: None,
         memory_body_bytes: int = MEMORY_BODY_MAX_BYTES,
+        body_cache_bytes: int = BODY_CACHE_MAX_BYTES,
         write_hooks: IWriteHooks | None = None,
     ) -> None:
         self.layout = layout
@@ -288,6 +277,8 @@ class ArtifactStore:
         #: Which blob files were checked against their digests (serving paths).
         self.verifier = BodyVerifier(runner)
         self._cache = ManifestCache(manifest_cache_bytes)
+        #: Bodies stored in the database, for the serving paths (:mod:`.bodies`).
+        self.bodies = BodyCache(body_cache_bytes)
         self._queue: list[_Pending] = []
         self._committing = False
         #: Fired when no commit is queued or on the disk (:meth:`stop` waits).
@@ -392,21 +383,20 @@ class ArtifactStore:
     def _commit(
         self,
         operation: Callable[[sqlite3.Connection], T],
-        body: _SmallBody | None = None,
         *,
+        carries_body: bool = False,
         queues_rows: bool = True,
     ) -> Deferred[T]:
         """Queue ``operation`` for the next metadata transaction.
 
-        With ``body``, the same hop writes it durably first (``operation``
-        reads its digest, or raises its error). ``queues_rows=False``
-        promises that it queues no rows for the tiers beside the store
-        (no replication target, no write hook): a batch of such operations
-        is not announced to the commit listeners, whose wake-ups would
-        each cost a scan on a storage thread for nothing.
+        ``carries_body``: it stores an artifact's body in the transaction.
+        ``queues_rows=False`` promises that it queues no rows for the tiers
+        beside the store (no replication target, no write hook): a batch of
+        such operations is not announced to the commit listeners, whose
+        wake-ups would each cost a scan on a storage thread for nothing.
         """
         done: Deferred[T] = Deferred()
-        self._queue.append(_Pending(operation, done, body, queues_rows))
+        self._queue.append(_Pending(operation, done, carries_body, queues_rows))
         self._pump()
         return done
 
@@ -439,22 +429,13 @@ class ArtifactStore:
                 waiter.callback(None)
             return
         batch, self._queue = _take_batch(self._queue)
-        bodies = [pending.body for pending in batch if pending.body is not None]
-        if bodies:
-            # One shard directory for the whole batch: one directory fsync.
-            shard = bodies[0].artifact_id[:2]
-            for body in bodies:
-                body.relative = self.layout.new_blob_path(body.artifact_id, shard)
         # Recorded reads go first, so that eviction in this very batch sees
         # them (the LRU order is what the reads made it).
         recency = [self._access_operation()] if self._accessed else []
         operations = [*recency, *(pending.operation for pending in batch)]
         self._committing = True
         self._write_epoch += 1
-        if bodies:
-            d = self._runner.run(self._write_and_commit, bodies, operations)
-        else:
-            d = self._runner.run(self.metadata.commit, operations)
+        d = self._runner.run(self.metadata.commit, operations)
 
         def committed(results: list[Any]) -> None:
             self._committing = False
@@ -477,29 +458,6 @@ class ArtifactStore:
             self._pump()
 
         d.addCallbacks(committed, failed)
-
-    def _write_and_commit(
-        self, bodies: Sequence[_SmallBody], operations: Sequence[Callable[[sqlite3.Connection], T]]
-    ) -> list[T | Exception]:
-        """Make ``bodies`` durable, then run the transaction (blocking; one storage hop).
-
-        A body that could not be written carries its error into the
-        transaction, where its operation raises it; the other operations
-        commit. A failpoint firing in the batch (``before_fsync``,
-        ``after_bytes_durable_before_metadata``) fails every body of it, and
-        its files are already gone.
-        """
-        paths = [(self.layout.absolute(body.relative), body.data) for body in bodies]
-        try:
-            outcomes: Sequence[str | BaseException] = write_batch(paths, self._failpoints)
-        except Exception as error:
-            outcomes = [error] * len(bodies)
-        for body, outcome in zip(bodies, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                body.error = outcome
-            else:
-                body.digest = outcome
-        return self.metadata.commit(operations)
 
     # -- reads ------------------------------------------------------------------
 
@@ -558,10 +516,37 @@ class ArtifactStore:
         return [m for m in map(get, artifact_ids) if m is not None]
 
     async def read_inline(self, manifest: Manifest) -> bytes | None:
+        """The body of an artifact kept in the metadata database (a key-value
+        entry, or a small blob: ``manifest.in_database``), or ``None`` when
+        that version is gone.
+
+        Answered from :attr:`bodies` when held there. Otherwise it is read
+        and hashed on a storage thread; a body that does not match the
+        manifest's digest is forgotten as damaged (``None``), one that does
+        is held for the next reader.
+        """
+        held = self.bodies.get(manifest)
+        if held is not None:
+            return held
         try:
-            return await self._runner.run(self.metadata.get_inline, manifest.artifact_id)
+            read = await self._runner.run(self._read_stored_body, manifest.artifact_id)
         except sqlite3.Error as error:
             raise StorageFault(f"metadata read failed: {error}") from error
+        if read is None:
+            return None
+        value, digest = read
+        if manifest.digest is not None and digest != manifest.digest:
+            # Damage, or a newer version's body read for an older manifest
+            # (then forgetting the older version finds nothing to drop).
+            await shielded(Deferred.fromCoroutine(self.forget_damaged(manifest, CORRUPT)))
+            return None
+        self.bodies.put(manifest, value)
+        return value
+
+    def _read_stored_body(self, artifact_id: str) -> tuple[bytes, str] | None:
+        """A body kept in the database and its SHA-256 (blocking)."""
+        value = self.metadata.get_inline(artifact_id)
+        return None if value is None else (value, hashlib.sha256(value).hexdigest())
 
     def open_body(self, manifest: Manifest) -> int:
         """Open a file-backed artifact for reading; the caller closes the fd.
@@ -700,6 +685,7 @@ class ArtifactStore:
             Whether that version was stored (and is now removed).
         """
         self._cache.discard(manifest.artifact_id)
+        self.bodies.discard(manifest.artifact_id)
         dropped = await self._commit(
             lambda conn: self.metadata.drop_manifest(
                 conn, manifest.artifact_id, manifest.version_ms
@@ -757,7 +743,9 @@ class ArtifactStore:
             limit=limit,
             expected_length=expected_length,
             hashed=hashed,
-            in_memory=expected_length is not None and expected_length <= self.memory_body_bytes,
+            in_memory=expected_length is not None
+            and expected_length <= self.memory_body_bytes
+            and self.memory_body_bytes > 0,  # 0: every body is a file, even an empty one
             on_pressure=on_pressure,
         )
 
@@ -801,10 +789,9 @@ class ArtifactStore:
                 raise InsufficientStorage(
                     f"artifact of {staged.size} bytes exceeds the cache capacity"
                 )
-            body = None
             if staged.data is not None:
-                # Written by the hop that commits its manifest (see _write_and_commit).
-                body = _SmallBody(artifact_id, staged.data)
+                # Stored in the database by the transaction that records its
+                # manifest, which hashes it (see _apply).
                 relative, digest = None, None
             else:
                 assert staged.sha256 is not None, "a published body is hashed as it is staged"
@@ -835,11 +822,10 @@ class ArtifactStore:
         )
         return await self._apply(
             manifest,
-            None,
+            staged.data,
             policy,
             targets,
             fresh=version_ms is None,
-            body=body,
             expected_digest=expected_digest,
         )
 
@@ -910,15 +896,15 @@ class ArtifactStore:
         targets: Sequence[str] | None = None,
         *,
         fresh: bool = False,
-        body: _SmallBody | None = None,
         expected_digest: str | None = None,
     ) -> PublishResult:
         """Commit ``manifest`` (``fresh``: a client's write, versioned here).
 
-        With ``body`` (a small body not written yet), the commit's hop
-        writes it first, and ``manifest`` gets its path and digest there;
-        a body that does not match ``expected_digest`` is refused
-        (:class:`DigestMismatch`) and its file removed.
+        ``inline_value`` is the body when it is kept in the database
+        (``manifest.in_database``). A blob's body without a digest yet (one
+        received in memory) is hashed in the transaction, on the storage
+        thread, and refused there (:class:`DigestMismatch`) when it does not
+        match ``expected_digest``.
         """
         # Replicated applies pass their own (empty) targets: a write that
         # arrived from a peer must not be queued to the peers again.
@@ -928,14 +914,18 @@ class ArtifactStore:
         capacity = self.capacity_bytes
         written = manifest
 
+        hashes_body = inline_value is not None and manifest.digest is None
+
         def operation(conn: sqlite3.Connection) -> tuple[ApplyResult, list[Any]]:
             nonlocal written
-            if body is not None:
-                if body.error is not None:
-                    raise body.error
-                assert body.digest is not None
-                _check_digest(body.digest, expected_digest)
-                written = attrs.evolve(written, blob_path=body.relative, digest=body.digest)
+            if hashes_body:
+                assert inline_value is not None
+                digest = hashlib.sha256(inline_value).hexdigest()
+                _check_digest(digest, expected_digest)
+                written = attrs.evolve(written, digest=digest)
+                # Written, not yet durable: the commit's WAL fsync makes the
+                # body and its manifest durable together.
+                self._failpoints.hit(BEFORE_FSYNC)
             if fresh:
                 # A client writing after a delete wins over its tombstone, even
                 # one a peer whose clock runs ahead versioned.
@@ -953,20 +943,20 @@ class ArtifactStore:
         try:
             result, evicted = await self._commit(
                 operation,
-                body,
+                carries_body=inline_value is not None,
                 queues_rows=bool(targets) or hooks is not None,
             )
         except BaseException:
-            if body is not None and body.written:
-                await self._unlink([body.relative])  # durable, never published
-            elif manifest.blob_path is not None:
+            if manifest.blob_path is not None:
                 await self._unlink([manifest.blob_path])
             raise
         self._failpoints.hit(AFTER_METADATA_COMMIT_BEFORE_ACK)
         garbage = list(result.unlink)
         for artifact_id, producer, blob_path, size in evicted:
             self._cache.discard(artifact_id)
-            garbage.append(blob_path)
+            self.bodies.discard(artifact_id)
+            if blob_path is not None:
+                garbage.append(blob_path)
             self._on_evicted(producer, size)
         if evicted:
             log.info(EVICTED, count=len(evicted), bytes=sum(e[3] for e in evicted))
@@ -974,6 +964,8 @@ class ArtifactStore:
             manifest = written
             self._last_version = max(self._last_version, manifest.version_ms)
             self._cache.put(manifest)
+            if inline_value is not None:
+                self.bodies.put(manifest, inline_value)
             self.outbox_depth += len(targets)
             current = manifest
         else:
@@ -1006,6 +998,7 @@ class ArtifactStore:
 
         result = await self._commit(operation)
         self._cache.discard_namespace(namespace_id)
+        self.bodies.discard_namespace(namespace_id)
         if result.outcome is Outcome.APPLIED:
             self.outbox_depth += len(targets)
         if result.unlink:
@@ -1051,6 +1044,7 @@ class ArtifactStore:
         result = await self._commit(operation)
         if result.outcome is Outcome.APPLIED:
             self._cache.discard(artifact_id)
+            self.bodies.discard(artifact_id)
             self.outbox_depth += len(targets)
         if result.unlink:
             await self._unlink(result.unlink)
@@ -1236,8 +1230,8 @@ class ArtifactStore:
         current = self.metadata.get_manifest(artifact_id)
         if current is None:
             return None
-        if not current.inline and not (
-            current.blob_path and os.path.exists(self.layout.absolute(current.blob_path))
+        if current.blob_path is not None and not os.path.exists(
+            self.layout.absolute(current.blob_path)
         ):
             return None
         if current.version_ms > version_ms:
@@ -1295,15 +1289,15 @@ class ArtifactStore:
 def _take_batch(queue: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
     """The next commit's operations, in order, and what waits for the one after.
 
-    Everything queued goes, except that one hop writes at most
-    :data:`~.batch.MAX_BATCH` small bodies (they hold descriptors open
-    together); the operations from the first body over the cap wait.
+    Everything queued goes, except that one transaction stores at most
+    :data:`MAX_BODIES_PER_COMMIT` bodies; the operations from the first body
+    over the cap wait.
     """
     bodies = 0
     for index, pending in enumerate(queue):
-        if pending.body is not None:
+        if pending.carries_body:
             bodies += 1
-            if bodies > MAX_BATCH:
+            if bodies > MAX_BODIES_PER_COMMIT:
                 return queue[:index], queue[index:]
     return queue, []
 

@@ -141,7 +141,7 @@ class KuraMetrics:
         )
         self.serving_paths = Counter(
             "kura_artifact_serving_paths",
-            "Artifact GETs by serving path (splice, sendfile, fallback).",
+            "Artifact GETs by serving path (splice, sendfile, memory, fallback).",
             ["path"],
             registry=r,
         )

@@ -6,6 +6,11 @@ serving with the bytes intact, keep-alive, pipelining, the hand-off to
 twisted.web, the head and idle deadlines, drain, denies, transfers that end
 badly, and every fall-back reason. ``test_serving.py`` and the fault tests
 prove the kernel path on real sockets.
+
+That machinery (permits, leases, checks, the engine's transfers) serves files,
+so the node keeps its small bodies in files (:data:`FILES`); what holds for
+bodies kept in the database too (sent from memory with their head, or left to
+twisted.web) is checked on both layouts (:data:`LAYOUTS`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from kura.accel.testing import FakeTransferEngine
 from kura.domain.artifacts import Manifest
 from kura.domain.errors import StorageFault, Unauthorized
 from kura.service import KuraNode
-from kura.testing import ControlledRunner, request
+from kura.testing import ControlledRunner, request, sample
 from kura.web.request import SERVER_NAME
 from tests.accel.harness import (
     CAS,
@@ -43,6 +48,32 @@ from tests.conftest import Nodes
 from tests.support.corruption import flip_byte
 
 BODY = os.urandom(4096)
+#: Small bodies in files, as a store written before metadata schema 4 keeps them.
+FILES = {"KURA_MEMORY_BODY_MAX_BYTES": "0"}
+#: Small bodies in files, or kept in the database (the default from schema 4 on).
+LAYOUTS = pytest.mark.parametrize("node", [FILES, {}], ids=["files", "database"], indirect=True)
+
+
+@pytest.fixture
+def node(nodes: Nodes, request: pytest.FixtureRequest) -> KuraNode:
+    """A node keeping small bodies in files (:data:`FILES`) unless the test's
+    parameter (:data:`LAYOUTS`) says otherwise; ``node_environ`` adds to it."""
+    marker = request.node.get_closest_marker("node_environ")
+    layout = getattr(request, "param", FILES)
+    return nodes.start(**layout, **(marker.kwargs if marker else {}))
+
+
+def in_database(rig: Rig) -> bool:
+    """Whether the rig's node keeps small bodies in the database."""
+    return rig.node.config.memory_body_max_bytes > 0
+
+
+def served(rig: Rig) -> float:
+    """Responses the accelerator sent itself, on its layout's path: by the engine
+    from a file, or from memory with the head (a body kept in the database)."""
+    if in_database(rig):
+        return rig.metric("kura_artifact_serving_paths_total", path="memory")
+    return rig.served
 
 
 @pytest.fixture
@@ -88,6 +119,7 @@ def test_a_get_is_served_with_twisted_webs_head_and_the_body_intact(rig: Rig) ->
     assert rig.held() == NOTHING_HELD
 
 
+@LAYOUTS
 def test_a_range_is_served_as_a_206_of_that_slice(rig: Rig) -> None:
     """A satisfiable single range is served here, exactly that slice."""
     client = rig.connect()
@@ -95,8 +127,44 @@ def test_a_range_is_served_as_a_206_of_that_slice(rig: Rig) -> None:
     (response,) = client.responses()
     assert response.status == 206 and response.body == BODY[100:200]
     assert response.headers["content-range"] == "bytes 100-199/4096"
+    assert served(rig) == 1
 
 
+@pytest.mark.parametrize("node", [{}], indirect=True)
+def test_a_body_kept_in_the_database_goes_with_its_head_on_the_general_path(rig: Rig) -> None:
+    """Not a plain head (here Connection and X-Request-Id): the general path
+    sends a body held in memory with its head, its bytes counted as sent."""
+    client = rig.connect()
+    client.send(get(CAS.format("a"), "Connection: close", "X-Request-Id: abc"))
+    (response,) = client.responses()
+    assert response.status == 200 and response.body == BODY
+    assert response.headers["x-request-id"] == "abc"
+    assert client.closed
+    assert served(rig) == 1
+    assert sample(rig.node, "kura_artifact_egress_bytes_total", producer="xcode", result="ok") == (
+        len(BODY)
+    )
+    assert rig.held() == NOTHING_HELD
+
+
+@pytest.mark.parametrize("node", [{}], indirect=True)
+def test_a_body_kept_in_the_database_but_not_held_is_read_by_twisted_web(rig: Rig) -> None:
+    """The accelerator never reads the database: a body not held in memory
+    (after a restart, or dropped under memory pressure) is twisted.web's,
+    which reads it, checks it and holds it, so the next request is served here."""
+    rig.node.store.bodies.clear()
+    first = rig.connect()
+    first.send(get(CAS.format("a"), "Range: bytes=0-9"))
+    (response,) = first.responses()
+    assert response.status == 206 and response.body == BODY[:10]
+    assert rig.fallbacks(reasons.INLINE) == 1 and served(rig) == 0
+    second = rig.connect()
+    second.send(get(CAS.format("a"), "Range: bytes=0-9"))
+    assert second.responses()[0].body == BODY[:10]
+    assert served(rig) == 1
+
+
+@LAYOUTS
 def test_keep_alive_serves_one_request_after_another(rig: Rig) -> None:
     """Each answered request leaves the connection open for the next one."""
     upload(rig.node, "b", b"bee")
@@ -108,9 +176,10 @@ def test_keep_alive_serves_one_request_after_another(rig: Rig) -> None:
         assert response.headers["connection"] == "keep-alive"
         bodies.append(response.body)
     assert bodies == [BODY, b"bee", BODY]
-    assert not client.closed and rig.served == 3
+    assert not client.closed and served(rig) == 3
 
 
+@LAYOUTS
 def test_every_served_request_counts_as_public_demand(rig: Rig) -> None:
     """Downloads that end inside ``start`` take no in-flight slot, but the load sampler
     (the replication limiter's CPU share) still counts them as public requests."""
@@ -123,21 +192,24 @@ def test_every_served_request_counts_as_public_demand(rig: Rig) -> None:
     assert rig.node.traffic.inflight == 0
 
 
+@LAYOUTS
 def test_pipelined_requests_are_served_in_order(rig: Rig) -> None:
     """Requests arriving in one write are answered one after the other, in order."""
     upload(rig.node, "b", b"bee")
     client = rig.connect()
     client.send(get(CAS.format("a")) + get(CAS.format("b")) + get(CAS.format("a")))
     assert [r.body for r in client.responses()] == [BODY, b"bee", BODY]
-    assert rig.served == 3 and not client.closed
+    assert served(rig) == 3 and not client.closed
 
 
+@LAYOUTS
 def test_thousands_of_pipelined_requests_do_not_nest(rig: Rig) -> None:
     """2,000 requests in one write, each answered inline, stay within the recursion limit."""
     client = rig.connect()
     client.send(get(CAS.format("a")) * 2000)
     responses = client.responses()
     assert len(responses) == 2000 and all(r.body == BODY for r in responses)
+    assert served(rig) == 2000
 
 
 def test_a_request_pipelined_behind_a_transfer_waits_for_it(held: Rig) -> None:
@@ -200,12 +272,13 @@ def test_a_handed_off_connection_gets_every_byte_untouched(rig: Rig) -> None:
     assert rig.accelerator.connections == set()
 
 
+@LAYOUTS
 def test_a_fallback_in_a_pipeline_keeps_the_order(rig: Rig) -> None:
     """Served, missed, served: the miss hands the connection (and the rest) to twisted.web."""
     client = rig.connect()
     client.send(get(CAS.format("a")) + get(CAS.format("missing")) + get(CAS.format("a")))
     assert [r.status for r in client.responses()] == [200, 404, 200]
-    assert rig.served == 1 and rig.fallbacks(reasons.MISS) == 1
+    assert served(rig) == 1 and rig.fallbacks(reasons.MISS) == 1
 
 
 FALLBACKS = [
@@ -225,6 +298,7 @@ FALLBACKS = [
 ]
 
 
+@LAYOUTS
 @pytest.mark.parametrize(
     ("raw", "reason", "status"), [case[1:] for case in FALLBACKS], ids=[c[0] for c in FALLBACKS]
 )
@@ -236,7 +310,7 @@ def test_what_the_accelerator_does_not_serve_twisted_web_answers(
     client.send(raw, heads=[raw.startswith(b"HEAD")])
     (response,) = client.responses()
     assert response.status == status
-    assert rig.fallbacks(reason) == 1 and rig.served == 0
+    assert rig.fallbacks(reason) == 1 and served(rig) == 0
     assert rig.held() == NOTHING_HELD
 
 

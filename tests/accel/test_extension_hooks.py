@@ -18,6 +18,8 @@ from kura.testing import Response
 from tests.support.real import RawClient
 
 CAS = "/api/cache/cas/{}?tenant_id=default"
+#: Small bodies in files, as a store written before metadata schema 4 keeps them.
+FILES = {"KURA_MEMORY_BODY_MAX_BYTES": "0"}
 
 EXTENSION = """
 from kura.auth import Allow, Deny, Headers, Principal
@@ -80,16 +82,19 @@ def _get(port: int, target: str, token: str) -> Response:
     return _request(port, raw)
 
 
+@pytest.mark.parametrize("layout", [{}, FILES], ids=["database", "files"])
 @pytest.mark.parametrize("accelerated", [True, False])
 @pytest_twisted.ensureDeferred
 async def test_hooks_run_exactly_once_per_request(
-    start_node: Any, extension: tuple[str, str], accelerated: bool
+    start_node: Any, extension: tuple[str, str], accelerated: bool, layout: dict[str, str]
 ) -> None:
-    """A served GET, a miss and a deny each run the hooks once, on either path."""
+    """A served GET, a miss and a deny each run the hooks once, on either path,
+    whether the body is a file or kept in the database (sent from memory)."""
     script, log = extension
     node = await start_node(
         KURA_EXTENSION_SCRIPT_PATH=script,
         KURA_ACCELERATED_FILE_SERVING_ENABLED=str(accelerated).lower(),
+        **layout,
     )
     port = node.public_port
     body = os.urandom(5000)
@@ -108,7 +113,7 @@ async def test_hooks_run_exactly_once_per_request(
         "authorize GET /api/cache/cas/{id} artifact.read default",
         "response_headers 200",
     ]
-    path = "splice" if accelerated else "fallback"
+    path = ("splice" if layout == FILES else "memory") if accelerated else "fallback"
     served = node.metrics.registry.get_sample_value(
         "kura_artifact_serving_paths_total", {"path": path}
     )

@@ -1,7 +1,8 @@
 """The accelerator's one-step path over real sockets (``SamePortProtocol._serve_now``).
 
 A plain GET of a small artifact whose file is open in the handle cache and
-verified is answered within ``dataReceived``, without the bookkeeping of a
+verified, or whose body is kept in the database and held in memory, is
+answered within ``dataReceived``, without the bookkeeping of a
 request that may wait. These tests run a real node on loopback with the
 kernel engine and a blocking raw-socket client on a worker thread; a spy on
 the engine's ``send`` tells which requests took the one-step path.
@@ -30,6 +31,9 @@ T = TypeVar("T")
 CAS = "/api/cache/cas/{}?tenant_id=default"
 CCACHE = "/ccache/" + "89178b0daf" + "0" * 30
 ROUTE = "/api/cache/cas/{id}"
+#: Small bodies in files, as a store written before metadata schema 4 keeps
+#: them (from schema 4 on, bodies received in memory are kept in the database).
+FILES = {"KURA_MEMORY_BODY_MAX_BYTES": "0"}
 
 
 def metric(node: KuraNode, name: str, **labels: str) -> float:
@@ -72,7 +76,7 @@ async def test_keep_alive_alternates_the_one_step_and_threaded_paths(start_node:
     """One connection serves a small artifact in one step, a large one from a
     worker thread and the small one again in one step, every body byte-exact,
     and counts each request exactly as the general path would."""
-    node = await start_node()
+    node = await start_node(**FILES)
     calls = spy_on_send(node)
     small, large = os.urandom(4096), os.urandom(3 * 1024 * 1024)
 
@@ -120,7 +124,7 @@ async def test_a_body_replaced_between_two_requests_is_never_served_stale(
 ) -> None:
     """A ccache entry rewritten (same size, other bytes) between two one-step
     GETs on one connection is served as the new version, whole."""
-    node = await start_node()
+    node = await start_node(**FILES)
     calls = spy_on_send(node)
     first, second = os.urandom(4096), os.urandom(4096)
 
@@ -153,7 +157,7 @@ async def test_a_client_that_stops_reading_gets_every_response_once_it_reads(
     """Hundreds of pipelined one-step GETs to a client that reads nothing fill
     the socket; the responses that did not fit go on in the background
     holding their file, and all arrive whole and in order once it reads."""
-    node = await start_node()
+    node = await start_node(**FILES)
     calls = spy_on_send(node)
     body = os.urandom(60 * 1024)
     count = 200
@@ -188,7 +192,7 @@ async def test_a_client_that_stops_reading_and_resets_frees_everything(
 ) -> None:
     """A client that stops reading mid-burst and resets leaves no permit, lease
     or in-flight slot behind, and no response counted as a server error."""
-    node = await start_node()
+    node = await start_node(**FILES)
     body = os.urandom(60 * 1024)
 
     def scenario() -> None:
@@ -223,3 +227,83 @@ def _until_blocking(condition: Callable[[], bool], timeout: float = 10.0) -> Non
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.005)
+
+
+# -- bodies kept in the metadata database --------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_kept_in_the_database_is_sent_with_its_head_from_memory(
+    start_node: Any,
+) -> None:
+    """A small body stored in the database goes out in the head's send, no
+    file opened; after a restart (nothing held in memory) twisted.web reads
+    it back once and the next GET is one step again."""
+    node = await start_node()
+    calls = spy_on_send(node)
+    body = os.urandom(4096)
+
+    def scenario() -> list[Response]:
+        assert call(node.public_port, "POST", CAS.format("kept"), body).status == 204
+        client = RawClient(node.public_port)
+        responses = []
+        for _ in range(3):
+            client.get(CAS.format("kept"))
+            responses += client.read_responses(1)
+        client.close()
+        return responses
+
+    responses = await in_thread(scenario)
+    assert [(r.status, r.body) for r in responses] == [(200, body)] * 3
+    assert calls == [True, True, True]
+    assert metric(node, "kura_artifact_serving_paths_total", path="memory") == 3
+    assert len(node.accelerator.handles) == 0  # no file was opened
+    assert egress(node, "ok") == 3
+    assert_nothing_held(node)
+
+    node.store.bodies.clear()  # as after a restart
+    # (A connection handed to twisted.web stays there: one connection each.)
+    again = await in_thread(lambda: [_get(node, CAS.format("kept")) for _ in range(2)])
+    assert [(r.status, r.body) for r in again] == [(200, body)] * 2
+    assert metric(node, "kura_accelerator_fallbacks_total", reason="inline") == 1
+    assert metric(node, "kura_artifact_serving_paths_total", path="fallback") == 1
+    assert metric(node, "kura_artifact_serving_paths_total", path="memory") == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_bodies_to_a_client_that_stops_reading_all_arrive_once_it_reads(
+    start_node: Any,
+) -> None:
+    """Pipelined GETs of a body kept in the database, to a client that reads
+    nothing: the response that did not fit goes on in the background (no file
+    to hold) and every response arrives whole and in order."""
+    node = await start_node()
+    body = os.urandom(60 * 1024)
+    count = 200
+
+    def scenario() -> list[Response]:
+        assert call(node.public_port, "POST", CAS.format("kept"), body).status == 204
+        client = RawClient(node.public_port, receive_buffer=8192, timeout=30)
+        burst = f"GET {CAS.format('kept')} HTTP/1.1\r\nHost: k\r\n\r\n".encode() * count
+        client.send(burst, heads=[False] * count)
+        _until_blocking(lambda: node.accelerator.permits.in_use == 1)
+        responses = client.read_responses(count)
+        client.close()
+        return responses
+
+    responses = await in_thread(scenario)
+    assert len(responses) == count
+    assert all(r.status == 200 and r.body == body for r in responses)
+    await until(lambda: node.accelerator.permits.in_use == 0)
+    assert metric(node, "kura_artifact_serving_paths_total", path="memory") == count
+    assert egress(node, "ok") == count
+    assert_nothing_held(node)
+
+
+def _get(node: KuraNode, target: str) -> Response:
+    """A plain GET on a fresh connection (blocking)."""
+    client = RawClient(node.public_port)
+    client.get(target)
+    [response] = client.read_responses(1)
+    client.close()
+    return response

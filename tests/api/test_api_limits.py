@@ -11,6 +11,7 @@ from kura.memory import Pressure
 from kura.service import KuraNode
 from kura.testing import ControlledRunner, Exchange, files_under, request, sample
 from tests.api.test_api_routes import MODULE, complete, start_upload
+from tests.support.stored import database_bodies
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -446,10 +447,10 @@ def test_a_small_upload_of_an_unknown_key_waits_for_no_lookup(nodes: Any) -> Non
 
 
 def test_a_small_duplicate_unknown_at_the_head_loses_at_the_commit(nodes: Any) -> None:
-    """With a cold manifest cache a small write-once duplicate is written, then loses.
+    """With a cold manifest cache a small write-once duplicate is received, then loses.
 
-    The stored artifact stays, the new file is removed, and the answer is the
-    one an upload found at the head gets.
+    The stored artifact stays, the new body is not stored, and the answer is
+    the one an upload found at the head gets.
     """
     node = nodes.start()
     request(node, "POST", CAS.format(id="c1"), b"original")
@@ -457,7 +458,8 @@ def test_a_small_duplicate_unknown_at_the_head_loses_at_the_commit(nodes: Any) -
     node = nodes.start()  # a cold manifest cache
     assert request(node, "POST", CAS.format(id="c1"), b"replaced!").status == 204
     assert request(node, "GET", CAS.format(id="c1")).body == b"original"
-    assert len(files_under(node.store.layout.blobs)) == 1
+    assert database_bodies(node.config.data_dir) == [("c1", len(b"original"))]
+    assert files_under(node.store.layout.blobs) == []
     assert_nothing_staged(node)
 
 

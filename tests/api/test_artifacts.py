@@ -18,14 +18,12 @@ def _race(nodes: Nodes, target: str) -> tuple[int, int, bytes]:
     """Two uploads of ``target`` admitted before either is stored; their statuses, what is kept."""
     runner = ControlledRunner()
     node = nodes.start(runner=runner)
-    # Held where the body becomes durable: the hop that writes a small body
-    # and commits it (or a staged body's seal).
-    held = ("ArtifactStore._write_and_commit", "_Writer.seal")
-    runner.hold = lambda f: getattr(f, "__qualname__", "") in held
+    # Held at the metadata commit, which stores a small body with its manifest.
+    runner.hold = lambda f: getattr(f, "__qualname__", "") == "MetadataStore.commit"
     first, second = Exchange(node), Exchange(node)
     _put(first, target, b"first")
     _put(second, target, b"second")
-    # Both bodies received, neither published: the first's hop is held, the
+    # Both bodies received, neither published: the first's commit is held, the
     # second waits for the next commit.
     assert len(runner.held) == 1
     assert first.responses() == [] and second.responses() == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
@@ -234,14 +235,34 @@ def test_a_blob_corrupted_before_it_is_sent_is_never_replicated(mesh: MemoryMesh
     assert sample(a, "kura_artifact_repairs_total", result="unavailable") == 1
 
 
-def test_a_corrupted_blob_is_not_handed_out_in_a_catch_up(mesh: MemoryMesh) -> None:
-    """A late joiner catching up from a node whose copy rotted does not get the bytes."""
+def corrupt_in_database(node: KuraNode, key: str) -> None:
+    """Change the bytes of ``key``'s body kept in the database, as a disk would,
+    and forget the copy held in memory (so the next read goes to SQLite)."""
+    address = ArtifactAddress(Producer.GRADLE, "", key)
+    conn = sqlite3.connect(node.store.layout.database)
+    with conn:
+        changed = conn.execute(
+            "UPDATE key_values SET value = zeroblob(length(value)) WHERE artifact_id = ?",
+            (node.store.artifact_id(address),),
+        ).rowcount
+    conn.close()
+    assert changed == 1
+    node.store.bodies.clear()
+
+
+@pytest.mark.parametrize("size", [50_000, 80_000], ids=["database", "file"])
+def test_a_corrupted_blob_is_not_handed_out_in_a_catch_up(mesh: MemoryMesh, size: int) -> None:
+    """A late joiner catching up from a node whose copy rotted does not get the bytes
+    (a small body is kept in the database, a larger one in a file)."""
     a = mesh.add(0, [])
     mesh.run_until(lambda: ready(a), 30)
-    good = os.urandom(50_000)
-    assert public(a, "PUT", GRADLE.format("bad"), os.urandom(50_000)).status == 201
+    good = os.urandom(size)
+    assert public(a, "PUT", GRADLE.format("bad"), os.urandom(size)).status == 201
     assert public(a, "PUT", GRADLE.format("good"), good).status == 201
-    flip_byte(blob_of(a, "bad"))
+    if size <= a.store.memory_body_bytes:
+        corrupt_in_database(a, "bad")
+    else:
+        flip_byte(blob_of(a, "bad"))
     c = mesh.add(2, [0])
     mesh.run_until(lambda: ready(c) and c.state.membership.known_peers, 60)
     assert public(c, "GET", GRADLE.format("good")).body == good

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
 
-from tests.support.corruption import stored_blob
+from tests.support.corruption import default_artifact_id
 from tests.support.mesh import HOSTS, MeshNode, metrics, request, shared_port, wait_for
 from tests.support.release import previous_release
 
@@ -32,7 +33,16 @@ def has(node: MeshNode, key: str, body: bytes) -> bool:
 
 
 def stored_digest(node: MeshNode, key: str) -> str | None:
-    return stored_blob(node.data_dir, key)[1]
+    """The digest stored with ``key`` (in a file or, small, in the database)."""
+    database = sqlite3.connect(f"file:{node.data_dir}/kura.sqlite3?mode=ro", uri=True)
+    try:
+        row = database.execute(
+            "SELECT digest FROM manifests WHERE artifact_id = ?", (default_artifact_id(key),)
+        ).fetchone()
+    finally:
+        database.close()
+    assert row is not None, f"{key} is not stored in {node.data_dir}"
+    return row[0]
 
 
 @pytest.mark.parametrize("environ", [{}, UNSIGNED], ids=["signed", "unsigned"])

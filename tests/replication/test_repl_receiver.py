@@ -14,6 +14,7 @@ from kura.replication import wire
 from kura.service import KuraNode
 from kura.testing import ClientTransport, Exchange, Response, memory_node, request, sample
 from tests.support.mesh import MESH_SECRET, signed_headers
+from tests.support.stored import stored_bodies
 
 TENANT = {"X-Kura-Tenant-Id": "default"}
 GRADLE = "/api/cache/gradle/k1?tenant_id=default"
@@ -112,10 +113,6 @@ def applied(node: KuraNode, outcome: str, item: str = "artifact") -> float:
     )
 
 
-def blob_count(node: KuraNode) -> int:
-    return sum(len(files) for _, _, files in os.walk(node.store.layout.blobs))
-
-
 def test_status_reports_identity_without_a_tenant_header(node: KuraNode) -> None:
     """``/_internal/status`` names tenant, node URL and region (peers check them)."""
     response = internal(node, "GET", wire.STATUS_PATH, headers={})
@@ -148,12 +145,12 @@ def test_public_writes_do_queue_outbox_rows(node: KuraNode) -> None:
 def test_same_delivery_twice_stores_once_and_skips_the_body(node: KuraNode) -> None:
     """The second identical delivery is answered 204 before its body and stores nothing."""
     assert put(node, upsert(), b"same bytes").status == 204
-    files = blob_count(node)
+    files = sum(stored_bodies(node.config.data_dir))
     exchange = InternalExchange(node)
     response = exchange.request("PUT", upsert(), b"same bytes", TENANT)
     assert response.status == 204
     assert exchange.closed  # the unread body cannot be reused as a next request
-    assert blob_count(node) == files == 1
+    assert sum(stored_bodies(node.config.data_dir)) == files == 1
     assert applied(node, "applied") == 1
     assert applied(node, "ignored_equal") == 1
 
@@ -166,7 +163,7 @@ def test_older_version_never_overwrites_a_newer_one(node: KuraNode) -> None:
     assert applied(node, "ignored_stale") == 1
     assert put(node, upsert(version=3000), b"v3").status == 204
     assert request(node, "GET", GRADLE).body == b"v3"
-    assert blob_count(node) == 1
+    assert sum(stored_bodies(node.config.data_dir)) == 1
 
 
 def test_tombstone_deletes_and_is_never_undone(node: KuraNode) -> None:
@@ -199,7 +196,7 @@ def test_inline_upsert_is_stored_inline(node: KuraNode) -> None:
     assert response.status == 200
     assert response.body == value
     assert response.headers["content-type"] == "application/json"
-    assert blob_count(node) == 0
+    assert sum(stored_bodies(node.config.data_dir)) == 0
 
 
 def test_inline_body_above_the_keyvalue_limit_is_refused(node: KuraNode) -> None:

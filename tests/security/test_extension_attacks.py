@@ -19,7 +19,7 @@ from typing import Any
 import jwt
 import pytest
 
-from tests.support.mesh import request
+from tests.support.mesh import metrics, request
 from tests.support.real import REPO_ROOT, RealNode
 
 pytestmark = pytest.mark.realnode
@@ -94,8 +94,21 @@ def test_one_projects_allow_is_not_cached_for_another(node: RealNode) -> None:
 
 
 def test_the_accelerated_path_decides_the_same(node: RealNode, tmp_path: Any) -> None:
-    """A download of victim's artifact with mine's token is refused on the kernel path too."""
-    victim = node.url + "/api/cache/gradle/v2?tenant_id=acme&namespace_id=victim"
-    assert request("PUT", victim, b"x" * 4096, VICTIM)[0] == 201
-    assert refused(request("GET", victim, headers=MINE)[0])
-    assert request("GET", victim, headers=VICTIM)[2] == b"x" * 4096
+    """A download of victim's artifact with mine's token is refused by the
+    accelerator too, for a small body (kept in the database, sent from memory)
+    and a large one (a file, sent by the kernel)."""
+    for key, body in (("v2", b"x" * 4096), ("v3", b"y" * 100 * 1024)):
+        victim = node.url + f"/api/cache/gradle/{key}?tenant_id=acme&namespace_id=victim"
+        assert request("PUT", victim, body, VICTIM)[0] == 201
+        before = accelerated(node)
+        assert refused(request("GET", victim, headers=MINE)[0])
+        assert request("GET", victim, headers=VICTIM)[2] == body
+        assert accelerated(node) == before + 1  # the allowed download took that path
+
+
+def accelerated(node: RealNode) -> float:
+    samples = metrics(node)
+    return sum(
+        samples.get(f'kura_artifact_serving_paths_total{{path="{path}"}}', 0.0)
+        for path in ("splice", "sendfile", "memory")
+    )

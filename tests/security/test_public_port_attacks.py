@@ -37,12 +37,17 @@ def basic(token: str, user: str = "gradle") -> dict[str, str]:
     return {"Authorization": f"Basic {raw}"}
 
 
-def kernel_served(node: RealNode) -> float:
+def served(node: RealNode, *paths: str) -> float:
     samples = metrics(node, METRICS_TOKEN)
     return sum(
-        samples.get(f'kura_artifact_serving_paths_total{{path="{path}"}}', 0.0)
-        for path in ("splice", "sendfile")
+        samples.get(f'kura_artifact_serving_paths_total{{path="{path}"}}', 0.0) for path in paths
     )
+
+
+def accelerated(node: RealNode) -> float:
+    """Bodies the accelerator sent: files by the kernel, bodies kept in the
+    database from memory."""
+    return served(node, "splice", "sendfile", "memory")
 
 
 @pytest.fixture(scope="module")
@@ -111,14 +116,16 @@ def test_without_a_token_nothing_is_written_or_read(token_node: RealNode) -> Non
 def test_a_read_token_reads_through_the_accelerator_but_never_writes(
     token_node: RealNode,
 ) -> None:
-    """Read tokens are served by the kernel path; writes and cleans with one are 403."""
+    """Read tokens are served by the accelerator (small bodies from memory,
+    large ones by the kernel); writes and cleans with one are 403."""
     url = token_node.url
-    path = f"/api/cache/cas/r1?{TENANT}"
-    assert request("POST", url + path, b"x" * 5000, basic(WRITE_TOKEN))[0] == 204
-    before = kernel_served(token_node)
-    status, _, body = request("GET", url + path, headers=bearer(READ_TOKEN))
-    assert (status, body) == (200, b"x" * 5000)
-    assert kernel_served(token_node) == before + 1
+    for key, sent in (("r1", b"x" * 5000), ("r1-large", b"X" * 100 * 1024)):
+        path = f"/api/cache/cas/{key}?{TENANT}"
+        assert request("POST", url + path, sent, basic(WRITE_TOKEN))[0] == 204
+        before = accelerated(token_node)
+        status, _, body = request("GET", url + path, headers=bearer(READ_TOKEN))
+        assert (status, body) == (200, sent)
+        assert accelerated(token_node) == before + 1
     assert request("POST", url + f"/api/cache/cas/r2?{TENANT}", b"y", bearer(READ_TOKEN))[0] == 403
     clean = url + f"/api/cache/clean?{TENANT}&namespace_id=p"
     assert request("DELETE", clean, headers=bearer(READ_TOKEN))[0] == 403
@@ -165,9 +172,9 @@ def test_anonymous_reads_serve_reads_only(tmp_path: Any) -> None:
     ).start()
     try:
         assert request("PUT", node.url + GRADLE, b"public", bearer(WRITE_TOKEN))[0] == 201
-        before = kernel_served(node)
+        before = accelerated(node)
         assert request("GET", node.url + GRADLE)[2] == b"public"
-        assert kernel_served(node) == before + 1
+        assert accelerated(node) == before + 1
         assert request("PUT", node.url + GRADLE.replace("key1", "key2"), b"anon")[0] == 401
         assert get_json(node.url + "/status/rollout")["auth_mode"] == "tokens"
     finally:

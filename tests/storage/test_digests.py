@@ -15,11 +15,12 @@ from kura.domain.artifacts import ArtifactAddress, Producer
 from kura.domain.errors import DigestMismatch
 from kura.domain.failpoints import Failpoints
 from kura.service import KuraNode
-from kura.storage import batch
+from kura.storage import store as store_module
 from kura.storage.metadata import WritePolicy
 from kura.storage.staging import StagingFile, TmpBudget
 from kura.testing import ControlledRunner, failed, files_under, request, succeeded
 from tests.conftest import Nodes
+from tests.support.stored import stored_bodies
 
 TENANT = "tenant_id=default"
 GRADLE = f"/api/cache/gradle/{{key}}?{TENANT}"
@@ -70,7 +71,7 @@ def test_a_multipart_part_is_not_hashed(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("size", "environ"),
     [
-        (4096, {}),  # received in memory, written in a batch
+        (4096, {}),  # received in memory, stored in the database
         (300_000, {}),  # staged
         (4096, {"KURA_MEMORY_BODY_MAX_BYTES": "0"}),  # small, staged anyway
     ],
@@ -121,22 +122,24 @@ def test_a_keyvalue_entry_is_stored_with_the_digest_of_its_value(node: KuraNode)
 def test_small_bodies_are_hashed_on_a_storage_thread(
     nodes: Nodes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A body received in memory is hashed inside its batch's runner call, not on the reactor."""
+    """A body received in memory is hashed inside the runner call of the transaction that
+    stores it, not on the reactor."""
     runner = ControlledRunner()
     node = nodes.start(runner=runner)
-    inside: list[int] = []
+    body = os.urandom(60_000)
+    hashed: list[tuple[int, str]] = []  # (runner calls running, the innermost one)
     real = hashlib.sha256
 
     class Watched:
         @staticmethod
         def sha256(data: bytes = b"") -> Any:
-            inside.append(runner.inside)
+            if data == body:
+                hashed.append((runner.inside, runner.calls[-1] if runner.calls else ""))
             return real(data)
 
-    monkeypatch.setattr(batch, "hashlib", Watched)
-    body = os.urandom(60_000)
+    monkeypatch.setattr(store_module, "hashlib", Watched)
     assert request(node, "PUT", GRADLE.format(key="g"), body).status == 201
-    assert inside == [1]
+    assert hashed == [(1, "MetadataStore.commit")]
     assert stored(node, Producer.GRADLE, "g").digest == sha(body)
 
 
@@ -174,7 +177,8 @@ def test_a_bazel_cas_body_must_hash_to_its_key_on_both_ingest_paths(node: KuraNo
         assert response.json() == {"message": "Body does not match its SHA-256 digest"}
         right = request(node, "PUT", f"/bazel/cas/{sha(body)}", body)
         assert right.status in (200, 201, 204)
-    assert len(files_under(node.store.layout.blobs)) == 2
+    # The small body in the database, the staged one in a file; no refused body kept.
+    assert stored_bodies(node.config.data_dir) == (1, 1)
     assert node.store.tmp_budget.used == 0
 
 
@@ -204,14 +208,18 @@ def test_fill_digest_only_fills_the_version_stored_without_one(node: KuraNode) -
     assert stored(node, Producer.GRADLE, "g").digest == sha(b"body")
 
 
-def test_the_scrub_walks_file_backed_artifacts_only_in_id_order(node: KuraNode) -> None:
-    """blobs_page skips inline entries and pages by artifact id."""
-    for key in ("a", "b", "c"):
-        request(node, "PUT", GRADLE.format(key=key), key.encode())
+def test_the_scrub_walks_blobs_in_files_and_in_the_database_in_id_order(node: KuraNode) -> None:
+    """blobs_page skips inline (key-value) entries, not the blobs kept in the database;
+    it pages by artifact id."""
+    request(node, "PUT", GRADLE.format(key="a"), b"a" * 70_000)  # over the in-memory limit: a file
+    for key in ("b", "c"):
+        request(node, "PUT", GRADLE.format(key=key), key.encode())  # in the database
     entry = json.dumps({"cas_id": "c1", "entries": [{"value": "v"}]}).encode()
     request(node, "PUT", f"/api/cache/keyvalue?{TENANT}", entry)
     first = node.store.metadata.blobs_page(None, 2)
     rest = node.store.metadata.blobs_page(first[-1].artifact_id, 2)
     ids = [m.artifact_id for m in first + rest]
     assert len(ids) == 3 and ids == sorted(ids)
+    assert {m.key for m in first + rest} == {"a", "b", "c"}
     assert not any(m.inline for m in first + rest)
+    assert sorted(m.in_database for m in first + rest) == [False, True, True]

@@ -112,7 +112,7 @@ def test_a_release_1_store_gains_schema_2_in_place(tmp_path: Path) -> None:
         store = MetadataStore(str(path), str(tmp_path))
         store.open()
         store.close()
-    assert user_version(path) == SCHEMA_VERSION == 3
+    assert user_version(path) == SCHEMA_VERSION == 4
     conn = sqlite3.connect(path)
     try:
         assert conn.execute(
@@ -141,7 +141,7 @@ def test_a_schema_2_store_gains_the_upload_queue_in_place(
     store = MetadataStore(str(path), str(tmp_path))
     store.open()
     try:
-        assert user_version(path) == 3
+        assert user_version(path) == SCHEMA_VERSION
         assert store.object_upload_count() == 0
         manifest = store.get_manifest("a1")
         assert manifest is not None and manifest.size == 42
@@ -187,15 +187,15 @@ def test_an_older_store_is_migrated_in_place(
     def add_checksums(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE manifests ADD COLUMN checksum TEXT")
 
-    monkeypatch.setattr(metadata, "SCHEMA_VERSION", 4)
-    monkeypatch.setattr(metadata, "MIGRATIONS", {**metadata.MIGRATIONS, 3: add_checksums})
+    monkeypatch.setattr(metadata, "SCHEMA_VERSION", 5)
+    monkeypatch.setattr(metadata, "MIGRATIONS", {**metadata.MIGRATIONS, 4: add_checksums})
     path = tmp_path / "kura.sqlite3"
     store_of_release_1(path)
-    for _ in range(2):  # the second open finds version 4 and migrates nothing
+    for _ in range(2):  # the second open finds version 5 and migrates nothing
         store = MetadataStore(str(path), str(tmp_path))
         store.open()
         store.close()
-    assert user_version(path) == 4
+    assert user_version(path) == 5
     conn = sqlite3.connect(path)
     columns = [row[1] for row in conn.execute("PRAGMA table_info(manifests)")]
     assert "checksum" in columns

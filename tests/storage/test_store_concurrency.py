@@ -8,8 +8,12 @@ import pytest
 
 from kura.service import KuraNode
 from kura.testing import ControlledRunner, Exchange, files_under, request
+from tests.support.stored import stored_bodies
 
 GRADLE = "/api/cache/gradle/shared?tenant_id=default"
+#: Small bodies in files, as a store written before metadata schema 4 keeps them.
+FILES = {"KURA_MEMORY_BODY_MAX_BYTES": "0"}
+LAYOUTS = pytest.mark.parametrize("environ", [{}, FILES], ids=["database", "files"])
 
 #: route target, method, status for the writer that stored, status for the other.
 ROUTES = [
@@ -30,7 +34,8 @@ def open_upload(node: KuraNode, method: str, target: str, size: int) -> Exchange
 
 def assert_single_copy(node: KuraNode, target: str, expected: bytes) -> None:
     assert request(node, "GET", target).body == expected
-    assert len(files_under(node.store.layout.blobs)) == 1
+    # One body stored, in a file or in the database.
+    assert sum(stored_bodies(node.config.data_dir)) == 1
     assert files_under(node.store.layout.uploads) == []
     assert node.store.tmp_budget.used == 0
     assert node.store.metadata.used_bytes == len(expected)
@@ -64,14 +69,14 @@ def test_interleaved_uploads_of_one_new_key(
     assert_single_copy(node, target, bodies[first_to_finish])
 
 
-def test_writers_in_one_group_commit_store_one_copy(nodes: Any) -> None:
+@LAYOUTS
+def test_writers_in_one_group_commit_store_one_copy(nodes: Any, environ: dict[str, str]) -> None:
     """Two complete uploads of one key committed in the same transaction: the first wins."""
     runner = ControlledRunner()
-    node = nodes.start(runner=runner)
+    node = nodes.start(runner=runner, **environ)
     clients = {name: open_upload(node, "PUT", GRADLE, 5) for name in ("a", "b")}
-    # A transaction's hop: alone, or writing small bodies first.
-    commits = ("MetadataStore.commit", "ArtifactStore._write_and_commit")
-    runner.hold = lambda f: getattr(f, "__qualname__", "") in commits
+    # A transaction's hop (which stores the bodies kept in the database).
+    runner.hold = lambda f: getattr(f, "__qualname__", "") == "MetadataStore.commit"
     # A key-value write takes the committer; both uploads then queue behind it.
     kv_body = b'{"cas_id":"k","entries":[{"value":""}]}'
     kv = Exchange(node)
@@ -94,8 +99,10 @@ def test_writers_in_one_group_commit_store_one_copy(nodes: Any) -> None:
     assert_single_copy(node, GRADLE, b"aaaaa")
 
 
-def test_existing_key_is_not_stored_twice(node: KuraNode) -> None:
-    """Uploading a stored key again never writes a second file or changes the bytes."""
+@LAYOUTS
+def test_existing_key_is_not_stored_twice(nodes: Any, environ: dict[str, str]) -> None:
+    """Uploading a stored key again never stores a second body or changes the bytes."""
+    node = nodes.start(**environ)
     assert request(node, "PUT", GRADLE, b"original").status == 201
     for _ in range(3):
         assert request(node, "PUT", GRADLE, b"replacement").status == 200

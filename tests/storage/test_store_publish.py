@@ -18,16 +18,25 @@ from kura.storage.runner import ImmediateRunner
 from kura.storage.staging import TmpBudget
 from kura.storage.store import ArtifactStore, StaticTargets
 from kura.testing import ControlledRunner, Exchange, files_under, request, sample, succeeded
+from tests.support.stored import database_bodies, stored_bodies
 
 LWW = WritePolicy.LAST_WRITER_WINS
 
 CAS = "/api/cache/cas/{id}?tenant_id=default"
-BEFORE_COMMIT = ["before_fsync", "after_bytes_durable_before_metadata"]
 AFTER_COMMIT = ["after_metadata_commit_before_ack"]
+#: Small bodies in files, as a store written before metadata schema 4 keeps them.
+FILES = {"KURA_MEMORY_BODY_MAX_BYTES": "0"}
 
-#: A blob route per upload shape: Content-Length (small: in memory, batched;
-#: large: staged), chunked, multipart.
+#: A blob route per upload shape: Content-Length (small: in memory, stored in
+#: the database; large: staged), chunked, multipart.
 UPLOADS = ["cas", "cas-large", "metro-chunked", "module"]
+#: Every fault point before the commit, per shape. A body stored in the
+#: database ("cas") has no step between its bytes and its manifest, which
+#: become durable in one commit: ``after_bytes_durable_before_metadata`` is
+#: not one of its points (test_a_database_body_has_no_step_between_...).
+BEFORE_COMMIT = [("before_fsync", shape) for shape in UPLOADS] + [
+    ("after_bytes_durable_before_metadata", shape) for shape in UPLOADS if shape != "cas"
+]
 #: Larger than KURA_MEMORY_BODY_MAX_BYTES: staged, then renamed.
 LARGE = 256 * 1024
 
@@ -69,8 +78,7 @@ def upload(node: KuraNode, shape: str, body: bytes) -> tuple[int, str]:
     return done.status, f"/api/cache/module/m?{query}"
 
 
-@pytest.mark.parametrize("shape", UPLOADS)
-@pytest.mark.parametrize("point", BEFORE_COMMIT)
+@pytest.mark.parametrize(("point", "shape"), BEFORE_COMMIT)
 def test_failure_before_the_commit_leaves_nothing(nodes: Any, point: str, shape: str) -> None:
     """A fault before the commit: no ack, no artifact, no file, before or after a restart."""
     node = nodes.start(KURA_FAILPOINTS=f"{point}:error")
@@ -79,6 +87,7 @@ def test_failure_before_the_commit_leaves_nothing(nodes: Any, point: str, shape:
     assert request(node, "GET", target).status == 404
     assert files_under(node.store.layout.uploads) == []
     assert files_under(node.store.layout.blobs) == []
+    assert database_bodies(node.config.data_dir) == []
     # Only acknowledged multipart parts stay staged (and reserved).
     assert node.store.tmp_budget.used == node.store.metadata.staged_part_bytes()
     reopened = nodes.restart(node)
@@ -102,8 +111,19 @@ def test_failure_after_the_commit_keeps_the_whole_artifact(
     response = request(reopened, "GET", target)
     assert response.status == 200
     assert response.body == sent(shape, body)
-    assert len(files_under(reopened.store.layout.blobs)) == 1
+    stored = stored_bodies(reopened.config.data_dir)
+    assert stored == ((0, 1) if shape == "cas" else (1, 0))
     assert files_under(reopened.store.layout.uploads) == []
+
+
+def test_a_database_body_has_no_step_between_its_bytes_and_its_manifest(nodes: Any) -> None:
+    """``after_bytes_durable_before_metadata`` never fires for a body stored with its
+    manifest: the upload is acknowledged and stored whole, in one commit."""
+    node = nodes.start(KURA_FAILPOINTS="after_bytes_durable_before_metadata:error")
+    assert request(node, "POST", CAS.format(id="c1"), b"payload-bytes").status == 204
+    reopened = nodes.restart(node)
+    assert request(reopened, "GET", CAS.format(id="c1")).body == b"payload-bytes"
+    assert stored_bodies(reopened.config.data_dir) == (0, 1)
 
 
 def test_failed_write_is_counted_as_an_error(nodes: Any) -> None:
@@ -115,11 +135,18 @@ def test_failed_write_is_counted_as_an_error(nodes: Any) -> None:
     assert sample(node, "kura_http_requests_total", route=route, status="500") == 1
 
 
-def test_retry_after_a_failed_publish_succeeds(nodes: Any) -> None:
+@pytest.mark.parametrize(
+    ("point", "environ"),
+    [("before_fsync", {}), ("after_bytes_durable_before_metadata", FILES)],
+    ids=["database", "files"],
+)
+def test_retry_after_a_failed_publish_succeeds(
+    nodes: Any, point: str, environ: dict[str, str]
+) -> None:
     """Once the fault is gone, the same upload is stored."""
-    node = nodes.start(KURA_FAILPOINTS="after_bytes_durable_before_metadata:error")
+    node = nodes.start(KURA_FAILPOINTS=f"{point}:error", **environ)
     assert request(node, "POST", CAS.format(id="c1"), b"v").status == 500
-    healthy = nodes.restart(node)
+    healthy = nodes.restart(node, **environ)
     assert request(healthy, "POST", CAS.format(id="c1"), b"v").status == 204
     assert request(healthy, "GET", CAS.format(id="c1")).body == b"v"
 
@@ -143,7 +170,7 @@ def test_published_artifacts_survive_a_restart(nodes: Any) -> None:
 
 def test_start_up_removes_staging_leftovers_and_orphans(nodes: Any) -> None:
     """Start-up wipes uploads/, unknown blob files and parts of unknown uploads; keeps the rest."""
-    node = nodes.start()
+    node = nodes.start(**FILES)
     request(node, "POST", CAS.format(id="live"), b"live")
     query = "tenant_id=default&hash=h&name=n"
     upload_id = request(node, "POST", f"/api/cache/module/start?{query}").json()["upload_id"]
@@ -164,7 +191,7 @@ def test_start_up_removes_staging_leftovers_and_orphans(nodes: Any) -> None:
             handle.write(b"junk")
         # Left by an earlier process: older than this start (see kura/storage/sweep.py).
         os.utime(path, (1_000_000, 1_000_000))
-    reopened = nodes.start()
+    reopened = nodes.start(**FILES)
     for path in planted:
         assert not os.path.exists(path), path
     assert files_under(layout.blobs) == [live_blob]
@@ -244,15 +271,18 @@ def _publish(node: KuraNode, key: str, body: bytes, version: int | None) -> Outc
     return result.outcome
 
 
-def test_last_writer_wins_by_version(node: KuraNode) -> None:
-    """Replicated writes apply only when their version is newer; losers leave no file."""
+@pytest.mark.parametrize("environ", [{}, FILES], ids=["database", "files"])
+def test_last_writer_wins_by_version(nodes: Any, environ: dict[str, str]) -> None:
+    """Replicated writes apply only when their version is newer; losers leave no body."""
+    node = nodes.start(**environ)
     assert _publish(node, "k", b"v100", 100) is Outcome.APPLIED
     assert _publish(node, "k", b"v050", 50) is Outcome.IGNORED_STALE
     assert _publish(node, "k", b"same", 100) is Outcome.IGNORED_EQUAL
     assert _publish(node, "k", b"v200", 200) is Outcome.APPLIED
     response = request(node, "GET", "/api/cache/gradle/k?tenant_id=default&namespace_id=ns")
     assert response.body == b"v200"
-    assert len(files_under(node.store.layout.blobs)) == 1
+    stored = stored_bodies(node.config.data_dir)
+    assert stored == ((1, 0) if environ else (0, 1))
     assert node.store.tmp_budget.used == 0
 
 
@@ -350,19 +380,21 @@ class RecordingRunner(ImmediateRunner):
     ("size", "memory_limit", "in_memory"),
     [(4096, "65536", True), (65536, "65536", True), (65537, "65536", False), (10, "0", False)],
 )
-def test_small_bodies_skip_staging_and_publish_in_one_batch_write(
+def test_small_bodies_skip_staging_and_are_stored_in_the_database_in_one_commit(
     nodes: Any, size: int, memory_limit: str, in_memory: bool
 ) -> None:
-    """Up to KURA_MEMORY_BODY_MAX_BYTES: no staging file; the commit's hop writes the body."""
+    """Up to KURA_MEMORY_BODY_MAX_BYTES: no staging file; the commit stores the body."""
     runner = RecordingRunner()
     node = nodes.start(runner=runner, KURA_MEMORY_BODY_MAX_BYTES=memory_limit)
     body = os.urandom(size)
     runner.names.clear()
     assert request(node, "POST", CAS.format(id="small"), body).status == 204
-    # In memory: one hop writes the body and commits its manifest.
-    assert ("_write_and_commit" in runner.names) is in_memory
+    # In memory: the one hop that commits the manifest stores the body with it.
     assert ("seal" in runner.names) is not in_memory
-    assert runner.names.count("commit") + runner.names.count("_write_and_commit") == 1
+    assert ("_place" in runner.names) is not in_memory
+    assert runner.names.count("commit") == 1
+    stored = stored_bodies(node.config.data_dir)
+    assert stored == ((0, 1) if in_memory else (1, 0))
     assert node.store.tmp_budget.used == 0
     assert files_under(node.store.layout.uploads) == []
     assert request(node, "GET", CAS.format(id="small")).body == body

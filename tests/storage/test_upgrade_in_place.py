@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import urllib.request
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from kura.storage.metadata import SCHEMA_VERSION
 from tests.storage.test_schema_version import user_version
 from tests.support.real import RealNode
-from tests.support.release import previous_release
+from tests.support.release import SCHEMA_3_RELEASE, previous_release
 
 pytestmark = pytest.mark.realnode
 
@@ -51,3 +52,45 @@ def test_a_store_written_by_the_previous_release_serves_after_the_upgrade(
     finally:
         new.stop()
     assert user_version(data_dir / "kura.sqlite3") == SCHEMA_VERSION
+
+
+def test_a_store_whose_small_bodies_are_files_serves_them_and_keeps_new_ones_in_the_database(
+    tmp_path: Path,
+) -> None:
+    """Schema 3 -> 4: the small bodies the last release wrote as files stay
+    files and are served; small bodies written after the upgrade go into the
+    database; eviction accounting covers both."""
+    data_dir = tmp_path / "data"
+    old = RealNode(str(data_dir), source=previous_release(str(tmp_path), SCHEMA_3_RELEASE))
+    old.start()
+    try:
+        assert put(old, "old-small", b"s" * 4096) in (200, 201, 204)
+        assert put(old, "old-large", b"L" * 300_000) in (200, 201, 204)
+    finally:
+        old.stop()
+    assert user_version(data_dir / "kura.sqlite3") == 3
+    files_before = sorted(p.name for p in (data_dir / "blobs").rglob("*") if p.is_file())
+    assert len(files_before) == 2
+
+    new = RealNode(str(data_dir)).start()
+    try:
+        assert get(new, "old-small") == b"s" * 4096
+        assert get(new, "old-large") == b"L" * 300_000
+        assert put(new, "new-small", b"n" * 4096) in (200, 201, 204)
+        assert get(new, "new-small") == b"n" * 4096
+    finally:
+        new.stop()
+    assert user_version(data_dir / "kura.sqlite3") == SCHEMA_VERSION == 4
+    files_after = sorted(p.name for p in (data_dir / "blobs").rglob("*") if p.is_file())
+    assert files_after == files_before  # the new small body has no file
+    conn = sqlite3.connect(data_dir / "kura.sqlite3")
+    try:
+        in_database = conn.execute(
+            "SELECT m.key, length(k.value) FROM manifests AS m "
+            "JOIN key_values AS k USING (artifact_id) WHERE m.inline = 0"
+        ).fetchall()
+        used = conn.execute("SELECT SUM(size) FROM manifests WHERE inline = 0").fetchone()[0]
+    finally:
+        conn.close()
+    assert in_database == [("blob/new-small", 4096)]
+    assert used == 4096 + 300_000 + 4096

@@ -30,6 +30,11 @@ def flip_byte(path: str | Path, offset: int = 0) -> None:
         os.utime(path)
 
 
+def default_artifact_id(key: str, producer: str = "gradle") -> str:
+    """The artifact id of ``producer``'s ``key`` in the default tenant and namespace."""
+    return hashlib.sha256(f"{producer}\0default\0\0{key}".encode()).hexdigest()
+
+
 def stored_blob(data_dir: str, key: str, producer: str = "gradle") -> tuple[str, str | None]:
     """Where a real node keeps ``key``'s body, and the digest stored with it.
 
@@ -40,7 +45,7 @@ def stored_blob(data_dir: str, key: str, producer: str = "gradle") -> tuple[str,
         The absolute path of its blob file and its digest (``None`` when the
         store has none for it, as a previous release's).
     """
-    artifact_id = hashlib.sha256(f"{producer}\0default\0\0{key}".encode()).hexdigest()
+    artifact_id = default_artifact_id(key, producer)
     database = sqlite3.connect(f"file:{data_dir}/kura.sqlite3?mode=ro", uri=True)
     try:
         row = database.execute(
