@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from kura.telemetry.metrics import Children, KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
-from kura.web.accounting import Egress
+from kura.web.accounting import Egress, producer_label
 from kura.web.routing import RouteSpec
 
 from .handles import HandleCache
@@ -26,23 +26,6 @@ from .interfaces import OK
 
 if TYPE_CHECKING:
     from .accelerator import Permits
-
-_PRODUCER_LABELS: dict[str, str] = {}
-
-
-def producer_label(spec: RouteSpec) -> str:
-    """The egress metrics' ``producer`` label of a route.
-
-    Memoized by endpoint (the spec's key): reading an enum member's value
-    is slow, and a frozen attrs spec hashes every field when it is a key.
-    """
-    label = _PRODUCER_LABELS.get(spec.endpoint)
-    if label is None:
-        producer = spec.producer
-        label = _PRODUCER_LABELS[spec.endpoint] = (
-            producer.value if producer is not None else "unknown"
-        )
-    return label
 
 
 class AcceleratorMeters:

@@ -51,6 +51,7 @@ from zope.interface import implementer
 from kura.domain.artifacts import Manifest
 from kura.domain.errors import KuraError
 from kura.telemetry.traffic import InflightSlot
+from kura.web.accounting import producer_label
 from kura.web.errors import render_error_response
 from kura.web.request import SERVER_NAME
 from kura.web.site import log_access
@@ -72,7 +73,6 @@ from .engine import SENDFILE_MAX_BYTES
 from .handles import Lease
 from .head import MAX_HEAD_BYTES, find_head_end, parse_head
 from .interfaces import INCOMPLETE, OK, ITransfer
-from .meters import producer_label
 from .response import head_from_fields, header_fields
 
 log = Logger(namespace="kura.accel")

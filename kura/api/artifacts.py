@@ -56,6 +56,7 @@ from kura.storage.interfaces import IBlockingRunner
 from kura.storage.metadata import Outcome, WritePolicy
 from kura.storage.store import ArtifactStore
 from kura.telemetry.metrics import KuraMetrics
+from kura.web.accounting import producer_label
 from kura.web.download import (
     CHUNK_BYTES,
     H2_CHUNK_BYTES,
@@ -73,11 +74,6 @@ from kura.web.routing import RouteSpec
 from .handling import admission_of, header
 
 log = Logger(namespace="kura.api")
-
-
-def egress_label(spec: RouteSpec) -> str:
-    """The ``producer`` label of a route's egress metrics."""
-    return spec.producer.value if spec.producer else "unknown"
 
 
 @attrs.define
@@ -157,7 +153,7 @@ class StreamedBody:
         return b""
 
     def _account(self, site: Any, result: str, sent: int, started: float) -> None:
-        site.egress.record(egress_label(self.spec), result, sent, site.clock.seconds() - started)
+        site.egress.record(producer_label(self.spec), result, sent, site.clock.seconds() - started)
 
     def _ended_early(self, request: KuraRequest, failure: TransferFailed) -> None:
         channel: Any = request.channel
@@ -281,7 +277,7 @@ class ArtifactService:
             self.count_read(spec.producer, "ok")
             return b""
         body = head.body
-        site.egress.record(egress_label(spec), "ok", body.length, site.clock.seconds() - started)
+        site.egress.record(producer_label(spec), "ok", body.length, site.clock.seconds() - started)
         self._metrics.serving_paths.labels("fallback").inc()
         return value[body.offset : body.offset + body.length]
 

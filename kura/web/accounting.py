@@ -16,6 +16,24 @@ from typing import Any
 import attrs
 
 from kura.telemetry.metrics import KuraMetrics
+from kura.web.routing import RouteSpec
+
+_PRODUCER_LABELS: dict[str, str] = {}
+
+
+def producer_label(spec: RouteSpec) -> str:
+    """The egress metrics' ``producer`` label of a route.
+
+    Memoized by endpoint (the spec's key): reading an enum member's value
+    is slow, and a frozen attrs spec hashes every field when it is a key.
+    """
+    label = _PRODUCER_LABELS.get(spec.endpoint)
+    if label is None:
+        producer = spec.producer
+        label = _PRODUCER_LABELS[spec.endpoint] = (
+            producer.value if producer is not None else "unknown"
+        )
+    return label
 
 
 @attrs.frozen
