@@ -461,6 +461,16 @@ class ArtifactStore:
 
     # -- reads ------------------------------------------------------------------
 
+    def _uncache(self, artifact_id: str) -> None:
+        """An artifact left the store: its manifest and body leave memory too."""
+        self._cache.discard(artifact_id)
+        self.bodies.discard(artifact_id)
+
+    def _uncache_namespace(self, namespace_id: str) -> None:
+        """A namespace was cleaned: its manifests and bodies leave memory too."""
+        self._cache.discard_namespace(namespace_id)
+        self.bodies.discard_namespace(namespace_id)
+
     def drop_manifest_cache(self) -> int:
         """Forget every cached manifest (memory pressure); SQLite still has them."""
         return self._cache.clear()
@@ -684,8 +694,7 @@ class ArtifactStore:
         Returns:
             Whether that version was stored (and is now removed).
         """
-        self._cache.discard(manifest.artifact_id)
-        self.bodies.discard(manifest.artifact_id)
+        self._uncache(manifest.artifact_id)
         dropped = await self._commit(
             lambda conn: self.metadata.drop_manifest(
                 conn, manifest.artifact_id, manifest.version_ms
@@ -953,8 +962,7 @@ class ArtifactStore:
         self._failpoints.hit(AFTER_METADATA_COMMIT_BEFORE_ACK)
         garbage = list(result.unlink)
         for artifact_id, producer, blob_path, size in evicted:
-            self._cache.discard(artifact_id)
-            self.bodies.discard(artifact_id)
+            self._uncache(artifact_id)
             if blob_path is not None:
                 garbage.append(blob_path)
             self._on_evicted(producer, size)
@@ -997,8 +1005,7 @@ class ArtifactStore:
             return result
 
         result = await self._commit(operation)
-        self._cache.discard_namespace(namespace_id)
-        self.bodies.discard_namespace(namespace_id)
+        self._uncache_namespace(namespace_id)
         if result.outcome is Outcome.APPLIED:
             self.outbox_depth += len(targets)
         if result.unlink:
@@ -1043,8 +1050,7 @@ class ArtifactStore:
 
         result = await self._commit(operation)
         if result.outcome is Outcome.APPLIED:
-            self._cache.discard(artifact_id)
-            self.bodies.discard(artifact_id)
+            self._uncache(artifact_id)
             self.outbox_depth += len(targets)
         if result.unlink:
             await self._unlink(result.unlink)
