@@ -974,6 +974,8 @@ class ArtifactStore:
             self._cache.put(manifest)
             if inline_value is not None:
                 self.bodies.put(manifest, inline_value)
+            else:  # a file now: an older version's body is of no use to anyone
+                self.bodies.discard(manifest.artifact_id)
             self.outbox_depth += len(targets)
             current = manifest
         else:

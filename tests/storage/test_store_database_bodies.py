@@ -114,6 +114,18 @@ def test_a_newer_version_replaces_the_body_and_the_cached_copy(node: KuraNode) -
     assert node.store.metadata.used_bytes == 7
 
 
+def test_a_newer_version_in_a_file_takes_the_older_body_out_of_memory(node: KuraNode) -> None:
+    target = CCACHE.format(key="a" * 40)
+    request(node, "PUT", target, b"small")
+    assert len(node.store.bodies) == 1
+    node.reactor.advance(1)
+    large = b"L" * (100 * 1024)  # past KURA_MEMORY_BODY_MAX_BYTES: a file
+    assert request(node, "PUT", target, large).status in (200, 201, 204)
+    assert (len(node.store.bodies), node.store.bodies.used_bytes) == (0, 0)
+    assert database_bodies(node.config.data_dir) == []
+    assert request(node, "GET", target).body == large
+
+
 def test_eviction_drops_database_bodies_least_recently_used_first(nodes: Any) -> None:
     node = nodes.start(KURA_CAS_CAPACITY_BYTES=str(3 * 1000))
     for key in ("aa", "bb", "cc", "dd"):
