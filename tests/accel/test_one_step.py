@@ -168,11 +168,8 @@ async def test_a_client_that_stops_reading_gets_every_response_once_it_reads(
         warm.get(CAS.format("pushed"))  # opens the file: the GETs below are one-step
         assert warm.read_responses(1)[0].body == body
         warm.close()
-        client = RawClient(node.public_port, receive_buffer=8192, timeout=30)
-        burst = f"GET {CAS.format('pushed')} HTTP/1.1\r\nHost: k\r\n\r\n".encode() * count
-        client.send(burst, heads=[False] * count)
-        # Read nothing until the server is pushed back and a worker holds the rest.
-        _until_blocking(lambda: node.accelerator.handles.lent == 1)
+        # A worker holds the file for the responses that did not fit.
+        client = _burst_unread(node, "pushed", count, lambda: node.accelerator.handles.lent == 1)
         responses = client.read_responses(count)
         client.close()
         return responses
@@ -201,10 +198,7 @@ async def test_a_client_that_stops_reading_and_resets_frees_everything(
         warm.get(CAS.format("dropped"))
         warm.read_responses(1)
         warm.close()
-        client = RawClient(node.public_port, receive_buffer=8192, timeout=30)
-        burst = f"GET {CAS.format('dropped')} HTTP/1.1\r\nHost: k\r\n\r\n".encode() * 200
-        client.send(burst, heads=[False] * 200)
-        _until_blocking(lambda: node.accelerator.handles.lent == 1)
+        client = _burst_unread(node, "dropped", 200, lambda: node.accelerator.handles.lent == 1)
         client.reset()
 
     await in_thread(scenario)
@@ -217,6 +211,20 @@ async def test_a_client_that_stops_reading_and_resets_frees_everything(
     assert metric(node, "kura_http_requests_total", route=ROUTE, status="499") == aborted
     assert egress(node, "error") == 0
     assert egress(node, "ok") == metric(node, "kura_http_requests_total", route=ROUTE, status="200")
+
+
+def _burst_unread(
+    node: KuraNode, key: str, count: int, pushed_back: Callable[[], bool]
+) -> RawClient:
+    """Pipeline ``count`` plain GETs of ``key`` from a client with a small
+    receive buffer that reads nothing, until ``pushed_back`` holds (on a
+    worker thread): the server's socket is full and a response goes on in
+    the background."""
+    client = RawClient(node.public_port, receive_buffer=8192, timeout=30)
+    burst = f"GET {CAS.format(key)} HTTP/1.1\r\nHost: k\r\n\r\n".encode() * count
+    client.send(burst, heads=[False] * count)
+    _until_blocking(pushed_back)
+    return client
 
 
 def _until_blocking(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -283,10 +291,7 @@ async def test_memory_bodies_to_a_client_that_stops_reading_all_arrive_once_it_r
 
     def scenario() -> list[Response]:
         assert call(node.public_port, "POST", CAS.format("kept"), body).status == 204
-        client = RawClient(node.public_port, receive_buffer=8192, timeout=30)
-        burst = f"GET {CAS.format('kept')} HTTP/1.1\r\nHost: k\r\n\r\n".encode() * count
-        client.send(burst, heads=[False] * count)
-        _until_blocking(lambda: node.accelerator.permits.in_use == 1)
+        client = _burst_unread(node, "kept", count, lambda: node.accelerator.permits.in_use == 1)
         responses = client.read_responses(count)
         client.close()
         return responses
