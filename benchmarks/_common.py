@@ -34,7 +34,6 @@ import resource
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -105,13 +104,6 @@ def exit_cleanly_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _wait_for_http(url_host: str, port: int, path: str, timeout: float) -> None:
@@ -323,6 +315,8 @@ class ChildServer:
         self.probe_path = probe_path
         self.work = os.path.join(work_dir, work_name)
         os.makedirs(self.work, exist_ok=True)
+        from tests.support.real import free_port
+
         self._port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 

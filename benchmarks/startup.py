@@ -43,7 +43,7 @@ if sys.path[0:1] != [REPO_ROOT]:
     sys.path.insert(0, REPO_ROOT)
 
 from kura.storage.metadata import MetadataStore  # noqa: E402
-from tests.support.real import free_port  # noqa: E402
+from tests.support.real import free_ports  # noqa: E402
 
 #: Bytes per synthetic blob (the size does not matter to start-up; files do).
 BLOB_BYTES = 16
@@ -145,7 +145,7 @@ def status(url: str) -> tuple[int, dict[str, object]]:
 
 def measure(data_dir: str, source: str = REPO_ROOT) -> tuple[float, float]:
     """One start: seconds to the first ``/up`` 200 and to the first ``/ready`` 200."""
-    port, internal = free_port(), free_port()
+    port, internal = free_ports(2)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KURA_")}
     env.update(
         KURA_DATA_DIR=data_dir,

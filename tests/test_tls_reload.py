@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from kura.config import TlsFiles
 from kura.tls import Reloading, public_https_options
 from tests.support.mesh import wait_for
-from tests.support.real import RealNode, free_port
+from tests.support.real import RealNode
 
 
 def write_identity(directory: Path, common: str) -> tuple[str, str, int]:
@@ -129,20 +129,18 @@ def test_a_rotated_certificate_is_served_to_new_connections_without_a_restart(
     tmp_path: Path,
 ) -> None:
     cert, key, first = write_identity(tmp_path, "before")
-    https_port = free_port()
     node = RealNode(
         str(tmp_path / "data"),
         KURA_PUBLIC_TLS_CERT_PATH=cert,
         KURA_PUBLIC_TLS_KEY_PATH=key,
-        KURA_HTTPS_PORT=str(https_port),
         KURA_TLS_RELOAD_INTERVAL_MS="100ms",
     )
     node.start()
     try:
-        assert served_serial(https_port) == first
+        assert served_serial(node.https_port) == first
         pid = node.process.pid
         _, _, second = write_identity(tmp_path, "after")
-        wait_for("the new certificate", lambda: served_serial(https_port) == second, 10)
+        wait_for("the new certificate", lambda: served_serial(node.https_port) == second, 10)
         assert node.process.pid == pid and node.process.poll() is None
         assert "reloaded TLS material" in node.log()
     finally:

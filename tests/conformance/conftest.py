@@ -49,7 +49,7 @@ def kura(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
     node.start(timeout=60)
     yield node
     status = node.stop()
-    assert status == 0, f"node exited {status}: {node.log()}"
+    assert status == 0, f"node exited {status}: {node.log_tail()}"
 
 
 @pytest.fixture

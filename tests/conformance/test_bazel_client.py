@@ -100,7 +100,7 @@ def open_kura(tmp_path: Path) -> Iterator[RealNode]:
     node = RealNode(str(tmp_path / "open-node"), KURA_LOG_FORMAT="json").start(timeout=60)
     yield node
     status = node.stop()
-    assert status == 0, f"node exited {status}: {node.log()}"
+    assert status == 0, f"node exited {status}: {node.log_tail()}"
 
 
 def test_bazel_over_grpc_second_build_is_a_remote_cache_hit(

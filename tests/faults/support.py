@@ -106,7 +106,7 @@ def node_log(node: RealNode) -> str:
 
 def assert_alive(node: RealNode) -> None:
     """The node process is still running and answers ``/up`` (invariant I5)."""
-    assert node.process.poll() is None, f"node died: {node.log()}"
+    assert node.process.poll() is None, f"node died: {node.log_tail()}"
     assert call(node, "GET", "/up", timeout=5)[0] == 200
 
 

@@ -25,7 +25,7 @@ from tests.reapi.test_reapi_real import (
 )
 from tests.replication.test_repl_tls import _authority, _files, _leaf
 from tests.support.mesh import MESH_SECRET, mesh, start_all, wait_for
-from tests.support.real import RealNode, free_port
+from tests.support.real import RealNode
 
 pytestmark = [pytest.mark.realnode, pytest.mark.timeout(180)]
 
@@ -68,7 +68,7 @@ def hooked(tmp_path: Path) -> Iterator[tuple[RealNode, Path]]:
     script.write_text(textwrap.dedent(EXTENSION.format(log=str(log), token=TOKEN)))
     node = RealNode(str(tmp_path / "data"), KURA_EXTENSION_SCRIPT_PATH=str(script)).start()
     yield node, log
-    assert node.stop() == 0, node.log()
+    assert node.stop() == 0, node.log_tail()
 
 
 def contexts(log: Path) -> list[dict[str, Any]]:
@@ -173,7 +173,7 @@ def test_critical_memory_pressure_sheds_writes_with_retry_info(tmp_path: Path) -
             # Reads keep flowing.
             assert client.missing(digest_of(b"shed me")) == [digest_of(b"shed me").hash]
     finally:
-        assert node.stop() == 0, node.log()
+        assert node.stop() == 0, node.log_tail()
 
 
 def test_reapi_writes_replicate_to_the_peer(tmp_path: Path) -> None:
@@ -223,7 +223,6 @@ def test_with_public_tls_the_grpc_port_speaks_grpcs(tmp_path: Path) -> None:
         str(tmp_path / "data"),
         KURA_PUBLIC_TLS_CERT_PATH=files.cert_path,
         KURA_PUBLIC_TLS_KEY_PATH=files.key_path,
-        KURA_HTTPS_PORT=str(free_port()),
         KURA_TLS_RELOAD_INTERVAL_MS="100",
     ).start()
     try:
@@ -256,4 +255,4 @@ def test_with_public_tls_the_grpc_port_speaks_grpcs(tmp_path: Path) -> None:
 
         wait_for("the rotated certificate", serves_the_rotated_identity, 10)
     finally:
-        assert node.stop() == 0, node.log()
+        assert node.stop() == 0, node.log_tail()

@@ -132,7 +132,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
         KURA_LOG_FORMAT="json",
     ).start(timeout=60)
     yield started
-    assert started.stop() == 0, started.log()
+    assert started.stop() == 0, started.log_tail()
 
 
 @pytest.fixture(scope="module")
@@ -625,4 +625,4 @@ def test_a_draining_node_answers_unavailable_with_retry_info(tmp_path: Path) -> 
                 assert time.monotonic() < deadline, "never started draining"
                 time.sleep(0.05)
     finally:
-        assert node.stop() == 0, node.log()
+        assert node.stop() == 0, node.log_tail()

@@ -25,9 +25,24 @@ from kura.testing import Response, parse_responses
 
 def free_port() -> int:
     """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """*count* distinct TCP ports that were free a moment ago on 127.0.0.1.
+
+    The probes stay bound until all are chosen: asked one after the other, the
+    kernel may hand the same just-released port out twice (a node then refuses
+    to start with two of its ports equal).
+    """
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 #: The checkout the real nodes run (the node imports the working tree).
@@ -59,15 +74,15 @@ class RealNode:
         self.data_dir = data_dir
         self.source = source
         self.launcher = list(launcher)
-        self.port = free_port()
-        self.internal_port = free_port()
-        self.grpc_port = free_port()
+        self.port, self.internal_port, self.grpc_port, self.https_port = free_ports(4)
         self.environ = {
             "KURA_DATA_DIR": data_dir,
             "KURA_PORT": str(self.port),
             "KURA_INTERNAL_PORT": str(self.internal_port),
             # REAPI over gRPC is on by default (4002): every node gets its own port.
             "KURA_GRPC_PORT": str(self.grpc_port),
+            # Opened only when a TLS certificate is configured.
+            "KURA_HTTPS_PORT": str(self.https_port),
             "KURA_NODE_URL": f"http://127.0.0.1:{self.internal_port}",
             "KURA_BIND_HOST": "127.0.0.1",
             "KURA_CAS_CAPACITY_BYTES": str(1 << 32),
@@ -111,7 +126,7 @@ class RealNode:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"node exited with {self.process.returncode}: {self.log()}")
+                raise RuntimeError(f"node exited with {self.process.returncode}: {self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.url + "/up", timeout=1) as response:
                     if response.status == 200:
@@ -119,7 +134,7 @@ class RealNode:
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.05)
-        raise TimeoutError(f"node did not come up: {self.log()}")
+        raise TimeoutError(f"node did not come up: {self.log_tail()}")
 
     def wait_until_swept(self, timeout: float = 30.0) -> None:
         """Wait until the start-up sweep (orphans, stale staging) has ended.
@@ -139,14 +154,19 @@ class RealNode:
             if "store scan in progress" not in reasons and "unreachable" not in reasons:
                 return
             time.sleep(0.05)
-        raise TimeoutError(f"the start-up sweep did not end: {self.log()}")
+        raise TimeoutError(f"the start-up sweep did not end: {self.log_tail()}")
 
     def log(self) -> str:
+        """The node's whole log so far (assertions about what it said must see all of it)."""
         try:
             with open(self.log_path, encoding="utf-8", errors="replace") as handle:
-                return handle.read()[-4000:]
+                return handle.read()
         except FileNotFoundError:
             return ""
+
+    def log_tail(self, characters: int = 4000) -> str:
+        """The end of the log, for failure messages."""
+        return self.log()[-characters:]
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
