@@ -29,7 +29,7 @@ from kura.replication.peer_auth import (
     request_message,
     sha256_hex,
 )
-from tests.support.real import REPO_ROOT, RealNode
+from tests.support.real import REPO_ROOT, RealNode, free_ports
 
 T = TypeVar("T")
 
@@ -56,12 +56,6 @@ def shared_port(hosts: Sequence[str]) -> int:
     raise RuntimeError("no port free on every mesh host")
 
 
-def free_port_on(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
 class MeshNode(RealNode):
     """A :class:`RealNode` on its own loopback address and the mesh's internal port.
 
@@ -82,13 +76,11 @@ class MeshNode(RealNode):
         source: str = REPO_ROOT,
         **environ: str,
     ) -> None:
-        port = free_port_on(host)
         super().__init__(
             data_dir,
             source=source,
             **{
                 "KURA_BIND_HOST": host,
-                "KURA_PORT": str(port),
                 "KURA_INTERNAL_PORT": str(internal_port),
                 "KURA_NODE_URL": f"http://{host}:{internal_port}",
                 "KURA_PEER_SECRET": MESH_SECRET,
@@ -98,8 +90,13 @@ class MeshNode(RealNode):
             },
         )
         self.host = host
-        self.port = port
         self.internal_port = internal_port
+        # This node's own ports, on its address and apart from the shared one.
+        self.port, self.grpc_port, self.https_port = free_ports(3, host, avoid=[internal_port])
+        self.environ["KURA_PORT"] = str(self.port)
+        self.environ["KURA_GRPC_PORT"] = str(self.grpc_port)
+        self.environ["KURA_HTTPS_PORT"] = str(self.https_port)
+        self.environ.update(environ)
 
     @property
     def url(self) -> str:

@@ -28,18 +28,23 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def free_ports(count: int) -> list[int]:
-    """*count* distinct TCP ports that were free a moment ago on 127.0.0.1.
+def free_ports(count: int, host: str = "127.0.0.1", avoid: Sequence[int] = ()) -> list[int]:
+    """*count* distinct TCP ports that were free a moment ago on *host*, none in *avoid*.
 
     The probes stay bound until all are chosen: asked one after the other, the
     kernel may hand the same just-released port out twice (a node then refuses
     to start with two of its ports equal).
     """
-    probes = [socket.socket() for _ in range(count)]
+    probes: list[socket.socket] = []
     try:
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [int(probe.getsockname()[1]) for probe in probes]
+        while len(probes) < count:
+            probe = socket.socket()
+            probe.bind((host, 0))
+            probes.append(probe)
+        ports = [int(probe.getsockname()[1]) for probe in probes]
+        if set(ports) & set(avoid):
+            return free_ports(count, host, avoid)
+        return ports
     finally:
         for probe in probes:
             probe.close()
