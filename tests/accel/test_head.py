@@ -446,11 +446,17 @@ def test_parse_head_never_raises(data: bytes) -> None:
 )
 def test_pathological_heads_parse_in_linear_time(data: bytes) -> None:
     """Worst-case 16 KiB heads take well under a millisecond-scale budget (no regex blow-up)."""
-    start = time.perf_counter()
-    for _ in range(10):
-        parse_head(data)
+
+    def cpu_seconds_per_parse() -> float:
+        # This thread's CPU time, not the wall clock: a loaded machine (CI, a
+        # parallel benchmark) stretches wall time, never the work itself.
+        start = time.thread_time()
+        for _ in range(10):
+            parse_head(data)
+        return (time.thread_time() - start) / 10
+
     # Linear work is ~0.1 ms per parse here; a quadratic regex would take seconds.
-    assert (time.perf_counter() - start) / 10 < 0.02
+    assert min(cpu_seconds_per_parse() for _ in range(3)) < 0.02
 
 
 # --- RequestHead ----------------------------------------------------------------------------
