@@ -25,32 +25,69 @@ from kura.web.routing import RouteSpec
 NOW = 1764683000.123456
 
 ACCESS_CASES = [
-    ("GET", "/api/cache/cas/abc", 200, "0a1b2c3d4e5f0000000001", "/api/cache/cas/<id>"),
-    ("HEAD", '/quote"and\\back', 404, "req-1", "/x"),
-    ("PUT", "/\ufffd\ufffd/caf\ufffd", 499, "id:2", "/<tenant>/{weird}"),
-    ("GET", "/tab\there\nnew", 206, "x", ""),
+    (b"GET", b"/api/cache/cas/abc", 200, b"0a1b2c3d4e5f0000000001", "/api/cache/cas/<id>"),
+    (b"HEAD", b'/quote"and\\back', 404, b"req-1", "/x"),
+    (b"PUT", b"/\xc3\xa9/caf\xe9", 499, b"id:2", "/<tenant>/{weird}"),
+    (b"GET", b"/tab\there\nnew\x7f", 206, b"x", ""),
+    (b'G"T', b"/", 200, b"x", '/"route"'),
 ]
 
 
-def _event_line(method: str, path: str, status: int, request_id: str, route: str) -> str:
+def _event_line(method: bytes, path: bytes, status: int, request_id: bytes, route: str) -> str:
+    """The line twisted.logger's event for this request renders to (at :data:`NOW`)."""
     events: list[Any] = []
     publisher = LogPublisher(events.append)
     Logger(namespace="kura.http", observer=publisher).info(
-        site.ACCESS, method=method, path=path, status=status, request_id=request_id, route=route
+        site.ACCESS,
+        method=method.decode("ascii", "replace"),
+        path=path.decode("ascii", "replace"),
+        status=status,
+        request_id=request_id.decode("ascii"),
+        route=route,
     )
     events[0]["log_time"] = NOW
     return event_as_json_line(events[0])
 
 
+def _same_record(line: str, event_line: str) -> None:
+    """The same fields with the same values, in the same order; the time to the millisecond."""
+    assert line.endswith("\n") and "\n" not in line[:-1]
+    record, expected = json.loads(line), json.loads(event_line)
+    assert list(record) == list(expected)
+    assert record.pop("time") == pytest.approx(expected.pop("time"), abs=0.001)
+    assert record == expected
+
+
 @pytest.mark.parametrize(("method", "path", "status", "request_id", "route"), ACCESS_CASES)
 def test_access_line_is_the_events_json_line(
-    method: str, path: str, status: int, request_id: str, route: str, monkeypatch: Any
+    method: bytes, path: bytes, status: int, request_id: bytes, route: str, monkeypatch: Any
 ) -> None:
     monkeypatch.setattr(logs, "time", SimpleNamespace(time=lambda: NOW))
     expected = _event_line(method, path, status, request_id, route)
-    assert expected.endswith("\n") and "1764683000.123456" in expected
-    assert access_line(method, path, status, request_id, route, "kura.http") == expected
-    assert json.loads(expected)["message"] == f"{method} {path} {status} {request_id}"
+    line = access_line(method, path, status, request_id, route, "kura.http")
+    _same_record(line, expected)
+    assert '"time": 1764683000.123, ' in line
+    assert line.isascii()  # as json.dumps writes it: everything else escaped
+    method_text, path_text = method.decode("ascii", "replace"), path.decode("ascii", "replace")
+    message = json.loads(line)["message"]
+    assert message == f"{method_text} {path_text} {status} {request_id.decode()}"
+
+
+def test_the_access_clock_moves_with_each_millisecond(monkeypatch: Any) -> None:
+    """The rendered time is reused within a millisecond, never across one."""
+    now = [NOW]
+    monkeypatch.setattr(logs, "time", SimpleNamespace(time=lambda: now[0]))
+
+    def logged_time() -> Any:
+        return json.loads(access_line(b"GET", b"/", 200, b"x", "/", "kura.http"))["time"]
+
+    assert logged_time() == 1764683000.123
+    now[0] = NOW + 0.0004  # the same millisecond
+    assert logged_time() == 1764683000.123
+    now[0] = NOW + 0.0009
+    assert logged_time() == 1764683000.124
+    now[0] = 1764683001.0005
+    assert logged_time() == 1764683001.0
 
 
 def test_log_access_writes_the_same_line_through_the_sink(monkeypatch: Any) -> None:
@@ -61,12 +98,18 @@ def test_log_access_writes_the_same_line_through_the_sink(monkeypatch: Any) -> N
     spec = cast(RouteSpec, SimpleNamespace(template="/api/cache/cas/<id>"))
     try:
         site.log_access(b"GET", b"/api/cache/cas/abc", 200, b"rid-7", spec)
+        site.log_access(b"GET", b"/api/cache/cas/def", 404, "rid-8", spec)  # twisted.web's str
         assert out.getvalue() == ""  # queued, not written on the caller's thread
         writer.flush()
     finally:
         writer.close()
-    expected = _event_line("GET", "/api/cache/cas/abc", 200, "rid-7", "/api/cache/cas/<id>")
-    assert out.getvalue() == expected
+    first, second = out.getvalue().splitlines(keepends=True)
+    _same_record(
+        first, _event_line(b"GET", b"/api/cache/cas/abc", 200, b"rid-7", "/api/cache/cas/<id>")
+    )
+    _same_record(
+        second, _event_line(b"GET", b"/api/cache/cas/def", 404, b"rid-8", "/api/cache/cas/<id>")
+    )
 
 
 def test_writer_keeps_order_and_close_writes_everything() -> None:
