@@ -26,6 +26,7 @@ from kura.config.environ import unknown_variables
 from kura.objectstore.client import ObjectStoreSetupError
 from kura.service import KuraNode
 from kura.telemetry.logs import flush_logs, observer_for
+from kura.web.dispatch import dispatch_without_log_context
 
 log = Logger(namespace="kura.config")
 
@@ -101,7 +102,8 @@ def environment_with(options: Mapping[str, Any], environ: Mapping[str, str]) -> 
 
 
 class TwistdNode(KuraNode):
-    """A node run by twistd: kura's log observer and signal handling.
+    """A node run by twistd: kura's log observer, signal handling and event dispatch
+    (:func:`~kura.web.dispatch.dispatch_without_log_context`).
 
     ``SIGUSR1`` starts draining; ``SIGTERM``/``SIGINT`` drain, wait for
     in-flight transfers (bounded by ``KURA_DRAIN_COMPLETION_TIMEOUT_MS``) and
@@ -109,6 +111,7 @@ class TwistdNode(KuraNode):
     """
 
     def startService(self) -> None:
+        dispatch_without_log_context(self.reactor)
         super().startService()
         self.started.addErrback(self._exit_nonzero_after_shutdown)
         IReactorCore(self.reactor).callWhenRunning(self._install_signal_handlers)

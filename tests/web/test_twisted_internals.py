@@ -2,9 +2,9 @@
 
 Twisted gives no public hook for several things kura must do: admit a request
 between its head and its body, drop a body mid-stream, bound HTTP/2's send
-queues, quiet the client pool. Each use lives in ``kura/web/``; this test
-fails loudly on a Twisted (or h2) upgrade that renames one, instead of the
-serving paths failing in production.
+queues, quiet the client pool, dispatch epoll events without a log context.
+Each use lives in ``kura/web/``; this test fails loudly on a Twisted (or h2)
+upgrade that renames one, instead of the serving paths failing in production.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import inspect
 import h2.connection
 import hyperframe.frame
 from prometheus_client import CollectorRegistry
+from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web import _http2 as twisted_h2
 from twisted.web import client, http
@@ -37,6 +38,19 @@ def test_the_private_twisted_names_kura_uses_still_exist() -> None:
     # kura/web/request.py (KuraRequest.over) and download.py: a request whose client left.
     assert http.Request(channel)._disconnected is False
     assert "line_mode" in vars(http.HTTPChannel) or hasattr(channel, "line_mode")
+    # kura/web/dispatch.py: the epoll reactor's poll loop and per-event handler.
+    assert EPollReactor.doIteration is EPollReactor.doPoll
+    assert "callWithLogger" in inspect.getsource(EPollReactor.doPoll)  # what it leaves out
+    assert list(inspect.signature(EPollReactor._doReadOrWrite).parameters) == [
+        "self",
+        "selectable",
+        "fd",
+        "event",
+    ]
+    epoll = EPollReactor()
+    assert isinstance(epoll._selectables, dict) and hasattr(epoll._poller, "poll")
+    epoll._poller.close()
+    epoll.waker.connectionLost(None)
     # kura/web/client_pool.py: the pool's connection factory.
     pool = client.HTTPConnectionPool(MemoryReactorClock(), persistent=True)
     assert pool._factory is client._HTTP11ClientFactory
