@@ -26,7 +26,7 @@ from kura.config.environ import unknown_variables
 from kura.objectstore.client import ObjectStoreSetupError
 from kura.service import KuraNode
 from kura.telemetry.logs import flush_logs, observer_for
-from kura.web.dispatch import dispatch_without_log_context
+from kura.web.event_dispatch import dispatch_without_log_context
 
 log = Logger(namespace="kura.config")
 
@@ -103,7 +103,7 @@ def environment_with(options: Mapping[str, Any], environ: Mapping[str, str]) -> 
 
 class TwistdNode(KuraNode):
     """A node run by twistd: kura's log observer, signal handling and event dispatch
-    (:func:`~kura.web.dispatch.dispatch_without_log_context`).
+    (:func:`~kura.web.event_dispatch.dispatch_without_log_context`).
 
     ``SIGUSR1`` starts draining; ``SIGTERM``/``SIGINT`` drain, wait for
     in-flight transfers (bounded by ``KURA_DRAIN_COMPLETION_TIMEOUT_MS``) and

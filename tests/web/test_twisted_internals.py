@@ -38,7 +38,7 @@ def test_the_private_twisted_names_kura_uses_still_exist() -> None:
     # kura/web/request.py (KuraRequest.over) and download.py: a request whose client left.
     assert http.Request(channel)._disconnected is False
     assert "line_mode" in vars(http.HTTPChannel) or hasattr(channel, "line_mode")
-    # kura/web/dispatch.py: the epoll reactor's poll loop and per-event handler.
+    # kura/web/event_dispatch.py: the epoll reactor's poll loop and per-event handler.
     assert EPollReactor.doIteration is EPollReactor.doPoll
     assert "callWithLogger" in inspect.getsource(EPollReactor.doPoll)  # what it leaves out
     assert list(inspect.signature(EPollReactor._doReadOrWrite).parameters) == [

@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.python import context, log
 
-from kura.web.dispatch import dispatch_without_log_context
+from kura.web.event_dispatch import dispatch_without_log_context
 
 
 class Reader:
