@@ -7,11 +7,10 @@ next to the rendered message, so operators can filter on ``route``,
 
 A busy node logs one access line per request; writing and flushing each
 one on the reactor thread cost a third of the accelerated throughput. So
-access lines skip ``twisted.logger`` (:func:`access_line` renders, from the
-request's bytes in one formatting step, the fields and values the JSON
-observer would render for the access event) and go into a
-:class:`BatchedLineWriter` (:func:`access_sink`): the reactor only formats
-and queues them, and a writer thread writes what has queued up
+access lines skip ``twisted.logger``: :meth:`BatchedLineWriter.write_access`
+(:func:`access_sink`) renders, from the request's bytes in one formatting
+step, the fields and values the JSON observer would render for the access
+event, and queues the line; a writer thread writes what has queued up
 every :data:`FLUSH_INTERVAL` seconds and everything at exit, so a slow disk
 or a full pipe on stdout does not stop the reactor for them. (Formatting
 on the writer thread instead was measured and is worse: a batch of
@@ -29,7 +28,7 @@ import os
 import sys
 import threading
 import time
-from typing import IO, Any
+from typing import IO, Any, TextIO
 
 from twisted.logger import (
     FileLogObserver,
@@ -93,84 +92,36 @@ def json_lines_observer(out: IO[str]) -> ILogObserver:
 _json_string = json.encoder.encode_basestring_ascii  # what json.dumps uses, in C
 
 
+#: The namespace of access lines (``kura.web.site`` logs them; the text format
+#: through ``Logger(namespace=ACCESS_NAMESPACE)``).
+ACCESS_NAMESPACE = "kura.http"
+
 #: Bytes that stand for themselves inside a JSON string: printable ASCII but ``"`` and ``\\``.
 _PLAIN_JSON = bytes(byte for byte in range(0x20, 0x7F) if byte not in b'"\\')
-
-_ACCESS_LINE = (
-    b'{"time": %s, "level": "info", "namespace": %s, "message": "%s %s %d %s", '
-    b'"method": "%s", "path": "%s", "status": %d, "request_id": "%s", "route": %s}\n'
-)
 
 
 def _json_inner(value: bytes) -> bytes:
     """*value* as the inside of a JSON string, as :func:`json.dumps` writes it
     (ASCII; a byte outside ASCII is U+FFFD, as the event's ``replace`` decode made it)."""
     if not value.translate(None, _PLAIN_JSON):
-        return value  # the usual case: nothing to escape
+        return value
     return _json_string(value.decode("ascii", "replace")).encode("ascii")[1:-1]
 
 
-class _Millisecond:
-    """The wall clock as the access line writes it, rendered once per millisecond."""
-
-    def __init__(self) -> None:
-        self._millisecond = -1
-        self._text = b""
-
-    def text(self) -> bytes:
-        millisecond = int(time.time() * 1000)
-        if millisecond != self._millisecond:
-            self._millisecond = millisecond
-            self._text = b"%d.%03d" % divmod(millisecond, 1000)
-        return self._text
-
-
-_access_clock = _Millisecond()
-_json_strings: dict[str, bytes] = {}
-
-
-def _json_string_of(text: str) -> bytes:
-    """``json.dumps(text)`` as bytes, remembered (route templates and namespaces are few)."""
-    rendered = _json_strings.get(text)
-    if rendered is None:
-        rendered = _json_strings[text] = _json_string(text).encode("ascii")
-    return rendered
-
-
-def access_line(
-    method: bytes, path: bytes, status: int, request_id: bytes, route: str, namespace: str
-) -> str:
-    """The JSON line :func:`event_as_json_line` renders for an access event.
-
-    The event is ``Logger(namespace).info("{method} {path} {status}
-    {request_id}", method=..., path=..., status=..., request_id=...,
-    route=...)`` with the bytes decoded as ASCII; this renders the same
-    fields with the same values (``tests/test_logs.py`` compares them)
-    without building the event, from the bytes the request came with, in
-    one formatting step: it runs once per request on the reactor thread.
-    The time is to the millisecond (an event's is to the microsecond).
-
-    *request_id* must be one of :class:`~kura.web.request_ids.RequestIds`'
-    (``[A-Za-z0-9._:-]``, nothing to escape); *method* and *path* may hold
-    anything.
-    """
-    method, path = _json_inner(method), _json_inner(path)
+def _access_template(route: str) -> bytes:
+    """The access line of *route* with the request's parts left as ``%`` fields:
+    time, then method, path, status and request id for ``message`` and again
+    for their own fields."""
+    constant = b'"namespace": %s, ' % _json_string(ACCESS_NAMESPACE).encode("ascii")
+    route_json = _json_string(route).encode("ascii").replace(b"%", b"%%")
     return (
-        _ACCESS_LINE
-        % (
-            _access_clock.text(),
-            _json_string_of(namespace),
-            method,
-            path,
-            status,
-            request_id,
-            method,
-            path,
-            status,
-            request_id,
-            _json_string_of(route),
-        )
-    ).decode("ascii")
+        b'{"time": %s, "level": "info", '
+        + constant.replace(b"%", b"%%")
+        + b'"message": "%s %s %d %s", "method": "%s", "path": "%s", "status": %d, '
+        + b'"request_id": "%s", "route": '
+        + route_json
+        + b"}\n"
+    )
 
 
 #: Most seconds a line waits in a :class:`BatchedLineWriter` before it is written.
@@ -182,23 +133,23 @@ MAX_PENDING_LINES = 200_000
 class BatchedLineWriter:
     """Lines written by a background thread, in the order they were queued.
 
-    :meth:`write` only appends to a queue (safe from any thread, never
-    blocks); the writer thread writes and flushes the queued lines every
-    ``interval`` seconds. :meth:`close` (also run at exit) writes what is
-    left and stops the thread; after it, :meth:`write` writes at once.
-    When ``max_pending`` lines are queued (the output is stuck), further
-    lines are dropped and a warning line counts them once writing resumes,
-    so memory stays bounded.
+    :meth:`write` and :meth:`write_access` only append to a queue (safe
+    from any thread, never block); the writer thread writes and flushes the
+    queued lines every ``interval`` seconds. :meth:`close` (also run at
+    exit) writes what is left and stops the thread; after it, a queued line
+    is written at once. When ``max_pending`` lines are queued (the output is
+    stuck), further lines are dropped and a warning line counts them once
+    writing resumes, so memory stays bounded.
 
     Args:
-        out: where the lines go.
+        out: where the lines go (bytes: the lines are ASCII JSON).
         interval: seconds between writes.
         max_pending: most lines queued at once.
     """
 
     def __init__(
         self,
-        out: IO[str],
+        out: IO[bytes],
         *,
         interval: float = FLUSH_INTERVAL,
         max_pending: int = MAX_PENDING_LINES,
@@ -206,10 +157,15 @@ class BatchedLineWriter:
         self._out = out
         self._interval = interval
         self._max_pending = max_pending
-        self._pending: collections.deque[str] = collections.deque()
+        self._pending: collections.deque[bytes] = collections.deque()
         self._dropped = 0
         self._closed = False
         self._stop = threading.Event()
+        # write_access's memory: the route's line template, and the time as
+        # rendered for the millisecond it was last rendered in.
+        self._templates: dict[str, bytes] = {}
+        self._millisecond = -1
+        self._time_text = b""
         self._start_thread()
         # twistd forks when it daemonizes, after the observer exists; a
         # child has no writer thread until this makes it one.
@@ -223,13 +179,49 @@ class BatchedLineWriter:
         if not self._closed:
             self._thread.start()
 
-    def write(self, line: str) -> None:
+    def write(self, line: bytes) -> None:
         """Queue ``line`` (a whole line, newline included)."""
         pending = self._pending
         if len(pending) >= self._max_pending:
             self._dropped += 1
             return
         pending.append(line)
+        if self._closed:
+            self.flush()
+
+    def write_access(
+        self, method: bytes, path: bytes, status: int, request_id: bytes, route: str
+    ) -> None:
+        """Queue the access line of one request.
+
+        It has the fields and values :func:`event_as_json_line` renders for
+        ``Logger(namespace=ACCESS_NAMESPACE).info("{method} {path} {status}
+        {request_id}", method=..., path=..., status=..., request_id=...,
+        route=...)`` with the bytes decoded as ASCII (``tests/test_logs.py``
+        compares them), the time to the millisecond. It runs once per
+        request on the reactor thread, so it is one formatting step with
+        nothing called that need not be: the route's template is made once,
+        the time rendered once per millisecond, and *method* and *path*
+        escaped only when a byte needs it. *request_id* must be one of
+        :class:`~kura.web.request_ids.RequestIds`' (``[A-Za-z0-9._:-]``).
+        """
+        if method.translate(None, _PLAIN_JSON) or path.translate(None, _PLAIN_JSON):
+            method, path = _json_inner(method), _json_inner(path)
+        millisecond = int(time.time() * 1000)
+        if millisecond != self._millisecond:
+            self._millisecond = millisecond
+            self._time_text = b"%d.%03d" % divmod(millisecond, 1000)
+        template = self._templates.get(route)
+        if template is None:
+            template = self._templates[route] = _access_template(route)
+        pending = self._pending
+        if len(pending) >= self._max_pending:
+            self._dropped += 1
+            return
+        pending.append(
+            template
+            % (self._time_text, method, path, status, request_id, method, path, status, request_id)
+        )
         if self._closed:
             self.flush()
 
@@ -243,7 +235,7 @@ class BatchedLineWriter:
                 lines.append(_dropped_line(dropped))
             if lines:
                 try:
-                    self._out.write("".join(lines))
+                    self._out.write(b"".join(lines))
                     self._out.flush()
                 except (OSError, ValueError):
                     pass  # nowhere left to report it: stdout is gone
@@ -261,7 +253,7 @@ class BatchedLineWriter:
             self.flush()
 
 
-def _dropped_line(count: int) -> str:
+def _dropped_line(count: int) -> bytes:
     return (
         json.dumps(
             {
@@ -273,7 +265,7 @@ def _dropped_line(count: int) -> str:
             }
         )
         + "\n"
-    )
+    ).encode("ascii")
 
 
 @implementer(ILogObserver)
@@ -292,7 +284,7 @@ class BatchedJsonObserver:
 
     def __call__(self, event: LogEvent) -> None:
         writer = self.writer
-        writer.write(event_as_json_line(event))
+        writer.write(event_as_json_line(event).encode("utf-8"))
         writer.flush()
 
 
@@ -301,7 +293,7 @@ _access_writer: BatchedLineWriter | None = None
 
 
 def access_sink() -> BatchedLineWriter | None:
-    """The writer that takes :func:`access_line` lines directly, if any.
+    """The writer that takes access lines directly (:meth:`BatchedLineWriter.write_access`), if any.
 
     Set while the node logs JSON through :func:`observer_for`: access lines
     then go straight into the same queue as every other event (so the order
@@ -311,7 +303,7 @@ def access_sink() -> BatchedLineWriter | None:
     return _access_writer
 
 
-def observer_for(log_format: str, out: IO[str] | None = None) -> ILogObserver:
+def observer_for(log_format: str, out: TextIO | None = None) -> ILogObserver:
     """The node's observer for ``KURA_LOG_FORMAT`` (``json`` or ``text``), on stdout.
 
     The JSON observer writes through a :class:`BatchedLineWriter` that also
@@ -322,7 +314,9 @@ def observer_for(log_format: str, out: IO[str] | None = None) -> ILogObserver:
     stream = out if out is not None else sys.stdout
     if log_format == "text":
         return textFileLogObserver(stream)
-    writer = BatchedLineWriter(stream)
+    # The lines are bytes: written below the text layer, after what it holds.
+    stream.flush()
+    writer = BatchedLineWriter(stream.buffer)
     atexit.register(writer.close)
     _access_writer = writer
     return BatchedJsonObserver(writer)

@@ -21,7 +21,7 @@ from twisted.web.resource import IResource
 from kura.config.proxies import TrustedProxies
 from kura.lifecycle import NodeState
 from kura.storage.interfaces import IArtifactStore
-from kura.telemetry.logs import access_line, access_sink
+from kura.telemetry.logs import ACCESS_NAMESPACE, access_sink
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
 
@@ -34,8 +34,7 @@ from .request_ids import RequestIds
 from .routing import RouteSpec
 from .upload_slots import UploadSlots
 
-_NAMESPACE = "kura.http"
-log = Logger(namespace=_NAMESPACE)
+log = Logger(namespace=ACCESS_NAMESPACE)
 
 ACCESS = "{method} {path} {status} {request_id}"
 
@@ -52,7 +51,7 @@ def log_access(
     sink = access_sink()
     if sink is not None:
         rid = request_id.encode("ascii") if isinstance(request_id, str) else request_id
-        sink.write(access_line(method, path, status, rid, spec.template, _NAMESPACE))
+        sink.write_access(method, path, status, rid, spec.template)
         return
     log.info(
         ACCESS,
