@@ -119,7 +119,7 @@ class Counter(_Metric):
         return _CounterChild()
 
     def labels(self, *values: str) -> _CounterChild:
-        child = self._child(tuple(str(v) for v in values))
+        child = self._child(tuple(map(str, values)))
         assert isinstance(child, _CounterChild)
         return child
 
@@ -156,7 +156,7 @@ class Histogram(_Metric):
         return _HistogramChild(self._bounds)
 
     def labels(self, *values: str) -> _HistogramChild:
-        child = self._child(tuple(str(v) for v in values))
+        child = self._child(tuple(map(str, values)))
         assert isinstance(child, _HistogramChild)
         return child
 
