@@ -239,13 +239,8 @@ class ArtifactService:
         except KuraError:
             os.close(fd)
             raise
-        self._store.record_access(manifest.artifact_id)
-        request.setResponseCode(head.status)
-        for name, value in head.headers:
-            request.setHeader(name, value)
-        if request.method == b"HEAD":
+        if self._answered_head(request, spec, manifest, head):
             os.close(fd)
-            self.count_read(spec.producer, "ok")
             return b""
         self._metrics.serving_paths.labels("fallback").inc()
         return StreamedBody(fd, head.body, spec, self._runner)
@@ -259,6 +254,20 @@ class ArtifactService:
                 self.count_read(spec.producer, "range_not_satisfiable")
             raise
 
+    def _answered_head(
+        self, request: KuraRequest, spec: RouteSpec, manifest: Manifest, head: ArtifactHead
+    ) -> bool:
+        """Record the read and set the response's status and headers from
+        ``head``; whether that answered the request (a ``HEAD``: no body)."""
+        self._store.record_access(manifest.artifact_id)
+        request.setResponseCode(head.status)
+        for name, value in head.headers:
+            request.setHeader(name, value)
+        if request.method == b"HEAD":
+            self.count_read(spec.producer, "ok")
+            return True
+        return False
+
     async def _stored_in_database(
         self, request: KuraRequest, spec: RouteSpec, manifest: Manifest
     ) -> bytes:
@@ -269,12 +278,7 @@ class ArtifactService:
         started = site.clock.seconds()
         head = self._head(request, spec, manifest)
         value = await self._read_inline(spec, manifest)
-        self._store.record_access(manifest.artifact_id)
-        request.setResponseCode(head.status)
-        for name, value_ in head.headers:
-            request.setHeader(name, value_)
-        if request.method == b"HEAD":
-            self.count_read(spec.producer, "ok")
+        if self._answered_head(request, spec, manifest, head):
             return b""
         body = head.body
         site.egress.record(producer_label(spec), "ok", body.length, site.clock.seconds() - started)
