@@ -919,6 +919,14 @@ def save_results(prefix: str, report: str, samples: list[dict[str, Any]]) -> tup
     return md, raw
 
 
+def publish_results(prefix: str, report: str, samples: list[dict[str, Any]]) -> None:
+    """Save the report and samples (:func:`save_results`), print the report and where it went."""
+    md, raw = save_results(prefix, report, samples)
+    print()
+    print(report)
+    print(f"saved {os.path.relpath(md)} and {os.path.relpath(raw)}")
+
+
 @contextlib.contextmanager
 def work_directory(keep: bool) -> Iterator[str]:
     """A temporary directory for data, fixtures and scripts (removed unless ``keep``)."""

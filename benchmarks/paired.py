@@ -165,10 +165,7 @@ def main(argv: list[str]) -> int:
         "",
     ]
     text = "\n".join(lines)
-    md, raw = common.save_results("paired", text, samples)
-    print()
-    print(text)
-    print(f"saved {os.path.relpath(md)} and {os.path.relpath(raw)}")
+    common.publish_results("paired", text, samples)
     return 0
 
 

@@ -499,10 +499,7 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     text, samples = run(args, machine)
     text += f"\nTotal wall time: {time.monotonic() - started:.0f} s\n"
-    md, raw = common.save_results("serving", text, samples)
-    print()
-    print(text)
-    print(f"saved {os.path.relpath(md)} and {os.path.relpath(raw)}")
+    common.publish_results("serving", text, samples)
     return 1 if any(s["error_count"] for s in samples) else 0
 
 

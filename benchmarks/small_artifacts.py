@@ -272,10 +272,7 @@ def main(argv: list[str]) -> int:
     text, samples = run(args, machine)
     elapsed = time.monotonic() - started
     text += f"\nTotal wall time: {elapsed:.0f} s\n"
-    md, raw = common.save_results("small_artifacts", text, samples)
-    print()
-    print(text)
-    print(f"saved {os.path.relpath(md)} and {os.path.relpath(raw)}")
+    common.publish_results("small_artifacts", text, samples)
     errors = sum(s.get("error_count", 0) for s in samples)
     return 1 if errors else 0
 
