@@ -7,15 +7,13 @@ import json
 import os
 import threading
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from twisted.logger import Logger, LogPublisher
 
 from kura.telemetry import logs
 from kura.telemetry.logs import BatchedJsonObserver, BatchedLineWriter, event_as_json_line
-from kura.web import site
-from kura.web.routing import RouteSpec
 
 NOW = 1764683000.123456
 
@@ -25,6 +23,8 @@ ACCESS_CASES = [
     (b"PUT", b"/\xc3\xa9/caf\xe9", 499, b"id:2", "/<tenant>/{weird}"),
     (b"GET", b"/tab\there\nnew\x7f", 206, b"x", ""),
     (b'G"T', b"/", 200, b"x", '/"route"'),
+    (b"PROPFIND", b"/plain", 1000, b"x", "/"),  # a method and a status outside the tables
+    (b"GET", b"/\x00/\x01", 99, b"x", "/"),  # NUL and the byte the table marks it with
 ]
 
 
@@ -33,7 +33,7 @@ def _event_line(method: bytes, path: bytes, status: int, request_id: bytes, rout
     events: list[Any] = []
     publisher = LogPublisher(events.append)
     Logger(namespace="kura.http", observer=publisher).info(
-        site.ACCESS,
+        logs.ACCESS_FORMAT,
         method=method.decode("ascii", "replace"),
         path=path.decode("ascii", "replace"),
         status=status,
@@ -93,15 +93,15 @@ def test_the_access_time_moves_with_each_millisecond(monkeypatch: Any) -> None:
     assert times == [1764683000.123, 1764683000.123, 1764683000.124, 1764683001.0]
 
 
-def test_log_access_writes_the_same_line_through_the_sink(monkeypatch: Any) -> None:
+def test_log_access_writes_the_same_line_through_the_writer(monkeypatch: Any) -> None:
     monkeypatch.setattr(logs, "time", SimpleNamespace(time=lambda: NOW))
     out = io.BytesIO()
     writer = BatchedLineWriter(out, interval=3600)
     monkeypatch.setattr(logs, "_access_writer", writer)
-    spec = cast(RouteSpec, SimpleNamespace(template="/api/cache/cas/<id>"))
     try:
-        site.log_access(b"GET", b"/api/cache/cas/abc", 200, b"rid-7", spec)
-        site.log_access(b"GET", b"/api/cache/cas/def", 404, "rid-8", spec)  # twisted.web's str
+        route = "/api/cache/cas/<id>"
+        logs.log_access(b"GET", b"/api/cache/cas/abc", 200, b"rid-7", route)
+        logs.log_access(b"GET", b"/api/cache/cas/def", 404, "rid-8", route)  # twisted.web's str
         assert out.getvalue() == b""  # queued, not written on the caller's thread
         writer.flush()
     finally:

@@ -50,11 +50,11 @@ from zope.interface import implementer
 
 from kura.domain.artifacts import Manifest
 from kura.domain.errors import KuraError
+from kura.telemetry.logs import log_access
 from kura.telemetry.traffic import InflightSlot
 from kura.web.accounting import producer_label
 from kura.web.errors import render_error_response
 from kura.web.request import SERVER_NAME
-from kura.web.site import log_access
 
 from . import reasons
 from .accelerator import Accelerator
@@ -449,7 +449,7 @@ class SamePortProtocol(Protocol):
             manifest.size, now - self._head_started_at, now, from_memory=fd < 0
         )
         if accel.site.access_log:
-            log_access(head.method, head.path, 200, request_id, spec)
+            log_access(head.method, head.path, 200, request_id, spec.template)
         self.state = State.IDLE  # the loop takes the next request
         return True
 
@@ -767,7 +767,7 @@ class SamePortProtocol(Protocol):
         )
         accel.meters.request(spec.template, error.status).inc()
         if accel.site.access_log:
-            log_access(head.method, head.path, error.status, request_id, spec)
+            log_access(head.method, head.path, error.status, request_id, spec.template)
         self._buffer = b""
         self._close()
 
@@ -784,7 +784,7 @@ class SamePortProtocol(Protocol):
         accel.egress.record(producer, result, sent, elapsed)
         if accel.site.access_log:
             head = exchange.candidate.head
-            log_access(head.method, head.path, status, exchange.request_id, spec)
+            log_access(head.method, head.path, status, exchange.request_id, spec.template)
         if result == INCOMPLETE:
             log.error(
                 "artifact body ended early; connection closed",

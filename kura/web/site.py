@@ -4,8 +4,8 @@ It holds what its requests and channels share (the gate, the store, the
 clock and deadlines, the metrics, request ids, the `Date` value and egress accounting, the
 upload slots and trusted proxies), builds the channels (the accelerator's
 fallback takes them from :meth:`KuraSite.make_channel`) and logs one
-structured access event per request (:func:`log_access`, the one both
-serving paths use).
+structured access line per request
+(:func:`~kura.telemetry.logs.log_access`, the one both serving paths use).
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import weakref
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.resource import IResource
 
 from kura.config.proxies import TrustedProxies
 from kura.lifecycle import NodeState
 from kura.storage.interfaces import IArtifactStore
-from kura.telemetry.logs import ACCESS_NAMESPACE, access_sink
+from kura.telemetry.logs import log_access
 from kura.telemetry.metrics import KuraMetrics
 from kura.telemetry.traffic import PublicTraffic
 
@@ -31,36 +30,7 @@ from .dates import DateCache
 from .interfaces import IGate
 from .request import KuraRequest
 from .request_ids import RequestIds
-from .routing import RouteSpec
 from .upload_slots import UploadSlots
-
-log = Logger(namespace=ACCESS_NAMESPACE)
-
-ACCESS = "{method} {path} {status} {request_id}"
-
-
-def log_access(
-    method: bytes, path: bytes, status: int, request_id: str | bytes, spec: RouteSpec
-) -> None:
-    """One structured access event; both serving paths log through here.
-
-    When the node logs JSON lines, the line goes straight to the log writer
-    (:func:`~kura.telemetry.logs.access_sink`), with the fields the event would
-    have had, at a fraction of the cost; otherwise through ``log``.
-    """
-    sink = access_sink()
-    if sink is not None:
-        rid = request_id.encode("ascii") if isinstance(request_id, str) else request_id
-        sink.write_access(method, path, status, rid, spec.template)
-        return
-    log.info(
-        ACCESS,
-        method=method.decode("ascii", "replace"),
-        path=path.decode("ascii", "replace"),
-        status=status,
-        request_id=request_id if isinstance(request_id, str) else request_id.decode("ascii"),
-        route=spec.template,
-    )
 
 
 class KuraSite(server.Site):
@@ -166,4 +136,10 @@ class KuraSite(server.Site):
     def log(self, request: http.Request) -> None:
         """Access logging is structured (see kura.telemetry.logs), not the common log format."""
         if self.access_log and isinstance(request, KuraRequest):
-            log_access(request.method, request.path, request.code, request.request_id, request.spec)
+            log_access(
+                request.method,
+                request.path,
+                request.code,
+                request.request_id,
+                request.spec.template,
+            )
