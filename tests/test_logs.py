@@ -6,6 +6,7 @@ import io
 import json
 import os
 import threading
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,6 +27,11 @@ ACCESS_CASES = [
     (b"PROPFIND", b"/plain", 1000, b"x", "/"),  # a method and a status outside the tables
     (b"GET", b"/\x00/\x01", 99, b"x", "/"),  # NUL and the byte the table marks it with
 ]
+
+
+def frozen_clock(now: Callable[[], float]) -> SimpleNamespace:
+    """A stand-in for the ``time`` module of :mod:`kura.telemetry.logs` that reads *now*."""
+    return SimpleNamespace(time=now, time_ns=lambda: round(now() * 1e9))
 
 
 def _event_line(method: bytes, path: bytes, status: int, request_id: bytes, route: str) -> str:
@@ -69,7 +75,7 @@ def access_line(method: bytes, path: bytes, status: int, request_id: bytes, rout
 def test_access_line_is_the_events_json_line(
     method: bytes, path: bytes, status: int, request_id: bytes, route: str, monkeypatch: Any
 ) -> None:
-    monkeypatch.setattr(logs, "time", SimpleNamespace(time=lambda: NOW))
+    monkeypatch.setattr(logs, "time", frozen_clock(lambda: NOW))
     expected = _event_line(method, path, status, request_id, route)
     line = access_line(method, path, status, request_id, route)
     _same_record(line, expected)
@@ -82,7 +88,7 @@ def test_access_line_is_the_events_json_line(
 def test_the_access_time_moves_with_each_millisecond(monkeypatch: Any) -> None:
     """The rendered time is reused within a millisecond, never across one."""
     now = [NOW]
-    monkeypatch.setattr(logs, "time", SimpleNamespace(time=lambda: now[0]))
+    monkeypatch.setattr(logs, "time", frozen_clock(lambda: now[0]))
     out = io.BytesIO()
     writer = BatchedLineWriter(out, interval=3600)
     for moment in (NOW, NOW + 0.0004, NOW + 0.0009, 1764683001.0005):
@@ -94,7 +100,7 @@ def test_the_access_time_moves_with_each_millisecond(monkeypatch: Any) -> None:
 
 
 def test_log_access_writes_the_same_line_through_the_writer(monkeypatch: Any) -> None:
-    monkeypatch.setattr(logs, "time", SimpleNamespace(time=lambda: NOW))
+    monkeypatch.setattr(logs, "time", frozen_clock(lambda: NOW))
     out = io.BytesIO()
     writer = BatchedLineWriter(out, interval=3600)
     monkeypatch.setattr(logs, "_access_writer", writer)
