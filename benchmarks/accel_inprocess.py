@@ -15,8 +15,8 @@ measured: the file was verified long ago (the racy-verification window is
 set to zero, as the artifact was written a moment before).
 
 CPU time on a shared machine is noisy; for small changes count instructions
-instead (``perf stat -e instructions:u``, the difference between two
-``--number`` values divided by the difference in requests).
+instead: ``instructions.py`` runs this script under callgrind for two
+``--number`` values and divides the difference by the difference in requests.
 
 Usage (from the repository root)::
 
