@@ -8,7 +8,7 @@ next to the rendered message, so operators can filter on ``route``,
 A busy node logs one access line per request; writing and flushing each
 one on the reactor thread cost a third of the accelerated throughput. So
 access lines skip ``twisted.logger``: :meth:`BatchedLineWriter.write_access`
-(:func:`access_sink`) renders, from the request's bytes in one formatting
+(through :func:`log_access`) renders, from the request's bytes in one formatting
 step, the fields and values the JSON observer would render for the access
 event, and queues the line; a writer thread writes what has queued up
 every :data:`FLUSH_INTERVAL` seconds and everything at exit, so a slow disk
@@ -316,19 +316,12 @@ class BatchedJsonObserver:
         writer.flush()
 
 
-#: Where access lines go directly (see :func:`access_sink`).
+#: The writer that takes access lines directly (:meth:`BatchedLineWriter.write_access`):
+#: set while the node logs JSON through :func:`observer_for`, so access lines go
+#: into the same queue as every other event (the order of lines is kept)
+#: instead of through ``twisted.logger``. ``None`` otherwise (text format,
+#: tests): :func:`log_access` logs an event.
 _access_writer: BatchedLineWriter | None = None
-
-
-def access_sink() -> BatchedLineWriter | None:
-    """The writer that takes access lines directly (:meth:`BatchedLineWriter.write_access`), if any.
-
-    Set while the node logs JSON through :func:`observer_for`: access lines
-    then go straight into the same queue as every other event (so the order
-    of lines is kept) instead of through ``twisted.logger``. ``None``
-    otherwise (text format, tests): log through ``twisted.logger``.
-    """
-    return _access_writer
 
 
 #: The access event's format; its fields are the access line's.
@@ -342,13 +335,13 @@ def log_access(
 ) -> None:
     """Log the access of one request; both serving paths log through here.
 
-    When the node logs JSON lines, the line goes straight to the
-    :func:`access_sink` with the fields and values the event would have
-    had, at a fraction of the cost; otherwise it is an event of
+    When the node logs JSON lines, the line goes straight to their writer
+    with the fields and values the event would have had, at a fraction of
+    the cost; otherwise it is an event of
     ``Logger(namespace=ACCESS_NAMESPACE)`` with :data:`ACCESS_FORMAT`.
     *request_id* is ASCII (twisted.web's requests hold it as text).
     """
-    writer = _access_writer  # a global, not access_sink(): one call less per request
+    writer = _access_writer  # read as a global: no call on the way, once per request
     if writer is not None:
         if not isinstance(request_id, bytes):
             request_id = request_id.encode("ascii")
@@ -368,7 +361,7 @@ def observer_for(log_format: str, out: TextIO | None = None) -> ILogObserver:
     """The node's observer for ``KURA_LOG_FORMAT`` (``json`` or ``text``), on stdout.
 
     The JSON observer writes through a :class:`BatchedLineWriter` that also
-    becomes the :func:`access_sink`; it is closed (its lines written) at exit
+    takes the access lines (:func:`log_access`); it is closed (its lines written) at exit
     or by :func:`flush_logs`.
     """
     global _access_writer  # noqa: PLW0603 - one log output per process
