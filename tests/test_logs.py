@@ -85,6 +85,14 @@ def test_access_line_is_the_events_json_line(
     assert message == f"{method_text} {path_text} {status} {request_id.decode()}"
 
 
+def test_the_escape_table_marks_exactly_the_bytes_json_escapes() -> None:
+    """``value.translate(_MARK_ESCAPED) != value`` for a byte iff json.dumps would escape it."""
+    for byte in range(256):
+        value = bytes([byte]) * 3
+        escaped = json.dumps(value.decode("latin-1"))[1:-1] != value.decode("latin-1")
+        assert (value.translate(logs._MARK_ESCAPED) != value) is escaped, byte
+
+
 def test_the_access_time_moves_with_each_millisecond(monkeypatch: Any) -> None:
     """The rendered time is reused within a millisecond, never across one."""
     now = [NOW]
