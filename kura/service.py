@@ -76,6 +76,10 @@ log = Logger(namespace="kura.node")
 
 #: How often the retention age gauge is refreshed.
 RETENTION_SAMPLE_SECONDS = 60.0
+#: Seconds between two calls that give free database pages back (each gives
+#: at most :data:`~kura.storage.store.FREE_SPACE_PER_CALL`: ~2 MB/s at most,
+#: ~1.5 % of a storage thread while there is a backlog, nothing otherwise).
+FREE_SPACE_SECONDS = 1.0
 
 NODE_STARTED = "kura {version} serving tenant {tenant_id} on public port {port}"
 WRITER_LOCK_FAILED = "{message}"
@@ -322,6 +326,8 @@ class KuraNode(MultiService):
         self._janitor.clock = reactor
         self._retention = LoopingCall(lambda: Deferred.fromCoroutine(self._sample_retention()))
         self._retention.clock = reactor
+        self._space = LoopingCall(lambda: Deferred.fromCoroutine(self._return_free_space()))
+        self._space.clock = reactor
         self.tombstones = TombstoneSweeper(
             store=self.store,
             clock=reactor,
@@ -395,6 +401,8 @@ class KuraNode(MultiService):
         self.authorizer.start()  # JWKS key fetches (readiness does not wait)
         self._janitor.start(self.config.multipart_janitor_interval_ms / 1000, now=True)
         self._retention.start(RETENTION_SAMPLE_SECONDS, now=True)
+        if self.store.metadata.space.returns_free_pages:
+            self._space.start(FREE_SPACE_SECONDS, now=False)
         self.tombstones.start()
         self.memory.start()
         log.info(
@@ -479,6 +487,15 @@ class KuraNode(MultiService):
         age = 0.0 if oldest is None else max(0.0, self.reactor.seconds() - oldest / 1000)
         self.metrics.cas_retention_age.set(age)
 
+    async def _return_free_space(self) -> None:
+        """Give a bounded share of the database's free pages back to the filesystem."""
+        try:
+            returned = await self.store.return_free_space()
+        except Exception:
+            log.failure("returning the database's free space failed")
+            return
+        self.metrics.database_space_returned_bytes.inc(returned)
+
     async def _expire_uploads(self) -> None:
         expired = await self.store.expire_uploads(self.config.multipart_upload_ttl_ms)
         if expired:
@@ -512,7 +529,7 @@ class KuraNode(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        for loop in (self._janitor, self._retention):
+        for loop in (self._janitor, self._retention, self._space):
             if loop.running:
                 loop.stop()
         self.tombstones.stop()

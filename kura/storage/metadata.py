@@ -30,6 +30,16 @@ Tables:
     written in the transaction that publishes it; an artifact with a row
     here is never evicted.
 
+Space: deletes and evictions free pages inside the database file, which
+later writes reuse; the file keeps its size. So that a store whose small
+bodies give way to large files does not hold their space for ever, the
+database is in ``auto_vacuum = INCREMENTAL`` mode and
+:meth:`MetadataStore.return_free_pages` gives free pages back to the
+filesystem a bounded number at a time (the store's caller paces it). A
+store made before that mode is converted at open when its database is small
+enough to rewrite quickly (:data:`CONVERT_AT_OPEN_MAX_BYTES`); a bigger
+one keeps working as before (free pages reused, never returned).
+
 Everything here is synchronous and runs on a storage thread. Reads use one
 connection per thread; writes are *operations* (callables taking the writer
 connection) that :meth:`MetadataStore.commit` runs together in one transaction,
@@ -44,6 +54,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -58,6 +69,33 @@ T = TypeVar("T")
 #: by an older release is migrated in place at open (:data:`MIGRATIONS`); a
 #: newer one is refused.
 SCHEMA_VERSION = 4
+
+
+#: ``PRAGMA auto_vacuum`` value of a database whose free pages can be returned.
+INCREMENTAL_VACUUM = 2
+#: Largest database converted to :data:`INCREMENTAL_VACUUM` at open: the
+#: conversion is a ``VACUUM``, a rewrite of the whole file (and room for a
+#: copy of it), which takes start-up about a second per 100 MiB here.
+CONVERT_AT_OPEN_MAX_BYTES = 256 * 1024 * 1024
+
+
+@attrs.frozen
+class SpaceMode:
+    """Whether a database returns its free pages, found (and perhaps changed) at open.
+
+    Attributes:
+        returns_free_pages: the database is in incremental-vacuum mode.
+        converted_seconds: seconds the conversion at open took (``None``:
+            nothing was converted).
+        database_bytes: the database's size at open.
+        conversion_error: why the conversion at open failed (the store
+            then works as before it: free pages reused, never returned).
+    """
+
+    returns_free_pages: bool
+    converted_seconds: float | None
+    database_bytes: int
+    conversion_error: str | None = None
 
 
 class SchemaVersionError(StorageFault):
@@ -331,6 +369,8 @@ class MetadataStore:
         self._local = threading.local()
         self._writer: sqlite3.Connection | None = None
         self.used_bytes = 0
+        self.space = SpaceMode(returns_free_pages=False, converted_seconds=None, database_bytes=0)
+        self.page_size = 4096
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
@@ -348,15 +388,20 @@ class MetadataStore:
                 :data:`SCHEMA_VERSION` (written by a newer release).
         """
         writer = self._connect()
+        # Takes effect only in a database with no table yet (a new store),
+        # so before anything else; an older store is converted below.
+        writer.execute(f"PRAGMA auto_vacuum = {INCREMENTAL_VACUUM}")
         writer.execute("PRAGMA journal_mode = WAL")
         # FULL: every commit fsyncs the WAL, so an acknowledged write survives
         # power loss, not only a process kill.
         writer.execute("PRAGMA synchronous = FULL")
         try:
             _bring_to_current_schema(writer)
+            self.space = _space_mode(writer)
         except BaseException:
             writer.close()
             raise
+        self.page_size = int(writer.execute("PRAGMA page_size").fetchone()[0])
         self._writer = writer
         self.used_bytes = (
             self._reader()
@@ -387,6 +432,10 @@ class MetadataStore:
             .fetchone()
         )
         return None if row is None else _manifest(row)
+
+    def free_bytes(self) -> int:
+        """Bytes of free pages in the database file (as of the last commit)."""
+        return int(self._reader().execute("PRAGMA freelist_count").fetchone()[0]) * self.page_size
 
     def get_inline(self, artifact_id: str) -> bytes | None:
         row = (
@@ -919,6 +968,25 @@ class MetadataStore:
                     break
         return evicted
 
+    def return_free_pages(self, conn: sqlite3.Connection, pages: int) -> int:
+        """Give up to ``pages`` free pages back to the filesystem; return how many went.
+
+        An operation (inside :meth:`commit`): pages in use at the end of the
+        file move into free ones and the file is cut, so it costs about as
+        much as writing that many pages (~30 µs each here) while holding the
+        write transaction: callers ask for a bounded number at a time. Does
+        nothing in a database that does not return free pages.
+        """
+        if not self.space.returns_free_pages:
+            return 0
+        before = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+        # One page per statement: Python's sqlite3 steps a statement that
+        # returns no columns once, and each step of incremental_vacuum
+        # frees one page, whatever count the pragma is given.
+        for _ in range(min(pages, before)):
+            conn.execute("PRAGMA incremental_vacuum(1)")
+        return before - int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+
     def drop_manifest(
         self, conn: sqlite3.Connection, artifact_id: str, version_ms: int
     ) -> Manifest | None:
@@ -1069,6 +1137,38 @@ def _bring_to_current_schema(conn: sqlite3.Connection) -> None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def _space_mode(conn: sqlite3.Connection) -> SpaceMode:
+    """Find out whether the database returns free pages; convert it if it is small.
+
+    Runs at open, outside any transaction (``VACUUM`` cannot run in one).
+    A crash during the conversion leaves the database as it was (``VACUUM``
+    is one transaction); the next start converts it again.
+    """
+    pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+    size = pages * int(conn.execute("PRAGMA page_size").fetchone()[0])
+    if int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == INCREMENTAL_VACUUM:
+        return SpaceMode(returns_free_pages=True, converted_seconds=None, database_bytes=size)
+    if size > CONVERT_AT_OPEN_MAX_BYTES:
+        return SpaceMode(returns_free_pages=False, converted_seconds=None, database_bytes=size)
+    started = time.monotonic()
+    conn.execute(f"PRAGMA auto_vacuum = {INCREMENTAL_VACUUM}")  # applied by the VACUUM
+    try:
+        conn.execute("VACUUM")
+    except sqlite3.Error as error:  # e.g. no room for the copy: not a reason to stay down
+        return SpaceMode(
+            returns_free_pages=False,
+            converted_seconds=None,
+            database_bytes=size,
+            conversion_error=str(error),
+        )
+    converted = int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == INCREMENTAL_VACUUM
+    return SpaceMode(
+        returns_free_pages=converted,
+        converted_seconds=time.monotonic() - started if converted else None,
+        database_bytes=size,
+    )
 
 
 def _artifact_tombstoned(conn: sqlite3.Connection, artifact_id: str, version_ms: int) -> bool:

@@ -78,6 +78,7 @@ from kura.storage.metadata import (
     MetadataStore,
     OutboxMessage,
     Outcome,
+    SpaceMode,
     Upload,
     WritePolicy,
 )
@@ -97,6 +98,27 @@ log = Logger(namespace="kura.storage")
 
 #: Event formats (kept as constants so operators can grep and tests can match).
 EVICTED = "evicted {count} artifacts ({bytes} bytes) to make room"
+SPACE_CONVERTED = (
+    "metadata database ({bytes} bytes) converted in {seconds:.1f}s to return the space "
+    "that deletes and evictions free to the filesystem"
+)
+SPACE_NOT_CONVERTED = (
+    "metadata database not converted to return freed space ({error}); it reuses the space "
+    "that deletes and evictions free but never gives it back: the next start tries again"
+)
+SPACE_TOO_BIG_TO_CONVERT = (
+    "metadata database ({bytes} bytes) was made before kura returned freed space and is "
+    "too big to convert at start: it reuses the space that deletes and evictions free but "
+    "never gives it back. To convert it, stop the node and run "
+    "sqlite3 {path} 'PRAGMA auto_vacuum = INCREMENTAL; VACUUM;' "
+    "(it needs room for a copy of the file)"
+)
+#: Free database bytes :meth:`ArtifactStore.return_free_space` leaves free by
+#: default: the next small bodies reuse them without growing the file.
+FREE_SPACE_KEPT = 32 * 1024 * 1024
+#: Most bytes one :meth:`ArtifactStore.return_free_space` call gives back by
+#: default (512 pages of 4 KiB: ~15 ms of the write transaction here).
+FREE_SPACE_PER_CALL = 2 * 1024 * 1024
 DAMAGED = "artifact {artifact_id} is damaged ({reason}); forgotten"
 
 #: Why a stored artifact is damaged (``on_damaged``'s second argument).
@@ -302,9 +324,46 @@ class ArtifactStore:
         # Files modified before this instant were written by an earlier process.
         self.started_wall = time.time()
         await self._runner.run(self._open)
+        self._log_space_mode(self.metadata.space)
         self.tmp_budget.used = await self._runner.run(self.metadata.staged_part_bytes)
         self.outbox_depth = await self._runner.run(self.metadata.outbox_depth)
         self.unfinished_uploads = await self._runner.run(self.metadata.upload_count)
+
+    def _log_space_mode(self, space: SpaceMode) -> None:
+        if space.converted_seconds is not None:
+            log.info(SPACE_CONVERTED, bytes=space.database_bytes, seconds=space.converted_seconds)
+        elif space.conversion_error is not None:
+            log.warn(SPACE_NOT_CONVERTED, error=space.conversion_error)
+        elif not space.returns_free_pages:
+            log.warn(
+                SPACE_TOO_BIG_TO_CONVERT, bytes=space.database_bytes, path=self.layout.database
+            )
+
+    async def return_free_space(
+        self, keep_bytes: int | None = None, most_bytes: int | None = None
+    ) -> int:
+        """Give the database's free pages beyond ``keep_bytes`` back to the filesystem.
+
+        At most ``most_bytes`` per call, in the next group commit (the pages
+        move while the write transaction is held, ~30 µs each here, so a
+        call is bounded and the caller paces the calls). ``keep_bytes`` stay
+        free for the bodies to come, which reuse them without growing the
+        file. Returns the bytes given back (0 when the database does not
+        return free pages, see :mod:`.metadata`). The defaults are
+        :data:`FREE_SPACE_KEPT` and :data:`FREE_SPACE_PER_CALL`.
+        """
+        if not self.metadata.space.returns_free_pages:
+            return 0
+        keep = FREE_SPACE_KEPT if keep_bytes is None else keep_bytes
+        most = FREE_SPACE_PER_CALL if most_bytes is None else most_bytes
+        excess = await self._runner.run(self.metadata.free_bytes) - keep
+        pages = min(excess, most) // self.metadata.page_size
+        if pages <= 0:
+            return 0
+        returned = await self._commit(
+            lambda conn: self.metadata.return_free_pages(conn, pages), queues_rows=False
+        )
+        return returned * self.metadata.page_size
 
     def startup_sweep(self, **pacing: Any) -> StartupSweep:
         """The background sweep of orphans and stale staging (see :mod:`.sweep`).

@@ -181,6 +181,12 @@ class KuraMetrics:
         self.evicted_bytes = Counter(
             "kura_evicted_bytes", "Bytes evicted for capacity.", registry=r
         )
+        self.database_space_returned_bytes = Counter(
+            "kura_database_space_returned_bytes",
+            "Bytes of free pages the metadata database gave back to the filesystem "
+            "(space freed by deletes and evictions of bodies kept in the database).",
+            registry=r,
+        )
         self.damaged_artifacts = Counter(
             "kura_damaged_artifacts",
             "Artifacts forgotten because their body was missing, of another size than its "
