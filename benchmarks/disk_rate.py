@@ -17,7 +17,11 @@ Variants (4 KiB bodies unless ``--size``; each runs ``--seconds``):
   directory): what kura's small-body batches do (``kura/storage/batch.py``);
 * ``batch of B, N threads``: the same with N threads;
 * ``SQLite WAL, B per commit``: 4 KiB blobs inserted into a WAL database
-  with ``synchronous=FULL``, one commit per B rows.
+  with ``synchronous=FULL``, one commit per B rows; once more in
+  ``auto_vacuum = INCREMENTAL`` mode, the node's (pointer-map pages kept);
+* ``SQLite free pages given back``: a database whose bodies were half
+  deleted shrinks by ``incremental_vacuum``, 512 pages per commit as the
+  node does once a second (a rate in pages, not writes).
 
 Usage (from the repository root)::
 
@@ -184,11 +188,17 @@ def batched(
     return Rate(f"batch of {batch} files{how}, {threads} {label}", writes, elapsed)
 
 
-def sqlite_batch(directory: str, batch: int, seconds: float, size: int) -> Rate:
-    """4 KiB blobs into SQLite (WAL, ``synchronous=FULL``), ``batch`` rows per commit."""
+def sqlite_batch(
+    directory: str, batch: int, seconds: float, size: int, *, incremental_vacuum: bool = False
+) -> Rate:
+    """4 KiB blobs into SQLite (WAL, ``synchronous=FULL``), ``batch`` rows per commit;
+    with ``incremental_vacuum``, in the mode the node's database is in (pointer-map
+    pages kept up to date so that free pages can be given back)."""
     root = tempfile.mkdtemp(prefix="disk-rate-", dir=directory)
     try:
         conn = sqlite3.connect(os.path.join(root, "blobs.sqlite3"), isolation_level=None)
+        if incremental_vacuum:
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("CREATE TABLE blobs (id TEXT PRIMARY KEY, value BLOB NOT NULL)")
@@ -208,7 +218,44 @@ def sqlite_batch(directory: str, batch: int, seconds: float, size: int) -> Rate:
         conn.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return Rate(f"SQLite WAL FULL, {batch} per commit", writes, elapsed)
+    mode = ", auto_vacuum incremental" if incremental_vacuum else ""
+    return Rate(f"SQLite WAL FULL, {batch} per commit{mode}", writes, elapsed)
+
+
+def sqlite_return_pages(directory: str, seconds: float, size: int, per_commit: int = 512) -> Rate:
+    """Free pages given back to the filesystem by ``incremental_vacuum``, ``per_commit`` a
+    transaction (what the node does once a second): the rate, in pages, at which a
+    database that evicted half of its 4 KiB bodies shrinks. Each page in use at the end
+    of the file moves into a free one first, so this is a rate of page writes."""
+    root = tempfile.mkdtemp(prefix="disk-rate-", dir=directory)
+    try:
+        conn = sqlite3.connect(os.path.join(root, "blobs.sqlite3"), isolation_level=None)
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("CREATE TABLE blobs (id INTEGER PRIMARY KEY, value BLOB NOT NULL)")
+        body = os.urandom(size)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT INTO blobs VALUES (?, ?)", ((n, body) for n in range(20_000)))
+        conn.execute("DELETE FROM blobs WHERE id % 2 = 0")
+        conn.execute("COMMIT")
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        started = time.monotonic()
+        deadline = started + seconds
+        left = free
+        while left and time.monotonic() < deadline:
+            conn.execute("BEGIN IMMEDIATE")
+            # A page a step, as MetadataStore.return_free_pages does it.
+            for _ in range(min(per_commit, left)):
+                conn.execute("PRAGMA incremental_vacuum(1)")
+            conn.execute("COMMIT")
+            left = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        pages = free - left
+        elapsed = time.monotonic() - started
+        conn.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return Rate(f"SQLite free pages given back, {per_commit} per commit (pages)", pages, elapsed)
 
 
 def reference(directory: str, seconds: float = 2.0, size: int = 4 * KiB) -> Rate:
@@ -228,6 +275,8 @@ def all_variants(directory: str, seconds: float, size: int, threads: int) -> lis
         batched(directory, threads, 8, seconds, size),
         sqlite_batch(directory, 8, seconds, size),
         sqlite_batch(directory, 64, seconds, size),
+        sqlite_batch(directory, 64, seconds, size, incremental_vacuum=True),
+        sqlite_return_pages(directory, seconds, size),
     ]
 
 
