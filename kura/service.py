@@ -78,7 +78,7 @@ log = Logger(namespace="kura.node")
 RETENTION_SAMPLE_SECONDS = 60.0
 #: Seconds between two calls that give free database pages back (each gives
 #: at most :data:`~kura.storage.store.FREE_SPACE_PER_CALL`: ~2 MB/s at most,
-#: ~1.5 % of a storage thread while there is a backlog, nothing otherwise).
+#: ~1.2 % of a storage thread while there is a backlog, nothing otherwise).
 FREE_SPACE_SECONDS = 1.0
 
 NODE_STARTED = "kura {version} serving tenant {tenant_id} on public port {port}"
@@ -328,6 +328,7 @@ class KuraNode(MultiService):
         self._retention.clock = reactor
         self._space = LoopingCall(lambda: Deferred.fromCoroutine(self._return_free_space()))
         self._space.clock = reactor
+        self._space_failing = False
         self.tombstones = TombstoneSweeper(
             store=self.store,
             clock=reactor,
@@ -488,12 +489,21 @@ class KuraNode(MultiService):
         self.metrics.cas_retention_age.set(age)
 
     async def _return_free_space(self) -> None:
-        """Give a bounded share of the database's free pages back to the filesystem."""
+        """Give a bounded share of the database's free pages back to the filesystem.
+
+        A failure (a full disk: moving pages needs room in the WAL) is
+        logged once until a call succeeds again, not every second.
+        """
         try:
             returned = await self.store.return_free_space()
         except Exception:
-            log.failure("returning the database's free space failed")
+            if not self._space_failing:
+                log.failure("returning the database's free space failed (retried every second)")
+            self._space_failing = True
             return
+        if self._space_failing:
+            log.info("returning the database's free space works again")
+        self._space_failing = False
         self.metrics.database_space_returned_bytes.inc(returned)
 
     async def _expire_uploads(self) -> None:

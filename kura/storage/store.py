@@ -117,7 +117,7 @@ SPACE_TOO_BIG_TO_CONVERT = (
 #: default: the next small bodies reuse them without growing the file.
 FREE_SPACE_KEPT = 32 * 1024 * 1024
 #: Most bytes one :meth:`ArtifactStore.return_free_space` call gives back by
-#: default (512 pages of 4 KiB: ~15 ms of the write transaction here).
+#: default (512 pages of 4 KiB: ~12 ms of the write transaction here).
 FREE_SPACE_PER_CALL = 2 * 1024 * 1024
 DAMAGED = "artifact {artifact_id} is damaged ({reason}); forgotten"
 
@@ -345,7 +345,7 @@ class ArtifactStore:
         """Give the database's free pages beyond ``keep_bytes`` back to the filesystem.
 
         At most ``most_bytes`` per call, in the next group commit (the pages
-        move while the write transaction is held, ~30 µs each here, so a
+        move while the write transaction is held, ~24 µs each here, so a
         call is bounded and the caller paces the calls). ``keep_bytes`` stay
         free for the bodies to come, which reuse them without growing the
         file. Returns the bytes given back (0 when the database does not

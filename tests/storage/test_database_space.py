@@ -138,7 +138,7 @@ def test_an_older_store_is_converted_at_open(nodes: Any, events: list[dict[str, 
     node = nodes.start(KURA_CAS_CAPACITY_BYTES=str(CAPACITY))
     assert database(node, "PRAGMA auto_vacuum") == metadata.INCREMENTAL_VACUUM
     assert node.store.metadata.space.returns_free_pages
-    assert len(logged(events, "converted")) == 1
+    assert len(logged(events, "converted in")) == 1
     for n in range(20):
         assert request(node, "GET", GRADLE.format(key=f"s{n}")).body == b"%d" % n * 1000
     # The twenty evicted by one file: their pages go back now.
@@ -164,3 +164,23 @@ def test_an_older_store_too_big_to_convert_works_as_before_and_says_so(
     node.reactor.advance(5.0)
     assert sample(node, "kura_database_space_returned_bytes_total") == 0
     assert request(node, "PUT", GRADLE.format(key="again"), b"x" * SMALL).status == 201
+
+
+def test_a_failing_return_is_logged_once_until_it_works_again(
+    nodes: Any, events: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = nodes.start()
+    working = node.store.return_free_space
+
+    async def full_disk(**limits: int) -> int:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(node.store, "return_free_space", full_disk)
+    for _ in range(3):
+        node.reactor.advance(1.0)
+    assert len(logged(events, "free space failed")) == 1
+    monkeypatch.setattr(node.store, "return_free_space", working)
+    node.reactor.advance(1.0)
+    node.reactor.advance(1.0)
+    assert len(logged(events, "works again")) == 1
+    assert len(logged(events, "free space failed")) == 1
