@@ -75,12 +75,17 @@ def store_of_release_1(path: Path) -> None:
     conn.close()
 
 
-def user_version(path: Path) -> int:
+def pragma(path: Path, name: str) -> int:
+    """The integer value of ``PRAGMA name`` in the database at ``path``."""
     conn = sqlite3.connect(path)
     try:
-        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+        return int(conn.execute(f"PRAGMA {name}").fetchone()[0])
     finally:
         conn.close()
+
+
+def user_version(path: Path) -> int:
+    return pragma(path, "user_version")
 
 
 def test_a_new_store_gets_the_current_version(tmp_path: Path) -> None:

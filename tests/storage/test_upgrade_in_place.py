@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kura.storage.metadata import INCREMENTAL_VACUUM, SCHEMA_VERSION
-from tests.storage.test_schema_version import user_version
+from tests.storage.test_schema_version import pragma, user_version
 from tests.support.real import RealNode
 from tests.support.release import SCHEMA_3_RELEASE, previous_release
 
@@ -28,14 +28,6 @@ def put(node: RealNode, artifact: str, body: bytes) -> int:
 def get(node: RealNode, artifact: str) -> bytes:
     with urllib.request.urlopen(node.url + PATH.format(id=artifact), timeout=10) as response:
         return bytes(response.read())
-
-
-def auto_vacuum(path: Path) -> int:
-    conn = sqlite3.connect(path)
-    try:
-        return int(conn.execute("PRAGMA auto_vacuum").fetchone()[0])
-    finally:
-        conn.close()
 
 
 def test_a_store_written_by_the_previous_release_serves_after_the_upgrade(
@@ -77,7 +69,7 @@ def test_a_store_whose_small_bodies_are_files_serves_them_and_keeps_new_ones_in_
     finally:
         old.stop()
     assert user_version(data_dir / "kura.sqlite3") == 3
-    assert auto_vacuum(data_dir / "kura.sqlite3") == 0  # free pages kept for ever
+    assert pragma(data_dir / "kura.sqlite3", "auto_vacuum") == 0  # free pages kept for ever
     files_before = sorted(p.name for p in (data_dir / "blobs").rglob("*") if p.is_file())
     assert len(files_before) == 2
 
@@ -91,7 +83,7 @@ def test_a_store_whose_small_bodies_are_files_serves_them_and_keeps_new_ones_in_
         new.stop()
     assert user_version(data_dir / "kura.sqlite3") == SCHEMA_VERSION == 4
     # Converted at open (a small database): its free pages can go back now.
-    assert auto_vacuum(data_dir / "kura.sqlite3") == INCREMENTAL_VACUUM
+    assert pragma(data_dir / "kura.sqlite3", "auto_vacuum") == INCREMENTAL_VACUUM
     files_after = sorted(p.name for p in (data_dir / "blobs").rglob("*") if p.is_file())
     assert files_after == files_before  # the new small body has no file
     conn = sqlite3.connect(data_dir / "kura.sqlite3")
