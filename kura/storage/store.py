@@ -110,7 +110,8 @@ SPACE_TOO_BIG_TO_CONVERT = (
     "metadata database ({bytes} bytes) was made before kura returned freed space and is "
     "too big to convert at start: it reuses the space that deletes and evictions free but "
     "never gives it back. To convert it, stop the node and run "
-    "sqlite3 {path} 'PRAGMA auto_vacuum = INCREMENTAL; VACUUM;' "
+    "python -c \"import sqlite3; c = sqlite3.connect('{path}', isolation_level=None); "
+    "c.execute('PRAGMA auto_vacuum = INCREMENTAL'); c.execute('VACUUM')\" "
     "(it needs room for a copy of the file)"
 )
 #: Free database bytes :meth:`ArtifactStore.return_free_space` leaves free by
