@@ -94,7 +94,7 @@ def json_lines_observer(out: IO[str]) -> ILogObserver:
 _json_string = json.encoder.encode_basestring_ascii  # what json.dumps uses, in C
 
 
-#: The namespace of access lines (``kura.web.site`` logs them; the text format
+#: The namespace of access lines (:func:`log_access`; in the text format
 #: through ``Logger(namespace=ACCESS_NAMESPACE)``).
 ACCESS_NAMESPACE = "kura.http"
 
@@ -117,7 +117,7 @@ _STATUS_TEXT = {status: b"%d" % status for status in range(100, 600)}
 def _json_inner(value: bytes) -> bytes:
     """*value* as the inside of a JSON string, as :func:`json.dumps` writes it
     (ASCII; a byte outside ASCII is U+FFFD, as the event's ``replace`` decode made it)."""
-    if not value.translate(None, _PLAIN_JSON):
+    if value.translate(_MARK_ESCAPED) == value:
         return value
     return _json_string(value.decode("ascii", "replace")).encode("ascii")[1:-1]
 
