@@ -397,11 +397,11 @@ class MetadataStore:
         writer.execute("PRAGMA synchronous = FULL")
         try:
             _bring_to_current_schema(writer)
-            self.space = _space_mode(writer)
+            self.page_size = int(writer.execute("PRAGMA page_size").fetchone()[0])
+            self.space = _space_mode(writer, self.page_size)
         except BaseException:
             writer.close()
             raise
-        self.page_size = int(writer.execute("PRAGMA page_size").fetchone()[0])
         self._writer = writer
         self.used_bytes = (
             self._reader()
@@ -1139,15 +1139,14 @@ def _bring_to_current_schema(conn: sqlite3.Connection) -> None:
         raise
 
 
-def _space_mode(conn: sqlite3.Connection) -> SpaceMode:
+def _space_mode(conn: sqlite3.Connection, page_size: int) -> SpaceMode:
     """Find out whether the database returns free pages; convert it if it is small.
 
     Runs at open, outside any transaction (``VACUUM`` cannot run in one).
     A crash during the conversion leaves the database as it was (``VACUUM``
     is one transaction); the next start converts it again.
     """
-    pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
-    size = pages * int(conn.execute("PRAGMA page_size").fetchone()[0])
+    size = int(conn.execute("PRAGMA page_count").fetchone()[0]) * page_size
     if int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == INCREMENTAL_VACUUM:
         return SpaceMode(returns_free_pages=True, converted_seconds=None, database_bytes=size)
     if size > CONVERT_AT_OPEN_MAX_BYTES:
