@@ -31,6 +31,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import shutil
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -188,20 +189,36 @@ def batched(
     return Rate(f"batch of {batch} files{how}, {threads} {label}", writes, elapsed)
 
 
+@contextlib.contextmanager
+def _scratch_database(
+    directory: str, key: str, incremental_vacuum: bool
+) -> Iterator[sqlite3.Connection]:
+    """A throwaway SQLite database in ``directory`` set up as the node's (WAL,
+    ``synchronous=FULL``, optionally ``auto_vacuum = INCREMENTAL``), with one
+    table ``blobs (<key>, value BLOB)``; removed afterwards."""
+    root = tempfile.mkdtemp(prefix="disk-rate-", dir=directory)
+    try:
+        conn = sqlite3.connect(os.path.join(root, "blobs.sqlite3"), isolation_level=None)
+        try:
+            if incremental_vacuum:  # only takes effect before the first table
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute(f"CREATE TABLE blobs ({key}, value BLOB NOT NULL)")
+            yield conn
+        finally:
+            conn.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def sqlite_batch(
     directory: str, batch: int, seconds: float, size: int, *, incremental_vacuum: bool = False
 ) -> Rate:
     """4 KiB blobs into SQLite (WAL, ``synchronous=FULL``), ``batch`` rows per commit;
     with ``incremental_vacuum``, in the mode the node's database is in (pointer-map
     pages kept up to date so that free pages can be given back)."""
-    root = tempfile.mkdtemp(prefix="disk-rate-", dir=directory)
-    try:
-        conn = sqlite3.connect(os.path.join(root, "blobs.sqlite3"), isolation_level=None)
-        if incremental_vacuum:
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("CREATE TABLE blobs (id TEXT PRIMARY KEY, value BLOB NOT NULL)")
+    with _scratch_database(directory, "id TEXT PRIMARY KEY", incremental_vacuum) as conn:
         body = os.urandom(size)
         writes = 0
         started = time.monotonic()
@@ -215,9 +232,6 @@ def sqlite_batch(
             conn.execute("COMMIT")
             writes += batch
         elapsed = time.monotonic() - started
-        conn.close()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     mode = ", auto_vacuum incremental" if incremental_vacuum else ""
     return Rate(f"SQLite WAL FULL, {batch} per commit{mode}", writes, elapsed)
 
@@ -227,13 +241,7 @@ def sqlite_return_pages(directory: str, seconds: float, size: int, per_commit: i
     transaction (what the node does once a second): the rate, in pages, at which a
     database that evicted half of its 4 KiB bodies shrinks. Each page in use at the end
     of the file moves into a free one first, so this is a rate of page writes."""
-    root = tempfile.mkdtemp(prefix="disk-rate-", dir=directory)
-    try:
-        conn = sqlite3.connect(os.path.join(root, "blobs.sqlite3"), isolation_level=None)
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("CREATE TABLE blobs (id INTEGER PRIMARY KEY, value BLOB NOT NULL)")
+    with _scratch_database(directory, "id INTEGER PRIMARY KEY", incremental_vacuum=True) as conn:
         body = os.urandom(size)
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany("INSERT INTO blobs VALUES (?, ?)", ((n, body) for n in range(20_000)))
@@ -252,9 +260,6 @@ def sqlite_return_pages(directory: str, seconds: float, size: int, per_commit: i
             left = conn.execute("PRAGMA freelist_count").fetchone()[0]
         pages = free - left
         elapsed = time.monotonic() - started
-        conn.close()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     return Rate(f"SQLite free pages given back, {per_commit} per commit (pages)", pages, elapsed)
 
 
